@@ -1,0 +1,318 @@
+// CPU kernels of the logits path: per-token log-probabilities (forward) and dlogits (backward).
+//
+// Each row of V logits is read in L1-sized chunks: one pass keeps a running (max, sum of exp) pair, so no N x V
+// temporary is ever allocated. Arithmetic is fp32 whatever the input dtype; the row LSE is kept in float64 so that the
+// backward's exp(x - lse) stays accurate when |logits| is large (an fp32 LSE of 1e4 is off by 5e-4).
+// Only light headers are included (see DESIGN.md §5): this file compiles in seconds.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "../rlhfv_common.h"
+
+namespace rlhfv {
+namespace {
+
+// The hot loops are plain C++ that the compiler vectorizes; on x86-64 we let GCC emit AVX-512, AVX2 and baseline
+// clones and pick one at load time, so one wheel is fast on every machine.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define RLHFV_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define RLHFV_MULTIVERSION
+#endif
+
+constexpr int64_t kChunk = 2048;  // floats per chunk: 8 KiB, stays in L1 between the max and the exp sweep
+constexpr int kLanes = 16;        // independent accumulators, so reductions vectorize without -ffast-math
+
+// exp(x) for x <= ~0 without libm, written so the compiler can vectorize it: x = n*ln2 + r, |r| <= ln2/2,
+// exp(r) by a degree-7 Taylor polynomial (relative error < 1e-8), 2^n by building the float's exponent bits.
+// NaN propagates; x below -87 is clamped (the result, ~1e-38, is negligible next to the row's maximum term 1).
+__attribute__((always_inline)) inline float exp_nonpositive(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
+  const float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer held in the low mantissa bits
+  float t = x * 1.44269504088896341f + kRound;
+  float n = t - kRound;
+  float r = x - n * 0.693145751953125f;  // ln2 split in two so n*ln2_hi is exact
+  r = r - n * 1.428606765330187e-06f;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  int32_t ti;
+  std::memcpy(&ti, &t, sizeof(ti));
+  int32_t bits = (ti - 0x4B400000 + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+RLHFV_MULTIVERSION float chunk_max(const float* x, int64_t n) {
+  float acc[kLanes];
+  for (int j = 0; j < kLanes; ++j) acc[j] = -std::numeric_limits<float>::infinity();
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) acc[j] = x[i + j] > acc[j] ? x[i + j] : acc[j];
+  float m = -std::numeric_limits<float>::infinity();
+  for (int j = 0; j < kLanes; ++j) m = acc[j] > m ? acc[j] : m;
+  for (; i < n; ++i) m = x[i] > m ? x[i] : m;
+  return m;
+}
+
+// sum_i exp(x_i / temp - shift)
+RLHFV_MULTIVERSION float chunk_sum_exp(const float* x, int64_t n, float temp, float shift) {
+  float acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) acc[j] += exp_nonpositive(x[i + j] / temp - shift);
+  float s = 0.0f;
+  for (int j = 0; j < kLanes; ++j) s += acc[j];
+  for (; i < n; ++i) s += exp_nonpositive(x[i] / temp - shift);
+  return s;
+}
+
+// out_i = scale * exp((x_i / temp - lse_hi) - lse_lo); `out` may alias `x`.
+RLHFV_MULTIVERSION void chunk_scaled_softmax(const float* x, float* out, int64_t n, float temp, float lse_hi,
+                                             float lse_lo, float scale) {
+  for (int64_t i = 0; i < n; ++i) out[i] = scale * exp_nonpositive((x[i] / temp - lse_hi) - lse_lo);
+}
+
+// float64 logits (used by gradcheck and as a precise CPU path): plain libm, no speed ambitions.
+double chunk_max(const double* x, int64_t n) {
+  double m = -std::numeric_limits<double>::infinity();
+  for (int64_t i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;
+  return m;
+}
+double chunk_sum_exp(const double* x, int64_t n, double temp, double shift) {
+  double s = 0.0;
+  for (int64_t i = 0; i < n; ++i) s += std::exp(x[i] / temp - shift);
+  return s;
+}
+void chunk_scaled_softmax(const double* x, double* out, int64_t n, double temp, double lse_hi, double lse_lo,
+                          double scale) {
+  for (int64_t i = 0; i < n; ++i) out[i] = scale * std::exp((x[i] / temp - lse_hi) - lse_lo);
+}
+inline float exp_nonpositive_any(float x) { return exp_nonpositive(x); }
+inline double exp_nonpositive_any(double x) { return std::exp(x); }
+
+// Accumulation type: fp32 for every input dtype but float64, which keeps its precision.
+template <typename T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+template <typename T>
+inline void load_chunk(const T* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+template <typename T>
+inline void store_chunk(const float* src, T* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+}
+
+// Offsets of rows of a [..., V] tensor with arbitrary leading strides (e.g. logits[:, :-1]).
+struct RowLayout {
+  std::vector<int64_t> sizes, strides;
+  explicit RowLayout(const at::Tensor& t) {
+    for (int64_t d = 0; d + 1 < t.dim(); ++d) {
+      sizes.push_back(t.size(d));
+      strides.push_back(t.stride(d));
+    }
+  }
+  int64_t offset(int64_t row) const {
+    int64_t off = 0;
+    for (int64_t d = static_cast<int64_t>(sizes.size()) - 1; d >= 0; --d) {
+      off += (row % sizes[d]) * strides[d];
+      row /= sizes[d];
+    }
+    return off;
+  }
+};
+
+// Rows per parallel task: enough that a task streams at least ~64K logits.
+inline int64_t grain_for(int64_t vocab) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(vocab, 1)); }
+
+inline void check_label(int64_t label, int64_t vocab, int64_t ignore_index, int64_t row) {
+  TORCH_CHECK_INDEX(label >= 0 && label < vocab, "rlhfv: labels[", row, "] = ", label, " is out of range [0, ", vocab,
+                    ") and is not ignore_index (", ignore_index, ")");
+}
+
+template <typename T>
+void forward_rows(const at::Tensor& logits, const int64_t* labels, acc_t<T>* logp, double* lse, int64_t ignore_index,
+                  double temperature) {
+  using Acc = acc_t<T>;
+  const Acc temp = static_cast<Acc>(temperature);
+  const int64_t vocab = logits.size(-1);
+  const int64_t rows = logp_rows(logits);
+  const RowLayout layout(logits);
+  const T* base = logits.const_data_ptr<T>();
+  at::parallel_for(0, rows, grain_for(vocab), [&](int64_t begin, int64_t end) {
+    std::vector<Acc> buf(std::is_same_v<T, Acc> ? 0 : kChunk);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t label = labels[r];
+      if (label == ignore_index) {
+        logp[r] = 0;
+        lse[r] = 0.0;
+        continue;
+      }
+      check_label(label, vocab, ignore_index, r);
+      const T* row = base + layout.offset(r);
+      Acc running_max = -std::numeric_limits<Acc>::infinity();
+      Acc running_sum = 0;
+      for (int64_t off = 0; off < vocab; off += kChunk) {
+        const int64_t n = std::min(kChunk, vocab - off);
+        const Acc* xs;
+        if constexpr (std::is_same_v<T, Acc>) {
+          xs = row + off;
+        } else {
+          load_chunk(row + off, buf.data(), n);
+          xs = buf.data();
+        }
+        const Acc chunk_peak = chunk_max(xs, n) / temp;
+        if (chunk_peak > running_max) {
+          running_sum *= std::exp(running_max - chunk_peak);
+          running_max = chunk_peak;
+        }
+        running_sum += chunk_sum_exp(xs, n, temp, running_max);
+      }
+      const double row_lse = static_cast<double>(running_max) + std::log(static_cast<double>(running_sum));
+      lse[r] = row_lse;
+      logp[r] = static_cast<Acc>(static_cast<double>(static_cast<Acc>(row[label]) / temp) - row_lse);
+    }
+  });
+}
+
+// Writes grad_logp[r] * (onehot - softmax) / temp for every row into `out_base` laid out as `out_layout`
+// (which is the logits' own layout when the gradient overwrites them).
+template <typename T>
+void backward_rows(const at::Tensor& logits, const int64_t* labels, const acc_t<T>* grad_logp, const double* lse,
+                   T* out_base, const RowLayout& out_layout, int64_t ignore_index, double temperature) {
+  using Acc = acc_t<T>;
+  const Acc temp = static_cast<Acc>(temperature);
+  const int64_t vocab = logits.size(-1);
+  const int64_t rows = logp_rows(logits);
+  const RowLayout layout(logits);
+  const T* base = logits.const_data_ptr<T>();
+  at::parallel_for(0, rows, grain_for(vocab), [&](int64_t begin, int64_t end) {
+    std::vector<Acc> buf(std::is_same_v<T, Acc> ? 0 : kChunk);
+    for (int64_t r = begin; r < end; ++r) {
+      const T* row = base + layout.offset(r);
+      T* out = out_base + out_layout.offset(r);
+      const int64_t label = labels[r];
+      const Acc coef = grad_logp[r];
+      if (label == ignore_index || coef == 0) {
+        std::fill(out, out + vocab, T(0));  // no need to read the logits of a row that gets no gradient
+        continue;
+      }
+      check_label(label, vocab, ignore_index, r);
+      const Acc lse_hi = static_cast<Acc>(lse[r]);
+      const Acc lse_lo = static_cast<Acc>(lse[r] - static_cast<double>(lse_hi));
+      // Read the target logit before the sweep: in place, the sweep overwrites it.
+      const Acc target_prob = exp_nonpositive_any((static_cast<Acc>(row[label]) / temp - lse_hi) - lse_lo);
+      const Acc scale = -coef / temp;
+      for (int64_t off = 0; off < vocab; off += kChunk) {
+        const int64_t n = std::min(kChunk, vocab - off);
+        if constexpr (std::is_same_v<T, Acc>) {
+          chunk_scaled_softmax(row + off, out + off, n, temp, lse_hi, lse_lo, scale);
+        } else {
+          load_chunk(row + off, buf.data(), n);
+          chunk_scaled_softmax(buf.data(), buf.data(), n, temp, lse_hi, lse_lo, scale);
+          store_chunk(buf.data(), out + off, n);
+        }
+      }
+      out[label] = static_cast<T>(coef / temp * (Acc(1) - target_prob));
+    }
+  });
+}
+
+void check_common(const at::Tensor& logits, const at::Tensor& labels, double temperature) {
+  TORCH_CHECK(logits.device().is_cpu(), "rlhfv: logits must be a CPU tensor for the CPU kernel");
+  TORCH_CHECK(logits.dim() >= 1, "rlhfv: logits must have at least one dimension, got a scalar");
+  TORCH_CHECK(logits.size(-1) > 0 || logp_rows(logits) == 0, "rlhfv: logits has an empty vocabulary dimension");
+  TORCH_CHECK(logits.dim() == 1 || logits.stride(-1) == 1 || logits.size(-1) == 1,
+              "rlhfv: logits must have unit stride along the vocabulary (last) dimension, got stride ",
+              logits.stride(-1));
+  TORCH_CHECK(at::isFloatingType(logits.scalar_type()),
+              "rlhfv: logits must be float32, bfloat16, float16 or float64, got ", logits.scalar_type());
+  TORCH_CHECK(labels.scalar_type() == at::kLong || labels.scalar_type() == at::kInt,
+              "rlhfv: labels must be int64 or int32, got ", labels.scalar_type());
+  TORCH_CHECK(labels.sizes() == logits.sizes().slice(0, logits.dim() - 1), "rlhfv: labels shape ", labels.sizes(),
+              " must equal logits.shape[:-1] = ", logits.sizes().slice(0, logits.dim() - 1));
+  TORCH_CHECK(temperature > 0.0, "rlhfv: temperature must be > 0, got ", temperature);
+}
+
+std::tuple<at::Tensor, at::Tensor> logprob_fwd_cpu(const at::Tensor& logits, const at::Tensor& labels,
+                                                   int64_t ignore_index, double temperature,
+                                                   bool /*inplace_backward*/) {
+  check_common(logits, labels, temperature);
+  const at::Tensor flat_labels = labels.to(at::kLong).contiguous();
+  const auto logp_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor logp = at::empty(labels.sizes(), logits.options().dtype(logp_dtype));
+  at::Tensor lse = at::empty(labels.sizes(), logits.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "rlhfv_logprob_fwd", [&] {
+    forward_rows<scalar_t>(logits, flat_labels.const_data_ptr<int64_t>(), logp.mutable_data_ptr<acc_t<scalar_t>>(),
+                           lse.mutable_data_ptr<double>(), ignore_index, temperature);
+  });
+  return {logp, lse};
+}
+
+struct BackwardInputs {
+  at::Tensor labels, grad, lse;
+};
+
+BackwardInputs prepare_backward(const at::Tensor& grad_logp, const at::Tensor& logits, const at::Tensor& labels,
+                                const at::Tensor& lse, double temperature) {
+  check_common(logits, labels, temperature);
+  TORCH_CHECK(grad_logp.sizes() == labels.sizes(), "rlhfv: grad_logp shape ", grad_logp.sizes(),
+              " must equal labels shape ", labels.sizes());
+  TORCH_CHECK(lse.sizes() == labels.sizes() && lse.scalar_type() == at::kDouble,
+              "rlhfv: lse must be the float64 tensor returned by logprob_fwd");
+  const auto acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return {labels.to(at::kLong).contiguous(), grad_logp.to(acc_dtype).contiguous(), lse.contiguous()};
+}
+
+at::Tensor logprob_bwd_cpu(const at::Tensor& grad_logp, const at::Tensor& logits, const at::Tensor& labels,
+                           const at::Tensor& lse, int64_t ignore_index, double temperature) {
+  const BackwardInputs in = prepare_backward(grad_logp, logits, labels, lse, temperature);
+  at::Tensor dlogits = at::empty(logits.sizes(), logits.options());  // contiguous
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "rlhfv_logprob_bwd", [&] {
+    backward_rows<scalar_t>(logits, in.labels.const_data_ptr<int64_t>(), in.grad.const_data_ptr<acc_t<scalar_t>>(),
+                            in.lse.const_data_ptr<double>(), dlogits.mutable_data_ptr<scalar_t>(),
+                            RowLayout(dlogits), ignore_index, temperature);
+  });
+  return dlogits;
+}
+
+void logprob_bwd_inplace_cpu(at::Tensor& logits, const at::Tensor& grad_logp, const at::Tensor& labels,
+                             const at::Tensor& lse, int64_t ignore_index, double temperature) {
+  const BackwardInputs in = prepare_backward(grad_logp, logits, labels, lse, temperature);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "rlhfv_logprob_bwd_", [&] {
+    backward_rows<scalar_t>(logits, in.labels.const_data_ptr<int64_t>(), in.grad.const_data_ptr<acc_t<scalar_t>>(),
+                            in.lse.const_data_ptr<double>(), logits.mutable_data_ptr<scalar_t>(), RowLayout(logits),
+                            ignore_index, temperature);
+  });
+}
+
+}  // namespace
+}  // namespace rlhfv
+
+TORCH_LIBRARY_IMPL(rlhfv, CPU, m) {
+  m.impl("logprob_fwd", &rlhfv::logprob_fwd_cpu);
+  m.impl("logprob_bwd", &rlhfv::logprob_bwd_cpu);
+  m.impl("logprob_bwd_", &rlhfv::logprob_bwd_inplace_cpu);
+}

@@ -1,0 +1,36 @@
+// Operator schemas of the rlhfv library and the (empty) Python module that loads them.
+//
+// Only schemas live here; each device registers its kernels in its own file (csrc/cpu, csrc/cuda) and the Python
+// side (rlhfv_kernels/_ops.py) adds fake kernels and autograd. Keep this file free of heavy includes: it is rebuilt
+// often and <torch/extension.h> alone costs a minute of compile time.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// `import rlhfv_kernels._C` runs the static TORCH_LIBRARY initializers below; the module itself holds nothing.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", "rlhfv compiled kernels (operators live in torch.ops.rlhfv)", -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(rlhfv, m) {
+  // Per-token log-probability of `labels` under softmax(logits / temperature) over the last dimension.
+  // logits: [..., V] with unit stride along V and any strides elsewhere; labels: logits.shape[:-1], int32/int64.
+  // Returns (logp float32, lse float64), both of labels' shape; 0 where labels == ignore_index. The LSE is float64
+  // (N values, negligible memory) so the backward's exp(x - lse) keeps fp32 accuracy at |logits| ~ 1e4.
+  // `inplace_backward` does not change the forward; it tells the autograd formula to write dlogits into the logits.
+  m.def(
+      "logprob_fwd(Tensor logits, Tensor labels, int ignore_index, float temperature, bool inplace_backward)"
+      " -> (Tensor, Tensor)");
+  // dlogits = grad_logp[t] * (onehot(labels[t]) - softmax(logits[t] / temperature)) / temperature, zero rows where
+  // labels == ignore_index; a new contiguous tensor of logits' shape and dtype.
+  m.def(
+      "logprob_bwd(Tensor grad_logp, Tensor logits, Tensor labels, Tensor lse, int ignore_index, float temperature)"
+      " -> Tensor");
+  // The same gradient written over `logits` itself (its values are consumed).
+  m.def(
+      "logprob_bwd_(Tensor(a!) logits, Tensor grad_logp, Tensor labels, Tensor lse, int ignore_index,"
+      " float temperature) -> ()");
+}

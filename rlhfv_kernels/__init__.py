@@ -1,0 +1,28 @@
+"""rlhfv_kernels: fused per-token log-probs and preference losses (DDPO, DPO, MM-DPO, GRPO) without N x V temporaries.
+
+    from rlhfv_kernels import ddpo_loss
+    out = ddpo_loss(logits, labels, ref_logps, token_weights=w, beta=0.5, mode="mean")
+    out.loss.backward()
+
+See README.md for the API table and rlhfv_kernels.reference for the eager implementation of every function.
+"""
+from . import reference
+from ._backend import BACKENDS, BackendUnavailableError, extension_available
+from .api import ddpo_loss, dpo_loss, grpo_loss, sequence_logps, token_logprobs
+from .losses import DDPOOutput, GRPOOutput
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "DDPOOutput",
+    "GRPOOutput",
+    "ddpo_loss",
+    "dpo_loss",
+    "extension_available",
+    "grpo_loss",
+    "reference",
+    "sequence_logps",
+    "token_logprobs",
+]

@@ -1,0 +1,73 @@
+"""Which implementation computes per-token log-probs: the one place a backend is chosen.
+
+Backends:
+  "reference" - plain eager PyTorch (log_softmax + gather); always available, materializes N x V.
+  "cpp"       - the compiled extension rlhfv_kernels._C (CPU kernels; CUDA kernels in a later release).
+  "triton"    - Triton kernels (not in this release).
+None picks the best available for the tensor's device; the environment variable RLHFV_BACKEND overrides that default.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+BACKENDS = ("reference", "cpp", "triton")
+
+_extension_error: str | None = None
+try:
+    from . import _C  # noqa: F401  (importing registers torch.ops.rlhfv.*)
+except ImportError as exc:  # the package is usable, slowly, without its compiled part
+    _extension_error = f"{type(exc).__name__}: {exc}"
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot run here (not built, wrong device, or not implemented for this device)."""
+
+
+def extension_available() -> bool:
+    return _extension_error is None
+
+
+def _why_unavailable(backend: str, device: torch.device) -> str | None:
+    """None if `backend` can run on `device`, else the reason."""
+    if backend == "reference":
+        return None
+    if backend == "cpp":
+        if _extension_error is not None:
+            return (f"the compiled extension rlhfv_kernels._C failed to import ({_extension_error}); "
+                    "build it with `pip install --no-build-isolation -e .`")
+        if device.type != "cpu":
+            return f"the compiled extension has no {device.type} kernels in this release (CPU only)"
+        return None
+    if backend == "triton":
+        return "the Triton kernels are not part of this release"
+    return None
+
+
+_warned_fallback: set[str] = set()
+
+
+def resolve_backend(backend: str | None, device: torch.device) -> str:
+    """Returns the backend that will run on `device`, or raises BackendUnavailableError / ValueError."""
+    explicit = backend is not None
+    if backend is None:
+        backend = os.environ.get("RLHFV_BACKEND") or None
+    if backend is not None and backend not in BACKENDS:
+        source = "backend" if explicit else "RLHFV_BACKEND"
+        raise ValueError(f"{source} must be one of {BACKENDS} or None, got {backend!r}")
+    if backend is not None:
+        reason = _why_unavailable(backend, device)
+        if reason is not None:
+            raise BackendUnavailableError(f"backend {backend!r} cannot run on {device}: {reason}")
+        return backend
+    # Default: the fused kernel where one exists for this device, else the reference (with one warning).
+    reason = _why_unavailable("cpp", device)
+    if reason is None:
+        return "cpp"
+    if device.type not in _warned_fallback:
+        _warned_fallback.add(device.type)
+        warnings.warn(f"rlhfv: no fused kernel for {device.type} tensors ({reason}); using the eager reference, "
+                      "which materializes the full log_softmax", RuntimeWarning, stacklevel=3)
+    return "reference"
