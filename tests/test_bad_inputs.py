@@ -1,0 +1,136 @@
+"""Every bad argument raises a Python exception that names it; nothing crashes or returns a silent wrong number."""
+import pytest
+import torch
+
+import rlhfv_kernels as rk
+
+
+def batch(pairs=2, seq=5, vocab=11):
+    return torch.randn(2 * pairs, seq, vocab), torch.randint(0, vocab, (2 * pairs, seq))
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+@pytest.mark.parametrize("bad_label", [11, 12, -1, -99, 10**9])
+def test_label_out_of_range_names_position_and_value(backend, bad_label):
+    logits, labels = batch()
+    labels[2, 3] = bad_label
+    with pytest.raises(ValueError, match=rf"labels\[2, 3\] = {bad_label} is out of range \[0, 11\)"):
+        rk.token_logprobs(logits, labels, backend=backend)
+    with pytest.raises(ValueError, match=r"labels\[2, 3\]"):
+        rk.ddpo_loss(logits, labels, torch.zeros(4), backend=backend)
+
+
+def test_kernel_itself_refuses_out_of_range_labels():
+    """The compiled op guards memory on its own (e.g. under torch.compile, where Python skips data checks)."""
+    logits = torch.randn(3, 7)
+    for op_args in [(logits, torch.tensor([0, 7, 1]), -100, 1.0, False),
+                    (logits, torch.tensor([0, -5, 1]), -100, 1.0, False)]:
+        with pytest.raises(IndexError, match="out of range"):
+            torch.ops.rlhfv.logprob_fwd(*op_args)
+    _, lse = torch.ops.rlhfv.logprob_fwd(logits, torch.tensor([0, 1, 2]), -100, 1.0, False)
+    with pytest.raises(IndexError, match="out of range"):
+        torch.ops.rlhfv.logprob_bwd(torch.ones(3), logits, torch.tensor([0, 9, 2]), lse, -100, 1.0)
+
+
+def test_shape_dtype_device_mismatches():
+    logits, labels = batch()
+    with pytest.raises(ValueError, match=r"labels shape \(4, 4\) must equal logits.shape\[:-1\] = \(4, 5\)"):
+        rk.token_logprobs(logits, labels[:, :4])
+    with pytest.raises(TypeError, match="labels must be int64 or int32, got torch.float32"):
+        rk.token_logprobs(logits, labels.float())
+    with pytest.raises(TypeError, match="logits must be float32, bfloat16, float16 or float64, got torch.int64"):
+        rk.token_logprobs(labels, labels)
+    with pytest.raises(TypeError, match="logits must be a torch.Tensor"):
+        rk.token_logprobs(logits.tolist(), labels)
+    with pytest.raises(ValueError, match="labels is on meta but logits is on cpu"):
+        rk.token_logprobs(logits, labels.to("meta"))
+    with pytest.raises(ValueError, match="token_weights is on meta"):
+        rk.sequence_logps(logits, labels, torch.ones(labels.shape, device="meta"))
+    with pytest.raises(ValueError, match="token_weights shape"):
+        rk.sequence_logps(logits, labels, torch.ones(4, 4))
+    with pytest.raises(TypeError, match="token_weights must be a floating-point tensor"):
+        rk.sequence_logps(logits, labels, torch.ones(labels.shape, dtype=torch.long))
+    with pytest.raises(ValueError, match="logits must have at least 2 dimensions"):
+        rk.sequence_logps(logits[0, 0], labels[0, 0])
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0, float("nan"), float("inf")])
+def test_bad_temperature(temperature):
+    logits, labels = batch()
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        rk.token_logprobs(logits, labels, temperature=temperature)
+
+
+def test_kernel_itself_refuses_nonpositive_temperature():
+    logits, labels = batch()
+    with pytest.raises(RuntimeError, match="temperature must be > 0"):
+        torch.ops.rlhfv.logprob_fwd(logits, labels, -100, 0.0, False)
+
+
+def test_ddpo_argument_errors():
+    logits, labels = batch(pairs=2)
+    ref = torch.zeros(4)
+    with pytest.raises(ValueError, match=r"ref_logps must have shape \[4\], got \(3,\)"):
+        rk.ddpo_loss(logits, labels, torch.zeros(3))
+    with pytest.raises(ValueError, match="logits.shape\\[0\\] must be even"):
+        rk.ddpo_loss(logits[:3], labels[:3], torch.zeros(3))
+    with pytest.raises(ValueError, match="logits must have shape \\[2B, T, V\\]"):
+        rk.ddpo_loss(logits[0], labels[0], ref)
+    weights = torch.ones(labels.shape)
+    weights[1, 2] = -0.5
+    with pytest.raises(ValueError, match=r"token_weights\[1, 2\] = -0.5; weights must be finite and >= 0"):
+        rk.ddpo_loss(logits, labels, ref, token_weights=weights)
+    weights[1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"token_weights\[1, 2\] = nan"):
+        rk.ddpo_loss(logits, labels, ref, token_weights=weights)
+    with pytest.raises(ValueError, match=r"reward_margin must have shape \[2\]"):
+        rk.ddpo_loss(logits, labels, ref, reward_margin=torch.ones(4), drs_weight=1.0)
+    with pytest.raises(ValueError, match=r"reward_margin\[1\] = -1.0; values must be >= 0"):
+        rk.ddpo_loss(logits, labels, ref, reward_margin=torch.tensor([0.5, -1.0]), drs_weight=1.0)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        rk.ddpo_loss(logits, labels, ref, mode="avg")
+    with pytest.raises(ValueError, match="beta must be a finite number > 0"):
+        rk.ddpo_loss(logits, labels, ref, beta=0.0)
+    with pytest.raises(ValueError, match="sft_weight must be a finite number >= 0"):
+        rk.ddpo_loss(logits, labels, ref, sft_weight=-1.0)
+    with pytest.raises(ValueError, match="ref_logps is on meta"):
+        rk.ddpo_loss(logits, labels, torch.zeros(4, device="meta"))
+
+
+def test_grpo_argument_errors():
+    logits, labels = batch()
+    adv = torch.zeros(4)
+    with pytest.raises(ValueError, match=r"advantages must have shape \[4\]"):
+        rk.grpo_loss(logits, labels, torch.zeros(3))
+    with pytest.raises(ValueError, match="ref_logps is required when beta_kl > 0"):
+        rk.grpo_loss(logits, labels, adv, beta_kl=0.1)
+    with pytest.raises(ValueError, match="old_logps shape"):
+        rk.grpo_loss(logits, labels, adv, old_logps=torch.zeros(4, 4))
+    with pytest.raises(ValueError, match="loss_type must be one of"):
+        rk.grpo_loss(logits, labels, adv, loss_type="ppo")
+    with pytest.raises(ValueError, match="epsilon must be a finite number >= 0"):
+        rk.grpo_loss(logits, labels, adv, epsilon=-0.1)
+
+
+def test_vocab_stride_must_be_one_for_fused_kernels():
+    logits = torch.randn(11, 6).t()  # [6, 11] with stride (1, 6) along V
+    labels = torch.randint(0, 11, (6,))
+    with pytest.raises(ValueError, match="stride 1 along the vocabulary .* got stride 6"):
+        rk.token_logprobs(logits, labels, backend="cpp")
+    # The reference handles any layout, so it is the explicit way out.
+    assert rk.token_logprobs(logits, labels, backend="reference").shape == (6,)
+
+
+def test_backend_selection_errors(monkeypatch):
+    logits, labels = batch()
+    with pytest.raises(ValueError, match="backend must be one of"):
+        rk.token_logprobs(logits, labels, backend="cuda-magic")
+    with pytest.raises(rk.BackendUnavailableError, match="backend 'triton' cannot run"):
+        rk.token_logprobs(logits, labels, backend="triton")
+    monkeypatch.setenv("RLHFV_BACKEND", "nope")
+    with pytest.raises(ValueError, match="RLHFV_BACKEND must be one of"):
+        rk.token_logprobs(logits, labels)
+    monkeypatch.setenv("RLHFV_BACKEND", "reference")
+    assert rk.token_logprobs(logits, labels).shape == labels.shape
+    with pytest.raises(ValueError, match="always use the reference backend"):
+        rk.reference.ddpo_loss(logits, labels, torch.zeros(4), backend="cpp")

@@ -1,0 +1,196 @@
+"""token_logprobs on the compiled CPU kernels vs the float64 reference: values, gradients, layouts, edge values."""
+import pytest
+import torch
+
+import rlhfv_kernels as rk
+from rlhfv_kernels import reference
+from numerics import assert_meets_criterion
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def random_labels(shape, vocab, ignore_fraction=0.2, ignore_index=-100):
+    labels = torch.randint(0, vocab, shape)
+    labels[torch.rand(shape) < ignore_fraction] = ignore_index
+    return labels
+
+
+def check_against_truth(make_logits, labels, dtype, *, temperature=1.0, ignore_index=-100, backend="cpp",
+                        inplace_backward=False):
+    """make_logits(leaf) -> logits view. Compares values and d(sum(g * logp))/d leaf with a random g."""
+    base = make_logits(None)
+    seed_grad = torch.randn(labels.shape, dtype=torch.float64)
+    results = {}
+    for name, leaf_dtype, fn, kwargs in [
+        ("ours", dtype, rk.token_logprobs, {"backend": backend, "inplace_backward": inplace_backward}),
+        ("reference", dtype, reference.token_logprobs, {}),
+        ("truth", torch.float64, reference.token_logprobs, {}),
+    ]:
+        leaf = base.detach().to(leaf_dtype).clone().requires_grad_(True)
+        # A non-leaf copy, so inplace_backward may consume it without touching the leaf's own storage.
+        logits = make_logits(leaf * 1)
+        out = fn(logits, labels, ignore_index=ignore_index, temperature=temperature, **kwargs)
+        (out * seed_grad.to(out.dtype)).sum().backward()
+        results[name] = (out.detach(), leaf.grad)
+    expected_dtype = torch.float32
+    assert results["ours"][0].dtype == expected_dtype
+    assert_meets_criterion(results["ours"][0], results["reference"][0], results["truth"][0], dtype, "logp")
+    assert_meets_criterion(results["ours"][1], results["reference"][1], results["truth"][1], dtype, "dlogits")
+    return results
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,vocab", [((37,), 32003), ((3, 13), 101), ((2, 3, 5), 7), ((5,), 1), ((4,), 2049)])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_values_and_gradients(dtype, shape, vocab, temperature):
+    base = torch.randn(*shape, vocab) * 3
+    labels = random_labels(shape, vocab)
+    check_against_truth(lambda x: base if x is None else x, labels, dtype, temperature=temperature)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("inplace_backward", [False, True])
+def test_strided_views_without_copy(dtype, inplace_backward):
+    batch, seq, vocab = 3, 9, 1001
+    base = torch.randn(batch, seq + 1, vocab)
+    labels = random_labels((batch, seq), vocab)
+    # The usual shift: logits[:, :-1] has a row stride that skips one row per sequence.
+    check_against_truth(lambda x: base if x is None else x[:, :-1], labels, dtype, inplace_backward=inplace_backward)
+    # Every other position, and a permuted (non-monotone) leading layout.
+    labels_even = random_labels((batch, (seq + 2) // 2), vocab)
+    check_against_truth(lambda x: base if x is None else x[:, ::2], labels_even, dtype,
+                        inplace_backward=inplace_backward)
+    labels_t = random_labels((seq + 1, batch), vocab)
+    check_against_truth(lambda x: base if x is None else x.transpose(0, 1), labels_t, dtype,
+                        inplace_backward=inplace_backward)
+
+
+def test_strided_view_reads_the_right_rows():
+    base = torch.randn(2, 6, 50)
+    view = base[:, 1::2]
+    labels = torch.randint(0, 50, view.shape[:-1])
+    out = rk.token_logprobs(view, labels, backend="cpp")
+    torch.testing.assert_close(out, reference.token_logprobs(view.contiguous(), labels), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_all_ignored_rows_give_zero_value_and_gradient(dtype):
+    base = torch.randn(4, 6, 333)
+    labels = random_labels((4, 6), 333)
+    labels[1] = -100
+    labels[3] = -100
+    results = check_against_truth(lambda x: base if x is None else x, labels, dtype)
+    logp, grad = results["ours"]
+    assert torch.all(logp[1] == 0) and torch.all(logp[3] == 0)
+    assert torch.all(grad[1] == 0) and torch.all(grad[3] == 0)
+    fully_ignored = torch.full((5,), -100)
+    out = rk.token_logprobs(torch.randn(5, 17, dtype=dtype), fully_ignored, backend="cpp")
+    assert torch.equal(out, torch.zeros(5))
+
+
+def test_custom_ignore_index_and_int32_labels():
+    base = torch.randn(7, 40)
+    labels = torch.randint(0, 40, (7,), dtype=torch.int32)
+    labels[2] = 39  # a valid label that equals nothing special
+    labels[4] = 5
+    out = rk.token_logprobs(base, labels, ignore_index=5, backend="cpp")
+    assert out[4] == 0
+    expected = reference.token_logprobs(base.double(), labels.long(), ignore_index=5)
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("make", [
+    lambda n, v: torch.randn(n, v) * 1e4,               # huge spread: peaked softmax
+    lambda n, v: 1e4 + 5 * torch.randn(n, v),            # huge offset: an fp32 LSE would lose ~5e-4
+    lambda n, v: -1e4 + torch.randn(n, v),
+    lambda n, v: torch.where(torch.rand(n, v) < 0.5, -1e4, 1e4) + torch.randn(n, v),
+])
+def test_extreme_logits(make):
+    base = make(19, 3001)
+    labels = random_labels((19,), 3001, ignore_fraction=0.1)
+    # Put some labels on the row maximum, where the gradient is largest and the LSE precision matters.
+    labels[::3] = base[::3].argmax(-1)
+    check_against_truth(lambda x: base if x is None else x, labels, torch.float32)
+    check_against_truth(lambda x: base if x is None else x, labels, torch.float32, inplace_backward=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nan_and_inf_rows_stay_local(dtype):
+    base = torch.randn(6, 257).to(dtype)
+    base[1, 10] = float("nan")
+    base[3, 0] = float("inf")
+    labels = torch.randint(0, 257, (6,))
+    leaf = base.clone().requires_grad_(True)
+    out = rk.token_logprobs(leaf, labels, backend="cpp")
+    out.sum().backward()
+    assert torch.isnan(out[1]) and torch.isnan(out[3])
+    finite_rows = [0, 2, 4, 5]
+    assert torch.isfinite(out[finite_rows]).all()
+    assert torch.isfinite(leaf.grad[finite_rows].float()).all()
+    expected = reference.token_logprobs(base[finite_rows].double(), labels[finite_rows])
+    assert_meets_criterion(out[finite_rows], reference.token_logprobs(base[finite_rows], labels[finite_rows]),
+                           expected, dtype, "finite rows beside NaN rows")
+
+
+def test_vocab_262144():
+    base = torch.randn(5, 262144) * 4
+    labels = random_labels((5,), 262144, ignore_fraction=0.0)
+    check_against_truth(lambda x: base if x is None else x, labels, torch.float32)
+    check_against_truth(lambda x: base if x is None else x, labels, torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_empty_inputs(dtype):
+    out = rk.token_logprobs(torch.randn(0, 11, dtype=dtype, requires_grad=True), torch.zeros(0, dtype=torch.long),
+                            backend="cpp")
+    assert out.shape == (0,) and out.dtype == torch.float32
+    out.sum().backward()
+    out = rk.token_logprobs(torch.randn(2, 0, 11, dtype=dtype), torch.zeros(2, 0, dtype=torch.long), backend="cpp")
+    assert out.shape == (2, 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_inplace_backward_consumes_logits_and_matches(dtype):
+    leaf = (torch.randn(4, 5, 203) * 2).to(dtype).requires_grad_(True)
+    labels = random_labels((4, 5), 203)
+    grads = {}
+    for inplace in (False, True):
+        leaf.grad = None
+        logits = leaf * 1.0
+        out = rk.token_logprobs(logits, labels, inplace_backward=inplace, backend="cpp")
+        out.sum().backward()
+        grads[inplace] = (leaf.grad.clone(), logits.detach().clone())
+    assert torch.equal(grads[True][0], grads[False][0])
+    # The consumed logits now hold the gradient; the out-of-place run left its logits untouched.
+    assert torch.equal(grads[True][1], grads[True][0])
+    assert torch.equal(grads[False][1], (leaf * 1.0).detach())
+
+
+def test_float64_gradcheck():
+    logits = torch.randn(3, 4, 9, dtype=torch.float64, requires_grad=True)
+    labels = random_labels((3, 4), 9)
+    assert torch.autograd.gradcheck(lambda x: rk.token_logprobs(x, labels, backend="cpp", temperature=0.8),
+                                    (logits,))
+    strided = torch.randn(3, 5, 9, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: rk.token_logprobs(x[:, :-1], labels, backend="cpp"), (strided,))
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+def test_opcheck(dtype):
+    logits = torch.randn(3, 6, 77, dtype=dtype)
+    labels = random_labels((3, 6), 77)
+    strided = torch.randn(3, 7, 77, dtype=dtype)[:, :-1]
+    for x in (logits, strided):
+        for inplace_flag in (False, True):
+            torch.library.opcheck(torch.ops.rlhfv.logprob_fwd.default, (x, labels, -100, 0.9, inplace_flag))
+        _, lse = torch.ops.rlhfv.logprob_fwd(x, labels, -100, 0.9, False)
+        grad = torch.randn(labels.shape)
+        torch.library.opcheck(torch.ops.rlhfv.logprob_bwd.default, (grad, x, labels, lse, -100, 0.9))
+        torch.library.opcheck(torch.ops.rlhfv.logprob_bwd_.default, (x.clone(), grad, labels, lse, -100, 0.9))
+
+
+def test_opcheck_autograd_registration():
+    logits = torch.randn(4, 33, requires_grad=True)
+    labels = random_labels((4,), 33)
+    for flag in (False, True):
+        torch.library.opcheck(torch.ops.rlhfv.logprob_fwd.default, (logits, labels, -100, 1.0, flag))
