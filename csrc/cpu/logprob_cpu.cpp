@@ -20,6 +20,10 @@
 #include <limits>
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include "../rlhfv_common.h"
 
 namespace rlhfv {
@@ -286,10 +290,27 @@ BackwardInputs prepare_backward(const at::Tensor& grad_logp, const at::Tensor& l
   return {labels.to(at::kLong).contiguous(), grad_logp.to(acc_dtype).contiguous(), lse.contiguous()};
 }
 
+// A fresh N x V gradient buffer is first touched by the backward sweep; with 4 KiB pages that costs one page fault
+// per 4 KiB and, on the machines we measured, more time than the sweep itself. Asking for transparent huge pages
+// (best effort, Linux only, no effect where THP is disabled) cuts the faults 512-fold.
+void advise_huge_pages(void* data, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHugePage = uintptr_t(2) << 20;
+  if (bytes < 8 * kHugePage) return;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHugePage - 1) & ~(kHugePage - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHugePage - 1);
+  if (end > begin) (void)madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)data;
+  (void)bytes;
+#endif
+}
+
 at::Tensor logprob_bwd_cpu(const at::Tensor& grad_logp, const at::Tensor& logits, const at::Tensor& labels,
                            const at::Tensor& lse, int64_t ignore_index, double temperature) {
   const BackwardInputs in = prepare_backward(grad_logp, logits, labels, lse, temperature);
   at::Tensor dlogits = at::empty(logits.sizes(), logits.options());  // contiguous
+  advise_huge_pages(dlogits.data_ptr(), dlogits.nbytes());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "rlhfv_logprob_bwd", [&] {
     backward_rows<scalar_t>(logits, in.labels.const_data_ptr<int64_t>(), in.grad.const_data_ptr<acc_t<scalar_t>>(),
                             in.lse.const_data_ptr<double>(), dlogits.mutable_data_ptr<scalar_t>(),
