@@ -23,6 +23,9 @@
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include "../rlhfv_common.h"
 
@@ -119,14 +122,58 @@ inline double exp_nonpositive_any(double x) { return std::exp(x); }
 template <typename T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
-template <typename T>
-inline void load_chunk(const T* src, float* dst, int64_t n) {
+// Conversions between the input dtype and the fp32 chunk buffer, written as bit operations so they vectorize
+// (c10's scalar conversions do not). Rounding matches c10: round-to-nearest-even, NaN stays NaN.
+RLHFV_MULTIVERSION void load_chunk(const c10::BFloat16* src, float* dst, int64_t n) {
+  const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t widened = static_cast<uint32_t>(bits[i]) << 16;
+    std::memcpy(dst + i, &widened, sizeof(float));
+  }
+}
+
+RLHFV_MULTIVERSION void store_chunk(const float* src, c10::BFloat16* dst, int64_t n) {
+  uint16_t* bits = reinterpret_cast<uint16_t*>(dst);
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, src + i, sizeof(u));
+    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    bits[i] = src[i] != src[i] ? uint16_t(0x7FC0) : static_cast<uint16_t>(rounded);
+  }
+}
+
+// IEEE half: the compiler does not vectorize half conversions by itself, so on x86 use F16C when the CPU has it.
+#if defined(__GNUC__) && defined(__x86_64__)
+__attribute__((target("avx,f16c"))) void load_half_f16c(const uint16_t* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  for (; i < n; ++i) dst[i] = _cvtsh_ss(src[i]);
+}
+
+__attribute__((target("avx,f16c"))) void store_half_f16c(const float* src, uint16_t* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+  for (; i < n; ++i) dst[i] = _cvtss_sh(src[i], _MM_FROUND_TO_NEAREST_INT);
+}
+
+const bool kHasF16C = __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx");
+#else
+constexpr bool kHasF16C = false;
+void load_half_f16c(const uint16_t*, float*, int64_t) {}
+void store_half_f16c(const float*, uint16_t*, int64_t) {}
+#endif
+
+void load_chunk(const c10::Half* src, float* dst, int64_t n) {
+  if (kHasF16C) return load_half_f16c(reinterpret_cast<const uint16_t*>(src), dst, n);
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
-template <typename T>
-inline void store_chunk(const float* src, T* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+void store_chunk(const float* src, c10::Half* dst, int64_t n) {
+  if (kHasF16C) return store_half_f16c(src, reinterpret_cast<uint16_t*>(dst), n);
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<c10::Half>(src[i]);
 }
 
 // Offsets of rows of a [..., V] tensor with arbitrary leading strides (e.g. logits[:, :-1]).
