@@ -219,6 +219,7 @@ def bench_one(op, impl, case, inputs, device, args) -> Record:
     if inplace:
         logits = logits.clone()  # the in-place backward consumes its input
     leaf = logits.requires_grad_(True)
+    x = leaf.view_as(leaf)  # a non-leaf input, as a model's logits are (in-place backward must not hit a leaf)
     fn = loss_fn(op, inputs, backend, inplace)
     rec = Record(op=op, impl=impl, backend=resolved, tokens=case.tokens, vocab=case.vocab,
                  shape=list(logits.shape), dtype=case.dtype_name, device=device.type,
@@ -226,10 +227,10 @@ def bench_one(op, impl, case, inputs, device, args) -> Record:
 
     def forward():
         with torch.no_grad():
-            fn(leaf)
+            fn(x)
 
     def forward_backward():
-        (grad,) = torch.autograd.grad(fn(leaf), leaf)
+        (grad,) = torch.autograd.grad(fn(x), x)
         return grad
 
     if not inplace:  # inplace_backward does not change the forward

@@ -9,6 +9,8 @@ consumed (their values are garbage after backward), and the peak extra memory of
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from . import _backend, _checks, _ops, losses, reference
@@ -25,6 +27,10 @@ def _token_logps(logits, labels, ignore_index, temperature, inplace_backward, ba
     if which == "reference":
         return reference.token_logprobs(logits, labels, ignore_index=ignore_index, temperature=temperature)
     _checks.check_vocab_stride(logits, which)
+    if inplace_backward and logits.requires_grad and logits.is_leaf:
+        warnings.warn("inplace_backward=True on a leaf tensor: backward overwrites its values with the gradient and "
+                      "autograd then copies that into .grad (an N x V copy); pass the model's output logits, or use "
+                      "torch.autograd.grad", RuntimeWarning, stacklevel=3)
     return _ops.fused_token_logprobs(logits, labels, ignore_index, temperature, bool(inplace_backward))
 
 

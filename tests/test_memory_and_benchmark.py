@@ -26,7 +26,8 @@ def test_fused_paths_allocate_no_logits_sized_temporaries(dtype):
         (grad,) = torch.autograd.grad(out.loss, x)
         return grad
 
-    x = logits.clone().requires_grad_(True)
+    leaf = logits.clone().requires_grad_(True)
+    x = leaf.view_as(leaf)  # non-leaf, like a model's output logits
     inplace = peak_extra_bytes(lambda: step("cpp", True, x))
     fused = peak_extra_bytes(lambda: step("cpp", False, logits.requires_grad_(True)))
     reference = peak_extra_bytes(lambda: step("reference", False, logits.requires_grad_(True)))

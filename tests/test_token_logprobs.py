@@ -194,3 +194,9 @@ def test_opcheck_autograd_registration():
     labels = random_labels((4,), 33)
     for flag in (False, True):
         torch.library.opcheck(torch.ops.rlhfv.logprob_fwd.default, (logits, labels, -100, 1.0, flag))
+
+
+def test_inplace_backward_on_a_leaf_warns():
+    leaf = torch.randn(3, 8, requires_grad=True)
+    with pytest.warns(RuntimeWarning, match="inplace_backward=True on a leaf tensor"):
+        rk.token_logprobs(leaf, torch.randint(0, 8, (3,)), inplace_backward=True, backend="cpp")
