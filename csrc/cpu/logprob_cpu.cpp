@@ -203,48 +203,60 @@ inline void check_label(int64_t label, int64_t vocab, int64_t ignore_index, int6
                     ") and is not ignore_index (", ignore_index, ")");
 }
 
+// The fp32 (fp64) view of a chunk: the input itself when it already has the accumulation type, else a converted copy.
+template <typename T>
+inline const acc_t<T>* chunk_as_acc(const T* src, acc_t<T>* buf, int64_t n) {
+  if constexpr (std::is_same_v<T, acc_t<T>>) {
+    return src;
+  } else {
+    load_chunk(src, buf, n);
+    return buf;
+  }
+}
+
+// Runs body(r, row, buf) for every row of logits in parallel; `buf` is per-thread scratch of kChunk values
+// (unused, and empty, when the input already has the accumulation type).
+template <typename T, typename Body>
+void parallel_rows(const at::Tensor& logits, const Body& body) {
+  const int64_t vocab = logits.size(-1);
+  const RowLayout layout(logits);
+  const T* base = logits.const_data_ptr<T>();
+  at::parallel_for(0, logp_rows(logits), grain_for(vocab), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t<T>> buf(std::is_same_v<T, acc_t<T>> ? 0 : kChunk);
+    for (int64_t r = begin; r < end; ++r) body(r, base + layout.offset(r), buf.data());
+  });
+}
+
 template <typename T>
 void forward_rows(const at::Tensor& logits, const int64_t* labels, acc_t<T>* logp, double* lse, int64_t ignore_index,
                   double temperature) {
   using Acc = acc_t<T>;
   const Acc temp = static_cast<Acc>(temperature);
   const int64_t vocab = logits.size(-1);
-  const int64_t rows = logp_rows(logits);
-  const RowLayout layout(logits);
-  const T* base = logits.const_data_ptr<T>();
-  at::parallel_for(0, rows, grain_for(vocab), [&](int64_t begin, int64_t end) {
-    std::vector<Acc> buf(std::is_same_v<T, Acc> ? 0 : kChunk);
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t label = labels[r];
-      if (label == ignore_index) {
-        logp[r] = 0;
-        lse[r] = 0.0;
-        continue;
-      }
-      check_label(label, vocab, ignore_index, r);
-      const T* row = base + layout.offset(r);
-      Acc running_max = -std::numeric_limits<Acc>::infinity();
-      Acc running_sum = 0;
-      for (int64_t off = 0; off < vocab; off += kChunk) {
-        const int64_t n = std::min(kChunk, vocab - off);
-        const Acc* xs;
-        if constexpr (std::is_same_v<T, Acc>) {
-          xs = row + off;
-        } else {
-          load_chunk(row + off, buf.data(), n);
-          xs = buf.data();
-        }
-        const Acc chunk_peak = chunk_max(xs, n) / temp;
-        if (chunk_peak > running_max) {
-          running_sum *= std::exp(running_max - chunk_peak);
-          running_max = chunk_peak;
-        }
-        running_sum += chunk_sum_exp(xs, n, temp, running_max);
-      }
-      const double row_lse = static_cast<double>(running_max) + std::log(static_cast<double>(running_sum));
-      lse[r] = row_lse;
-      logp[r] = static_cast<Acc>(static_cast<double>(static_cast<Acc>(row[label]) / temp) - row_lse);
+  parallel_rows<T>(logits, [&](int64_t r, const T* row, Acc* buf) {
+    const int64_t label = labels[r];
+    if (label == ignore_index) {
+      logp[r] = 0;
+      lse[r] = 0.0;
+      return;
     }
+    check_label(label, vocab, ignore_index, r);
+    Acc running_max = -std::numeric_limits<Acc>::infinity();
+    Acc running_sum = 0;
+    for (int64_t off = 0; off < vocab; off += kChunk) {
+      const int64_t n = std::min(kChunk, vocab - off);
+      const Acc* xs = chunk_as_acc(row + off, buf, n);
+      const Acc chunk_peak = chunk_max(xs, n) / temp;
+      if (chunk_peak > running_max) {
+        running_sum *= std::exp(running_max - chunk_peak);
+        running_max = chunk_peak;
+      }
+      running_sum += chunk_sum_exp(xs, n, temp, running_max);
+    }
+    // (x_target - lse) in float64: both terms can be ~1e4 while their difference is small.
+    const double row_lse = static_cast<double>(running_max) + std::log(static_cast<double>(running_sum));
+    lse[r] = row_lse;
+    logp[r] = static_cast<Acc>(static_cast<double>(static_cast<Acc>(row[label]) / temp) - row_lse);
   });
 }
 
@@ -256,38 +268,31 @@ void backward_rows(const at::Tensor& logits, const int64_t* labels, const acc_t<
   using Acc = acc_t<T>;
   const Acc temp = static_cast<Acc>(temperature);
   const int64_t vocab = logits.size(-1);
-  const int64_t rows = logp_rows(logits);
-  const RowLayout layout(logits);
-  const T* base = logits.const_data_ptr<T>();
-  at::parallel_for(0, rows, grain_for(vocab), [&](int64_t begin, int64_t end) {
-    std::vector<Acc> buf(std::is_same_v<T, Acc> ? 0 : kChunk);
-    for (int64_t r = begin; r < end; ++r) {
-      const T* row = base + layout.offset(r);
-      T* out = out_base + out_layout.offset(r);
-      const int64_t label = labels[r];
-      const Acc coef = grad_logp[r];
-      if (label == ignore_index || coef == 0) {
-        std::fill(out, out + vocab, T(0));  // no need to read the logits of a row that gets no gradient
-        continue;
-      }
-      check_label(label, vocab, ignore_index, r);
-      const Acc lse_hi = static_cast<Acc>(lse[r]);
-      const Acc lse_lo = static_cast<Acc>(lse[r] - static_cast<double>(lse_hi));
-      // Read the target logit before the sweep: in place, the sweep overwrites it.
-      const Acc target_prob = exp_nonpositive_any((static_cast<Acc>(row[label]) / temp - lse_hi) - lse_lo);
-      const Acc scale = -coef / temp;
-      for (int64_t off = 0; off < vocab; off += kChunk) {
-        const int64_t n = std::min(kChunk, vocab - off);
-        if constexpr (std::is_same_v<T, Acc>) {
-          chunk_scaled_softmax(row + off, out + off, n, temp, lse_hi, lse_lo, scale);
-        } else {
-          load_chunk(row + off, buf.data(), n);
-          chunk_scaled_softmax(buf.data(), buf.data(), n, temp, lse_hi, lse_lo, scale);
-          store_chunk(buf.data(), out + off, n);
-        }
-      }
-      out[label] = static_cast<T>(coef / temp * (Acc(1) - target_prob));
+  parallel_rows<T>(logits, [&](int64_t r, const T* row, Acc* buf) {
+    T* out = out_base + out_layout.offset(r);
+    const int64_t label = labels[r];
+    const Acc coef = grad_logp[r];
+    if (label == ignore_index || coef == 0) {
+      std::fill(out, out + vocab, T(0));  // no need to read the logits of a row that gets no gradient
+      return;
     }
+    check_label(label, vocab, ignore_index, r);
+    const Acc lse_hi = static_cast<Acc>(lse[r]);
+    const Acc lse_lo = static_cast<Acc>(lse[r] - static_cast<double>(lse_hi));
+    // Read the target logit before the sweep: in place, the sweep overwrites it.
+    const Acc target_prob = exp_nonpositive_any((static_cast<Acc>(row[label]) / temp - lse_hi) - lse_lo);
+    const Acc scale = -coef / temp;
+    for (int64_t off = 0; off < vocab; off += kChunk) {
+      const int64_t n = std::min(kChunk, vocab - off);
+      if constexpr (std::is_same_v<T, Acc>) {
+        chunk_scaled_softmax(row + off, out + off, n, temp, lse_hi, lse_lo, scale);
+      } else {
+        const Acc* xs = chunk_as_acc(row + off, buf, n);
+        chunk_scaled_softmax(xs, buf, n, temp, lse_hi, lse_lo, scale);
+        store_chunk(buf, out + off, n);
+      }
+    }
+    out[label] = static_cast<T>(coef / temp * (Acc(1) - target_prob));
   });
 }
 
