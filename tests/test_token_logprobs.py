@@ -132,6 +132,28 @@ def test_nan_and_inf_rows_stay_local(dtype):
                            expected, dtype, "finite rows beside NaN rows")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_masked_vocabulary_entries(dtype):
+    """-inf logits (masked tokens), also filling whole chunks at the start of a row, add nothing and stay finite."""
+    base = torch.randn(6, 5000) * 2
+    base[:, :4500] = float("-inf")
+    base[1, ::2] = float("-inf")
+    labels = torch.randint(4500, 5000, (6,))
+    check_against_truth(lambda x: base if x is None else x, labels, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nan_hidden_among_masked_entries_still_poisons_its_row(dtype):
+    base = torch.randn(3, 5000)
+    base[:, :4000] = float("-inf")
+    base[1, 7] = float("nan")
+    out = rk.token_logprobs(base.to(dtype), torch.full((3,), 4999), backend="cpp")
+    assert torch.isnan(out[1]) and torch.isfinite(out[[0, 2]]).all()
+    row_all_masked = torch.full((1, 300), float("-inf"))
+    assert torch.isnan(rk.token_logprobs(row_all_masked, torch.tensor([3]), backend="cpp")).all()
+    assert torch.isnan(reference.token_logprobs(row_all_masked, torch.tensor([3]))).all()
+
+
 def test_vocab_262144():
     base = torch.randn(5, 262144) * 4
     labels = random_labels((5,), 262144, ignore_fraction=0.0)

@@ -70,15 +70,16 @@ __attribute__((always_inline)) inline float exp_nonpositive(float x) {
   return p * scale;
 }
 
+// Maximum of a chunk; NaN if the chunk holds a NaN (a lane that saw NaN keeps it).
 RLHFV_MULTIVERSION float chunk_max(const float* x, int64_t n) {
   float acc[kLanes];
   for (int j = 0; j < kLanes; ++j) acc[j] = -std::numeric_limits<float>::infinity();
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) acc[j] = x[i + j] > acc[j] ? x[i + j] : acc[j];
+    for (int j = 0; j < kLanes; ++j) acc[j] = (x[i + j] > acc[j] || x[i + j] != x[i + j]) ? x[i + j] : acc[j];
   float m = -std::numeric_limits<float>::infinity();
-  for (int j = 0; j < kLanes; ++j) m = acc[j] > m ? acc[j] : m;
-  for (; i < n; ++i) m = x[i] > m ? x[i] : m;
+  for (int j = 0; j < kLanes; ++j) m = (acc[j] > m || acc[j] != acc[j]) ? acc[j] : m;
+  for (; i < n; ++i) m = (x[i] > m || x[i] != x[i]) ? x[i] : m;
   return m;
 }
 
@@ -103,7 +104,7 @@ RLHFV_MULTIVERSION void chunk_scaled_softmax(const float* x, float* out, int64_t
 // float64 logits (used by gradcheck and as a precise CPU path): plain libm, no speed ambitions.
 double chunk_max(const double* x, int64_t n) {
   double m = -std::numeric_limits<double>::infinity();
-  for (int64_t i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;
+  for (int64_t i = 0; i < n; ++i) m = (x[i] > m || x[i] != x[i]) ? x[i] : m;
   return m;
 }
 double chunk_sum_exp(const double* x, int64_t n, double temp, double shift) {
@@ -247,10 +248,12 @@ void forward_rows(const at::Tensor& logits, const int64_t* labels, acc_t<T>* log
       const int64_t n = std::min(kChunk, vocab - off);
       const Acc* xs = chunk_as_acc(row + off, buf, n);
       const Acc chunk_peak = chunk_max(xs, n) / temp;
-      if (chunk_peak > running_max) {
+      if (!(chunk_peak <= running_max)) {  // a new maximum, or NaN (which then poisons the row, as it should)
         running_sum *= std::exp(running_max - chunk_peak);
         running_max = chunk_peak;
       }
+      // Only -inf so far (masked vocabulary entries): they add exp(-inf) = 0, and shifting by -inf would give NaN.
+      if (running_max == -std::numeric_limits<Acc>::infinity()) continue;
       running_sum += chunk_sum_exp(xs, n, temp, running_max);
     }
     // (x_target - lse) in float64: both terms can be ~1e4 while their difference is small.
