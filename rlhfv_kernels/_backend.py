@@ -3,12 +3,16 @@
 Backends:
   "reference" - plain eager PyTorch (log_softmax + gather); always available, materializes N x V.
   "cpp"       - the compiled extension rlhfv_kernels._C (CPU kernels; CUDA kernels in a later release).
-  "triton"    - Triton kernels (not in this release).
-None picks the best available for the tensor's device; the environment variable RLHFV_BACKEND overrides that default.
+  "triton"    - Triton kernels: CUDA tensors, or CPU tensors under Triton's interpreter (TRITON_INTERPRET=1 set
+                before rlhfv_kernels.triton is first imported; meant for tests, it is slow).
+None picks the best available for the tensor's device (CPU: "cpp"; CUDA: "triton"); the environment variable
+RLHFV_BACKEND overrides that default.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 import warnings
 
 import torch
@@ -42,7 +46,22 @@ def _why_unavailable(backend: str, device: torch.device) -> str | None:
             return f"the compiled extension has no {device.type} kernels in this release (CPU only)"
         return None
     if backend == "triton":
-        return "the Triton kernels are not part of this release"
+        return _why_triton_unavailable(device)
+    return None
+
+
+def _why_triton_unavailable(device: torch.device) -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton)"
+    if device.type == "cuda":
+        return None
+    if device.type != "cpu":
+        return f"Triton kernels run on CUDA tensors (and CPU tensors under the interpreter), not {device.type}"
+    loaded = sys.modules.get("rlhfv_kernels.triton.kernels")
+    interpreting = loaded.INTERPRETING if loaded is not None else os.environ.get("TRITON_INTERPRET") == "1"
+    if not interpreting:
+        return ("on CPU tensors the Triton kernels need the interpreter: set TRITON_INTERPRET=1 before "
+                "rlhfv_kernels.triton is first imported")
     return None
 
 
@@ -63,9 +82,10 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
             raise BackendUnavailableError(f"backend {backend!r} cannot run on {device}: {reason}")
         return backend
     # Default: the fused kernel where one exists for this device, else the reference (with one warning).
-    reason = _why_unavailable("cpp", device)
+    preferred = "triton" if device.type == "cuda" else "cpp"
+    reason = _why_unavailable(preferred, device)
     if reason is None:
-        return "cpp"
+        return preferred
     if device.type not in _warned_fallback:
         _warned_fallback.add(device.type)
         warnings.warn(f"rlhfv: no fused kernel for {device.type} tensors ({reason}); using the eager reference, "

@@ -26,8 +26,8 @@ def _position(flat_index: int, shape: torch.Size) -> tuple[int, ...]:
 
 
 def _first_true(mask: torch.Tensor) -> tuple[int, ...] | None:
-    """Index of the first True in `mask`, or None (one host sync)."""
-    if mask.numel() == 0 or not bool(mask.any()):
+    """Index of the first True in `mask`, or None (one host sync; meta tensors have no data to check)."""
+    if mask.numel() == 0 or mask.device.type == "meta" or not bool(mask.any()):
         return None
     flat = int(mask.reshape(-1).nonzero()[0, 0])
     return _position(flat, mask.shape)

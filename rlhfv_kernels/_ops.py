@@ -1,6 +1,8 @@
-"""Python glue for the compiled operators torch.ops.rlhfv.*: fake (meta) kernels and the autograd formula.
+"""Glue shared by every operator family (torch.ops.rlhfv.* compiled, torch.ops.rlhfv_triton.* Triton): fake (meta)
+kernels for torch.compile and the autograd formula of the two-pass scheme.
 
-The schemas and device kernels live in csrc/; this file makes them work under torch.compile and autograd.
+Schemas: csrc/ops.cpp declares the compiled family; SCHEMAS below is the same text for families defined in Python
+(tests/test_triton.py checks that the two agree).
 """
 from __future__ import annotations
 
@@ -8,22 +10,34 @@ import torch
 
 from . import _backend
 
-if _backend.extension_available():
+SCHEMAS = {
+    "logprob_fwd": "(Tensor logits, Tensor labels, int ignore_index, float temperature, bool inplace_backward)"
+                   " -> (Tensor, Tensor)",
+    "logprob_bwd": "(Tensor grad_logp, Tensor logits, Tensor labels, Tensor lse, int ignore_index,"
+                   " float temperature) -> Tensor",
+    "logprob_bwd_": "(Tensor(a!) logits, Tensor grad_logp, Tensor labels, Tensor lse, int ignore_index,"
+                    " float temperature) -> ()",
+}
 
-    @torch.library.register_fake("rlhfv::logprob_fwd")
-    def _logprob_fwd_fake(logits, labels, ignore_index, temperature, inplace_backward):
+
+def register_glue(namespace: str) -> None:
+    """Fake kernels and autograd for namespace::logprob_fwd / logprob_bwd / logprob_bwd_."""
+    ops = getattr(torch.ops, namespace)
+
+    @torch.library.register_fake(f"{namespace}::logprob_fwd")
+    def _fwd_fake(logits, labels, ignore_index, temperature, inplace_backward):
         logp_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
         return labels.new_empty(labels.shape, dtype=logp_dtype), labels.new_empty(labels.shape, dtype=torch.float64)
 
-    @torch.library.register_fake("rlhfv::logprob_bwd")
-    def _logprob_bwd_fake(grad_logp, logits, labels, lse, ignore_index, temperature):
+    @torch.library.register_fake(f"{namespace}::logprob_bwd")
+    def _bwd_fake(grad_logp, logits, labels, lse, ignore_index, temperature):
         return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
-    @torch.library.register_fake("rlhfv::logprob_bwd_")
-    def _logprob_bwd_inplace_fake(logits, grad_logp, labels, lse, ignore_index, temperature):
+    @torch.library.register_fake(f"{namespace}::logprob_bwd_")
+    def _bwd_inplace_fake(logits, grad_logp, labels, lse, ignore_index, temperature):
         return None
 
-    def _setup_context(ctx, inputs, output):
+    def setup_context(ctx, inputs, output):
         logits, labels, ignore_index, temperature, inplace_backward = inputs
         _, lse = output
         ctx.save_for_backward(logits, labels, lse)
@@ -32,21 +46,29 @@ if _backend.extension_available():
         ctx.inplace_backward = inplace_backward
         ctx.mark_non_differentiable(lse)
 
-    def _logprob_backward(ctx, grad_logp, _grad_lse):
+    def backward(ctx, grad_logp, _grad_lse):
         # The LSE is marked non-differentiable, so only grad_logp carries gradient.
         logits, labels, lse = ctx.saved_tensors
         if ctx.inplace_backward:
-            torch.ops.rlhfv.logprob_bwd_(logits, grad_logp, labels, lse, ctx.ignore_index, ctx.temperature)
-            dlogits = logits
-        else:
-            dlogits = torch.ops.rlhfv.logprob_bwd(grad_logp, logits, labels, lse, ctx.ignore_index, ctx.temperature)
-        return dlogits, None, None, None, None
+            ops.logprob_bwd_(logits, grad_logp, labels, lse, ctx.ignore_index, ctx.temperature)
+            return logits, None, None, None, None
+        return ops.logprob_bwd(grad_logp, logits, labels, lse, ctx.ignore_index, ctx.temperature), None, None, \
+            None, None
 
-    torch.library.register_autograd("rlhfv::logprob_fwd", _logprob_backward, setup_context=_setup_context)
+    torch.library.register_autograd(f"{namespace}::logprob_fwd", backward, setup_context=setup_context)
+
+
+if _backend.extension_available():
+    register_glue("rlhfv")
+
+_NAMESPACE_OF_BACKEND = {"cpp": "rlhfv", "triton": "rlhfv_triton"}
 
 
 def fused_token_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, temperature: float,
-                         inplace_backward: bool) -> torch.Tensor:
-    """Per-token log-probs through the compiled operator (validated inputs only)."""
-    logp, _ = torch.ops.rlhfv.logprob_fwd(logits, labels, ignore_index, float(temperature), inplace_backward)
+                         inplace_backward: bool, backend: str) -> torch.Tensor:
+    """Per-token log-probs through the operator family of `backend` (inputs already validated)."""
+    if backend == "triton":
+        from . import triton as _triton  # noqa: F401  (registers torch.ops.rlhfv_triton on first use)
+    op = getattr(torch.ops, _NAMESPACE_OF_BACKEND[backend]).logprob_fwd
+    logp, _ = op(logits, labels, ignore_index, float(temperature), inplace_backward)
     return logp

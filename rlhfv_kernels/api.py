@@ -31,7 +31,7 @@ def _token_logps(logits, labels, ignore_index, temperature, inplace_backward, ba
         warnings.warn("inplace_backward=True on a leaf tensor: backward overwrites its values with the gradient and "
                       "autograd then copies that into .grad (an N x V copy); pass the model's output logits, or use "
                       "torch.autograd.grad", RuntimeWarning, stacklevel=3)
-    return _ops.fused_token_logprobs(logits, labels, ignore_index, temperature, bool(inplace_backward))
+    return _ops.fused_token_logprobs(logits, labels, ignore_index, temperature, bool(inplace_backward), which)
 
 
 def _masked_weights(labels, token_weights, ignore_index, dtype, logits):

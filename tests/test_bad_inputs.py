@@ -9,7 +9,7 @@ def batch(pairs=2, seq=5, vocab=11):
     return torch.randn(2 * pairs, seq, vocab), torch.randint(0, vocab, (2 * pairs, seq))
 
 
-@pytest.mark.parametrize("backend", ["cpp", "reference"])
+@pytest.mark.parametrize("backend", ["cpp", "triton", "reference"])
 @pytest.mark.parametrize("bad_label", [11, 12, -1, -99, 10**9])
 def test_label_out_of_range_names_position_and_value(backend, bad_label):
     logits, labels = batch()
@@ -125,8 +125,8 @@ def test_backend_selection_errors(monkeypatch):
     logits, labels = batch()
     with pytest.raises(ValueError, match="backend must be one of"):
         rk.token_logprobs(logits, labels, backend="cuda-magic")
-    with pytest.raises(rk.BackendUnavailableError, match="backend 'triton' cannot run"):
-        rk.token_logprobs(logits, labels, backend="triton")
+    with pytest.raises(rk.BackendUnavailableError, match="backend 'cpp' cannot run on meta"):
+        rk.token_logprobs(logits.to("meta"), labels.to("meta"), backend="cpp")
     monkeypatch.setenv("RLHFV_BACKEND", "nope")
     with pytest.raises(ValueError, match="RLHFV_BACKEND must be one of"):
         rk.token_logprobs(logits, labels)

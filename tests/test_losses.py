@@ -224,12 +224,17 @@ def make_shifted_batch(pairs=3, seq=10, vocab=517):
     return logits, labels
 
 
-def compare_fused(fn_name, dtype, batch=None, **kwargs):
+@pytest.fixture(params=["cpp", "triton"])
+def backend(request):
+    return request.param
+
+
+def compare_fused(fn_name, dtype, backend, batch=None, **kwargs):
     logits, labels = batch or make_shifted_batch()
     fused = getattr(rk, fn_name)
     ref = getattr(reference, fn_name)
-    ours = run_loss(fused, logits, dtype, labels=labels, backend="cpp", **kwargs)
-    inplace = run_loss(fused, logits, dtype, labels=labels, backend="cpp", inplace_backward=True, **kwargs)
+    ours = run_loss(fused, logits, dtype, labels=labels, backend=backend, **kwargs)
+    inplace = run_loss(fused, logits, dtype, labels=labels, backend=backend, inplace_backward=True, **kwargs)
     same = run_loss(ref, logits, dtype, labels=labels, **kwargs)
     truth = run_loss(ref, logits, torch.float64, labels=labels, **kwargs)
     for name, got in (("fused", ours), ("fused inplace", inplace)):
@@ -240,30 +245,30 @@ def compare_fused(fn_name, dtype, batch=None, **kwargs):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mode", ["sum", "mean"])
-def test_fused_sequence_logps(dtype, mode):
-    compare_fused("sequence_logps", dtype, mode=mode, token_weights=torch.rand(6, 10) * 3, temperature=0.9)
+def test_fused_sequence_logps(dtype, mode, backend):
+    compare_fused("sequence_logps", dtype, backend, mode=mode, token_weights=torch.rand(6, 10) * 3, temperature=0.9)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mode", ["sum", "mean"])
-def test_fused_ddpo(dtype, mode):
-    compare_fused("ddpo_loss", dtype, mode=mode, ref_logps=torch.randn(6) * 5, beta=0.5,
+def test_fused_ddpo(dtype, mode, backend):
+    compare_fused("ddpo_loss", dtype, backend, mode=mode, ref_logps=torch.randn(6) * 5, beta=0.5,
                   token_weights=torch.where(torch.rand(6, 10) < 0.3, 5.0, 1.0), reward_margin=torch.rand(3),
                   drs_weight=0.5, sft_weight=0.1)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_fused_dpo(dtype):
-    compare_fused("dpo_loss", dtype, ref_logps=torch.randn(6) * 5, beta=0.1)
+def test_fused_dpo(dtype, backend):
+    compare_fused("dpo_loss", dtype, backend, ref_logps=torch.randn(6) * 5, beta=0.1)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
-def test_fused_grpo(dtype, loss_type):
+def test_fused_grpo(dtype, loss_type, backend):
     logits, labels = make_shifted_batch()
     # Sampling and reference policies close to the current one, as in training (ratios near 1, some clipped).
     current = reference.token_logprobs(logits[:, :-1].double(), labels).float()
-    compare_fused("grpo_loss", dtype, (logits, labels), advantages=torch.randn(6),
+    compare_fused("grpo_loss", dtype, backend, (logits, labels), advantages=torch.randn(6),
                   old_logps=current + 0.3 * torch.randn(6, 10), ref_logps=current + 0.3 * torch.randn(6, 10),
                   beta_kl=0.05, loss_type=loss_type, epsilon=0.2)
 

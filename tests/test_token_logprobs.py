@@ -1,4 +1,8 @@
-"""token_logprobs on the compiled CPU kernels vs the float64 reference: values, gradients, layouts, edge values."""
+"""token_logprobs on every fused backend vs the float64 reference: values, gradients, layouts, edge values.
+
+Each test runs on the compiled C++ kernels ("cpp") and on the Triton kernels ("triton", in Triton's interpreter on
+CPU; conftest.py sets TRITON_INTERPRET=1).
+"""
 import pytest
 import torch
 
@@ -15,7 +19,12 @@ def random_labels(shape, vocab, ignore_fraction=0.2, ignore_index=-100):
     return labels
 
 
-def check_against_truth(make_logits, labels, dtype, *, temperature=1.0, ignore_index=-100, backend="cpp",
+@pytest.fixture(params=["cpp", "triton"])
+def backend(request):
+    return request.param
+
+
+def check_against_truth(backend, make_logits, labels, dtype, *, temperature=1.0, ignore_index=-100,
                         inplace_backward=False):
     """make_logits(leaf) -> logits view. Compares values and d(sum(g * logp))/d leaf with a random g."""
     base = make_logits(None)
@@ -42,58 +51,58 @@ def check_against_truth(make_logits, labels, dtype, *, temperature=1.0, ignore_i
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,vocab", [((37,), 32003), ((3, 13), 101), ((2, 3, 5), 7), ((5,), 1), ((4,), 2049)])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_values_and_gradients(dtype, shape, vocab, temperature):
+def test_values_and_gradients(dtype, shape, vocab, temperature, backend):
     base = torch.randn(*shape, vocab) * 3
     labels = random_labels(shape, vocab)
-    check_against_truth(lambda x: base if x is None else x, labels, dtype, temperature=temperature)
+    check_against_truth(backend, lambda x: base if x is None else x, labels, dtype, temperature=temperature)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("inplace_backward", [False, True])
-def test_strided_views_without_copy(dtype, inplace_backward):
+def test_strided_views_without_copy(dtype, inplace_backward, backend):
     batch, seq, vocab = 3, 9, 1001
     base = torch.randn(batch, seq + 1, vocab)
     labels = random_labels((batch, seq), vocab)
     # The usual shift: logits[:, :-1] has a row stride that skips one row per sequence.
-    check_against_truth(lambda x: base if x is None else x[:, :-1], labels, dtype, inplace_backward=inplace_backward)
+    check_against_truth(backend, lambda x: base if x is None else x[:, :-1], labels, dtype, inplace_backward=inplace_backward)
     # Every other position, and a permuted (non-monotone) leading layout.
     labels_even = random_labels((batch, (seq + 2) // 2), vocab)
-    check_against_truth(lambda x: base if x is None else x[:, ::2], labels_even, dtype,
+    check_against_truth(backend, lambda x: base if x is None else x[:, ::2], labels_even, dtype,
                         inplace_backward=inplace_backward)
     labels_t = random_labels((seq + 1, batch), vocab)
-    check_against_truth(lambda x: base if x is None else x.transpose(0, 1), labels_t, dtype,
+    check_against_truth(backend, lambda x: base if x is None else x.transpose(0, 1), labels_t, dtype,
                         inplace_backward=inplace_backward)
 
 
-def test_strided_view_reads_the_right_rows():
+def test_strided_view_reads_the_right_rows(backend):
     base = torch.randn(2, 6, 50)
     view = base[:, 1::2]
     labels = torch.randint(0, 50, view.shape[:-1])
-    out = rk.token_logprobs(view, labels, backend="cpp")
+    out = rk.token_logprobs(view, labels, backend=backend)
     torch.testing.assert_close(out, reference.token_logprobs(view.contiguous(), labels), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_all_ignored_rows_give_zero_value_and_gradient(dtype):
+def test_all_ignored_rows_give_zero_value_and_gradient(dtype, backend):
     base = torch.randn(4, 6, 333)
     labels = random_labels((4, 6), 333)
     labels[1] = -100
     labels[3] = -100
-    results = check_against_truth(lambda x: base if x is None else x, labels, dtype)
+    results = check_against_truth(backend, lambda x: base if x is None else x, labels, dtype)
     logp, grad = results["ours"]
     assert torch.all(logp[1] == 0) and torch.all(logp[3] == 0)
     assert torch.all(grad[1] == 0) and torch.all(grad[3] == 0)
     fully_ignored = torch.full((5,), -100)
-    out = rk.token_logprobs(torch.randn(5, 17, dtype=dtype), fully_ignored, backend="cpp")
+    out = rk.token_logprobs(torch.randn(5, 17, dtype=dtype), fully_ignored, backend=backend)
     assert torch.equal(out, torch.zeros(5))
 
 
-def test_custom_ignore_index_and_int32_labels():
+def test_custom_ignore_index_and_int32_labels(backend):
     base = torch.randn(7, 40)
     labels = torch.randint(0, 40, (7,), dtype=torch.int32)
     labels[2] = 39  # a valid label that equals nothing special
     labels[4] = 5
-    out = rk.token_logprobs(base, labels, ignore_index=5, backend="cpp")
+    out = rk.token_logprobs(base, labels, ignore_index=5, backend=backend)
     assert out[4] == 0
     expected = reference.token_logprobs(base.double(), labels.long(), ignore_index=5)
     torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)
@@ -105,23 +114,23 @@ def test_custom_ignore_index_and_int32_labels():
     lambda n, v: -1e4 + torch.randn(n, v),
     lambda n, v: torch.where(torch.rand(n, v) < 0.5, -1e4, 1e4) + torch.randn(n, v),
 ])
-def test_extreme_logits(make):
+def test_extreme_logits(make, backend):
     base = make(19, 3001)
     labels = random_labels((19,), 3001, ignore_fraction=0.1)
     # Put some labels on the row maximum, where the gradient is largest and the LSE precision matters.
     labels[::3] = base[::3].argmax(-1)
-    check_against_truth(lambda x: base if x is None else x, labels, torch.float32)
-    check_against_truth(lambda x: base if x is None else x, labels, torch.float32, inplace_backward=True)
+    check_against_truth(backend, lambda x: base if x is None else x, labels, torch.float32)
+    check_against_truth(backend, lambda x: base if x is None else x, labels, torch.float32, inplace_backward=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_nan_and_inf_rows_stay_local(dtype):
+def test_nan_and_inf_rows_stay_local(dtype, backend):
     base = torch.randn(6, 257).to(dtype)
     base[1, 10] = float("nan")
     base[3, 0] = float("inf")
     labels = torch.randint(0, 257, (6,))
     leaf = base.clone().requires_grad_(True)
-    out = rk.token_logprobs(leaf, labels, backend="cpp")
+    out = rk.token_logprobs(leaf, labels, backend=backend)
     out.sum().backward()
     assert torch.isnan(out[1]) and torch.isnan(out[3])
     finite_rows = [0, 2, 4, 5]
@@ -133,53 +142,53 @@ def test_nan_and_inf_rows_stay_local(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_masked_vocabulary_entries(dtype):
+def test_masked_vocabulary_entries(dtype, backend):
     """-inf logits (masked tokens), also filling whole chunks at the start of a row, add nothing and stay finite."""
     base = torch.randn(6, 5000) * 2
     base[:, :4500] = float("-inf")
     base[1, ::2] = float("-inf")
     labels = torch.randint(4500, 5000, (6,))
-    check_against_truth(lambda x: base if x is None else x, labels, dtype)
+    check_against_truth(backend, lambda x: base if x is None else x, labels, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_nan_hidden_among_masked_entries_still_poisons_its_row(dtype):
+def test_nan_hidden_among_masked_entries_still_poisons_its_row(dtype, backend):
     base = torch.randn(3, 5000)
     base[:, :4000] = float("-inf")
     base[1, 7] = float("nan")
-    out = rk.token_logprobs(base.to(dtype), torch.full((3,), 4999), backend="cpp")
+    out = rk.token_logprobs(base.to(dtype), torch.full((3,), 4999), backend=backend)
     assert torch.isnan(out[1]) and torch.isfinite(out[[0, 2]]).all()
     row_all_masked = torch.full((1, 300), float("-inf"))
-    assert torch.isnan(rk.token_logprobs(row_all_masked, torch.tensor([3]), backend="cpp")).all()
+    assert torch.isnan(rk.token_logprobs(row_all_masked, torch.tensor([3]), backend=backend)).all()
     assert torch.isnan(reference.token_logprobs(row_all_masked, torch.tensor([3]))).all()
 
 
-def test_vocab_262144():
+def test_vocab_262144(backend):
     base = torch.randn(5, 262144) * 4
     labels = random_labels((5,), 262144, ignore_fraction=0.0)
-    check_against_truth(lambda x: base if x is None else x, labels, torch.float32)
-    check_against_truth(lambda x: base if x is None else x, labels, torch.bfloat16)
+    check_against_truth(backend, lambda x: base if x is None else x, labels, torch.float32)
+    check_against_truth(backend, lambda x: base if x is None else x, labels, torch.bfloat16)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_empty_inputs(dtype):
+def test_empty_inputs(dtype, backend):
     out = rk.token_logprobs(torch.randn(0, 11, dtype=dtype, requires_grad=True), torch.zeros(0, dtype=torch.long),
-                            backend="cpp")
+                            backend=backend)
     assert out.shape == (0,) and out.dtype == torch.float32
     out.sum().backward()
-    out = rk.token_logprobs(torch.randn(2, 0, 11, dtype=dtype), torch.zeros(2, 0, dtype=torch.long), backend="cpp")
+    out = rk.token_logprobs(torch.randn(2, 0, 11, dtype=dtype), torch.zeros(2, 0, dtype=torch.long), backend=backend)
     assert out.shape == (2, 0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_inplace_backward_consumes_logits_and_matches(dtype):
+def test_inplace_backward_consumes_logits_and_matches(dtype, backend):
     leaf = (torch.randn(4, 5, 203) * 2).to(dtype).requires_grad_(True)
     labels = random_labels((4, 5), 203)
     grads = {}
     for inplace in (False, True):
         leaf.grad = None
         logits = leaf * 1.0
-        out = rk.token_logprobs(logits, labels, inplace_backward=inplace, backend="cpp")
+        out = rk.token_logprobs(logits, labels, inplace_backward=inplace, backend=backend)
         out.sum().backward()
         grads[inplace] = (leaf.grad.clone(), logits.detach().clone())
     assert torch.equal(grads[True][0], grads[False][0])
@@ -189,6 +198,7 @@ def test_inplace_backward_consumes_logits_and_matches(dtype):
 
 
 def test_float64_gradcheck():
+    """The compiled CPU kernels compute in float64 for float64 logits, so finite differences can check them."""
     logits = torch.randn(3, 4, 9, dtype=torch.float64, requires_grad=True)
     labels = random_labels((3, 4), 9)
     assert torch.autograd.gradcheck(lambda x: rk.token_logprobs(x, labels, backend="cpp", temperature=0.8),
@@ -197,28 +207,39 @@ def test_float64_gradcheck():
     assert torch.autograd.gradcheck(lambda x: rk.token_logprobs(x[:, :-1], labels, backend="cpp"), (strided,))
 
 
+def op_family(backend):
+    if backend == "triton":
+        import rlhfv_kernels.triton  # noqa: F401  (registers the operators)
+        return torch.ops.rlhfv_triton
+    return torch.ops.rlhfv
+
+
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
-def test_opcheck(dtype):
+def test_opcheck(dtype, backend):
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("the Triton kernels take fp32/bf16/fp16 logits")
+    ops = op_family(backend)
     logits = torch.randn(3, 6, 77, dtype=dtype)
     labels = random_labels((3, 6), 77)
     strided = torch.randn(3, 7, 77, dtype=dtype)[:, :-1]
     for x in (logits, strided):
         for inplace_flag in (False, True):
-            torch.library.opcheck(torch.ops.rlhfv.logprob_fwd.default, (x, labels, -100, 0.9, inplace_flag))
-        _, lse = torch.ops.rlhfv.logprob_fwd(x, labels, -100, 0.9, False)
+            torch.library.opcheck(ops.logprob_fwd.default, (x, labels, -100, 0.9, inplace_flag))
+        _, lse = ops.logprob_fwd(x, labels, -100, 0.9, False)
         grad = torch.randn(labels.shape)
-        torch.library.opcheck(torch.ops.rlhfv.logprob_bwd.default, (grad, x, labels, lse, -100, 0.9))
-        torch.library.opcheck(torch.ops.rlhfv.logprob_bwd_.default, (x.clone(), grad, labels, lse, -100, 0.9))
+        torch.library.opcheck(ops.logprob_bwd.default, (grad, x, labels, lse, -100, 0.9))
+        torch.library.opcheck(ops.logprob_bwd_.default, (x.clone(), grad, labels, lse, -100, 0.9))
 
 
-def test_opcheck_autograd_registration():
+def test_opcheck_autograd_registration(backend):
+    ops = op_family(backend)
     logits = torch.randn(4, 33, requires_grad=True)
     labels = random_labels((4,), 33)
     for flag in (False, True):
-        torch.library.opcheck(torch.ops.rlhfv.logprob_fwd.default, (logits, labels, -100, 1.0, flag))
+        torch.library.opcheck(ops.logprob_fwd.default, (logits, labels, -100, 1.0, flag))
 
 
-def test_inplace_backward_on_a_leaf_warns():
+def test_inplace_backward_on_a_leaf_warns(backend):
     leaf = torch.randn(3, 8, requires_grad=True)
     with pytest.warns(RuntimeWarning, match="inplace_backward=True on a leaf tensor"):
-        rk.token_logprobs(leaf, torch.randint(0, 8, (3,)), inplace_backward=True, backend="cpp")
+        rk.token_logprobs(leaf, torch.randint(0, 8, (3,)), inplace_backward=True, backend=backend)

@@ -1,0 +1,187 @@
+"""Triton kernels of the logits path (DESIGN.md §2): per-row online LSE + target logit, and dlogits.
+
+Rows are addressed through an int64 offset per row, so any leading layout (logits[:, :-1], transposes) is read in
+place; the vocabulary dimension must be contiguous. The vocabulary of a row can be split across several programs
+(grid axis 1) so that few long rows (N = 512, V = 256k) still fill the GPU; the forward then writes one partial
+(max, sum) per split and launch_forward() merges them in float64.
+
+Under TRITON_INTERPRET=1 (CPU tests) these run in Triton's interpreter, which gets bf16 arithmetic wrong: every load
+is upcast to fp32 before any arithmetic, and only one configuration is ever used (autotuning fails there).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRETING = bool(triton.knobs.runtime.interpret)
+
+# The interpreter costs ~10 ms per program x loop iteration whatever the block size, so it gets one big block.
+_INTERPRETER_BLOCK = 32768
+
+
+def _forward_configs():
+    if INTERPRETING:
+        return [triton.Config({"BLOCK_V": _INTERPRETER_BLOCK}, num_warps=1)]
+    return [triton.Config({"BLOCK_V": block}, num_warps=warps)
+            for block, warps in ((2048, 8), (4096, 8), (4096, 16), (8192, 16))]
+
+
+@triton.autotune(configs=_forward_configs(), key=["vocab_bucket", "split_size_bucket"])
+@triton.jit
+def _logprob_fwd_kernel(logits_ptr, row_offsets_ptr, labels_ptr, part_max_ptr, part_sum_ptr, target_ptr,
+                        vocab, split_size, num_splits, ignore_index, temperature,
+                        vocab_bucket, split_size_bucket, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    label = tl.load(labels_ptr + row)
+    active = label != ignore_index
+    base = logits_ptr + tl.load(row_offsets_ptr + row)
+    start = split * split_size
+    stop = tl.minimum(start + split_size, vocab)
+    n_blocks = tl.where(active, tl.cdiv(stop - start, BLOCK_V), 0)  # ignored rows read nothing
+    running_max = tl.full((), float("-inf"), tl.float32)
+    running_sum = tl.zeros((), tl.float32)
+    for block in range(0, n_blocks):
+        cols = start + block * BLOCK_V + tl.arange(0, BLOCK_V)
+        x = tl.load(base + cols, mask=cols < stop, other=float("-inf")).to(tl.float32) / temperature
+        new_max = tl.maximum(running_max, tl.max(x, 0), propagate_nan=tl.PropagateNan.ALL)
+        # All -inf so far (masked vocabulary entries): shift by 0 so exp(-inf) = 0 instead of exp(-inf + inf) = NaN.
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        running_sum = running_sum * tl.exp(running_max - shift) + tl.sum(tl.exp(x - shift), 0)
+        running_max = new_max
+    out = row * num_splits + split
+    tl.store(part_max_ptr + out, running_max)
+    tl.store(part_sum_ptr + out, running_sum)
+    # The split that holds the label reads the target logit (one scalar load).
+    holds_label = active & (label >= start) & (label < stop)
+    target = tl.load(base + tl.where(holds_label, label, 0), mask=holds_label, other=0.0).to(tl.float32)
+    tl.store(target_ptr + row, target / temperature, mask=holds_label)
+
+
+@triton.jit
+def _round_to_bfloat16(x):
+    """x rounded to the nearest bf16 value (ties to even), still as fp32. GPUs convert this way in hardware; the
+    interpreter truncates instead, so under it the kernel rounds first and the truncating conversion is exact."""
+    bits = x.to(tl.int32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _logprob_bwd_kernel(logits_ptr, row_offsets_ptr, out_ptr, out_row_offsets_ptr, labels_ptr, grad_ptr, lse_ptr,
+                        vocab, split_size, ignore_index, temperature, BLOCK_V: tl.constexpr,
+                        ROUND_BF16: tl.constexpr):
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    label = tl.load(labels_ptr + row)
+    coef = tl.load(grad_ptr + row).to(tl.float32)
+    active = (label != ignore_index) & (coef != 0.0)
+    lse = tl.load(lse_ptr + row)  # float64: exp(x - lse) stays accurate when |logits| ~ 1e4
+    lse_hi = lse.to(tl.float32)
+    lse_lo = (lse - lse_hi.to(tl.float64)).to(tl.float32)
+    src = logits_ptr + tl.load(row_offsets_ptr + row)
+    dst = out_ptr + tl.load(out_row_offsets_ptr + row)
+    scale = -coef / temperature
+    start = split * split_size
+    stop = tl.minimum(start + split_size, vocab)
+    read_stop = tl.where(active, stop, start)  # rows without gradient are written with zeros and never read
+    for block in range(0, tl.cdiv(stop - start, BLOCK_V)):
+        cols = start + block * BLOCK_V + tl.arange(0, BLOCK_V)
+        in_row = cols < stop
+        x = tl.load(src + cols, mask=cols < read_stop, other=0.0).to(tl.float32)
+        prob = tl.exp((x / temperature - lse_hi) - lse_lo)
+        # At the label, c/t * (1 - p) rather than c/t - c/t * p: the difference of two near-equal terms loses bits.
+        grad = tl.where(cols == label, coef / temperature * (1.0 - prob), scale * prob)
+        grad = tl.where(active, grad, 0.0)
+        if ROUND_BF16:
+            grad = _round_to_bfloat16(grad)
+        tl.store(dst + cols, grad.to(dst.dtype.element_ty), mask=in_row)
+
+
+def row_offsets(tensor: torch.Tensor) -> torch.Tensor:
+    """int64 element offset of every row of a [..., V] tensor, flattened (N values, built on the tensor's device)."""
+    lead = tensor.shape[:-1]
+    offsets = torch.zeros(lead, dtype=torch.int64, device=tensor.device)
+    for dim, (size, stride) in enumerate(zip(lead, tensor.stride()[:-1])):
+        view = [1] * len(lead)
+        view[dim] = size
+        offsets = offsets + (torch.arange(size, dtype=torch.int64, device=tensor.device) * stride).view(view)
+    return offsets.reshape(-1)
+
+
+def _bucket(n: int) -> int:
+    return 1 << max(0, (max(n, 1) - 1).bit_length())
+
+
+def _target_programs(device: torch.device) -> int:
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+def plan_splits(rows: int, vocab: int, device: torch.device, num_splits: int | None = None,
+                min_split: int = 8192) -> tuple[int, int]:
+    """(num_splits, split_size): split long rows only when rows alone leave the GPU idle."""
+    if num_splits is None:
+        wanted = math.ceil(_target_programs(device) / max(rows, 1))
+        num_splits = max(1, min(wanted, vocab // min_split))
+    num_splits = max(1, min(num_splits, vocab))
+    split_size = math.ceil(vocab / num_splits)
+    return math.ceil(vocab / split_size), split_size
+
+
+def _backward_block(vocab: int, split_size: int) -> tuple[int, int]:
+    if INTERPRETING:
+        return min(_INTERPRETER_BLOCK, triton.next_power_of_2(split_size)), 1
+    block = min(4096, triton.next_power_of_2(split_size))
+    return block, 8 if block >= 2048 else 4
+
+
+def launch_forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, temperature: float,
+                   num_splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logp float32, lse float64) of labels' shape."""
+    vocab = logits.shape[-1]
+    flat_labels = labels.reshape(-1).to(torch.int64)
+    rows = flat_labels.numel()
+    logp_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    if rows == 0:
+        return (torch.zeros(labels.shape, dtype=logp_dtype, device=logits.device),
+                torch.zeros(labels.shape, dtype=torch.float64, device=logits.device))
+    splits, split_size = plan_splits(rows, vocab, logits.device, num_splits)
+    part_max = torch.empty(rows, splits, dtype=torch.float32, device=logits.device)
+    part_sum = torch.empty(rows, splits, dtype=torch.float32, device=logits.device)
+    target = torch.zeros(rows, dtype=torch.float32, device=logits.device)
+    _logprob_fwd_kernel[(rows, splits)](
+        logits, row_offsets(logits), flat_labels, part_max, part_sum, target, vocab, split_size, splits,
+        ignore_index, float(temperature), _bucket(vocab), _bucket(split_size))
+    # Merge the splits' (max, sum) pairs in float64: [N, splits] values, negligible next to the kernel.
+    part_max, part_sum = part_max.double(), part_sum.double()
+    top = part_max.amax(dim=1)
+    shift = torch.where(top == float("-inf"), torch.zeros_like(top), top)
+    lse = shift + torch.log((part_sum * torch.exp(part_max - shift[:, None])).sum(dim=1))
+    ignored = flat_labels == ignore_index
+    lse = torch.where(ignored, torch.zeros_like(lse), lse)
+    logp = torch.where(ignored, torch.zeros_like(lse), target.double() - lse)
+    return logp.to(logp_dtype).reshape(labels.shape), lse.reshape(labels.shape)
+
+
+def launch_backward(grad_logp: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
+                    ignore_index: int, temperature: float, out: torch.Tensor,
+                    num_splits: int | None = None) -> None:
+    """Writes grad_logp * (onehot - softmax) / temperature into `out` ([..., V], may be `logits` itself)."""
+    vocab = logits.shape[-1]
+    flat_labels = labels.reshape(-1).to(torch.int64)
+    rows = flat_labels.numel()
+    if rows == 0 or vocab == 0:
+        return
+    splits, split_size = plan_splits(rows, vocab, logits.device, num_splits)
+    block, warps = _backward_block(vocab, split_size)
+    offsets = row_offsets(logits)
+    out_offsets = offsets if out is logits else row_offsets(out)
+    _logprob_bwd_kernel[(rows, splits)](
+        logits, offsets, out, out_offsets, flat_labels, grad_logp.reshape(-1).to(torch.float32).contiguous(),
+        lse.reshape(-1).contiguous(), vocab, split_size, ignore_index, float(temperature), BLOCK_V=block,
+        ROUND_BF16=INTERPRETING and out.dtype == torch.bfloat16, num_warps=warps)

@@ -1,0 +1,66 @@
+"""torch.ops.rlhfv_triton.*: the Triton kernels behind the same schemas as the compiled torch.ops.rlhfv.* operators,
+so the fake kernels and the autograd formula in rlhfv_kernels/_ops.py serve both."""
+from __future__ import annotations
+
+import torch
+
+from .. import _ops
+from . import kernels
+
+NAMESPACE = "rlhfv_triton"
+_lib = torch.library.Library(NAMESPACE, "DEF")
+for _name, _schema in _ops.SCHEMAS.items():
+    _lib.define(_name + _schema)
+
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> None:
+    """Guards the kernels' memory accesses; the public API has already given friendlier messages."""
+    if logits.dtype not in _TRITON_DTYPES:
+        raise TypeError(f"backend 'triton' takes float32, bfloat16 or float16 logits, got {logits.dtype}; "
+                        "use backend='cpp' or 'reference' for float64")
+    if logits.device.type == "cpu" and not kernels.INTERPRETING:
+        raise RuntimeError("rlhfv_triton: CPU tensors need TRITON_INTERPRET=1 set before rlhfv_kernels.triton "
+                           "is imported")
+    if tuple(labels.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(f"rlhfv_triton: labels shape {tuple(labels.shape)} must equal logits.shape[:-1]")
+    if logits.shape[-1] > 1 and logits.stride(-1) != 1:
+        raise ValueError("rlhfv_triton: logits must have stride 1 along the vocabulary dimension")
+    if not temperature > 0:
+        raise ValueError(f"rlhfv_triton: temperature must be > 0, got {temperature}")
+
+
+def _check_labels(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if labels.numel() and bool(bad.any()):
+        raise IndexError(f"rlhfv_triton: a label is out of range [0, {vocab}) and is not ignore_index "
+                         f"({ignore_index})")
+
+
+def _fwd(logits, labels, ignore_index, temperature, inplace_backward):
+    _check(logits, labels, temperature)
+    _check_labels(labels, logits.shape[-1], ignore_index)
+    return kernels.launch_forward(logits, labels, ignore_index, temperature)
+
+
+def _bwd(grad_logp, logits, labels, lse, ignore_index, temperature):
+    _check(logits, labels, temperature)
+    _check_labels(labels, logits.shape[-1], ignore_index)
+    out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    kernels.launch_backward(grad_logp, logits, labels, lse, ignore_index, temperature, out)
+    return out
+
+
+def _bwd_inplace(logits, grad_logp, labels, lse, ignore_index, temperature):
+    _check(logits, labels, temperature)
+    _check_labels(labels, logits.shape[-1], ignore_index)
+    kernels.launch_backward(grad_logp, logits, labels, lse, ignore_index, temperature, logits)
+
+
+for _key in ("CPU", "CUDA"):
+    _lib.impl("logprob_fwd", _fwd, _key)
+    _lib.impl("logprob_bwd", _bwd, _key)
+    _lib.impl("logprob_bwd_", _bwd_inplace, _key)
+
+_ops.register_glue(NAMESPACE)

@@ -1,0 +1,132 @@
+"""Triton-specific checks: vocabulary splits, the op schemas, guards; plus GPU-only runs that skip without CUDA.
+
+The shared correctness suite (tests/test_token_logprobs.py, tests/test_losses.py) already runs every case on the
+Triton kernels under the interpreter.
+"""
+import pytest
+import torch
+
+import rlhfv_kernels as rk
+import rlhfv_kernels.triton  # noqa: F401  (registers torch.ops.rlhfv_triton)
+from rlhfv_kernels import _ops, reference
+from rlhfv_kernels.triton import kernels
+from numerics import assert_meets_criterion
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_schemas_match_the_compiled_operators():
+    for name in _ops.SCHEMAS:
+        compiled = str(getattr(torch.ops.rlhfv, name).default._schema).replace("rlhfv::", "")
+        triton_op = str(getattr(torch.ops.rlhfv_triton, name).default._schema).replace("rlhfv_triton::", "")
+        assert compiled == triton_op
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_splits,vocab", [(3, 1000), (5, 32003), (7, 7), (2, 50001)])
+def test_split_vocabulary_matches_truth(dtype, num_splits, vocab):
+    """Few long rows: the vocabulary of each row is spread over several programs and the partial LSEs merged."""
+    base = torch.randn(3, 4, vocab) * 3
+    base[0, 1, : vocab // 2] = float("-inf")  # a whole split of masked entries must not poison the merge
+    labels = torch.randint(vocab // 2, vocab, (3, 4))
+    labels[2, 0] = -100
+    logits = base.to(dtype)[:, :-1]  # strided
+    labels = labels[:, :-1]
+    grad_logp = torch.randn(labels.shape)
+    logp, lse = kernels.launch_forward(logits, labels, -100, 0.9, num_splits=num_splits)
+    out = torch.empty(logits.shape, dtype=dtype)
+    kernels.launch_backward(grad_logp, logits, labels, lse, -100, 0.9, out, num_splits=num_splits)
+
+    def eager(x):
+        leaf = x.detach().clone().requires_grad_(True)
+        value = reference.token_logprobs(leaf, labels, temperature=0.9)
+        (value * grad_logp.to(value.dtype)).sum().backward()
+        return value.detach(), leaf.grad
+
+    same, truth = eager(logits), eager(logits.double())
+    assert_meets_criterion(logp, same[0], truth[0], dtype, "split logp")
+    assert_meets_criterion(out, same[1], truth[1], dtype, "split dlogits")
+
+
+def test_plan_splits_only_splits_when_rows_are_few():
+    cpu = torch.device("cpu")
+    assert kernels.plan_splits(4096, 262144, cpu) == (1, 262144)
+    splits, size = kernels.plan_splits(4, 262144, cpu, num_splits=8)
+    assert splits == 8 and splits * size >= 262144
+    assert kernels.plan_splits(2, 5, cpu, num_splits=99)[0] == 5  # never more splits than vocabulary entries
+
+
+def test_row_offsets_follow_any_layout():
+    base = torch.randn(3, 5, 7, 11)
+    for view in (base, base[:, :-1], base.transpose(0, 2), base[1:, ::2, 3:]):
+        offsets = kernels.row_offsets(view)
+        flat = base.reshape(-1)
+        rows = view.reshape(-1, 11) if view.is_contiguous() else view.contiguous().reshape(-1, 11)
+        for r in range(rows.shape[0]):
+            start = view.storage_offset() - base.storage_offset() + int(offsets[r])
+            assert torch.equal(flat[start:start + 11], rows[r])
+
+
+def test_triton_ops_guard_their_inputs():
+    logits = torch.randn(3, 7)
+    with pytest.raises(IndexError, match="out of range"):
+        torch.ops.rlhfv_triton.logprob_fwd(logits, torch.tensor([0, 7, 1]), -100, 1.0, False)
+    with pytest.raises(TypeError, match="float64"):
+        rk.token_logprobs(logits.double(), torch.tensor([0, 1, 2]), backend="triton")
+
+
+def test_backend_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    from rlhfv_kernels import _backend
+    monkeypatch.setattr(kernels, "INTERPRETING", False)
+    with pytest.raises(rk.BackendUnavailableError, match="TRITON_INTERPRET=1"):
+        rk.token_logprobs(torch.randn(2, 5), torch.tensor([0, 1]), backend="triton")
+    assert _backend.resolve_backend(None, torch.device("cpu")) == "cpp"
+
+
+def test_torch_compile_through_the_triton_ops():
+    torch._dynamo.reset()
+    logits = torch.randn(4, 6, 97)
+    labels = torch.randint(0, 97, (4, 6))
+
+    def loss(x):
+        return rk.ddpo_loss(x, labels, torch.zeros(4), beta=0.5, backend="triton").loss
+
+    eager_leaf = logits.clone().requires_grad_(True)
+    loss(eager_leaf * 1).backward()
+    compiled_leaf = logits.clone().requires_grad_(True)
+    torch.compile(loss)(compiled_leaf * 1).backward()
+    torch.testing.assert_close(compiled_leaf.grad, eager_leaf.grad, rtol=1e-6, atol=1e-7)
+
+
+# ---- GPU only (timing-free): large vocabularies, the split path at real sizes, the default backend ----
+
+@needs_cuda
+@pytest.mark.parametrize("rows,vocab,dtype", [(512, 262144, torch.bfloat16), (2048, 128256, torch.bfloat16),
+                                              (257, 32003, torch.float32), (64, 262144, torch.float16)])
+def test_gpu_large_vocab_matches_truth(rows, vocab, dtype):
+    base = (torch.randn(rows + 1, vocab, device="cuda") * 3).to(dtype)
+    logits = base[1:]
+    labels = torch.randint(0, vocab, (rows,), device="cuda")
+    labels[::7] = -100
+    seed = torch.randn(rows, device="cuda", dtype=torch.float64)
+
+    def run(fn, x, **kw):
+        leaf = x.detach().clone().requires_grad_(True)
+        value = fn(leaf * 1, labels, **kw)
+        (value * seed.to(value.dtype)).sum().backward()
+        return value.detach(), leaf.grad
+
+    ours = run(rk.token_logprobs, logits, backend="triton")
+    inplace = run(rk.token_logprobs, logits, backend="triton", inplace_backward=True)
+    same = run(reference.token_logprobs, logits)
+    truth = run(reference.token_logprobs, logits.double())
+    for got in (ours, inplace):
+        assert_meets_criterion(got[0], same[0], truth[0], dtype, "gpu logp")
+        assert_meets_criterion(got[1], same[1], truth[1], dtype, "gpu dlogits")
+
+
+@needs_cuda
+def test_gpu_default_backend_is_triton():
+    from rlhfv_kernels import _backend
+    assert _backend.resolve_backend(None, torch.device("cuda")) == "triton"
