@@ -28,6 +28,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import rlhfv_kernels as rk  # noqa: E402
+from rlhfv_kernels import losses  # noqa: E402
 
 try:
     from tqdm import tqdm
@@ -35,7 +36,6 @@ except ImportError:  # progress bars are a nicety, not a requirement
     tqdm = None
 
 OPS = ("token_logprobs", "sequence_logps", "ddpo_loss", "grpo_loss")
-IMPLS = ("reference", "fused", "fused_inplace")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_CASES = {
     "cpu": ["4096x32000:float32", "4096x32000:bfloat16", "1024x128256:bfloat16"],
@@ -84,6 +84,7 @@ class Record:
     fwd_bwd_times_ms: list = field(default_factory=list)
     peak_extra_bytes: int | None = None
     logits_bytes: int = 0
+    grad_max_abs_err: float | None = None  # max |dlogits - reference dlogits| of the first run
 
 
 def device_name(device: torch.device) -> str:
@@ -162,40 +163,136 @@ class PeakMemory:
 
 
 def make_inputs(case: Case, device: torch.device) -> dict:
+    """Logits, labels and loss inputs of realistic scale: reference scores and old/reference per-token log-probs
+    lie close to the policy's own, so the losses are not saturated and every token gets a nonzero gradient
+    (rows whose gradient is zero are skipped by the fused backward, which would flatter it)."""
     rows = max(2, case.tokens // SEQ_LEN) // 2 * 2
     seq = case.tokens // rows
     gen = torch.Generator(device="cpu").manual_seed(0)
     logits = (torch.randn(rows, seq, case.vocab, generator=gen) * 2).to(DTYPES[case.dtype_name]).to(device)
     labels = torch.randint(0, case.vocab, (rows, seq), generator=gen)
     labels[:, : seq // 10] = -100  # prompt tokens
-    weights = torch.where(torch.rand(rows, seq, generator=gen) < 0.2, 5.0, 1.0)
-    old = -torch.rand(rows, seq, generator=gen) * 10
+    labels = labels.to(device)
+    weights = torch.where(torch.rand(rows, seq, generator=gen) < 0.2, 5.0, 1.0).to(device)
+    with torch.no_grad():
+        policy = rk.token_logprobs(logits, labels)
+        scores = rk.sequence_logps(logits, labels, weights, mode="mean")
+    noise = lambda *shape: (0.05 * torch.randn(*shape, generator=gen)).to(device)  # noqa: E731
     return {
         "logits": logits,
-        "labels": labels.to(device),
-        "token_weights": weights.to(device),
-        "ref_logps": (-torch.rand(rows, generator=gen) * seq * 10).to(device),
+        "labels": labels,
+        "token_weights": weights,
+        "ref_logps": scores + noise(rows),
         "advantages": torch.randn(rows, generator=gen).to(device),
-        "old_logps": old.to(device),
-        "ref_token_logps": (old + 0.1).to(device),
+        "old_logps": policy + noise(rows, seq),
+        "ref_token_logps": policy + noise(rows, seq),
     }
 
 
-def loss_fn(op: str, inputs: dict, backend: str | None, inplace: bool):
+@dataclass(frozen=True)
+class Impl:
+    """One contestant. `backend` selects an rlhfv backend; `peer` names another library's per-token kernel."""
+
+    name: str
+    backend: str | None = None
+    inplace: bool = False
+    compiled: bool = False
+    peer: str | None = None
+    consumes_input: bool = False  # writes into the logits (in-place backward; Liger computes dlogits in forward)
+    ops: tuple = OPS
+
+
+PEER_OPS = ("token_logprobs", "ddpo_loss")  # peers give per-token CE; the DPO math on top is ours, same for all
+IMPL_TABLE = {
+    "reference": Impl("reference", backend="reference"),
+    "reference_compiled": Impl("reference_compiled", backend="reference", compiled=True),
+    "fused": Impl("fused"),
+    "fused_inplace": Impl("fused_inplace", inplace=True, consumes_input=True),
+    "liger": Impl("liger", peer="liger", consumes_input=True, ops=PEER_OPS),
+    "flash_attn": Impl("flash_attn", peer="flash_attn", ops=PEER_OPS),
+}
+IMPLS = tuple(IMPL_TABLE)
+DEFAULT_IMPLS = {"cpu": ("reference", "fused", "fused_inplace"), "cuda": IMPLS}
+
+
+def peer_token_logps(peer: str):
+    """(logits [..., V], labels [...]) -> per-token log-probs from a peer's cross-entropy kernel, or raise ImportError."""
+    if peer == "liger":
+        from liger_kernel.transformers import LigerCrossEntropyLoss
+
+        ce = LigerCrossEntropyLoss(reduction="none", ignore_index=-100)
+
+        def liger(x, labels):
+            out = ce(x.reshape(-1, x.shape[-1]), labels.reshape(-1))
+            out = out[0] if isinstance(out, tuple) else out
+            return -out.float().reshape(labels.shape)
+
+        return liger
+    if peer == "flash_attn":
+        from flash_attn.ops.triton.cross_entropy import cross_entropy_loss
+
+        def flash(x, labels):
+            losses, _ = cross_entropy_loss(x.reshape(-1, x.shape[-1]), labels.reshape(-1), ignore_index=-100)
+            return -losses.float().reshape(labels.shape)
+
+        return flash
+    raise ValueError(peer)
+
+
+def impl_unavailable(impl: Impl, device: torch.device, backend_override: str | None) -> str | None:
+    """Why `impl` cannot run here, or None."""
+    if impl.peer is not None:
+        if device.type != "cuda":
+            return "peers run on CUDA only"
+        try:
+            peer_token_logps(impl.peer)
+        except ImportError as exc:
+            return f"not installed ({exc})"
+        return None
+    backend = impl.backend or backend_override
+    try:
+        rk._backend.resolve_backend(backend, device)
+    except (rk.BackendUnavailableError, ValueError) as exc:
+        return str(exc)
+    return None
+
+
+def loss_fn(op: str, inputs: dict, impl: Impl, backend_override: str | None):
     """A closure logits -> scalar loss for `op`, so every impl is timed on the same call."""
-    kw = {"backend": backend, "inplace_backward": inplace}
     labels = inputs["labels"]
+    if impl.peer is not None:
+        token_logps = peer_token_logps(impl.peer)
+        mask = labels != -100
+        weights = inputs["token_weights"] * mask
+        if op == "token_logprobs":
+            return lambda x: token_logps(x, labels).sum()
+        return lambda x: losses.ddpo_from_token_logps(
+            token_logps(x, labels), mask, weights, inputs["ref_logps"], beta=0.5, mode="mean", reward_margin=None,
+            drs_weight=0.0, drs_k=1.0, sft_weight=0.0).loss
+    kw = {"backend": impl.backend or backend_override, "inplace_backward": impl.inplace}
     if op == "token_logprobs":
-        return lambda x: rk.token_logprobs(x, labels, **kw).sum()
-    if op == "sequence_logps":
-        return lambda x: rk.sequence_logps(x, labels, inputs["token_weights"], mode="mean", **kw).sum()
-    if op == "ddpo_loss":
-        return lambda x: rk.ddpo_loss(x, labels, inputs["ref_logps"], token_weights=inputs["token_weights"],
-                                      beta=0.5, mode="mean", **kw).loss
-    if op == "grpo_loss":
-        return lambda x: rk.grpo_loss(x, labels, inputs["advantages"], old_logps=inputs["old_logps"],
-                                      ref_logps=inputs["ref_token_logps"], beta_kl=0.04, **kw).loss
-    raise ValueError(op)
+        fn = lambda x: rk.token_logprobs(x, labels, **kw).sum()  # noqa: E731
+    elif op == "sequence_logps":
+        fn = lambda x: rk.sequence_logps(x, labels, inputs["token_weights"], mode="mean", **kw).sum()  # noqa: E731
+    elif op == "ddpo_loss":
+        fn = lambda x: rk.ddpo_loss(x, labels, inputs["ref_logps"],  # noqa: E731
+                                    token_weights=inputs["token_weights"], beta=0.5, mode="mean", **kw).loss
+    elif op == "grpo_loss":
+        fn = lambda x: rk.grpo_loss(x, labels, inputs["advantages"], old_logps=inputs["old_logps"],  # noqa: E731
+                                    ref_logps=inputs["ref_token_logps"], beta_kl=0.04, **kw).loss
+    else:
+        raise ValueError(op)
+    return torch.compile(fn) if impl.compiled else fn
+
+
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor, rows_per_chunk: int = 1024) -> float:
+    """max |a - b| over two [..., V] tensors, a few rows at a time (no N x V fp32 temporary)."""
+    a2, b2 = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+    worst = 0.0
+    for start in range(0, a2.shape[0], rows_per_chunk):
+        diff = (a2[start:start + rows_per_chunk].float() - b2[start:start + rows_per_chunk].float()).abs().max()
+        worst = max(worst, float(diff))
+    return worst
 
 
 def time_call(fn, device, warmup: int, repeats: int) -> list[float]:
@@ -211,17 +308,16 @@ def time_call(fn, device, warmup: int, repeats: int) -> list[float]:
     return times
 
 
-def bench_one(op, impl, case, inputs, device, args) -> Record:
-    backend = "reference" if impl == "reference" else None
-    inplace = impl == "fused_inplace"
-    resolved = rk._backend.resolve_backend(backend, device)
+def bench_one(op, impl: Impl, case, inputs, device, args, reference_grad) -> tuple[Record, torch.Tensor]:
+    """Times one (op, impl); returns its record and the gradient of its first run (for the accuracy column)."""
+    resolved = impl.peer or rk._backend.resolve_backend(impl.backend or args.backend, device)
     logits = inputs["logits"]
-    if inplace:
-        logits = logits.clone()  # the in-place backward consumes its input
+    if impl.consumes_input:
+        logits = logits.clone()  # it overwrites its input; keep the shared one intact
     leaf = logits.requires_grad_(True)
     x = leaf.view_as(leaf)  # a non-leaf input, as a model's logits are (in-place backward must not hit a leaf)
-    fn = loss_fn(op, inputs, backend, inplace)
-    rec = Record(op=op, impl=impl, backend=resolved, tokens=case.tokens, vocab=case.vocab,
+    fn = loss_fn(op, inputs, impl, args.backend)
+    rec = Record(op=op, impl=impl.name, backend=resolved, tokens=case.tokens, vocab=case.vocab,
                  shape=list(logits.shape), dtype=case.dtype_name, device=device.type,
                  device_name=device_name(device), logits_bytes=logits.numel() * logits.element_size())
 
@@ -233,7 +329,12 @@ def bench_one(op, impl, case, inputs, device, args) -> Record:
         (grad,) = torch.autograd.grad(fn(x), x)
         return grad
 
-    if not inplace:  # inplace_backward does not change the forward
+    first_grad = forward_backward()  # also the warm-up of compiled and autotuned code
+    if reference_grad is not None:
+        rec.grad_max_abs_err = max_abs_diff(first_grad, reference_grad)
+    if impl.name != "reference":
+        first_grad = None  # only the reference's gradient is kept, as the yardstick of the others
+    if not impl.inplace:  # inplace_backward does not change the forward
         rec.fwd_times_ms = time_call(forward, device, args.warmup, args.repeats)
         rec.fwd_median_ms = statistics.median(rec.fwd_times_ms)
     rec.fwd_bwd_times_ms = time_call(forward_backward, device, args.warmup, args.repeats)
@@ -243,7 +344,7 @@ def bench_one(op, impl, case, inputs, device, args) -> Record:
         del grad
     rec.peak_extra_bytes = mem.peak
     leaf.requires_grad_(False)
-    return rec
+    return rec, first_grad
 
 
 def copy_floor(inputs: dict, device, args) -> dict:
@@ -270,8 +371,8 @@ def print_table(case: Case, records: list[Record], floor: dict) -> None:
     ref = {r.op: r for r in records if r.impl == "reference"}
     print(f"\n{case.label}  logits {floor['logits_bytes'] / 2**20:.0f} MiB, copy bandwidth "
           f"{floor['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, 3-pass floor {floor['floor_fwd_bwd_ms']:.2f} ms")
-    header = (f"{'op':<16}{'impl':<15}{'fwd ms':>10}{'fwd+bwd ms':>12}{'peak MiB':>10}"
-              f"{'speedup f+b':>13}{'mem ratio':>11}{'x floor':>9}")
+    header = (f"{'op':<16}{'impl':<19}{'fwd ms':>10}{'fwd+bwd ms':>12}{'peak MiB':>10}"
+              f"{'speedup f+b':>13}{'mem ratio':>11}{'x floor':>9}{'grad err':>10}")
     print(header)
     print("-" * len(header))
     for r in records:
@@ -279,9 +380,11 @@ def print_table(case: Case, records: list[Record], floor: dict) -> None:
         speed = base.fwd_bwd_median_ms / r.fwd_bwd_median_ms if base else None
         mem = (base.peak_extra_bytes / max(r.peak_extra_bytes, 1)
                if base and base.peak_extra_bytes is not None and r.peak_extra_bytes is not None else None)
-        print(f"{r.op:<16}{r.impl:<15}{fmt_ms(r.fwd_median_ms):>10}{fmt_ms(r.fwd_bwd_median_ms):>12}"
+        err = "" if r.grad_max_abs_err is None else f"{r.grad_max_abs_err:.1e}"
+        print(f"{r.op:<16}{r.impl:<19}{fmt_ms(r.fwd_median_ms):>10}{fmt_ms(r.fwd_bwd_median_ms):>12}"
               f"{fmt_mb(r.peak_extra_bytes):>10}{'' if speed is None else f'{speed:.2f}x':>13}"
-              f"{'' if mem is None else f'{mem:.1f}x':>11}{r.fwd_bwd_median_ms / floor['floor_fwd_bwd_ms']:>8.2f}x")
+              f"{'' if mem is None else f'{mem:.1f}x':>11}{r.fwd_bwd_median_ms / floor['floor_fwd_bwd_ms']:>8.2f}x"
+              f"{err:>10}")
 
 
 def main(argv=None) -> int:
@@ -289,7 +392,10 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     parser.add_argument("--case", action="append", help="NxV:dtype, repeatable (default: per-device list)")
     parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {OPS}")
-    parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated subset of {IMPLS}")
+    parser.add_argument("--impls", help=f"comma-separated subset of {IMPLS} (default: CPU "
+                        f"{','.join(DEFAULT_IMPLS['cpu'])}; CUDA all, peers where installed)")
+    parser.add_argument("--backend", choices=("cpp", "triton"), help="backend of the fused impls (default: the "
+                        "library's choice for the device)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, 2 repeats: checks the script runs")
@@ -305,34 +411,46 @@ def main(argv=None) -> int:
         args.repeats, args.warmup = min(args.repeats, 2), min(args.warmup, 1)
     cases = [Case.parse(c) for c in (args.case or (QUICK_CASES if args.quick else DEFAULT_CASES[device.type]))]
     ops = [o for o in args.ops.split(",") if o]
-    impls = [i for i in args.impls.split(",") if i]
+    impls = [i for i in (args.impls.split(",") if args.impls else DEFAULT_IMPLS[device.type]) if i]
     for name, chosen, allowed in (("--ops", ops, OPS), ("--impls", impls, IMPLS)):
         unknown = sorted(set(chosen) - set(allowed))
         if unknown:
             parser.error(f"{name}: unknown {unknown}; choose from {allowed}")
-    if "reference" in impls:  # the reference runs first so ratios can be printed
+    if "reference" in impls:  # the reference runs first so ratios and gradient errors can be printed
         impls = ["reference"] + [i for i in impls if i != "reference"]
+    skipped = {}
+    for name in list(impls):
+        reason = impl_unavailable(IMPL_TABLE[name], device, args.backend)
+        if reason is not None:
+            skipped[name] = reason
+            impls.remove(name)
+            print(f"skipping {name}: {reason}", file=sys.stderr)
 
     info = versions()
     print(f"rlhfv benchmark on {device_name(device)}; torch {info['torch']}, triton {info['triton']}, "
           f"{args.repeats} repeats after {args.warmup} warm-up")
     if device.type == "cpu" and not rk.extension_available():
         print("warning: the compiled extension is not built; 'fused' runs the reference", file=sys.stderr)
-    results = {"versions": info, "device": device.type, "device_name": device_name(device), "cases": []}
-    total = len(cases) * len(ops) * len(impls)
+    results = {"versions": info, "device": device.type, "device_name": device_name(device), "skipped": skipped,
+               "cases": []}
+    runs = [(op, IMPL_TABLE[name]) for op in ops for name in impls if op in IMPL_TABLE[name].ops]
+    total = len(cases) * len(runs)
     bar = tqdm(total=total, desc="benchmark", disable=args.no_progress or tqdm is None, file=sys.stderr) \
         if tqdm is not None else None
     for case in cases:
         inputs = make_inputs(case, device)
         floor = copy_floor(inputs, device, args)
-        records = []
-        for op in ops:
-            for impl in impls:
-                if bar is not None:
-                    bar.set_postfix_str(f"{case.label} {op} {impl}")
-                records.append(bench_one(op, impl, case, inputs, device, args))
-                if bar is not None:
-                    bar.update()
+        records, reference_grads = [], {}
+        for op, impl in runs:
+            if bar is not None:
+                bar.set_postfix_str(f"{case.label} {op} {impl.name}")
+            record, grad = bench_one(op, impl, case, inputs, device, args, reference_grads.get(op))
+            records.append(record)
+            if grad is not None:
+                reference_grads[op] = grad
+            if bar is not None:
+                bar.update()
+        del reference_grads
         if bar is not None:
             bar.clear()
         print_table(case, records, floor)
@@ -341,7 +459,10 @@ def main(argv=None) -> int:
     if bar is not None:
         bar.close()
     print("\nspeedup f+b: reference forward+backward time / this one; mem ratio: reference peak extra memory / this "
-          "one; x floor: forward+backward time / (3 passes over the logits at the measured copy bandwidth)")
+          "one; x floor: forward+backward time / (3 passes over the logits at the measured copy bandwidth); grad err: "
+          "max |dlogits - reference dlogits| (the reference rounds too: compare orders of magnitude)")
+    for name, reason in skipped.items():
+        print(f"not run: {name}: {reason}")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

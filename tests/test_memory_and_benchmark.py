@@ -46,10 +46,22 @@ def test_benchmark_quick_run_writes_complete_json(tmp_path):
     for case in data["cases"]:
         assert case["floor"]["bandwidth_bytes_per_s"] > 0
         seen = {(r["op"], r["impl"]) for r in case["records"]}
-        assert seen == {(op, impl) for op in bench.OPS for impl in bench.IMPLS}
+        assert seen == {(op, impl) for op in bench.OPS for impl in bench.DEFAULT_IMPLS["cpu"]}
         for r in case["records"]:
             assert r["fwd_bwd_median_ms"] > 0 and r["peak_extra_bytes"] is not None
             assert r["backend"] == ("reference" if r["impl"] == "reference" else "cpp")
+            if r["impl"] != "reference":  # fused gradients agree with the reference's to rounding
+                assert r["grad_max_abs_err"] < 1e-2
+
+
+def test_benchmark_triton_backend_and_unavailable_peers(tmp_path):
+    path = tmp_path / "bench.json"
+    assert bench.main(["--no-progress", "--json", str(path), "--case", "64x300:float32", "--repeats", "1",
+                       "--backend", "triton", "--impls", "reference,fused,liger", "--ops", "ddpo_loss"]) == 0
+    data = json.loads(path.read_text())
+    assert "liger" in data["skipped"]  # peers run on CUDA only
+    (fused,) = [r for r in data["cases"][0]["records"] if r["impl"] == "fused"]
+    assert fused["backend"] == "triton" and fused["grad_max_abs_err"] < 1e-5
 
 
 def test_benchmark_rejects_bad_case():
