@@ -21,7 +21,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def cpu_extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx_flags = ["-O3", "-g0", "-fopenmp", "-fvisibility=hidden"]
+    cxx_flags = ["-O3", "-g0", "-fopenmp", "-fvisibility=hidden", "-Wno-psabi"]
     return CppExtension(
         name="rlhfv_kernels._C",
         sources=sources,

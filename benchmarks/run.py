@@ -229,7 +229,18 @@ def peer_token_logps(peer: str):
 
         return liger
     if peer == "flash_attn":
-        from flash_attn.ops.triton.cross_entropy import cross_entropy_loss
+        try:
+            from flash_attn.ops.triton.cross_entropy import cross_entropy_loss
+        except ImportError:
+            # flash-attn's package imports its CUDA build; its Triton cross-entropy file also loads on its own.
+            path = os.environ.get("RLHFV_PEER_FLASH_ATTN_CE")
+            if not path:
+                raise
+            import importlib.util
+            spec = importlib.util.spec_from_file_location("flash_attn_triton_cross_entropy", path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            cross_entropy_loss = module.cross_entropy_loss
 
         def flash(x, labels):
             losses, _ = cross_entropy_loss(x.reshape(-1, x.shape[-1]), labels.reshape(-1), ignore_index=-100)
@@ -287,7 +298,7 @@ def loss_fn(op: str, inputs: dict, impl: Impl, backend_override: str | None):
 
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor, rows_per_chunk: int = 1024) -> float:
     """max |a - b| over two [..., V] tensors, a few rows at a time (no N x V fp32 temporary)."""
-    a2, b2 = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+    a2, b2 = a.detach().reshape(-1, a.shape[-1]), b.detach().reshape(-1, b.shape[-1])
     worst = 0.0
     for start in range(0, a2.shape[0], rows_per_chunk):
         diff = (a2[start:start + rows_per_chunk].float() - b2[start:start + rows_per_chunk].float()).abs().max()

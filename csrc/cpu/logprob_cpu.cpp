@@ -32,63 +32,100 @@
 namespace rlhfv {
 namespace {
 
-// The hot loops are plain C++ that the compiler vectorizes; on x86-64 we let GCC emit AVX-512, AVX2 and baseline
-// clones and pick one at load time, so one wheel is fast on every machine.
+// The hot loops use GCC/Clang vector extensions (16 floats per value): the compiler maps them onto the widest SIMD
+// of each clone below. On x86-64 GCC emits AVX-512, AVX2 and baseline clones and picks one at load time, so one
+// build is fast on every machine. (Plain loops with reductions do not vectorize without -ffast-math.)
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define RLHFV_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define RLHFV_MULTIVERSION
 #endif
+#define RLHFV_INLINE __attribute__((always_inline)) inline
 
 constexpr int64_t kChunk = 2048;  // floats per chunk: 8 KiB, stays in L1 between the max and the exp sweep
-constexpr int kLanes = 16;        // independent accumulators, so reductions vectorize without -ffast-math
+constexpr int kLanes = 16;
+typedef float vfloat __attribute__((vector_size(kLanes * sizeof(float))));
+typedef int32_t vint __attribute__((vector_size(kLanes * sizeof(int32_t))));
 
-// exp(x) for x <= ~0 without libm, written so the compiler can vectorize it: x = n*ln2 + r, |r| <= ln2/2,
-// exp(r) by a degree-7 Taylor polynomial (relative error < 1e-8), 2^n by building the float's exponent bits.
-// NaN propagates; x below -87 is clamped (the result, ~1e-38, is negligible next to the row's maximum term 1).
-__attribute__((always_inline)) inline float exp_nonpositive(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  x = x > 88.0f ? 88.0f : x;
-  const float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer held in the low mantissa bits
-  float t = x * 1.44269504088896341f + kRound;
-  float n = t - kRound;
-  float r = x - n * 0.693145751953125f;  // ln2 split in two so n*ln2_hi is exact
-  r = r - n * 1.428606765330187e-06f;
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  int32_t ti;
-  std::memcpy(&ti, &t, sizeof(ti));
-  int32_t bits = (ti - 0x4B400000 + 127) << 23;
-  float scale;
+// The same source serves one float and a vector of them.
+template <typename F>
+struct Lanes;
+template <>
+struct Lanes<float> {
+  using Int = int32_t;
+  static RLHFV_INLINE float splat(float x) { return x; }
+};
+template <>
+struct Lanes<vfloat> {
+  using Int = vint;
+  static RLHFV_INLINE vfloat splat(float x) { return vfloat{} + x; }
+};
+
+RLHFV_INLINE vfloat load_lanes(const float* p) {
+  vfloat v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+RLHFV_INLINE void store_lanes(float* p, vfloat v) { std::memcpy(p, &v, sizeof(v)); }
+
+// exp(x) for x <= ~0 without libm: x = n*ln2 + r with |r| <= ln2/2, exp(r) by a degree-7 Taylor polynomial
+// (relative error < 1e-8), 2^n by building the float's exponent bits. NaN propagates; x below -87 is clamped (the
+// result, ~1e-38, is negligible next to the row's largest term, 1).
+template <typename F>
+RLHFV_INLINE F exp_nonpositive(F x) {
+  using L = Lanes<F>;
+  const F lowest = L::splat(-87.0f), highest = L::splat(88.0f);
+  x = x < lowest ? lowest : x;
+  x = x > highest ? highest : x;
+  const F round = L::splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer held in the low mantissa
+  const F t = x * L::splat(1.44269504088896341f) + round;
+  const F n = t - round;
+  F r = x - n * L::splat(0.693145751953125f);  // ln2 split in two so n*ln2_hi is exact
+  r = r - n * L::splat(1.428606765330187e-06f);
+  F p = L::splat(1.0f / 5040.0f);
+  p = p * r + L::splat(1.0f / 720.0f);
+  p = p * r + L::splat(1.0f / 120.0f);
+  p = p * r + L::splat(1.0f / 24.0f);
+  p = p * r + L::splat(1.0f / 6.0f);
+  p = p * r + L::splat(0.5f);
+  p = p * r + L::splat(1.0f);
+  p = p * r + L::splat(1.0f);
+  typename L::Int bits;
+  std::memcpy(&bits, &t, sizeof(bits));
+  bits = (bits - 0x4B400000 + 127) << 23;
+  F scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
 }
 
-// Maximum of a chunk; NaN if the chunk holds a NaN (a lane that saw NaN keeps it).
+// Maximum of a chunk, ignoring NaN (a NaN still poisons the row through the exp sum; see forward_rows).
 RLHFV_MULTIVERSION float chunk_max(const float* x, int64_t n) {
-  float acc[kLanes];
-  for (int j = 0; j < kLanes; ++j) acc[j] = -std::numeric_limits<float>::infinity();
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  vfloat acc = Lanes<vfloat>::splat(neg_inf);
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) acc[j] = (x[i + j] > acc[j] || x[i + j] != x[i + j]) ? x[i + j] : acc[j];
-  float m = -std::numeric_limits<float>::infinity();
-  for (int j = 0; j < kLanes; ++j) m = (acc[j] > m || acc[j] != acc[j]) ? acc[j] : m;
-  for (; i < n; ++i) m = (x[i] > m || x[i] != x[i]) ? x[i] : m;
+  for (; i + kLanes <= n; i += kLanes) {
+    const vfloat v = load_lanes(x + i);
+    acc = v > acc ? v : acc;
+  }
+  float m = neg_inf;
+  for (int j = 0; j < kLanes; ++j) m = acc[j] > m ? acc[j] : m;
+  for (; i < n; ++i) m = x[i] > m ? x[i] : m;
   return m;
+}
+
+template <typename Acc>
+bool chunk_has_nan(const Acc* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i)
+    if (x[i] != x[i]) return true;
+  return false;
 }
 
 // sum_i exp(x_i / temp - shift)
 RLHFV_MULTIVERSION float chunk_sum_exp(const float* x, int64_t n, float temp, float shift) {
-  float acc[kLanes] = {};
+  vfloat acc = {};
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) acc[j] += exp_nonpositive(x[i + j] / temp - shift);
+  for (; i + kLanes <= n; i += kLanes) acc += exp_nonpositive(load_lanes(x + i) / temp - shift);
   float s = 0.0f;
   for (int j = 0; j < kLanes; ++j) s += acc[j];
   for (; i < n; ++i) s += exp_nonpositive(x[i] / temp - shift);
@@ -98,13 +135,16 @@ RLHFV_MULTIVERSION float chunk_sum_exp(const float* x, int64_t n, float temp, fl
 // out_i = scale * exp((x_i / temp - lse_hi) - lse_lo); `out` may alias `x`.
 RLHFV_MULTIVERSION void chunk_scaled_softmax(const float* x, float* out, int64_t n, float temp, float lse_hi,
                                              float lse_lo, float scale) {
-  for (int64_t i = 0; i < n; ++i) out[i] = scale * exp_nonpositive((x[i] / temp - lse_hi) - lse_lo);
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    store_lanes(out + i, scale * exp_nonpositive((load_lanes(x + i) / temp - lse_hi) - lse_lo));
+  for (; i < n; ++i) out[i] = scale * exp_nonpositive((x[i] / temp - lse_hi) - lse_lo);
 }
 
 // float64 logits (used by gradcheck and as a precise CPU path): plain libm, no speed ambitions.
 double chunk_max(const double* x, int64_t n) {
   double m = -std::numeric_limits<double>::infinity();
-  for (int64_t i = 0; i < n; ++i) m = (x[i] > m || x[i] != x[i]) ? x[i] : m;
+  for (int64_t i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;
   return m;
 }
 double chunk_sum_exp(const double* x, int64_t n, double temp, double shift) {
@@ -116,7 +156,7 @@ void chunk_scaled_softmax(const double* x, double* out, int64_t n, double temp, 
                           double scale) {
   for (int64_t i = 0; i < n; ++i) out[i] = scale * std::exp((x[i] / temp - lse_hi) - lse_lo);
 }
-inline float exp_nonpositive_any(float x) { return exp_nonpositive(x); }
+inline float exp_nonpositive_any(float x) { return exp_nonpositive<float>(x); }
 inline double exp_nonpositive_any(double x) { return std::exp(x); }
 
 // Accumulation type: fp32 for every input dtype but float64, which keeps its precision.
@@ -248,12 +288,17 @@ void forward_rows(const at::Tensor& logits, const int64_t* labels, acc_t<T>* log
       const int64_t n = std::min(kChunk, vocab - off);
       const Acc* xs = chunk_as_acc(row + off, buf, n);
       const Acc chunk_peak = chunk_max(xs, n) / temp;
-      if (!(chunk_peak <= running_max)) {  // a new maximum, or NaN (which then poisons the row, as it should)
+      if (chunk_peak > running_max) {
         running_sum *= std::exp(running_max - chunk_peak);
         running_max = chunk_peak;
       }
-      // Only -inf so far (masked vocabulary entries): they add exp(-inf) = 0, and shifting by -inf would give NaN.
-      if (running_max == -std::numeric_limits<Acc>::infinity()) continue;
+      if (running_max == -std::numeric_limits<Acc>::infinity()) {
+        // Only -inf so far (masked vocabulary entries): they add exp(-inf) = 0, and shifting by -inf would give
+        // NaN. The max ignores NaN, so look for one here (rare path) to keep "NaN in a row -> NaN".
+        if (chunk_has_nan(xs, n)) running_sum = std::numeric_limits<Acc>::quiet_NaN();
+        continue;
+      }
+      // A NaN elsewhere reaches the sum through exp(NaN - max) = NaN.
       running_sum += chunk_sum_exp(xs, n, temp, running_max);
     }
     // (x_target - lse) in float64: both terms can be ~1e4 while their difference is small.

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Everything a GPU session owes, in one device call: build, the whole test suite on the GPU, the benchmark.
+#
+# Before the call (on the development machine, in the repo root), bring the peers as wheels (they are git-ignored):
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl liger-kernel
+#   (flash-attn ships only as a source tarball whose package imports its CUDA build; the benchmark skips it unless
+#    RLHFV_PEER_FLASH_ATTN_CE names its flash_attn/ops/triton/cross_entropy.py, extracted under .whl/.)
+# Then: run(command="bash scripts/gpu_session.sh", carry=[".whl"], timeout_s=600), and commit $OUT/bench-*.json
+# under benchmarks/results/ together with $OUT/tests.log's summary.
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/rlhfv-out}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+python3 setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
+python3 -m pytest -q tests -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -15
+stamp=$(date -u +%Y%m%d)
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '-' | tr -cd 'A-Za-z0-9_.-')
+python3 benchmarks/run.py --no-progress --json "$OUT/bench-$gpu-$stamp.json" 2>&1 | tee "$OUT/bench.log" | tail -60
