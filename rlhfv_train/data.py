@@ -1,0 +1,172 @@
+"""RLHF-V-style preference records from JSONL (with image files) or Parquet.
+
+A record is an image, a question, the chosen (corrected) answer, the rejected (original) answer and, optionally, a
+reward-model margin for MM-DPO scaling. Accepted layouts, per line / row:
+  {"image": "imgs/0001.png", "question": ..., "chosen": ..., "rejected": ..., "reward_margin": 0.7}
+  {"image": {"bytes": <bytes or base64 str>, "path": ...}, "text": "{\"question\": ..., \"chosen\": ...,
+   \"rejected\": ...}"}   (the layout of the published RLHF-V dataset's Parquet files)
+"image" may be omitted or null for text-only data. Relative image paths are resolved against the data file's folder.
+
+Nothing is silently dropped: a malformed record raises DataError naming the file and line (JSONL) or row (Parquet),
+unless skip_bad=True, in which case it is counted and its reason kept in the LoadReport.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+from dataclasses import dataclass, field
+
+
+class DataError(ValueError):
+    """A record that cannot be used, with the file and line or row it came from."""
+
+
+@dataclass
+class PreferenceRecord:
+    question: str
+    chosen: str
+    rejected: str
+    image: bytes | str | None = None  # encoded image bytes, or an absolute path to an image file
+    reward_margin: float | None = None
+    source: str = ""  # "file:line" or "file:row N", for messages
+
+
+@dataclass
+class LoadReport:
+    loaded: int = 0
+    skipped: list[str] = field(default_factory=list)  # one reason per skipped record
+
+    def summary(self) -> str:
+        text = f"loaded {self.loaded} records"
+        if self.skipped:
+            text += f", skipped {len(self.skipped)} bad ones (first: {self.skipped[0]})"
+        return text
+
+
+def _text_field(obj: dict, name: str, where: str) -> str:
+    if name not in obj or obj[name] is None:
+        raise DataError(f"{where}: missing field {name!r}")
+    value = obj[name]
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {name!r} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise DataError(f"{where}: field {name!r} is empty")
+    return value
+
+
+def _image_field(value, where: str, base_dir: str) -> bytes | str | None:
+    if value is None:
+        return None
+    if isinstance(value, dict):  # {"bytes": ..., "path": ...} as written by Hugging Face datasets
+        if value.get("bytes") is not None:
+            return _image_field(value["bytes"], where, base_dir) if isinstance(value["bytes"], bytes) \
+                else _decode_base64(value["bytes"], where)
+        if value.get("path"):
+            return _image_field(value["path"], where, base_dir)
+        raise DataError(f"{where}: field 'image' has neither 'bytes' nor 'path'")
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, str):
+        path = value if os.path.isabs(value) else os.path.join(base_dir, value)
+        if not os.path.isfile(path):
+            raise DataError(f"{where}: image file not found: {path}")
+        return path
+    raise DataError(f"{where}: field 'image' must be a path, bytes or {{'bytes', 'path'}}, got {type(value).__name__}")
+
+
+def _decode_base64(text, where: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (ValueError, TypeError) as exc:
+        raise DataError(f"{where}: field 'image.bytes' is not valid base64 ({exc})") from None
+
+
+def parse_record(obj, where: str, base_dir: str) -> PreferenceRecord:
+    """One record from a decoded JSON object or Parquet row; raises DataError naming `where`."""
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected an object, got {type(obj).__name__}")
+    fields = obj
+    if "text" in obj and "chosen" not in obj:  # RLHF-V layout: question/chosen/rejected inside a JSON string
+        try:
+            fields = {**obj, **json.loads(obj["text"])}
+        except (TypeError, json.JSONDecodeError) as exc:
+            raise DataError(f"{where}: field 'text' is not a JSON object ({exc})") from None
+    margin = fields.get("reward_margin")
+    if margin is not None:
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin >= 0:
+            raise DataError(f"{where}: reward_margin must be a number >= 0, got {margin!r}")
+        margin = float(margin)
+    return PreferenceRecord(
+        question=_text_field(fields, "question", where),
+        chosen=_text_field(fields, "chosen", where),
+        rejected=_text_field(fields, "rejected", where),
+        image=_image_field(fields.get("image"), where, base_dir),
+        reward_margin=margin,
+        source=where,
+    )
+
+
+def _iter_jsonl(path: str):
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield where, DataError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})")
+
+
+def _iter_parquet(path: str):
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
+    table = pq.read_table(path)
+    for row, obj in enumerate(table.to_pylist()):
+        yield f"{path}: row {row}", obj
+
+
+def load_records(path: str, *, skip_bad: bool = False) -> tuple[list[PreferenceRecord], LoadReport]:
+    """All records of a .jsonl / .json-lines or .parquet file, and what was loaded or skipped."""
+    if not os.path.isfile(path):
+        raise DataError(f"data file not found: {path}")
+    lower = path.lower()
+    if lower.endswith(".parquet"):
+        rows = _iter_parquet(path)
+    elif lower.endswith((".jsonl", ".json")):
+        rows = _iter_jsonl(path)
+    else:
+        raise DataError(f"{path}: unknown data format; use .jsonl or .parquet")
+    base_dir = os.path.dirname(os.path.abspath(path))
+    records, report = [], LoadReport()
+    for where, obj in rows:
+        try:
+            if isinstance(obj, DataError):
+                raise obj
+            records.append(parse_record(obj, where, base_dir))
+            report.loaded += 1
+        except DataError as exc:
+            if not skip_bad:
+                raise
+            report.skipped.append(str(exc))
+    if not records:
+        raise DataError(f"{path}: no usable records ({report.summary()})")
+    return records, report
+
+
+def open_image(record: PreferenceRecord):
+    """The record's image as an RGB PIL image (None for text-only records)."""
+    if record.image is None:
+        return None
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        source = io.BytesIO(record.image) if isinstance(record.image, bytes) else record.image
+        with Image.open(source) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DataError(f"{record.source}: cannot decode the image ({exc})") from None

@@ -1,0 +1,114 @@
+"""Preference data loading: JSONL with image files, Parquet, the RLHF-V layout, and every kind of bad record."""
+import base64
+import io
+import json
+
+import pytest
+
+from rlhfv_train.data import DataError, load_records, open_image
+
+PIL = pytest.importorskip("PIL.Image")
+
+
+def png_bytes(color=(255, 0, 0)):
+    buf = io.BytesIO()
+    PIL.new("RGB", (8, 8), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_jsonl(path, rows):
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return str(path)
+
+
+def good(i=0, **extra):
+    return {"image": "img.png", "question": f"q{i}", "chosen": "a red cube", "rejected": "a blue cube", **extra}
+
+
+@pytest.fixture
+def folder(tmp_path):
+    (tmp_path / "img.png").write_bytes(png_bytes())
+    return tmp_path
+
+
+def test_jsonl_with_image_files_and_margin(folder):
+    path = write_jsonl(folder / "d.jsonl", [good(0), "", good(1, reward_margin=0.5)])
+    records, report = load_records(path)
+    assert report.loaded == 2 and not report.skipped
+    assert records[0].image == str(folder / "img.png") and records[1].reward_margin == 0.5
+    assert records[1].source.endswith("d.jsonl:3")  # blank line 2 is skipped, line numbers stay true
+    assert open_image(records[0]).size == (8, 8)
+
+
+def test_rlhfv_layout_with_inline_base64_image(tmp_path):
+    row = {"image": {"bytes": base64.b64encode(png_bytes()).decode(), "path": None},
+           "text": json.dumps({"question": "what?", "chosen": "c", "rejected": "r"})}
+    records, _ = load_records(write_jsonl(tmp_path / "d.jsonl", [row]))
+    assert isinstance(records[0].image, bytes) and records[0].chosen == "c"
+    assert open_image(records[0]).mode == "RGB"
+
+
+def test_text_only_records(tmp_path):
+    records, _ = load_records(write_jsonl(tmp_path / "d.jsonl", [{"question": "q", "chosen": "c",
+                                                                   "rejected": "r"}]))
+    assert records[0].image is None and open_image(records[0]) is None
+
+
+@pytest.mark.parametrize("bad,message", [
+    ("{not json", r"d.jsonl:2: invalid JSON"),
+    (json.dumps({"image": "img.png", "question": "q", "rejected": "r"}), r"d.jsonl:2: missing field 'chosen'"),
+    (json.dumps({"image": "img.png", "question": "q", "chosen": 3, "rejected": "r"}),
+     r"d.jsonl:2: field 'chosen' must be a string"),
+    (json.dumps({"image": "img.png", "question": " ", "chosen": "c", "rejected": "r"}),
+     r"d.jsonl:2: field 'question' is empty"),
+    (json.dumps({"image": "missing.png", "question": "q", "chosen": "c", "rejected": "r"}),
+     r"d.jsonl:2: image file not found: .*missing.png"),
+    (json.dumps(good(reward_margin=-1)), r"d.jsonl:2: reward_margin must be a number >= 0"),
+    (json.dumps([1, 2]), r"d.jsonl:2: expected an object"),
+    (json.dumps({"image": {"bytes": "%%%"}, "question": "q", "chosen": "c", "rejected": "r"}),
+     r"d.jsonl:2: field 'image.bytes' is not valid base64"),
+])
+def test_bad_records_name_file_and_line(folder, bad, message):
+    path = write_jsonl(folder / "d.jsonl", [good(0), bad, good(2)])
+    with pytest.raises(DataError, match=message):
+        load_records(path)
+    records, report = load_records(path, skip_bad=True)
+    assert report.loaded == 2 and len(report.skipped) == 1 and "skipped 1" in report.summary()
+    assert [r.question for r in records] == ["q0", "q2"]
+
+
+def test_undecodable_image_is_reported_with_its_source(folder):
+    (folder / "broken.png").write_bytes(b"not a png")
+    records, _ = load_records(write_jsonl(folder / "d.jsonl", [good(0, image="broken.png")]))
+    with pytest.raises(DataError, match=r"d.jsonl:1: cannot decode the image"):
+        open_image(records[0])
+
+
+def test_missing_file_unknown_format_and_nothing_usable(tmp_path):
+    with pytest.raises(DataError, match="data file not found"):
+        load_records(str(tmp_path / "nope.jsonl"))
+    (tmp_path / "d.csv").write_text("x")
+    with pytest.raises(DataError, match="unknown data format"):
+        load_records(str(tmp_path / "d.csv"))
+    with pytest.raises(DataError, match="no usable records"):
+        load_records(write_jsonl(tmp_path / "d.jsonl", ["{bad"]), skip_bad=True)
+
+
+def test_parquet_rows(folder):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    table = pa.table({
+        "image": [{"bytes": png_bytes(), "path": None}, {"bytes": None, "path": "img.png"}, None],
+        "question": ["q0", "q1", "q2"],
+        "chosen": ["c0", "c1", None],
+        "rejected": ["r0", "r1", "r2"],
+        "reward_margin": [0.1, None, 0.3],
+    })
+    path = str(folder / "d.parquet")
+    pq.write_table(table, path)
+    with pytest.raises(DataError, match=r"d.parquet: row 2: missing field 'chosen'"):
+        load_records(path)
+    records, report = load_records(path, skip_bad=True)
+    assert report.loaded == 2
+    assert isinstance(records[0].image, bytes) and records[1].image == str(folder / "img.png")
+    assert records[0].reward_margin == pytest.approx(0.1) and records[1].reward_margin is None
