@@ -1,2 +1,9 @@
-"""rlhfv_train: a compact DDPO trainer for vision-language models on top of rlhfv_kernels (work in progress:
-segment weights from corrections are in place; data, model, loop and CLI follow)."""
+"""rlhfv_train: a compact DDPO trainer for Hugging Face vision-language models on top of rlhfv_kernels.
+
+    python -m rlhfv_train                 # the embedded tiny LLaVA on synthetic shapes data, on CPU, in under a minute
+    python -m rlhfv_train --data d.jsonl --model ./my-vlm --preset paper --lr 5e-7
+
+Modules: data (records, located errors), segments (correction -> token weights), batch (pairs -> [2B, T] inputs),
+refcache (frozen-model scores, cached), train (the loop, checkpoints, resume), tiny and synthetic (the embedded
+default).
+"""

@@ -1,0 +1,74 @@
+"""Reference-model sequence scores, computed once with the frozen starting model and cached on disk.
+
+The cache key covers the data (every record's text and image), the model (its config and every weight) and the
+scoring settings (gamma, min_match, mode, temperature), so a changed input never reuses stale scores.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import torch
+
+import rlhfv_kernels as rk
+
+from .data import PreferenceRecord
+
+
+def _hash_records(records: list[PreferenceRecord], digest) -> None:
+    for r in records:
+        digest.update(json.dumps([r.question, r.chosen, r.rejected, r.reward_margin]).encode())
+        if isinstance(r.image, bytes):
+            digest.update(hashlib.sha256(r.image).digest())
+        elif isinstance(r.image, str):
+            with open(r.image, "rb") as f:
+                digest.update(hashlib.sha256(f.read()).digest())
+
+
+def cache_key(records, model, settings: dict) -> str:
+    digest = hashlib.sha256()
+    _hash_records(records, digest)
+    digest.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    return digest.hexdigest()[:24]
+
+
+@torch.no_grad()
+def score_pairs(model, batches, settings: dict, device, *, autocast_dtype=None, backend=None,
+                progress=None) -> dict[int, tuple[float, float]]:
+    """{record index: (chosen score, rejected score)} under `model`, scored like the DDPO loss scores the policy."""
+    was_training = model.training
+    model.eval()
+    scores = {}
+    try:
+        for batch in batches:
+            batch = batch.to(device)
+            with torch.autocast(device_type=device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                logits = model(**batch.model_inputs()).logits
+            seq = rk.sequence_logps(logits[:, :-1], batch.labels[:, 1:], batch.token_weights[:, 1:],
+                                    mode=settings["mode"], temperature=settings["temperature"], backend=backend)
+            pairs = batch.indices.numel()
+            for k, index in enumerate(batch.indices.tolist()):
+                scores[index] = (float(seq[k]), float(seq[pairs + k]))
+            if progress is not None:
+                progress.update(pairs)
+    finally:
+        model.train(was_training)
+    return scores
+
+
+def load_or_compute(path_dir: str, key: str, compute) -> dict[int, tuple[float, float]]:
+    """Scores from path_dir/refs-<key>.pt, or compute() and store them there atomically."""
+    os.makedirs(path_dir, exist_ok=True)
+    path = os.path.join(path_dir, f"refs-{key}.pt")
+    if os.path.isfile(path):
+        return torch.load(path)
+    scores = compute()
+    tmp = path + ".tmp"
+    torch.save(scores, tmp)
+    os.replace(tmp, path)
+    return scores

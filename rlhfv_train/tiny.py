@@ -1,0 +1,65 @@
+"""The embedded default model: a tiny LLaVA (CLIP vision tower + Llama decoder) with random weights, its word-level
+tokenizer and image processor all built in code, so the trainer runs offline with no hub download.
+
+It is a real Hugging Face image-text-to-text model (LlavaForConditionalGeneration + LlavaProcessor), so the trainer
+exercises exactly the code path a user's model takes.
+"""
+from __future__ import annotations
+
+import torch
+
+from .synthetic import VOCABULARY
+
+TINY_CONFIG = {
+    "image_size": 32,
+    "patch_size": 8,
+    "vision": {"hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4},
+    "text": {"hidden_size": 96, "intermediate_size": 192, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 4, "max_position_embeddings": 256},
+}
+SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>", "<image>")
+
+
+def build_tokenizer(words=VOCABULARY):
+    """A whitespace word-level tokenizer over `words` plus the special tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(list(SPECIAL_TOKENS) + sorted(set(words)))}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
+
+
+def _image_processor(image_size: int):
+    try:  # the PIL backend: the torchvision one is not installable on CPU-only machines
+        from transformers import CLIPImageProcessorPil as Processor
+    except ImportError:
+        from transformers import CLIPImageProcessor as Processor
+    return Processor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+
+
+def build_processor(config=TINY_CONFIG):
+    from transformers import LlavaProcessor
+
+    return LlavaProcessor(image_processor=_image_processor(config["image_size"]), tokenizer=build_tokenizer(),
+                          patch_size=config["patch_size"], vision_feature_select_strategy="default",
+                          num_additional_image_tokens=1)
+
+
+def build_model(processor, config=TINY_CONFIG, seed: int = 0):
+    """Random-weight tiny LLaVA matching `processor`'s tokenizer; deterministic for a given seed."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    tokenizer = processor.tokenizer
+    vision = CLIPVisionConfig(image_size=config["image_size"], patch_size=config["patch_size"],
+                              projection_dim=config["vision"]["hidden_size"], **config["vision"])
+    text = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **config["text"])
+    llava = LlavaConfig(vision_config=vision, text_config=text,
+                        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                        vision_feature_select_strategy="default", vision_feature_layer=-1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LlavaForConditionalGeneration(llava)

@@ -1,0 +1,319 @@
+"""The training loop: DDPO on preference pairs with rlhfv_kernels' fused loss.
+
+AdamW, linear warm-up then cosine decay, gradient accumulation, clipping, optional gradient checkpointing, held-out
+preference accuracy, metrics as JSONL plus a PNG plot, atomic checkpoints, and exact resume (model, optimizer,
+scheduler, RNG and data position: a resumed run ends with the same weights as an uninterrupted one).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+import rlhfv_kernels as rk
+
+from . import refcache
+from .batch import PairCollator
+from .data import load_records
+
+PRESETS = {
+    "paper": {"gamma": 5.0, "beta": 0.5, "mode": "mean"},     # RLHF-V paper
+    "authors": {"gamma": 1.1, "beta": 0.1, "mode": "sum"},    # the authors' public training script
+}
+
+
+@dataclass
+class TrainConfig:
+    data: str | None = None            # .jsonl / .parquet; None: the synthetic dataset, generated on first use
+    output_dir: str = "runs/rlhfv"
+    model: str | None = None           # a local Hugging Face model folder; None: the embedded tiny LLaVA
+    gamma: float = 5.0
+    beta: float = 0.5
+    mode: str = "mean"
+    min_match: int = 3
+    drs_weight: float = 0.0
+    drs_k: float = 1.0
+    sft_weight: float = 0.0
+    temperature: float = 1.0
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.1
+    max_steps: int = 300               # optimizer steps
+    batch_size: int = 8                # pairs per micro-batch
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    grad_checkpointing: bool = False
+    eval_fraction: float = 0.1
+    eval_every: int = 25
+    save_every: int = 50
+    seed: int = 0
+    skip_bad: bool = False
+    resume: bool = False
+    backend: str | None = None
+    inplace_backward: bool = True
+    fused_linear: bool = False
+    synthetic_examples: int = 1024
+    device: str = "auto"
+    progress: bool = True
+    stop_after: int | None = None      # stop (as if killed) after this many steps, without the final save
+    extra: dict = field(default_factory=dict)
+
+
+def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_processor_and_model(cfg: TrainConfig):
+    if cfg.model is None:
+        from . import tiny
+        processor = tiny.build_processor()
+        return processor, tiny.build_model(processor, seed=cfg.seed)
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+    try:
+        processor = AutoProcessor.from_pretrained(cfg.model, local_files_only=True)
+        model = AutoModelForImageTextToText.from_pretrained(cfg.model, local_files_only=True)
+    except (ValueError, OSError, KeyError):  # a plain causal LM for text-only data
+        processor = AutoTokenizer.from_pretrained(cfg.model, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(cfg.model, local_files_only=True)
+    return processor, model
+
+
+def _split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    held = int(round(n * fraction)) if n > 1 else 0
+    return sorted(order[held:]), sorted(order[:held])
+
+
+class BatchStream:
+    """Micro-batches of the training indices in a fresh seeded order every epoch; position = micro-steps taken, so
+    a resumed run continues with exactly the batches an uninterrupted run would have seen."""
+
+    def __init__(self, indices: list[int], batch_size: int, seed: int):
+        if not indices:
+            raise ValueError("no training records (is eval_fraction too large?)")
+        self.indices, self.batch_size, self.seed = indices, min(batch_size, len(indices)), seed
+        self.per_epoch = len(indices) // self.batch_size
+
+    def batch(self, micro_step: int) -> list[int]:
+        epoch, k = divmod(micro_step, self.per_epoch)
+        order = torch.randperm(len(self.indices), generator=torch.Generator().manual_seed(self.seed + 1 + epoch))
+        take = order[k * self.batch_size:(k + 1) * self.batch_size].tolist()
+        return [self.indices[i] for i in take]
+
+
+def _ddpo(cfg, model, batch, refs, *, autocast_dtype):
+    with torch.autocast(device_type=batch.input_ids.device.type, dtype=autocast_dtype,
+                        enabled=autocast_dtype is not None):
+        logits = model(**batch.model_inputs()).logits
+    pairs = batch.indices.tolist()
+    ref = torch.tensor([refs[i][0] for i in pairs] + [refs[i][1] for i in pairs], device=logits.device)
+    return rk.ddpo_loss(logits[:, :-1], batch.labels[:, 1:], ref, token_weights=batch.token_weights[:, 1:],
+                        beta=cfg.beta, mode=cfg.mode, reward_margin=batch.reward_margin, drs_weight=cfg.drs_weight,
+                        drs_k=cfg.drs_k, sft_weight=cfg.sft_weight, temperature=cfg.temperature,
+                        inplace_backward=cfg.inplace_backward, backend=cfg.backend)
+
+
+@torch.no_grad()
+def evaluate(cfg, model, collate, records, indices, refs, device, autocast_dtype) -> dict:
+    """Held-out preference accuracy: the fraction of pairs whose implicit reward prefers the chosen answer."""
+    if not indices:
+        return {}
+    was_training = model.training
+    model.eval()
+    wins, margins = [], []
+    try:
+        for start in range(0, len(indices), cfg.batch_size):
+            chunk = indices[start:start + cfg.batch_size]
+            batch = collate([(i, records[i]) for i in chunk]).to(device)
+            out = _ddpo(cfg, model, batch, refs, autocast_dtype=autocast_dtype)
+            wins.extend((out.margins > 0).tolist())
+            margins.extend(out.margins.tolist())
+    finally:
+        model.train(was_training)
+    return {"eval_accuracy": sum(wins) / len(wins), "eval_margin": sum(margins) / len(margins)}
+
+
+def _save_checkpoint(path: str, state: dict) -> None:
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a crash leaves the previous checkpoint intact
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def plot_metrics(metrics_path: str, out_path: str) -> str | None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = [json.loads(line) for line in open(metrics_path)]
+    train = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "eval_accuracy" in r]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    steps = [r["step"] for r in train]
+    axes[0].plot(steps, [r["loss"] for r in train])
+    axes[0].set_title("loss (DDPO + SFT term if any)")
+    axes[1].plot(steps, [r["margin"] for r in train], label="train")
+    if evals:
+        axes[1].plot([r["step"] for r in evals], [r["eval_margin"] for r in evals], "o-", label="held-out")
+    axes[1].set_title("reward margin")
+    axes[1].legend()
+    axes[2].plot(steps, [r["accuracy"] for r in train], label="train")
+    if evals:
+        axes[2].plot([r["step"] for r in evals], [r["eval_accuracy"] for r in evals], "o-", label="held-out")
+    axes[2].set_title("preference accuracy")
+    axes[2].set_ylim(0, 1.02)
+    axes[2].legend()
+    for ax in axes:
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=90)
+    plt.close(fig)
+    return out_path
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Runs (or resumes) training; returns a summary with the last metrics and the paths written."""
+    if cfg.fused_linear:
+        raise NotImplementedError("--fused-linear needs the fused-linear loss functions, which are not in this "
+                                  "release yet; train with the fused logits path (the default)")
+    if cfg.mode not in ("sum", "mean"):
+        raise ValueError(f"mode must be 'sum' or 'mean', got {cfg.mode!r}")
+    if cfg.grad_accum < 1 or cfg.batch_size < 1 or cfg.max_steps < 1:
+        raise ValueError("grad_accum, batch_size and max_steps must be >= 1")
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    device = _device(cfg.device)
+    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+
+    data_path = cfg.data
+    if data_path is None:
+        from . import synthetic
+        data_path = os.path.join(cfg.output_dir, "synthetic", "data.jsonl")
+        if not os.path.isfile(data_path):
+            synthetic.generate(os.path.dirname(data_path), cfg.synthetic_examples, seed=cfg.seed,
+                               progress=cfg.progress)
+    records, report = load_records(data_path, skip_bad=cfg.skip_bad)
+    print(f"data: {data_path}: {report.summary()}")
+    train_idx, eval_idx = _split(len(records), cfg.eval_fraction, cfg.seed)
+
+    processor, model = build_processor_and_model(cfg)
+    model.to(device)
+    if cfg.grad_checkpointing:
+        model.gradient_checkpointing_enable()
+    collate = PairCollator(processor, gamma=cfg.gamma, min_match=cfg.min_match)
+
+    # Reference scores come from the starting weights, before any checkpoint is loaded.
+    settings = {"gamma": cfg.gamma, "min_match": cfg.min_match, "mode": cfg.mode, "temperature": cfg.temperature}
+    key = refcache.cache_key(records, model, settings)
+
+    def compute_refs():
+        from tqdm import tqdm
+        bar = tqdm(total=len(records), desc="reference scores", unit="pair", disable=not cfg.progress)
+        batches = (collate([(i, records[i]) for i in range(s, min(s + cfg.batch_size, len(records)))])
+                   for s in range(0, len(records), cfg.batch_size))
+        try:
+            return refcache.score_pairs(model, batches, settings, device, autocast_dtype=autocast_dtype,
+                                        backend=cfg.backend, progress=bar)
+        finally:
+            bar.close()
+
+    refs = refcache.load_or_compute(os.path.join(cfg.output_dir, "ref_cache"), key, compute_refs)
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warmup = int(cfg.warmup_ratio * cfg.max_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                                  lambda s: cosine_with_warmup(s, cfg.max_steps, warmup))
+    stream = BatchStream(train_idx, cfg.batch_size, cfg.seed)
+    ckpt_path = os.path.join(cfg.output_dir, "checkpoint.pt")
+    metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
+    step = 0
+    if cfg.resume and os.path.isfile(ckpt_path):
+        state = torch.load(ckpt_path, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _restore_rng(state["rng"])
+        step = state["step"]
+        print(f"resumed from {ckpt_path} at step {step}")
+        if os.path.isfile(metrics_path):  # drop lines written after the checkpoint
+            kept = [line for line in open(metrics_path) if json.loads(line)["step"] <= step]
+            with open(metrics_path, "w") as f:
+                f.writelines(kept)
+    elif os.path.isfile(metrics_path):
+        os.remove(metrics_path)
+
+    def checkpoint():
+        _save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                     "scheduler": scheduler.state_dict(), "rng": _rng_state(), "step": step,
+                                     "config": asdict(cfg), "ref_cache_key": key})
+
+    from tqdm import tqdm
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", disable=not cfg.progress)
+    model.train()
+    last = {}
+    with open(metrics_path, "a") as metrics_file:
+        while step < cfg.max_steps:
+            totals = {"loss": 0.0, "margin": 0.0, "accuracy": 0.0, "chosen_reward": 0.0, "rejected_reward": 0.0}
+            for micro in range(cfg.grad_accum):
+                indices = stream.batch(step * cfg.grad_accum + micro)
+                batch = collate([(i, records[i]) for i in indices]).to(device)
+                out = _ddpo(cfg, model, batch, refs, autocast_dtype=autocast_dtype)
+                (out.loss / cfg.grad_accum).backward()
+                totals["loss"] += out.loss.item() / cfg.grad_accum
+                totals["margin"] += out.margins.mean().item() / cfg.grad_accum
+                totals["accuracy"] += out.accuracy.item() / cfg.grad_accum
+                totals["chosen_reward"] += out.chosen_rewards.mean().item() / cfg.grad_accum
+                totals["rejected_reward"] += out.rejected_rewards.mean().item() / cfg.grad_accum
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            last = {"step": step, **totals, "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0]}
+            if step % cfg.eval_every == 0 or step == cfg.max_steps:
+                last.update(evaluate(cfg, model, collate, records, eval_idx, refs, device, autocast_dtype))
+            metrics_file.write(json.dumps(last) + "\n")
+            metrics_file.flush()
+            bar.update()
+            bar.set_postfix(loss=f"{totals['loss']:.3f}", acc=f"{totals['accuracy']:.2f}",
+                            margin=f"{totals['margin']:.2f}")
+            if cfg.stop_after is not None and step >= cfg.stop_after:
+                if step % cfg.save_every == 0:
+                    checkpoint()
+                bar.close()
+                return {"step": step, "stopped": True, "metrics": last}
+            if step % cfg.save_every == 0 or step == cfg.max_steps:
+                checkpoint()
+    bar.close()
+    plot = plot_metrics(metrics_path, os.path.join(cfg.output_dir, "metrics.png"))
+    return {"step": step, "metrics": last, "metrics_path": metrics_path, "plot": plot, "checkpoint": ckpt_path,
+            "model": model}

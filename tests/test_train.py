@@ -1,0 +1,120 @@
+"""The trainer on the embedded tiny LLaVA and synthetic data: batching, training, reference cache, exact resume."""
+import json
+import os
+
+import pytest
+import torch
+
+from rlhfv_train import refcache, synthetic, tiny
+from rlhfv_train.__main__ import build_parser, config_from_args
+from rlhfv_train.batch import IGNORE_INDEX, PairCollator
+from rlhfv_train.data import load_records
+from rlhfv_train.train import TrainConfig, train
+
+pytest.importorskip("PIL")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("synthetic")
+    return synthetic.generate(str(folder), 48, seed=3)
+
+
+def small_config(output_dir, dataset, **overrides):
+    values = dict(data=dataset, output_dir=str(output_dir), max_steps=6, batch_size=4, eval_every=3, save_every=3,
+                  eval_fraction=0.25, sft_weight=1.0, progress=False, lr=2e-3)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def test_collator_masks_prompt_and_weights_corrections(dataset):
+    records, _ = load_records(dataset)
+    processor = tiny.build_processor()
+    batch = PairCollator(processor, gamma=5.0)(list(enumerate(records[:4])))
+    tok = processor.tokenizer
+    image_id = tok.convert_tokens_to_ids("<image>")
+    assert batch.input_ids.shape[0] == 8 and batch.pixel_values.shape[0] == 8
+    for row in range(8):
+        labelled = batch.labels[row] != IGNORE_INDEX
+        # Image and prompt tokens are never labelled; answer tokens are, and carry weight >= 1.
+        assert not labelled[batch.input_ids[row] == image_id].any()
+        assert torch.all(batch.token_weights[row][~labelled] == 0)
+        assert torch.all(batch.token_weights[row][labelled] >= 1)
+        record = records[row % 4]
+        answer = record.chosen if row < 4 else record.rejected
+        words = tok.convert_ids_to_tokens(batch.input_ids[row][labelled].tolist())
+        assert " ".join(words) == answer + " </s>"
+    # The hallucinated word of a replacement is up-weighted on both sides.
+    for i in range(4):
+        c_words = records[i].chosen.split()
+        r_words = records[i].rejected.split()
+        if len(c_words) == len(r_words):
+            diff = [k for k, (a, b) in enumerate(zip(c_words, r_words)) if a != b]
+            c_weights = batch.token_weights[i][batch.labels[i] != IGNORE_INDEX]
+            assert all(c_weights[k] == 5.0 for k in diff)
+
+
+def test_training_improves_and_writes_outputs(tmp_path, dataset):
+    summary = train(small_config(tmp_path, dataset, max_steps=30, eval_every=15, save_every=15))
+    rows = [json.loads(line) for line in open(summary["metrics_path"])]
+    assert [r["step"] for r in rows] == list(range(1, 31))
+    assert sum(r["loss"] for r in rows[-5:]) < sum(r["loss"] for r in rows[:5])
+    assert "eval_accuracy" in rows[14] and "eval_accuracy" in rows[29]
+    assert os.path.getsize(summary["plot"]) > 1000 and os.path.isfile(summary["checkpoint"])
+
+
+def test_resume_ends_with_the_same_weights(tmp_path, dataset):
+    straight = train(small_config(tmp_path / "a", dataset))["model"].state_dict()
+    stopped = train(small_config(tmp_path / "b", dataset, stop_after=3))
+    assert stopped["stopped"] and stopped["step"] == 3
+    resumed = train(small_config(tmp_path / "b", dataset, resume=True))["model"].state_dict()
+    for name, tensor in straight.items():
+        assert torch.equal(tensor, resumed[name]), name
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "b" / "metrics.jsonl")]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_reference_scores_are_cached(tmp_path, dataset, monkeypatch):
+    train(small_config(tmp_path, dataset, max_steps=1))
+    cached = os.listdir(tmp_path / "ref_cache")
+    assert len(cached) == 1
+
+    def fail(*args, **kwargs):
+        raise AssertionError("reference scores recomputed despite the cache")
+
+    monkeypatch.setattr(refcache, "score_pairs", fail)
+    train(small_config(tmp_path, dataset, max_steps=1))
+    # A different gamma changes the token weights, hence the key.
+    monkeypatch.undo()
+    train(small_config(tmp_path, dataset, max_steps=1, gamma=2.0))
+    assert len(os.listdir(tmp_path / "ref_cache")) == 2
+
+
+def test_text_only_data_with_a_local_causal_lm(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    tok = tiny.build_tokenizer()
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                         pad_token_id=tok.pad_token_id))
+    model.save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"question": "what do you see ?", "chosen": f"a red {s}",
+                                          "rejected": f"a blue {s}"}) for s in synthetic.SHAPES * 4) + "\n")
+    summary = train(TrainConfig(data=str(data), model=str(tmp_path / "lm"), output_dir=str(tmp_path / "out"),
+                                max_steps=2, batch_size=4, progress=False))
+    assert summary["step"] == 2
+
+
+def test_cli_presets_and_overrides():
+    parse = lambda *a: config_from_args(build_parser().parse_args(list(a)))  # noqa: E731
+    assert (parse("--preset", "authors").gamma, parse("--preset", "authors").beta) == (1.1, 0.1)
+    assert parse("--preset", "authors").mode == "sum"
+    assert parse("--preset", "paper", "--beta", "0.2").beta == 0.2
+    assert parse().sft_weight == 1.0 and parse("--model", "x").sft_weight == 0.0
+    assert parse("--no-inplace-backward").inplace_backward is False
+
+
+def test_fused_linear_is_refused_clearly(tmp_path, dataset):
+    with pytest.raises(NotImplementedError, match="fused-linear"):
+        train(small_config(tmp_path, dataset, fused_linear=True))
