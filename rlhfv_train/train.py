@@ -6,6 +6,7 @@ scheduler, RNG and data position: a resumed run ends with the same weights as an
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -71,9 +72,45 @@ def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
 
 
 def _device(name: str) -> torch.device:
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     return torch.device(name)
+
+
+class Distributed:
+    """Rank and world size under torchrun (WORLD_SIZE > 1): gloo on CPU, NCCL on GPU; a no-op otherwise."""
+
+    def __init__(self, device: torch.device):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = 0
+        if self.world > 1:
+            import torch.distributed as dist
+            if not dist.is_initialized():
+                dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+            self.rank = dist.get_rank()
+        self.is_main = self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def mean(self, values: dict) -> dict:
+        """Averages float metrics over ranks."""
+        if self.world == 1:
+            return values
+        keys = sorted(values)
+        t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+        torch.distributed.all_reduce(t)
+        return {k: float(v) / self.world for k, v in zip(keys, t)}
+
+    def wrap(self, model, device):
+        if self.world == 1:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+        # Vision towers often leave parameters unused (e.g. CLIP's post-layernorm when LLaVA reads a hidden layer).
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                       find_unused_parameters=True)
 
 
 def build_processor_and_model(cfg: TrainConfig):
@@ -101,16 +138,19 @@ class BatchStream:
     """Micro-batches of the training indices in a fresh seeded order every epoch; position = micro-steps taken, so
     a resumed run continues with exactly the batches an uninterrupted run would have seen."""
 
-    def __init__(self, indices: list[int], batch_size: int, seed: int):
-        if not indices:
-            raise ValueError("no training records (is eval_fraction too large?)")
-        self.indices, self.batch_size, self.seed = indices, min(batch_size, len(indices)), seed
-        self.per_epoch = len(indices) // self.batch_size
+    def __init__(self, indices: list[int], batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        if len(indices) < world:
+            raise ValueError(f"{len(indices)} training records for {world} processes (is eval_fraction too large?)")
+        self.indices, self.seed, self.rank, self.world = indices, seed, rank, world
+        self.batch_size = min(batch_size, len(indices) // world)  # per process
+        self.per_epoch = len(indices) // (self.batch_size * world)
 
     def batch(self, micro_step: int) -> list[int]:
+        """This process's share of global micro-batch `micro_step` (the same global batches for any world size)."""
         epoch, k = divmod(micro_step, self.per_epoch)
         order = torch.randperm(len(self.indices), generator=torch.Generator().manual_seed(self.seed + 1 + epoch))
-        take = order[k * self.batch_size:(k + 1) * self.batch_size].tolist()
+        size = self.batch_size * self.world
+        take = order[k * size:(k + 1) * size].tolist()[self.rank::self.world]
         return [self.indices[i] for i in take]
 
 
@@ -210,6 +250,7 @@ def train(cfg: TrainConfig) -> dict:
         raise ValueError("grad_accum, batch_size and max_steps must be >= 1")
     os.makedirs(cfg.output_dir, exist_ok=True)
     device = _device(cfg.device)
+    dist = Distributed(device)
     autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -218,17 +259,20 @@ def train(cfg: TrainConfig) -> dict:
     if data_path is None:
         from . import synthetic
         data_path = os.path.join(cfg.output_dir, "synthetic", "data.jsonl")
-        if not os.path.isfile(data_path):
+        if dist.is_main and not os.path.isfile(data_path):
             synthetic.generate(os.path.dirname(data_path), cfg.synthetic_examples, seed=cfg.seed,
                                progress=cfg.progress)
+        dist.barrier()
     records, report = load_records(data_path, skip_bad=cfg.skip_bad)
-    print(f"data: {data_path}: {report.summary()}")
+    if dist.is_main:
+        print(f"data: {data_path}: {report.summary()}")
     train_idx, eval_idx = _split(len(records), cfg.eval_fraction, cfg.seed)
 
     processor, model = build_processor_and_model(cfg)
     model.to(device)
-    if cfg.grad_checkpointing:
-        model.gradient_checkpointing_enable()
+    if cfg.grad_checkpointing:  # transformers 5 renamed the switch; older releases only have the first name
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
     collate = PairCollator(processor, gamma=cfg.gamma, min_match=cfg.min_match)
 
     # Reference scores come from the starting weights, before any checkpoint is loaded.
@@ -246,13 +290,18 @@ def train(cfg: TrainConfig) -> dict:
         finally:
             bar.close()
 
-    refs = refcache.load_or_compute(os.path.join(cfg.output_dir, "ref_cache"), key, compute_refs)
+    cache_dir = os.path.join(cfg.output_dir, "ref_cache")
+    if dist.is_main:  # one process scores, the others read its cache
+        refs = refcache.load_or_compute(cache_dir, key, compute_refs)
+    dist.barrier()
+    if not dist.is_main:
+        refs = refcache.load_or_compute(cache_dir, key, compute_refs)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = int(cfg.warmup_ratio * cfg.max_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
                                                   lambda s: cosine_with_warmup(s, cfg.max_steps, warmup))
-    stream = BatchStream(train_idx, cfg.batch_size, cfg.seed)
+    stream = BatchStream(train_idx, cfg.batch_size, cfg.seed, dist.rank, dist.world)
     ckpt_path = os.path.join(cfg.output_dir, "checkpoint.pt")
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
     step = 0
@@ -263,31 +312,40 @@ def train(cfg: TrainConfig) -> dict:
         scheduler.load_state_dict(state["scheduler"])
         _restore_rng(state["rng"])
         step = state["step"]
-        print(f"resumed from {ckpt_path} at step {step}")
-        if os.path.isfile(metrics_path):  # drop lines written after the checkpoint
+        if dist.is_main:
+            print(f"resumed from {ckpt_path} at step {step}")
+        if dist.is_main and os.path.isfile(metrics_path):  # drop lines written after the checkpoint
             kept = [line for line in open(metrics_path) if json.loads(line)["step"] <= step]
             with open(metrics_path, "w") as f:
                 f.writelines(kept)
-    elif os.path.isfile(metrics_path):
+    elif dist.is_main and os.path.isfile(metrics_path):
         os.remove(metrics_path)
+    dist.barrier()
 
     def checkpoint():
-        _save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                     "scheduler": scheduler.state_dict(), "rng": _rng_state(), "step": step,
-                                     "config": asdict(cfg), "ref_cache_key": key})
+        if dist.is_main:
+            _save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                         "scheduler": scheduler.state_dict(), "rng": _rng_state(), "step": step,
+                                         "config": asdict(cfg), "ref_cache_key": key})
+        dist.barrier()
 
     from tqdm import tqdm
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", disable=not cfg.progress)
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step",
+               disable=not cfg.progress or not dist.is_main)
     model.train()
+    trained = dist.wrap(model, device)  # DDP under torchrun; `model` stays the plain module (eval, checkpoints)
     last = {}
-    with open(metrics_path, "a") as metrics_file:
+    with open(metrics_path, "a") if dist.is_main else open(os.devnull, "w") as metrics_file:
         while step < cfg.max_steps:
             totals = {"loss": 0.0, "margin": 0.0, "accuracy": 0.0, "chosen_reward": 0.0, "rejected_reward": 0.0}
             for micro in range(cfg.grad_accum):
                 indices = stream.batch(step * cfg.grad_accum + micro)
                 batch = collate([(i, records[i]) for i in indices]).to(device)
-                out = _ddpo(cfg, model, batch, refs, autocast_dtype=autocast_dtype)
-                (out.loss / cfg.grad_accum).backward()
+                # Gradients are averaged across processes once per optimizer step, on the last micro-batch.
+                sync = micro == cfg.grad_accum - 1 or dist.world == 1
+                with contextlib.nullcontext() if sync else trained.no_sync():
+                    out = _ddpo(cfg, trained, batch, refs, autocast_dtype=autocast_dtype)
+                    (out.loss / cfg.grad_accum).backward()
                 totals["loss"] += out.loss.item() / cfg.grad_accum
                 totals["margin"] += out.margins.mean().item() / cfg.grad_accum
                 totals["accuracy"] += out.accuracy.item() / cfg.grad_accum
@@ -298,6 +356,7 @@ def train(cfg: TrainConfig) -> dict:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            totals = dist.mean(totals)
             last = {"step": step, **totals, "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0]}
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
                 last.update(evaluate(cfg, model, collate, records, eval_idx, refs, device, autocast_dtype))
@@ -314,6 +373,6 @@ def train(cfg: TrainConfig) -> dict:
             if step % cfg.save_every == 0 or step == cfg.max_steps:
                 checkpoint()
     bar.close()
-    plot = plot_metrics(metrics_path, os.path.join(cfg.output_dir, "metrics.png"))
+    plot = plot_metrics(metrics_path, os.path.join(cfg.output_dir, "metrics.png")) if dist.is_main else None
     return {"step": step, "metrics": last, "metrics_path": metrics_path, "plot": plot, "checkpoint": ckpt_path,
             "model": model}
