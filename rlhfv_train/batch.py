@@ -26,6 +26,16 @@ class PairBatch:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return PairBatch(*(move(getattr(self, f)) for f in self.__dataclass_fields__))
 
+    def next_token_targets(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(labels, token_weights) shifted so that position t holds the target of the logits at t; the last position
+        is ignored. Scoring the full logits against these avoids slicing the logits (logits[:, :-1]), whose autograd
+        backward would allocate a second N x V gradient and undo the in-place backward's saving."""
+        labels = torch.full_like(self.labels, IGNORE_INDEX)
+        labels[:, :-1] = self.labels[:, 1:]
+        weights = torch.zeros_like(self.token_weights)
+        weights[:, :-1] = self.token_weights[:, 1:]
+        return labels, weights
+
     def model_inputs(self, dtype=None) -> dict:
         inputs = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
         if self.pixel_values is not None:

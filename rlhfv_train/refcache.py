@@ -49,7 +49,8 @@ def score_pairs(model, batches, settings: dict, device, *, autocast_dtype=None, 
             batch = batch.to(device)
             with torch.autocast(device_type=device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 logits = model(**batch.model_inputs()).logits
-            seq = rk.sequence_logps(logits[:, :-1], batch.labels[:, 1:], batch.token_weights[:, 1:],
+            labels, weights = batch.next_token_targets()
+            seq = rk.sequence_logps(logits, labels, weights,
                                     mode=settings["mode"], temperature=settings["temperature"], backend=backend)
             pairs = batch.indices.numel()
             for k, index in enumerate(batch.indices.tolist()):

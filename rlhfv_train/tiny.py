@@ -48,14 +48,17 @@ def build_processor(config=TINY_CONFIG):
                           num_additional_image_tokens=1)
 
 
-def build_model(processor, config=TINY_CONFIG, seed: int = 0):
-    """Random-weight tiny LLaVA matching `processor`'s tokenizer; deterministic for a given seed."""
+def build_model(processor, config=TINY_CONFIG, seed: int = 0, vocab_size: int | None = None):
+    """Random-weight tiny LLaVA matching `processor`'s tokenizer; deterministic for a given seed. `vocab_size` pads
+    the vocabulary (unused rows) to give the model a real LLM's lm_head size, for benchmarks."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     tokenizer = processor.tokenizer
     vision = CLIPVisionConfig(image_size=config["image_size"], patch_size=config["patch_size"],
                               projection_dim=config["vision"]["hidden_size"], **config["vision"])
-    text = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+    if vocab_size is not None and vocab_size < len(tokenizer):
+        raise ValueError(f"vocab_size={vocab_size} is smaller than the tokenizer ({len(tokenizer)} tokens)")
+    text = LlamaConfig(vocab_size=vocab_size or len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **config["text"])
     llava = LlavaConfig(vision_config=vision, text_config=text,
                         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),

@@ -160,7 +160,8 @@ def _ddpo(cfg, model, batch, refs, *, autocast_dtype):
         logits = model(**batch.model_inputs()).logits
     pairs = batch.indices.tolist()
     ref = torch.tensor([refs[i][0] for i in pairs] + [refs[i][1] for i in pairs], device=logits.device)
-    return rk.ddpo_loss(logits[:, :-1], batch.labels[:, 1:], ref, token_weights=batch.token_weights[:, 1:],
+    labels, weights = batch.next_token_targets()
+    return rk.ddpo_loss(logits, labels, ref, token_weights=weights,
                         beta=cfg.beta, mode=cfg.mode, reward_margin=batch.reward_margin, drs_weight=cfg.drs_weight,
                         drs_k=cfg.drs_k, sft_weight=cfg.sft_weight, temperature=cfg.temperature,
                         inplace_backward=cfg.inplace_backward, backend=cfg.backend)

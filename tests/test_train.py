@@ -153,3 +153,20 @@ def test_gradient_checkpointing_gives_the_same_run(tmp_path, dataset):
     ckpt = train(small_config(tmp_path / "b", dataset, max_steps=2, grad_checkpointing=True))["model"].state_dict()
     for name in plain:
         torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_next_token_targets_shift_labels_and_weights(dataset):
+    records, _ = load_records(dataset)
+    batch = PairCollator(tiny.build_processor(), gamma=5.0)(list(enumerate(records[:2])))
+    labels, weights = batch.next_token_targets()
+    assert torch.equal(labels[:, :-1], batch.labels[:, 1:]) and torch.all(labels[:, -1] == IGNORE_INDEX)
+    assert torch.equal(weights[:, :-1], batch.token_weights[:, 1:]) and torch.all(weights[:, -1] == 0)
+
+
+def test_trainer_benchmark_runs(tmp_path):
+    from benchmarks import trainer
+    path = tmp_path / "t.json"
+    assert trainer.main(["--vocab", "500", "--pairs", "2", "--repeats", "1", "--json", str(path)]) == 0
+    data = json.loads(path.read_text())
+    assert [r["impl"] for r in data["results"]] == ["reference", "fused", "fused_inplace"]
+    assert all(r["step_median_ms"] > 0 and r["peak_extra_bytes"] > 0 for r in data["results"])

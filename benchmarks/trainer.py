@@ -1,0 +1,96 @@
+"""One training step of the trainer with the fused DDPO loss vs the same step with the eager reference loss: same
+model, same batch, side by side in one run (time and peak extra memory).
+
+    python benchmarks/trainer.py                      # tiny LLaVA with a 32000-token lm_head, 16 pairs, on CPU
+    python benchmarks/trainer.py --vocab 128256 --pairs 8 --json out.json   # on a GPU session
+
+The model is the embedded tiny LLaVA with its vocabulary padded to --vocab, so the logits (and the loss) weigh what
+they weigh in a real model while the rest of the step stays small: the ratios show what the loss path costs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.run import PeakMemory, device_name, sync, versions  # noqa: E402
+from rlhfv_train import synthetic, tiny  # noqa: E402
+from rlhfv_train.batch import PairCollator  # noqa: E402
+from rlhfv_train.data import load_records  # noqa: E402
+from rlhfv_train.train import TrainConfig, _ddpo  # noqa: E402
+
+IMPLS = {"reference": {"backend": "reference", "inplace_backward": False},
+         "fused": {"backend": None, "inplace_backward": False},
+         "fused_inplace": {"backend": None, "inplace_backward": True}}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vocab", type=int, default=None, help="lm_head size (default: 32000 on CPU, 128256 GPU)")
+    parser.add_argument("--pairs", type=int, default=16, help="preference pairs per step")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--json", metavar="PATH")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    vocab = args.vocab or (128256 if device.type == "cuda" else 32000)
+    autocast = torch.bfloat16 if device.type == "cuda" else None
+
+    folder = tempfile.mkdtemp(prefix="rlhfv-trainer-bench-")
+    records, _ = load_records(synthetic.generate(folder, args.pairs, seed=0))
+    processor = tiny.build_processor()
+    batch = PairCollator(processor, gamma=5.0)(list(enumerate(records))).to(device)
+    refs = {i: (-20.0, -20.0) for i in range(len(records))}
+    tokens = int(batch.attention_mask.sum())
+    print(f"trainer step on {device_name(device)}: {args.pairs} pairs, {tuple(batch.input_ids.shape)} tokens "
+          f"({tokens} real), V={vocab}, logits {batch.input_ids.numel() * vocab * 4 / 2**20:.0f} MiB in fp32")
+    results = []
+    for name, options in IMPLS.items():
+        cfg = TrainConfig(beta=0.5, mode="mean", sft_weight=0.0, **options)
+        model = tiny.build_model(processor, seed=0, vocab_size=vocab).to(device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def step():
+            out = _ddpo(cfg, model, batch, refs, autocast_dtype=autocast)
+            out.loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        step()  # warm-up: allocator, optimizer state
+        times = []
+        for _ in range(args.repeats):
+            sync(device)
+            t0 = time.perf_counter()
+            step()
+            sync(device)
+            times.append((time.perf_counter() - t0) * 1e3)
+        with PeakMemory(device) as mem:
+            step()
+        results.append({"impl": name, "step_median_ms": statistics.median(times), "step_times_ms": times,
+                        "peak_extra_bytes": mem.peak})
+        del model, optimizer
+    base = results[0]
+    print(f"{'impl':<15}{'step ms':>10}{'peak MiB':>11}{'speedup':>9}{'mem ratio':>11}")
+    for r in results:
+        print(f"{r['impl']:<15}{r['step_median_ms']:>10.1f}{r['peak_extra_bytes'] / 2**20:>11.1f}"
+              f"{base['step_median_ms'] / r['step_median_ms']:>8.2f}x"
+              f"{base['peak_extra_bytes'] / max(r['peak_extra_bytes'], 1):>10.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"versions": versions(), "device_name": device_name(device), "vocab": vocab,
+                       "pairs": args.pairs, "shape": list(batch.input_ids.shape), "results": results}, f, indent=1)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
