@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("cpp", "triton", "reference"), help="rlhfv_kernels backend")
     p.add_argument("--no-inplace-backward", action="store_true", help="keep the logits intact in backward")
     p.add_argument("--fused-linear", action="store_true", help="use the fused-linear loss (later release)")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun, shard the model with FSDP2 (default: DDP)")
     p.add_argument("--synthetic-examples", type=int, default=defaults.synthetic_examples)
     p.add_argument("--device", default=defaults.device)
     p.add_argument("--no-progress", action="store_true")

@@ -57,6 +57,7 @@ class TrainConfig:
     backend: str | None = None
     inplace_backward: bool = True
     fused_linear: bool = False
+    fsdp: bool = False                 # under torchrun: shard with FSDP2 instead of replicating with DDP
     synthetic_examples: int = 1024
     device: str = "auto"
     progress: bool = True
@@ -104,13 +105,65 @@ class Distributed:
         torch.distributed.all_reduce(t)
         return {k: float(v) / self.world for k, v in zip(keys, t)}
 
-    def wrap(self, model, device):
+    def wrap(self, model, device, fsdp: bool):
+        """DDP (a wrapper; `model` stays the plain module) or FSDP2 (shards `model` in place and returns it)."""
         if self.world == 1:
+            return model
+        if fsdp:
+            from torch.distributed.fsdp import fully_shard
+            # One shard group per transformer block (the classes HF marks as not to be split), then the rest.
+            block_names = set(getattr(model, "_no_split_modules", None) or [])
+            for module in model.modules():
+                if type(module).__name__ in block_names:
+                    fully_shard(module)
+            fully_shard(model)
             return model
         from torch.nn.parallel import DistributedDataParallel
         # Vision towers often leave parameters unused (e.g. CLIP's post-layernorm when LLaVA reads a hidden layer).
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                        find_unused_parameters=True)
+
+    def skip_grad_sync(self, trained):
+        """A context in which backward accumulates gradients locally (all micro-batches but the last)."""
+        if self.world == 1:
+            return contextlib.nullcontext()
+        if hasattr(trained, "no_sync"):  # DDP
+            return trained.no_sync()
+        return _FsdpNoSync(trained)
+
+
+class _FsdpNoSync:
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        self.model.set_requires_gradient_sync(False)
+
+    def __exit__(self, *exc):
+        self.model.set_requires_gradient_sync(True)
+        return False
+
+
+def _full_state(model, optimizer, fsdp: bool) -> tuple[dict, dict]:
+    """Unsharded model and optimizer state (a collective under FSDP: every process calls it)."""
+    if not fsdp:
+        return model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def _load_full_state(model, optimizer, model_state: dict, optimizer_state: dict, fsdp: bool) -> None:
+    if not fsdp:
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(optimizer_state)
+        return
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, model_state, options=options)
+    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
 
 
 def build_processor_and_model(cfg: TrainConfig):
@@ -298,6 +351,11 @@ def train(cfg: TrainConfig) -> dict:
     if not dist.is_main:
         refs = refcache.load_or_compute(cache_dir, key, compute_refs)
 
+    fsdp = cfg.fsdp and dist.world > 1
+    model.train()
+    # DDP wraps the model (`model` stays the plain module for eval and checkpoints); FSDP2 shards `model` itself,
+    # before the optimizer is built over its sharded parameters.
+    trained = dist.wrap(model, device, fsdp)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = int(cfg.warmup_ratio * cfg.max_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
@@ -308,8 +366,7 @@ def train(cfg: TrainConfig) -> dict:
     step = 0
     if cfg.resume and os.path.isfile(ckpt_path):
         state = torch.load(ckpt_path, weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        _load_full_state(model, optimizer, state["model"], state["optimizer"], fsdp)
         scheduler.load_state_dict(state["scheduler"])
         _restore_rng(state["rng"])
         step = state["step"]
@@ -324,8 +381,9 @@ def train(cfg: TrainConfig) -> dict:
     dist.barrier()
 
     def checkpoint():
+        model_state, optimizer_state = _full_state(model, optimizer, fsdp)
         if dist.is_main:
-            _save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            _save_checkpoint(ckpt_path, {"model": model_state, "optimizer": optimizer_state,
                                          "scheduler": scheduler.state_dict(), "rng": _rng_state(), "step": step,
                                          "config": asdict(cfg), "ref_cache_key": key})
         dist.barrier()
@@ -333,8 +391,6 @@ def train(cfg: TrainConfig) -> dict:
     from tqdm import tqdm
     bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step",
                disable=not cfg.progress or not dist.is_main)
-    model.train()
-    trained = dist.wrap(model, device)  # DDP under torchrun; `model` stays the plain module (eval, checkpoints)
     last = {}
     with open(metrics_path, "a") if dist.is_main else open(os.devnull, "w") as metrics_file:
         while step < cfg.max_steps:
@@ -343,8 +399,8 @@ def train(cfg: TrainConfig) -> dict:
                 indices = stream.batch(step * cfg.grad_accum + micro)
                 batch = collate([(i, records[i]) for i in indices]).to(device)
                 # Gradients are averaged across processes once per optimizer step, on the last micro-batch.
-                sync = micro == cfg.grad_accum - 1 or dist.world == 1
-                with contextlib.nullcontext() if sync else trained.no_sync():
+                sync = micro == cfg.grad_accum - 1
+                with contextlib.nullcontext() if sync else dist.skip_grad_sync(trained):
                     out = _ddpo(cfg, trained, batch, refs, autocast_dtype=autocast_dtype)
                     (out.loss / cfg.grad_accum).backward()
                 totals["loss"] += out.loss.item() / cfg.grad_accum

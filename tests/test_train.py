@@ -121,16 +121,20 @@ def test_fused_linear_is_refused_clearly(tmp_path, dataset):
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_match_one_process(tmp_path, dataset):
-    """torchrun with 2 CPU processes (gloo, DDP), 2 pairs each, ends where one process with 4 pairs per batch does."""
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_gloo_processes_match_one_process(tmp_path, dataset, parallel):
+    """torchrun with 2 CPU processes (gloo; DDP or FSDP2), 2 pairs each, ends where one process with 4 pairs per
+    batch does; two micro-batches per step also exercise the skipped gradient sync."""
     import subprocess
     import sys
     common = ["--data", dataset, "--max-steps", "3", "--sft-weight", "0", "--eval-fraction", "0.25",
-              "--save-every", "3", "--no-progress", "--lr", "2e-3"]
+              "--save-every", "3", "--no-progress", "--lr", "2e-3", "--grad-accum", "2"]
+    port = "29517" if parallel == "ddp" else "29518"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    flags = ["--fsdp"] if parallel == "fsdp" else []
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          "29517", "-m", "rlhfv_train", "--output-dir", str(tmp_path / "ddp"), "--batch-size", "2",
-                          *common], capture_output=True, text=True, env=env, timeout=600)
+                          port, "-m", "rlhfv_train", "--output-dir", str(tmp_path / "ddp"), "--batch-size", "2",
+                          *flags, *common], capture_output=True, text=True, env=env, timeout=600)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     single = subprocess.run([sys.executable, "-m", "rlhfv_train", "--output-dir", str(tmp_path / "one"),
                              "--batch-size", "4", *common], capture_output=True, text=True, env=env, timeout=600)
