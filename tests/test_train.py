@@ -174,3 +174,19 @@ def test_trainer_benchmark_runs(tmp_path):
     data = json.loads(path.read_text())
     assert [r["impl"] for r in data["results"]] == ["reference", "fused", "fused_inplace"]
     assert all(r["step_median_ms"] > 0 and r["peak_extra_bytes"] > 0 for r in data["results"])
+
+
+def test_reward_margins_reach_the_loss(tmp_path, dataset):
+    """Records with reward_margin: the batch carries them and MM-DPO scaling changes the run."""
+    rows = [json.loads(line) for line in open(dataset)]
+    folder = os.path.dirname(dataset)
+    path = os.path.join(folder, "with_margin.jsonl")
+    with open(path, "w") as f:
+        for k, row in enumerate(rows):
+            f.write(json.dumps({**row, "reward_margin": 0.25 * (k % 5)}) + "\n")
+    records, _ = load_records(path)
+    batch = PairCollator(tiny.build_processor(), gamma=5.0)(list(enumerate(records[:5])))
+    assert batch.reward_margin.tolist() == [0.0, 0.25, 0.5, 0.75, 1.0]
+    plain = train(small_config(tmp_path / "a", path, max_steps=2))["metrics"]
+    scaled = train(small_config(tmp_path / "b", path, max_steps=2, drs_weight=2.0, drs_k=1.0))["metrics"]
+    assert scaled["loss"] != plain["loss"]
