@@ -208,11 +208,17 @@ IMPL_TABLE = {
     "reference_compiled": Impl("reference_compiled", backend="reference", compiled=True),
     "fused": Impl("fused"),
     "fused_inplace": Impl("fused_inplace", inplace=True, consumes_input=True),
+    "triton": Impl("triton", backend="triton"),
+    "triton_inplace": Impl("triton_inplace", backend="triton", inplace=True, consumes_input=True),
+    "cuda": Impl("cuda", backend="cuda"),
+    "cuda_inplace": Impl("cuda_inplace", backend="cuda", inplace=True, consumes_input=True),
     "liger": Impl("liger", peer="liger", consumes_input=True, ops=PEER_OPS),
     "flash_attn": Impl("flash_attn", peer="flash_attn", ops=PEER_OPS),
 }
 IMPLS = tuple(IMPL_TABLE)
-DEFAULT_IMPLS = {"cpu": ("reference", "fused", "fused_inplace"), "cuda": IMPLS}
+DEFAULT_IMPLS = {"cpu": ("reference", "fused", "fused_inplace"),
+                 "cuda": ("reference", "reference_compiled", "triton", "triton_inplace", "cuda", "cuda_inplace",
+                          "liger", "flash_attn")}
 
 
 def peer_token_logps(peer: str):
@@ -404,8 +410,8 @@ def main(argv=None) -> int:
     parser.add_argument("--case", action="append", help="NxV:dtype, repeatable (default: per-device list)")
     parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {OPS}")
     parser.add_argument("--impls", help=f"comma-separated subset of {IMPLS} (default: CPU "
-                        f"{','.join(DEFAULT_IMPLS['cpu'])}; CUDA all, peers where installed)")
-    parser.add_argument("--backend", choices=("cpp", "triton"), help="backend of the fused impls (default: the "
+                        f"{','.join(DEFAULT_IMPLS['cpu'])}; CUDA: {','.join(DEFAULT_IMPLS['cuda'])}, peers where installed)")
+    parser.add_argument("--backend", choices=("cpp", "cuda", "triton"), help="backend of the fused impls (default: the "
                         "library's choice for the device)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)

@@ -2,11 +2,12 @@
 
 Backends:
   "reference" - plain eager PyTorch (log_softmax + gather); always available, materializes N x V.
-  "cpp"       - the compiled extension rlhfv_kernels._C (CPU kernels; CUDA kernels in a later release).
+  "cpp"       - the compiled extension rlhfv_kernels._C, CPU kernels (C++).
+  "cuda"      - the compiled extension's CUDA kernels (CUDA C++), where the extension was built with them.
   "triton"    - Triton kernels: CUDA tensors, or CPU tensors under Triton's interpreter (TRITON_INTERPRET=1 set
                 before rlhfv_kernels.triton is first imported; meant for tests, it is slow).
-None picks the best available for the tensor's device (CPU: "cpp"; CUDA: "triton"); the environment variable
-RLHFV_BACKEND overrides that default.
+None picks the best available for the tensor's device (CPU: "cpp"; CUDA: CUDA_DEFAULT, then the other GPU backend);
+the environment variable RLHFV_BACKEND overrides that default.
 """
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ import warnings
 
 import torch
 
-BACKENDS = ("reference", "cpp", "triton")
+BACKENDS = ("reference", "cpp", "cuda", "triton")
+# The GPU default: Triton until a recorded GPU benchmark (benchmarks/results/) shows the CUDA C++ kernels faster.
+CUDA_DEFAULT = ("triton", "cuda")
 
 _extension_error: str | None = None
 try:
@@ -43,7 +46,16 @@ def _why_unavailable(backend: str, device: torch.device) -> str | None:
             return (f"the compiled extension rlhfv_kernels._C failed to import ({_extension_error}); "
                     "build it with `pip install --no-build-isolation -e .`")
         if device.type != "cpu":
-            return f"the compiled extension has no {device.type} kernels in this release (CPU only)"
+            return f"'cpp' is the compiled CPU kernels; for {device.type} tensors use 'cuda' or 'triton'"
+        return None
+    if backend == "cuda":
+        if _extension_error is not None:
+            return f"the compiled extension rlhfv_kernels._C failed to import ({_extension_error})"
+        if device.type != "cuda":
+            return f"the CUDA kernels run on CUDA tensors, not {device.type}"
+        if not torch._C._dispatch_has_kernel_for_dispatch_key("rlhfv::logprob_fwd", "CUDA"):
+            return ("the extension was built without its CUDA kernels (build with a CUDA torch and nvcc, "
+                    "without RLHFV_FORCE_CPU=1)")
         return None
     if backend == "triton":
         return _why_triton_unavailable(device)
@@ -82,10 +94,14 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
             raise BackendUnavailableError(f"backend {backend!r} cannot run on {device}: {reason}")
         return backend
     # Default: the fused kernel where one exists for this device, else the reference (with one warning).
-    preferred = "triton" if device.type == "cuda" else "cpp"
-    reason = _why_unavailable(preferred, device)
-    if reason is None:
-        return preferred
+    candidates = CUDA_DEFAULT if device.type == "cuda" else ("cpp",)
+    reasons = []
+    for preferred in candidates:
+        reason = _why_unavailable(preferred, device)
+        if reason is None:
+            return preferred
+        reasons.append(f"{preferred}: {reason}")
+    reason = "; ".join(reasons)
     if device.type not in _warned_fallback:
         _warned_fallback.add(device.type)
         warnings.warn(f"rlhfv: no fused kernel for {device.type} tensors ({reason}); using the eager reference, "

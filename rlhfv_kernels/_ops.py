@@ -61,7 +61,7 @@ def register_glue(namespace: str) -> None:
 if _backend.extension_available():
     register_glue("rlhfv")
 
-_NAMESPACE_OF_BACKEND = {"cpp": "rlhfv", "triton": "rlhfv_triton"}
+_NAMESPACE_OF_BACKEND = {"cpp": "rlhfv", "cuda": "rlhfv", "triton": "rlhfv_triton"}
 
 
 def fused_token_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, temperature: float,

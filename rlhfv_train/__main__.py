@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) malformed records instead of failing")
     p.add_argument("--resume", action="store_true", help="continue from output-dir/checkpoint.pt")
-    p.add_argument("--backend", choices=("cpp", "triton", "reference"), help="rlhfv_kernels backend")
+    p.add_argument("--backend", choices=("cpp", "cuda", "triton", "reference"), help="rlhfv_kernels backend")
     p.add_argument("--no-inplace-backward", action="store_true", help="keep the logits intact in backward")
     p.add_argument("--fused-linear", action="store_true", help="use the fused-linear loss (later release)")
     p.add_argument("--fsdp", action="store_true", help="under torchrun, shard the model with FSDP2 (default: DDP)")

@@ -346,18 +346,7 @@ void backward_rows(const at::Tensor& logits, const int64_t* labels, const acc_t<
 
 void check_common(const at::Tensor& logits, const at::Tensor& labels, double temperature) {
   TORCH_CHECK(logits.device().is_cpu(), "rlhfv: logits must be a CPU tensor for the CPU kernel");
-  TORCH_CHECK(logits.dim() >= 1, "rlhfv: logits must have at least one dimension, got a scalar");
-  TORCH_CHECK(logits.size(-1) > 0 || logp_rows(logits) == 0, "rlhfv: logits has an empty vocabulary dimension");
-  TORCH_CHECK(logits.dim() == 1 || logits.stride(-1) == 1 || logits.size(-1) == 1,
-              "rlhfv: logits must have unit stride along the vocabulary (last) dimension, got stride ",
-              logits.stride(-1));
-  TORCH_CHECK(at::isFloatingType(logits.scalar_type()),
-              "rlhfv: logits must be float32, bfloat16, float16 or float64, got ", logits.scalar_type());
-  TORCH_CHECK(labels.scalar_type() == at::kLong || labels.scalar_type() == at::kInt,
-              "rlhfv: labels must be int64 or int32, got ", labels.scalar_type());
-  TORCH_CHECK(labels.sizes() == logits.sizes().slice(0, logits.dim() - 1), "rlhfv: labels shape ", labels.sizes(),
-              " must equal logits.shape[:-1] = ", logits.sizes().slice(0, logits.dim() - 1));
-  TORCH_CHECK(temperature > 0.0, "rlhfv: temperature must be > 0, got ", temperature);
+  check_logprob_inputs(logits, labels, temperature);
 }
 
 std::tuple<at::Tensor, at::Tensor> logprob_fwd_cpu(const at::Tensor& logits, const at::Tensor& labels,
