@@ -222,7 +222,9 @@ DEFAULT_IMPLS = {"cpu": ("reference", "fused", "fused_inplace"),
 
 
 def peer_token_logps(peer: str):
-    """(logits [..., V], labels [...]) -> per-token log-probs from a peer's cross-entropy kernel, or raise ImportError."""
+    """(logits [..., V], labels [...]) -> per-token log-probs from a peer's cross-entropy kernel.
+
+    Raises ImportError when the peer is not installed."""
     if peer == "liger":
         from liger_kernel.transformers import LigerCrossEntropyLoss
 
@@ -410,7 +412,8 @@ def main(argv=None) -> int:
     parser.add_argument("--case", action="append", help="NxV:dtype, repeatable (default: per-device list)")
     parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {OPS}")
     parser.add_argument("--impls", help=f"comma-separated subset of {IMPLS} (default: CPU "
-                        f"{','.join(DEFAULT_IMPLS['cpu'])}; CUDA: {','.join(DEFAULT_IMPLS['cuda'])}, peers where installed)")
+                        f"{','.join(DEFAULT_IMPLS['cpu'])}; CUDA: {','.join(DEFAULT_IMPLS['cuda'])}, "
+                        "peers where installed)")
     parser.add_argument("--backend", choices=("cpp", "cuda", "triton"), help="backend of the fused impls (default: the "
                         "library's choice for the device)")
     parser.add_argument("--repeats", type=int, default=5)

@@ -1,11 +1,21 @@
-"""Test setup: fresh random inputs every run (seed printed on failure), Triton's CPU interpreter switched on."""
+"""Test setup: fresh random inputs every run (seed printed on failure); Triton's CPU interpreter on machines without
+a GPU, so the Triton kernels run on CPU tensors there (on a GPU machine they compile for the GPU instead and the
+CPU-tensor Triton cases skip)."""
 import os
 import random
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede any @triton.jit (DESIGN.md §5)
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede any @triton.jit (DESIGN.md §5)
+
+
+def skip_unless_backend_runs(backend: str, device: str = "cpu", *, module: bool = False) -> None:
+    from rlhfv_kernels import _backend
+    reason = _backend._why_unavailable(backend, torch.device(device))
+    if reason is not None:
+        pytest.skip(f"backend {backend!r} on {device}: {reason}", allow_module_level=module)
 
 
 @pytest.fixture(autouse=True)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import rlhfv_kernels as rk
+from conftest import skip_unless_backend_runs
 from rlhfv_kernels import reference
 from numerics import assert_meets_criterion
 
@@ -226,6 +227,7 @@ def make_shifted_batch(pairs=3, seq=10, vocab=517):
 
 @pytest.fixture(params=["cpp", "triton"])
 def backend(request):
+    skip_unless_backend_runs(request.param)
     return request.param
 
 

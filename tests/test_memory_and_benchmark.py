@@ -6,6 +6,7 @@ import torch
 
 import rlhfv_kernels as rk
 from benchmarks import run as bench
+from conftest import skip_unless_backend_runs
 
 
 def peak_extra_bytes(fn):
@@ -38,8 +39,8 @@ def test_fused_paths_allocate_no_logits_sized_temporaries(dtype):
 
 def test_benchmark_quick_run_writes_complete_json(tmp_path):
     path = tmp_path / "bench.json"
-    assert bench.main(["--quick", "--no-progress", "--json", str(path), "--case", "200x777:float32",
-                       "--case", "64x501:bfloat16"]) == 0
+    assert bench.main(["--quick", "--no-progress", "--device", "cpu", "--json", str(path),
+                       "--case", "200x777:float32", "--case", "64x501:bfloat16"]) == 0
     data = json.loads(path.read_text())
     assert data["versions"]["torch"] == torch.__version__
     assert [c["case"]["vocab"] for c in data["cases"]] == [777, 501]
@@ -55,9 +56,11 @@ def test_benchmark_quick_run_writes_complete_json(tmp_path):
 
 
 def test_benchmark_triton_backend_and_unavailable_peers(tmp_path):
+    skip_unless_backend_runs("triton")
     path = tmp_path / "bench.json"
-    assert bench.main(["--no-progress", "--json", str(path), "--case", "64x300:float32", "--repeats", "1",
-                       "--backend", "triton", "--impls", "reference,fused,liger", "--ops", "ddpo_loss"]) == 0
+    assert bench.main(["--no-progress", "--device", "cpu", "--json", str(path), "--case", "64x300:float32",
+                       "--repeats", "1", "--backend", "triton", "--impls", "reference,fused,liger",
+                       "--ops", "ddpo_loss"]) == 0
     data = json.loads(path.read_text())
     assert "liger" in data["skipped"]  # peers run on CUDA only
     (fused,) = [r for r in data["cases"][0]["records"] if r["impl"] == "fused"]

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import rlhfv_kernels as rk
+from conftest import skip_unless_backend_runs
 from rlhfv_kernels import reference
 from numerics import assert_meets_criterion
 
@@ -21,6 +22,7 @@ def random_labels(shape, vocab, ignore_fraction=0.2, ignore_index=-100):
 
 @pytest.fixture(params=["cpp", "triton"])
 def backend(request):
+    skip_unless_backend_runs(request.param)
     return request.param
 
 
@@ -64,7 +66,8 @@ def test_strided_views_without_copy(dtype, inplace_backward, backend):
     base = torch.randn(batch, seq + 1, vocab)
     labels = random_labels((batch, seq), vocab)
     # The usual shift: logits[:, :-1] has a row stride that skips one row per sequence.
-    check_against_truth(backend, lambda x: base if x is None else x[:, :-1], labels, dtype, inplace_backward=inplace_backward)
+    check_against_truth(backend, lambda x: base if x is None else x[:, :-1], labels, dtype,
+                        inplace_backward=inplace_backward)
     # Every other position, and a permuted (non-monotone) leading layout.
     labels_even = random_labels((batch, (seq + 2) // 2), vocab)
     check_against_truth(backend, lambda x: base if x is None else x[:, ::2], labels_even, dtype,

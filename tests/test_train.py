@@ -22,7 +22,7 @@ def dataset(tmp_path_factory):
 
 def small_config(output_dir, dataset, **overrides):
     values = dict(data=dataset, output_dir=str(output_dir), max_steps=6, batch_size=4, eval_every=3, save_every=3,
-                  eval_fraction=0.25, sft_weight=1.0, progress=False, lr=2e-3)
+                  eval_fraction=0.25, sft_weight=1.0, progress=False, lr=2e-3, device="cpu")
     values.update(overrides)
     return TrainConfig(**values)
 
@@ -102,7 +102,7 @@ def test_text_only_data_with_a_local_causal_lm(tmp_path):
     data.write_text("\n".join(json.dumps({"question": "what do you see ?", "chosen": f"a red {s}",
                                           "rejected": f"a blue {s}"}) for s in synthetic.SHAPES * 4) + "\n")
     summary = train(TrainConfig(data=str(data), model=str(tmp_path / "lm"), output_dir=str(tmp_path / "out"),
-                                max_steps=2, batch_size=4, progress=False))
+                                max_steps=2, batch_size=4, progress=False, device="cpu"))
     assert summary["step"] == 2
 
 
@@ -128,7 +128,7 @@ def test_two_gloo_processes_match_one_process(tmp_path, dataset, parallel):
     import subprocess
     import sys
     common = ["--data", dataset, "--max-steps", "3", "--sft-weight", "0", "--eval-fraction", "0.25",
-              "--save-every", "3", "--no-progress", "--lr", "2e-3", "--grad-accum", "2"]
+              "--save-every", "3", "--no-progress", "--lr", "2e-3", "--grad-accum", "2", "--device", "cpu"]
     port = "29517" if parallel == "ddp" else "29518"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     flags = ["--fsdp"] if parallel == "fsdp" else []
@@ -170,7 +170,8 @@ def test_next_token_targets_shift_labels_and_weights(dataset):
 def test_trainer_benchmark_runs(tmp_path):
     from benchmarks import trainer
     path = tmp_path / "t.json"
-    assert trainer.main(["--vocab", "500", "--pairs", "2", "--repeats", "1", "--json", str(path)]) == 0
+    assert trainer.main(["--vocab", "500", "--pairs", "2", "--repeats", "1", "--device", "cpu", "--json",
+                         str(path)]) == 0
     data = json.loads(path.read_text())
     assert [r["impl"] for r in data["results"]] == ["reference", "fused", "fused_inplace"]
     assert all(r["step_median_ms"] > 0 and r["peak_extra_bytes"] > 0 for r in data["results"])

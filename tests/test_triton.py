@@ -6,11 +6,15 @@ Triton kernels under the interpreter.
 import pytest
 import torch
 
-import rlhfv_kernels as rk
-import rlhfv_kernels.triton  # noqa: F401  (registers torch.ops.rlhfv_triton)
-from rlhfv_kernels import _ops, reference
-from rlhfv_kernels.triton import kernels
-from numerics import assert_meets_criterion
+from conftest import skip_unless_backend_runs
+
+skip_unless_backend_runs("triton", module=True)  # these use CPU tensors: the interpreter (GPU runs: tests/test_gpu.py)
+
+import rlhfv_kernels as rk  # noqa: E402
+import rlhfv_kernels.triton  # noqa: E402,F401  (registers torch.ops.rlhfv_triton)
+from rlhfv_kernels import _ops, reference  # noqa: E402
+from rlhfv_kernels.triton import kernels  # noqa: E402
+from numerics import assert_meets_criterion  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
