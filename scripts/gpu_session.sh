@@ -7,8 +7,11 @@
 #       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl liger-kernel
 #   (flash-attn ships only as a source tarball whose package imports its CUDA build; the benchmark skips it unless
 #    RLHFV_PEER_FLASH_ATTN_CE names its flash_attn/ops/triton/cross_entropy.py, extracted under .whl/.)
-# Then: run(command="bash scripts/gpu_session.sh", carry=[".whl"], timeout_s=600), and commit $OUT/bench-*.json
-# under benchmarks/results/ together with $OUT/tests.log's summary.
+# Then two device calls (each must end within 10 minutes):
+#   run(command="bash scripts/gpu_session.sh tests", carry=[".whl"], timeout_s=600)   # build + whole test suite
+#   run(command="bash scripts/gpu_session.sh bench", carry=[".whl"], timeout_s=600)   # kernel + trainer benchmarks
+# and commit $OUT/bench-*.json and $OUT/trainer-*.json under benchmarks/results/, with tests.log's summary in the note.
+# The backend default on GPU (rlhfv_kernels/_backend.py CUDA_DEFAULT) should follow what bench-*.json shows.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/rlhfv-out}
@@ -19,8 +22,15 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+stage=${1:-all}
+export RLHFV_CUDA_ARCHS=${RLHFV_CUDA_ARCHS:-90a}  # the lent machines are Hopper; one target builds faster
 python3 setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
-python3 -m pytest -q tests -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -15
-stamp=$(date -u +%Y%m%d)
-gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '-' | tr -cd 'A-Za-z0-9_.-')
-python3 benchmarks/run.py --no-progress --json "$OUT/bench-$gpu-$stamp.json" 2>&1 | tee "$OUT/bench.log" | tail -60
+if [ "$stage" = tests ] || [ "$stage" = all ]; then
+  python3 -m pytest -q tests -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -15
+fi
+if [ "$stage" = bench ] || [ "$stage" = all ]; then
+  stamp=$(date -u +%Y%m%d)
+  gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '-' | tr -cd 'A-Za-z0-9_.-')
+  python3 benchmarks/run.py --no-progress --json "$OUT/bench-$gpu-$stamp.json" 2>&1 | tee "$OUT/bench.log" | tail -60
+  python3 benchmarks/trainer.py --vocab 128256 --pairs 8 --json "$OUT/trainer-$gpu-$stamp.json" 2>&1 | tail -8
+fi
