@@ -119,6 +119,16 @@ def versions() -> dict:
     return info
 
 
+def pick_device(name: str) -> torch.device:
+    """--device: 'auto' is CUDA when torch sees a GPU, else CPU; anything else is taken as a torch device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda requested but torch sees no CUDA device")
+    return device
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -423,10 +433,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda requested but torch sees no CUDA device")
+    device = pick_device(args.device)
     if args.quick:
         args.repeats, args.warmup = min(args.repeats, 2), min(args.warmup, 1)
     cases = [Case.parse(c) for c in (args.case or (QUICK_CASES if args.quick else DEFAULT_CASES[device.type]))]

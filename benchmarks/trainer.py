@@ -21,7 +21,7 @@ os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.run import PeakMemory, device_name, sync, versions  # noqa: E402
+from benchmarks.run import PeakMemory, device_name, pick_device, sync, versions  # noqa: E402
 from rlhfv_train import synthetic, tiny  # noqa: E402
 from rlhfv_train.batch import PairCollator  # noqa: E402
 from rlhfv_train.data import load_records  # noqa: E402
@@ -40,8 +40,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = pick_device(args.device)
     vocab = args.vocab or (128256 if device.type == "cuda" else 32000)
     autocast = torch.bfloat16 if device.type == "cuda" else None
 

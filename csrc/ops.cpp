@@ -33,4 +33,15 @@ TORCH_LIBRARY(rlhfv, m) {
   m.def(
       "logprob_bwd_(Tensor(a!) logits, Tensor grad_logp, Tensor labels, Tensor lse, int ignore_index,"
       " float temperature) -> ()");
+  // The fused-linear path: logits = hidden @ weight.T (+ bias) are computed `chunk_rows` tokens at a time and never
+  // stored whole. hidden [..., H], weight [V, H], bias [V] or None, labels hidden.shape[:-1].
+  // Returns (logp, lse) like logprob_fwd.
+  m.def(
+      "linear_logprob_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, int ignore_index,"
+      " float temperature, int chunk_rows) -> (Tensor, Tensor)");
+  // Recomputes each chunk's logits and returns (dhidden, dweight, dbias); dbias is empty when bias is None.
+  // dweight and dbias are accumulated in fp32 (fp64 for fp64 inputs) and returned in the weight's dtype.
+  m.def(
+      "linear_logprob_bwd(Tensor grad_logp, Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor lse,"
+      " int ignore_index, float temperature, int chunk_rows) -> (Tensor, Tensor, Tensor)");
 }

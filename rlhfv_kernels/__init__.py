@@ -9,6 +9,8 @@ See README.md for the API table and rlhfv_kernels.reference for the eager implem
 from . import reference
 from ._backend import BACKENDS, BackendUnavailableError, extension_available
 from .api import ddpo_loss, dpo_loss, grpo_loss, sequence_logps, token_logprobs
+from .linear import (linear_ddpo_loss, linear_dpo_loss, linear_grpo_loss, linear_sequence_logps,
+                     linear_token_logprobs)
 from .losses import DDPOOutput, GRPOOutput
 
 __version__ = "0.1.0"
@@ -22,6 +24,11 @@ __all__ = [
     "dpo_loss",
     "extension_available",
     "grpo_loss",
+    "linear_ddpo_loss",
+    "linear_dpo_loss",
+    "linear_grpo_loss",
+    "linear_sequence_logps",
+    "linear_token_logprobs",
     "reference",
     "sequence_logps",
     "token_logprobs",

@@ -37,10 +37,15 @@ def extension_available() -> bool:
     return _extension_error is None
 
 
-def _why_unavailable(backend: str, device: torch.device) -> str | None:
-    """None if `backend` can run on `device`, else the reason."""
+PATHS = ("logits", "linear")
+
+
+def _why_unavailable(backend: str, device: torch.device, path: str = "logits") -> str | None:
+    """None if `backend` can run `path` ("logits" or "linear", the fused-linear family) on `device`, else why."""
     if backend == "reference":
         return None
+    if path == "linear" and backend in ("cuda", "triton"):
+        return f"the fused-linear path has no {backend} kernels in this release (CPU: 'cpp'; else 'reference')"
     if backend == "cpp":
         if _extension_error is not None:
             return (f"the compiled extension rlhfv_kernels._C failed to import ({_extension_error}); "
@@ -77,11 +82,11 @@ def _why_triton_unavailable(device: torch.device) -> str | None:
     return None
 
 
-_warned_fallback: set[str] = set()
+_warned_fallback: set[tuple[str, str]] = set()
 
 
-def resolve_backend(backend: str | None, device: torch.device) -> str:
-    """Returns the backend that will run on `device`, or raises BackendUnavailableError / ValueError."""
+def resolve_backend(backend: str | None, device: torch.device, path: str = "logits") -> str:
+    """Returns the backend that will run `path` on `device`, or raises BackendUnavailableError / ValueError."""
     explicit = backend is not None
     if backend is None:
         backend = os.environ.get("RLHFV_BACKEND") or None
@@ -89,7 +94,7 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
         source = "backend" if explicit else "RLHFV_BACKEND"
         raise ValueError(f"{source} must be one of {BACKENDS} or None, got {backend!r}")
     if backend is not None:
-        reason = _why_unavailable(backend, device)
+        reason = _why_unavailable(backend, device, path)
         if reason is not None:
             raise BackendUnavailableError(f"backend {backend!r} cannot run on {device}: {reason}")
         return backend
@@ -97,13 +102,13 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
     candidates = CUDA_DEFAULT if device.type == "cuda" else ("cpp",)
     reasons = []
     for preferred in candidates:
-        reason = _why_unavailable(preferred, device)
+        reason = _why_unavailable(preferred, device, path)
         if reason is None:
             return preferred
         reasons.append(f"{preferred}: {reason}")
     reason = "; ".join(reasons)
-    if device.type not in _warned_fallback:
-        _warned_fallback.add(device.type)
-        warnings.warn(f"rlhfv: no fused kernel for {device.type} tensors ({reason}); using the eager reference, "
-                      "which materializes the full log_softmax", RuntimeWarning, stacklevel=3)
+    if (device.type, path) not in _warned_fallback:
+        _warned_fallback.add((device.type, path))
+        warnings.warn(f"rlhfv: no fused {path}-path kernel for {device.type} tensors ({reason}); using the eager "
+                      "reference, which materializes the full log_softmax", RuntimeWarning, stacklevel=3)
     return "reference"

@@ -69,16 +69,24 @@ def check_logits_labels(logits, labels, ignore_index: int, temperature: float, *
         raise TypeError(f"labels must be int64 or int32, got {labels.dtype}")
     if logits.dim() < min_dim:
         raise ValueError(f"logits must have at least {min_dim} dimensions, got shape {tuple(logits.shape)}")
-    if tuple(labels.shape) != tuple(logits.shape[:-1]):
-        raise ValueError(f"labels shape {tuple(labels.shape)} must equal logits.shape[:-1] = "
-                         f"{tuple(logits.shape[:-1])}")
-    check_same_device(labels, "labels", logits)
+    check_ignore_and_temperature(ignore_index, temperature)
+    check_labels(labels, logits, vocab=logits.shape[-1], ignore_index=ignore_index, inputs_name="logits")
+
+
+def check_ignore_and_temperature(ignore_index, temperature) -> None:
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     check_positive_finite(temperature, "temperature")
-    vocab = logits.shape[-1]
+
+
+def check_labels(labels, inputs: torch.Tensor, *, vocab: int, ignore_index: int, inputs_name: str) -> None:
+    """labels: shape inputs.shape[:-1], on inputs' device, every value in [0, vocab) or ignore_index."""
+    if tuple(labels.shape) != tuple(inputs.shape[:-1]):
+        raise ValueError(f"labels shape {tuple(labels.shape)} must equal {inputs_name}.shape[:-1] = "
+                         f"{tuple(inputs.shape[:-1])}")
+    check_same_device(labels, "labels", inputs)
     if vocab == 0 and labels.numel() > 0:
-        raise ValueError(f"logits has an empty vocabulary dimension (shape {tuple(logits.shape)})")
+        raise ValueError(f"the vocabulary is empty (V = 0) but there are {labels.numel()} labels")
     if _data_checks_enabled():
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
         where = _first_true(bad)

@@ -58,8 +58,38 @@ def register_glue(namespace: str) -> None:
     torch.library.register_autograd(f"{namespace}::logprob_fwd", backward, setup_context=setup_context)
 
 
+def register_linear_glue(namespace: str) -> None:
+    """Fake kernels and autograd for namespace::linear_logprob_fwd / linear_logprob_bwd (the fused-linear path)."""
+    ops = getattr(torch.ops, namespace)
+
+    @torch.library.register_fake(f"{namespace}::linear_logprob_fwd")
+    def _fwd_fake(hidden, weight, bias, labels, ignore_index, temperature, chunk_rows):
+        logp_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        return labels.new_empty(labels.shape, dtype=logp_dtype), labels.new_empty(labels.shape, dtype=torch.float64)
+
+    @torch.library.register_fake(f"{namespace}::linear_logprob_bwd")
+    def _bwd_fake(grad_logp, hidden, weight, bias, labels, lse, ignore_index, temperature, chunk_rows):
+        dbias = torch.empty_like(bias) if bias is not None else weight.new_empty((0,))
+        return torch.empty_like(hidden, memory_format=torch.contiguous_format), torch.empty_like(weight), dbias
+
+    def setup_context(ctx, inputs, output):
+        hidden, weight, bias, labels, ignore_index, temperature, chunk_rows = inputs
+        _, lse = output
+        ctx.save_for_backward(hidden, weight, bias, labels, lse)
+        ctx.args = (ignore_index, temperature, chunk_rows)
+        ctx.mark_non_differentiable(lse)
+
+    def backward(ctx, grad_logp, _grad_lse):
+        hidden, weight, bias, labels, lse = ctx.saved_tensors
+        dhidden, dweight, dbias = ops.linear_logprob_bwd(grad_logp, hidden, weight, bias, labels, lse, *ctx.args)
+        return dhidden, dweight, (dbias if bias is not None else None), None, None, None, None
+
+    torch.library.register_autograd(f"{namespace}::linear_logprob_fwd", backward, setup_context=setup_context)
+
+
 if _backend.extension_available():
     register_glue("rlhfv")
+    register_linear_glue("rlhfv")
 
 _NAMESPACE_OF_BACKEND = {"cpp": "rlhfv", "cuda": "rlhfv", "triton": "rlhfv_triton"}
 

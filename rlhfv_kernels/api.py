@@ -34,6 +34,33 @@ def _token_logps(logits, labels, ignore_index, temperature, inplace_backward, ba
     return _ops.fused_token_logprobs(logits, labels, ignore_index, temperature, bool(inplace_backward), which)
 
 
+class _LogitsSource:
+    """Per-token log-probs from logits [..., V] (the logits path)."""
+
+    name, last_dim = "logits", "V"
+
+    def __init__(self, logits, inplace_backward, backend):
+        self.tensor, self.inplace_backward, self.backend = logits, inplace_backward, backend
+
+    def logps(self, labels, ignore_index, temperature, min_dim=1):
+        return _token_logps(self.tensor, labels, ignore_index, temperature, self.inplace_backward, self.backend,
+                            min_dim=min_dim)
+
+
+class _LinearSource:
+    """Per-token log-probs from hidden states [..., H] and the lm_head weight [V, H] (the fused-linear path)."""
+
+    name, last_dim = "hidden", "H"
+
+    def __init__(self, hidden, weight, bias, chunk_size, backend):
+        self.tensor, self.weight, self.bias, self.chunk_size, self.backend = hidden, weight, bias, chunk_size, backend
+
+    def logps(self, labels, ignore_index, temperature, min_dim=1):
+        from .linear import linear_token_logps  # linear.py imports this module
+        return linear_token_logps(self.tensor, self.weight, labels, self.bias, ignore_index, temperature,
+                                  self.chunk_size, self.backend, min_dim=min_dim)
+
+
 def _masked_weights(labels, token_weights, ignore_index, dtype, logits):
     mask = labels != ignore_index
     if token_weights is None:
@@ -60,9 +87,14 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, token_weights: to
     logits [..., T, V]: the leading dimensions are flattened into B rows of T tokens. Weights default to 1 and are
     0 at ignored tokens whatever their value; a row whose weights sum to 0 scores 0.
     """
+    return _sequence_logps(_LogitsSource(logits, inplace_backward, backend), labels, token_weights, mode,
+                           ignore_index, temperature)
+
+
+def _sequence_logps(source, labels, token_weights, mode, ignore_index, temperature):
     _checks.check_choice(mode, "mode", MODES)
-    logps = _token_logps(logits, labels, ignore_index, temperature, inplace_backward, backend, min_dim=2)
-    _, weights = _masked_weights(labels, token_weights, ignore_index, logps.dtype, logits)
+    logps = source.logps(labels, ignore_index, temperature, min_dim=2)
+    _, weights = _masked_weights(labels, token_weights, ignore_index, logps.dtype, source.tensor)
     seq_len = labels.shape[-1]
     return losses.sequence_scores(logps.reshape(-1, seq_len), weights.reshape(-1, seq_len), mode)
 
@@ -79,22 +111,29 @@ def ddpo_loss(logits: torch.Tensor, labels: torch.Tensor, ref_logps: torch.Tenso
     tokens, 1 elsewhere). reward_margin [B] >= 0 with drs_weight > 0 enables MM-DPO dynamic reward scaling.
     sft_weight adds sft_weight * (token-mean NLL of the chosen answers).
     """
+    return _ddpo_loss(_LogitsSource(logits, inplace_backward, backend), labels, ref_logps, token_weights, beta, mode,
+                      reward_margin, drs_weight, drs_k, sft_weight, ignore_index, temperature)
+
+
+def _ddpo_loss(source, labels, ref_logps, token_weights, beta, mode, reward_margin, drs_weight, drs_k, sft_weight,
+               ignore_index, temperature):
+    x, name = source.tensor, source.name
     _checks.check_choice(mode, "mode", MODES)
-    _checks.require_tensor(logits, "logits")
-    if logits.dim() != 3:
-        raise ValueError(f"logits must have shape [2B, T, V], got {tuple(logits.shape)}")
-    if logits.shape[0] % 2 != 0:
-        raise ValueError(f"logits.shape[0] must be even (B chosen rows then B rejected rows), got {logits.shape[0]}")
+    _checks.require_tensor(x, name)
+    if x.dim() != 3:
+        raise ValueError(f"{name} must have shape [2B, T, {source.last_dim}], got {tuple(x.shape)}")
+    if x.shape[0] % 2 != 0:
+        raise ValueError(f"{name}.shape[0] must be even (B chosen rows then B rejected rows), got {x.shape[0]}")
     _checks.check_positive_finite(beta, "beta")
     _checks.check_nonnegative_finite(sft_weight, "sft_weight")
     _checks.check_nonnegative_finite(drs_weight, "drs_weight")
     _checks.check_nonnegative_finite(drs_k, "drs_k")
-    rows = logits.shape[0]
-    _checks.check_vector(ref_logps, "ref_logps", rows, logits)
+    rows = x.shape[0]
+    _checks.check_vector(ref_logps, "ref_logps", rows, x)
     if reward_margin is not None:
-        _checks.check_vector(reward_margin, "reward_margin", rows // 2, logits, nonnegative=True)
-    logps = _token_logps(logits, labels, ignore_index, temperature, inplace_backward, backend)
-    mask, weights = _masked_weights(labels, token_weights, ignore_index, logps.dtype, logits)
+        _checks.check_vector(reward_margin, "reward_margin", rows // 2, x, nonnegative=True)
+    logps = source.logps(labels, ignore_index, temperature)
+    mask, weights = _masked_weights(labels, token_weights, ignore_index, logps.dtype, x)
     return losses.ddpo_from_token_logps(logps, mask, weights, ref_logps, beta=beta, mode=mode,
                                         reward_margin=reward_margin, drs_weight=drs_weight, drs_k=drs_k,
                                         sft_weight=sft_weight)
@@ -124,25 +163,32 @@ def grpo_loss(logits: torch.Tensor, labels: torch.Tensor, advantages: torch.Tens
     (sum / (B * T)), 'dapo' (sum / number of loss tokens, or / num_items_in_batch when given, e.g. the global count
     across gradient-accumulation steps).
     """
+    return _grpo_loss(_LogitsSource(logits, inplace_backward, backend), labels, advantages, old_logps, ref_logps,
+                      epsilon, epsilon_high, beta_kl, loss_type, num_items_in_batch, ignore_index, temperature)
+
+
+def _grpo_loss(source, labels, advantages, old_logps, ref_logps, epsilon, epsilon_high, beta_kl, loss_type,
+               num_items_in_batch, ignore_index, temperature):
+    x, name = source.tensor, source.name
     _checks.check_choice(loss_type, "loss_type", GRPO_LOSS_TYPES)
-    _checks.require_tensor(logits, "logits")
-    if logits.dim() != 3:
-        raise ValueError(f"logits must have shape [B, T, V], got {tuple(logits.shape)}")
+    _checks.require_tensor(x, name)
+    if x.dim() != 3:
+        raise ValueError(f"{name} must have shape [B, T, {source.last_dim}], got {tuple(x.shape)}")
     _checks.check_nonnegative_finite(epsilon, "epsilon")
     epsilon_high = epsilon if epsilon_high is None else epsilon_high
     _checks.check_nonnegative_finite(epsilon_high, "epsilon_high")
     _checks.check_nonnegative_finite(beta_kl, "beta_kl")
     if num_items_in_batch is not None:
         _checks.check_positive_finite(float(num_items_in_batch), "num_items_in_batch")
-    _checks.require_tensor(labels, "labels")  # fully checked with logits in _token_logps
-    _checks.check_vector(advantages, "advantages", logits.shape[0], logits)
+    _checks.require_tensor(labels, "labels")  # fully checked with the inputs when log-probs are computed
+    _checks.check_vector(advantages, "advantages", x.shape[0], x)
     if old_logps is not None:
-        _checks.check_per_token(old_logps, "old_logps", labels, logits)
+        _checks.check_per_token(old_logps, "old_logps", labels, x)
     if beta_kl > 0:
         if ref_logps is None:
             raise ValueError("ref_logps is required when beta_kl > 0")
-        _checks.check_per_token(ref_logps, "ref_logps", labels, logits)
-    logps = _token_logps(logits, labels, ignore_index, temperature, inplace_backward, backend)
+        _checks.check_per_token(ref_logps, "ref_logps", labels, x)
+    logps = source.logps(labels, ignore_index, temperature)
     return losses.grpo_from_token_logps(logps, labels != ignore_index, advantages, old_logps, ref_logps,
                                         epsilon=epsilon, epsilon_high=epsilon_high, beta_kl=beta_kl,
                                         loss_type=loss_type, num_items_in_batch=num_items_in_batch)

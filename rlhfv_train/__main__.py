@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from output-dir/checkpoint.pt")
     p.add_argument("--backend", choices=("cpp", "cuda", "triton", "reference"), help="rlhfv_kernels backend")
     p.add_argument("--no-inplace-backward", action="store_true", help="keep the logits intact in backward")
-    p.add_argument("--fused-linear", action="store_true", help="use the fused-linear loss (later release)")
+    p.add_argument("--fused-linear", action="store_true", help="compute the loss from the last hidden states and "
+                   "the lm_head weight, never materializing the logits (single process)")
     p.add_argument("--fsdp", action="store_true", help="under torchrun, shard the model with FSDP2 (default: DDP)")
     p.add_argument("--synthetic-examples", type=int, default=defaults.synthetic_examples)
     p.add_argument("--device", default=defaults.device)

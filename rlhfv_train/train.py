@@ -56,7 +56,7 @@ class TrainConfig:
     resume: bool = False
     backend: str | None = None
     inplace_backward: bool = True
-    fused_linear: bool = False
+    fused_linear: bool = False         # loss from hidden states + lm_head weight (logits never materialized)
     fsdp: bool = False                 # under torchrun: shard with FSDP2 instead of replicating with DDP
     synthetic_examples: int = 1024
     device: str = "auto"
@@ -207,17 +207,38 @@ class BatchStream:
         return [self.indices[i] for i in take]
 
 
+def _hidden_and_head(model, inputs: dict):
+    """(last hidden states, lm_head) of a Hugging Face model, without computing the logits."""
+    base = getattr(model, "model", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if base is None or head is None:
+        raise ValueError(f"--fused-linear needs a model with .model (the body) and an output embedding (lm_head); "
+                         f"{type(model).__name__} has no such split")
+    outputs = base(**inputs)
+    hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
+    return hidden, head
+
+
 def _ddpo(cfg, model, batch, refs, *, autocast_dtype):
+    pairs = batch.indices.tolist()
+    ref = torch.tensor([refs[i][0] for i in pairs] + [refs[i][1] for i in pairs], device=batch.input_ids.device)
+    labels, weights = batch.next_token_targets()
+    options = dict(token_weights=weights, beta=cfg.beta, mode=cfg.mode, reward_margin=batch.reward_margin,
+                   drs_weight=cfg.drs_weight, drs_k=cfg.drs_k, sft_weight=cfg.sft_weight,
+                   temperature=cfg.temperature, backend=cfg.backend)
     with torch.autocast(device_type=batch.input_ids.device.type, dtype=autocast_dtype,
                         enabled=autocast_dtype is not None):
-        logits = model(**batch.model_inputs()).logits
-    pairs = batch.indices.tolist()
-    ref = torch.tensor([refs[i][0] for i in pairs] + [refs[i][1] for i in pairs], device=logits.device)
-    labels, weights = batch.next_token_targets()
-    return rk.ddpo_loss(logits, labels, ref, token_weights=weights,
-                        beta=cfg.beta, mode=cfg.mode, reward_margin=batch.reward_margin, drs_weight=cfg.drs_weight,
-                        drs_k=cfg.drs_k, sft_weight=cfg.sft_weight, temperature=cfg.temperature,
-                        inplace_backward=cfg.inplace_backward, backend=cfg.backend)
+        if cfg.fused_linear:  # hidden states + lm_head weight: the logits are never materialized
+            hidden, head = _hidden_and_head(model, batch.model_inputs())
+        else:
+            logits = model(**batch.model_inputs()).logits
+    if cfg.fused_linear:
+        weight = head.weight
+        bias = head.bias
+        if hidden.dtype != weight.dtype:  # autocast: the body ran in bf16, the head weight is fp32
+            weight, bias = weight.to(hidden.dtype), None if bias is None else bias.to(hidden.dtype)
+        return rk.linear_ddpo_loss(hidden, weight, labels, ref, bias=bias, **options)
+    return rk.ddpo_loss(logits, labels, ref, inplace_backward=cfg.inplace_backward, **options)
 
 
 @torch.no_grad()
@@ -295,9 +316,6 @@ def plot_metrics(metrics_path: str, out_path: str) -> str | None:
 
 def train(cfg: TrainConfig) -> dict:
     """Runs (or resumes) training; returns a summary with the last metrics and the paths written."""
-    if cfg.fused_linear:
-        raise NotImplementedError("--fused-linear needs the fused-linear loss functions, which are not in this "
-                                  "release yet; train with the fused logits path (the default)")
     if cfg.mode not in ("sum", "mean"):
         raise ValueError(f"mode must be 'sum' or 'mean', got {cfg.mode!r}")
     if cfg.grad_accum < 1 or cfg.batch_size < 1 or cfg.max_steps < 1:
@@ -305,6 +323,9 @@ def train(cfg: TrainConfig) -> dict:
     os.makedirs(cfg.output_dir, exist_ok=True)
     device = _device(cfg.device)
     dist = Distributed(device)
+    if cfg.fused_linear and dist.world > 1:
+        raise ValueError("--fused-linear calls the model's body and lm_head separately, which bypasses the DDP/FSDP "
+                         "wrappers; use it with a single process for now")
     autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)

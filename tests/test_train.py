@@ -115,9 +115,11 @@ def test_cli_presets_and_overrides():
     assert parse("--no-inplace-backward").inplace_backward is False
 
 
-def test_fused_linear_is_refused_clearly(tmp_path, dataset):
-    with pytest.raises(NotImplementedError, match="fused-linear"):
-        train(small_config(tmp_path, dataset, fused_linear=True))
+def test_fused_linear_training_matches_the_logits_path(tmp_path, dataset):
+    logits_path = train(small_config(tmp_path / "a", dataset, max_steps=2))["model"].state_dict()
+    linear_path = train(small_config(tmp_path / "b", dataset, max_steps=2, fused_linear=True))["model"].state_dict()
+    for name in logits_path:
+        torch.testing.assert_close(linear_path[name], logits_path[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 @pytest.mark.slow

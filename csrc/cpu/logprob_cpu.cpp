@@ -28,6 +28,7 @@
 #endif
 
 #include "../rlhfv_common.h"
+#include "logprob_rows.h"
 
 namespace rlhfv {
 namespace {
@@ -357,10 +358,7 @@ std::tuple<at::Tensor, at::Tensor> logprob_fwd_cpu(const at::Tensor& logits, con
   const auto logp_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor logp = at::empty(labels.sizes(), logits.options().dtype(logp_dtype));
   at::Tensor lse = at::empty(labels.sizes(), logits.options().dtype(at::kDouble));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "rlhfv_logprob_fwd", [&] {
-    forward_rows<scalar_t>(logits, flat_labels.const_data_ptr<int64_t>(), logp.mutable_data_ptr<acc_t<scalar_t>>(),
-                           lse.mutable_data_ptr<double>(), ignore_index, temperature);
-  });
+  cpu::logprob_rows_forward(logits, flat_labels, logp, lse, ignore_index, temperature);
   return {logp, lse};
 }
 
@@ -400,25 +398,38 @@ at::Tensor logprob_bwd_cpu(const at::Tensor& grad_logp, const at::Tensor& logits
   const BackwardInputs in = prepare_backward(grad_logp, logits, labels, lse, temperature);
   at::Tensor dlogits = at::empty(logits.sizes(), logits.options());  // contiguous
   advise_huge_pages(dlogits.data_ptr(), dlogits.nbytes());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "rlhfv_logprob_bwd", [&] {
-    backward_rows<scalar_t>(logits, in.labels.const_data_ptr<int64_t>(), in.grad.const_data_ptr<acc_t<scalar_t>>(),
-                            in.lse.const_data_ptr<double>(), dlogits.mutable_data_ptr<scalar_t>(),
-                            RowLayout(dlogits), ignore_index, temperature);
-  });
+  cpu::logprob_rows_backward(logits, in.labels, in.grad, in.lse, dlogits, ignore_index, temperature);
   return dlogits;
 }
 
 void logprob_bwd_inplace_cpu(at::Tensor& logits, const at::Tensor& grad_logp, const at::Tensor& labels,
                              const at::Tensor& lse, int64_t ignore_index, double temperature) {
   const BackwardInputs in = prepare_backward(grad_logp, logits, labels, lse, temperature);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "rlhfv_logprob_bwd_", [&] {
-    backward_rows<scalar_t>(logits, in.labels.const_data_ptr<int64_t>(), in.grad.const_data_ptr<acc_t<scalar_t>>(),
-                            in.lse.const_data_ptr<double>(), logits.mutable_data_ptr<scalar_t>(), RowLayout(logits),
+  cpu::logprob_rows_backward(logits, in.labels, in.grad, in.lse, logits, ignore_index, temperature);
+}
+
+}  // namespace
+
+namespace cpu {
+
+void logprob_rows_forward(const at::Tensor& logits, const at::Tensor& labels, at::Tensor& logp, at::Tensor& lse,
+                          int64_t ignore_index, double temperature) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "rlhfv_logprob_fwd", [&] {
+    forward_rows<scalar_t>(logits, labels.const_data_ptr<int64_t>(), logp.mutable_data_ptr<acc_t<scalar_t>>(),
+                           lse.mutable_data_ptr<double>(), ignore_index, temperature);
+  });
+}
+
+void logprob_rows_backward(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& grad,
+                           const at::Tensor& lse, at::Tensor& out, int64_t ignore_index, double temperature) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "rlhfv_logprob_bwd", [&] {
+    backward_rows<scalar_t>(logits, labels.const_data_ptr<int64_t>(), grad.const_data_ptr<acc_t<scalar_t>>(),
+                            lse.const_data_ptr<double>(), out.mutable_data_ptr<scalar_t>(), RowLayout(out),
                             ignore_index, temperature);
   });
 }
 
-}  // namespace
+}  // namespace cpu
 }  // namespace rlhfv
 
 TORCH_LIBRARY_IMPL(rlhfv, CPU, m) {
