@@ -44,8 +44,8 @@ def _why_unavailable(backend: str, device: torch.device, path: str = "logits") -
     """None if `backend` can run `path` ("logits" or "linear", the fused-linear family) on `device`, else why."""
     if backend == "reference":
         return None
-    if path == "linear" and backend in ("cuda", "triton"):
-        return f"the fused-linear path has no {backend} kernels in this release (CPU: 'cpp'; else 'reference')"
+    if path == "linear" and backend == "cuda":
+        return "the fused-linear path has no CUDA C++ kernels in this release (use 'triton' on GPU)"
     if backend == "cpp":
         if _extension_error is not None:
             return (f"the compiled extension rlhfv_kernels._C failed to import ({_extension_error}); "
@@ -99,7 +99,7 @@ def resolve_backend(backend: str | None, device: torch.device, path: str = "logi
             raise BackendUnavailableError(f"backend {backend!r} cannot run on {device}: {reason}")
         return backend
     # Default: the fused kernel where one exists for this device, else the reference (with one warning).
-    candidates = CUDA_DEFAULT if device.type == "cuda" else ("cpp",)
+    candidates = (("triton",) if path == "linear" else CUDA_DEFAULT) if device.type == "cuda" else ("cpp",)
     reasons = []
     for preferred in candidates:
         reason = _why_unavailable(preferred, device, path)

@@ -17,6 +17,10 @@ SCHEMAS = {
                    " float temperature) -> Tensor",
     "logprob_bwd_": "(Tensor(a!) logits, Tensor grad_logp, Tensor labels, Tensor lse, int ignore_index,"
                     " float temperature) -> ()",
+    "linear_logprob_fwd": "(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, int ignore_index,"
+                          " float temperature, int chunk_rows) -> (Tensor, Tensor)",
+    "linear_logprob_bwd": "(Tensor grad_logp, Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor lse,"
+                          " int ignore_index, float temperature, int chunk_rows) -> (Tensor, Tensor, Tensor)",
 }
 
 
@@ -92,6 +96,16 @@ if _backend.extension_available():
     register_linear_glue("rlhfv")
 
 _NAMESPACE_OF_BACKEND = {"cpp": "rlhfv", "cuda": "rlhfv", "triton": "rlhfv_triton"}
+
+
+def fused_linear_token_logprobs(hidden, weight, bias, labels, ignore_index: int, temperature: float, chunk_rows: int,
+                                backend: str) -> torch.Tensor:
+    """Per-token log-probs of the fused-linear path through the operator family of `backend` (validated inputs)."""
+    if backend == "triton":
+        from . import triton as _triton  # noqa: F401
+    op = getattr(torch.ops, _NAMESPACE_OF_BACKEND[backend]).linear_logprob_fwd
+    logp, _ = op(hidden, weight, bias, labels, ignore_index, float(temperature), chunk_rows)
+    return logp
 
 
 def fused_token_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, temperature: float,

@@ -8,16 +8,17 @@ of fp32 logits under DEFAULT_CHUNK_BYTES (256 MiB); set it lower to bound memory
 hidden, weight and bias (dweight and dbias accumulated in fp32). Same options, backends and results as the logits
 functions in api.py.
 
-Backends: "cpp" (CPU, the compiled extension: ATen/BLAS matmuls + the row kernels), "reference" (hidden @ W.T, then
-the eager reference). The GPU kernels of this path are not in this release: on CUDA tensors None falls back to the
-reference with a warning.
+Backends: "cpp" (CPU, the compiled extension: ATen/BLAS matmuls + the row kernels), "triton" (tiles of
+hidden @ W.T built with tensor-core dots, online LSE per token, atomics for dhidden/dweight in fp32; CUDA tensors, or
+CPU tensors under the interpreter; chunk_size does not apply, the tiles bound memory), "reference" (hidden @ W.T, then
+the eager reference). On CUDA tensors None picks "triton".
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from . import _backend, _checks, reference
+from . import _backend, _checks, _ops, reference
 from .api import _ddpo_loss, _grpo_loss, _LinearSource, _sequence_logps
 from .losses import DDPOOutput, GRPOOutput
 
@@ -65,9 +66,7 @@ def linear_token_logps(hidden, weight, labels, bias, ignore_index, temperature, 
         return reference.token_logprobs(F.linear(hidden, weight, bias), labels, ignore_index=ignore_index,
                                         temperature=temperature)
     chunk = chunk_size or default_chunk_rows(weight.shape[0])
-    logp, _ = torch.ops.rlhfv.linear_logprob_fwd(hidden, weight, bias, labels, ignore_index, float(temperature),
-                                                  chunk)
-    return logp
+    return _ops.fused_linear_token_logprobs(hidden, weight, bias, labels, ignore_index, temperature, chunk, which)
 
 
 def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,

@@ -1,27 +1,36 @@
-"""The fused-linear family (hidden states + lm_head weight) on the compiled CPU path vs the float64 reference."""
+"""The fused-linear family (hidden states + lm_head weight) vs the float64 reference, on the compiled CPU path and
+on the Triton kernels (interpreter on CPU)."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 import rlhfv_kernels as rk
+from conftest import skip_unless_backend_runs
 from rlhfv_kernels import reference
 from numerics import assert_meets_criterion
+
+
+@pytest.fixture(params=["cpp", "triton"])
+def backend(request):
+    skip_unless_backend_runs(request.param)
+    return request.param
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-def run(fn, hidden, weight, bias, dtype, seed_grad, **kwargs):
-    """fn(hidden, weight, bias) on fresh leaves of `dtype`; returns (value, dhidden, dweight, dbias)."""
-    leaves = [t.detach().to(dtype).clone().requires_grad_(True) if t is not None else None
-              for t in (hidden, weight, bias)]
+def run(fn, hidden, weight, bias, dtype, seed_grad, *, truth=False, **kwargs):
+    """fn(hidden, weight, bias) on fresh leaves of `dtype` (truth=True: the same rounded values, held in float64);
+    returns (value, dhidden, dweight, dbias)."""
+    leaves = [t.detach().to(dtype).to(torch.float64 if truth else dtype).clone().requires_grad_(True)
+              if t is not None else None for t in (hidden, weight, bias)]
     value = fn(*leaves, **kwargs)
     value = value if isinstance(value, torch.Tensor) else value.loss
     (value * seed_grad.to(value.dtype)).sum().backward()
     return [value.detach()] + [t.grad if t is not None else None for t in leaves]
 
 
-def ours_tokens(h, w, b, labels, chunk_size):
-    return rk.linear_token_logprobs(h, w, labels, bias=b, chunk_size=chunk_size, backend="cpp", temperature=0.9)
+def ours_tokens(h, w, b, labels, chunk_size, backend):
+    return rk.linear_token_logprobs(h, w, labels, bias=b, chunk_size=chunk_size, backend=backend, temperature=0.9)
 
 
 def eager_tokens(h, w, b, labels):
@@ -32,16 +41,16 @@ def eager_tokens(h, w, b, labels):
 @pytest.mark.parametrize("shape,hdim,vocab,chunk", [((37,), 19, 1003, 5), ((3, 11), 64, 257, 1),
                                                      ((2, 5), 33, 4001, None), ((4,), 8, 3, 100)])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_token_logprobs_values_and_all_gradients(dtype, shape, hdim, vocab, chunk, with_bias):
+def test_token_logprobs_values_and_all_gradients(dtype, shape, hdim, vocab, chunk, with_bias, backend):
     hidden = torch.randn(*shape, hdim)
     weight = torch.randn(vocab, hdim) / hdim ** 0.5 * 3
     bias = torch.randn(vocab) if with_bias else None
     labels = torch.randint(0, vocab, shape)
     labels[torch.rand(shape) < 0.2] = -100
     seed = torch.randn(shape, dtype=torch.float64)
-    ours = run(lambda h, w, b: ours_tokens(h, w, b, labels, chunk), hidden, weight, bias, dtype, seed)
+    ours = run(lambda h, w, b: ours_tokens(h, w, b, labels, chunk, backend), hidden, weight, bias, dtype, seed)
     same = run(lambda h, w, b: eager_tokens(h, w, b, labels), hidden, weight, bias, dtype, seed)
-    truth = run(lambda h, w, b: eager_tokens(h, w, b, labels), hidden, weight, bias, torch.float64, seed)
+    truth = run(lambda h, w, b: eager_tokens(h, w, b, labels), hidden, weight, bias, dtype, seed, truth=True)
     for k, what in enumerate(("logp", "dhidden", "dweight", "dbias")):
         if ours[k] is None:
             continue
@@ -50,7 +59,7 @@ def test_token_logprobs_values_and_all_gradients(dtype, shape, hdim, vocab, chun
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_losses_match_the_logits_path_reference(dtype):
+def test_losses_match_the_logits_path_reference(dtype, backend):
     pairs, seq, hdim, vocab = 3, 7, 24, 501
     hidden = torch.randn(2 * pairs, seq, hdim)
     weight = torch.randn(vocab, hdim) / hdim ** 0.5 * 2
@@ -61,27 +70,38 @@ def test_losses_match_the_logits_path_reference(dtype):
     ref = torch.randn(2 * pairs) - 40
     kw = dict(token_weights=weights, beta=0.5, mode="mean", sft_weight=0.1)
     one = torch.ones((), dtype=torch.float64)
-    ours = run(lambda h, w, b: rk.linear_ddpo_loss(h, w, labels, ref, bias=b, chunk_size=4, backend="cpp", **kw),
+    ours = run(lambda h, w, b: rk.linear_ddpo_loss(h, w, labels, ref, bias=b, chunk_size=4, backend=backend, **kw),
                hidden, weight, bias, dtype, one)
     same = run(lambda h, w, b: reference.ddpo_loss(F.linear(h, w, b), labels, ref, **kw), hidden, weight, bias,
                dtype, one)
     truth = run(lambda h, w, b: reference.ddpo_loss(F.linear(h, w, b), labels, ref, **kw), hidden, weight, bias,
-                torch.float64, one)
+                dtype, one, truth=True)
     for k, what in enumerate(("loss", "dhidden", "dweight", "dbias")):
         assert_meets_criterion(ours[k], same[k], truth[k], dtype, f"linear ddpo {what}", relative=True)
     adv = torch.randn(2 * pairs)
     for fn, ref_fn in ((lambda h, w, b: rk.linear_grpo_loss(h, w, labels, adv, bias=b, loss_type="grpo",
-                                                             backend="cpp"),
+                                                             backend=backend),
                         lambda h, w, b: reference.grpo_loss(F.linear(h, w, b), labels, adv, loss_type="grpo")),
-                       (lambda h, w, b: rk.linear_sequence_logps(h, w, labels, weights, bias=b, backend="cpp"),
+                       (lambda h, w, b: rk.linear_sequence_logps(h, w, labels, weights, bias=b, backend=backend),
                         lambda h, w, b: reference.sequence_logps(F.linear(h, w, b), labels, weights)),
-                       (lambda h, w, b: rk.linear_dpo_loss(h, w, labels, ref, bias=b, backend="cpp"),
+                       (lambda h, w, b: rk.linear_dpo_loss(h, w, labels, ref, bias=b, backend=backend),
                         lambda h, w, b: reference.dpo_loss(F.linear(h, w, b), labels, ref))):
         got = run(fn, hidden, weight, bias, dtype, one)  # a scalar seed broadcasts over per-sequence scores
         exp_same = run(ref_fn, hidden, weight, bias, dtype, one)
-        exp_truth = run(ref_fn, hidden, weight, bias, torch.float64, one)
+        exp_truth = run(ref_fn, hidden, weight, bias, dtype, one, truth=True)
         for k in range(4):
             assert_meets_criterion(got[k], exp_same[k], exp_truth[k], dtype, f"linear loss {k}", relative=True)
+
+
+def test_triton_opcheck():
+    skip_unless_backend_runs("triton")
+    import rlhfv_kernels.triton  # noqa: F401
+    hidden = torch.randn(2, 3, 16)
+    weight = torch.randn(40, 16)
+    labels = torch.tensor([[1, -100, 3], [39, 0, 5]])
+    for b in (torch.randn(40), None):
+        torch.library.opcheck(torch.ops.rlhfv_triton.linear_logprob_fwd.default,
+                              (hidden, weight, b, labels, -100, 1.0, 2))
 
 
 def test_float64_gradcheck_and_opcheck():
@@ -132,19 +152,19 @@ def test_bad_arguments():
         rk.linear_ddpo_loss(h[0], w, y[0], torch.zeros(3))
     with pytest.raises(ValueError, match="hidden.shape\\[0\\] must be even"):
         rk.linear_ddpo_loss(torch.randn(3, 3, 8), w, torch.zeros(3, 3, dtype=torch.long), torch.zeros(3))
-    with pytest.raises(rk.BackendUnavailableError, match="fused-linear path has no triton kernels"):
-        rk.linear_token_logprobs(h, w, y, backend="triton")
+    with pytest.raises(rk.BackendUnavailableError, match=r"fused-linear path has no CUDA C\+\+ kernels"):
+        rk._backend.resolve_backend("cuda", torch.device("cuda"), path="linear")
     with pytest.raises(ValueError, match="weight is on meta"):
         rk.linear_token_logprobs(h, w.to("meta"), y)
 
 
-def test_empty_and_all_ignored():
+def test_empty_and_all_ignored(backend):
     w = torch.randn(9, 4, requires_grad=True)
     h = torch.randn(0, 4, requires_grad=True)
-    out = rk.linear_token_logprobs(h, w, torch.zeros(0, dtype=torch.long), backend="cpp")
+    out = rk.linear_token_logprobs(h, w, torch.zeros(0, dtype=torch.long), backend=backend)
     assert out.shape == (0,)
     h2 = torch.randn(3, 4, requires_grad=True)
-    out = rk.linear_token_logprobs(h2, w, torch.full((3,), -100), backend="cpp")
+    out = rk.linear_token_logprobs(h2, w, torch.full((3,), -100), backend=backend)
     out.sum().backward()
     assert torch.all(out == 0) and torch.all(h2.grad == 0) and torch.all(w.grad == 0)
 

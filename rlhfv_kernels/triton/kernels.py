@@ -157,7 +157,13 @@ def launch_forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     _logprob_fwd_kernel[(rows, splits)](
         logits, row_offsets(logits), flat_labels, part_max, part_sum, target, vocab, split_size, splits,
         ignore_index, float(temperature), _bucket(vocab), _bucket(split_size))
-    # Merge the splits' (max, sum) pairs in float64: [N, splits] values, negligible next to the kernel.
+    return merge_partials(part_max, part_sum, target, flat_labels, ignore_index, logp_dtype, labels.shape)
+
+
+def merge_partials(part_max, part_sum, target, flat_labels, ignore_index, logp_dtype, shape):
+    """(logp, lse) from per-split (max, sum of exp) pairs [N, splits] and the scaled target logits [N].
+
+    Merged in float64: [N, splits] values, negligible next to the kernels. 0 at ignored rows."""
     part_max, part_sum = part_max.double(), part_sum.double()
     top = part_max.amax(dim=1)
     shift = torch.where(top == float("-inf"), torch.zeros_like(top), top)
@@ -165,7 +171,7 @@ def launch_forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     ignored = flat_labels == ignore_index
     lse = torch.where(ignored, torch.zeros_like(lse), lse)
     logp = torch.where(ignored, torch.zeros_like(lse), target.double() - lse)
-    return logp.to(logp_dtype).reshape(labels.shape), lse.reshape(labels.shape)
+    return logp.to(logp_dtype).reshape(shape), lse.reshape(shape)
 
 
 def launch_backward(grad_logp: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ops
-from . import kernels
+from . import kernels, linear_kernels
 
 NAMESPACE = "rlhfv_triton"
 _lib = torch.library.Library(NAMESPACE, "DEF")
@@ -58,9 +58,30 @@ def _bwd_inplace(logits, grad_logp, labels, lse, ignore_index, temperature):
     kernels.launch_backward(grad_logp, logits, labels, lse, ignore_index, temperature, logits)
 
 
+def _check_linear(hidden, weight, labels, temperature):
+    _check(hidden, labels, temperature)  # dtype, device mode, labels' shape
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.dtype != hidden.dtype:
+        raise ValueError("rlhfv_triton: weight must be [V, H] in hidden's dtype")
+
+
+def _linear_fwd(hidden, weight, bias, labels, ignore_index, temperature, chunk_rows):
+    _check_linear(hidden, weight, labels, temperature)
+    _check_labels(labels, weight.shape[0], ignore_index)
+    return linear_kernels.launch_forward(hidden, weight, bias, labels, ignore_index, temperature)
+
+
+def _linear_bwd(grad_logp, hidden, weight, bias, labels, lse, ignore_index, temperature, chunk_rows):
+    _check_linear(hidden, weight, labels, temperature)
+    _check_labels(labels, weight.shape[0], ignore_index)
+    return linear_kernels.launch_backward(grad_logp, hidden, weight, bias, labels, lse, ignore_index, temperature)
+
+
 for _key in ("CPU", "CUDA"):
     _lib.impl("logprob_fwd", _fwd, _key)
     _lib.impl("logprob_bwd", _bwd, _key)
     _lib.impl("logprob_bwd_", _bwd_inplace, _key)
+    _lib.impl("linear_logprob_fwd", _linear_fwd, _key)
+    _lib.impl("linear_logprob_bwd", _linear_bwd, _key)
 
 _ops.register_glue(NAMESPACE)
+_ops.register_linear_glue(NAMESPACE)
