@@ -33,4 +33,5 @@ if [ "$stage" = bench ] || [ "$stage" = all ]; then
   gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '-' | tr -cd 'A-Za-z0-9_.-')
   python3 benchmarks/run.py --no-progress --json "$OUT/bench-$gpu-$stamp.json" 2>&1 | tee "$OUT/bench.log" | tail -60
   python3 benchmarks/trainer.py --vocab 128256 --pairs 8 --json "$OUT/trainer-$gpu-$stamp.json" 2>&1 | tail -8
+  python3 benchmarks/linear.py --case 16384x4096x128256:bfloat16 --json "$OUT/linear-$gpu-$stamp.json" 2>&1 | tail -8
 fi
