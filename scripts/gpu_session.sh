@@ -4,7 +4,7 @@
 # Before the call (on the development machine, in the repo root), bring the peers as wheels (they are git-ignored):
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl liger-kernel
+#       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl liger-kernel cut-cross-entropy
 #   (flash-attn ships only as a source tarball whose package imports its CUDA build; the benchmark skips it unless
 #    RLHFV_PEER_FLASH_ATTN_CE names its flash_attn/ops/triton/cross_entropy.py, extracted under .whl/.)
 # Then two device calls (each must end within 10 minutes):
