@@ -39,9 +39,10 @@ def require_tensor(value, name: str) -> torch.Tensor:
     return value
 
 
-def check_same_device(tensor: torch.Tensor, name: str, logits: torch.Tensor) -> None:
-    if tensor.device != logits.device:
-        raise ValueError(f"{name} is on {tensor.device} but logits is on {logits.device}; move them to one device")
+def check_same_device(tensor: torch.Tensor, name: str, inputs: torch.Tensor, inputs_name: str = "logits") -> None:
+    if tensor.device != inputs.device:
+        raise ValueError(f"{name} is on {tensor.device} but {inputs_name} is on {inputs.device}; move them to one "
+                         "device")
 
 
 def check_positive_finite(value: float, name: str) -> None:
@@ -84,7 +85,7 @@ def check_labels(labels, inputs: torch.Tensor, *, vocab: int, ignore_index: int,
     if tuple(labels.shape) != tuple(inputs.shape[:-1]):
         raise ValueError(f"labels shape {tuple(labels.shape)} must equal {inputs_name}.shape[:-1] = "
                          f"{tuple(inputs.shape[:-1])}")
-    check_same_device(labels, "labels", inputs)
+    check_same_device(labels, "labels", inputs, inputs_name)
     if vocab == 0 and labels.numel() > 0:
         raise ValueError(f"the vocabulary is empty (V = 0) but there are {labels.numel()} labels")
     if _data_checks_enabled():

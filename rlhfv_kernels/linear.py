@@ -44,14 +44,14 @@ def _check_linear(hidden, weight, bias, labels, ignore_index, temperature, chunk
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"weight must have shape [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]}, got "
                          f"{tuple(weight.shape)}")
-    _checks.check_same_device(weight, "weight", hidden)
+    _checks.check_same_device(weight, "weight", hidden, "hidden")
     if bias is not None:
         _checks.require_tensor(bias, "bias")
         if bias.dtype != hidden.dtype:
             raise TypeError(f"bias dtype {bias.dtype} must equal hidden dtype {hidden.dtype}")
         if tuple(bias.shape) != (weight.shape[0],):
             raise ValueError(f"bias must have shape [{weight.shape[0]}], got {tuple(bias.shape)}")
-        _checks.check_same_device(bias, "bias", hidden)
+        _checks.check_same_device(bias, "bias", hidden, "hidden")
     if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     _checks.check_ignore_and_temperature(ignore_index, temperature)

@@ -154,7 +154,7 @@ def test_bad_arguments():
         rk.linear_ddpo_loss(torch.randn(3, 3, 8), w, torch.zeros(3, 3, dtype=torch.long), torch.zeros(3))
     with pytest.raises(rk.BackendUnavailableError, match=r"fused-linear path has no CUDA C\+\+ kernels"):
         rk._backend.resolve_backend("cuda", torch.device("cuda"), path="linear")
-    with pytest.raises(ValueError, match="weight is on meta"):
+    with pytest.raises(ValueError, match="weight is on meta but hidden is on cpu"):
         rk.linear_token_logprobs(h, w.to("meta"), y)
 
 
