@@ -98,21 +98,23 @@ if _backend.extension_available():
 _NAMESPACE_OF_BACKEND = {"cpp": "rlhfv", "cuda": "rlhfv", "triton": "rlhfv_triton"}
 
 
+def _family(backend: str):
+    """torch.ops namespace of `backend`'s operators (importing the Triton family registers it on first use)."""
+    if backend == "triton":
+        from . import triton as _triton  # noqa: F401
+    return getattr(torch.ops, _NAMESPACE_OF_BACKEND[backend])
+
+
 def fused_linear_token_logprobs(hidden, weight, bias, labels, ignore_index: int, temperature: float, chunk_rows: int,
                                 backend: str) -> torch.Tensor:
     """Per-token log-probs of the fused-linear path through the operator family of `backend` (validated inputs)."""
-    if backend == "triton":
-        from . import triton as _triton  # noqa: F401
-    op = getattr(torch.ops, _NAMESPACE_OF_BACKEND[backend]).linear_logprob_fwd
-    logp, _ = op(hidden, weight, bias, labels, ignore_index, float(temperature), chunk_rows)
+    logp, _ = _family(backend).linear_logprob_fwd(hidden, weight, bias, labels, ignore_index, float(temperature),
+                                                  chunk_rows)
     return logp
 
 
 def fused_token_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, temperature: float,
                          inplace_backward: bool, backend: str) -> torch.Tensor:
     """Per-token log-probs through the operator family of `backend` (inputs already validated)."""
-    if backend == "triton":
-        from . import triton as _triton  # noqa: F401  (registers torch.ops.rlhfv_triton on first use)
-    op = getattr(torch.ops, _NAMESPACE_OF_BACKEND[backend]).logprob_fwd
-    logp, _ = op(logits, labels, ignore_index, float(temperature), inplace_backward)
+    logp, _ = _family(backend).logprob_fwd(logits, labels, ignore_index, float(temperature), inplace_backward)
     return logp
