@@ -37,9 +37,6 @@ def extension_available() -> bool:
     return _extension_error is None
 
 
-PATHS = ("logits", "linear")
-
-
 def _why_unavailable(backend: str, device: torch.device, path: str = "logits") -> str | None:
     """None if `backend` can run `path` ("logits" or "linear", the fused-linear family) on `device`, else why."""
     if backend == "reference":

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .kernels import INTERPRETING, merge_partials
+from .kernels import INTERPRETING, _target_programs, merge_partials
 
 
 @triton.jit
@@ -137,8 +137,8 @@ def _blocks(hdim: int) -> tuple[int, int, int]:
 def _plan(rows: int, vocab: int, device: torch.device, block_n: int, block_v: int, num_splits: int | None):
     token_blocks = math.ceil(rows / block_n)
     if num_splits is None:
-        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-        num_splits = max(1, min(math.ceil(target / token_blocks), math.ceil(vocab / (8 * block_v))))
+        wanted = math.ceil(_target_programs(device) / token_blocks)
+        num_splits = max(1, min(wanted, math.ceil(vocab / (8 * block_v))))
     split_size = math.ceil(math.ceil(vocab / num_splits) / block_v) * block_v
     return token_blocks, math.ceil(vocab / split_size), split_size
 
