@@ -5,8 +5,14 @@ place; the vocabulary dimension must be contiguous. The vocabulary of a row can 
 (grid axis 1) so that few long rows (N = 512, V = 256k) still fill the GPU; the forward then writes one partial
 (max, sum) per split and launch_forward() merges them in float64.
 
+Loads and stores are 16 bytes wide where the launcher can prove alignment (VEC > 1: the base pointer, every leading
+stride, V and the split size are multiples of 16 bytes); otherwise they are element-wise. Division by the temperature
+is correctly rounded (div_rn, as eager PyTorch) and skipped when it is 1: the GPU's default float division is a
+2-ulp approximation, which at |logits| ~ 1e4 is larger than the eager reference's own error.
+
 Under TRITON_INTERPRET=1 (CPU tests) these run in Triton's interpreter, which gets bf16 arithmetic wrong: every load
 is upcast to fp32 before any arithmetic, and only one configuration is ever used (autotuning fails there).
+tests/gpu_verify/triton_aot.py compiles every configuration listed here for sm_80 and sm_90 in CI.
 """
 from __future__ import annotations
 
@@ -29,24 +35,45 @@ def _forward_configs():
             for block, warps in ((2048, 8), (4096, 8), (4096, 16), (8192, 16))]
 
 
+# (BLOCK_V, num_warps) of the backward, by split size (a heuristic, not autotuned: autotuning an in-place kernel
+# would need a restore copy of the logits). Short rows take the small block.
+BACKWARD_CONFIGS = ((1024, 4), (4096, 8))
+
+
+@triton.jit
+def _scaled(x, temperature, SCALED: tl.constexpr):
+    """x / temperature, correctly rounded; the identity when the launcher saw temperature == 1."""
+    if SCALED:
+        x = tl.div_rn(x, temperature)
+    return x
+
+
+@triton.jit
+def _vocab_range(split, split_size, vocab, VEC: tl.constexpr):
+    """[start, stop) of this split, both multiples of VEC (the launcher guarantees it when VEC > 1)."""
+    start = tl.multiple_of(split * split_size, VEC)
+    stop = tl.multiple_of(tl.minimum(start + split_size, vocab), VEC)
+    return start, stop
+
+
 @triton.autotune(configs=_forward_configs(), key=["vocab_bucket", "split_size_bucket"])
 @triton.jit
 def _logprob_fwd_kernel(logits_ptr, row_offsets_ptr, labels_ptr, part_max_ptr, part_sum_ptr, target_ptr,
                         vocab, split_size, num_splits, ignore_index, temperature,
-                        vocab_bucket, split_size_bucket, BLOCK_V: tl.constexpr):
+                        vocab_bucket, split_size_bucket, BLOCK_V: tl.constexpr, VEC: tl.constexpr,
+                        SCALED: tl.constexpr):
     row = tl.program_id(0)
     split = tl.program_id(1)
     label = tl.load(labels_ptr + row)
     active = label != ignore_index
-    base = logits_ptr + tl.load(row_offsets_ptr + row)
-    start = split * split_size
-    stop = tl.minimum(start + split_size, vocab)
+    base = logits_ptr + tl.multiple_of(tl.load(row_offsets_ptr + row), VEC)
+    start, stop = _vocab_range(split, split_size, vocab, VEC)
     n_blocks = tl.where(active, tl.cdiv(stop - start, BLOCK_V), 0)  # ignored rows read nothing
     running_max = tl.full((), float("-inf"), tl.float32)
     running_sum = tl.zeros((), tl.float32)
     for block in range(0, n_blocks):
         cols = start + block * BLOCK_V + tl.arange(0, BLOCK_V)
-        x = tl.load(base + cols, mask=cols < stop, other=float("-inf")).to(tl.float32) / temperature
+        x = _scaled(tl.load(base + cols, mask=cols < stop, other=float("-inf")).to(tl.float32), temperature, SCALED)
         new_max = tl.maximum(running_max, tl.max(x, 0), propagate_nan=tl.PropagateNan.ALL)
         # All -inf so far (masked vocabulary entries): shift by 0 so exp(-inf) = 0 instead of exp(-inf + inf) = NaN.
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)
@@ -58,7 +85,7 @@ def _logprob_fwd_kernel(logits_ptr, row_offsets_ptr, labels_ptr, part_max_ptr, p
     # The split that holds the label reads the target logit (one scalar load).
     holds_label = active & (label >= start) & (label < stop)
     target = tl.load(base + tl.where(holds_label, label, 0), mask=holds_label, other=0.0).to(tl.float32)
-    tl.store(target_ptr + row, target / temperature, mask=holds_label)
+    tl.store(target_ptr + row, _scaled(target, temperature, SCALED), mask=holds_label)
 
 
 @triton.jit
@@ -73,7 +100,7 @@ def _round_to_bfloat16(x):
 @triton.jit
 def _logprob_bwd_kernel(logits_ptr, row_offsets_ptr, out_ptr, out_row_offsets_ptr, labels_ptr, grad_ptr, lse_ptr,
                         vocab, split_size, ignore_index, temperature, BLOCK_V: tl.constexpr,
-                        ROUND_BF16: tl.constexpr):
+                        ROUND_BF16: tl.constexpr, VEC: tl.constexpr, SCALED: tl.constexpr):
     row = tl.program_id(0)
     split = tl.program_id(1)
     label = tl.load(labels_ptr + row)
@@ -82,19 +109,19 @@ def _logprob_bwd_kernel(logits_ptr, row_offsets_ptr, out_ptr, out_row_offsets_pt
     lse = tl.load(lse_ptr + row)  # float64: exp(x - lse) stays accurate when |logits| ~ 1e4
     lse_hi = lse.to(tl.float32)
     lse_lo = (lse - lse_hi.to(tl.float64)).to(tl.float32)
-    src = logits_ptr + tl.load(row_offsets_ptr + row)
-    dst = out_ptr + tl.load(out_row_offsets_ptr + row)
-    scale = -coef / temperature
-    start = split * split_size
-    stop = tl.minimum(start + split_size, vocab)
-    read_stop = tl.where(active, stop, start)  # rows without gradient are written with zeros and never read
+    src = logits_ptr + tl.multiple_of(tl.load(row_offsets_ptr + row), VEC)
+    dst = out_ptr + tl.multiple_of(tl.load(out_row_offsets_ptr + row), VEC)
+    on_label = _scaled(coef, temperature, SCALED)
+    scale = -on_label
+    start, stop = _vocab_range(split, split_size, vocab, VEC)
+    read_stop = tl.multiple_of(tl.where(active, stop, start), VEC)  # rows without gradient: zeros, never read
     for block in range(0, tl.cdiv(stop - start, BLOCK_V)):
         cols = start + block * BLOCK_V + tl.arange(0, BLOCK_V)
         in_row = cols < stop
         x = tl.load(src + cols, mask=cols < read_stop, other=0.0).to(tl.float32)
-        prob = tl.exp((x / temperature - lse_hi) - lse_lo)
+        prob = tl.exp((_scaled(x, temperature, SCALED) - lse_hi) - lse_lo)
         # At the label, c/t * (1 - p) rather than c/t - c/t * p: the difference of two near-equal terms loses bits.
-        grad = tl.where(cols == label, coef / temperature * (1.0 - prob), scale * prob)
+        grad = tl.where(cols == label, on_label * (1.0 - prob), scale * prob)
         grad = tl.where(active, grad, 0.0)
         if ROUND_BF16:
             grad = _round_to_bfloat16(grad)
@@ -123,21 +150,33 @@ def _target_programs(device: torch.device) -> int:
 
 
 def plan_splits(rows: int, vocab: int, device: torch.device, num_splits: int | None = None,
-                min_split: int = 8192) -> tuple[int, int]:
-    """(num_splits, split_size): split long rows only when rows alone leave the GPU idle."""
+                min_split: int = 8192, multiple: int = 1) -> tuple[int, int]:
+    """(num_splits, split_size): split long rows only when rows alone leave the GPU idle. split_size is rounded up
+    to `multiple` (the vector width, so that every split starts 16-byte aligned)."""
     if num_splits is None:
         wanted = math.ceil(_target_programs(device) / max(rows, 1))
         num_splits = max(1, min(wanted, vocab // min_split))
     num_splits = max(1, min(num_splits, vocab))
-    split_size = math.ceil(vocab / num_splits)
+    split_size = math.ceil(math.ceil(vocab / num_splits) / multiple) * multiple
     return math.ceil(vocab / split_size), split_size
 
 
-def _backward_block(vocab: int, split_size: int) -> tuple[int, int]:
+def vector_width(*tensors: torch.Tensor) -> int:
+    """Elements per 16-byte access when every row of every tensor [..., V] starts 16-byte aligned and V is a multiple
+    of it (then so is each split), else 1. The kernels' multiple_of hints are only true under this check."""
+    vec = 16 // tensors[0].element_size()
+    for t in tensors:
+        lead_strides = [st for size, st in zip(t.shape[:-1], t.stride()[:-1]) if size > 1]
+        if t.data_ptr() % 16 or t.shape[-1] % vec or any(st % vec for st in lead_strides):
+            return 1
+    return vec
+
+
+def _backward_config(split_size: int) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) for splits of split_size entries."""
     if INTERPRETING:
         return min(_INTERPRETER_BLOCK, triton.next_power_of_2(split_size)), 1
-    block = min(4096, triton.next_power_of_2(split_size))
-    return block, 8 if block >= 2048 else 4
+    return BACKWARD_CONFIGS[0] if split_size <= BACKWARD_CONFIGS[0][0] else BACKWARD_CONFIGS[1]
 
 
 def launch_forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, temperature: float,
@@ -150,13 +189,14 @@ def launch_forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     if rows == 0:
         return (torch.zeros(labels.shape, dtype=logp_dtype, device=logits.device),
                 torch.zeros(labels.shape, dtype=torch.float64, device=logits.device))
-    splits, split_size = plan_splits(rows, vocab, logits.device, num_splits)
+    vec = vector_width(logits)
+    splits, split_size = plan_splits(rows, vocab, logits.device, num_splits, multiple=vec)
     part_max = torch.empty(rows, splits, dtype=torch.float32, device=logits.device)
     part_sum = torch.empty(rows, splits, dtype=torch.float32, device=logits.device)
     target = torch.zeros(rows, dtype=torch.float32, device=logits.device)
     _logprob_fwd_kernel[(rows, splits)](
         logits, row_offsets(logits), flat_labels, part_max, part_sum, target, vocab, split_size, splits,
-        ignore_index, float(temperature), _bucket(vocab), _bucket(split_size))
+        ignore_index, float(temperature), _bucket(vocab), _bucket(split_size), VEC=vec, SCALED=temperature != 1.0)
     return merge_partials(part_max, part_sum, target, flat_labels, ignore_index, logp_dtype, labels.shape)
 
 
@@ -183,11 +223,13 @@ def launch_backward(grad_logp: torch.Tensor, logits: torch.Tensor, labels: torch
     rows = flat_labels.numel()
     if rows == 0 or vocab == 0:
         return
-    splits, split_size = plan_splits(rows, vocab, logits.device, num_splits)
-    block, warps = _backward_block(vocab, split_size)
+    vec = vector_width(logits, out)
+    splits, split_size = plan_splits(rows, vocab, logits.device, num_splits, multiple=vec)
+    block, warps = _backward_config(split_size)
     offsets = row_offsets(logits)
     out_offsets = offsets if out is logits else row_offsets(out)
     _logprob_bwd_kernel[(rows, splits)](
         logits, offsets, out, out_offsets, flat_labels, grad_logp.reshape(-1).to(torch.float32).contiguous(),
         lse.reshape(-1).contiguous(), vocab, split_size, ignore_index, float(temperature), BLOCK_V=block,
-        ROUND_BF16=INTERPRETING and out.dtype == torch.bfloat16, num_warps=warps)
+        ROUND_BF16=INTERPRETING and out.dtype == torch.bfloat16, VEC=vec, SCALED=temperature != 1.0,
+        num_warps=warps)

@@ -7,6 +7,12 @@ the splits' partials are merged in float64 (kernels.merge_partials). Backward: e
 (token block, vocabulary block) tile, turns it into c_t * (onehot - softmax) / t, and adds its products into fp32
 dhidden [N, H] and dweight [V, H] (and dbias) with atomics; tiles without gradient return early.
 
+Tiles (BLOCK_N x BLOCK_V x BLOCK_H, warps, stages) are autotuned among LINEAR_CONFIGS for the operand type and the
+GPU family; every listed tile compiles without register spills and within the family's shared memory under triton
+3.7.1 (what a CUDA torch 2.13 pins) and the newest release, which tests/gpu_verify/triton_aot.py checks in CI. fp32
+operands follow torch.get_float32_matmul_precision(): "highest" (PyTorch's default) multiplies in full fp32 like
+eager matmul; "high"/"medium" allow TF32 tensor cores (10-bit mantissa operands).
+
 Under TRITON_INTERPRET=1 the dots are computed on fp32 operands (the interpreter mishandles bf16) with one config.
 """
 from __future__ import annotations
@@ -17,13 +23,80 @@ import torch
 import triton
 import triton.language as tl
 
-from .kernels import INTERPRETING, _target_programs, merge_partials
+from .kernels import INTERPRETING, _bucket, _target_programs, merge_partials
+
+
+def _tile(block_n, block_v, block_h, warps, stages):
+    return triton.Config(dict(BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h), num_warps=warps, num_stages=stages)
+
+
+# Candidate tiles per (kernel, operand type, GPU family). Family 80: sm_8x and sm_12x (at most 99 KiB of shared memory
+# per block); family 90: sm_90/sm_100 (227 KiB). Operand "16bit" is bf16/fp16, "tf32" and "ieee" are fp32 operands
+# multiplied with TF32 tensor cores or in full fp32. Eight warps keep the backward's two accumulators out of local
+# memory (at four warps most of its tiles spill).
+LINEAR_CONFIGS = {
+    ("fwd", "16bit", 80): [_tile(64, 128, 64, 4, 3), _tile(64, 128, 32, 4, 3), _tile(128, 128, 32, 8, 3),
+                           _tile(64, 256, 32, 8, 3)],
+    ("fwd", "16bit", 90): [_tile(64, 128, 64, 4, 3), _tile(128, 128, 64, 8, 3), _tile(128, 128, 32, 8, 4),
+                           _tile(64, 256, 64, 8, 3)],
+    ("fwd", "tf32", 80): [_tile(64, 128, 64, 4, 2), _tile(128, 64, 32, 4, 3), _tile(128, 128, 32, 8, 2)],
+    ("fwd", "tf32", 90): [_tile(64, 128, 64, 4, 3), _tile(128, 128, 32, 8, 3), _tile(128, 128, 64, 8, 3)],
+    ("fwd", "ieee", 80): [_tile(32, 64, 32, 4, 2), _tile(64, 64, 32, 8, 2)],
+    ("fwd", "ieee", 90): [_tile(32, 64, 32, 4, 2), _tile(64, 64, 32, 4, 2), _tile(32, 128, 32, 4, 2),
+                          _tile(64, 64, 32, 8, 2)],
+    ("bwd", "16bit", 80): [_tile(64, 128, 32, 8, 3), _tile(128, 64, 32, 8, 3), _tile(64, 64, 32, 8, 3),
+                           _tile(32, 128, 32, 8, 3), _tile(128, 128, 32, 8, 2)],
+    ("bwd", "16bit", 90): [_tile(64, 128, 32, 8, 3), _tile(128, 64, 32, 8, 3), _tile(128, 128, 32, 8, 3),
+                           _tile(64, 128, 64, 8, 3), _tile(64, 256, 32, 8, 2)],
+    ("bwd", "tf32", 80): [_tile(32, 128, 32, 8, 2), _tile(64, 64, 32, 8, 1), _tile(64, 64, 32, 8, 2)],
+    ("bwd", "tf32", 90): [_tile(64, 128, 32, 8, 3), _tile(128, 64, 32, 8, 3), _tile(128, 128, 32, 8, 2),
+                          _tile(64, 64, 32, 8, 3)],
+    ("bwd", "ieee", 80): [_tile(32, 128, 32, 8, 2), _tile(64, 32, 32, 4, 2)],
+    ("bwd", "ieee", 90): [_tile(32, 128, 32, 8, 2), _tile(64, 32, 32, 4, 2), _tile(32, 32, 32, 4, 2)],
+}
+INPUT_PRECISIONS = ("tf32", "ieee")  # what fp32 operands may be multiplied with
+# Vocabulary splits of the forward are multiples of every candidate BLOCK_V, so no tile straddles two splits.
+SPLIT_MULTIPLE = max(c.kwargs["BLOCK_V"] for configs in LINEAR_CONFIGS.values() for c in configs)
+# The interpreter pays per program and loop iteration: few, big tiles.
+_INTERPRETER_CONFIG = _tile(32, 256, 128, 1, 1)
+
+
+def operand_class(dtype: torch.dtype) -> str:
+    if dtype != torch.float32:
+        return "16bit"
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def gpu_family(capability: tuple[int, int] | int) -> int:
+    """90 for GPUs with 227 KiB of shared memory per block (sm_90, sm_100), else 80 (sm_8x, sm_12x: 99 KiB)."""
+    major = capability[0] if isinstance(capability, tuple) else capability // 10
+    return 90 if major in (9, 10) else 80
+
+
+def configs_for(which: str, operand: str, family: int) -> list:
+    return LINEAR_CONFIGS[(which, operand, family)]
+
+
+def _prune(which):
+    """early_config_prune: the candidates for the launch's operand type and GPU."""
+    def prune(configs, named_args, **kwargs):
+        hidden = named_args["h_ptr"]
+        return configs_for(which, kwargs["INPUT_PRECISION"] if hidden.dtype == torch.float32 else "16bit",
+                           gpu_family(torch.cuda.get_device_capability(hidden.device)))
+    return prune
+
+
+def _autotune(which, **options):
+    configs = ([_INTERPRETER_CONFIG] if INTERPRETING else
+               [c for (w, _, _), cs in LINEAR_CONFIGS.items() if w == which for c in cs])
+    return triton.autotune(configs=configs, key=["hdim", "vocab", "rows_bucket", "HAS_BIAS", "INPUT_PRECISION"],
+                           prune_configs_by={"early_config_prune": _prune(which)}, **options)
 
 
 @triton.jit
 def _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, hdim, temperature,
                  HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                 UPCAST: tl.constexpr):
+                 UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """(hidden[rows] @ weight[cols].T + bias[cols]) / temperature as an fp32 [BLOCK_N, BLOCK_V] tile."""
     acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
     rows = rows.to(tl.int64)  # N*H and V*H can exceed 2**31
@@ -36,17 +109,18 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, hdim, temperat
         if UPCAST:
             h = h.to(tl.float32)
             w = w.to(tl.float32)
-        acc += tl.dot(h, tl.trans(w))
+        acc += tl.dot(h, tl.trans(w), input_precision=INPUT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    return acc / temperature
+    return tl.div_rn(acc, temperature)
 
 
+@_autotune("fwd")
 @triton.jit
 def _linear_fwd_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, part_max_ptr, part_sum_ptr, target_ptr,
-                       n_rows, vocab, hdim, split_size, num_splits, ignore_index, temperature,
-                       HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                       UPCAST: tl.constexpr):
+                       n_rows, vocab, hdim, split_size, num_splits, ignore_index, temperature, rows_bucket,
+                       HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
     block = tl.program_id(0)
     split = tl.program_id(1)
     rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -61,7 +135,7 @@ def _linear_fwd_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, part_max_ptr, part_sum_p
         cols = v0 + tl.arange(0, BLOCK_V)
         col_ok = cols < stop
         x = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, hdim, temperature,
-                         HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, UPCAST)
+                         HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, INPUT_PRECISION)
         x = tl.where(col_ok[None, :], x, float("-inf"))
         new_max = tl.maximum(run_max, tl.max(x, 1))
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)
@@ -75,11 +149,12 @@ def _linear_fwd_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, part_max_ptr, part_sum_p
     tl.store(target_ptr + rows, target, mask=holds)
 
 
+@_autotune("bwd", reset_to_zero=["dh_ptr", "dw_ptr", "db_ptr"])  # it accumulates with atomics
 @triton.jit
 def _linear_bwd_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, grad_ptr, lse_ptr, dh_ptr, dw_ptr, db_ptr,
-                       n_rows, vocab, hdim, ignore_index, temperature,
-                       HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                       UPCAST: tl.constexpr):
+                       n_rows, vocab, hdim, ignore_index, temperature, rows_bucket,
+                       HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
     block = tl.program_id(0)
     vblock = tl.program_id(1)
     rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -89,25 +164,25 @@ def _linear_bwd_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, grad_ptr, lse_ptr, dh_pt
     coef = tl.where(labels == ignore_index, 0.0, coef)
     if tl.max(tl.abs(coef), 0) > 0.0:  # else no token of this block has a gradient: nothing to recompute
         _linear_bwd_tile(h_ptr, w_ptr, b_ptr, labels, coef, rows, row_ok, lse_ptr, dh_ptr, dw_ptr, db_ptr, vocab,
-                         hdim, temperature, vblock, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, UPCAST)
+                         hdim, temperature, vblock, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, INPUT_PRECISION)
 
 
 @triton.jit
 def _linear_bwd_tile(h_ptr, w_ptr, b_ptr, labels, coef, rows, row_ok, lse_ptr, dh_ptr, dw_ptr, db_ptr, vocab, hdim,
                      temperature, vblock, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                     BLOCK_H: tl.constexpr, UPCAST: tl.constexpr):
+                     BLOCK_H: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     lse_hi = lse.to(tl.float32)
     lse_lo = (lse - lse_hi.to(tl.float64)).to(tl.float32)
     cols = vblock * BLOCK_V + tl.arange(0, BLOCK_V)
     col_ok = cols < vocab
     x = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, hdim, temperature,
-                     HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, UPCAST)
+                     HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, INPUT_PRECISION)
     prob = tl.exp((x - lse_hi[:, None]) - lse_lo[:, None])
     rows = rows.to(tl.int64)
     cols = cols.to(tl.int64)
     onehot = tl.where(cols[None, :] == labels[:, None], 1.0, 0.0)
-    dlogits = (coef / temperature)[:, None] * (onehot - prob)
+    dlogits = tl.div_rn(coef, temperature)[:, None] * (onehot - prob)
     dlogits = tl.where(row_ok[:, None] & col_ok[None, :], dlogits, 0.0)
     if HAS_BIAS:
         tl.atomic_add(db_ptr + cols, tl.sum(dlogits, 0), mask=col_ok)
@@ -122,66 +197,60 @@ def _linear_bwd_tile(h_ptr, w_ptr, b_ptr, labels, coef, rows, row_ok, lse_ptr, d
             h = h.to(tl.float32)
         else:
             g = dlogits.to(w.dtype)
-        dh = tl.dot(g, w)                   # [BLOCK_N, BLOCK_H]
-        dw = tl.dot(tl.trans(g), h)         # [BLOCK_V, BLOCK_H]
+        dh = tl.dot(g, w, input_precision=INPUT_PRECISION)               # [BLOCK_N, BLOCK_H]
+        dw = tl.dot(tl.trans(g), h, input_precision=INPUT_PRECISION)     # [BLOCK_V, BLOCK_H]
         tl.atomic_add(dh_ptr + rows[:, None] * hdim + ks[None, :], dh, mask=row_ok[:, None] & k_ok[None, :])
         tl.atomic_add(dw_ptr + cols[:, None] * hdim + ks[None, :], dw, mask=col_ok[:, None] & k_ok[None, :])
 
 
-def _blocks(hdim: int) -> tuple[int, int, int]:
-    if INTERPRETING:  # few, big programs: the interpreter pays per program and loop iteration
-        return 32, 256, max(16, min(128, triton.next_power_of_2(hdim)))
-    return 64, 128, 64
-
-
-def _plan(rows: int, vocab: int, device: torch.device, block_n: int, block_v: int, num_splits: int | None):
-    token_blocks = math.ceil(rows / block_n)
+def _plan(rows: int, vocab: int, device: torch.device, num_splits: int | None):
+    """(num_splits, split_size) of the forward: split the vocabulary only when token blocks leave the GPU idle."""
     if num_splits is None:
+        token_blocks = math.ceil(rows / 64)  # a typical BLOCK_N; the tile is chosen later by the autotuner
         wanted = math.ceil(_target_programs(device) / token_blocks)
-        num_splits = max(1, min(wanted, math.ceil(vocab / (8 * block_v))))
-    split_size = math.ceil(math.ceil(vocab / num_splits) / block_v) * block_v
-    return token_blocks, math.ceil(vocab / split_size), split_size
+        num_splits = max(1, min(wanted, math.ceil(vocab / (8 * SPLIT_MULTIPLE))))
+    split_size = math.ceil(math.ceil(vocab / num_splits) / SPLIT_MULTIPLE) * SPLIT_MULTIPLE
+    return math.ceil(vocab / split_size), split_size
+
+
+def _common(hidden, weight, labels):
+    """(hdim, vocab, hidden as [N, H], contiguous weight, flat int64 labels, N, the dot precision constexpr)."""
+    hdim, vocab = hidden.shape[-1], weight.shape[0]
+    flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
+    precision = "ieee" if hidden.dtype != torch.float32 else operand_class(torch.float32)
+    return (hdim, vocab, hidden.reshape(-1, hdim).contiguous(), weight.contiguous(), flat_labels, flat_labels.numel(),
+            precision)
 
 
 def launch_forward(hidden, weight, bias, labels, ignore_index, temperature, num_splits=None):
     """(logp float32, lse float64) of labels' shape; hidden [..., H] is flattened to [N, H]."""
-    hdim, vocab = hidden.shape[-1], weight.shape[0]
-    h = hidden.reshape(-1, hdim).contiguous()
-    w = weight.contiguous()
-    flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
-    rows = flat_labels.numel()
+    hdim, vocab, h, w, flat_labels, rows, precision = _common(hidden, weight, labels)
     if rows == 0:
         zeros = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
         return zeros, zeros.double()
-    block_n, block_v, block_h = _blocks(hdim)
-    token_blocks, splits, split_size = _plan(rows, vocab, hidden.device, block_n, block_v, num_splits)
+    splits, split_size = _plan(rows, vocab, hidden.device, num_splits)
     part_max = torch.empty(rows, splits, dtype=torch.float32, device=hidden.device)
     part_sum = torch.empty(rows, splits, dtype=torch.float32, device=hidden.device)
     target = torch.zeros(rows, dtype=torch.float32, device=hidden.device)
-    _linear_fwd_kernel[(token_blocks, splits)](
+    _linear_fwd_kernel[lambda meta: (triton.cdiv(rows, meta["BLOCK_N"]), splits)](
         h, w, bias if bias is not None else w, flat_labels, part_max, part_sum, target, rows, vocab, hdim,
-        split_size, splits, ignore_index, float(temperature), HAS_BIAS=bias is not None, BLOCK_N=block_n,
-        BLOCK_V=block_v, BLOCK_H=block_h, UPCAST=INTERPRETING)
+        split_size, splits, ignore_index, float(temperature), _bucket(rows), HAS_BIAS=bias is not None,
+        UPCAST=INTERPRETING, INPUT_PRECISION=precision)
     return merge_partials(part_max, part_sum, target, flat_labels, ignore_index, torch.float32, labels.shape)
 
 
 def launch_backward(grad_logp, hidden, weight, bias, labels, lse, ignore_index, temperature):
     """(dhidden, dweight, dbias) in the inputs' dtypes, accumulated in fp32; dbias is empty without a bias."""
-    hdim, vocab = hidden.shape[-1], weight.shape[0]
-    h = hidden.reshape(-1, hdim).contiguous()
-    w = weight.contiguous()
-    flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
-    rows = flat_labels.numel()
+    hdim, vocab, h, w, flat_labels, rows, precision = _common(hidden, weight, labels)
     dh = torch.zeros(rows, hdim, dtype=torch.float32, device=hidden.device)
     dw = torch.zeros(vocab, hdim, dtype=torch.float32, device=hidden.device)
     db = torch.zeros(vocab if bias is not None else 0, dtype=torch.float32, device=hidden.device)
     if rows:
-        block_n, block_v, block_h = _blocks(hdim)
-        grid = (math.ceil(rows / block_n), math.ceil(vocab / block_v))
+        grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_N"]), triton.cdiv(vocab, meta["BLOCK_V"]))  # noqa: E731
         _linear_bwd_kernel[grid](
             h, w, bias if bias is not None else w, flat_labels,
             grad_logp.reshape(-1).to(torch.float32).contiguous(), lse.reshape(-1).contiguous(), dh, dw, db,
-            rows, vocab, hdim, ignore_index, float(temperature), HAS_BIAS=bias is not None, BLOCK_N=block_n,
-            BLOCK_V=block_v, BLOCK_H=block_h, UPCAST=INTERPRETING)
+            rows, vocab, hdim, ignore_index, float(temperature), _bucket(rows), HAS_BIAS=bias is not None,
+            UPCAST=INTERPRETING, INPUT_PRECISION=precision)
     dbias = db.to(bias.dtype) if bias is not None else torch.empty(0, dtype=weight.dtype, device=weight.device)
     return dh.to(hidden.dtype).reshape(hidden.shape), dw.to(weight.dtype), dbias
