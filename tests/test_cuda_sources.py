@@ -1,6 +1,7 @@
 """The CUDA sources compile (nvcc, no GPU needed): a syntax or template error fails here, not on a GPU machine."""
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -25,13 +26,41 @@ def cuda_include():
     pytest.skip("CUDA headers not found (set CUDA_HOME)")
 
 
+# ptxas -v, per kernel entry: "Compiling entry function 'NAME' for 'sm_XX'" ... "N bytes stack frame, N bytes spill
+# stores, N bytes spill loads" ... "Used N registers".
+_ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(sm_\w+)'.*?(\d+) bytes stack frame, (\d+) bytes spill "
+                    r"stores, (\d+) bytes spill loads.*?Used (\d+) registers", re.S)
+BLOCK_THREADS = 256  # __launch_bounds__ of every kernel in csrc/cuda
+
+
+def ptxas_report(log: str):
+    """[(kernel, arch, stack, spill stores, spill loads, registers)] from nvcc -Xptxas -v output."""
+    return [(m.group(1), m.group(2), *map(int, m.group(3, 4, 5, 6))) for m in _ENTRY.finditer(log)]
+
+
 @needs_nvcc
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
 @pytest.mark.parametrize("source", sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))),
                          ids=os.path.basename)
-def test_cu_files_compile_for_sm90a(source, tmp_path):
-    out = subprocess.run([NVCC, "-c", "-std=c++17", "-O3", "-arch=sm_90a", source, "-o", str(tmp_path / "k.o")],
-                         capture_output=True, text=True)
+def test_cu_files_compile_without_spills_or_stack(source, arch, tmp_path):
+    out = subprocess.run([NVCC, "-c", "-std=c++17", "-O3", f"-arch={arch}", "-Xptxas", "-v", source,
+                          "-o", str(tmp_path / "k.o")], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-4000:]
+    entries = ptxas_report(out.stderr)
+    assert len(entries) == out.stderr.count("Compiling entry function") > 0, out.stderr[-4000:]
+    for kernel, target, stack, spill_stores, spill_loads, registers in entries:
+        assert target == arch
+        assert (stack, spill_stores, spill_loads) == (0, 0, 0), \
+            f"{kernel} on {arch}: {stack} B stack, {spill_stores}/{spill_loads} B spilled"
+        assert registers * BLOCK_THREADS <= 65536, f"{kernel} on {arch}: {registers} registers x {BLOCK_THREADS}"
+
+
+def test_ptxas_report_parser_reads_spills():
+    """The parser behind the check above sees a spill (so that check can fail)."""
+    log = ("ptxas info    : Compiling entry function '_Z1kv' for 'sm_80'\nptxas info    : Function properties for _Z1kv\n"
+           "    8 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads\n"
+           "ptxas info    : Used 255 registers, used 1 barriers\n")
+    assert ptxas_report(log) == [("_Z1kv", "sm_80", 8, 4, 4, 255)]
 
 
 @needs_nvcc
