@@ -3,18 +3,43 @@
 ours passes where |ours - truth| <= |reference - truth| + tol elementwise, truth being the float64 reference on the
 same (already rounded) inputs and `reference` the eager implementation in the same dtype. NaN never passes unless
 the truth is NaN at that position too (rows the caller poisoned on purpose).
+
+What the CPU suite cannot see. It runs the Triton kernels in Triton's interpreter (numpy), which differs from the GPU:
+- TF32 dots. On a GPU, fp32 tl.dot operands may be multiplied as TF32 (10 of 23 mantissa bits); the interpreter
+  multiplies in full fp32. The fused-linear kernels use TF32 only when torch.get_float32_matmul_precision() allows it
+  (not at PyTorch's default "highest"); GPU tests of that mode add tf32_linear_extra() to the bound.
+- bf16/fp16 dots. The interpreter computes them on fp32-upcast operands (it mishandles bf16 arithmetic); the GPU's
+  tensor cores form the same exact products and accumulate in fp32 in another order: accumulation_extra().
+- Approximate exp and division. On a GPU tl.exp is ex2.approx.f32 of x*log2(e): relative error <= 2**-22 plus
+  |x| * 2**-24 from the scaling; on the probabilities (exp(x - lse) <= 1, nonzero only for x - lse > -104 in fp32)
+  that is < 1e-7 absolute, and on the LSE < 3e-7: inside the fp32 tol (1e-5), so no extra term. Plain '/' lowers to
+  div.full.f32 (2 ulp, larger than eager's 0.5 ulp at |logits| ~ 1e4), so the kernels divide with tl.div_rn
+  (correctly rounded, as eager) and skip the division at temperature 1: no extra term.
+- Order of atomics. The fused-linear backward adds fp32 tile partials into dhidden / dweight / dbias with atomics in
+  whatever order the programs finish (the interpreter runs them in order), so results vary run to run by up to
+  accumulation_extra() of the number of partials per element.
+- Also not seen on CPU: speed, occupancy and resource limits (tests/test_triton_aot.py compiles every config for
+  sm_80/sm_90 instead), and memory faults (the CUDA C++ kernels run under sanitizers in tests/test_cuda_emu.py).
+tests/test_gpu.py runs on a GPU with these terms in its bounds.
 """
 import torch
+
+from rlhfv_kernels import reference
+
+FP32_EPS = 2.0 ** -24  # unit roundoff of fp32 (round to nearest)
+TF32_REL = 2.0 ** -10  # a TF32 operand is within 2**-10 relative of its fp32 value (rounded or truncated)
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2, torch.float64: 1e-10}
 
 
-def assert_meets_criterion(ours, reference, truth, dtype, what, *, relative=False):
-    """relative=True scales tol by max(1, |truth|): for sums over many tokens, whose fp32 rounding grows with size."""
+def assert_meets_criterion(ours, reference, truth, dtype, what, *, relative=False, extra=0.0):
+    """relative=True scales tol by max(1, |truth|): for sums over many tokens, whose fp32 rounding grows with size.
+    extra: an error bound the GPU adds and the eager reference does not have (tensor broadcastable to truth)."""
     ours, reference, truth = (t.detach().double() for t in (ours, reference, truth))
     assert ours.shape == truth.shape, f"{what}: shape {tuple(ours.shape)} != {tuple(truth.shape)}"
     tol = TOL[dtype]
     bound = (reference - truth).abs() + (tol * truth.abs().clamp_min(1.0) if relative else tol)
+    bound = bound + (extra.detach().double().to(bound.device) if isinstance(extra, torch.Tensor) else extra)
     err = (ours - truth).abs()
     nan_expected = torch.isnan(truth)
     exact = ours == truth  # covers matching infinities (a label on a masked, -inf logit has logp = -inf)
@@ -36,3 +61,51 @@ def grad_of(fn, logits, *, seed_grad=None):
         seed_grad = torch.ones_like(out)
     (out * seed_grad.to(out.dtype)).sum().backward()
     return out.detach(), leaf.grad
+
+
+def truth_token_logprobs(logits, labels, *, temperature=1.0, ignore_index=-100):
+    """The float64 truth of token_logprobs for `logits` holding already-rounded values in float64.
+
+    At temperature t != 1 the truth's input is x / t rounded to fp32, the working precision in which both the kernels
+    and eager PyTorch form it (DESIGN.md §4: accumulate in fp32), with the exact gradient 1/t. That rounding belongs to
+    the definition, not to a kernel's error: against an exact x / t, a correctly rounded kernel and eager both sit
+    within an ulp (2e-3 at |logits / t| ~ 3e4) and pass or fail by the luck of later roundings. A kernel that forms
+    x / t any other way (x * (1 / t), an approximate division) differs from this truth by an ulp and still fails."""
+    scaled = logits
+    if temperature != 1.0:
+        exact = logits / temperature
+        rounded = (logits.detach().float() / temperature).double()
+        # value: the fp32 quotient; gradient: that of x / t. Non-finite entries (masked -inf, poisoned rows) stay.
+        scaled = exact + torch.where(torch.isfinite(exact), rounded - exact, torch.zeros_like(exact)).detach()
+    return reference.token_logprobs(scaled, labels, ignore_index=ignore_index)
+
+
+def accumulation_extra(abs_sum, terms):
+    """Bound on the change of an fp32 sum of `terms` partials when they are added in another order: each addition
+    rounds by at most FP32_EPS of the running |sum| <= abs_sum (the sum of the partials' magnitudes)."""
+    return terms * FP32_EPS * abs_sum
+
+
+def tf32_linear_extra(hidden, weight, labels, coef, temperature, ignore_index=-100):
+    """Extra error of (logp, dhidden, dweight, dbias) when the fused-linear dots run in TF32, from the float64 truth.
+
+    Logits: |dx| <= 2 * TF32_REL * sum_k |h_k w_k| / t (both operands rounded). logp = x_label - lse moves by at most
+    2 * max_v |dx_v| =: 2 d. dlogits g = c/t (onehot - p) moves by |c|/t * p * 2 d, and dhidden = g @ W,
+    dweight = g.T @ H take that plus their own TF32 operand rounding (2 * TF32_REL * |g| @ |W|, likewise for H)."""
+    hdim = hidden.shape[-1]
+    h, w = hidden.detach().double().reshape(-1, hdim).cpu(), weight.detach().double().cpu()
+    c = coef.detach().double().reshape(-1).cpu()
+    flat_labels = labels.reshape(-1).cpu()
+    c = torch.where(flat_labels == ignore_index, torch.zeros_like(c), c)
+    dx = 2 * TF32_REL * (h.abs() @ w.abs().T) / temperature
+    d = dx.amax(dim=1)
+    p = torch.softmax((h @ w.T) / temperature, dim=1)
+    onehot = torch.zeros_like(p)
+    active = flat_labels != ignore_index
+    onehot[active.nonzero().squeeze(1), flat_labels[active]] = 1.0
+    g = c[:, None] / temperature * (onehot - p)
+    dg = c.abs()[:, None] / temperature * p * 2 * d[:, None]
+    dh = 2 * TF32_REL * (g.abs() @ w.abs()) + dg @ w.abs()
+    dw = 2 * TF32_REL * (g.abs().T @ h.abs()) + dg.T @ h.abs()
+    return (torch.where(active, 2 * d, torch.zeros_like(d)).reshape(labels.shape),
+            dh.reshape(hidden.shape), dw, dg.sum(dim=0))
