@@ -86,26 +86,39 @@ def accumulation_extra(abs_sum, terms):
     return terms * FP32_EPS * abs_sum
 
 
-def tf32_linear_extra(hidden, weight, labels, coef, temperature, ignore_index=-100):
+def _linear_truth(hidden, weight, bias, labels, coef, temperature, ignore_index):
+    """float64, on the CPU: (|H|, |W|, p = softmax(x), g = dL/dx, active rows) of the fused-linear op."""
+    hdim = hidden.shape[-1]
+    h, w = hidden.detach().double().reshape(-1, hdim).cpu(), weight.detach().double().cpu()
+    flat_labels = labels.reshape(-1).cpu()
+    active = flat_labels != ignore_index
+    c = torch.where(active, coef.detach().double().reshape(-1).cpu(), 0.0)
+    x = h @ w.T + (bias.detach().double().cpu() if bias is not None else 0.0)
+    p = torch.softmax(x / temperature, dim=1)
+    onehot = torch.zeros_like(p)
+    onehot[active.nonzero().squeeze(1), flat_labels[active]] = 1.0
+    return h.abs(), w.abs(), p, c[:, None] / temperature * (onehot - p), c, active
+
+
+def linear_accumulation_extra(hidden, weight, bias, labels, coef, temperature, ignore_index=-100):
+    """Extra error of (logp, dhidden, dweight, dbias) of the fused-linear GPU kernels from their summation order
+    (tensor-core dots, then fp32 atomics across tiles): dhidden sums V products, dweight and dbias N."""
+    ah, aw, _, g, _, _ = _linear_truth(hidden, weight, bias, labels, coef, temperature, ignore_index)
+    rows, vocab = g.shape
+    return (0.0, accumulation_extra(g.abs() @ aw, vocab).reshape(hidden.shape),
+            accumulation_extra(g.abs().T @ ah, rows), accumulation_extra(g.abs().sum(dim=0), rows))
+
+
+def tf32_linear_extra(hidden, weight, bias, labels, coef, temperature, ignore_index=-100):
     """Extra error of (logp, dhidden, dweight, dbias) when the fused-linear dots run in TF32, from the float64 truth.
 
     Logits: |dx| <= 2 * TF32_REL * sum_k |h_k w_k| / t (both operands rounded). logp = x_label - lse moves by at most
     2 * max_v |dx_v| =: 2 d. dlogits g = c/t (onehot - p) moves by |c|/t * p * 2 d, and dhidden = g @ W,
     dweight = g.T @ H take that plus their own TF32 operand rounding (2 * TF32_REL * |g| @ |W|, likewise for H)."""
-    hdim = hidden.shape[-1]
-    h, w = hidden.detach().double().reshape(-1, hdim).cpu(), weight.detach().double().cpu()
-    c = coef.detach().double().reshape(-1).cpu()
-    flat_labels = labels.reshape(-1).cpu()
-    c = torch.where(flat_labels == ignore_index, torch.zeros_like(c), c)
-    dx = 2 * TF32_REL * (h.abs() @ w.abs().T) / temperature
-    d = dx.amax(dim=1)
-    p = torch.softmax((h @ w.T) / temperature, dim=1)
-    onehot = torch.zeros_like(p)
-    active = flat_labels != ignore_index
-    onehot[active.nonzero().squeeze(1), flat_labels[active]] = 1.0
-    g = c[:, None] / temperature * (onehot - p)
+    ah, aw, p, g, c, active = _linear_truth(hidden, weight, bias, labels, coef, temperature, ignore_index)
+    d = (2 * TF32_REL * (ah @ aw.T) / temperature).amax(dim=1)
     dg = c.abs()[:, None] / temperature * p * 2 * d[:, None]
-    dh = 2 * TF32_REL * (g.abs() @ w.abs()) + dg @ w.abs()
-    dw = 2 * TF32_REL * (g.abs().T @ h.abs()) + dg.T @ h.abs()
+    dh = 2 * TF32_REL * (g.abs() @ aw) + dg @ aw
+    dw = 2 * TF32_REL * (g.abs().T @ ah) + dg.T @ ah
     return (torch.where(active, 2 * d, torch.zeros_like(d)).reshape(labels.shape),
             dh.reshape(hidden.shape), dw, dg.sum(dim=0))

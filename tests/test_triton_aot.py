@@ -97,3 +97,15 @@ def test_fp32_dots_follow_torch_matmul_precision():
         torch.set_float32_matmul_precision(before)
     assert linear_kernels.operand_class(torch.bfloat16) == "16bit"
     assert [linear_kernels.gpu_family(c) for c in ((8, 0), (8, 9), (9, 0), (10, 0), (12, 0))] == [80, 80, 90, 90, 80]
+
+
+def test_autotuner_offers_only_the_checked_tiles_of_the_launch(monkeypatch):
+    """On a GPU the autotuner prunes to LINEAR_CONFIGS[(kernel, operand, family)] of the launch (run here with a
+    pretended device capability: on CPU the interpreter has one config and never prunes)."""
+    prune = linear_kernels._prune("bwd")
+    for capability, family in (((8, 6), 80), ((9, 0), 90)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        for dtype, precision, operand in ((torch.bfloat16, "ieee", "16bit"), (torch.float32, "tf32", "tf32"),
+                                          (torch.float32, "ieee", "ieee")):
+            chosen = prune([], {"h_ptr": torch.empty(1, dtype=dtype)}, INPUT_PRECISION=precision, HAS_BIAS=False)
+            assert chosen == linear_kernels.LINEAR_CONFIGS[("bwd", operand, family)]
