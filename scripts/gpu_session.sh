@@ -26,7 +26,10 @@ stage=${1:-all}
 export RLHFV_CUDA_ARCHS=${RLHFV_CUDA_ARCHS:-90a}  # the lent machines are Hopper; one target builds faster
 python3 setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
 if [ "$stage" = tests ] || [ "$stage" = all ]; then
-  python3 -m pytest -q tests -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -15
+  # The CPU stand-ins for a GPU (CUDA emulation under sanitizers, ahead-of-time compiles) are skipped: here the
+  # kernels run for real, and device time is scarce.
+  python3 -m pytest -q tests -p no:cacheprovider --ignore tests/test_cuda_emu.py --ignore tests/test_triton_aot.py \
+    2>&1 | tee "$OUT/tests.log" | tail -15
 fi
 if [ "$stage" = bench ] || [ "$stage" = all ]; then
   stamp=$(date -u +%Y%m%d)
