@@ -119,7 +119,8 @@ def run_driver(binary, case, dtype_name, workdir, seed):
         return torch.from_file(os.path.join(workdir, name), size=count, dtype=dt)
 
     rows, vocab = labels.numel(), logits.shape[-1]
-    out = dict(lse=read("lse.bin", torch.float64, rows).view(lead), logp=read("logp.bin", torch.float32, rows).view(lead),
+    out = dict(lse=read("lse.bin", torch.float64, rows).view(lead),
+               logp=read("logp.bin", torch.float32, rows).view(lead),
                grad=read("grad.bin", BITS[dtype], rows * vocab).view(dtype).view(logits.shape),
                inplace=read("inplace.bin", BITS[dtype], buffer.numel()).view(dtype))
     return proc, (buffer, logits, labels, coef), out
@@ -137,7 +138,8 @@ def emulated(request, tmp_path_factory):
 def test_emulated_kernels_match_the_float64_reference(emulated, case, dtype_name, tmp_path, fresh_seed):
     sanitizer, binary = emulated
     proc, (buffer, logits, labels, coef), out = run_driver(binary, case, dtype_name, str(tmp_path), fresh_seed)
-    assert proc.returncode == 0, f"{sanitizer}: the emulated kernels failed:\n{proc.stdout[-2000:]}{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, \
+        f"{sanitizer}: the emulated kernels failed:\n{proc.stdout[-2000:]}{proc.stderr[-6000:]}"
     assert f"shape={case.shape} splits={case.splits} " in proc.stdout, proc.stdout  # the shape class under test
     dtype = DTYPES[dtype_name]
     same = reference_results(logits, labels, coef, case.temperature)

@@ -57,7 +57,8 @@ def test_cu_files_compile_without_spills_or_stack(source, arch, tmp_path):
 
 def test_ptxas_report_parser_reads_spills():
     """The parser behind the check above sees a spill (so that check can fail)."""
-    log = ("ptxas info    : Compiling entry function '_Z1kv' for 'sm_80'\nptxas info    : Function properties for _Z1kv\n"
+    log = ("ptxas info    : Compiling entry function '_Z1kv' for 'sm_80'\n"
+           "ptxas info    : Function properties for _Z1kv\n"
            "    8 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads\n"
            "ptxas info    : Used 255 registers, used 1 barriers\n")
     assert ptxas_report(log) == [("_Z1kv", "sm_80", 8, 4, 4, 255)]

@@ -100,3 +100,20 @@ def test_torch_compile_through_the_triton_ops():
     compiled_leaf = logits.clone().requires_grad_(True)
     torch.compile(loss)(compiled_leaf * 1).backward()
     torch.testing.assert_close(compiled_leaf.grad, eager_leaf.grad, rtol=1e-6, atol=1e-7)
+
+
+def test_vector_width_promises_alignment_only_when_it_holds():
+    """VEC > 1 tells the compiler every row starts 16-byte aligned: a wrong promise is a misaligned-address fault on
+    a GPU, which the interpreter would never show."""
+    bf16 = torch.randn(2, 5, 32000).to(torch.bfloat16)
+    assert kernels.vector_width(bf16) == 8
+    assert kernels.vector_width(bf16[:, :-1]) == 8                      # strided rows, V a multiple of 8
+    assert kernels.vector_width(torch.randn(4, 32000)) == 4             # fp32: 4 per 16 bytes
+    assert kernels.vector_width(torch.randn(4, 32003).to(torch.bfloat16)) == 1      # odd V: rows misaligned
+    assert kernels.vector_width(bf16.view(-1)[1:32001].view(1, 32000)) == 1        # base 2 bytes past alignment
+    assert kernels.vector_width(torch.randn(3, 40, 32).to(torch.bfloat16)[:, ::3, :]) == 8   # row stride 96
+    assert kernels.vector_width(torch.randn(3, 7, 32).to(torch.bfloat16)[:, :, :24]) == 8    # padded rows (32)
+    assert kernels.vector_width(torch.randn(3, 36).to(torch.bfloat16)[:, :32]) == 1  # row stride 36: not 16 bytes
+    assert kernels.vector_width(bf16, torch.empty(3, 32000, dtype=torch.bfloat16)[1:]) == 8
+    splits, size = kernels.plan_splits(4, 40000, torch.device("cpu"), num_splits=3, multiple=8)
+    assert size % 8 == 0 and splits * size >= 40000 and (splits - 1) * size < 40000
