@@ -67,6 +67,11 @@ def operand_class(dtype: torch.dtype) -> str:
     return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
+def dot_precision(operand: str) -> str:
+    """tl.dot's input_precision for an operand class (it only matters for fp32 operands)."""
+    return "ieee" if operand == "16bit" else operand
+
+
 def gpu_family(capability: tuple[int, int] | int) -> int:
     """90 for GPUs with 227 KiB of shared memory per block (sm_90, sm_100), else 80 (sm_8x, sm_12x: 99 KiB)."""
     major = capability[0] if isinstance(capability, tuple) else capability // 10
@@ -217,7 +222,7 @@ def _common(hidden, weight, labels):
     """(hdim, vocab, hidden as [N, H], contiguous weight, flat int64 labels, N, the dot precision constexpr)."""
     hdim, vocab = hidden.shape[-1], weight.shape[0]
     flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
-    precision = "ieee" if hidden.dtype != torch.float32 else operand_class(torch.float32)
+    precision = dot_precision(operand_class(hidden.dtype))
     return (hdim, vocab, hidden.reshape(-1, hdim).contiguous(), weight.contiguous(), flat_labels, flat_labels.numel(),
             precision)
 

@@ -107,16 +107,16 @@ def linear_cases(dtypes, cap, extra=()):
         dt = DTYPES[dn]
         operands = linear_kernels.INPUT_PRECISIONS if dt == torch.float32 else ("16bit",)
         for operand, which in ((o, w) for o in operands for w in ("fwd", "bwd")):
-            precision = "ieee" if operand == "16bit" else operand
+            precision = linear_kernels.dot_precision(operand)
             configs = linear_kernels.configs_for(which, operand, cap) + [c for w, c in extra if w == which]
             for cfg, bias in ((c, b) for c in configs for b in (False, True)):
-                if which == "fwd":
-                    split_size = linear_kernels.SPLIT_MULTIPLE * 74
-                    args = (T(dt), T(dt), T(dt), T(i64), T(f32), T(f32), T(f32), N, V, H, split_size,
-                            -(-V // split_size), -100, 0.7, N)
+                if which == "fwd":  # four vocabulary splits, sized by the launcher's own planner
+                    splits, split_size = linear_kernels._plan(N, V, torch.device("cpu"), 4)
+                    args = (T(dt), T(dt), T(dt), T(i64), T(f32), T(f32), T(f32), N, V, H, split_size, splits, -100,
+                            0.7, kernels._bucket(N))
                 else:
                     args = (T(dt), T(dt), T(dt), T(i64), T(f32), T(f64), T(f32), T(f32), T(f32), N, V, H, -100, 0.7,
-                            N)
+                            kernels._bucket(N))
                 fn = linear_kernels._linear_fwd_kernel if which == "fwd" else linear_kernels._linear_bwd_kernel
                 meta = dict(cfg.kwargs, HAS_BIAS=bias, UPCAST=False, INPUT_PRECISION=precision,
                             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
