@@ -14,6 +14,7 @@ import warnings
 import torch
 
 from . import _backend, _checks, _ops, losses, reference
+from .linear_loss import GroupedLoss
 from .losses import DDPOOutput, GRPOOutput
 
 MODES = ("sum", "mean")
@@ -46,6 +47,11 @@ class _LogitsSource:
         return _token_logps(self.tensor, labels, ignore_index, temperature, self.inplace_backward, self.backend,
                             min_dim=min_dim)
 
+    def loss(self, labels, ignore_index, temperature, build, constants=()):
+        """build(logp dtype) -> (full_loss, GroupedLoss); the loss's output on this source's log-probs."""
+        logps = self.logps(labels, ignore_index, temperature)
+        return build(logps.dtype)[0](logps)
+
 
 class _LinearSource:
     """Per-token log-probs from hidden states [..., H] and the lm_head weight [V, H] (the fused-linear path)."""
@@ -59,6 +65,11 @@ class _LinearSource:
         from .linear import linear_token_logps  # linear.py imports this module
         return linear_token_logps(self.tensor, self.weight, labels, self.bias, ignore_index, temperature,
                                   self.chunk_size, self.backend, min_dim=min_dim)
+
+    def loss(self, labels, ignore_index, temperature, build, constants=()):
+        """Like _LogitsSource.loss; the gradients come from the forward when they can (linear_loss.py)."""
+        from .linear import linear_loss
+        return linear_loss(self, labels, ignore_index, temperature, build, constants)
 
 
 def _masked_weights(labels, token_weights, ignore_index, dtype, logits):
@@ -132,11 +143,26 @@ def _ddpo_loss(source, labels, ref_logps, token_weights, beta, mode, reward_marg
     _checks.check_vector(ref_logps, "ref_logps", rows, x)
     if reward_margin is not None:
         _checks.check_vector(reward_margin, "reward_margin", rows // 2, x, nonnegative=True)
-    logps = source.logps(labels, ignore_index, temperature)
-    mask, weights = _masked_weights(labels, token_weights, ignore_index, logps.dtype, x)
-    return losses.ddpo_from_token_logps(logps, mask, weights, ref_logps, beta=beta, mode=mode,
-                                        reward_margin=reward_margin, drs_weight=drs_weight, drs_k=drs_k,
-                                        sft_weight=sft_weight)
+    pairs = rows // 2
+
+    def build(dtype):
+        mask, weights = _masked_weights(labels, token_weights, ignore_index, dtype, x)
+        batch = dict(num_pairs=pairs, sft_tokens=mask[:pairs].to(dtype).sum())
+
+        def loss_on(logps, sub=None):
+            """The batch's loss, or (sub: rows, chosen first) that sub-batch's share of it."""
+            if sub is None:
+                return losses.ddpo_from_token_logps(logps, mask, weights, ref_logps, beta=beta, mode=mode,
+                                                    reward_margin=reward_margin, drs_weight=drs_weight, drs_k=drs_k,
+                                                    sft_weight=sft_weight)
+            margin = None if reward_margin is None else reward_margin[sub[:sub.numel() // 2]]
+            return losses.ddpo_from_token_logps(logps, mask[sub], weights[sub], ref_logps[sub], beta=beta, mode=mode,
+                                                reward_margin=margin, drs_weight=drs_weight, drs_k=drs_k,
+                                                sft_weight=sft_weight, **batch).loss
+
+        return loss_on, GroupedLoss([(i, i + pairs) for i in range(pairs)], False, lambda sub, x: loss_on(x, sub))
+
+    return source.loss(labels, ignore_index, temperature, build, (ref_logps, token_weights, reward_margin))
 
 
 def dpo_loss(logits: torch.Tensor, labels: torch.Tensor, ref_logps: torch.Tensor, *, beta: float = 0.1,
@@ -188,7 +214,21 @@ def _grpo_loss(source, labels, advantages, old_logps, ref_logps, epsilon, epsilo
         if ref_logps is None:
             raise ValueError("ref_logps is required when beta_kl > 0")
         _checks.check_per_token(ref_logps, "ref_logps", labels, x)
-    logps = source.logps(labels, ignore_index, temperature)
-    return losses.grpo_from_token_logps(logps, labels != ignore_index, advantages, old_logps, ref_logps,
-                                        epsilon=epsilon, epsilon_high=epsilon_high, beta_kl=beta_kl,
-                                        loss_type=loss_type, num_items_in_batch=num_items_in_batch)
+    options = dict(epsilon=epsilon, epsilon_high=epsilon_high, beta_kl=beta_kl, loss_type=loss_type,
+                   num_items_in_batch=num_items_in_batch)
+
+    def build(dtype):
+        mask = labels != ignore_index
+        batch = dict(num_rows=mask.shape[0], loss_tokens=mask.to(dtype).sum())
+
+        def loss_on(logps, sub=None):
+            """The batch's loss, or that of the rows `sub` as their share of it."""
+            if sub is None:
+                return losses.grpo_from_token_logps(logps, mask, advantages, old_logps, ref_logps, **options)
+            pick = lambda t: None if t is None else t[sub]  # noqa: E731
+            return losses.grpo_from_token_logps(logps, mask[sub], advantages[sub], pick(old_logps), pick(ref_logps),
+                                                **options, **batch).loss
+
+        return loss_on, GroupedLoss([(i,) for i in range(mask.shape[0])], True, lambda sub, x: loss_on(x, sub))
+
+    return source.loss(labels, ignore_index, temperature, build, (advantages, old_logps, ref_logps))

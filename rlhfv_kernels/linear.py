@@ -1,17 +1,24 @@
 """The fused-linear family: log-probs, sequence scores, DDPO/DPO and GRPO from the last hidden states and the lm_head
 weight, never materializing the N x V logits.
 
-hidden [..., H], weight [V, H] (the lm_head's), optional bias [V]. The logits are computed `chunk_size` tokens at a
-time (forward) and recomputed the same way in backward, so peak extra memory is one chunk of logits: chunk_size x V
-values in fp32, plus the weight-sized gradient itself. chunk_size=None picks the largest chunk that keeps one chunk
-of fp32 logits under DEFAULT_CHUNK_BYTES (256 MiB); set it lower to bound memory tighter. Differentiable w.r.t.
-hidden, weight and bias (dweight and dbias accumulated in fp32). Same options, backends and results as the logits
-functions in api.py.
+hidden [..., H], weight [V, H] (the lm_head's), optional bias [V]. Differentiable w.r.t. hidden, weight and bias
+(dweight and dbias accumulated in fp32). Same options, backends and results as the logits functions in api.py.
 
-Backends: "cpp" (CPU, the compiled extension: ATen/BLAS matmuls + the row kernels), "triton" (tiles of
-hidden @ W.T built with tensor-core dots, online LSE per token, atomics for dhidden/dweight in fp32; CUDA tensors, or
-CPU tensors under the interpreter; chunk_size does not apply, the tiles bound memory), "reference" (hidden @ W.T, then
-the eager reference). On CUDA tensors None picks "triton".
+Two schemes, picked per call:
+- The losses (linear_ddpo_loss, linear_dpo_loss, linear_grpo_loss) with a gradient wanted: chunks of whole pairs
+  (rows) and their gradients in the forward, 3 GEMMs (linear_loss.py); the backward only scales them. Ignored tokens
+  (prompt, image) are skipped. chunk_size=None packs whole pairs up to DEFAULT_LOSS_CHUNK_BYTES (128 MiB) of fp32
+  logits, a larger pair alone in one pass; an int is a hard bound in non-ignored tokens (a pair larger than it takes
+  two passes over pieces: 4 GEMMs for that pair). Also used: the backend's logits-path row kernels.
+- Log-probs and sequence scores (their backward's coefficient is only known then), the losses without gradient, or
+  with a gradient also wanted for another input (ref_logps, token_weights, ...): per-token log-probs `chunk_size`
+  tokens at a time, the logits recomputed in backward (4 GEMMs). chunk_size=None keeps a chunk of fp32 logits under
+  DEFAULT_CHUNK_BYTES (256 MiB). Peak extra memory: one chunk of logits plus the weight-sized gradient.
+
+Backends: "cpp" (CPU, the compiled extension: ATen/BLAS matmuls + the row kernels), "triton" (CUDA tensors, or CPU
+tensors under the interpreter; log-probs: tiles of hidden @ W.T built with tensor-core dots, online LSE per token,
+atomics for dhidden/dweight in fp32, chunk_size does not apply; losses: cuBLAS GEMMs + the Triton row kernels),
+"reference" (hidden @ W.T, then the eager reference). On CUDA tensors None picks "triton".
 """
 from __future__ import annotations
 
@@ -20,9 +27,13 @@ import torch.nn.functional as F
 
 from . import _backend, _checks, _ops, reference
 from .api import _ddpo_loss, _grpo_loss, _LinearSource, _sequence_logps
+from .linear_loss import fused_linear_loss
 from .losses import DDPOOutput, GRPOOutput
 
-DEFAULT_CHUNK_BYTES = 256 << 20
+DEFAULT_CHUNK_BYTES = 256 << 20  # log-probs / sequence scores: one chunk of fp32 logits, recomputed in backward
+# The losses' chunks hold whole pairs (rows) and live beside the fp32 dW: half the size keeps the step's peak at or
+# below Liger's one-pair chunks at V=32000 (benchmarks/linear.py) at the same speed.
+DEFAULT_LOSS_CHUNK_BYTES = 128 << 20
 
 
 def default_chunk_rows(vocab: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
@@ -62,11 +73,34 @@ def linear_token_logps(hidden, weight, labels, bias, ignore_index, temperature, 
     """Validates and computes per-token log-probs of the fused-linear path on the chosen backend."""
     _check_linear(hidden, weight, bias, labels, ignore_index, temperature, chunk_size, min_dim)
     which = _backend.resolve_backend(backend, hidden.device, path="linear")
+    return _validated_token_logps(hidden, weight, labels, bias, ignore_index, temperature, chunk_size, which)
+
+
+def _validated_token_logps(hidden, weight, labels, bias, ignore_index, temperature, chunk_size, which):
     if which == "reference":
         return reference.token_logprobs(F.linear(hidden, weight, bias), labels, ignore_index=ignore_index,
                                         temperature=temperature)
     chunk = chunk_size or default_chunk_rows(weight.shape[0])
     return _ops.fused_linear_token_logprobs(hidden, weight, bias, labels, ignore_index, temperature, chunk, which)
+
+
+def linear_loss(source, labels, ignore_index, temperature, build, constants):
+    """A loss (DDPO/DPO/GRPO, given by `build`, see api.py) of the fused-linear path. When hidden/weight/bias need
+    gradients it computes them in the forward (linear_loss.py: three GEMMs); otherwise, or when another input of the
+    loss (`constants`: ref_logps, token weights, ...) needs a gradient too, it scores the tokens and lets autograd
+    run the recompute backward."""
+    hidden, weight, bias, chunk_size = source.tensor, source.weight, source.bias, source.chunk_size
+    _check_linear(hidden, weight, bias, labels, ignore_index, temperature, chunk_size, 1)
+    which = _backend.resolve_backend(source.backend, hidden.device, path="linear")
+    full_loss, grouped = build(torch.float64 if hidden.dtype == torch.float64 else torch.float32)
+    differentiable = [t for t in (hidden, weight, bias) if t is not None and t.requires_grad]
+    if (which == "reference" or not torch.is_grad_enabled() or not differentiable
+            or any(isinstance(t, torch.Tensor) and t.requires_grad for t in constants)):
+        return full_loss(_validated_token_logps(hidden, weight, labels, bias, ignore_index, temperature, chunk_size,
+                                                which))
+    budget = chunk_size or default_chunk_rows(weight.shape[0], DEFAULT_LOSS_CHUNK_BYTES)
+    return fused_linear_loss(hidden, weight, bias, labels, ignore_index, temperature, budget, chunk_size is not None,
+                             which, grouped, full_loss)
 
 
 def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,

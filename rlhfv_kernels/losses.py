@@ -61,8 +61,13 @@ def drs_beta(beta: float, reward_margin: torch.Tensor | None, drs_weight: float,
 
 def ddpo_from_token_logps(token_logps: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor,
                           ref_logps: torch.Tensor, *, beta: float, mode: str, reward_margin: torch.Tensor | None,
-                          drs_weight: float, drs_k: float, sft_weight: float) -> DDPOOutput:
-    """DDPO on [2B, T] token log-probs (first B rows chosen, last B rejected); `weights` already masked."""
+                          drs_weight: float, drs_k: float, sft_weight: float, num_pairs: int | None = None,
+                          sft_tokens: torch.Tensor | None = None) -> DDPOOutput:
+    """DDPO on [2B, T] token log-probs (first B rows chosen, last B rejected); `weights` already masked.
+
+    num_pairs / sft_tokens override the batch-wide normalisers (pair count, chosen-token count), so that the loss of a
+    sub-batch of pairs is its exact share of the whole batch's loss (rlhfv_kernels/linear_loss.py relies on this).
+    """
     scores = sequence_scores(token_logps, weights, mode)
     pairs = scores.shape[0] // 2
     chosen, rejected = scores[:pairs], scores[pairs:]
@@ -72,10 +77,13 @@ def ddpo_from_token_logps(token_logps: torch.Tensor, mask: torch.Tensor, weights
     z = chosen_delta - rejected_delta
     beta_i = drs_beta(beta, reward_margin, drs_weight, drs_k, z.detach())
     per_pair = -torch.nn.functional.logsigmoid(beta_i * z)
-    loss = per_pair.mean() if pairs > 0 else per_pair.sum()
+    if num_pairs is not None:
+        loss = per_pair.sum() / max(num_pairs, 1)
+    else:
+        loss = per_pair.mean() if pairs > 0 else per_pair.sum()
     if sft_weight != 0.0:
         chosen_mask = mask[:pairs].to(token_logps.dtype)
-        count = chosen_mask.sum()
+        count = chosen_mask.sum() if sft_tokens is None else sft_tokens
         sft = -(token_logps[:pairs] * chosen_mask).sum() / count.clamp_min(1.0)
         loss = loss + sft_weight * sft
     else:
@@ -92,8 +100,13 @@ def ddpo_from_token_logps(token_logps: torch.Tensor, mask: torch.Tensor, weights
 def grpo_from_token_logps(token_logps: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor,
                           old_logps: torch.Tensor | None, ref_logps: torch.Tensor | None, *, epsilon: float,
                           epsilon_high: float, beta_kl: float, loss_type: str,
-                          num_items_in_batch: float | None) -> GRPOOutput:
-    """Clipped-ratio policy loss with optional k3 KL penalty on [B, T] token log-probs (DESIGN.md §2)."""
+                          num_items_in_batch: float | None, num_rows: int | None = None,
+                          loss_tokens: torch.Tensor | None = None) -> GRPOOutput:
+    """Clipped-ratio policy loss with optional k3 KL penalty on [B, T] token log-probs (DESIGN.md §2).
+
+    num_rows / loss_tokens override the batch-wide normalisers (row count, unmasked-token count), so that the loss of
+    a sub-batch of rows is its exact share of the whole batch's loss (rlhfv_kernels/linear_loss.py relies on this).
+    """
     maskf = mask.to(token_logps.dtype)
     old = token_logps.detach() if old_logps is None else old_logps.to(token_logps.dtype)
     ratio = torch.exp(token_logps - old)
@@ -109,15 +122,20 @@ def grpo_from_token_logps(token_logps: torch.Tensor, mask: torch.Tensor, advanta
     else:
         mean_kl = torch.zeros((), dtype=token_logps.dtype, device=token_logps.device)
     per_token = per_token * maskf
+    rows = per_token.shape[0] if num_rows is None else num_rows
+    tokens = (maskf.sum() if loss_tokens is None else loss_tokens).clamp_min(1.0)
     if loss_type == "grpo":
         per_seq = per_token.sum(-1) / maskf.sum(-1).clamp_min(1.0)
-        loss = per_seq.mean() if per_seq.numel() else per_seq.sum()
+        if num_rows is not None:
+            loss = per_seq.sum() / max(num_rows, 1)
+        else:
+            loss = per_seq.mean() if per_seq.numel() else per_seq.sum()
     elif loss_type == "bnpo":
-        loss = per_token.sum() / maskf.sum().clamp_min(1.0)
+        loss = per_token.sum() / tokens
     elif loss_type == "dr_grpo":
-        loss = per_token.sum() / max(per_token.shape[0] * per_token.shape[-1], 1)
+        loss = per_token.sum() / max(rows * per_token.shape[-1], 1)
     else:  # dapo: normalised by the global number of loss tokens (across accumulation steps / ranks if given)
-        denom = maskf.sum().clamp_min(1.0) if num_items_in_batch is None else num_items_in_batch
+        denom = tokens if num_items_in_batch is None else num_items_in_batch
         loss = per_token.sum() / denom
     clip_ratio = ((clipped.detach() < unclipped.detach()).to(maskf.dtype) * maskf).sum() / maskf.sum().clamp_min(1.0)
     return GRPOOutput(loss=loss, token_logps=token_logps.detach(), mean_kl=mean_kl, clip_ratio=clip_ratio)

@@ -1,0 +1,217 @@
+"""Fused-linear losses with their gradients computed during the forward: three GEMMs per step instead of four.
+
+The loss's per-token coefficient c_t = dL/dlogp_t depends only on the tokens of its own group: a DDPO/DPO pair (both
+sequences), a GRPO token. So once a chunk holds whole groups, c_t is known without waiting for the backward, and the
+chunk's logits can be turned into their gradient right away instead of being recomputed later:
+
+    logits = hidden[chunk] @ W.T (+ b)              GEMM 1 (ignored tokens are skipped: they cost nothing)
+    logp, lse = row kernels (the backend's logprob_fwd)
+    c = autograd of the loss on the chunk's [k, T] log-probs, with the whole batch's normalisers
+    logits <- c (onehot - softmax) / t              (the backend's logprob_bwd_, in place)
+    dhidden[chunk] = dlogits @ W;  dW += dlogits.T @ hidden[chunk]   GEMMs 2 and 3
+
+The backward then only multiplies the stored gradients by grad_output. A group with more non-ignored tokens than the
+chunk budget is taken whole in one pass by default (like Liger's one-pair chunks); under an explicit, strict budget
+it takes two passes over pieces of at most the budget (logps of every piece, then c, then each piece recomputed):
+the recompute scheme for that group only, so memory never exceeds the budget. GRPO's tokens are separable, so its
+long rows are simply cut.
+
+The loss math is not restated here: GroupedLoss.partial is losses.py's own function on a sub-batch of rows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from . import _ops
+
+
+@dataclass(frozen=True)
+class GroupedLoss:
+    """What the engine needs to know about a loss over [R, T] per-token log-probs."""
+
+    groups: list          # tuples of rows whose coefficients depend on each other, e.g. (i, i + B) for a DDPO pair
+    splittable: bool      # every token is its own group (GRPO): an oversized group may be cut without a second pass
+    # (rows [k] int64, logps [k, T] of those rows) -> their share of the batch's loss (batch-wide normalisers)
+    partial: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    rows: list        # sub-batch rows, group member j of every group before member j + 1 (pairs: chosen, rejected)
+    pieces: int       # token budget per piece; the chunk is one piece unless a single group exceeds the budget
+    two_pass: bool    # an oversized group whose coefficient needs all its pieces' log-probs first
+
+
+def plan_chunks(groups, active_counts, budget: int, splittable: bool, strict: bool) -> list[_Chunk]:
+    """Greedy runs of whole groups with at most `budget` non-ignored tokens. A bigger group is a chunk of its own:
+    cut into pieces of `budget` tokens when its tokens are separable or the budget is `strict` (then two passes),
+    else taken whole in one pass."""
+    chunks, current, current_tokens = [], [], 0
+
+    def flush():
+        nonlocal current, current_tokens
+        if current:
+            chunks.append(_Chunk([g[j] for j in range(len(current[0])) for g in current], budget, False))
+        current, current_tokens = [], 0
+
+    for group in groups:
+        tokens = sum(active_counts[r] for r in group)
+        if tokens == 0:
+            continue  # nothing to score or differentiate: its log-probs stay 0
+        if tokens > budget:
+            flush()
+            cut = splittable or strict
+            chunks.append(_Chunk(list(group), budget if cut else tokens, cut and not splittable))
+            continue
+        if current_tokens + tokens > budget:
+            flush()
+        current.append(group)
+        current_tokens += tokens
+    flush()
+    return chunks
+
+
+class _Engine:
+    """One forward: the loss's token log-probs and, chunk by chunk, d(loss)/d(hidden, weight, bias)."""
+
+    def __init__(self, labels, ignore_index, temperature, budget, strict, backend, grouped: GroupedLoss, full_loss):
+        self.labels, self.ignore_index, self.temperature = labels, ignore_index, float(temperature)
+        self.budget, self.strict, self.grouped, self.full_loss = budget, strict, grouped, full_loss
+        self.family = _ops._family(backend)
+        self.output = None  # full_loss's result on the final log-probs (metrics), set by run()
+
+    def run(self, hidden, weight, bias, needs):
+        rows, seq = self.labels.shape
+        self.flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+        self.flat_labels = self.labels.reshape(-1)
+        self.weight, self.bias = weight, bias
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        self.logps = torch.zeros(rows, seq, dtype=acc, device=hidden.device)
+        active = self.labels != self.ignore_index
+        # dhidden rows of ignored tokens stay 0; dweight is zero-filled only if no chunk writes it (a V x H pass).
+        self.dhidden = torch.zeros_like(self.flat_hidden) if needs[0] else None
+        self.dweight, self.dweight_written = (torch.empty(weight.shape, dtype=acc, device=weight.device)
+                                              if needs[1] else None), False
+        self.dbias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if needs[2] else None
+        positions = torch.arange(seq, device=hidden.device)
+        counts = active.sum(-1).tolist()
+        chunks = plan_chunks(self.grouped.groups, counts, self.budget, self.grouped.splittable, self.strict)
+        largest = max((min(sum(counts[r] for r in c.rows), c.pieces) for c in chunks), default=0)
+        self.buffer = hidden.new_empty(largest * weight.shape[0])  # the chunk's logits, then their gradient
+        for chunk in chunks:
+            chunk_rows = torch.tensor(chunk.rows, dtype=torch.int64, device=hidden.device)
+            mask = active.index_select(0, chunk_rows)
+            tokens = (chunk_rows[:, None] * seq + positions)[mask]  # row-major, the order of logps[mask]
+            self._chunk(chunk, chunk_rows, mask, tokens)
+        if self.dweight is not None and not self.dweight_written:
+            self.dweight.zero_()
+        self.output = self.full_loss(self.logps)
+        return self.output.loss.detach(), self.dhidden, self.dweight, self.dbias
+
+    def _chunk(self, chunk, chunk_rows, mask, tokens):
+        pieces = [tokens[i:i + chunk.pieces] for i in range(0, tokens.numel(), chunk.pieces)]
+        offsets = list(range(0, tokens.numel(), chunk.pieces))
+        if chunk.two_pass:
+            lses = [self._forward(piece)[1] for piece in pieces]  # logits dropped: recomputed below
+            coef = self._coefficients(chunk_rows, mask)
+            for start, piece, lse in zip(offsets, pieces, lses):
+                logits = self._logits(piece)
+                self._gradients(logits, piece, coef[start:start + piece.numel()], lse)
+            return
+        for start, piece in zip(offsets, pieces):
+            logits, lse = self._forward(piece)
+            coef = self._coefficients(chunk_rows, mask)  # separable: other pieces' tokens do not matter
+            self._gradients(logits, piece, coef[start:start + piece.numel()], lse)
+
+    def _logits(self, tokens):
+        """hidden[tokens] @ W.T (+ b), written into one buffer reused by every piece: a fresh chunk-sized
+        allocation per piece would cost its page faults again each time (CPU) or fragment the cache (CUDA)."""
+        h = self.flat_hidden.index_select(0, tokens)
+        vocab = self.weight.shape[0]
+        out = self.buffer[:tokens.numel() * vocab].view(tokens.numel(), vocab)
+        if self.bias is None:
+            return torch.mm(h, self.weight.t(), out=out)
+        return torch.addmm(self.bias, h, self.weight.t(), out=out)
+
+    def _forward(self, tokens):
+        """Logits of `tokens` and their (logp, lse); logp is written into self.logps."""
+        logits = self._logits(tokens)
+        logp, lse = self.family.logprob_fwd(logits, self.flat_labels.index_select(0, tokens), self.ignore_index,
+                                            self.temperature, False)
+        self.logps.view(-1).index_copy_(0, tokens, logp)
+        return logits, lse
+
+    def _coefficients(self, chunk_rows, mask):
+        """dL/dlogp at the chunk's non-ignored tokens (row-major), from the loss on the chunk's rows."""
+        with torch.enable_grad():
+            x = self.logps.index_select(0, chunk_rows).requires_grad_(True)
+            (grad,) = torch.autograd.grad(self.grouped.partial(chunk_rows, x), x)
+        return grad[mask]
+
+    def _gradients(self, logits, tokens, coef, lse):
+        """Turns `logits` into dlogits in place and adds their products into dhidden, dweight, dbias."""
+        self.family.logprob_bwd_(logits, coef.contiguous(), self.flat_labels.index_select(0, tokens), lse,
+                                 self.ignore_index, self.temperature)
+        if self.dhidden is not None:
+            self.dhidden.index_copy_(0, tokens, logits @ self.weight)
+        if self.dweight is not None:
+            h = self.flat_hidden.index_select(0, tokens)
+            _accumulate_product(self.dweight, logits.t(), h, overwrite=not self.dweight_written)
+            self.dweight_written = True
+        if self.dbias is not None:
+            self.dbias += logits.sum(0, dtype=self.dbias.dtype)
+
+
+def _accumulate_product(acc, a, b, overwrite):
+    """acc += a @ b (acc = a @ b when `overwrite`) with acc in fp32 (fp64) and a, b possibly 16-bit."""
+    beta = 0.0 if overwrite else 1.0
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b, beta=beta)
+    elif acc.is_cuda:
+        product = torch.mm(a, b, out_dtype=acc.dtype)  # tensor-core GEMM, fp32 result: no fp32 copy of the chunk
+        acc.copy_(product) if overwrite else acc.add_(product)
+    else:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype), beta=beta)  # CPU has no 16-bit GEMM with an fp32 result
+
+
+class _FusedLinearLoss(torch.autograd.Function):
+    """loss(hidden, weight, bias) whose gradients were computed by the forward; backward scales them."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, engine):
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+        loss, dhidden, dweight, dbias = engine.run(hidden, weight, bias, needs)
+        ctx.grads = (dhidden, dweight, dbias)
+        ctx.shapes_dtypes = (hidden.shape, weight.dtype)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        dhidden, dweight, dbias = ctx.grads
+        hidden_shape, dtype = ctx.shapes_dtypes
+        # A plain loss.backward() passes 1: skip the scaling pass over the V x H gradient (free to test on CPU only).
+        unit = grad_loss.device.type == "cpu" and float(grad_loss) == 1.0
+
+        def scaled(g):
+            if g is None:
+                return None
+            return (g if unit else g * grad_loss.to(g.dtype)).to(dtype)
+
+        dh = scaled(dhidden)
+        return (dh.view(hidden_shape) if dh is not None else None), scaled(dweight), scaled(dbias), None
+
+
+@torch.compiler.disable  # data-dependent chunking: a graph break, not a trace
+def fused_linear_loss(hidden, weight, bias, labels, ignore_index, temperature, budget, strict, backend, grouped,
+                      full_loss):
+    """full_loss's output with its `loss` differentiable w.r.t. hidden, weight, bias through gradients computed in
+    the forward. Inputs are validated; labels [R, T], hidden [R, T, H]; `budget` non-ignored tokens per chunk, a hard
+    bound when `strict` (else a group bigger than it goes whole, in one pass)."""
+    engine = _Engine(labels, ignore_index, temperature, budget, strict, backend, grouped, full_loss)
+    loss = _FusedLinearLoss.apply(hidden, weight, bias, engine)
+    output = engine.output
+    output.loss = loss
+    return output
