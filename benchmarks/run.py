@@ -224,10 +224,12 @@ IMPL_TABLE = {
     "cuda_inplace": Impl("cuda_inplace", backend="cuda", inplace=True, consumes_input=True),
     "liger": Impl("liger", peer="liger", consumes_input=True, ops=PEER_OPS),
     "flash_attn": Impl("flash_attn", peer="flash_attn", ops=PEER_OPS),
+    "trl": Impl("trl", peer="trl", ops=PEER_OPS),
 }
+PEER_DEVICES = {"liger": ("cuda",), "flash_attn": ("cuda",), "trl": ("cpu", "cuda")}
 IMPLS = tuple(IMPL_TABLE)
-DEFAULT_IMPLS = {"cpu": ("reference", "fused", "fused_inplace"),
-                 "cuda": ("reference", "reference_compiled", "triton", "triton_inplace", "cuda", "cuda_inplace",
+DEFAULT_IMPLS = {"cpu": ("reference", "reference_compiled", "trl", "fused", "fused_inplace"),
+                 "cuda": ("reference", "reference_compiled", "trl", "triton", "triton_inplace", "cuda", "cuda_inplace",
                           "liger", "flash_attn")}
 
 
@@ -246,6 +248,14 @@ def peer_token_logps(peer: str):
             return -out.float().reshape(labels.shape)
 
         return liger
+    if peer == "trl":
+        from trl.trainer.utils import selective_log_softmax  # TRL's log-prob path (its DPO/GRPO trainers use it)
+
+        def trl(x, labels):
+            mask = labels != -100
+            return selective_log_softmax(x, labels.masked_fill(~mask, 0)).float() * mask
+
+        return trl
     if peer == "flash_attn":
         try:
             from flash_attn.ops.triton.cross_entropy import cross_entropy_loss
@@ -271,8 +281,8 @@ def peer_token_logps(peer: str):
 def impl_unavailable(impl: Impl, device: torch.device, backend_override: str | None) -> str | None:
     """Why `impl` cannot run here, or None."""
     if impl.peer is not None:
-        if device.type != "cuda":
-            return "peers run on CUDA only"
+        if device.type not in PEER_DEVICES[impl.peer]:
+            return f"runs on {' and '.join(PEER_DEVICES[impl.peer])} only"
         try:
             peer_token_logps(impl.peer)
         except ImportError as exc:

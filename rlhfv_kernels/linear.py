@@ -10,8 +10,9 @@ Two schemes, picked per call:
   (prompt, image) are skipped. chunk_size=None packs whole pairs up to DEFAULT_LOSS_CHUNK_BYTES (128 MiB) of fp32
   logits, a larger pair alone in one pass; an int is a hard bound in non-ignored tokens (a pair larger than it takes
   two passes over pieces: 4 GEMMs for that pair). Also used: the backend's logits-path row kernels.
-- Log-probs and sequence scores (their backward's coefficient is only known then), the losses without gradient, or
-  with a gradient also wanted for another input (ref_logps, token_weights, ...): per-token log-probs `chunk_size`
+  Without a gradient wanted (reference scoring, evaluation) the same chunks only score the tokens (one GEMM).
+- Log-probs and sequence scores (their backward's coefficient is only known then), or the losses with a gradient
+  also wanted for another input (ref_logps, token_weights, ...): per-token log-probs `chunk_size`
   tokens at a time, the logits recomputed in backward (4 GEMMs). chunk_size=None keeps a chunk of fp32 logits under
   DEFAULT_CHUNK_BYTES (256 MiB). Peak extra memory: one chunk of logits plus the weight-sized gradient.
 
@@ -85,17 +86,16 @@ def _validated_token_logps(hidden, weight, labels, bias, ignore_index, temperatu
 
 
 def linear_loss(source, labels, ignore_index, temperature, build, constants):
-    """A loss (DDPO/DPO/GRPO, given by `build`, see api.py) of the fused-linear path. When hidden/weight/bias need
-    gradients it computes them in the forward (linear_loss.py: three GEMMs); otherwise, or when another input of the
-    loss (`constants`: ref_logps, token weights, ...) needs a gradient too, it scores the tokens and lets autograd
-    run the recompute backward."""
+    """A loss (DDPO/DPO/GRPO, given by `build`, see api.py) of the fused-linear path, by chunks of whole pairs/rows
+    (linear_loss.py): gradients for hidden/weight/bias computed in the forward (three GEMMs), or none wanted (one).
+    When another input of the loss (`constants`: ref_logps, token weights, ...) needs a gradient too, it scores the
+    tokens and lets autograd run the recompute backward."""
     hidden, weight, bias, chunk_size = source.tensor, source.weight, source.bias, source.chunk_size
     _check_linear(hidden, weight, bias, labels, ignore_index, temperature, chunk_size, 1)
     which = _backend.resolve_backend(source.backend, hidden.device, path="linear")
     full_loss, grouped = build(torch.float64 if hidden.dtype == torch.float64 else torch.float32)
-    differentiable = [t for t in (hidden, weight, bias) if t is not None and t.requires_grad]
-    if (which == "reference" or not torch.is_grad_enabled() or not differentiable
-            or any(isinstance(t, torch.Tensor) and t.requires_grad for t in constants)):
+    if which == "reference" or (torch.is_grad_enabled()
+                                and any(isinstance(t, torch.Tensor) and t.requires_grad for t in constants)):
         return full_loss(_validated_token_logps(hidden, weight, labels, bias, ignore_index, temperature, chunk_size,
                                                 which))
     budget = chunk_size or default_chunk_rows(weight.shape[0], DEFAULT_LOSS_CHUNK_BYTES)

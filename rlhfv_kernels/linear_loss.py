@@ -16,6 +16,9 @@ it takes two passes over pieces of at most the budget (logps of every piece, the
 the recompute scheme for that group only, so memory never exceeds the budget. GRPO's tokens are separable, so its
 long rows are simply cut.
 
+Without any gradient wanted (reference scoring, evaluation) the same chunks only score the tokens: one GEMM over the
+non-ignored tokens.
+
 The loss math is not restated here: GroupedLoss.partial is losses.py's own function on a sub-batch of rows.
 """
 from __future__ import annotations
@@ -98,7 +101,9 @@ class _Engine:
         self.dbias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if needs[2] else None
         positions = torch.arange(seq, device=hidden.device)
         counts = active.sum(-1).tolist()
-        chunks = plan_chunks(self.grouped.groups, counts, self.budget, self.grouped.splittable, self.strict)
+        self.scoring_only = not any(needs)  # no gradient wanted: log-probs only, every group may be cut
+        chunks = plan_chunks(self.grouped.groups, counts, self.budget, self.grouped.splittable or self.scoring_only,
+                             self.strict)
         largest = max((min(sum(counts[r] for r in c.rows), c.pieces) for c in chunks), default=0)
         self.buffer = hidden.new_empty(largest * weight.shape[0])  # the chunk's logits, then their gradient
         for chunk in chunks:
@@ -108,12 +113,17 @@ class _Engine:
             self._chunk(chunk, chunk_rows, mask, tokens)
         if self.dweight is not None and not self.dweight_written:
             self.dweight.zero_()
+        self.buffer = self.flat_hidden = None  # the chunk buffer must not outlive the forward
         self.output = self.full_loss(self.logps)
         return self.output.loss.detach(), self.dhidden, self.dweight, self.dbias
 
     def _chunk(self, chunk, chunk_rows, mask, tokens):
         pieces = [tokens[i:i + chunk.pieces] for i in range(0, tokens.numel(), chunk.pieces)]
         offsets = list(range(0, tokens.numel(), chunk.pieces))
+        if self.scoring_only:
+            for piece in pieces:
+                self._forward(piece)
+            return
         if chunk.two_pass:
             lses = [self._forward(piece)[1] for piece in pieces]  # logits dropped: recomputed below
             coef = self._coefficients(chunk_rows, mask)
@@ -183,7 +193,8 @@ class _FusedLinearLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, engine):
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
-        loss, dhidden, dweight, dbias = engine.run(hidden, weight, bias, needs)
+        with torch.autocast(hidden.device.type, enabled=False):  # the GEMMs run in the inputs' own dtype
+            loss, dhidden, dweight, dbias = engine.run(hidden, weight, bias, needs)
         ctx.grads = (dhidden, dweight, dbias)
         ctx.shapes_dtypes = (hidden.shape, weight.dtype)
         return loss
@@ -211,6 +222,9 @@ def fused_linear_loss(hidden, weight, bias, labels, ignore_index, temperature, b
     the forward. Inputs are validated; labels [R, T], hidden [R, T, H]; `budget` non-ignored tokens per chunk, a hard
     bound when `strict` (else a group bigger than it goes whole, in one pass)."""
     engine = _Engine(labels, ignore_index, temperature, budget, strict, backend, grouped, full_loss)
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))):
+        engine.run(hidden, weight, bias, (False, False, False))  # scoring: one GEMM per chunk of answer tokens
+        return engine.output
     loss = _FusedLinearLoss.apply(hidden, weight, bias, engine)
     output = engine.output
     output.loss = loss

@@ -127,6 +127,20 @@ def test_fused_linear_kernels_on_gpu(dtype, precision, with_bias):
                                    relative=k > 0, extra=extras[k])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("kind", ["ddpo", "grpo"])
+def test_gradients_in_forward_on_gpu(dtype, kind):
+    """The losses' gradients-in-forward scheme on CUDA: cuBLAS GEMMs (dW accumulated in fp32 through
+    torch.mm(out_dtype=fp32) for 16-bit operands), the Triton row kernels, several chunks of whole pairs."""
+    available("triton")
+    from test_linear_loss import check_against_reference, losses_of, make_batch
+    torch.manual_seed(0)
+    batch = {k: v.cuda() for k, v in make_batch(pairs=8, seq=300, hdim=256, vocab=32003).items()}
+    ours, eager = losses_of(kind, batch)
+    check_against_reference(lambda h, w, b: ours(h, w, b, chunk_size=1000, backend="triton"), eager, batch, dtype,
+                            f"{kind} on GPU")
+
+
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_bad_labels_raise_before_launch(backend):
     available(backend)

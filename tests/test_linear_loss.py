@@ -203,14 +203,20 @@ def test_other_differentiable_inputs_take_the_recompute_path(engine_runs):
     torch.testing.assert_close(h.grad, leaf.grad, rtol=1e-5, atol=1e-7)
 
 
-def test_no_gradient_wanted_computes_none(engine_runs):
+@pytest.mark.parametrize("kind", ["ddpo", "dpo", "grpo"])
+@pytest.mark.parametrize("chunk_size", [None, 5])
+def test_scoring_without_gradient_is_one_gemm_over_answer_tokens(kind, chunk_size, backend, engine_runs):
+    """Reference scoring / evaluation: no gradient wanted, the chunks (cut freely) only score the tokens."""
     batch = make_batch()
+    ours, eager = losses_of(kind, batch)
     h = batch["hidden"].clone().requires_grad_(True)
-    with torch.no_grad():
-        out = rk.linear_ddpo_loss(h, batch["weight"], batch["labels"], batch["ref_logps"], backend="cpp")
-    expected = reference.ddpo_loss(F.linear(batch["hidden"], batch["weight"]), batch["labels"], batch["ref_logps"])
-    assert not engine_runs and not out.loss.requires_grad
-    torch.testing.assert_close(out.loss, expected.loss)
+    with torch.no_grad(), MatmulLog() as log:
+        out = ours(h, batch["weight"], batch["bias"], chunk_size=chunk_size, backend=backend)
+    expected = eager(batch["hidden"].double(), batch["weight"].double(), batch["bias"].double())
+    assert engine_runs and not out.loss.requires_grad
+    assert all(b == (HDIM, VOCAB) for a, b in log.shapes)  # logits only
+    assert sum(a[0] for a, b in log.shapes) == int((batch["labels"] != -100).sum())
+    torch.testing.assert_close(out.loss.double(), expected.loss, rtol=1e-5, atol=1e-5)
 
 
 def test_metrics_equal_the_logits_path():
@@ -280,3 +286,17 @@ def test_plan_chunks():
     cut = plan(rows, counts, 3, True, False)
     assert [(c.rows, c.pieces, c.two_pass) for c in cut if c.rows == [2]] == [([2], 3, False)]
     assert sorted(r for c in plan(rows, counts, 100, True, True) for r in c.rows) == [0, 2, 3, 5]
+
+
+def test_under_torch_compile():
+    """The engine is a graph break under torch.compile (data-dependent chunking), with the same numbers."""
+    batch = make_batch()
+    fn = lambda h, w: rk.linear_ddpo_loss(h, w, batch["labels"], batch["ref_logps"], backend="cpp").loss * 2  # noqa
+    grads = []
+    for f in (fn, torch.compile(fn)):
+        h = batch["hidden"].clone().requires_grad_(True)
+        w = batch["weight"].clone().requires_grad_(True)
+        f(h, w).backward()
+        grads.append((h.grad, w.grad))
+    for eager_grad, compiled_grad in zip(*grads):
+        torch.testing.assert_close(compiled_grad, eager_grad)
