@@ -44,7 +44,7 @@ class GroupedLoss:
 @dataclass(frozen=True)
 class _Chunk:
     rows: list        # sub-batch rows, group member j of every group before member j + 1 (pairs: chosen, rejected)
-    pieces: int       # token budget per piece; the chunk is one piece unless a single group exceeds the budget
+    piece_tokens: int  # tokens per piece; the chunk is one piece unless a single group exceeds the budget
     two_pass: bool    # an oversized group whose coefficient needs all its pieces' log-probs first
 
 
@@ -104,7 +104,7 @@ class _Engine:
         self.scoring_only = not any(needs)  # no gradient wanted: log-probs only, every group may be cut
         chunks = plan_chunks(self.grouped.groups, counts, self.budget, self.grouped.splittable or self.scoring_only,
                              self.strict)
-        largest = max((min(sum(counts[r] for r in c.rows), c.pieces) for c in chunks), default=0)
+        largest = max((min(sum(counts[r] for r in c.rows), c.piece_tokens) for c in chunks), default=0)
         self.buffer = hidden.new_empty(largest * weight.shape[0])  # the chunk's logits, then their gradient
         for chunk in chunks:
             chunk_rows = torch.tensor(chunk.rows, dtype=torch.int64, device=hidden.device)
@@ -118,8 +118,8 @@ class _Engine:
         return self.output.loss.detach(), self.dhidden, self.dweight, self.dbias
 
     def _chunk(self, chunk, chunk_rows, mask, tokens):
-        pieces = [tokens[i:i + chunk.pieces] for i in range(0, tokens.numel(), chunk.pieces)]
-        offsets = list(range(0, tokens.numel(), chunk.pieces))
+        pieces = [tokens[i:i + chunk.piece_tokens] for i in range(0, tokens.numel(), chunk.piece_tokens)]
+        offsets = list(range(0, tokens.numel(), chunk.piece_tokens))
         if self.scoring_only:
             for piece in pieces:
                 self._forward(piece)

@@ -278,13 +278,13 @@ def test_plan_chunks():
                                                                                    ([2, 5], False)]
     # A pair over a strict budget: pieces of the budget, two passes; over the default budget: whole, one pass.
     strict = plan(pairs, counts, 5, False, True)
-    assert [(c.rows, c.pieces, c.two_pass) for c in strict] == [([0, 3], 5, True), ([2, 5], 5, True)]
+    assert [(c.rows, c.piece_tokens, c.two_pass) for c in strict] == [([0, 3], 5, True), ([2, 5], 5, True)]
     loose = plan(pairs, counts, 5, False, False)
-    assert [(c.rows, c.pieces, c.two_pass) for c in loose] == [([0, 3], 8, False), ([2, 5], 8, False)]
+    assert [(c.rows, c.piece_tokens, c.two_pass) for c in loose] == [([0, 3], 8, False), ([2, 5], 8, False)]
     # Separable tokens (GRPO rows): cut into pieces, one pass, whatever the budget's kind.
     rows = [(r,) for r in range(6)]
     cut = plan(rows, counts, 3, True, False)
-    assert [(c.rows, c.pieces, c.two_pass) for c in cut if c.rows == [2]] == [([2], 3, False)]
+    assert [(c.rows, c.piece_tokens, c.two_pass) for c in cut if c.rows == [2]] == [([2], 3, False)]
     assert sorted(r for c in plan(rows, counts, 100, True, True) for r in c.rows) == [0, 2, 3, 5]
 
 
@@ -300,3 +300,15 @@ def test_under_torch_compile():
         grads.append((h.grad, w.grad))
     for eager_grad, compiled_grad in zip(*grads):
         torch.testing.assert_close(compiled_grad, eager_grad)
+
+
+def test_int32_labels(backend, engine_runs):
+    batch = make_batch()
+    results = []
+    for labels in (batch["labels"], batch["labels"].int()):
+        h = batch["hidden"].clone().requires_grad_(True)
+        out = rk.linear_grpo_loss(h, batch["weight"], labels, batch["advantages"], chunk_size=10, backend=backend)
+        out.loss.backward()
+        results.append((out.loss.detach(), h.grad))
+    assert len(engine_runs) == 2
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)

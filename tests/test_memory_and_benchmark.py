@@ -47,10 +47,12 @@ def test_benchmark_quick_run_writes_complete_json(tmp_path):
     for case in data["cases"]:
         assert case["floor"]["bandwidth_bytes_per_s"] > 0
         seen = {(r["op"], r["impl"]) for r in case["records"]}
-        assert seen == {(op, impl) for op in bench.OPS for impl in bench.DEFAULT_IMPLS["cpu"]}
+        assert seen == {(op, impl) for impl in bench.DEFAULT_IMPLS["cpu"] for op in bench.IMPL_TABLE[impl].ops}
+        assert {"reference_compiled", "trl"} <= {impl for _, impl in seen}  # the CPU peers
         for r in case["records"]:
             assert r["fwd_bwd_median_ms"] > 0 and r["peak_extra_bytes"] is not None
-            assert r["backend"] == ("reference" if r["impl"] == "reference" else "cpp")
+            assert r["backend"] == {"reference": "reference", "reference_compiled": "reference",
+                                    "trl": "trl"}.get(r["impl"], "cpp")
             if r["impl"] != "reference":  # fused gradients agree with the reference's to rounding
                 assert r["grad_max_abs_err"] < 1e-2
 
