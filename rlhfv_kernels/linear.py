@@ -12,8 +12,8 @@ Two schemes, picked per call:
   two passes over pieces: 4 GEMMs for that pair). Also used: the backend's logits-path row kernels.
   Without a gradient wanted (reference scoring, evaluation) the same chunks only score the tokens (one GEMM).
 - Log-probs and sequence scores (their backward's coefficient is only known then), or the losses with a gradient
-  also wanted for another input (ref_logps, token_weights, ...): per-token log-probs `chunk_size`
-  tokens at a time, the logits recomputed in backward (4 GEMMs). chunk_size=None keeps a chunk of fp32 logits under
+  also wanted for another input (ref_logps, token_weights, ...): per-token log-probs of the non-ignored tokens,
+  `chunk_size` at a time, the logits recomputed in backward (4 GEMMs). chunk_size=None keeps a chunk of fp32 logits under
   DEFAULT_CHUNK_BYTES (256 MiB). Peak extra memory: one chunk of logits plus the weight-sized gradient.
 
 Backends: "cpp" (CPU, the compiled extension: ATen/BLAS matmuls + the row kernels), "triton" (CUDA tensors, or CPU
@@ -82,7 +82,17 @@ def _validated_token_logps(hidden, weight, labels, bias, ignore_index, temperatu
         return reference.token_logprobs(F.linear(hidden, weight, bias), labels, ignore_index=ignore_index,
                                         temperature=temperature)
     chunk = chunk_size or default_chunk_rows(weight.shape[0])
-    return _ops.fused_linear_token_logprobs(hidden, weight, bias, labels, ignore_index, temperature, chunk, which)
+    active = labels != ignore_index
+    if bool(active.all()):
+        return _ops.fused_linear_token_logprobs(hidden, weight, bias, labels, ignore_index, temperature, chunk, which)
+    # Only the non-ignored tokens (answers, not prompt or image) go through the GEMMs: an N_active x H gather, and
+    # autograd scatters their dhidden back.
+    index = active.reshape(-1).nonzero().squeeze(1)
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    logp = _ops.fused_linear_token_logprobs(flat_hidden.index_select(0, index), weight, bias,
+                                            labels.reshape(-1).index_select(0, index), ignore_index, temperature,
+                                            chunk, which)
+    return logp.new_zeros(labels.numel()).index_copy(0, index, logp).view(labels.shape)
 
 
 def linear_loss(source, labels, ignore_index, temperature, build, constants):

@@ -184,3 +184,33 @@ def test_linear_benchmark_runs(tmp_path):
     liger = [r for r in records if r["impl"] == "liger"]
     assert [r["op"] for r in liger] == ["linear_dpo_loss"]
     assert "skipped" in liger[0] or liger[0]["dweight_max_abs_err"] < 1e-4, liger[0]
+
+
+def test_ignored_tokens_are_not_multiplied(backend):
+    """The recompute path gathers the non-ignored tokens before its GEMMs; values and gradients are unchanged."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class OpLog(TorchDispatchMode):  # the fused forward op's hidden rows
+        rows = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ == "linear_logprob_fwd":
+                self.rows.append(args[0].shape[0])
+            return func(*args, **(kwargs or {}))
+
+    hidden = torch.randn(3, 10, 16)[:, 1:]  # strided
+    weight = torch.randn(50, 16)
+    labels = torch.randint(0, 50, (3, 9))
+    labels[:, :4] = -100
+    h = hidden.clone().requires_grad_(True)
+    with OpLog() as log:
+        out = rk.linear_token_logprobs(h, weight, labels, backend=backend, temperature=0.9)
+    assert log.rows == [int((labels != -100).sum())]
+    seed = torch.randn(3, 9)
+    (out * seed).sum().backward()
+    leaf = hidden.clone().requires_grad_(True)
+    expected = eager_tokens(leaf, weight, None, labels)
+    (expected * seed).sum().backward()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h.grad, leaf.grad, rtol=1e-5, atol=1e-5)
+    assert torch.all(out[:, :4] == 0) and torch.all(h.grad[:, :4] == 0)
