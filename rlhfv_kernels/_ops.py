@@ -24,6 +24,15 @@ SCHEMAS = {
 }
 
 
+def refuse_double_backward(what: str) -> None:
+    """The fused backward kernels are not differentiable: under create_graph=True their gradients would be taken as
+    constants and a second derivative would silently be wrong (zero), so stop with a clear error instead."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"rlhfv: {what} has first-order gradients only; a backward with create_graph=True "
+                           "(double backward, e.g. a gradient penalty) is not supported. Use backend='reference' "
+                           "for higher-order gradients.")
+
+
 def register_glue(namespace: str) -> None:
     """Fake kernels and autograd for namespace::logprob_fwd / logprob_bwd / logprob_bwd_."""
     ops = getattr(torch.ops, namespace)
@@ -52,6 +61,7 @@ def register_glue(namespace: str) -> None:
 
     def backward(ctx, grad_logp, _grad_lse):
         # The LSE is marked non-differentiable, so only grad_logp carries gradient.
+        refuse_double_backward(f"{namespace}::logprob_fwd")
         logits, labels, lse = ctx.saved_tensors
         if ctx.inplace_backward:
             ops.logprob_bwd_(logits, grad_logp, labels, lse, ctx.ignore_index, ctx.temperature)
@@ -84,6 +94,7 @@ def register_linear_glue(namespace: str) -> None:
         ctx.mark_non_differentiable(lse)
 
     def backward(ctx, grad_logp, _grad_lse):
+        refuse_double_backward(f"{namespace}::linear_logprob_fwd")
         hidden, weight, bias, labels, lse = ctx.saved_tensors
         dhidden, dweight, dbias = ops.linear_logprob_bwd(grad_logp, hidden, weight, bias, labels, lse, *ctx.args)
         return dhidden, dweight, (dbias if bias is not None else None), None, None, None, None

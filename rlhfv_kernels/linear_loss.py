@@ -201,6 +201,7 @@ class _FusedLinearLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        _ops.refuse_double_backward("the fused-linear loss")
         dhidden, dweight, dbias = ctx.grads
         hidden_shape, dtype = ctx.shapes_dtypes
         # A plain loss.backward() passes 1: skip the scaling pass over the V x H gradient (free to test on CPU only).
