@@ -1,7 +1,7 @@
 """python -m rlhfv_train [options]: DDPO training with rlhfv's fused loss.
 
 With no arguments it trains the embedded tiny LLaVA on the synthetic shapes dataset (generated on first use) on
-the CPU in a few minutes, printing progress, and writes metrics.jsonl, metrics.png and checkpoint.pt under
+the CPU in under a minute (2 cores), printing progress, and writes metrics.jsonl, metrics.png and checkpoint.pt under
 runs/rlhfv. Point --data at your .jsonl/.parquet and --model at a local Hugging Face model folder for real runs.
 """
 from __future__ import annotations

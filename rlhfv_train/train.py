@@ -385,6 +385,8 @@ def train(cfg: TrainConfig) -> dict:
     ckpt_path = os.path.join(cfg.output_dir, "checkpoint.pt")
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
     step = 0
+    if cfg.resume and not os.path.isfile(ckpt_path) and dist.is_main:  # say so rather than start over silently
+        print(f"--resume: no checkpoint at {ckpt_path}; starting from step 0")
     if cfg.resume and os.path.isfile(ckpt_path):
         state = torch.load(ckpt_path, weights_only=False)
         _load_full_state(model, optimizer, state["model"], state["optimizer"], fsdp)

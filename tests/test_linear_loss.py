@@ -312,3 +312,19 @@ def test_int32_labels(backend, engine_runs):
         results.append((out.loss.detach(), h.grad))
     assert len(engine_runs) == 2
     torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("path", ["logits", "linear_token_logprobs", "linear_loss"])
+def test_double_backward_is_a_clear_error(path):
+    """create_graph=True through the fused ops would silently give zero second derivatives: it must raise."""
+    batch = make_batch()
+    h = batch["hidden"].clone().requires_grad_(True)
+    y = batch["labels"]
+    if path == "logits":
+        value = rk.token_logprobs(F.linear(h, batch["weight"]), y, backend="cpp").sum()
+    elif path == "linear_token_logprobs":
+        value = rk.linear_token_logprobs(h, batch["weight"], y, backend="cpp").sum()
+    else:
+        value = rk.linear_grpo_loss(h, batch["weight"], y, batch["advantages"], backend="cpp").loss
+    with pytest.raises(RuntimeError, match="first-order gradients only.*create_graph=True"):
+        torch.autograd.grad(value, h, create_graph=True)

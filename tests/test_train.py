@@ -193,3 +193,8 @@ def test_reward_margins_reach_the_loss(tmp_path, dataset):
     plain = train(small_config(tmp_path / "a", path, max_steps=2))["metrics"]
     scaled = train(small_config(tmp_path / "b", path, max_steps=2, drs_weight=2.0, drs_k=1.0))["metrics"]
     assert scaled["loss"] != plain["loss"]
+
+
+def test_resume_without_a_checkpoint_says_so(tmp_path, dataset, capsys):
+    train(small_config(tmp_path / "fresh", dataset, max_steps=1, resume=True))
+    assert "--resume: no checkpoint at" in capsys.readouterr().out
