@@ -3,24 +3,36 @@
 With no arguments it trains the embedded tiny LLaVA on the synthetic shapes dataset (generated on first use) on
 the CPU in under a minute (2 cores), printing progress, and writes metrics.jsonl, metrics.png and checkpoint.pt under
 runs/rlhfv. Point --data at your .jsonl/.parquet and --model at a local Hugging Face model folder for real runs.
+Bad data, flags or paths end with one line on stderr and exit status 2 (RLHFV_TRACEBACK=1 shows the traceback).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import fields
 
 from .train import PRESETS, TrainConfig, train
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's layout and shows every option's default (unless its help already says it)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" not in text and not any(action.default is v for v in (None, False, argparse.SUPPRESS)):
+            text += " (default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     defaults = TrainConfig()
-    p = argparse.ArgumentParser(prog="python -m rlhfv_train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m rlhfv_train", description=__doc__, formatter_class=_HelpFormatter)
     p.add_argument("--data", help="preference data (.jsonl with image files, or .parquet); default: synthetic")
     p.add_argument("--model", help="local Hugging Face model folder (image-text-to-text or causal LM); default: "
                    "the embedded tiny LLaVA")
-    p.add_argument("--output-dir", default=defaults.output_dir)
+    p.add_argument("--output-dir", default=defaults.output_dir,
+                   help="metrics, plot, checkpoint and reference-score cache")
     p.add_argument("--preset", choices=sorted(PRESETS), help="published settings: paper = gamma 5, beta 0.5, mean; "
                    "authors = gamma 1.1, beta 0.1, sum (explicit options below override it)")
     p.add_argument("--gamma", type=float, help=f"weight of corrected tokens (default {defaults.gamma})")
@@ -31,18 +43,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drs-k", type=float, default=defaults.drs_k, help="MM-DPO dynamic reward scaling k")
     p.add_argument("--sft-weight", type=float, help="weight of the chosen-answer NLL (default 0; 1 for the embedded "
                    "tiny model, which starts from random weights and must also learn the language)")
-    p.add_argument("--lr", type=float, default=defaults.lr)
-    p.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
-    p.add_argument("--warmup-ratio", type=float, default=defaults.warmup_ratio)
+    p.add_argument("--lr", type=float, default=defaults.lr, help="AdamW peak learning rate")
+    p.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="AdamW weight decay")
+    p.add_argument("--warmup-ratio", type=float, default=defaults.warmup_ratio,
+                   help="fraction of steps of linear warm-up before the cosine decay")
     p.add_argument("--max-steps", type=int, default=defaults.max_steps, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="pairs per micro-batch")
-    p.add_argument("--grad-accum", type=int, default=defaults.grad_accum)
-    p.add_argument("--max-grad-norm", type=float, default=defaults.max_grad_norm)
-    p.add_argument("--grad-checkpointing", action="store_true")
-    p.add_argument("--eval-fraction", type=float, default=defaults.eval_fraction)
-    p.add_argument("--eval-every", type=int, default=defaults.eval_every)
-    p.add_argument("--save-every", type=int, default=defaults.save_every)
-    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--grad-accum", type=int, default=defaults.grad_accum, help="batches per optimizer step")
+    p.add_argument("--max-grad-norm", type=float, default=defaults.max_grad_norm, help="gradient clipping norm")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
+    p.add_argument("--eval-fraction", type=float, default=defaults.eval_fraction,
+                   help="share of the records held out for the preference-accuracy evaluation")
+    p.add_argument("--eval-every", type=int, default=defaults.eval_every, help="steps between evaluations")
+    p.add_argument("--save-every", type=int, default=defaults.save_every, help="steps between checkpoints")
+    p.add_argument("--seed", type=int, default=defaults.seed, help="model init, data order and split")
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) malformed records instead of failing")
     p.add_argument("--resume", action="store_true", help="continue from output-dir/checkpoint.pt")
     p.add_argument("--backend", choices=("cpp", "cuda", "triton", "reference"), help="rlhfv_kernels backend")
@@ -50,9 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fused-linear", action="store_true", help="compute the loss from the last hidden states and "
                    "the lm_head weight, never materializing the logits (single process)")
     p.add_argument("--fsdp", action="store_true", help="under torchrun, shard the model with FSDP2 (default: DDP)")
-    p.add_argument("--synthetic-examples", type=int, default=defaults.synthetic_examples)
-    p.add_argument("--device", default=defaults.device)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--synthetic-examples", type=int, default=defaults.synthetic_examples,
+                   help="size of the generated dataset when --data is not given")
+    p.add_argument("--device", default=defaults.device, help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 
@@ -75,7 +90,13 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def main(argv=None) -> int:
     cfg = config_from_args(build_parser().parse_args(argv))
-    summary = train(cfg)
+    try:
+        summary = train(cfg)
+    except (ValueError, FileNotFoundError) as exc:  # bad data, flags or paths: one line, not a traceback
+        if os.environ.get("RLHFV_TRACEBACK"):
+            raise
+        print(f"python -m rlhfv_train: error: {exc}  (RLHFV_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+        return 2
     m = summary["metrics"]
     print(f"done: step {summary['step']}, loss {m.get('loss', float('nan')):.4f}, train accuracy "
           f"{m.get('accuracy', float('nan')):.2f}, held-out accuracy {m.get('eval_accuracy', float('nan')):.2f}; "

@@ -171,6 +171,9 @@ def build_processor_and_model(cfg: TrainConfig):
         from . import tiny
         processor = tiny.build_processor()
         return processor, tiny.build_model(processor, seed=cfg.seed)
+    if not os.path.isdir(cfg.model):
+        raise FileNotFoundError(f"--model {cfg.model}: no such folder (a local Hugging Face model folder is expected; "
+                                "nothing is downloaded)")
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
     try:
         processor = AutoProcessor.from_pretrained(cfg.model, local_files_only=True)

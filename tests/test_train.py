@@ -198,3 +198,13 @@ def test_reward_margins_reach_the_loss(tmp_path, dataset):
 def test_resume_without_a_checkpoint_says_so(tmp_path, dataset, capsys):
     train(small_config(tmp_path / "fresh", dataset, max_steps=1, resume=True))
     assert "--resume: no checkpoint at" in capsys.readouterr().out
+
+
+def test_cli_errors_are_one_line_and_help_shows_defaults(tmp_path, dataset, capsys):
+    from rlhfv_train.__main__ import build_parser, main
+    assert main(["--data", str(dataset), "--model", str(tmp_path / "missing"), "--output-dir", str(tmp_path / "o"),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--model" in err[0] and "no such folder" in err[0], err
+    text = build_parser().format_help()
+    assert "(default: runs/rlhfv)" in text and "(default: 0.002)" in text and "(default: 0.0)" in text
