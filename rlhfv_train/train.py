@@ -171,9 +171,6 @@ def build_processor_and_model(cfg: TrainConfig):
         from . import tiny
         processor = tiny.build_processor()
         return processor, tiny.build_model(processor, seed=cfg.seed)
-    if not os.path.isdir(cfg.model):
-        raise FileNotFoundError(f"--model {cfg.model}: no such folder (a local Hugging Face model folder is expected; "
-                                "nothing is downloaded)")
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
     try:
         processor = AutoProcessor.from_pretrained(cfg.model, local_files_only=True)
@@ -323,6 +320,9 @@ def train(cfg: TrainConfig) -> dict:
         raise ValueError(f"mode must be 'sum' or 'mean', got {cfg.mode!r}")
     if cfg.grad_accum < 1 or cfg.batch_size < 1 or cfg.max_steps < 1:
         raise ValueError("grad_accum, batch_size and max_steps must be >= 1")
+    if cfg.model is not None and not os.path.isdir(cfg.model):  # before any data work, and before transformers
+        raise FileNotFoundError(f"--model {cfg.model}: no such folder (a local Hugging Face model folder is expected; "
+                                "nothing is downloaded)")
     os.makedirs(cfg.output_dir, exist_ok=True)
     device = _device(cfg.device)
     dist = Distributed(device)
