@@ -53,7 +53,7 @@ def make_batch(pairs=PAIRS, seq=SEQ, hdim=HDIM, vocab=VOCAB, scale=2.0):
     }
 
 
-def losses_of(kind, batch):
+def losses_of(kind, batch, **grpo_options):
     """(ours(h, w, b, **kw), eager reference(h, w, b)) for one loss with every option it has switched on."""
     y = batch["labels"]
     if kind == "ddpo":
@@ -65,8 +65,8 @@ def losses_of(kind, batch):
         kw = dict(beta=0.1, sft_weight=0.05, temperature=0.8)
         return (lambda h, w, b, **o: rk.linear_dpo_loss(h, w, y, batch["ref_logps"], bias=b, **kw, **o),
                 lambda h, w, b: reference.dpo_loss(F.linear(h, w, b), y, batch["ref_logps"], **kw))
-    kw = dict(old_logps=batch["old_logps"], ref_logps=batch["ref_token_logps"], beta_kl=0.04, loss_type=kind,
-              epsilon_high=0.28)
+    kw = {**dict(old_logps=batch["old_logps"], ref_logps=batch["ref_token_logps"], beta_kl=0.04, loss_type=kind,
+                 epsilon_high=0.28), **grpo_options}
     return (lambda h, w, b, **o: rk.linear_grpo_loss(h, w, y, batch["advantages"], bias=b, **kw, **o),
             lambda h, w, b: reference.grpo_loss(F.linear(h, w, b), y, batch["advantages"], **kw))
 
@@ -128,12 +128,10 @@ def test_strided_hidden_and_extreme_logits(kind, backend, engine_runs):
         batch[key] = batch[key][:, 1:]
     strided = batch["hidden"][:, :-1]
     assert not strided.is_contiguous()
-    # GRPO's sampling / reference log-probs lie near the policy's (at |logp| ~ 1e4 anything else overflows exp).
-    logits = F.linear(strided.double(), batch["weight"].double(), batch["bias"].double())
-    policy = reference.token_logprobs(logits, batch["labels"]).float()
-    batch["old_logps"] = policy + 0.05 * torch.randn_like(policy)
-    batch["ref_token_logps"] = policy + 0.05 * torch.randn_like(policy)
-    ours, eager = losses_of(kind, batch)
+    # GRPO on-policy (ratio exactly 1), no KL: at |logp| ~ 1e4 one fp32 ulp of logp is ~1e-3, and exp(logp - old)
+    # or exp(ref - logp) would turn that into a 1e-3 relative change of the coefficient whichever implementation
+    # rounds (an ill-conditioned test, not a kernel error; seen with RLHFV_TEST_SEED=255533914).
+    ours, eager = losses_of(kind, batch, old_logps=None, beta_kl=0.0)
     check_against_reference(lambda h, w, b: ours(h, w, b, chunk_size=14, backend=backend), eager, batch,
                             torch.float32, f"{kind} strided extreme", hidden=strided)
     assert engine_runs
