@@ -118,39 +118,41 @@ class _Engine:
         return self.output.loss.detach(), self.dhidden, self.dweight, self.dbias
 
     def _chunk(self, chunk, chunk_rows, mask, tokens):
-        pieces = [tokens[i:i + chunk.piece_tokens] for i in range(0, tokens.numel(), chunk.piece_tokens)]
-        offsets = list(range(0, tokens.numel(), chunk.piece_tokens))
+        starts = range(0, tokens.numel(), chunk.piece_tokens)
+        # Each piece's hidden rows and labels are gathered once, for its logits and again for its gradients.
+        pieces = [(start, *self._gather(tokens[start:start + chunk.piece_tokens])) for start in starts]
         if self.scoring_only:
-            for piece in pieces:
-                self._forward(piece)
+            for _, piece, h, labels in pieces:
+                self._forward(piece, h, labels)
             return
         if chunk.two_pass:
-            lses = [self._forward(piece)[1] for piece in pieces]  # logits dropped: recomputed below
+            lses = [self._forward(piece, h, labels)[1] for _, piece, h, labels in pieces]  # logits recomputed below
             coef = self._coefficients(chunk_rows, mask)
-            for start, piece, lse in zip(offsets, pieces, lses):
-                logits = self._logits(piece)
-                self._gradients(logits, piece, coef[start:start + piece.numel()], lse)
+            for (start, piece, h, labels), lse in zip(pieces, lses):
+                self._gradients(self._logits(h), piece, h, labels, coef[start:start + piece.numel()], lse)
             return
-        for start, piece in zip(offsets, pieces):
-            logits, lse = self._forward(piece)
+        for start, piece, h, labels in pieces:
+            logits, lse = self._forward(piece, h, labels)
             coef = self._coefficients(chunk_rows, mask)  # separable: other pieces' tokens do not matter
-            self._gradients(logits, piece, coef[start:start + piece.numel()], lse)
+            self._gradients(logits, piece, h, labels, coef[start:start + piece.numel()], lse)
 
-    def _logits(self, tokens):
-        """hidden[tokens] @ W.T (+ b), written into one buffer reused by every piece: a fresh chunk-sized
-        allocation per piece would cost its page faults again each time (CPU) or fragment the cache (CUDA)."""
-        h = self.flat_hidden.index_select(0, tokens)
+    def _gather(self, tokens):
+        """(tokens, their hidden rows, their labels)."""
+        return tokens, self.flat_hidden.index_select(0, tokens), self.flat_labels.index_select(0, tokens)
+
+    def _logits(self, h):
+        """h @ W.T (+ b), written into one buffer reused by every piece: a fresh chunk-sized allocation per piece
+        would cost its page faults again each time (CPU) or fragment the cache (CUDA)."""
         vocab = self.weight.shape[0]
-        out = self.buffer[:tokens.numel() * vocab].view(tokens.numel(), vocab)
+        out = self.buffer[:h.shape[0] * vocab].view(h.shape[0], vocab)
         if self.bias is None:
             return torch.mm(h, self.weight.t(), out=out)
         return torch.addmm(self.bias, h, self.weight.t(), out=out)
 
-    def _forward(self, tokens):
+    def _forward(self, tokens, h, labels):
         """Logits of `tokens` and their (logp, lse); logp is written into self.logps."""
-        logits = self._logits(tokens)
-        logp, lse = self.family.logprob_fwd(logits, self.flat_labels.index_select(0, tokens), self.ignore_index,
-                                            self.temperature, False)
+        logits = self._logits(h)
+        logp, lse = self.family.logprob_fwd(logits, labels, self.ignore_index, self.temperature, False)
         self.logps.view(-1).index_copy_(0, tokens, logp)
         return logits, lse
 
@@ -161,14 +163,12 @@ class _Engine:
             (grad,) = torch.autograd.grad(self.grouped.partial(chunk_rows, x), x)
         return grad[mask]
 
-    def _gradients(self, logits, tokens, coef, lse):
+    def _gradients(self, logits, tokens, h, labels, coef, lse):
         """Turns `logits` into dlogits in place and adds their products into dhidden, dweight, dbias."""
-        self.family.logprob_bwd_(logits, coef.contiguous(), self.flat_labels.index_select(0, tokens), lse,
-                                 self.ignore_index, self.temperature)
+        self.family.logprob_bwd_(logits, coef.contiguous(), labels, lse, self.ignore_index, self.temperature)
         if self.dhidden is not None:
             self.dhidden.index_copy_(0, tokens, logits @ self.weight)
         if self.dweight is not None:
-            h = self.flat_hidden.index_select(0, tokens)
             _accumulate_product(self.dweight, logits.t(), h, overwrite=not self.dweight_written)
             self.dweight_written = True
         if self.dbias is not None:
