@@ -28,6 +28,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import rlhfv_kernels as rk  # noqa: E402
+from rlhfv_kernels import _backend  # noqa: E402
 from rlhfv_kernels import losses  # noqa: E402
 
 try:
@@ -218,10 +219,10 @@ IMPL_TABLE = {
     "reference_compiled": Impl("reference_compiled", backend="reference", compiled=True),
     "fused": Impl("fused"),
     "fused_inplace": Impl("fused_inplace", inplace=True, consumes_input=True),
-    "triton": Impl("triton", backend="triton"),
-    "triton_inplace": Impl("triton_inplace", backend="triton", inplace=True, consumes_input=True),
-    "cuda": Impl("cuda", backend="cuda"),
-    "cuda_inplace": Impl("cuda_inplace", backend="cuda", inplace=True, consumes_input=True),
+    # One pair per GPU backend of the table (on CPU, "fused" above is the library's choice, the C++ kernels).
+    **{name: Impl(name, backend=b, inplace=inplace, consumes_input=inplace)
+       for b, device in _backend.targets() if device == "cuda"
+       for name, inplace in ((b, False), (f"{b}_inplace", True))},
     "liger": Impl("liger", peer="liger", consumes_input=True, ops=PEER_OPS),
     "flash_attn": Impl("flash_attn", peer="flash_attn", ops=PEER_OPS),
     "trl": Impl("trl", peer="trl", ops=PEER_OPS),
@@ -290,7 +291,7 @@ def impl_unavailable(impl: Impl, device: torch.device, backend_override: str | N
         return None
     backend = impl.backend or backend_override
     try:
-        rk._backend.resolve_backend(backend, device)
+        _backend.resolve_backend(backend, device)
     except (rk.BackendUnavailableError, ValueError) as exc:
         return str(exc)
     return None
@@ -349,7 +350,7 @@ def time_call(fn, device, warmup: int, repeats: int) -> list[float]:
 
 def bench_one(op, impl: Impl, case, inputs, device, args, reference_grad) -> tuple[Record, torch.Tensor]:
     """Times one (op, impl); returns its record and the gradient of its first run (for the accuracy column)."""
-    resolved = impl.peer or rk._backend.resolve_backend(impl.backend or args.backend, device)
+    resolved = impl.peer or _backend.resolve_backend(impl.backend or args.backend, device)
     logits = inputs["logits"]
     if impl.consumes_input:
         logits = logits.clone()  # it overwrites its input; keep the shared one intact
@@ -441,7 +442,7 @@ def main(argv=None) -> int:
     parser.add_argument("--impls", help=f"comma-separated subset of {IMPLS} (default: CPU "
                         f"{','.join(DEFAULT_IMPLS['cpu'])}; CUDA: {','.join(DEFAULT_IMPLS['cuda'])}, "
                         "peers where installed)")
-    parser.add_argument("--backend", choices=("cpp", "cuda", "triton"), help="backend of the fused impls (default: the "
+    parser.add_argument("--backend", choices=_backend.FUSED_BACKENDS, help="backend of the fused impls (default: the "
                         "library's choice for the device)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)

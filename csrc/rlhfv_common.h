@@ -15,7 +15,8 @@ inline int64_t logp_rows(const at::Tensor& logits) {
 inline void check_logprob_inputs(const at::Tensor& logits, const at::Tensor& labels, double temperature) {
   TORCH_CHECK(logits.dim() >= 1, "rlhfv: logits must have at least one dimension, got a scalar");
   TORCH_CHECK(logits.size(-1) > 0 || logp_rows(logits) == 0, "rlhfv: logits has an empty vocabulary dimension");
-  TORCH_CHECK(logits.dim() == 1 || logits.stride(-1) == 1 || logits.size(-1) == 1,
+  // Every kernel reads a row as V contiguous values, a 1-D logits tensor included.
+  TORCH_CHECK(logits.stride(-1) == 1 || logits.size(-1) <= 1,
               "rlhfv: logits must have unit stride along the vocabulary (last) dimension, got stride ",
               logits.stride(-1));
   TORCH_CHECK(at::isFloatingType(logits.scalar_type()),

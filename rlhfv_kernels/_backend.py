@@ -1,26 +1,73 @@
-"""Which implementation computes per-token log-probs: the one place a backend is chosen.
+"""Which implementation computes per-token log-probs: the backend table, and the one place a backend is chosen.
 
-Backends:
-  "reference" - plain eager PyTorch (log_softmax + gather); always available, materializes N x V.
-  "cpp"       - the compiled extension rlhfv_kernels._C, CPU kernels (C++).
-  "cuda"      - the compiled extension's CUDA kernels (CUDA C++), where the extension was built with them.
-  "triton"    - Triton kernels: CUDA tensors, or CPU tensors under Triton's interpreter (TRITON_INTERPRET=1 set
-                before rlhfv_kernels.triton is first imported; meant for tests, it is slow).
-None picks the best available for the tensor's device (CPU: "cpp"; CUDA: CUDA_DEFAULT, then the other GPU backend);
-the environment variable RLHFV_BACKEND overrides that default.
+Everything that needs to know the backends (the public API, the operator glue in _ops.py, the CLI, the benchmarks,
+the tests) derives it from TABLE below. None picks the best available for the tensor's device (DEFAULTS); the
+environment variable RLHFV_BACKEND overrides that default.
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 import sys
 import warnings
+from dataclasses import dataclass
 
 import torch
 
-BACKENDS = ("reference", "cpp", "cuda", "triton")
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    devices: tuple[str, ...]   # device types whose tensors it runs on
+    paths: tuple[str, ...]     # "logits" (token_logprobs & co.) and/or "linear" (the fused-linear family)
+    namespace: str | None      # torch.ops namespace of its operators; None: plain PyTorch
+    module: str | None         # the module whose import registers that namespace
+    summary: str
+
+
+TABLE = {b.name: b for b in (
+    Backend("reference", ("cpu", "cuda"), ("logits", "linear"), None, None,
+            "plain eager PyTorch (log_softmax + gather); always available, materializes N x V"),
+    Backend("cpp", ("cpu",), ("logits", "linear"), "rlhfv", "rlhfv_kernels._C",
+            "the compiled extension's C++ CPU kernels"),
+    Backend("cuda", ("cuda",), ("logits",), "rlhfv", "rlhfv_kernels._C",
+            "the compiled extension's CUDA C++ kernels, where it was built with them"),
+    Backend("triton", ("cuda", "cpu"), ("logits", "linear"), "rlhfv_triton", "rlhfv_kernels.triton.ops",
+            "Triton kernels: CUDA tensors, or CPU tensors under the interpreter (TRITON_INTERPRET=1 set before "
+            "rlhfv_kernels.triton is first imported; for tests, slow)"),
+)}
+BACKENDS = tuple(TABLE)
+FUSED_BACKENDS = tuple(name for name, b in TABLE.items() if b.namespace is not None)
 # The GPU default: Triton until a recorded GPU benchmark (benchmarks/results/) shows the CUDA C++ kernels faster.
 CUDA_DEFAULT = ("triton", "cuda")
+DEFAULTS = {("cpu", "logits"): ("cpp",), ("cpu", "linear"): ("cpp",),
+            ("cuda", "logits"): CUDA_DEFAULT, ("cuda", "linear"): ("triton",)}
+
+
+def describe() -> str:
+    """One line per backend, for --help texts."""
+    return "; ".join(f"{name}: {b.summary}" for name, b in TABLE.items())
+
+
+def targets(path: str = "logits") -> list[tuple[str, str]]:
+    """Every (fused backend, device type) pair that `path` has kernels for, whether or not it runs here."""
+    return [(name, device) for name in FUSED_BACKENDS for device in TABLE[name].devices
+            if path in TABLE[name].paths]
+
+
+_operators: dict = {}  # backend -> its torch.ops namespace, once its module is imported (a dict: torch.compile reads it)
+
+
+def operators(backend: str):
+    """torch.ops namespace of `backend`'s operators (importing its module registers them on first use)."""
+    ops = _operators.get(backend)
+    if ops is None:
+        spec = TABLE[backend]
+        importlib.import_module(spec.module)
+        ops = _operators[backend] = getattr(torch.ops, spec.namespace)
+    return ops
+
 
 _extension_error: str | None = None
 try:
@@ -37,12 +84,14 @@ def extension_available() -> bool:
     return _extension_error is None
 
 
-def _why_unavailable(backend: str, device: torch.device, path: str = "logits") -> str | None:
+def why_unavailable(backend: str, device: torch.device, path: str = "logits") -> str | None:
     """None if `backend` can run `path` ("logits" or "linear", the fused-linear family) on `device`, else why."""
     if backend == "reference":
         return None
-    if path == "linear" and backend == "cuda":
-        return "the fused-linear path has no CUDA C++ kernels in this release (use 'triton' on GPU)"
+    if path not in TABLE[backend].paths:
+        return f"the {path} path has no {backend!r} kernels in this release"
+    if device.type == "cuda" and device.type in TABLE[backend].devices and not torch.cuda.is_available():
+        return "this machine has no CUDA device (or this torch has no CUDA)"
     if backend == "cpp":
         if _extension_error is not None:
             return (f"the compiled extension rlhfv_kernels._C failed to import ({_extension_error}); "
@@ -91,15 +140,15 @@ def resolve_backend(backend: str | None, device: torch.device, path: str = "logi
         source = "backend" if explicit else "RLHFV_BACKEND"
         raise ValueError(f"{source} must be one of {BACKENDS} or None, got {backend!r}")
     if backend is not None:
-        reason = _why_unavailable(backend, device, path)
+        reason = why_unavailable(backend, device, path)
         if reason is not None:
             raise BackendUnavailableError(f"backend {backend!r} cannot run on {device}: {reason}")
         return backend
     # Default: the fused kernel where one exists for this device, else the reference (with one warning).
-    candidates = (("triton",) if path == "linear" else CUDA_DEFAULT) if device.type == "cuda" else ("cpp",)
+    candidates = DEFAULTS.get((device.type, path), ())
     reasons = []
     for preferred in candidates:
-        reason = _why_unavailable(preferred, device, path)
+        reason = why_unavailable(preferred, device, path)
         if reason is None:
             return preferred
         reasons.append(f"{preferred}: {reason}")

@@ -102,24 +102,14 @@ def register_linear_glue(namespace: str) -> None:
     torch.library.register_autograd(f"{namespace}::linear_logprob_fwd", backward, setup_context=setup_context)
 
 
-if _backend.extension_available():
-    register_glue("rlhfv")
-    register_linear_glue("rlhfv")
-
-_NAMESPACE_OF_BACKEND = {"cpp": "rlhfv", "cuda": "rlhfv", "triton": "rlhfv_triton"}
-
-
-def _family(backend: str):
-    """torch.ops namespace of `backend`'s operators (importing the Triton family registers it on first use)."""
-    if backend == "triton":
-        from . import triton as _triton  # noqa: F401
-    return getattr(torch.ops, _NAMESPACE_OF_BACKEND[backend])
-
+if _backend.extension_available():  # the Triton family registers its own glue (triton/ops.py)
+    register_glue(_backend.TABLE["cpp"].namespace)
+    register_linear_glue(_backend.TABLE["cpp"].namespace)
 
 def fused_linear_token_logprobs(hidden, weight, bias, labels, ignore_index: int, temperature: float, chunk_rows: int,
                                 backend: str) -> torch.Tensor:
     """Per-token log-probs of the fused-linear path through the operator family of `backend` (validated inputs)."""
-    logp, _ = _family(backend).linear_logprob_fwd(hidden, weight, bias, labels, ignore_index, float(temperature),
+    logp, _ = _backend.operators(backend).linear_logprob_fwd(hidden, weight, bias, labels, ignore_index, float(temperature),
                                                   chunk_rows)
     return logp
 
@@ -127,5 +117,5 @@ def fused_linear_token_logprobs(hidden, weight, bias, labels, ignore_index: int,
 def fused_token_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, temperature: float,
                          inplace_backward: bool, backend: str) -> torch.Tensor:
     """Per-token log-probs through the operator family of `backend` (inputs already validated)."""
-    logp, _ = _family(backend).logprob_fwd(logits, labels, ignore_index, float(temperature), inplace_backward)
+    logp, _ = _backend.operators(backend).logprob_fwd(logits, labels, ignore_index, float(temperature), inplace_backward)
     return logp

@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from . import _ops
+from . import _backend, _ops
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ class _Engine:
     def __init__(self, labels, ignore_index, temperature, budget, strict, backend, grouped: GroupedLoss, full_loss):
         self.labels, self.ignore_index, self.temperature = labels, ignore_index, float(temperature)
         self.budget, self.strict, self.grouped, self.full_loss = budget, strict, grouped, full_loss
-        self.family = _ops._family(backend)
+        self.family = _backend.operators(backend)
         self.output = None  # full_loss's result on the final log-probs (metrics), set by run()
 
     def run(self, hidden, weight, bias, needs):

@@ -1,21 +1,28 @@
 """The plain eager PyTorch implementation: the oracle for tests and the baseline for benchmarks.
 
-token_logprobs is what trainers write today (full fp32 log_softmax, then gather), so it costs 4*N*V bytes forward and
-more in backward. The loss-level functions are the public ones with backend="reference": the loss math on per-token
-log-probs is shared (losses.py) and checked on its own in tests/test_losses.py.
-Feed float64 logits to get the float64 "truth" used by the numerics criterion (DESIGN.md §4).
+Self-contained on purpose: it shares no code with what it checks (only the output types), so a mistake in the
+loss modules (rlhfv_kernels/losses/) or the kernels cannot hide in both. token_logprobs is what trainers write today
+(full fp32 log_softmax, then gather), so it costs 4*N*V bytes forward and more in backward; the losses are written
+straight from DESIGN.md §2 on top of it. It does not validate arguments (the public functions do). Feed float64
+logits to get the float64 "truth" used by the numerics criterion (DESIGN.md §4).
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+from .losses.ddpo import DDPOOutput
+from .losses.grpo import GRPOOutput
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
-                   temperature: float = 1.0, inplace_backward: bool = False) -> torch.Tensor:
+                   temperature: float = 1.0, inplace_backward: bool = False, backend: str | None = None
+                   ) -> torch.Tensor:
     """log_softmax(logits / temperature) gathered at labels; 0 where ignored. fp32 math (fp64 for fp64 input).
 
-    inplace_backward is accepted for signature compatibility and has no effect here.
+    inplace_backward and backend are accepted for signature compatibility and have no effect here.
     """
+    _only_reference(backend)
     compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     scaled = logits.to(compute_dtype)
     if temperature != 1.0:
@@ -27,33 +34,97 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: 
     return torch.where(mask, logp, torch.zeros_like(logp))
 
 
-def _api():
-    from . import api  # imported lazily: api imports this module
-
-    return api
-
-
-def _reject_backend(kwargs: dict) -> dict:
-    if kwargs.pop("backend", "reference") not in (None, "reference"):
-        raise ValueError("rlhfv_kernels.reference functions always use the reference backend")
-    return kwargs
+def _only_reference(backend) -> None:
+    if backend not in (None, "reference"):
+        raise ValueError(f"rlhfv_kernels.reference functions always use the reference backend, got backend={backend!r}")
 
 
-def sequence_logps(logits, labels, token_weights=None, **kwargs):
-    """rlhfv_kernels.sequence_logps on the eager reference."""
-    return _api().sequence_logps(logits, labels, token_weights, backend="reference", **_reject_backend(kwargs))
+def sequence_logps(logits, labels, token_weights=None, *, mode: str = "sum", ignore_index: int = -100,
+                   temperature: float = 1.0, inplace_backward: bool = False, backend: str | None = None):
+    """Per-sequence score [B]: sum_t w_t logp_t, or that over sum_t w_t ('mean'); 0 for a row with sum_t w_t = 0."""
+    _only_reference(backend)
+    logp = token_logprobs(logits, labels, ignore_index=ignore_index, temperature=temperature)
+    mask = labels != ignore_index
+    weights = mask.to(logp.dtype) if token_weights is None else token_weights.to(logp.dtype) * mask
+    seq_len = labels.shape[-1]
+    logp, weights = logp.reshape(-1, seq_len), weights.reshape(-1, seq_len)
+    total = (weights * logp).sum(-1)
+    if mode == "sum":
+        return total
+    norm = weights.sum(-1)
+    has_weight = norm > 0
+    return torch.where(has_weight, total / torch.where(has_weight, norm, 1.0), 0.0)
 
 
-def ddpo_loss(logits, labels, ref_logps, **kwargs):
-    """rlhfv_kernels.ddpo_loss on the eager reference."""
-    return _api().ddpo_loss(logits, labels, ref_logps, backend="reference", **_reject_backend(kwargs))
+def ddpo_loss(logits, labels, ref_logps, *, token_weights=None, beta: float = 0.1, mode: str = "mean",
+              reward_margin=None, drs_weight: float = 0.0, drs_k: float = 1.0, sft_weight: float = 0.0,
+              ignore_index: int = -100, temperature: float = 1.0, inplace_backward: bool = False,
+              backend: str | None = None) -> DDPOOutput:
+    """Dense DPO: -log sigmoid(beta_i z_i), mean over the B pairs (rows: B chosen, then B rejected)."""
+    _only_reference(backend)
+    scores = sequence_logps(logits, labels, token_weights, mode=mode, ignore_index=ignore_index,
+                            temperature=temperature)
+    pairs = scores.shape[0] // 2
+    ref = ref_logps.to(scores.dtype)
+    chosen_delta = scores[:pairs] - ref[:pairs]
+    rejected_delta = scores[pairs:] - ref[pairs:]
+    z = chosen_delta - rejected_delta
+    if reward_margin is None or drs_weight == 0.0:
+        beta_i = torch.full_like(z, beta)
+    else:  # MM-DPO dynamic reward scaling, clamped at 1e-3
+        scale = 1.0 + drs_weight * (1.0 - torch.exp(-drs_k * reward_margin.to(z.dtype)))
+        beta_i = (beta * scale).clamp_min(1e-3)
+    loss = -F.logsigmoid(beta_i * z).mean()
+    sft = torch.zeros((), dtype=scores.dtype, device=scores.device)
+    if sft_weight != 0.0:
+        chosen_logp = token_logprobs(logits[:pairs], labels[:pairs], ignore_index=ignore_index,
+                                     temperature=temperature)
+        answer_tokens = (labels[:pairs] != ignore_index).sum().clamp_min(1)
+        sft = -chosen_logp.sum() / answer_tokens
+        loss = loss + sft_weight * sft
+    chosen_rewards, rejected_rewards = (beta_i * chosen_delta).detach(), (beta_i * rejected_delta).detach()
+    return DDPOOutput(loss=loss, chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards,
+                      margins=chosen_rewards - rejected_rewards, accuracy=(z.detach() > 0).to(z.dtype).mean(),
+                      chosen_logps=scores[:pairs].detach(), rejected_logps=scores[pairs:].detach(), beta=beta_i,
+                      sft_loss=sft.detach())
 
 
-def dpo_loss(logits, labels, ref_logps, **kwargs):
-    """rlhfv_kernels.dpo_loss on the eager reference."""
-    return _api().dpo_loss(logits, labels, ref_logps, backend="reference", **_reject_backend(kwargs))
+def dpo_loss(logits, labels, ref_logps, *, beta: float = 0.1, **kwargs) -> DDPOOutput:
+    """Vanilla DPO: ddpo_loss with every token weight 1 and summed sequence scores."""
+    return ddpo_loss(logits, labels, ref_logps, token_weights=None, beta=beta, mode="sum", **kwargs)
 
 
-def grpo_loss(logits, labels, advantages, **kwargs):
-    """rlhfv_kernels.grpo_loss on the eager reference."""
-    return _api().grpo_loss(logits, labels, advantages, backend="reference", **_reject_backend(kwargs))
+def grpo_loss(logits, labels, advantages, *, old_logps=None, ref_logps=None, epsilon: float = 0.2,
+              epsilon_high: float | None = None, beta_kl: float = 0.0, loss_type: str = "dapo",
+              num_items_in_batch=None, ignore_index: int = -100, temperature: float = 1.0,
+              inplace_backward: bool = False, backend: str | None = None) -> GRPOOutput:
+    """Clipped-ratio policy loss with the k3 KL penalty, aggregated as loss_type says (DESIGN.md §2)."""
+    _only_reference(backend)
+    logp = token_logprobs(logits, labels, ignore_index=ignore_index, temperature=temperature)
+    mask = (labels != ignore_index).to(logp.dtype)
+    old = logp.detach() if old_logps is None else old_logps.to(logp.dtype)
+    ratio = torch.exp(logp - old)
+    adv = advantages.to(logp.dtype)[:, None]
+    high = epsilon if epsilon_high is None else epsilon_high
+    unclipped, clipped = ratio * adv, ratio.clamp(1.0 - epsilon, 1.0 + high) * adv
+    per_token = -torch.minimum(unclipped, clipped)
+    tokens = mask.sum().clamp_min(1.0)
+    mean_kl = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    if beta_kl != 0.0:
+        log_ratio = ref_logps.to(logp.dtype) - logp
+        kl = log_ratio.exp() - log_ratio - 1.0
+        per_token = per_token + beta_kl * kl
+        mean_kl = (kl.detach() * mask).sum() / tokens
+    per_token = per_token * mask
+    if loss_type == "grpo":
+        loss = (per_token.sum(-1) / mask.sum(-1).clamp_min(1.0)).mean()
+    elif loss_type == "bnpo":
+        loss = per_token.sum() / tokens
+    elif loss_type == "dr_grpo":
+        loss = per_token.sum() / (per_token.shape[0] * per_token.shape[1])
+    elif loss_type == "dapo":
+        loss = per_token.sum() / (tokens if num_items_in_batch is None else num_items_in_batch)
+    else:
+        raise ValueError(f"loss_type must be one of grpo, bnpo, dr_grpo, dapo, got {loss_type!r}")
+    clip_ratio = ((clipped.detach() < unclipped.detach()).to(mask.dtype) * mask).sum() / tokens
+    return GRPOOutput(loss=loss, token_logps=logp.detach(), mean_kl=mean_kl, clip_ratio=clip_ratio)

@@ -12,6 +12,8 @@ import os
 import sys
 from dataclasses import fields
 
+from rlhfv_kernels._backend import BACKENDS, describe as describe_backends
+
 from .train import PRESETS, TrainConfig, train
 
 
@@ -59,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=defaults.seed, help="model init, data order and split")
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) malformed records instead of failing")
     p.add_argument("--resume", action="store_true", help="continue from output-dir/checkpoint.pt")
-    p.add_argument("--backend", choices=("cpp", "cuda", "triton", "reference"), help="rlhfv_kernels backend")
+    p.add_argument("--backend", choices=BACKENDS, help="rlhfv_kernels backend (default: the best for the device). "
+                   + describe_backends())
     p.add_argument("--no-inplace-backward", action="store_true", help="keep the logits intact in backward")
     p.add_argument("--fused-linear", action="store_true", help="compute the loss from the last hidden states and "
                    "the lm_head weight, never materializing the logits (single process)")

@@ -1,6 +1,12 @@
 """Test setup: fresh random inputs every run (seed printed on failure); Triton's CPU interpreter on machines without
 a GPU, so the Triton kernels run on CPU tensors there (on a GPU machine they compile for the GPU instead and the
-CPU-tensor Triton cases skip)."""
+CPU-tensor Triton cases skip).
+
+The kernel suites take the fixtures `backend` (logits path) and `linear_backend` (fused-linear path): one case per
+(backend, device) pair of the backend table (rlhfv_kernels/_backend.py), e.g. cpp-cpu, triton-cpu, triton-cuda,
+cuda-cuda. A case runs with its device as torch's default device, so the tests' inputs are created there; a pair that
+cannot run on this machine skips with the reason.
+"""
 import os
 import random
 
@@ -11,11 +17,39 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede any @triton.jit (DESIGN.md §5)
 
 
-def skip_unless_backend_runs(backend: str, device: str = "cpu", *, module: bool = False) -> None:
-    from rlhfv_kernels import _backend
-    reason = _backend._why_unavailable(backend, torch.device(device))
+from rlhfv_kernels import _backend  # noqa: E402  (after TRITON_INTERPRET is set)
+
+
+def skip_unless_backend_runs(backend: str, device: str = "cpu", *, module: bool = False, path: str = "logits") -> None:
+    reason = _backend.why_unavailable(backend, torch.device(device), path)
     if reason is not None:
         pytest.skip(f"backend {backend!r} on {device}: {reason}", allow_module_level=module)
+
+
+def _on_target(request, path):
+    backend, device = request.param
+    skip_unless_backend_runs(backend, device, path=path)
+    with torch.device(device):
+        yield backend
+
+
+def gpu_sizes_only() -> None:
+    """Cases at real GPU sizes: the CPU targets cover the same code paths at small sizes (the interpreter would take
+    hours), so they skip there."""
+    if torch.get_default_device().type != "cuda":
+        pytest.skip("a GPU-size case; the CPU targets cover this path at small sizes")
+
+
+@pytest.fixture(params=[pytest.param(t, id="-".join(t)) for t in _backend.targets("logits")])
+def backend(request):
+    """A fused backend of the logits path, with its device as the default device."""
+    yield from _on_target(request, "logits")
+
+
+@pytest.fixture(params=[pytest.param(t, id="-".join(t)) for t in _backend.targets("linear")])
+def linear_backend(request):
+    """A fused backend of the fused-linear path, with its device as the default device."""
+    yield from _on_target(request, "linear")
 
 
 @pytest.fixture(autouse=True)

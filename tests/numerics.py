@@ -20,7 +20,7 @@ What the CPU suite cannot see. It runs the Triton kernels in Triton's interprete
   accumulation_extra() of the number of partials per element.
 - Also not seen on CPU: speed, occupancy and resource limits (tests/test_triton_aot.py compiles every config for
   sm_80/sm_90 instead), and memory faults (the CUDA C++ kernels run under sanitizers in tests/test_cuda_emu.py).
-tests/test_gpu.py runs on a GPU with these terms in its bounds.
+The GPU targets of the kernel suites (ids *-cuda) carry these terms in their bounds.
 """
 import torch
 

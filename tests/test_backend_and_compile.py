@@ -1,5 +1,6 @@
 """Backend choice and torch.compile through the custom ops."""
 import torch
+import pytest
 
 import rlhfv_kernels as rk
 from rlhfv_kernels import _backend
@@ -19,7 +20,7 @@ def test_default_uses_the_fused_op(monkeypatch):
             calls.append(args)
             return real(*args)
 
-    monkeypatch.setattr(rk.api._ops.torch.ops.rlhfv, "logprob_fwd", Spy(), raising=False)
+    monkeypatch.setattr(torch.ops.rlhfv, "logprob_fwd", Spy(), raising=False)
     rk.token_logprobs(torch.randn(3, 10), torch.randint(0, 10, (3,)))
     assert len(calls) == 1
 
@@ -53,3 +54,8 @@ def test_torch_compile_fullgraph_token_logprobs():
     labels = torch.randint(0, 33, (2, 5))
     compiled = torch.compile(lambda x: rk.token_logprobs(x, labels, backend="cpp"), fullgraph=True)
     torch.testing.assert_close(compiled(logits), rk.token_logprobs(logits, labels, backend="cpp"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_default_backend():
+    assert _backend.resolve_backend(None, torch.device("cuda")) in _backend.CUDA_DEFAULT

@@ -134,3 +134,40 @@ def test_backend_selection_errors(monkeypatch):
     assert rk.token_logprobs(logits, labels).shape == labels.shape
     with pytest.raises(ValueError, match="always use the reference backend"):
         rk.reference.ddpo_loss(logits, labels, torch.zeros(4), backend="cpp")
+
+
+def test_bad_labels_raise_before_any_kernel_runs(backend):
+    """On every (backend, device) target: a clear error and no illegal memory access left behind on a GPU."""
+    logits = torch.randn(4, 100)
+    with pytest.raises((IndexError, ValueError), match="out of range"):
+        rk.token_logprobs(logits, torch.tensor([0, 100, 1, 2]), backend=backend)
+    if logits.is_cuda:
+        torch.cuda.synchronize()
+
+
+def test_operators_refuse_a_strided_1d_row(backend):
+    """The kernels read a row as V contiguous values, a 1-D logits tensor too: the operators themselves refuse a
+    strided one (they used to exempt 1-D inputs from the stride check and read the wrong values)."""
+    from rlhfv_kernels import _backend
+    ops = _backend.operators(backend)
+    row = torch.randn(2 * 37)[::2]
+    with pytest.raises((RuntimeError, ValueError), match="stride"):
+        ops.logprob_fwd(row, torch.tensor(3), -100, 1.0, False)
+
+
+def test_the_triton_label_range_is_checked_once_per_step(monkeypatch):
+    """Validation contract: the API checks the labels (friendly message) and the operator's forward guards the kernel;
+    the backward trusts its forward (on a GPU each check is a host sync)."""
+    from conftest import skip_unless_backend_runs
+    skip_unless_backend_runs("triton")
+    from rlhfv_kernels.triton import ops as triton_ops
+    from rlhfv_kernels import _checks
+    calls = []
+    for module, name in ((triton_ops, "_check_labels"), (_checks, "check_labels")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **k: (calls.append(_name), _real(*a, **k))[1])
+    logits = torch.randn(6, 50, requires_grad=True)
+    for inplace in (False, True):
+        calls.clear()
+        rk.token_logprobs(logits * 1, torch.randint(0, 50, (6,)), backend="triton", inplace_backward=inplace).sum().backward()
+        assert sorted(calls) == ["_check_labels", "check_labels"], calls

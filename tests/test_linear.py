@@ -5,15 +5,14 @@ import torch
 import torch.nn.functional as F
 
 import rlhfv_kernels as rk
-from conftest import skip_unless_backend_runs
+from conftest import gpu_sizes_only, skip_unless_backend_runs
 from rlhfv_kernels import reference
-from numerics import assert_meets_criterion, rounded_logits_extra
+from numerics import assert_meets_criterion, linear_accumulation_extra, rounded_logits_extra, tf32_linear_extra
 
 
-@pytest.fixture(params=["cpp", "triton"])
-def backend(request):
-    skip_unless_backend_runs(request.param)
-    return request.param
+@pytest.fixture
+def backend(linear_backend):
+    return linear_backend
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -156,7 +155,7 @@ def test_bad_arguments():
         rk.linear_ddpo_loss(h[0], w, y[0], torch.zeros(3))
     with pytest.raises(ValueError, match="hidden.shape\\[0\\] must be even"):
         rk.linear_ddpo_loss(torch.randn(3, 3, 8), w, torch.zeros(3, 3, dtype=torch.long), torch.zeros(3))
-    with pytest.raises(rk.BackendUnavailableError, match=r"fused-linear path has no CUDA C\+\+ kernels"):
+    with pytest.raises(rk.BackendUnavailableError, match="linear path has no .cuda. kernels"):
         rk._backend.resolve_backend("cuda", torch.device("cuda"), path="linear")
     with pytest.raises(ValueError, match="weight is on meta but hidden is on cpu"):
         rk.linear_token_logprobs(h, w.to("meta"), y)
@@ -218,3 +217,36 @@ def test_ignored_tokens_are_not_multiplied(backend):
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(h.grad, leaf.grad, rtol=1e-5, atol=1e-5)
     assert torch.all(out[:, :4] == 0) and torch.all(h.grad[:, :4] == 0)
+
+
+@pytest.mark.parametrize("dtype,precision", [(torch.bfloat16, "highest"), (torch.float16, "highest"),
+                                             (torch.float32, "highest"), (torch.float32, "high")])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gpu_sizes_fused_linear_kernels(backend, dtype, precision, with_bias):
+    """Every operand mode of the fused-linear kernels (16-bit, fp32 in full precision, fp32 as TF32) at a size with
+    many tiles per row and per vocabulary block, so that atomics from many programs meet. The bounds add the TF32
+    rounding of the dots and the accumulation order (tests/numerics.py)."""
+    gpu_sizes_only()
+    rows, hdim, vocab = 1000, 256, 32003
+    hidden = torch.randn(rows, hdim)
+    weight = torch.randn(vocab, hdim) / hdim ** 0.5 * 3
+    bias = torch.randn(vocab) if with_bias else None
+    labels = torch.randint(0, vocab, (rows,))
+    labels[::9] = -100
+    seed = torch.randn(rows, dtype=torch.float64)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        ours = run(lambda h, w, b: ours_tokens(h, w, b, labels, None, backend), hidden, weight, bias, dtype, seed)
+        same = run(lambda h, w, b: eager_tokens(h, w, b, labels), hidden, weight, bias, dtype, seed)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    truth = run(lambda h, w, b: eager_tokens(h, w, b, labels), hidden, weight, bias, dtype, seed, truth=True)
+    rounded = [t.to(dtype) if t is not None else None for t in (hidden, weight, bias)]
+    extras = linear_accumulation_extra(*rounded, labels, seed, 0.9)
+    if dtype == torch.float32 and precision != "highest":
+        extras = [a + b for a, b in zip(extras, tf32_linear_extra(*rounded, labels, seed, 0.9))]
+    for k, what in enumerate(("logp", "dhidden", "dweight", "dbias")):
+        if ours[k] is not None:
+            assert_meets_criterion(ours[k], same[k], truth[k], dtype, f"linear {what} ({precision})",
+                                   relative=k > 0, extra=extras[k])

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import rlhfv_kernels as rk
-from conftest import skip_unless_backend_runs
+from conftest import gpu_sizes_only
 from numerics import assert_meets_criterion
 from rlhfv_kernels import linear_loss, reference
 from test_linear import run
@@ -85,10 +85,9 @@ def check_against_reference(ours, eager, batch, dtype, what, *, with_bias=True, 
         assert_meets_criterion(got[k], same[k], truth[k], dtype, f"{what} {name}", relative=True)
 
 
-@pytest.fixture(params=["cpp", "triton"])
-def backend(request):
-    skip_unless_backend_runs(request.param)
-    return request.param
+@pytest.fixture
+def backend(linear_backend):
+    return linear_backend
 
 
 @pytest.fixture
@@ -326,3 +325,15 @@ def test_double_backward_is_a_clear_error(path):
         value = rk.linear_grpo_loss(h, batch["weight"], y, batch["advantages"], backend="cpp").loss
     with pytest.raises(RuntimeError, match="first-order gradients only.*create_graph=True"):
         torch.autograd.grad(value, h, create_graph=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("kind", ["ddpo", "grpo"])
+def test_gpu_sizes_gradients_in_forward(backend, dtype, kind):
+    """The gradients-in-forward scheme at a GPU size: cuBLAS GEMMs (dW accumulated in fp32 through
+    torch.mm(out_dtype=fp32) for 16-bit operands), the row kernels, several chunks of whole pairs."""
+    gpu_sizes_only()
+    batch = make_batch(pairs=8, seq=300, hdim=256, vocab=32003)
+    ours, eager = losses_of(kind, batch)
+    check_against_reference(lambda h, w, b: ours(h, w, b, chunk_size=1000, backend=backend), eager, batch, dtype,
+                            f"{kind} at GPU size")

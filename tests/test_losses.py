@@ -5,7 +5,6 @@ import pytest
 import torch
 
 import rlhfv_kernels as rk
-from conftest import skip_unless_backend_runs
 from rlhfv_kernels import reference
 from numerics import assert_meets_criterion
 
@@ -223,12 +222,6 @@ def make_shifted_batch(pairs=3, seq=10, vocab=517):
     labels[:, :2] = -100
     labels[1, :] = -100  # a fully ignored sequence
     return logits, labels
-
-
-@pytest.fixture(params=["cpp", "triton"])
-def backend(request):
-    skip_unless_backend_runs(request.param)
-    return request.param
 
 
 def compare_fused(fn_name, dtype, backend, batch=None, **kwargs):

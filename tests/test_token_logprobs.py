@@ -1,14 +1,16 @@
 """token_logprobs on every fused backend vs the float64 reference: values, gradients, layouts, edge values.
 
-Each test runs on the compiled C++ kernels ("cpp") and on the Triton kernels ("triton", in Triton's interpreter on
-CPU; conftest.py sets TRITON_INTERPRET=1).
+Each test runs once per (backend, device) pair of the backend table (conftest.py's `backend` fixture): the compiled
+C++ kernels on CPU, the Triton kernels in the interpreter on CPU (TRITON_INTERPRET=1), and on a GPU machine the Triton
+and CUDA C++ kernels on the GPU. The GPU-size cases at the end run on GPU targets only; their bounds add what the
+interpreter cannot show (tests/numerics.py): the summation order of tensor-core dots and atomics.
 """
 import pytest
 import torch
 
 import rlhfv_kernels as rk
-from conftest import skip_unless_backend_runs
-from rlhfv_kernels import reference
+from conftest import gpu_sizes_only
+from rlhfv_kernels import _backend, reference
 from numerics import assert_meets_criterion, truth_token_logprobs
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -18,12 +20,6 @@ def random_labels(shape, vocab, ignore_fraction=0.2, ignore_index=-100):
     labels = torch.randint(0, vocab, shape)
     labels[torch.rand(shape) < ignore_fraction] = ignore_index
     return labels
-
-
-@pytest.fixture(params=["cpp", "triton"])
-def backend(request):
-    skip_unless_backend_runs(request.param)
-    return request.param
 
 
 def check_against_truth(backend, make_logits, labels, dtype, *, temperature=1.0, ignore_index=-100,
@@ -214,10 +210,7 @@ def test_float64_gradcheck():
 
 
 def op_family(backend):
-    if backend == "triton":
-        import rlhfv_kernels.triton  # noqa: F401  (registers the operators)
-        return torch.ops.rlhfv_triton
-    return torch.ops.rlhfv
+    return _backend.operators(backend)
 
 
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
@@ -249,3 +242,43 @@ def test_inplace_backward_on_a_leaf_warns(backend):
     leaf = torch.randn(3, 8, requires_grad=True)
     with pytest.warns(RuntimeWarning, match="inplace_backward=True on a leaf tensor"):
         rk.token_logprobs(leaf, torch.randint(0, 8, (3,)), inplace_backward=True, backend=backend)
+
+
+@pytest.mark.parametrize("rows,vocab,dtype", [
+    (512, 262144, torch.bfloat16),   # few long rows: vocabulary splits
+    (2048, 128256, torch.bfloat16),
+    (257, 32003, torch.float32),     # odd V: unaligned rows, scalar paths
+    (64, 262144, torch.float16),
+    (3001, 1000, torch.bfloat16),    # short rows: one warp per row
+])
+def test_gpu_sizes(backend, rows, vocab, dtype):
+    gpu_sizes_only()
+    base = (torch.randn(rows + 1, vocab) * 3).to(dtype)
+    labels = torch.randint(0, vocab, (rows,))
+    labels[::7] = -100
+    for inplace in (False, True):
+        check_against_truth(backend, lambda x: (base if x is None else x)[1:], labels, dtype, inplace_backward=inplace)
+
+
+def test_gpu_sizes_strided_3d_temperature_and_masked(backend):
+    gpu_sizes_only()
+    base = torch.randn(4, 65, 50257).to(torch.bfloat16)
+    base[:, :, :20000] = float("-inf")
+    labels = torch.randint(20000, 50257, (4, 64))
+    labels[0] = -100
+    check_against_truth(backend, lambda x: (base if x is None else x)[:, :-1], labels, torch.bfloat16,
+                        temperature=0.7)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_gpu_sizes_extreme_logits(backend, temperature):
+    """|logits| ~ 1e4: one ulp is ~1e-3, so x / t must be one correctly rounded division (the GPU's default '/' in
+    Triton is a 2-ulp approximation, which the interpreter never shows)."""
+    gpu_sizes_only()
+    rows, vocab = 257, 32000
+    logits = torch.where(torch.rand(rows, vocab) < 0.5, -1e4, 1e4) + torch.randn(rows, vocab)
+    labels = torch.randint(0, vocab, (rows,))
+    labels[::3] = logits[::3].argmax(-1)
+    for inplace in (False, True):
+        check_against_truth(backend, lambda x: logits if x is None else x, labels, torch.float32,
+                            temperature=temperature, inplace_backward=inplace)

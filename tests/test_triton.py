@@ -1,4 +1,4 @@
-"""Triton-specific checks: vocabulary splits, the op schemas, guards (GPU runs are in tests/test_gpu.py).
+"""Triton-specific checks: vocabulary splits, the op schemas, guards (GPU runs: the suites' *-cuda targets).
 
 The shared correctness suite (tests/test_token_logprobs.py, tests/test_losses.py) already runs every case on the
 Triton kernels under the interpreter.
@@ -8,7 +8,7 @@ import torch
 
 from conftest import skip_unless_backend_runs
 
-skip_unless_backend_runs("triton", module=True)  # these use CPU tensors: the interpreter (GPU runs: tests/test_gpu.py)
+skip_unless_backend_runs("triton", module=True)  # these use CPU tensors: the interpreter (GPU runs: the suites' *-cuda targets)
 
 import rlhfv_kernels as rk  # noqa: E402
 import rlhfv_kernels.triton  # noqa: E402,F401  (registers torch.ops.rlhfv_triton)

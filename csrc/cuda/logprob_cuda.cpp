@@ -38,7 +38,9 @@ cuda::RowLayout row_layout(const at::Tensor& t) {
   return layout;
 }
 
-// Out-of-range labels would be out-of-bounds reads: refuse them before any launch (one device-to-host sync).
+// Validation contract (DESIGN.md §3): the forward refuses out-of-range labels before any launch (one device-to-host
+// sync; the kernels never read outside a row, but the result would be silently wrong). The backward trusts the labels
+// its forward checked and reads no memory through them, so it costs no sync.
 void check_labels(const at::Tensor& labels, int64_t vocab, int64_t ignore_index) {
   if (labels.numel() == 0) return;
   const at::Tensor bad = labels.ne(ignore_index).logical_and(labels.lt(0).logical_or(labels.ge(vocab)));
@@ -65,7 +67,8 @@ struct Prepared {
   int64_t split_size;
 };
 
-Prepared prepare(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index, double temperature) {
+Prepared prepare(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index, double temperature,
+                 bool check_label_range) {
   TORCH_CHECK(logits.is_cuda(), "rlhfv: logits must be a CUDA tensor for the CUDA kernels");
   check_logprob_inputs(logits, labels, temperature);
   kernel_dtype(logits);
@@ -73,7 +76,7 @@ Prepared prepare(const at::Tensor& logits, const at::Tensor& labels, int64_t ign
   p.labels = labels.to(at::kLong).contiguous();
   p.rows = logp_rows(logits);
   p.vocab = logits.size(-1);
-  check_labels(p.labels, p.vocab, ignore_index);
+  if (check_label_range) check_labels(p.labels, p.vocab, ignore_index);
   p.shape = cuda::choose_shape(p.rows, p.vocab);
   p.splits = cuda::choose_splits(p.rows, p.vocab, sm_count(logits), &p.split_size);
   return p;
@@ -83,7 +86,7 @@ std::tuple<at::Tensor, at::Tensor> logprob_fwd_cuda(const at::Tensor& logits, co
                                                     int64_t ignore_index, double temperature,
                                                     bool /*inplace_backward*/) {
   const c10::cuda::CUDAGuard guard(logits.device());
-  const Prepared p = prepare(logits, labels, ignore_index, temperature);
+  const Prepared p = prepare(logits, labels, ignore_index, temperature, /*check_label_range=*/true);
   const auto opts = logits.options();
   at::Tensor logp = at::empty(labels.sizes(), opts.dtype(at::kFloat));
   at::Tensor lse = at::empty(labels.sizes(), opts.dtype(at::kDouble));
@@ -103,7 +106,7 @@ std::tuple<at::Tensor, at::Tensor> logprob_fwd_cuda(const at::Tensor& logits, co
 void run_backward(const at::Tensor& grad_logp, const at::Tensor& logits, const at::Tensor& labels,
                   const at::Tensor& lse, int64_t ignore_index, double temperature, const at::Tensor& out) {
   const c10::cuda::CUDAGuard guard(logits.device());
-  const Prepared p = prepare(logits, labels, ignore_index, temperature);
+  const Prepared p = prepare(logits, labels, ignore_index, temperature, /*check_label_range=*/false);
   TORCH_CHECK(grad_logp.sizes() == labels.sizes(), "rlhfv: grad_logp shape ", grad_logp.sizes(),
               " must equal labels shape ", labels.sizes());
   TORCH_CHECK(lse.sizes() == labels.sizes() && lse.scalar_type() == at::kDouble && lse.is_cuda(),

@@ -1,0 +1,137 @@
+"""Where per-token log-probs come from: logits [..., V] (LogitsSource) or hidden states [..., H] and the lm_head
+weight [V, H] (LinearSource). This is the one dispatch point: a source validates its inputs once, resolves the
+backend (_backend.py) and runs the backend's operators (_ops.py) or the eager reference.
+
+Every loss (rlhfv_kernels/losses/) is written once against this small interface:
+    source.tensor, source.name, source.last_dim   the input and how to name it in errors
+    source.logps(labels, ignore_index, temperature, min_dim)  -> per-token log-probs (differentiable)
+    source.loss(labels, ignore_index, temperature, build, constants)  -> the loss output
+where build(dtype) -> (loss_on(token_logps) -> output, GroupedLoss) describes the loss (see linear_loss.py).
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from . import _backend, _checks, _ops, reference
+from .linear_loss import fused_linear_loss
+
+DEFAULT_CHUNK_BYTES = 256 << 20  # log-probs / sequence scores: one chunk of fp32 logits, recomputed in backward
+# The losses' chunks hold whole pairs (rows) and live beside the fp32 dW: half the size keeps the step's peak at or
+# below Liger's one-pair chunks at V=32000 (benchmarks/linear.py) at the same speed.
+DEFAULT_LOSS_CHUNK_BYTES = 128 << 20
+
+
+def default_chunk_rows(vocab: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+    return max(1, chunk_bytes // (4 * max(vocab, 1)))
+
+
+class LogitsSource:
+    """Per-token log-probs from logits [..., V] (the logits path)."""
+
+    name, last_dim = "logits", "V"
+
+    def __init__(self, logits, inplace_backward: bool = False, backend: str | None = None):
+        self.tensor, self.inplace_backward, self.backend = logits, inplace_backward, backend
+
+    def logps(self, labels, ignore_index, temperature, min_dim=1):
+        logits = self.tensor
+        _checks.check_logits_labels(logits, labels, ignore_index, temperature, min_dim=min_dim)
+        which = _backend.resolve_backend(self.backend, logits.device)
+        if which == "reference":
+            return reference.token_logprobs(logits, labels, ignore_index=ignore_index, temperature=temperature)
+        _checks.check_vocab_stride(logits, which)
+        if self.inplace_backward and logits.requires_grad and logits.is_leaf:
+            warnings.warn("inplace_backward=True on a leaf tensor: backward overwrites its values with the gradient "
+                          "and autograd then copies that into .grad (an N x V copy); pass the model's output logits, "
+                          "or use torch.autograd.grad", RuntimeWarning, stacklevel=3)
+        return _ops.fused_token_logprobs(logits, labels, ignore_index, temperature, bool(self.inplace_backward),
+                                         which)
+
+    def loss(self, labels, ignore_index, temperature, build, constants=()):
+        logps = self.logps(labels, ignore_index, temperature)
+        return build(logps.dtype)[0](logps)
+
+
+class LinearSource:
+    """Per-token log-probs from hidden states [..., H] and the lm_head weight [V, H] (the fused-linear path).
+
+    Log-probs: the non-ignored tokens `chunk_size` at a time, logits recomputed in backward (4 GEMMs). Losses: chunks
+    of whole pairs/rows with their gradients computed in the forward (3 GEMMs, linear_loss.py), unless another input
+    of the loss (`constants`: ref_logps, token weights, ...) needs a gradient too.
+    """
+
+    name, last_dim = "hidden", "H"
+
+    def __init__(self, hidden, weight, bias=None, chunk_size: int | None = None, backend: str | None = None):
+        self.tensor, self.weight, self.bias, self.chunk_size, self.backend = hidden, weight, bias, chunk_size, backend
+
+    def _checked_backend(self, labels, ignore_index, temperature, min_dim):
+        _check_linear(self.tensor, self.weight, self.bias, labels, ignore_index, temperature, self.chunk_size,
+                      min_dim)
+        return _backend.resolve_backend(self.backend, self.tensor.device, path="linear")
+
+    def logps(self, labels, ignore_index, temperature, min_dim=1):
+        which = self._checked_backend(labels, ignore_index, temperature, min_dim)
+        return self._token_logps(labels, ignore_index, temperature, which)
+
+    def _token_logps(self, labels, ignore_index, temperature, which):
+        hidden, weight, bias = self.tensor, self.weight, self.bias
+        if which == "reference":
+            return reference.token_logprobs(F.linear(hidden, weight, bias), labels, ignore_index=ignore_index,
+                                            temperature=temperature)
+        chunk = self.chunk_size or default_chunk_rows(weight.shape[0])
+        active = labels != ignore_index
+        if bool(active.all()):
+            return _ops.fused_linear_token_logprobs(hidden, weight, bias, labels, ignore_index, temperature, chunk,
+                                                    which)
+        # Only the non-ignored tokens (answers, not prompt or image) go through the GEMMs: an N_active x H gather,
+        # and autograd scatters their dhidden back.
+        index = active.reshape(-1).nonzero().squeeze(1)
+        flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+        logp = _ops.fused_linear_token_logprobs(flat_hidden.index_select(0, index), weight, bias,
+                                                labels.reshape(-1).index_select(0, index), ignore_index,
+                                                temperature, chunk, which)
+        return logp.new_zeros(labels.numel()).index_copy(0, index, logp).view(labels.shape)
+
+    def loss(self, labels, ignore_index, temperature, build, constants=()):
+        which = self._checked_backend(labels, ignore_index, temperature, 1)
+        hidden, weight = self.tensor, self.weight
+        full_loss, grouped = build(torch.float64 if hidden.dtype == torch.float64 else torch.float32)
+        if which == "reference" or (torch.is_grad_enabled()
+                                    and any(isinstance(t, torch.Tensor) and t.requires_grad for t in constants)):
+            return full_loss(self._token_logps(labels, ignore_index, temperature, which))
+        budget = self.chunk_size or default_chunk_rows(weight.shape[0], DEFAULT_LOSS_CHUNK_BYTES)
+        return fused_linear_loss(hidden, weight, self.bias, labels, ignore_index, temperature, budget,
+                                 self.chunk_size is not None, which, grouped, full_loss)
+
+
+def _check_linear(hidden, weight, bias, labels, ignore_index, temperature, chunk_size, min_dim):
+    _checks.require_tensor(hidden, "hidden")
+    _checks.require_tensor(weight, "weight")
+    _checks.require_tensor(labels, "labels")
+    if hidden.dtype not in _checks.LOGIT_DTYPES:
+        raise TypeError(f"hidden must be float32, bfloat16, float16 or float64, got {hidden.dtype}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} must equal hidden dtype {hidden.dtype}")
+    if labels.dtype not in _checks.LABEL_DTYPES:
+        raise TypeError(f"labels must be int64 or int32, got {labels.dtype}")
+    if hidden.dim() < min_dim:
+        raise ValueError(f"hidden must have at least {min_dim} dimensions, got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight must have shape [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]}, got "
+                         f"{tuple(weight.shape)}")
+    _checks.check_same_device(weight, "weight", hidden, "hidden")
+    if bias is not None:
+        _checks.require_tensor(bias, "bias")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} must equal hidden dtype {hidden.dtype}")
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias must have shape [{weight.shape[0]}], got {tuple(bias.shape)}")
+        _checks.check_same_device(bias, "bias", hidden, "hidden")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    _checks.check_ignore_and_temperature(ignore_index, temperature)
+    _checks.check_labels(labels, hidden, vocab=weight.shape[0], ignore_index=ignore_index, inputs_name="hidden")

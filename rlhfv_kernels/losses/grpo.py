@@ -1,0 +1,108 @@
+"""GRPO-style grouped policy loss (Generative RLHF-V; DESIGN.md §2): output type, argument checks and the clipped-
+ratio math with an optional k3 KL penalty on per-token log-probs. Never sees an N x V tensor."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import _checks
+from ..linear_loss import GroupedLoss
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+
+
+@dataclass
+class GRPOOutput:
+    """Result of grpo_loss. Metrics are detached; `loss` carries the gradient."""
+
+    loss: torch.Tensor          # scalar
+    token_logps: torch.Tensor   # [B, T] policy log-probs (detached), 0 at ignored tokens
+    mean_kl: torch.Tensor       # scalar, token mean of the k3 KL estimate (0 if beta_kl == 0)
+    clip_ratio: torch.Tensor    # scalar, fraction of tokens where the clipped term was the one taken
+
+
+def grpo_from_token_logps(token_logps: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor,
+                          old_logps: torch.Tensor | None, ref_logps: torch.Tensor | None, *, epsilon: float,
+                          epsilon_high: float, beta_kl: float, loss_type: str,
+                          num_items_in_batch: float | None, num_rows: int | None = None,
+                          loss_tokens: torch.Tensor | None = None) -> GRPOOutput:
+    """Clipped-ratio policy loss with optional k3 KL penalty on [B, T] token log-probs (DESIGN.md §2).
+
+    num_rows / loss_tokens override the batch-wide normalisers (row count, unmasked-token count), so that the loss of
+    a sub-batch of rows is its exact share of the whole batch's loss (rlhfv_kernels/linear_loss.py relies on this).
+    """
+    maskf = mask.to(token_logps.dtype)
+    old = token_logps.detach() if old_logps is None else old_logps.to(token_logps.dtype)
+    ratio = torch.exp(token_logps - old)
+    adv = advantages.to(token_logps.dtype).unsqueeze(-1)
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1.0 - epsilon, 1.0 + epsilon_high) * adv
+    per_token = -torch.minimum(unclipped, clipped)
+    if beta_kl != 0.0:
+        diff = ref_logps.to(token_logps.dtype) - token_logps
+        kl = torch.exp(diff) - diff - 1.0
+        per_token = per_token + beta_kl * kl
+        mean_kl = (kl.detach() * maskf).sum() / maskf.sum().clamp_min(1.0)
+    else:
+        mean_kl = torch.zeros((), dtype=token_logps.dtype, device=token_logps.device)
+    per_token = per_token * maskf
+    rows = per_token.shape[0] if num_rows is None else num_rows
+    tokens = (maskf.sum() if loss_tokens is None else loss_tokens).clamp_min(1.0)
+    if loss_type == "grpo":
+        per_seq = per_token.sum(-1) / maskf.sum(-1).clamp_min(1.0)
+        if num_rows is not None:
+            loss = per_seq.sum() / max(num_rows, 1)
+        else:
+            loss = per_seq.mean() if per_seq.numel() else per_seq.sum()
+    elif loss_type == "bnpo":
+        loss = per_token.sum() / tokens
+    elif loss_type == "dr_grpo":
+        loss = per_token.sum() / max(rows * per_token.shape[-1], 1)
+    else:  # dapo: normalised by the global number of loss tokens (across accumulation steps / ranks if given)
+        denom = tokens if num_items_in_batch is None else num_items_in_batch
+        loss = per_token.sum() / denom
+    clip_ratio = ((clipped.detach() < unclipped.detach()).to(maskf.dtype) * maskf).sum() / maskf.sum().clamp_min(1.0)
+    return GRPOOutput(loss=loss, token_logps=token_logps.detach(), mean_kl=mean_kl, clip_ratio=clip_ratio)
+
+
+def compute(source, labels, advantages, *, old_logps, ref_logps, epsilon, epsilon_high, beta_kl, loss_type,
+            num_items_in_batch, ignore_index, temperature) -> GRPOOutput:
+    """grpo_loss on any source (rlhfv_kernels/_sources.py): checks the arguments, then describes the loss to it."""
+    x, name = source.tensor, source.name
+    _checks.check_choice(loss_type, "loss_type", LOSS_TYPES)
+    _checks.require_tensor(x, name)
+    if x.dim() != 3:
+        raise ValueError(f"{name} must have shape [B, T, {source.last_dim}], got {tuple(x.shape)}")
+    _checks.check_nonnegative_finite(epsilon, "epsilon")
+    epsilon_high = epsilon if epsilon_high is None else epsilon_high
+    _checks.check_nonnegative_finite(epsilon_high, "epsilon_high")
+    _checks.check_nonnegative_finite(beta_kl, "beta_kl")
+    if num_items_in_batch is not None:
+        _checks.check_positive_finite(float(num_items_in_batch), "num_items_in_batch")
+    _checks.require_tensor(labels, "labels")  # fully checked with the inputs when log-probs are computed
+    _checks.check_vector(advantages, "advantages", x.shape[0], x)
+    if old_logps is not None:
+        _checks.check_per_token(old_logps, "old_logps", labels, x)
+    if beta_kl > 0:
+        if ref_logps is None:
+            raise ValueError("ref_logps is required when beta_kl > 0")
+        _checks.check_per_token(ref_logps, "ref_logps", labels, x)
+    options = dict(epsilon=epsilon, epsilon_high=epsilon_high, beta_kl=beta_kl, loss_type=loss_type,
+                   num_items_in_batch=num_items_in_batch)
+
+    def build(dtype):
+        mask = labels != ignore_index
+        batch = dict(num_rows=mask.shape[0], loss_tokens=mask.to(dtype).sum())
+
+        def loss_on(logps, sub=None):
+            """The batch's loss, or that of the rows `sub` as their share of it."""
+            if sub is None:
+                return grpo_from_token_logps(logps, mask, advantages, old_logps, ref_logps, **options)
+            pick = lambda t: None if t is None else t[sub]  # noqa: E731
+            return grpo_from_token_logps(logps, mask[sub], advantages[sub], pick(old_logps), pick(ref_logps),
+                                         **options, **batch).loss
+
+        return loss_on, GroupedLoss([(i,) for i in range(mask.shape[0])], True, lambda sub, x: loss_on(x, sub))
+
+    return source.loss(labels, ignore_index, temperature, build, (advantages, old_logps, ref_logps))
