@@ -117,7 +117,7 @@ def _iter_jsonl(path: str):
             try:
                 yield where, json.loads(line)
             except json.JSONDecodeError as exc:
-                yield where, DataError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})")
+                yield where, DataError(f"{where}: invalid JSON ({exc.msg}: column {exc.colno})")  # msg may end in "at"
 
 
 def _iter_parquet(path: str):

@@ -18,6 +18,9 @@ import torch
 import rlhfv_kernels as rk
 
 from . import refcache
+from .checkpoint import full_state, load_full_state, restore_rng, rng_state, save_atomically
+from .distributed import Distributed
+from .plots import plot_metrics
 from .batch import PairCollator
 from .data import load_records
 
@@ -77,93 +80,6 @@ def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     return torch.device(name)
-
-
-class Distributed:
-    """Rank and world size under torchrun (WORLD_SIZE > 1): gloo on CPU, NCCL on GPU; a no-op otherwise."""
-
-    def __init__(self, device: torch.device):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = 0
-        if self.world > 1:
-            import torch.distributed as dist
-            if not dist.is_initialized():
-                dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-            self.rank = dist.get_rank()
-        self.is_main = self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
-
-    def mean(self, values: dict) -> dict:
-        """Averages float metrics over ranks."""
-        if self.world == 1:
-            return values
-        keys = sorted(values)
-        t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
-        torch.distributed.all_reduce(t)
-        return {k: float(v) / self.world for k, v in zip(keys, t)}
-
-    def wrap(self, model, device, fsdp: bool):
-        """DDP (a wrapper; `model` stays the plain module) or FSDP2 (shards `model` in place and returns it)."""
-        if self.world == 1:
-            return model
-        if fsdp:
-            from torch.distributed.fsdp import fully_shard
-            # One shard group per transformer block (the classes HF marks as not to be split), then the rest.
-            block_names = set(getattr(model, "_no_split_modules", None) or [])
-            for module in model.modules():
-                if type(module).__name__ in block_names:
-                    fully_shard(module)
-            fully_shard(model)
-            return model
-        from torch.nn.parallel import DistributedDataParallel
-        # Vision towers often leave parameters unused (e.g. CLIP's post-layernorm when LLaVA reads a hidden layer).
-        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                       find_unused_parameters=True)
-
-    def skip_grad_sync(self, trained):
-        """A context in which backward accumulates gradients locally (all micro-batches but the last)."""
-        if self.world == 1:
-            return contextlib.nullcontext()
-        if hasattr(trained, "no_sync"):  # DDP
-            return trained.no_sync()
-        return _FsdpNoSync(trained)
-
-
-class _FsdpNoSync:
-    def __init__(self, model):
-        self.model = model
-
-    def __enter__(self):
-        self.model.set_requires_gradient_sync(False)
-
-    def __exit__(self, *exc):
-        self.model.set_requires_gradient_sync(True)
-        return False
-
-
-def _full_state(model, optimizer, fsdp: bool) -> tuple[dict, dict]:
-    """Unsharded model and optimizer state (a collective under FSDP: every process calls it)."""
-    if not fsdp:
-        return model.state_dict(), optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
-
-
-def _load_full_state(model, optimizer, model_state: dict, optimizer_state: dict, fsdp: bool) -> None:
-    if not fsdp:
-        model.load_state_dict(model_state)
-        optimizer.load_state_dict(optimizer_state)
-        return
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
-    options = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, model_state, options=options)
-    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
 
 
 def build_processor_and_model(cfg: TrainConfig):
@@ -261,59 +177,6 @@ def evaluate(cfg, model, collate, records, indices, refs, device, autocast_dtype
     return {"eval_accuracy": sum(wins) / len(wins), "eval_margin": sum(margins) / len(margins)}
 
 
-def _save_checkpoint(path: str, state: dict) -> None:
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a crash leaves the previous checkpoint intact
-
-
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _restore_rng(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def plot_metrics(metrics_path: str, out_path: str) -> str | None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    rows = [json.loads(line) for line in open(metrics_path)]
-    train = [r for r in rows if "loss" in r]
-    evals = [r for r in rows if "eval_accuracy" in r]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    steps = [r["step"] for r in train]
-    axes[0].plot(steps, [r["loss"] for r in train])
-    axes[0].set_title("loss (DDPO + SFT term if any)")
-    axes[1].plot(steps, [r["margin"] for r in train], label="train")
-    if evals:
-        axes[1].plot([r["step"] for r in evals], [r["eval_margin"] for r in evals], "o-", label="held-out")
-    axes[1].set_title("reward margin")
-    axes[1].legend()
-    axes[2].plot(steps, [r["accuracy"] for r in train], label="train")
-    if evals:
-        axes[2].plot([r["step"] for r in evals], [r["eval_accuracy"] for r in evals], "o-", label="held-out")
-    axes[2].set_title("preference accuracy")
-    axes[2].set_ylim(0, 1.02)
-    axes[2].legend()
-    for ax in axes:
-        ax.set_xlabel("step")
-    fig.tight_layout()
-    fig.savefig(out_path, dpi=90)
-    plt.close(fig)
-    return out_path
-
-
 def train(cfg: TrainConfig) -> dict:
     """Runs (or resumes) training; returns a summary with the last metrics and the paths written."""
     if cfg.mode not in ("sum", "mean"):
@@ -388,13 +251,14 @@ def train(cfg: TrainConfig) -> dict:
     ckpt_path = os.path.join(cfg.output_dir, "checkpoint.pt")
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
     step = 0
+    resumed_metrics = {}
     if cfg.resume and not os.path.isfile(ckpt_path) and dist.is_main:  # say so rather than start over silently
         print(f"--resume: no checkpoint at {ckpt_path}; starting from step 0")
     if cfg.resume and os.path.isfile(ckpt_path):
         state = torch.load(ckpt_path, weights_only=False)
-        _load_full_state(model, optimizer, state["model"], state["optimizer"], fsdp)
+        load_full_state(model, optimizer, state["model"], state["optimizer"], fsdp)
         scheduler.load_state_dict(state["scheduler"])
-        _restore_rng(state["rng"])
+        restore_rng(state["rng"])
         step = state["step"]
         if dist.is_main:
             print(f"resumed from {ckpt_path} at step {step}")
@@ -402,22 +266,27 @@ def train(cfg: TrainConfig) -> dict:
             kept = [line for line in open(metrics_path) if json.loads(line)["step"] <= step]
             with open(metrics_path, "w") as f:
                 f.writelines(kept)
+            if kept:  # what the summary reports when there is nothing left to run
+                resumed_metrics = json.loads(kept[-1])
+        if dist.is_main and step >= cfg.max_steps:
+            print(f"--resume: the run already reached --max-steps {cfg.max_steps}; nothing to train (raise "
+                  "--max-steps to continue)")
     elif dist.is_main and os.path.isfile(metrics_path):
         os.remove(metrics_path)
     dist.barrier()
 
     def checkpoint():
-        model_state, optimizer_state = _full_state(model, optimizer, fsdp)
+        model_state, optimizer_state = full_state(model, optimizer, fsdp)
         if dist.is_main:
-            _save_checkpoint(ckpt_path, {"model": model_state, "optimizer": optimizer_state,
-                                         "scheduler": scheduler.state_dict(), "rng": _rng_state(), "step": step,
+            save_atomically(ckpt_path, {"model": model_state, "optimizer": optimizer_state,
+                                         "scheduler": scheduler.state_dict(), "rng": rng_state(), "step": step,
                                          "config": asdict(cfg), "ref_cache_key": key})
         dist.barrier()
 
     from tqdm import tqdm
     bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step",
                disable=not cfg.progress or not dist.is_main)
-    last = {}
+    last = resumed_metrics
     with open(metrics_path, "a") if dist.is_main else open(os.devnull, "w") as metrics_file:
         while step < cfg.max_steps:
             totals = {"loss": 0.0, "margin": 0.0, "accuracy": 0.0, "chosen_reward": 0.0, "rejected_reward": 0.0}

@@ -55,7 +55,9 @@ def test_text_only_records(tmp_path):
 
 
 @pytest.mark.parametrize("bad,message", [
-    ("{not json", r"d.jsonl:2: invalid JSON"),
+    ("{not json", r"d.jsonl:2: invalid JSON \(Expecting property name enclosed in double quotes: column 2\)$"),
+    ('{"question": "unterminated',  # json's message ends in "at" (it used to read "at at column")
+     r"d.jsonl:2: invalid JSON \(Invalid control character at: column 27\)$"),
     (json.dumps({"image": "img.png", "question": "q", "rejected": "r"}), r"d.jsonl:2: missing field 'chosen'"),
     (json.dumps({"image": "img.png", "question": "q", "chosen": 3, "rejected": "r"}),
      r"d.jsonl:2: field 'chosen' must be a string"),

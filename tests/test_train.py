@@ -208,3 +208,11 @@ def test_cli_errors_are_one_line_and_help_shows_defaults(tmp_path, dataset, caps
     assert len(err) == 1 and "--model" in err[0] and "no such folder" in err[0], err
     text = build_parser().format_help()
     assert "(default: runs/rlhfv)" in text and "(default: 0.002)" in text and "(default: 0.0)" in text
+
+
+def test_resuming_a_finished_run_reports_its_last_metrics(tmp_path, dataset, capsys):
+    first = train(small_config(tmp_path, dataset, max_steps=2))
+    again = train(small_config(tmp_path, dataset, max_steps=2, resume=True))
+    assert "already reached --max-steps 2" in capsys.readouterr().out
+    assert again["step"] == 2 and again["metrics"]["loss"] == pytest.approx(first["metrics"]["loss"])
+    assert len(open(again["metrics_path"]).readlines()) == 2  # nothing appended

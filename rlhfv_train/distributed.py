@@ -1,0 +1,72 @@
+"""Running under torchrun: process group, DDP or FSDP2 wrapping, gradient-sync control and metric averaging."""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+
+class Distributed:
+    """Rank and world size under torchrun (WORLD_SIZE > 1): gloo on CPU, NCCL on GPU; a no-op otherwise."""
+
+    def __init__(self, device: torch.device):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = 0
+        if self.world > 1:
+            import torch.distributed as dist
+            if not dist.is_initialized():
+                dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+            self.rank = dist.get_rank()
+        self.is_main = self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def mean(self, values: dict) -> dict:
+        """Averages float metrics over ranks."""
+        if self.world == 1:
+            return values
+        keys = sorted(values)
+        t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+        torch.distributed.all_reduce(t)
+        return {k: float(v) / self.world for k, v in zip(keys, t)}
+
+    def wrap(self, model, device, fsdp: bool):
+        """DDP (a wrapper; `model` stays the plain module) or FSDP2 (shards `model` in place and returns it)."""
+        if self.world == 1:
+            return model
+        if fsdp:
+            from torch.distributed.fsdp import fully_shard
+            # One shard group per transformer block (the classes HF marks as not to be split), then the rest.
+            block_names = set(getattr(model, "_no_split_modules", None) or [])
+            for module in model.modules():
+                if type(module).__name__ in block_names:
+                    fully_shard(module)
+            fully_shard(model)
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+        # Vision towers often leave parameters unused (e.g. CLIP's post-layernorm when LLaVA reads a hidden layer).
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                       find_unused_parameters=True)
+
+    def skip_grad_sync(self, trained):
+        """A context in which backward accumulates gradients locally (all micro-batches but the last)."""
+        if self.world == 1:
+            return contextlib.nullcontext()
+        if hasattr(trained, "no_sync"):  # DDP
+            return trained.no_sync()
+        return _FsdpNoSync(trained)
+
+
+class _FsdpNoSync:
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        self.model.set_requires_gradient_sync(False)
+
+    def __exit__(self, *exc):
+        self.model.set_requires_gradient_sync(True)
+        return False
