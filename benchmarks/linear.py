@@ -28,7 +28,8 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import rlhfv_kernels as rk  # noqa: E402
-from benchmarks.run import PeakMemory, device_name, max_abs_diff, pick_device, time_call, versions  # noqa: E402
+from benchmarks.harness import (PeakMemory, device_name, max_abs_diff, pick_device, plot_bars, time_call,  # noqa: E402
+                                versions)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 OPS = ("linear_token_logprobs", "linear_dpo_loss", "linear_ddpo_loss", "linear_grpo_loss")
@@ -160,6 +161,7 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", metavar="PATH")
+    parser.add_argument("--plot", metavar="PNG", help="also draw fwd+bwd time and peak extra memory per op and impl")
     parser.add_argument("--no-floor", action="store_true", help="skip timing the bare GEMMs")
     args = parser.parse_args(argv)
     if not 0.0 <= args.ignored < 1.0:
@@ -207,6 +209,16 @@ def main(argv=None) -> int:
                       f"{x_floor:>9}{'' if err is None else f'{err:.1e}':>10}")
     print("\nx floor below 1: the fused losses skip ignored tokens, while the floor's GEMMs span all N (or, near 1, "
           "timing noise: the floor is measured separately)")
+    if args.plot:
+        times, peaks = {}, {}
+        for rec in records:
+            if "skipped" not in rec:
+                group = f"{rec['op'].removeprefix('linear_')}\n{rec['tokens']}x{rec['hidden']}x{rec['vocab']}"
+                times.setdefault(group, {})[rec["impl"]] = rec["fwd_bwd_median_ms"]
+                peaks.setdefault(group, {})[rec["impl"]] = rec["peak_extra_bytes"] / 2**20
+        print("wrote", plot_bars([("forward+backward ms", times), ("peak extra MiB", peaks)],
+                                 f"rlhfv benchmarks/linear.py on {device_name(device)}, {args.ignored:.0%} ignored "
+                                 "(lower is better)", args.plot))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"versions": versions(), "ignored_fraction": args.ignored, "records": records}, f, indent=1)

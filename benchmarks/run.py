@@ -16,17 +16,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 
 os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # keep the CPU memory profiler from printing on every use
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.harness import (PeakMemory, device_name, fmt_mb, fmt_ms, max_abs_diff, mem_ratio,  # noqa: E402
+                                pick_device, plot_bars, time_call, versions)
 import rlhfv_kernels as rk  # noqa: E402
 from rlhfv_kernels import _backend  # noqa: E402
 from rlhfv_kernels import losses  # noqa: E402
@@ -86,91 +85,6 @@ class Record:
     peak_extra_bytes: int | None = None
     logits_bytes: int = 0
     grad_max_abs_err: float | None = None  # max |dlogits - reference dlogits| of the first run
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{name} ({torch.get_num_threads()} threads)"
-
-
-def versions() -> dict:
-    info = {"torch": torch.__version__, "python": platform.python_version(), "rlhfv": rk.__version__,
-            "platform": platform.platform(), "torch_threads": torch.get_num_threads(),
-            "cuda": torch.version.cuda}
-    try:
-        import triton
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = None
-    try:
-        info["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
-    except OSError:
-        info["git_commit"] = None
-    return info
-
-
-def pick_device(name: str) -> torch.device:
-    """--device: 'auto' is CUDA when torch sees a GPU, else CPU; anything else is taken as a torch device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda requested but torch sees no CUDA device")
-    return device
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class PeakMemory:
-    """Peak bytes allocated through torch above the level at entry, counting allocations inside the kernels.
-
-    CUDA: the caching allocator's peak statistics. CPU: the profiler's allocation events, replayed in time order
-    (exact, and unaffected by malloc reusing freed pages, unlike the resident set size).
-    """
-
-    def __init__(self, device: torch.device):
-        self.device = device
-
-    def __enter__(self):
-        self.peak = None
-        sync(self.device)
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.start = torch.cuda.memory_allocated(self.device)
-        else:
-            self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                                   profile_memory=True)
-            self.profiler.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        sync(self.device)
-        if self.device.type == "cuda":
-            self.peak = torch.cuda.max_memory_allocated(self.device) - self.start
-            return False
-        self.profiler.__exit__(*exc)
-        events = sorted((e for e in self.profiler.profiler.kineto_results.events() if e.name() == "[memory]"),
-                        key=lambda e: e.start_ns())
-        live = peak = 0
-        for event in events:
-            live += event.nbytes()
-            peak = max(peak, live)
-        self.peak = peak
-        return False
 
 
 def make_inputs(case: Case, device: torch.device) -> dict:
@@ -325,29 +239,6 @@ def loss_fn(op: str, inputs: dict, impl: Impl, backend_override: str | None):
     return torch.compile(fn) if impl.compiled else fn
 
 
-def max_abs_diff(a: torch.Tensor, b: torch.Tensor, rows_per_chunk: int = 1024) -> float:
-    """max |a - b| over two [..., V] tensors, a few rows at a time (no N x V fp32 temporary)."""
-    a2, b2 = a.detach().reshape(-1, a.shape[-1]), b.detach().reshape(-1, b.shape[-1])
-    worst = 0.0
-    for start in range(0, a2.shape[0], rows_per_chunk):
-        diff = (a2[start:start + rows_per_chunk].float() - b2[start:start + rows_per_chunk].float()).abs().max()
-        worst = max(worst, float(diff))
-    return worst
-
-
-def time_call(fn, device, warmup: int, repeats: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return times
-
-
 def bench_one(op, impl: Impl, case, inputs, device, args, reference_grad) -> tuple[Record, torch.Tensor]:
     """Times one (op, impl); returns its record and the gradient of its first run (for the accuracy column)."""
     resolved = impl.peer or _backend.resolve_backend(impl.backend or args.backend, device)
@@ -399,21 +290,6 @@ def copy_floor(inputs: dict, device, args) -> dict:
             "floor_fwd_bwd_ms": 3 * nbytes / bandwidth * 1e3, "logits_bytes": nbytes}
 
 
-def fmt_ms(v):
-    return "-" if v is None else f"{v:9.2f}"
-
-
-def fmt_mb(v):
-    return "n/a" if v is None else f"{v / 2**20:9.1f}"
-
-
-def mem_ratio(ratio, peak_bytes) -> str:
-    """The reference's peak / ours; under 1 MiB (O(N) vectors) a ratio like 76923x says nothing: show ours, "->0.1 MiB"."""
-    if ratio is None:
-        return ""
-    return f"->{peak_bytes / 2**20:.1f} MiB" if peak_bytes < 2**20 else f"{ratio:.1f}x"
-
-
 def print_table(case: Case, records: list[Record], floor: dict) -> None:
     ref = {r.op: r for r in records if r.impl == "reference"}
     print(f"\n{case.label}  logits {floor['logits_bytes'] / 2**20:.0f} MiB, copy bandwidth "
@@ -434,6 +310,19 @@ def print_table(case: Case, records: list[Record], floor: dict) -> None:
               f"{err:>10}")
 
 
+def plot_results(results: dict, path: str) -> str:
+    """fwd+bwd ms and peak extra MiB of every (case, op) and impl, from main()'s results."""
+    times, peaks = {}, {}
+    for case in results["cases"]:
+        for r in case["records"]:
+            group = f"{r['op']}\n{r['tokens']}x{r['vocab']} {r['dtype']}"
+            times.setdefault(group, {})[r["impl"]] = r["fwd_bwd_median_ms"]
+            if r["peak_extra_bytes"] is not None:
+                peaks.setdefault(group, {})[r["impl"]] = r["peak_extra_bytes"] / 2**20
+    return plot_bars([("forward+backward ms", times), ("peak extra MiB", peaks)],
+                     f"rlhfv benchmarks/run.py on {results['device_name']} (lower is better)", path)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
@@ -448,6 +337,7 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, 2 repeats: checks the script runs")
     parser.add_argument("--json", metavar="PATH", help="write all records and versions here")
+    parser.add_argument("--plot", metavar="PNG", help="also draw fwd+bwd time and peak extra memory per op and impl")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
@@ -511,6 +401,8 @@ def main(argv=None) -> int:
               "only checks that the script works")
     for name, reason in skipped.items():
         print(f"not run: {name}: {reason}")
+    if args.plot:
+        print(f"wrote {plot_results(results, args.plot)}")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

@@ -21,7 +21,7 @@ os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.run import PeakMemory, device_name, pick_device, sync, versions  # noqa: E402
+from benchmarks.harness import PeakMemory, device_name, pick_device, sync, versions  # noqa: E402
 from rlhfv_train import synthetic, tiny  # noqa: E402
 from rlhfv_train.batch import PairCollator  # noqa: E402
 from rlhfv_train.data import load_records  # noqa: E402

@@ -121,7 +121,7 @@ def test_float64_gradcheck_and_opcheck():
 
 
 def test_peak_memory_is_bounded_by_the_chunk():
-    from benchmarks.run import PeakMemory
+    from benchmarks.harness import PeakMemory
     tokens, hdim, vocab, chunk = 2048, 64, 8000, 32
     hidden = torch.randn(tokens, hdim, requires_grad=True)
     weight = torch.randn(vocab, hdim, requires_grad=True)

@@ -252,7 +252,7 @@ def test_all_ignored_rows_and_pairs():
 
 
 def test_peak_memory_is_bounded_by_the_chunk():
-    from benchmarks.run import PeakMemory
+    from benchmarks.harness import PeakMemory
     pairs, seq, hdim, vocab, chunk = 8, 128, 64, 8000, 48
     batch = make_batch(pairs, seq, hdim, vocab)
     h = batch["hidden"].clone().requires_grad_(True)

@@ -39,8 +39,10 @@ def test_fused_paths_allocate_no_logits_sized_temporaries(dtype):
 
 def test_benchmark_quick_run_writes_complete_json(tmp_path):
     path = tmp_path / "bench.json"
-    assert bench.main(["--quick", "--no-progress", "--device", "cpu", "--json", str(path),
+    plot = tmp_path / "bench.png"
+    assert bench.main(["--quick", "--no-progress", "--device", "cpu", "--json", str(path), "--plot", str(plot),
                        "--case", "200x777:float32", "--case", "64x501:bfloat16"]) == 0
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
     data = json.loads(path.read_text())
     assert data["versions"]["torch"] == torch.__version__
     assert [c["case"]["vocab"] for c in data["cases"]] == [777, 501]
