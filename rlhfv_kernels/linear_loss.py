@@ -19,7 +19,8 @@ long rows are simply cut.
 Without any gradient wanted (reference scoring, evaluation) the same chunks only score the tokens: one GEMM over the
 non-ignored tokens.
 
-The loss math is not restated here: GroupedLoss.partial is losses.py's own function on a sub-batch of rows.
+The loss math is not restated here: GroupedLoss.partial is the loss module's own function (losses/) on a
+sub-batch of rows.
 """
 from __future__ import annotations
 
