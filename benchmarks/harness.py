@@ -130,7 +130,8 @@ def fmt_mb(v):
 
 
 def mem_ratio(ratio, peak_bytes) -> str:
-    """The reference's peak / ours; under 1 MiB (O(N) vectors) a ratio like 76923x says nothing: show ours, "->0.1 MiB"."""
+    """The reference's peak / ours; under 1 MiB (O(N) vectors) a ratio like 76923x says nothing: show ours,
+    "->0.1 MiB"."""
     if ratio is None:
         return ""
     return f"->{peak_bytes / 2**20:.1f} MiB" if peak_bytes < 2**20 else f"{ratio:.1f}x"

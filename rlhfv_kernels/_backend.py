@@ -56,7 +56,9 @@ def targets(path: str = "logits") -> list[tuple[str, str]]:
             if path in TABLE[name].paths]
 
 
-_operators: dict = {}  # backend -> its torch.ops namespace, once its module is imported (a dict: torch.compile reads it)
+# backend -> its torch.ops namespace once its module is imported (a plain dict: torch.compile traces a lookup in it,
+# not importlib)
+_operators: dict = {}
 
 
 def operators(backend: str):

@@ -106,16 +106,18 @@ if _backend.extension_available():  # the Triton family registers its own glue (
     register_glue(_backend.TABLE["cpp"].namespace)
     register_linear_glue(_backend.TABLE["cpp"].namespace)
 
+
 def fused_linear_token_logprobs(hidden, weight, bias, labels, ignore_index: int, temperature: float, chunk_rows: int,
                                 backend: str) -> torch.Tensor:
     """Per-token log-probs of the fused-linear path through the operator family of `backend` (validated inputs)."""
-    logp, _ = _backend.operators(backend).linear_logprob_fwd(hidden, weight, bias, labels, ignore_index, float(temperature),
-                                                  chunk_rows)
+    ops = _backend.operators(backend)
+    logp, _ = ops.linear_logprob_fwd(hidden, weight, bias, labels, ignore_index, float(temperature), chunk_rows)
     return logp
 
 
 def fused_token_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, temperature: float,
                          inplace_backward: bool, backend: str) -> torch.Tensor:
     """Per-token log-probs through the operator family of `backend` (inputs already validated)."""
-    logp, _ = _backend.operators(backend).logprob_fwd(logits, labels, ignore_index, float(temperature), inplace_backward)
+    ops = _backend.operators(backend)
+    logp, _ = ops.logprob_fwd(logits, labels, ignore_index, float(temperature), inplace_backward)
     return logp

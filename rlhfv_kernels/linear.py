@@ -13,8 +13,8 @@ Thin wrappers: each wraps its inputs in a LinearSource (_sources.py), which pick
   Without a gradient wanted (reference scoring, evaluation) the same chunks only score the tokens (one GEMM).
 - Log-probs and sequence scores (their backward's coefficient is only known then), or the losses with a gradient
   also wanted for another input (ref_logps, token_weights, ...): per-token log-probs of the non-ignored tokens,
-  `chunk_size` at a time, the logits recomputed in backward (4 GEMMs). chunk_size=None keeps a chunk of fp32 logits under
-  DEFAULT_CHUNK_BYTES (256 MiB). Peak extra memory: one chunk of logits plus the weight-sized gradient.
+  `chunk_size` at a time, the logits recomputed in backward (4 GEMMs). chunk_size=None keeps a chunk of fp32 logits
+  under DEFAULT_CHUNK_BYTES (256 MiB). Peak extra memory: one chunk of logits plus the weight-sized gradient.
 
 Backends: "cpp" (CPU, the compiled extension: ATen/BLAS matmuls + the row kernels), "triton" (CUDA tensors, or CPU
 tensors under the interpreter; log-probs: tiles of hidden @ W.T built with tensor-core dots, online LSE per token,

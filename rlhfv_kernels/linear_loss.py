@@ -120,7 +120,7 @@ class _Engine:
 
     def _chunk(self, chunk, chunk_rows, mask, tokens):
         starts = range(0, tokens.numel(), chunk.piece_tokens)
-        # Each piece's hidden rows and labels are gathered once, for its logits and again for its gradients.
+        # Each piece's hidden rows and labels are gathered once and used for its logits and again for its gradients.
         pieces = [(start, *self._gather(tokens[start:start + chunk.piece_tokens])) for start in starts]
         if self.scoring_only:
             for _, piece, h, labels in pieces:

@@ -18,11 +18,11 @@ import torch
 import rlhfv_kernels as rk
 
 from . import refcache
+from .batch import PairCollator
 from .checkpoint import full_state, load_full_state, restore_rng, rng_state, save_atomically
+from .data import load_records
 from .distributed import Distributed
 from .plots import plot_metrics
-from .batch import PairCollator
-from .data import load_records
 
 PRESETS = {
     "paper": {"gamma": 5.0, "beta": 0.5, "mode": "mean"},     # RLHF-V paper

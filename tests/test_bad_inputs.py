@@ -163,11 +163,18 @@ def test_the_triton_label_range_is_checked_once_per_step(monkeypatch):
     from rlhfv_kernels.triton import ops as triton_ops
     from rlhfv_kernels import _checks
     calls = []
+
+    def counted(name, real):
+        def check(*args, **kwargs):
+            calls.append(name)
+            return real(*args, **kwargs)
+        return check
+
     for module, name in ((triton_ops, "_check_labels"), (_checks, "check_labels")):
-        real = getattr(module, name)
-        monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **k: (calls.append(_name), _real(*a, **k))[1])
+        monkeypatch.setattr(module, name, counted(name, getattr(module, name)))
     logits = torch.randn(6, 50, requires_grad=True)
+    labels = torch.randint(0, 50, (6,))
     for inplace in (False, True):
         calls.clear()
-        rk.token_logprobs(logits * 1, torch.randint(0, 50, (6,)), backend="triton", inplace_backward=inplace).sum().backward()
+        rk.token_logprobs(logits * 1, labels, backend="triton", inplace_backward=inplace).sum().backward()
         assert sorted(calls) == ["_check_labels", "check_labels"], calls

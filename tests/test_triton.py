@@ -8,7 +8,8 @@ import torch
 
 from conftest import skip_unless_backend_runs
 
-skip_unless_backend_runs("triton", module=True)  # these use CPU tensors: the interpreter (GPU runs: the suites' *-cuda targets)
+# These use CPU tensors, i.e. the interpreter (GPU runs: the kernel suites' *-cuda targets).
+skip_unless_backend_runs("triton", module=True)
 
 import rlhfv_kernels as rk  # noqa: E402
 import rlhfv_kernels.triton  # noqa: E402,F401  (registers torch.ops.rlhfv_triton)
