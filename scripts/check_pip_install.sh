@@ -10,11 +10,9 @@ TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 PYTHON=${PYTHON:-python3}
 "$PYTHON" -m venv "$TMP/venv"
-PIP=("$TMP/venv/bin/python" -m pip install -q --disable-pip-version-check)
-"${PIP[@]}" torch==2.13.0+cpu 2>/dev/null \
-  || "${PIP[@]}" --extra-index-url https://download.pytorch.org/whl/cpu torch==2.13.0+cpu
+bash scripts/install_torch.sh "$TMP/venv/bin/python" cpu
 echo "pip-install check: pip install \".[train]\" (isolated build)"
-"${PIP[@]}" "$ROOT[train]"
+"$TMP/venv/bin/python" -m pip install -q --disable-pip-version-check "$ROOT[train]"
 cd "$TMP"
 "$TMP/venv/bin/python" - <<'PY'
 import torch

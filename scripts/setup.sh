@@ -7,42 +7,23 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-TORCH_VERSION=2.13.0
 DEVICE=${RLHFV_DEVICE:-auto}
 if [ "$DEVICE" = auto ]; then
-  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q GPU; then DEVICE=cuda; else DEVICE=cpu; fi
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q GPU; then
+    DEVICE=cuda
+  else
+    DEVICE=cpu
+  fi
 fi
 case "$DEVICE" in
-  # PyPI's torch for Linux is the CUDA build (with several GB of CUDA libraries); the CPU build is "+cpu", on
-  # PyTorch's own index (or a local wheel / mirror, tried first).
-  cpu)  TORCH_SPEC=${RLHFV_TORCH_SPEC:-torch==$TORCH_VERSION+cpu}; TORCH_INDEX=https://download.pytorch.org/whl/cpu ;;
-  cuda) TORCH_SPEC=${RLHFV_TORCH_SPEC:-torch==$TORCH_VERSION}; TORCH_INDEX= ;;
+  cpu|cuda) ;;
   *) echo "setup: RLHFV_DEVICE must be cpu, cuda or auto, got '$DEVICE'" >&2; exit 2 ;;
 esac
 if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv with $("$PYTHON" --version)"
   "$PYTHON" -m venv .venv
 fi
-torch_is_right() {  # the installed torch satisfies TORCH_SPEC and is the build asked for
-  .venv/bin/python - "$TORCH_SPEC" "$DEVICE" <<'PY' 2>/dev/null
-import sys
-from importlib.metadata import version
-import torch
-spec, device = sys.argv[1:]
-pin, have = spec.partition("==")[2].strip(), version("torch")  # a spec without == accepts the installed torch
-ok = not pin or have == pin or ("+" not in pin and have.split("+")[0] == pin)
-sys.exit(0 if ok and (torch.version.cuda is None) == (device == "cpu") else 1)
-PY
-}
-if torch_is_right; then
-  echo "setup: torch $(.venv/bin/python -c 'import torch; print(torch.__version__)') ($DEVICE build) already installed"
-else
-  echo "setup: installing $TORCH_SPEC (the $DEVICE build of torch; RLHFV_DEVICE=cpu|cuda chooses)"
-  .venv/bin/python -m pip install -q --disable-pip-version-check "$TORCH_SPEC" 2>/dev/null \
-    || .venv/bin/python -m pip install -q --disable-pip-version-check ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"} \
-         "$TORCH_SPEC"
-  torch_is_right || { echo "setup: the installed torch is not the $DEVICE build of $TORCH_SPEC" >&2; exit 1; }
-fi
+bash scripts/install_torch.sh .venv/bin/python "$DEVICE"  # RLHFV_DEVICE=cpu|cuda chooses the build
 echo "setup: installing requirements.txt"
 .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
 # The newest triton, beside the pinned one, only for tests/test_triton_aot.py (compile checks for sm_80/sm_90).
