@@ -16,6 +16,8 @@ from rlhfv_kernels._backend import BACKENDS, describe as describe_backends
 
 from .train import PRESETS, TrainConfig, train
 
+TINY_SFT_STEPS = 600  # the embedded tiny model starts from random weights: it learns to describe scenes first
+
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Keeps the description's layout and shows every option's default (unless its help already says it)."""
@@ -45,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drs-k", type=float, default=defaults.drs_k, help="MM-DPO dynamic reward scaling k")
     p.add_argument("--sft-weight", type=float, help="weight of the chosen-answer NLL (default 0; 1 for the embedded "
                    "tiny model, which starts from random weights and must also learn the language)")
+    p.add_argument("--sft-steps", type=int, help="supervised warm-up steps on the chosen answers before preference "
+                   "training, saved as output-dir/sft.pt (default: 600 for the embedded tiny model, 0 with --model)")
+    p.add_argument("--sft-lr", type=float, default=defaults.sft_lr, help="learning rate of the warm-up")
+    p.add_argument("--init-weights", help="start from these weights: a trainer checkpoint (checkpoint.pt, sft.pt) or "
+                   "a state dict for the model")
     p.add_argument("--lr", type=float, default=defaults.lr, help="AdamW peak learning rate")
     p.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="AdamW weight decay")
     p.add_argument("--warmup-ratio", type=float, default=defaults.warmup_ratio,
@@ -57,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-fraction", type=float, default=defaults.eval_fraction,
                    help="share of the records held out for the preference-accuracy evaluation")
     p.add_argument("--eval-every", type=int, default=defaults.eval_every, help="steps between evaluations")
+    p.add_argument("--no-hallucination-eval", action="store_true", help="skip generating answers on the held-out "
+                   "images (done when the records carry ground-truth 'objects'; rlhfv_train.evaluate)")
+    p.add_argument("--eval-max-new-tokens", type=int, default=defaults.eval_max_new_tokens,
+                   help="answer length limit of the hallucination evaluation")
     p.add_argument("--save-every", type=int, default=defaults.save_every, help="steps between checkpoints")
     p.add_argument("--seed", type=int, default=defaults.seed, help="model init, data order and split")
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) malformed records instead of failing")
@@ -76,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values = {"gamma": TrainConfig.gamma, "beta": TrainConfig.beta, "mode": TrainConfig.mode,
-              "sft_weight": args.sft_weight if args.sft_weight is not None else (1.0 if args.model is None else 0.0)}
+              "sft_weight": args.sft_weight if args.sft_weight is not None else (1.0 if args.model is None else 0.0),
+              "sft_steps": args.sft_steps if args.sft_steps is not None else (TINY_SFT_STEPS if args.model is None
+                                                                               else 0)}
     if args.preset:
         values.update(PRESETS[args.preset])
     for name in ("gamma", "beta", "mode"):
@@ -88,6 +101,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             values[name] = value
     values["inplace_backward"] = not args.no_inplace_backward
     values["progress"] = not args.no_progress
+    values["hallucination_eval"] = not args.no_hallucination_eval
     return TrainConfig(**values)
 
 
@@ -100,10 +114,13 @@ def main(argv=None) -> int:
             raise
         print(f"python -m rlhfv_train: error: {exc}  (RLHFV_TRACEBACK=1 shows the traceback)", file=sys.stderr)
         return 2
-    m = summary["metrics"]
+    m, start = summary["metrics"], summary.get("start_metrics") or {}
     print(f"done: step {summary['step']}, loss {m.get('loss', float('nan')):.4f}, train accuracy "
           f"{m.get('accuracy', float('nan')):.2f}, held-out accuracy {m.get('eval_accuracy', float('nan')):.2f}; "
           f"metrics {summary.get('metrics_path')}, plot {summary.get('plot')}")
+    if "chair_s" in m and "chair_s" in start:
+        print("held-out hallucination, start -> end: " + ", ".join(
+            f"{name} {start[name]:.3f} -> {m[name]:.3f}" for name in ("chair_s", "chair_i", "recall")))
     return 0
 
 

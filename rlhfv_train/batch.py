@@ -43,6 +43,11 @@ class PairBatch:
         return inputs
 
 
+def build_prompt(question: str, image_token: str | None) -> str:
+    """The prompt the trainer puts before an answer (and rlhfv_train.evaluate before a generation)."""
+    return f"{image_token} {question}" if image_token else question
+
+
 class PairCollator:
     """Callable(list of (index, PreferenceRecord)) -> PairBatch, for a LlavaProcessor-like processor or a plain
     tokenizer (text-only data)."""
@@ -69,7 +74,7 @@ class PairCollator:
         if any(with_image) and not all(with_image):
             raise ValueError("a batch mixes records with and without images; keep one kind per dataset")
         use_images = all(with_image) and self.has_images
-        prompts = [f"{self.image_token} {r.question}" if use_images else r.question for r in records]
+        prompts = [build_prompt(r.question, self.image_token if use_images else None) for r in records]
         eos = self.tokenizer.eos_token or ""
         texts = [f"{p} {r.chosen} {eos}".rstrip() for p, r in zip(prompts, records)]
         texts += [f"{p} {r.rejected} {eos}".rstrip() for p, r in zip(prompts, records)]

@@ -6,6 +6,8 @@ reward-model margin for MM-DPO scaling. Accepted layouts, per line / row:
   {"image": {"bytes": <bytes or base64 str>, "path": ...}, "text": "{\"question\": ..., \"chosen\": ...,
    \"rejected\": ...}"}   (the layout of the published RLHF-V dataset's Parquet files)
 "image" may be omitted or null for text-only data. Relative image paths are resolved against the data file's folder.
+An optional "objects" list holds what the image really contains (any JSON values; the synthetic data writes
+[colour, shape, side] triples): rlhfv_train.evaluate checks generated answers against it.
 
 Nothing is silently dropped: a malformed record raises DataError naming the file and line (JSONL) or row (Parquet),
 unless skip_bad=True, in which case it is counted and its reason kept in the LoadReport.
@@ -31,6 +33,7 @@ class PreferenceRecord:
     image: bytes | str | None = None  # encoded image bytes, or an absolute path to an image file
     reward_margin: float | None = None
     source: str = ""  # "file:line" or "file:row N", for messages
+    objects: list | None = None  # ground truth for the hallucination metric (inner lists become tuples)
 
 
 @dataclass
@@ -98,6 +101,17 @@ def parse_record(obj, where: str, base_dir: str) -> PreferenceRecord:
         if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin >= 0:
             raise DataError(f"{where}: reward_margin must be a number >= 0, got {margin!r}")
         margin = float(margin)
+    objects = fields.get("objects")
+    if objects is not None:
+        if not isinstance(objects, list):
+            raise DataError(f"{where}: objects must be a list, got {type(objects).__name__}")
+        objects = [_hashable(o) for o in objects]
+        for o in objects:
+            try:
+                hash(o)
+            except TypeError:
+                raise DataError(f"{where}: objects entries must be strings, numbers or lists of them, got "
+                                f"{o!r}") from None
     return PreferenceRecord(
         question=_text_field(fields, "question", where),
         chosen=_text_field(fields, "chosen", where),
@@ -105,7 +119,13 @@ def parse_record(obj, where: str, base_dir: str) -> PreferenceRecord:
         image=_image_field(fields.get("image"), where, base_dir),
         reward_margin=margin,
         source=where,
+        objects=objects,
     )
+
+
+def _hashable(value):
+    """JSON lists -> tuples (recursively), so that objects can be compared as set members."""
+    return tuple(_hashable(v) for v in value) if isinstance(value, list) else value
 
 
 def _iter_jsonl(path: str):

@@ -13,8 +13,9 @@ def plot_metrics(metrics_path: str, out_path: str) -> str | None:
         return None
     rows = [json.loads(line) for line in open(metrics_path)]
     train = [r for r in rows if "loss" in r]
-    evals = [r for r in rows if "eval_accuracy" in r]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    evals = [r for r in rows if "eval_accuracy" in r]  # step 0 (the start, after any SFT warm-up) included
+    generated = [r for r in rows if "chair_s" in r]
+    fig, axes = plt.subplots(1, 4 if generated else 3, figsize=(17 if generated else 13, 3.6))
     steps = [r["step"] for r in train]
     axes[0].plot(steps, [r["loss"] for r in train])
     axes[0].set_title("loss (DDPO + SFT term if any)")
@@ -29,6 +30,14 @@ def plot_metrics(metrics_path: str, out_path: str) -> str | None:
     axes[2].set_title("preference accuracy")
     axes[2].set_ylim(0, 1.02)
     axes[2].legend()
+    if generated:
+        steps_g = [r["step"] for r in generated]
+        for name, label in (("chair_s", "answers with a hallucination"), ("chair_i", "hallucinated / mentioned"),
+                            ("recall", "recall of present objects")):
+            axes[3].plot(steps_g, [r[name] for r in generated], "o-", label=label)
+        axes[3].set_title("held-out generation (greedy), CHAIR-style")
+        axes[3].set_ylim(0, 1.02)
+        axes[3].legend(fontsize=8)
     for ax in axes:
         ax.set_xlabel("step")
     fig.tight_layout()

@@ -1,10 +1,20 @@
-"""A small synthetic RLHF-V-style dataset: images of coloured shapes, each with a correct (chosen) description and a
-hallucinated (rejected) one that an annotator would correct.
+"""A small synthetic RLHF-V-style dataset: images of coloured shapes, each with a correct (chosen) description, a
+hallucinated (rejected) one that an annotator would correct, and the ground-truth objects.
 
     python -m rlhfv_train.synthetic --out data/synthetic --n 512
 
 writes data/synthetic/images/*.png and data/synthetic/data.jsonl. The words used are fixed (VOCABULARY), so the
-embedded tiny model's tokenizer is built from them in code.
+embedded tiny model's tokenizer is built from them in code. Every record carries "objects" ([colour, shape, side]
+triples), which rlhfv_train.evaluate compares generated answers against (parse_description reads them back).
+
+The scenes are meant to be hard for a tiny model, so that a model trained on the correct answers still hallucinates
+and preference training has something to remove (the first version, two big shapes on a clean background, was
+described perfectly after 250 SFT steps): up to three small objects with jittered size and position, confusable
+colours (orange between red and yellow, purple next to blue) and shapes (a diamond is a turned square), pixel noise,
+and a co-occurrence prior (each shape has a typical colour half of the time), the kind of language bias that makes
+real models name what usually goes with what they see. A rejected answer has one or two errors of the kinds models
+make: a confusable colour or shape, or an object where there is none; its "reward_margin" (for MM-DPO) is the number
+of such wrong objects.
 """
 from __future__ import annotations
 
@@ -12,64 +22,109 @@ import argparse
 import json
 import os
 import random
+import re
 
-COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30)}
-SHAPES = ("circle", "square", "triangle")
-SIDES = ("left", "right")
+COLORS = {"red": (215, 45, 40), "orange": (235, 135, 35), "yellow": (225, 205, 40), "green": (45, 165, 65),
+          "blue": (45, 85, 215), "purple": (135, 60, 185)}
+SHAPES = ("circle", "square", "triangle", "diamond")
+SIDES = ("left", "middle", "right")
 QUESTIONS = ("describe the image .", "what do you see ?")
+TYPICAL_COLOR = {"circle": "red", "square": "blue", "triangle": "yellow", "diamond": "green"}  # the prior
+CONFUSABLE = {"red": ("orange",), "orange": ("red", "yellow"), "yellow": ("orange",), "green": ("yellow",),
+              "blue": ("purple",), "purple": ("blue",), "circle": ("diamond",), "square": ("diamond",),
+              "triangle": ("diamond",), "diamond": ("square", "circle")}
 _FIXED_WORDS = "there is a an and on the of in image describe what do you see . ? object objects one two".split()
 VOCABULARY = sorted(set(_FIXED_WORDS) | set(COLORS) | set(SHAPES) | set(SIDES))
 
+Object = tuple  # (color, shape, side)
 
-def describe(objects: list[tuple[str, str, str]]) -> str:
-    """objects: (color, shape, side) -> 'there is a red circle on the left and a blue square on the right .'"""
-    parts = [f"a {color} {shape} on the {side}" for color, shape, side in objects]
+
+def describe(objects: list[Object]) -> str:
+    """objects: (color, shape, side) -> 'there is a red circle on the left and a blue square in the middle .'"""
+    parts = [f"a {color} {shape} {'in' if side == 'middle' else 'on'} the {side}" for color, shape, side in objects]
     return "there is " + " and ".join(parts) + " ."
 
 
-def hallucinate(objects: list[tuple[str, str, str]], rng: random.Random) -> list[tuple[str, str, str]]:
-    """A plausible wrong description: a wrong colour or shape (a replacement), or an object that is not there."""
+_MENTION = re.compile(r"\b(\w+) (\w+) (?:on|in) the (\w+)\b")
+
+
+def parse_description(text: str) -> list[Object]:
+    """The objects an answer mentions, as (color, shape, side) triples: every '<colour> <shape> on/in the <side>' with
+    known words, in order, duplicates kept (the metric decides how to count them). Anything else is ignored."""
+    return [m.groups() for m in _MENTION.finditer(text)
+            if m.group(1) in COLORS and m.group(2) in SHAPES and m.group(3) in SIDES]
+
+
+def _confuse(value: str, choices, rng: random.Random) -> str:
+    """A wrong value, usually a confusable one (what a model that half-sees would say)."""
+    if rng.random() < 0.7:
+        return rng.choice(CONFUSABLE[value])
+    return rng.choice([c for c in choices if c != value])
+
+
+def hallucinate(objects: list[Object], rng: random.Random) -> list[Object]:
+    """A plausible wrong description with one or two errors: a confusable colour or shape (a replacement), or an
+    object in an empty place (the correction deletes it)."""
     wrong = list(objects)
-    kind = rng.random()
-    if kind < 0.35 and len(objects) == 1:  # invent a second object (the correction deletes it)
-        free = [s for s in SIDES if s != objects[0][2]][0]
-        wrong.append((rng.choice(list(COLORS)), rng.choice(SHAPES), free))
-        return wrong
-    i = rng.randrange(len(objects))
-    color, shape, side = objects[i]
-    if kind < 0.7:
-        color = rng.choice([c for c in COLORS if c != color])
-    else:
-        shape = rng.choice([s for s in SHAPES if s != shape])
-    wrong[i] = (color, shape, side)
+    for _ in range(1 if rng.random() < 0.6 else 2):
+        free = [s for s in SIDES if s not in {o[2] for o in wrong}]
+        if free and rng.random() < 0.3:
+            side = rng.choice(free)
+            shape = rng.choice(SHAPES)
+            color = TYPICAL_COLOR[shape] if rng.random() < 0.5 else rng.choice(list(COLORS))
+            wrong.append((color, shape, side))
+            wrong.sort(key=lambda o: SIDES.index(o[2]))
+            continue
+        i = rng.randrange(len(wrong))
+        color, shape, side = wrong[i]
+        if rng.random() < 0.5:
+            color = _confuse(color, COLORS, rng)
+        else:
+            shape = _confuse(shape, SHAPES, rng)
+        wrong[i] = (color, shape, side)
+    if wrong == list(objects):  # two errors that undid each other
+        return hallucinate(objects, rng)
     return wrong
 
 
-def draw(objects: list[tuple[str, str, str]], size: int = 32):
+def draw(objects: list[Object], size: int = 32, rng: random.Random | None = None):
+    """The scene as a PIL image; `rng` jitters sizes, positions and colours and adds pixel noise."""
     from PIL import Image, ImageDraw
 
+    rng = rng or random.Random(0)
     image = Image.new("RGB", (size, size), (245, 245, 245))
     pen = ImageDraw.Draw(image)
-    half = size // 2
-    pad = max(1, size // 16)
+    column = size / len(SIDES)
     for color, shape, side in objects:
-        x0 = (0 if side == "left" else half) + pad
-        box = (x0, half // 2 + pad, x0 + half - 2 * pad, half // 2 + half - pad)
-        fill = COLORS[color]
+        extent = column * rng.uniform(0.55, 0.9)
+        cx = column * (SIDES.index(side) + 0.5) + rng.uniform(-1, 1) * (column - extent) / 2
+        cy = size / 2 + rng.uniform(-1, 1) * size / 5
+        x0, y0, x1, y1 = cx - extent / 2, cy - extent / 2, cx + extent / 2, cy + extent / 2
+        fill = tuple(max(0, min(255, c + rng.randint(-25, 25))) for c in COLORS[color])
         if shape == "circle":
-            pen.ellipse(box, fill=fill)
+            pen.ellipse((x0, y0, x1, y1), fill=fill)
         elif shape == "square":
-            pen.rectangle(box, fill=fill)
+            pen.rectangle((x0, y0, x1, y1), fill=fill)
+        elif shape == "triangle":
+            pen.polygon([(x0, y1), (x1, y1), (cx, y0)], fill=fill)
         else:
-            pen.polygon([(box[0], box[3]), (box[2], box[3]), ((box[0] + box[2]) // 2, box[1])], fill=fill)
-    return image
+            pen.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=fill)
+    noise = bytes(max(0, min(255, v + int(rng.gauss(0, 12)))) for v in image.tobytes())
+    return Image.frombytes("RGB", image.size, noise)
 
 
 def make_example(rng: random.Random) -> dict:
-    sides = list(SIDES) if rng.random() < 0.6 else [rng.choice(SIDES)]
-    objects = [(rng.choice(list(COLORS)), rng.choice(SHAPES), side) for side in sides]
+    count = rng.choice((1, 2, 2, 3))
+    sides = sorted(rng.sample(SIDES, count), key=SIDES.index)
+    objects = []
+    for side in sides:
+        shape = rng.choice(SHAPES)
+        color = TYPICAL_COLOR[shape] if rng.random() < 0.5 else rng.choice(list(COLORS))
+        objects.append((color, shape, side))
+    wrong = hallucinate(objects, rng)
+    # MM-DPO's reward margin, here exact: how many objects the rejected answer invents or gets wrong.
     return {"objects": objects, "question": rng.choice(QUESTIONS), "chosen": describe(objects),
-            "rejected": describe(hallucinate(objects, rng))}
+            "rejected": describe(wrong), "reward_margin": len(set(wrong) - set(objects))}
 
 
 def generate(out_dir: str, n: int, *, seed: int = 0, image_size: int = 32, progress: bool = False) -> str:
@@ -88,9 +143,10 @@ def generate(out_dir: str, n: int, *, seed: int = 0, image_size: int = 32, progr
         for i in indices:
             example = make_example(rng)
             name = f"images/{i:05d}.png"
-            draw(example["objects"], image_size).save(os.path.join(out_dir, name))
+            draw(example["objects"], image_size, rng).save(os.path.join(out_dir, name))
             f.write(json.dumps({"image": name, "question": example["question"], "chosen": example["chosen"],
-                                "rejected": example["rejected"]}) + "\n")
+                                "rejected": example["rejected"], "reward_margin": example["reward_margin"],
+                                "objects": example["objects"]}) + "\n")
     os.replace(tmp, path)
     return path
 

@@ -22,6 +22,9 @@ from .batch import PairCollator
 from .checkpoint import full_state, load_full_state, restore_rng, rng_state, save_atomically
 from .data import load_records
 from .distributed import Distributed
+from .evaluate import GenerationSettings, evaluate_hallucination
+from .models import load_processor_and_model, load_weights, split_indices
+from .sft import warmup
 from .plots import plot_metrics
 
 PRESETS = {
@@ -42,6 +45,9 @@ class TrainConfig:
     drs_weight: float = 0.0
     drs_k: float = 1.0
     sft_weight: float = 0.0
+    sft_steps: int = 0                 # supervised warm-up steps on the chosen answers before preference training
+    sft_lr: float = 5e-4               # constant AdamW learning rate of the warm-up
+    init_weights: str | None = None    # start from these weights (a checkpoint or state dict), e.g. an SFT model
     temperature: float = 1.0
     lr: float = 2e-3
     weight_decay: float = 0.0
@@ -53,6 +59,8 @@ class TrainConfig:
     grad_checkpointing: bool = False
     eval_fraction: float = 0.1
     eval_every: int = 25
+    hallucination_eval: bool = True    # also generate on held-out images and report CHAIR rates (needs "objects")
+    eval_max_new_tokens: int = 48
     save_every: int = 50
     seed: int = 0
     skip_bad: bool = False
@@ -80,27 +88,6 @@ def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     return torch.device(name)
-
-
-def build_processor_and_model(cfg: TrainConfig):
-    if cfg.model is None:
-        from . import tiny
-        processor = tiny.build_processor()
-        return processor, tiny.build_model(processor, seed=cfg.seed)
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
-    try:
-        processor = AutoProcessor.from_pretrained(cfg.model, local_files_only=True)
-        model = AutoModelForImageTextToText.from_pretrained(cfg.model, local_files_only=True)
-    except (ValueError, OSError, KeyError):  # a plain causal LM for text-only data
-        processor = AutoTokenizer.from_pretrained(cfg.model, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(cfg.model, local_files_only=True)
-    return processor, model
-
-
-def _split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    held = int(round(n * fraction)) if n > 1 else 0
-    return sorted(order[held:]), sorted(order[:held])
 
 
 class BatchStream:
@@ -158,10 +145,17 @@ def _ddpo(cfg, model, batch, refs, *, autocast_dtype):
 
 
 @torch.no_grad()
-def evaluate(cfg, model, collate, records, indices, refs, device, autocast_dtype) -> dict:
-    """Held-out preference accuracy: the fraction of pairs whose implicit reward prefers the chosen answer."""
+def evaluate(cfg, model, processor, collate, records, indices, refs, device, autocast_dtype) -> dict:
+    """Held-out preference accuracy (the fraction of pairs whose implicit reward prefers the chosen answer) and,
+    when the records carry ground-truth objects, the CHAIR rates of greedy answers (evaluate.py)."""
     if not indices:
         return {}
+    metrics = {}
+    if cfg.hallucination_eval and all(records[i].objects is not None for i in indices):
+        settings = GenerationSettings(max_new_tokens=cfg.eval_max_new_tokens, batch_size=max(cfg.batch_size, 32))
+        rates, _ = evaluate_hallucination(model, processor, [records[i] for i in indices], settings=settings,
+                                          device=device, autocast_dtype=autocast_dtype)
+        metrics.update({name: rates[name] for name in ("chair_s", "chair_i", "recall", "mentioned")})
     was_training = model.training
     model.eval()
     wins, margins = [], []
@@ -174,7 +168,33 @@ def evaluate(cfg, model, collate, records, indices, refs, device, autocast_dtype
             margins.extend(out.margins.tolist())
     finally:
         model.train(was_training)
-    return {"eval_accuracy": sum(wins) / len(wins), "eval_margin": sum(margins) / len(margins)}
+    return {"eval_accuracy": sum(wins) / len(wins), "eval_margin": sum(margins) / len(margins), **metrics}
+
+
+def _warm_up(cfg, dist, model, collate, records, train_idx, device, autocast_dtype, data_path) -> list[float]:
+    """The SFT warm-up (sft.py) when cfg.sft_steps > 0, saved as output_dir/sft.pt. The main process trains; the
+    others, and a resumed run (whose reference scores come from these weights), load the file. Returns the losses."""
+    if cfg.sft_steps == 0:
+        return []
+    path = os.path.join(cfg.output_dir, "sft.pt")
+    if cfg.resume and os.path.isfile(path):
+        load_weights(model, path)
+        return torch.load(path, weights_only=False)["sft_losses"]
+    losses = []
+    if dist.is_main:
+        from tqdm import tqdm
+        stream = BatchStream(train_idx, cfg.batch_size, cfg.seed + 7919)  # an order of its own
+        with tqdm(total=cfg.sft_steps, desc="sft warm-up", unit="step", disable=not cfg.progress) as bar:
+            losses = warmup(model, lambda k: collate([(i, records[i]) for i in stream.batch(k)]).to(device),
+                            steps=cfg.sft_steps, lr=cfg.sft_lr, max_grad_norm=cfg.max_grad_norm,
+                            autocast_dtype=autocast_dtype, backend=cfg.backend, progress=bar)
+        save_atomically(path, {"model": model.state_dict(), "config": asdict(cfg), "data_path": data_path,
+                               "sft_losses": losses, "step": 0})
+    dist.barrier()
+    if not dist.is_main:
+        load_weights(model, path)
+        losses = torch.load(path, weights_only=False)["sft_losses"]
+    return losses
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -183,6 +203,10 @@ def train(cfg: TrainConfig) -> dict:
         raise ValueError(f"mode must be 'sum' or 'mean', got {cfg.mode!r}")
     if cfg.grad_accum < 1 or cfg.batch_size < 1 or cfg.max_steps < 1:
         raise ValueError("grad_accum, batch_size and max_steps must be >= 1")
+    if cfg.sft_steps < 0:
+        raise ValueError(f"sft_steps must be >= 0, got {cfg.sft_steps}")
+    if cfg.init_weights is not None and not os.path.isfile(cfg.init_weights):
+        raise FileNotFoundError(f"--init-weights {cfg.init_weights}: no such file")
     if cfg.model is not None and not os.path.isdir(cfg.model):  # before any data work, and before transformers
         raise FileNotFoundError(f"--model {cfg.model}: no such folder (a local Hugging Face model folder is expected; "
                                 "nothing is downloaded)")
@@ -207,14 +231,17 @@ def train(cfg: TrainConfig) -> dict:
     records, report = load_records(data_path, skip_bad=cfg.skip_bad)
     if dist.is_main:
         print(f"data: {data_path}: {report.summary()}")
-    train_idx, eval_idx = _split(len(records), cfg.eval_fraction, cfg.seed)
+    train_idx, eval_idx = split_indices(len(records), cfg.eval_fraction, cfg.seed)
 
-    processor, model = build_processor_and_model(cfg)
+    processor, model = load_processor_and_model(cfg.model, cfg.seed)
     model.to(device)
     if cfg.grad_checkpointing:  # transformers 5 renamed the switch; older releases only have the first name
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
     collate = PairCollator(processor, gamma=cfg.gamma, min_match=cfg.min_match)
+    if cfg.init_weights is not None:
+        load_weights(model, cfg.init_weights)
+    sft_losses = _warm_up(cfg, dist, model, collate, records, train_idx, device, autocast_dtype, data_path)
 
     # Reference scores come from the starting weights, before any checkpoint is loaded.
     settings = {"gamma": cfg.gamma, "min_match": cfg.min_match, "mode": cfg.mode, "temperature": cfg.temperature}
@@ -251,7 +278,7 @@ def train(cfg: TrainConfig) -> dict:
     ckpt_path = os.path.join(cfg.output_dir, "checkpoint.pt")
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
     step = 0
-    resumed_metrics = {}
+    resumed_metrics = resumed_first = {}
     if cfg.resume and not os.path.isfile(ckpt_path) and dist.is_main:  # say so rather than start over silently
         print(f"--resume: no checkpoint at {ckpt_path}; starting from step 0")
     if cfg.resume and os.path.isfile(ckpt_path):
@@ -268,6 +295,7 @@ def train(cfg: TrainConfig) -> dict:
                 f.writelines(kept)
             if kept:  # what the summary reports when there is nothing left to run
                 resumed_metrics = json.loads(kept[-1])
+                resumed_first = json.loads(kept[0])
         if dist.is_main and step >= cfg.max_steps:
             print(f"--resume: the run already reached --max-steps {cfg.max_steps}; nothing to train (raise "
                   "--max-steps to continue)")
@@ -280,14 +308,22 @@ def train(cfg: TrainConfig) -> dict:
         if dist.is_main:
             save_atomically(ckpt_path, {"model": model_state, "optimizer": optimizer_state,
                                          "scheduler": scheduler.state_dict(), "rng": rng_state(), "step": step,
-                                         "config": asdict(cfg), "ref_cache_key": key})
+                                         "config": asdict(cfg), "ref_cache_key": key, "data_path": data_path})
         dist.barrier()
 
     from tqdm import tqdm
     bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step",
                disable=not cfg.progress or not dist.is_main)
     last = resumed_metrics
+    start_metrics = resumed_first if cfg.resume else {}
     with open(metrics_path, "a") if dist.is_main else open(os.devnull, "w") as metrics_file:
+        if step == 0:  # the starting point (after the warm-up): what preference training is measured against
+            first = {"step": 0, **evaluate(cfg, model, processor, collate, records, eval_idx, refs, device,
+                                            autocast_dtype)}
+            if sft_losses:
+                first["sft_loss"] = sum(sft_losses[-10:]) / len(sft_losses[-10:])
+            metrics_file.write(json.dumps(first) + "\n")
+            start_metrics = first
         while step < cfg.max_steps:
             totals = {"loss": 0.0, "margin": 0.0, "accuracy": 0.0, "chosen_reward": 0.0, "rejected_reward": 0.0}
             for micro in range(cfg.grad_accum):
@@ -311,7 +347,8 @@ def train(cfg: TrainConfig) -> dict:
             totals = dist.mean(totals)
             last = {"step": step, **totals, "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0]}
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
-                last.update(evaluate(cfg, model, collate, records, eval_idx, refs, device, autocast_dtype))
+                last.update(evaluate(cfg, model, processor, collate, records, eval_idx, refs, device,
+                                     autocast_dtype))
             metrics_file.write(json.dumps(last) + "\n")
             metrics_file.flush()
             bar.update()
@@ -326,5 +363,5 @@ def train(cfg: TrainConfig) -> dict:
                 checkpoint()
     bar.close()
     plot = plot_metrics(metrics_path, os.path.join(cfg.output_dir, "metrics.png")) if dist.is_main else None
-    return {"step": step, "metrics": last, "metrics_path": metrics_path, "plot": plot, "checkpoint": ckpt_path,
-            "model": model}
+    return {"step": step, "metrics": last, "start_metrics": start_metrics, "metrics_path": metrics_path, "plot": plot,
+            "checkpoint": ckpt_path, "model": model}

@@ -1,0 +1,234 @@
+"""DPO vs DDPO (paper and authors' presets) vs MM-DPO on the synthetic scenes, judged by hallucination in generated
+answers (evaluate.py): the RLHF-V ablation, in miniature.
+
+    python -m rlhfv_train.ablation                      # 3 seeds, about 15 minutes on 2 CPU cores
+    python -m rlhfv_train.ablation --quick              # 1 seed, a few steps: checks the pipeline, not the outcome
+
+Every method gets the same data, model, steps, learning rate and seeds. Per seed: the tiny model is warmed up by SFT
+on the chosen answers (shared by all methods of that seed, as the papers start from an SFT model), then each method
+trains from those weights, with and without the SFT term (--sft-weights), and answers the held-out images greedily.
+A control continues plain SFT for the same number of steps, to tell what the preference pairs add beyond more
+supervised training. Writes <out>.json (every run), <out>.md (the table, mean +- std over seeds) and <out>.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+METHODS = {  # name: TrainConfig overrides
+    "dpo": {"gamma": 1.0, "beta": 0.1, "mode": "sum"},
+    "ddpo-paper": {"gamma": 5.0, "beta": 0.5, "mode": "mean"},
+    "ddpo-authors": {"gamma": 1.1, "beta": 0.1, "mode": "sum"},
+    "mm-dpo": {"gamma": 1.0, "beta": 0.1, "mode": "sum", "drs_weight": 1.0, "drs_k": 1.0},
+}
+CONTROL = "sft-more"  # continued SFT on the chosen answers, no preference pairs
+REPORTED = ("chair_s", "chair_i", "recall", "mentioned")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m rlhfv_train.ablation", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", type=int, default=3, help="seeds per method (default: 3)")
+    p.add_argument("--examples", type=int, default=1536, help="synthetic records (default: 1536)")
+    p.add_argument("--eval-fraction", type=float, default=0.2, help="held-out share (default: 0.2)")
+    p.add_argument("--sft-steps", type=int, default=600, help="warm-up steps (default: 600)")
+    p.add_argument("--sft-lr", type=float, default=5e-4, help="warm-up learning rate (default: 5e-4)")
+    p.add_argument("--steps", type=int, default=300, help="preference steps per method (default: 300)")
+    p.add_argument("--lr", type=float, default=5e-5, help="preference learning rate (default: 5e-5)")
+    p.add_argument("--batch-size", type=int, default=8, help="pairs per step (default: 8)")
+    p.add_argument("--sft-weights", default="0,1", help="SFT-term weights to run every method with (default: 0,1)")
+    p.add_argument("--methods", default=",".join([*METHODS, CONTROL]), help="comma-separated subset "
+                   "(default: all)")
+    p.add_argument("--work-dir", default="runs/ablation", help="runs and data (default: runs/ablation)")
+    p.add_argument("--out", default="benchmarks/results/ablation-cpu", help="results prefix (default: "
+                   "benchmarks/results/ablation-cpu)")
+    p.add_argument("--quick", action="store_true", help="1 seed, 384 records, 40 + 10 steps: a pipeline check")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _warm_up(data_path, seed, args, path):
+    """The seed's SFT model, saved to `path` (what every method of this seed starts from)."""
+    from tqdm import tqdm
+
+    from .batch import PairCollator
+    from .data import load_records
+    from .models import load_processor_and_model, split_indices
+    from .sft import warmup
+    from .train import BatchStream
+
+    records, _ = load_records(data_path)
+    train_idx, _ = split_indices(len(records), args.eval_fraction, seed)
+    processor, model = load_processor_and_model(None, seed)
+    collate = PairCollator(processor, gamma=1.0)
+    stream = BatchStream(train_idx, args.batch_size, seed + 7919)
+    with tqdm(total=args.sft_steps, desc=f"seed {seed}: sft warm-up", unit="step", disable=args.no_progress) as bar:
+        losses = warmup(model, lambda k: collate([(i, records[i]) for i in stream.batch(k)]), steps=args.sft_steps,
+                        lr=args.sft_lr, progress=bar)
+    torch.save({"model": model.state_dict(), "sft_losses": losses}, path)
+
+
+def _control(data_path, seed, args, sft_path) -> dict:
+    """More SFT from the warm-up weights, for as many steps as a method gets, then the same evaluation."""
+    from .batch import PairCollator
+    from .data import load_records
+    from .evaluate import evaluate_hallucination
+    from .models import load_processor_and_model, load_weights, split_indices
+    from .sft import warmup
+    from .train import BatchStream
+
+    records, _ = load_records(data_path)
+    train_idx, held = split_indices(len(records), args.eval_fraction, seed)
+    processor, model = load_processor_and_model(None, seed)
+    load_weights(model, sft_path)
+    collate = PairCollator(processor, gamma=1.0)
+    stream = BatchStream(train_idx, args.batch_size, seed)
+    warmup(model, lambda k: collate([(i, records[i]) for i in stream.batch(k)]), steps=args.steps, lr=args.lr)
+    rates, _ = evaluate_hallucination(model, processor, [records[i] for i in held])
+    return rates
+
+
+def run(args) -> dict:
+    from . import synthetic
+    from .train import TrainConfig, train
+
+    if args.quick:
+        args.seeds, args.examples, args.sft_steps, args.steps = 1, 384, 40, 10
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS and m != CONTROL]
+    if unknown or not methods:
+        raise ValueError(f"--methods: unknown {unknown or 'empty list'}; choose from {[*METHODS, CONTROL]}")
+    try:
+        sft_weights = [float(w) for w in args.sft_weights.split(",")]
+    except ValueError:
+        raise ValueError(f"--sft-weights {args.sft_weights!r}: expected numbers separated by commas") from None
+    if args.seeds < 1 or args.steps < 1:
+        raise ValueError("--seeds and --steps must be >= 1")
+    data_path = os.path.join(args.work_dir, "data", "data.jsonl")
+    if not os.path.isfile(data_path):
+        synthetic.generate(os.path.dirname(data_path), args.examples, seed=0, progress=not args.no_progress)
+    runs = []
+    started = time.time()
+    for seed in range(args.seeds):
+        seed_dir = os.path.join(args.work_dir, f"seed{seed}")
+        os.makedirs(seed_dir, exist_ok=True)
+        sft_path = os.path.join(seed_dir, "sft.pt")
+        _warm_up(data_path, seed, args, sft_path)
+        start = None
+        for method in methods:
+            for weight in ([None] if method == CONTROL else sft_weights):
+                if method == CONTROL:
+                    rates = _control(data_path, seed, args, sft_path)
+                    runs.append({"method": method, "sft_weight": None, "seed": seed, **_pick(rates)})
+                    continue
+                cfg = TrainConfig(data=data_path, output_dir=os.path.join(seed_dir, f"{method}-sft{weight:g}"),
+                                  init_weights=sft_path, sft_weight=weight, lr=args.lr, max_steps=args.steps,
+                                  batch_size=args.batch_size, eval_fraction=args.eval_fraction,
+                                  eval_every=args.steps, save_every=args.steps, seed=seed, device="cpu",
+                                  progress=not args.no_progress, **METHODS[method])
+                summary = train(cfg)
+                start = start or summary["start_metrics"]
+                runs.append({"method": method, "sft_weight": weight, "seed": seed, **_pick(summary["metrics"]),
+                             "eval_accuracy": summary["metrics"].get("eval_accuracy")})
+        runs.append({"method": "start (sft warm-up)", "sft_weight": None, "seed": seed, **_pick(start or {})})
+    return {"settings": {k: v for k, v in vars(args).items() if k != "no_progress"}, "runs": runs,
+            "minutes": (time.time() - started) / 60}
+
+
+def _pick(metrics: dict) -> dict:
+    return {name: metrics.get(name) for name in REPORTED}
+
+
+def summarize(result: dict) -> list[dict]:
+    """One row per (method, sft_weight): mean and std over seeds of every reported metric."""
+    groups = {}
+    for r in result["runs"]:
+        groups.setdefault((r["method"], r["sft_weight"]), []).append(r)
+    rows = []
+    order = sorted(groups, key=lambda key: not key[0].startswith("start"))  # the starting point first
+    for method, weight in order:
+        members = groups[(method, weight)]
+        row = {"method": method, "sft_weight": weight, "seeds": len(members)}
+        for name in (*REPORTED, "eval_accuracy"):
+            values = [m[name] for m in members if m.get(name) is not None]
+            if values:
+                row[name] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+        rows.append(row)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| method | SFT term | chair_s (answers with a hallucination) | chair_i (hallucinated / mentioned) | "
+             "recall | objects mentioned | held-out pref. acc. |", "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        cells = [f"{row[n][0]:.3f} ± {row[n][1]:.3f}" if n in row else "–"
+                 for n in (*REPORTED, "eval_accuracy")]
+        weight = "–" if row["sft_weight"] is None else f"{row['sft_weight']:g}"
+        lines.append(f"| {row['method']} | {weight} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: str, title: str) -> str | None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    names = [r["method"] + ("" if r["sft_weight"] is None else f"\n(sft {r['sft_weight']:g})") for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2), sharey=True)
+    for ax, metric, label in zip(axes, ("chair_s", "chair_i", "recall"),
+                                 ("answers with a hallucinated object (lower is better)",
+                                  "hallucinated / mentioned objects (lower is better)",
+                                  "recall of present objects (higher is better)")):
+        means = [r[metric][0] for r in rows]
+        stds = [r[metric][1] for r in rows]
+        ax.bar(range(len(rows)), means, yerr=stds, capsize=3, color=["tab:gray" if "start" in n else "tab:blue"
+                                                                    for n in names])
+        ax.set_xticks(range(len(rows)), names, rotation=60, ha="right", fontsize=7)
+        ax.set_title(label, fontsize=9)
+        ax.set_ylim(0, 1)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = run(args)
+    except (ValueError, FileNotFoundError) as exc:
+        if os.environ.get("RLHFV_TRACEBACK"):
+            raise
+        print(f"python -m rlhfv_train.ablation: error: {exc}", file=sys.stderr)
+        return 2
+    rows = summarize(result)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    import platform
+    result["machine"] = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                         "platform": platform.platform(), "python": platform.python_version()}
+    result["summary"] = rows
+    with open(args.out + ".json", "w") as f:
+        json.dump(result, f, indent=1)
+    s = result["settings"]
+    title = (f"tiny LLaVA, {s['seeds']} seed(s): SFT warm-up {s['sft_steps']} steps, then {s['steps']} preference "
+             f"steps at lr {s['lr']:g} (batch {s['batch_size']}), greedy answers on held-out images")
+    text = f"{title}\n\n{table(rows)}\n\n({result['minutes']:.1f} minutes, torch {torch.__version__}, " \
+           f"{torch.get_num_threads()} threads)\n"
+    with open(args.out + ".md", "w") as f:
+        f.write(text)
+    picture = plot(rows, args.out + ".png", title)
+    print(text + f"wrote {args.out}.json, {args.out}.md" + (f", {picture}" if picture else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

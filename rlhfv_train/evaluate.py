@@ -1,0 +1,289 @@
+"""Hallucination in generated answers, CHAIR-style: what RLHF-V exists to reduce.
+
+    python -m rlhfv_train.evaluate --checkpoint runs/rlhfv/checkpoint.pt          # the run's held-out images
+    python -m rlhfv_train.evaluate --model ./my-vlm --data eval.jsonl --parser mypkg.parse:objects --chat-template
+
+The model answers each record's question about its image (greedy by default; --sample draws --num-samples answers
+at --temperature); a parser turns each answer into the objects it mentions, which are compared with the record's
+ground-truth "objects":
+  chair_s  response level: the share of answers that mention at least one object that is not in the image;
+  chair_i  object level: hallucinated mentions / all mentions (each answer's mentions counted once);
+  recall   correctly mentioned objects / objects in the images;
+  mentioned  objects mentioned per answer (an answer that says nothing has no hallucination, and no recall).
+The default parser reads the synthetic scenes' "a <colour> <shape> on the <side>" (synthetic.parse_description); for
+other data pass --parser module:function, a function from the answer text to a list of objects comparable with the
+records' "objects" entries (JSON lists become tuples). Bad flags, data or paths end with one line on stderr, exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .batch import build_prompt
+from .data import PreferenceRecord, load_records, open_image
+from .models import load_processor_and_model, load_weights, split_indices
+
+METRICS = ("chair_s", "chair_i", "recall", "mentioned")
+
+
+@dataclass
+class GenerationSettings:
+    max_new_tokens: int = 48
+    do_sample: bool = False       # greedy by default
+    temperature: float = 1.0      # with do_sample
+    top_p: float = 1.0            # with do_sample
+    num_samples: int = 1          # answers per image (with do_sample)
+    batch_size: int = 32          # images per generate() call
+    chat_template: bool = False   # wrap the question in the processor's chat template instead of the trainer's prompt
+    seed: int = 0                 # for sampling; the caller's random state is left untouched
+
+    def check(self) -> None:
+        if self.max_new_tokens < 1 or self.batch_size < 1 or self.num_samples < 1:
+            raise ValueError("max_new_tokens, batch_size and num_samples must be >= 1")
+        if self.num_samples > 1 and not self.do_sample:
+            raise ValueError("num_samples > 1 needs sampling (do_sample / --sample): greedy answers are all the same")
+        if self.do_sample and not (self.temperature > 0 and 0 < self.top_p <= 1):
+            raise ValueError(f"sampling needs temperature > 0 and 0 < top_p <= 1, got {self.temperature}, "
+                             f"{self.top_p}")
+
+
+def default_parser(text: str) -> list:
+    from .synthetic import parse_description
+    return parse_description(text)
+
+
+def load_parser(spec: str | None) -> Callable[[str], Sequence]:
+    """'package.module:function' -> that function; None -> the synthetic scenes' parser."""
+    if spec is None:
+        return default_parser
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"--parser {spec!r}: expected module:function, e.g. mypkg.parsing:objects")
+    try:
+        parser = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"--parser {spec!r}: cannot load it ({exc})") from None
+    if not callable(parser):
+        raise ValueError(f"--parser {spec!r} is not callable")
+    return parser
+
+
+def _as_set(objects, what: str) -> set:
+    def hashable(o):
+        return tuple(hashable(v) for v in o) if isinstance(o, list) else o
+    try:
+        return {hashable(o) for o in objects}
+    except TypeError as exc:
+        raise ValueError(f"{what} must be an iterable of hashable objects ({exc})") from None
+
+
+def hallucination_rates(answers: Sequence[str], truths: Sequence[Sequence], parser=default_parser) -> dict:
+    """CHAIR-style rates of `answers` against the ground-truth objects (one truth list per answer); see the module
+    docstring for the definitions."""
+    if len(answers) != len(truths):
+        raise ValueError(f"{len(answers)} answers for {len(truths)} ground-truth lists")
+    if not answers:
+        raise ValueError("no answers to evaluate")
+    hallucinating = mentions = hallucinated = found = present = 0
+    for answer, truth in zip(answers, truths):
+        mentioned = _as_set(parser(answer), "the parser's result")
+        real = _as_set(truth, "ground-truth objects")
+        wrong = mentioned - real
+        hallucinating += bool(wrong)
+        mentions += len(mentioned)
+        hallucinated += len(wrong)
+        found += len(mentioned & real)
+        present += len(real)
+    return {"chair_s": hallucinating / len(answers), "chair_i": hallucinated / mentions if mentions else 0.0,
+            "recall": found / present if present else 0.0, "mentioned": mentions / len(answers),
+            "answers": len(answers)}
+
+
+def _prompt(processor, record: PreferenceRecord, with_image: bool, chat_template: bool) -> str:
+    if chat_template:
+        if not hasattr(processor, "apply_chat_template"):
+            raise ValueError("--chat-template: this processor has no chat template")
+        content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": record.question}]
+        return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                             tokenize=False)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    image_token = getattr(processor, "image_token", None) or getattr(tokenizer, "image_token", None)
+    return build_prompt(record.question, image_token if with_image else None)
+
+
+@torch.no_grad()
+def generate_answers(model, processor, records: Sequence[PreferenceRecord], settings: GenerationSettings | None = None,
+                     *, device=None, autocast_dtype=None, progress=None) -> list[list[str]]:
+    """settings.num_samples answers per record, generated from its image and question (left-padded batches).
+    The model's train/eval mode and the global random state are restored afterwards, so a training run that
+    evaluates mid-way stays exactly reproducible."""
+    settings = settings or GenerationSettings()
+    settings.check()
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    tokenizer = getattr(processor, "tokenizer", processor)
+    has_images = hasattr(processor, "image_processor")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    options = {"max_new_tokens": settings.max_new_tokens, "do_sample": settings.do_sample,
+               "num_return_sequences": settings.num_samples, "pad_token_id": pad_id,
+               "eos_token_id": tokenizer.eos_token_id}
+    if settings.do_sample:
+        options.update(temperature=settings.temperature, top_p=settings.top_p, top_k=0)
+    else:  # a model's generation_config may ask for sampling; greedy means greedy here
+        options.update(temperature=None, top_p=None, top_k=None)
+    was_training, side = model.training, tokenizer.padding_side
+    model.eval()
+    tokenizer.padding_side = "left"  # generation continues every row from its last real token
+    answers = []
+    devices = [device] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(settings.seed)
+            for start in range(0, len(records), settings.batch_size):
+                chunk = records[start:start + settings.batch_size]
+                images = [open_image(r) for r in chunk] if has_images else [None] * len(chunk)
+                with_image = has_images and all(image is not None for image in images)
+                texts = [_prompt(processor, r, with_image, settings.chat_template) for r in chunk]
+                if with_image:
+                    inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
+                else:
+                    inputs = tokenizer(texts, return_tensors="pt", padding=True)
+                inputs = {k: v.to(device) for k, v in inputs.items()}
+                autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else \
+                    contextlib.nullcontext()
+                with autocast:
+                    out = model.generate(**inputs, **options)
+                new_tokens = out[:, inputs["input_ids"].shape[1]:]
+                decoded = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+                k = settings.num_samples
+                answers.extend([text.strip() for text in decoded[i * k:(i + 1) * k]] for i in range(len(chunk)))
+                if progress is not None:
+                    progress.update(len(chunk))
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return answers
+
+
+def evaluate_hallucination(model, processor, records: Sequence[PreferenceRecord], parser=default_parser,
+                           settings: GenerationSettings | None = None, *, device=None, autocast_dtype=None,
+                           progress=None) -> tuple[dict, list[list[str]]]:
+    """(rates over every generated answer, the answers per record) for records that carry ground-truth objects."""
+    missing = [r.source for r in records if r.objects is None]
+    if missing:
+        raise ValueError(f"{len(missing)} of {len(records)} records have no 'objects' (the ground truth the "
+                         f"hallucination metric needs), e.g. {missing[0]}")
+    answers = generate_answers(model, processor, records, settings, device=device, autocast_dtype=autocast_dtype,
+                               progress=progress)
+    flat = [a for per_record in answers for a in per_record]
+    truths = [r.objects for r, per_record in zip(records, answers) for _ in per_record]
+    return hallucination_rates(flat, truths, parser), answers
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m rlhfv_train.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", help="a trainer checkpoint (checkpoint.pt, sft.pt): its model, data and held-out "
+                   "split are reused")
+    p.add_argument("--model", help="a local Hugging Face model folder, evaluated as it is (without --checkpoint), "
+                   "or the base the checkpoint's weights go into (default: the checkpoint's)")
+    p.add_argument("--data", help="records with images, questions and 'objects' (default: the checkpoint's data)")
+    p.add_argument("--split", choices=("heldout", "all"), help="records to evaluate (default: the checkpoint's "
+                   "held-out records, or all records of --data without a checkpoint)")
+    p.add_argument("--limit", type=int, help="evaluate only the first N records of the split")
+    p.add_argument("--parser", help="module:function turning an answer into its objects (default: the synthetic "
+                   "scenes' parser)")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="answer length limit (default: 48)")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default: 1.0, off)")
+    p.add_argument("--num-samples", type=int, default=1, help="answers per image with --sample (default: 1)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per generate() call (default: 32)")
+    p.add_argument("--chat-template", action="store_true", help="prompt with the processor's chat template "
+                   "(default: the trainer's '<image> question' prompt, which the tiny model was trained on)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: auto)")
+    p.add_argument("--show", type=int, default=3, help="print this many answers next to the truth (default: 3)")
+    p.add_argument("--json", help="also write the rates (and every answer) to this file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _records_and_model(args):
+    """(records to evaluate, processor, model) from the command line."""
+    if args.checkpoint is None and args.model is None:
+        raise ValueError("give --checkpoint (a trainer run) or --model (a local Hugging Face model folder)")
+    config = {}
+    if args.checkpoint is not None:
+        if not os.path.isfile(args.checkpoint):
+            raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no such file")
+        config = torch.load(args.checkpoint, map_location="cpu", weights_only=False).get("config", {})
+    model_path = args.model or config.get("model")
+    if model_path is not None and not os.path.isdir(model_path):
+        raise FileNotFoundError(f"--model {model_path}: no such folder")
+    data = args.data or config.get("data_path") or config.get("data")
+    if data is None:
+        raise ValueError("no data: give --data (this checkpoint does not name its data file)")
+    records, _ = load_records(data)
+    split = args.split or ("heldout" if args.checkpoint and not args.data else "all")
+    if split == "heldout":
+        if not config:
+            raise ValueError("--split heldout needs --checkpoint (the split comes from its seed and eval fraction)")
+        records = [records[i] for i in split_indices(len(records), config["eval_fraction"], config["seed"])[1]]
+    if args.limit is not None:
+        records = records[:args.limit]
+    if not records:
+        raise ValueError(f"no records to evaluate (split {split!r} of {data})")
+    processor, model = load_processor_and_model(model_path, config.get("seed", 0))
+    if args.checkpoint is not None:
+        load_weights(model, args.checkpoint)
+    return records, processor, model
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = GenerationSettings(max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                                      temperature=args.temperature, top_p=args.top_p, num_samples=args.num_samples,
+                                      batch_size=args.batch_size, chat_template=args.chat_template, seed=args.seed)
+        settings.check()
+        parser = load_parser(args.parser)
+        records, processor, model = _records_and_model(args)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" \
+            else torch.device(args.device)
+        model.to(device)
+        from tqdm import tqdm
+        with tqdm(total=len(records), desc="generate", unit="img", disable=args.no_progress) as bar:
+            rates, answers = evaluate_hallucination(
+                model, processor, records, parser, settings, device=device,
+                autocast_dtype=torch.bfloat16 if device.type == "cuda" else None, progress=bar)
+    except (ValueError, FileNotFoundError) as exc:
+        if os.environ.get("RLHFV_TRACEBACK"):
+            raise
+        print(f"python -m rlhfv_train.evaluate: error: {exc}  (RLHFV_TRACEBACK=1 shows the traceback)",
+              file=sys.stderr)
+        return 2
+    for record, per_record in list(zip(records, answers))[:args.show]:
+        print(f"{record.source}\n  truth:  {record.objects}\n  answer: {per_record[0]}")
+    decoding = "greedy" if not settings.do_sample else \
+        f"{settings.num_samples} sample(s) per image at temperature {settings.temperature}"
+    print(f"{len(records)} images, {decoding}: chair_s {rates['chair_s']:.3f} (answers with a hallucinated object), "
+          f"chair_i {rates['chair_i']:.3f} (hallucinated / mentioned), recall {rates['recall']:.3f}, "
+          f"{rates['mentioned']:.2f} objects mentioned per answer")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rates": rates, "settings": vars(settings),
+                       "answers": [{"source": r.source, "answers": a} for r, a in zip(records, answers)]}, f,
+                      indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""Which model and processor a run uses, the weights it starts from, and which records it holds out: shared by the
+trainer (train.py) and the evaluation (evaluate.py), so both rebuild the same model and the same held-out set."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def load_processor_and_model(model: str | None, seed: int):
+    """(processor, model): the embedded tiny LLaVA with seeded random weights when `model` is None, else a local
+    Hugging Face folder (an image-text-to-text model, or a causal LM with its tokenizer for text-only data)."""
+    if model is None:
+        from . import tiny
+        processor = tiny.build_processor()
+        return processor, tiny.build_model(processor, seed=seed)
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+    try:
+        processor = AutoProcessor.from_pretrained(model, local_files_only=True)
+        network = AutoModelForImageTextToText.from_pretrained(model, local_files_only=True)
+    except (ValueError, OSError, KeyError):  # a plain causal LM for text-only data
+        processor = AutoTokenizer.from_pretrained(model, local_files_only=True)
+        network = AutoModelForCausalLM.from_pretrained(model, local_files_only=True)
+    return processor, network
+
+
+def load_weights(model, path: str) -> None:
+    """Loads a trainer checkpoint (checkpoint.pt, sft.pt: a dict with "model") or a bare state dict into `model`."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such weights file: {path}")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a state dict or a checkpoint with a 'model' entry, got "
+                         f"{type(state).__name__}")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path} does not fit the model: {len(missing)} missing weights (e.g. {missing[:2]}), "
+                         f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})")
+
+
+def split_indices(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(training, held-out) record indices from a seeded shuffle: a run's held-out set can always be rebuilt."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    held = int(round(n * fraction)) if n > 1 else 0
+    return sorted(order[held:]), sorted(order[:held])

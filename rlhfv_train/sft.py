@@ -1,0 +1,50 @@
+"""Supervised warm-up: next-token NLL on the chosen answers, so that preference training starts from a model that
+already answers (the RLHF-V and MM-RLHF recipes start from an SFT model).
+
+For the embedded tiny model (random weights) and small models; a real model should come in already fine-tuned
+(--model) or with its SFT weights (--init-weights). Runs in one process: under torchrun the main process warms up
+and the others load its result (train.py).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+import rlhfv_kernels as rk
+
+
+def chosen_nll(model, batch, *, autocast_dtype=None, backend=None, inplace_backward=True) -> torch.Tensor:
+    """Token-mean NLL of the chosen answers of a PairBatch (the rejected half is not run through the model)."""
+    pairs = batch.indices.numel()
+    inputs = {name: value[:pairs] for name, value in batch.model_inputs().items()}
+    labels = batch.next_token_targets()[0][:pairs]
+    autocast = torch.autocast(batch.input_ids.device.type, dtype=autocast_dtype) if autocast_dtype else \
+        contextlib.nullcontext()
+    with autocast:
+        logits = model(**inputs).logits
+    logps = rk.token_logprobs(logits, labels, inplace_backward=inplace_backward, backend=backend)
+    mask = (labels != -100).to(logps.dtype)
+    return -(logps * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def warmup(model, batches, *, steps: int, lr: float, max_grad_norm: float = 1.0, autocast_dtype=None,
+           backend=None, progress=None) -> list[float]:
+    """`steps` AdamW steps (constant lr) on chosen_nll over `batches` (a callable step -> PairBatch on the model's
+    device); returns the loss of every step."""
+    if steps < 0 or lr <= 0:
+        raise ValueError(f"SFT warm-up needs steps >= 0 and lr > 0, got {steps} and {lr}")
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    losses = []
+    for step in range(steps):
+        loss = chosen_nll(model, batches(step), autocast_dtype=autocast_dtype, backend=backend)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if progress is not None:
+            progress.update()
+            progress.set_postfix(nll=f"{losses[-1]:.3f}")
+    return losses
