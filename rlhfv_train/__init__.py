@@ -4,6 +4,7 @@
     python -m rlhfv_train --data d.jsonl --model ./my-vlm --preset paper --lr 5e-7
 
 Modules: data (records, located errors), segments (correction -> token weights), batch (pairs -> [2B, T] inputs),
-refcache (frozen-model scores, cached), train (the loop, checkpoints, resume), tiny and synthetic (the embedded
+refcache (frozen-model scores, cached), train (the loop, checkpoints, resume), sft (the warm-up), evaluate (the
+hallucination metric on generated answers), ablation (DPO vs DDPO vs MM-DPO), tiny and synthetic (the embedded
 default).
 """

@@ -145,13 +145,14 @@ def _ddpo(cfg, model, batch, refs, *, autocast_dtype):
 
 
 @torch.no_grad()
-def evaluate(cfg, model, processor, collate, records, indices, refs, device, autocast_dtype) -> dict:
+def evaluate(cfg, model, processor, collate, records, indices, refs, device, autocast_dtype,
+             generate: bool = True) -> dict:
     """Held-out preference accuracy (the fraction of pairs whose implicit reward prefers the chosen answer) and,
     when the records carry ground-truth objects, the CHAIR rates of greedy answers (evaluate.py)."""
     if not indices:
         return {}
     metrics = {}
-    if cfg.hallucination_eval and all(records[i].objects is not None for i in indices):
+    if generate and cfg.hallucination_eval and all(records[i].objects is not None for i in indices):
         settings = GenerationSettings(max_new_tokens=cfg.eval_max_new_tokens, batch_size=max(cfg.batch_size, 32))
         rates, _ = evaluate_hallucination(model, processor, [records[i] for i in indices], settings=settings,
                                           device=device, autocast_dtype=autocast_dtype)
@@ -183,7 +184,9 @@ def _warm_up(cfg, dist, model, collate, records, train_idx, device, autocast_dty
     losses = []
     if dist.is_main:
         from tqdm import tqdm
-        stream = BatchStream(train_idx, cfg.batch_size, cfg.seed + 7919)  # an order of its own
+        # The global batch (batch_size is per process), in an order of its own: a run under torchrun warms up
+        # exactly like one process with the whole batch.
+        stream = BatchStream(train_idx, cfg.batch_size * dist.world, cfg.seed + 7919)
         with tqdm(total=cfg.sft_steps, desc="sft warm-up", unit="step", disable=not cfg.progress) as bar:
             losses = warmup(model, lambda k: collate([(i, records[i]) for i in stream.batch(k)]).to(device),
                             steps=cfg.sft_steps, lr=cfg.sft_lr, max_grad_norm=cfg.max_grad_norm,
@@ -266,6 +269,11 @@ def train(cfg: TrainConfig) -> dict:
         refs = refcache.load_or_compute(cache_dir, key, compute_refs)
 
     fsdp = cfg.fsdp and dist.world > 1
+    # generate() on an FSDP2-sharded model mixes sharded and plain tensors; such runs are evaluated afterwards.
+    generate = not fsdp
+    if fsdp and cfg.hallucination_eval and dist.is_main:
+        print("--fsdp: no hallucination evaluation during training; run python -m rlhfv_train.evaluate "
+              "--checkpoint on the saved checkpoint")
     model.train()
     # DDP wraps the model (`model` stays the plain module for eval and checkpoints); FSDP2 shards `model` itself,
     # before the optimizer is built over its sharded parameters.
@@ -319,7 +327,7 @@ def train(cfg: TrainConfig) -> dict:
     with open(metrics_path, "a") if dist.is_main else open(os.devnull, "w") as metrics_file:
         if step == 0:  # the starting point (after the warm-up): what preference training is measured against
             first = {"step": 0, **evaluate(cfg, model, processor, collate, records, eval_idx, refs, device,
-                                            autocast_dtype)}
+                                            autocast_dtype, generate)}
             if sft_losses:
                 first["sft_loss"] = sum(sft_losses[-10:]) / len(sft_losses[-10:])
             metrics_file.write(json.dumps(first) + "\n")
@@ -348,7 +356,7 @@ def train(cfg: TrainConfig) -> dict:
             last = {"step": step, **totals, "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0]}
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
                 last.update(evaluate(cfg, model, processor, collate, records, eval_idx, refs, device,
-                                     autocast_dtype))
+                                     autocast_dtype, generate))
             metrics_file.write(json.dumps(last) + "\n")
             metrics_file.flush()
             bar.update()

@@ -57,7 +57,8 @@ def test_collator_masks_prompt_and_weights_corrections(dataset):
 def test_training_improves_and_writes_outputs(tmp_path, dataset):
     summary = train(small_config(tmp_path, dataset, max_steps=30, eval_every=15, save_every=15))
     rows = [json.loads(line) for line in open(summary["metrics_path"])]
-    assert [r["step"] for r in rows] == list(range(1, 31))
+    assert [r["step"] for r in rows] == list(range(31))  # step 0: the starting point, evaluated before training
+    rows = rows[1:]
     assert sum(r["loss"] for r in rows[-5:]) < sum(r["loss"] for r in rows[:5])
     assert "eval_accuracy" in rows[14] and "eval_accuracy" in rows[29]
     assert os.path.getsize(summary["plot"]) > 1000 and os.path.isfile(summary["checkpoint"])
@@ -71,7 +72,7 @@ def test_resume_ends_with_the_same_weights(tmp_path, dataset):
     for name, tensor in straight.items():
         assert torch.equal(tensor, resumed[name]), name
     steps = [json.loads(line)["step"] for line in open(tmp_path / "b" / "metrics.jsonl")]
-    assert steps == [1, 2, 3, 4, 5, 6]
+    assert steps == [0, 1, 2, 3, 4, 5, 6]
 
 
 def test_reference_scores_are_cached(tmp_path, dataset, monkeypatch):
@@ -129,8 +130,8 @@ def test_two_gloo_processes_match_one_process(tmp_path, dataset, parallel):
     batch does; two micro-batches per step also exercise the skipped gradient sync."""
     import subprocess
     import sys
-    common = ["--data", dataset, "--max-steps", "3", "--sft-weight", "0", "--eval-fraction", "0.25",
-              "--save-every", "3", "--no-progress", "--lr", "2e-3", "--grad-accum", "2", "--device", "cpu"]
+    common = ["--data", dataset, "--max-steps", "3", "--sft-weight", "0", "--sft-steps", "2", "--eval-fraction", "0.25",
+              "--save-every", "3", "--no-progress", "--lr", "5e-4", "--grad-accum", "2", "--device", "cpu"]
     port = "29517" if parallel == "ddp" else "29518"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     flags = ["--fsdp"] if parallel == "fsdp" else []
@@ -141,6 +142,9 @@ def test_two_gloo_processes_match_one_process(tmp_path, dataset, parallel):
     single = subprocess.run([sys.executable, "-m", "rlhfv_train", "--output-dir", str(tmp_path / "one"),
                              "--batch-size", "4", *common], capture_output=True, text=True, env=env, timeout=600)
     assert single.returncode == 0, single.stderr[-3000:]
+    # The warm-up ran in process 0 alone, on the global batch: the same weights as one process, bit for bit.
+    sft = [torch.load(tmp_path / run / "sft.pt", weights_only=False)["model"] for run in ("ddp", "one")]
+    assert all(torch.equal(sft[0][name], sft[1][name]) for name in sft[0])
     a = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=False)["model"]
     # Same batches, same averaged gradients: only reduction-order rounding differs, which Adam's g/sqrt(v) can
@@ -148,9 +152,9 @@ def test_two_gloo_processes_match_one_process(tmp_path, dataset, parallel):
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-4, msg=name)
     rows = {run: [json.loads(line) for line in open(tmp_path / run / "metrics.jsonl")] for run in ("ddp", "one")}
-    assert [r["step"] for r in rows["ddp"]] == [1, 2, 3]
+    assert [r["step"] for r in rows["ddp"]] == [0, 1, 2, 3]
     for mine, theirs in zip(rows["ddp"], rows["one"]):
-        for key in ("loss", "margin", "accuracy"):
+        for key in ("loss", "margin", "accuracy") if mine["step"] else ():
             assert mine[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-6), (mine["step"], key)
 
 
@@ -215,4 +219,4 @@ def test_resuming_a_finished_run_reports_its_last_metrics(tmp_path, dataset, cap
     again = train(small_config(tmp_path, dataset, max_steps=2, resume=True))
     assert "already reached --max-steps 2" in capsys.readouterr().out
     assert again["step"] == 2 and again["metrics"]["loss"] == pytest.approx(first["metrics"]["loss"])
-    assert len(open(again["metrics_path"]).readlines()) == 2  # nothing appended
+    assert len(open(again["metrics_path"]).readlines()) == 3  # steps 0, 1, 2: nothing appended
