@@ -220,15 +220,16 @@ def _records_and_model(args):
     """(records to evaluate, processor, model) from the command line."""
     if args.checkpoint is None and args.model is None:
         raise ValueError("give --checkpoint (a trainer run) or --model (a local Hugging Face model folder)")
-    config = {}
+    saved = {}
     if args.checkpoint is not None:
         if not os.path.isfile(args.checkpoint):
             raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no such file")
-        config = torch.load(args.checkpoint, map_location="cpu", weights_only=False).get("config", {})
+        saved = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+    config = saved.get("config", {})
     model_path = args.model or config.get("model")
     if model_path is not None and not os.path.isdir(model_path):
         raise FileNotFoundError(f"--model {model_path}: no such folder")
-    data = args.data or config.get("data_path") or config.get("data")
+    data = args.data or saved.get("data_path") or config.get("data")  # data_path: the file the run really used
     if data is None:
         raise ValueError("no data: give --data (this checkpoint does not name its data file)")
     records, _ = load_records(data)

@@ -176,6 +176,12 @@ def test_cli_on_a_checkpoint_and_on_a_saved_hugging_face_model(tmp_path, dataset
     assert len(result["answers"]) == 10  # the run's held-out records: 25% of 40
     assert result["rates"]["chair_s"] == pytest.approx(summary["metrics"]["chair_s"])
     assert "chair_s" in capsys.readouterr().out
+    # A run on the default (generated) data names no --data in its config: the checkpoint's data_path is used.
+    state = torch.load(summary["checkpoint"], weights_only=False)
+    state["config"]["data"] = None
+    torch.save(state, tmp_path / "default-data.pt")
+    assert evaluate.main(["--checkpoint", str(tmp_path / "default-data.pt"), "--limit", "2", "--no-progress",
+                          "--max-new-tokens", "4"]) == 0
     # Any local image-text-to-text folder, with a parser named on the command line and sampled answers.
     processor = tiny.build_processor()
     tiny.build_model(processor).save_pretrained(tmp_path / "hf")
