@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, help="seeds per method (default: 3)")
     p.add_argument("--examples", type=int, help="synthetic records (default: 1536)")
+    p.add_argument("--partial", type=float, default=0.0, help="share of two-error rejected answers whose correction "
+                   "fixes only one error (synthetic.make_example; default: 0)")
     p.add_argument("--eval-fraction", type=float, default=0.2, help="held-out share (default: 0.2)")
     p.add_argument("--sft-steps", type=int, help="warm-up steps (default: 2000)")
     p.add_argument("--sft-lr", type=float, default=5e-4, help="warm-up learning rate (default: 5e-4)")
@@ -115,9 +117,10 @@ def run(args) -> dict:
         raise ValueError(f"--sft-weights {args.sft_weights!r}: expected numbers separated by commas") from None
     if args.seeds < 1 or args.steps < 1:
         raise ValueError("--seeds and --steps must be >= 1")
-    data_path = os.path.join(args.work_dir, "data", "data.jsonl")
+    data_path = os.path.join(args.work_dir, f"data-{args.examples}-partial{args.partial:g}", "data.jsonl")
     if not os.path.isfile(data_path):
-        synthetic.generate(os.path.dirname(data_path), args.examples, seed=0, progress=not args.no_progress)
+        synthetic.generate(os.path.dirname(data_path), args.examples, seed=0, partial=args.partial,
+                           progress=not args.no_progress)
     runs = []
     started = time.time()
     for seed in range(args.seeds):
@@ -225,7 +228,8 @@ def main(argv=None) -> int:
         json.dump(result, f, indent=1)
     s = result["settings"]
     title = (f"tiny LLaVA, {s['seeds']} seed(s): SFT warm-up {s['sft_steps']} steps, then {s['steps']} preference "
-             f"steps at lr {s['lr']:g} (batch {s['batch_size']}), greedy answers on held-out images")
+             f"steps at lr {s['lr']:g} (batch {s['batch_size']}), greedy answers on held-out images"
+             + (f"; {s['partial']:.0%} of two-error pairs partly corrected" if s["partial"] else ""))
     text = f"{title}\n\n{table(rows)}\n\n({result['minutes']:.1f} minutes, torch {torch.__version__}, " \
            f"{torch.get_num_threads()} threads)\n"
     with open(args.out + ".md", "w") as f:

@@ -65,7 +65,13 @@ def _confuse(value: str, choices, rng: random.Random) -> str:
 def hallucinate(objects: list[Object], rng: random.Random) -> list[Object]:
     """A plausible wrong description with one or two errors: a confusable colour or shape (a replacement), or an
     object in an empty place (the correction deletes it)."""
+    return hallucinate_in_steps(objects, rng)[-1]
+
+
+def hallucinate_in_steps(objects: list[Object], rng: random.Random) -> list[list[Object]]:
+    """hallucinate(), with the description after each error: [one error] or [one error, two errors]."""
     wrong = list(objects)
+    steps = []
     for _ in range(1 if rng.random() < 0.6 else 2):
         free = [s for s in SIDES if s not in {o[2] for o in wrong}]
         if free and rng.random() < 0.3:
@@ -74,6 +80,7 @@ def hallucinate(objects: list[Object], rng: random.Random) -> list[Object]:
             color = TYPICAL_COLOR[shape] if rng.random() < 0.5 else rng.choice(list(COLORS))
             wrong.append((color, shape, side))
             wrong.sort(key=lambda o: SIDES.index(o[2]))
+            steps.append(list(wrong))
             continue
         i = rng.randrange(len(wrong))
         color, shape, side = wrong[i]
@@ -82,9 +89,10 @@ def hallucinate(objects: list[Object], rng: random.Random) -> list[Object]:
         else:
             shape = _confuse(shape, SHAPES, rng)
         wrong[i] = (color, shape, side)
+        steps.append(list(wrong))
     if wrong == list(objects):  # two errors that undid each other
-        return hallucinate(objects, rng)
-    return wrong
+        return hallucinate_in_steps(objects, rng)
+    return steps
 
 
 def draw(objects: list[Object], size: int = 32, rng: random.Random | None = None):
@@ -113,7 +121,10 @@ def draw(objects: list[Object], size: int = 32, rng: random.Random | None = None
     return Image.frombytes("RGB", image.size, noise)
 
 
-def make_example(rng: random.Random) -> dict:
+def make_example(rng: random.Random, partial: float = 0.0) -> dict:
+    """A scene, its question and a (chosen, rejected) pair. With probability `partial`, a rejected answer with two
+    errors is only partly corrected: the chosen answer fixes the second error and keeps the first (annotators miss
+    things), so the chosen answer hallucinates too and plain SFT on it learns that error."""
     count = rng.choice((1, 2, 2, 3))
     sides = sorted(rng.sample(SIDES, count), key=SIDES.index)
     objects = []
@@ -121,16 +132,23 @@ def make_example(rng: random.Random) -> dict:
         shape = rng.choice(SHAPES)
         color = TYPICAL_COLOR[shape] if rng.random() < 0.5 else rng.choice(list(COLORS))
         objects.append((color, shape, side))
-    wrong = hallucinate(objects, rng)
-    # MM-DPO's reward margin, here exact: how many objects the rejected answer invents or gets wrong.
-    return {"objects": objects, "question": rng.choice(QUESTIONS), "chosen": describe(objects),
-            "rejected": describe(wrong), "reward_margin": len(set(wrong) - set(objects))}
+    steps = hallucinate_in_steps(objects, rng)
+    wrong = steps[-1]
+    kept = steps[0] if partial and len(steps) == 2 and rng.random() < partial else objects
+    # MM-DPO's reward margin, here exact: how many more wrong objects the rejected answer has than the chosen one.
+    margin = len(set(wrong) - set(objects)) - len(set(kept) - set(objects))
+    return {"objects": objects, "question": rng.choice(QUESTIONS), "chosen": describe(kept),
+            "rejected": describe(wrong), "reward_margin": margin}
 
 
-def generate(out_dir: str, n: int, *, seed: int = 0, image_size: int = 32, progress: bool = False) -> str:
-    """Writes n examples (images + data.jsonl) under out_dir and returns the JSONL path."""
+def generate(out_dir: str, n: int, *, seed: int = 0, image_size: int = 32, partial: float = 0.0,
+             progress: bool = False) -> str:
+    """Writes n examples (images + data.jsonl) under out_dir and returns the JSONL path; `partial`: see
+    make_example."""
     if n <= 0:
         raise ValueError(f"n must be > 0, got {n}")
+    if not 0.0 <= partial <= 1.0:
+        raise ValueError(f"partial must be in [0, 1], got {partial}")
     rng = random.Random(seed)
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     path = os.path.join(out_dir, "data.jsonl")
@@ -141,7 +159,7 @@ def generate(out_dir: str, n: int, *, seed: int = 0, image_size: int = 32, progr
         indices = tqdm(indices, desc="synthetic data", unit="img")
     with open(tmp, "w") as f:
         for i in indices:
-            example = make_example(rng)
+            example = make_example(rng, partial)
             name = f"images/{i:05d}.png"
             draw(example["objects"], image_size, rng).save(os.path.join(out_dir, name))
             f.write(json.dumps({"image": name, "question": example["question"], "chosen": example["chosen"],
@@ -157,8 +175,11 @@ def main(argv=None) -> int:
     parser.add_argument("--n", type=int, default=512, help="number of examples")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--partial", type=float, default=0.0, help="share of two-error answers whose correction fixes "
+                        "only one error (default: 0)")
     args = parser.parse_args(argv)
-    print(generate(args.out, args.n, seed=args.seed, image_size=args.image_size, progress=True))
+    print(generate(args.out, args.n, seed=args.seed, image_size=args.image_size, partial=args.partial,
+                   progress=True))
     return 0
 
 

@@ -61,6 +61,24 @@ def test_scene_descriptions_parse_back_and_rejected_answers_are_wrong():
     assert synthetic.parse_description("a pink circle on the left and a red blob on the right") == []
 
 
+def test_partial_corrections_keep_one_of_two_errors(tmp_path):
+    rng = random.Random(12)
+    partly = 0
+    for _ in range(400):
+        example = synthetic.make_example(rng, partial=1.0)
+        truth = {tuple(o) for o in example["objects"]}
+        chosen = set(synthetic.parse_description(example["chosen"]))
+        rejected = set(synthetic.parse_description(example["rejected"]))
+        assert chosen != rejected
+        assert example["reward_margin"] == len(rejected - truth) - len(chosen - truth)
+        if chosen != truth:  # the chosen answer kept the first error: exactly one wrong object
+            partly += 1
+            assert len(chosen - truth) == 1
+    assert 80 < partly < 240  # 40% of answers have two errors; each is partly corrected here
+    with pytest.raises(ValueError, match="partial must be in"):
+        synthetic.generate(str(tmp_path), 2, partial=1.5)
+
+
 def test_objects_field_is_loaded_and_checked(tmp_path, dataset):
     records, _ = load_records(dataset)
     assert all(isinstance(o, tuple) and len(o) == 3 for r in records for o in r.objects)
