@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
     p.add_argument("--eval-fraction", type=float, default=defaults.eval_fraction,
                    help="share of the records held out for the preference-accuracy evaluation")
+    p.add_argument("--eval-data", help="held-out records in a file of their own (default: --eval-fraction of --data)")
     p.add_argument("--eval-every", type=int, default=defaults.eval_every, help="steps between evaluations")
     p.add_argument("--no-hallucination-eval", action="store_true", help="skip generating answers on the held-out "
                    "images (done when the records carry ground-truth 'objects'; rlhfv_train.evaluate)")

@@ -40,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--examples", type=int, help="synthetic records (default: 1536)")
     p.add_argument("--partial", type=float, default=0.0, help="share of two-error rejected answers whose correction "
                    "fixes only one error (synthetic.make_example; default: 0)")
+    p.add_argument("--pairs", choices=("offline", "on-policy"), default="offline", help="offline: the dataset's "
+                   "synthetic (chosen, rejected) pairs; on-policy: the SFT model's own sampled answers on the training "
+                   "images, corrected against the ground truth, as RLHF-V collected its data (default: offline)")
+    p.add_argument("--samples", type=int, default=2, help="on-policy answers per training image (default: 2)")
     p.add_argument("--eval-fraction", type=float, default=0.2, help="held-out share (default: 0.2)")
     p.add_argument("--sft-steps", type=int, help="warm-up steps (default: 2000)")
     p.add_argument("--sft-lr", type=float, default=5e-4, help="warm-up learning rate (default: 5e-4)")
@@ -80,24 +84,81 @@ def _warm_up(data_path, seed, args, path):
     torch.save({"model": model.state_dict(), "sft_losses": losses}, path)
 
 
-def _control(data_path, seed, args, sft_path) -> dict:
-    """More SFT from the warm-up weights, for as many steps as a method gets, then the same evaluation."""
+def _control(train_path, held_path, seed, args, sft_path) -> dict:
+    """More SFT on the chosen answers of the methods' training pairs, from the warm-up weights, for as many steps as a
+    method gets, then the same evaluation."""
     from .batch import PairCollator
-    from .data import load_records
     from .evaluate import evaluate_hallucination
-    from .models import load_processor_and_model, load_weights, split_indices
+    from .models import load_processor_and_model, load_weights
     from .sft import warmup
     from .train import BatchStream
 
-    records, _ = load_records(data_path)
-    train_idx, held = split_indices(len(records), args.eval_fraction, seed)
+    train_records, held = _records(train_path, held_path, seed, args)
     processor, model = load_processor_and_model(None, seed)
     load_weights(model, sft_path)
     collate = PairCollator(processor, gamma=1.0)
-    stream = BatchStream(train_idx, args.batch_size, seed)
-    warmup(model, lambda k: collate([(i, records[i]) for i in stream.batch(k)]), steps=args.steps, lr=args.lr)
-    rates, _ = evaluate_hallucination(model, processor, [records[i] for i in held])
+    stream = BatchStream(list(range(len(train_records))), args.batch_size, seed)
+    warmup(model, lambda k: collate([(i, train_records[i]) for i in stream.batch(k)]), steps=args.steps, lr=args.lr)
+    rates, _ = evaluate_hallucination(model, processor, held)
     return rates
+
+
+def _records(train_path, held_path, seed, args):
+    """(training records, held-out records): the seed's split of one file, or two files (on-policy pairs)."""
+    from .data import load_records
+    from .models import split_indices
+
+    records, _ = load_records(train_path)
+    if held_path is not None:
+        return records, load_records(held_path)[0]
+    train_idx, held = split_indices(len(records), args.eval_fraction, seed)
+    return [records[i] for i in train_idx], [records[i] for i in held]
+
+
+def on_policy_pairs(records, answers) -> list[dict]:
+    """RLHF-V's way of collecting pairs, with an exact annotator: each of the model's answers that mentions a wrong
+    object becomes the rejected answer, its minimal correction (synthetic.correct) the chosen one. Answers that do not
+    read as a scene description, and answers with nothing to correct, give no pair."""
+    from .synthetic import correct, describe, parse_description
+
+    pairs = []
+    for record, per_record in zip(records, answers):
+        for answer in per_record:
+            mentioned = parse_description(answer)
+            if not mentioned or describe(mentioned) != answer:
+                continue
+            fixed = correct(mentioned, record.objects)
+            if fixed and fixed != mentioned:
+                pairs.append({"image": record.image, "question": record.question, "chosen": describe(fixed),
+                              "rejected": answer, "reward_margin": len(set(mentioned) - set(record.objects)),
+                              "objects": record.objects})
+    return pairs
+
+
+def _write_jsonl(path, rows) -> str:
+    with open(path, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    return path
+
+
+def _on_policy_data(data_path, seed, args, sft_path, seed_dir) -> tuple[str, str]:
+    """(pairs file, held-out file): the seed's SFT model answers every training image args.samples times (sampled
+    at temperature 1); its wrong answers and their corrections are the pairs."""
+    from .evaluate import GenerationSettings, generate_answers
+    from .models import load_processor_and_model, load_weights
+
+    train_records, held = _records(data_path, None, seed, args)
+    processor, model = load_processor_and_model(None, seed)
+    load_weights(model, sft_path)
+    settings = GenerationSettings(do_sample=True, num_samples=args.samples, temperature=1.0, seed=seed)
+    pairs = on_policy_pairs(train_records, generate_answers(model, processor, train_records, settings))
+    if not pairs:
+        raise ValueError(f"seed {seed}: none of the SFT model's answers could be corrected into a pair (does it "
+                         "describe scenes yet? raise --sft-steps)")
+    held_rows = [{"image": r.image, "question": r.question, "chosen": r.chosen, "rejected": r.rejected,
+                  "objects": r.objects} for r in held]
+    return (_write_jsonl(os.path.join(seed_dir, "pairs.jsonl"), pairs),
+            _write_jsonl(os.path.join(seed_dir, "heldout.jsonl"), held_rows))
 
 
 def run(args) -> dict:
@@ -128,14 +189,18 @@ def run(args) -> dict:
         os.makedirs(seed_dir, exist_ok=True)
         sft_path = os.path.join(seed_dir, "sft.pt")
         _warm_up(data_path, seed, args, sft_path)
+        train_path, held_path = data_path, None
+        if args.pairs == "on-policy":
+            train_path, held_path = _on_policy_data(data_path, seed, args, sft_path, seed_dir)
         start = None
         for method in methods:
             for weight in ([None] if method == CONTROL else sft_weights):
                 if method == CONTROL:
-                    rates = _control(data_path, seed, args, sft_path)
+                    rates = _control(train_path, held_path, seed, args, sft_path)
                     runs.append({"method": method, "sft_weight": None, "seed": seed, **_pick(rates)})
                     continue
-                cfg = TrainConfig(data=data_path, output_dir=os.path.join(seed_dir, f"{method}-sft{weight:g}"),
+                cfg = TrainConfig(data=train_path, eval_data=held_path,
+                                  output_dir=os.path.join(seed_dir, f"{method}-sft{weight:g}"),
                                   init_weights=sft_path, sft_weight=weight, lr=args.lr, max_steps=args.steps,
                                   batch_size=args.batch_size, eval_fraction=args.eval_fraction,
                                   eval_every=args.steps, save_every=args.steps, seed=seed, device="cpu",
@@ -229,7 +294,8 @@ def main(argv=None) -> int:
     s = result["settings"]
     title = (f"tiny LLaVA, {s['seeds']} seed(s): SFT warm-up {s['sft_steps']} steps, then {s['steps']} preference "
              f"steps at lr {s['lr']:g} (batch {s['batch_size']}), greedy answers on held-out images"
-             + (f"; {s['partial']:.0%} of two-error pairs partly corrected" if s["partial"] else ""))
+             + (f"; {s['partial']:.0%} of two-error pairs partly corrected" if s["partial"] else "")
+             + ("; on-policy pairs" if s["pairs"] == "on-policy" else ""))
     text = f"{title}\n\n{table(rows)}\n\n({result['minutes']:.1f} minutes, torch {torch.__version__}, " \
            f"{torch.get_num_threads()} threads)\n"
     with open(args.out + ".md", "w") as f:

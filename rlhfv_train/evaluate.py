@@ -237,7 +237,10 @@ def _records_and_model(args):
     if split == "heldout":
         if not config:
             raise ValueError("--split heldout needs --checkpoint (the split comes from its seed and eval fraction)")
-        records = [records[i] for i in split_indices(len(records), config["eval_fraction"], config["seed"])[1]]
+        if config.get("eval_data"):  # the run held out a file of its own
+            records, _ = load_records(config["eval_data"])
+        else:
+            records = [records[i] for i in split_indices(len(records), config["eval_fraction"], config["seed"])[1]]
     if args.limit is not None:
         records = records[:args.limit]
     if not records:

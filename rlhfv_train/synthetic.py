@@ -55,6 +55,18 @@ def parse_description(text: str) -> list[Object]:
             if m.group(1) in COLORS and m.group(2) in SHAPES and m.group(3) in SIDES]
 
 
+def correct(mentioned: list[Object], objects: list[Object]) -> list[Object]:
+    """An annotator's minimal correction of an answer that mentions `mentioned` in a scene of `objects`: a mention at
+    a place where there is an object becomes that object (right colour and shape), a mention at an empty place is
+    deleted. Objects the answer left out are not added (corrections fix hallucinations, they do not complete)."""
+    present = {o[2]: o for o in objects}
+    fixed = []
+    for _, _, side in mentioned:
+        if side in present and present[side] not in fixed:
+            fixed.append(present[side])
+    return fixed
+
+
 def _confuse(value: str, choices, rng: random.Random) -> str:
     """A wrong value, usually a confusable one (what a model that half-sees would say)."""
     if rng.random() < 0.7:

@@ -58,6 +58,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     grad_checkpointing: bool = False
     eval_fraction: float = 0.1
+    eval_data: str | None = None       # held-out records in a file of their own (then eval_fraction is unused)
     eval_every: int = 25
     hallucination_eval: bool = True    # also generate on held-out images and report CHAIR rates (needs "objects")
     eval_max_new_tokens: int = 48
@@ -234,7 +235,14 @@ def train(cfg: TrainConfig) -> dict:
     records, report = load_records(data_path, skip_bad=cfg.skip_bad)
     if dist.is_main:
         print(f"data: {data_path}: {report.summary()}")
-    train_idx, eval_idx = split_indices(len(records), cfg.eval_fraction, cfg.seed)
+    if cfg.eval_data is None:
+        train_idx, eval_idx = split_indices(len(records), cfg.eval_fraction, cfg.seed)
+    else:  # a held-out file of its own, appended after the training records and indexed like a split
+        held, held_report = load_records(cfg.eval_data, skip_bad=cfg.skip_bad)
+        if dist.is_main:
+            print(f"held-out data: {cfg.eval_data}: {held_report.summary()}")
+        train_idx, eval_idx = list(range(len(records))), list(range(len(records), len(records) + len(held)))
+        records = records + held
 
     processor, model = load_processor_and_model(cfg.model, cfg.seed)
     model.to(device)

@@ -240,3 +240,39 @@ def test_ablation_pipeline_runs_every_method(tmp_path):
     assert all(0 <= r["chair_s"][0] <= 1 for r in result["summary"])
     assert "| dpo | 0 |" in (tmp_path / "res.md").read_text() and os.path.getsize(tmp_path / "res.png") > 1000
     assert ablation.main(["--methods", "dpo,nope", "--work-dir", str(tmp_path / "w2")]) == 2
+
+
+def test_corrections_fix_attributes_and_delete_invented_objects():
+    truth = [RED_LEFT, BLUE_RIGHT]
+    mentioned = [("orange", "circle", "left"), ("green", "diamond", "middle"), BLUE_RIGHT, ("red", "square", "left")]
+    assert synthetic.correct(mentioned, truth) == [RED_LEFT, BLUE_RIGHT]  # the repeated left mention merges
+    assert synthetic.correct([("green", "diamond", "middle")], truth) == []
+    assert synthetic.correct([BLUE_RIGHT], truth) == [BLUE_RIGHT]  # an omission is not corrected
+
+
+def _answers_from_rejected(model, processor, records, settings=None, **kwargs):
+    """Stands in for generate_answers: every 'sample' is the record's rejected answer (always correctable)."""
+    return [[r.rejected] * (settings.num_samples if settings else 1) for r in records]
+
+
+def test_on_policy_pairs_and_their_ablation_pipeline(tmp_path, dataset, monkeypatch):
+    from rlhfv_train import ablation
+    records, _ = load_records(dataset)
+    pairs = ablation.on_policy_pairs(records, [[r.rejected, r.chosen, "there is in in ."] for r in records])
+    assert len(pairs) == len(records)  # only the rejected answers have something to correct
+    for pair, record in zip(pairs, records):
+        assert pair["rejected"] == record.rejected and pair["chosen"] != pair["rejected"]
+        fixed = synthetic.parse_description(pair["chosen"])
+        assert set(fixed) <= set(record.objects)
+        assert pair["reward_margin"] == len(set(synthetic.parse_description(record.rejected)) - set(record.objects))
+    monkeypatch.setattr(evaluate, "generate_answers", _answers_from_rejected)
+    work = tmp_path / "work"
+    assert ablation.main(["--quick", "--pairs", "on-policy", "--work-dir", str(work), "--out", str(tmp_path / "r"),
+                          "--no-progress", "--steps", "1", "--sft-steps", "1", "--examples", "40",
+                          "--methods", "ddpo-paper,sft-more", "--sft-weights", "1"]) == 0
+    held = [json.loads(line) for line in open(work / "seed0" / "heldout.jsonl")]
+    assert len(held) == 8 and all(row["objects"] for row in held)
+    config = torch.load(work / "seed0" / "ddpo-paper-sft1" / "checkpoint.pt", weights_only=False)["config"]
+    assert config["data"].endswith("pairs.jsonl") and config["eval_data"].endswith("heldout.jsonl")
+    rows = {r["method"] for r in json.loads((tmp_path / "r.json").read_text())["summary"]}
+    assert rows == {"ddpo-paper", "sft-more", "start (sft warm-up)"}
