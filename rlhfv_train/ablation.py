@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--examples", type=int, help="synthetic records (default: 1536)")
     p.add_argument("--partial", type=float, default=0.0, help="share of two-error rejected answers whose correction "
                    "fixes only one error (synthetic.make_example; default: 0)")
+    p.add_argument("--per-side", type=int, default=1, choices=(1, 2), help="objects per column at most; 2: 3 to 6 "
+                   "objects per scene, long answers in which an error is a small part (default: 1)")
     p.add_argument("--pairs", choices=("offline", "on-policy"), default="offline", help="offline: the dataset's "
                    "synthetic (chosen, rejected) pairs; on-policy: the SFT model's own sampled answers on the training "
                    "images, corrected against the ground truth, as RLHF-V collected its data (default: offline)")
@@ -178,10 +180,11 @@ def run(args) -> dict:
         raise ValueError(f"--sft-weights {args.sft_weights!r}: expected numbers separated by commas") from None
     if args.seeds < 1 or args.steps < 1:
         raise ValueError("--seeds and --steps must be >= 1")
-    data_path = os.path.join(args.work_dir, f"data-{args.examples}-partial{args.partial:g}", "data.jsonl")
+    name = f"data-{args.examples}-partial{args.partial:g}" + (f"-per{args.per_side}" if args.per_side > 1 else "")
+    data_path = os.path.join(args.work_dir, name, "data.jsonl")
     if not os.path.isfile(data_path):
         synthetic.generate(os.path.dirname(data_path), args.examples, seed=0, partial=args.partial,
-                           progress=not args.no_progress)
+                           per_side=args.per_side, progress=not args.no_progress)
     runs = []
     started = time.time()
     for seed in range(args.seeds):
@@ -295,7 +298,8 @@ def main(argv=None) -> int:
     title = (f"tiny LLaVA, {s['seeds']} seed(s): SFT warm-up {s['sft_steps']} steps, then {s['steps']} preference "
              f"steps at lr {s['lr']:g} (batch {s['batch_size']}), greedy answers on held-out images"
              + (f"; {s['partial']:.0%} of two-error pairs partly corrected" if s["partial"] else "")
-             + ("; on-policy pairs" if s["pairs"] == "on-policy" else ""))
+             + ("; on-policy pairs" if s["pairs"] == "on-policy" else "")
+             + (f"; up to {s['per_side']} objects per column" if s["per_side"] > 1 else ""))
     text = f"{title}\n\n{table(rows)}\n\n({result['minutes']:.1f} minutes, torch {torch.__version__}, " \
            f"{torch.get_num_threads()} threads)\n"
     with open(args.out + ".md", "w") as f:

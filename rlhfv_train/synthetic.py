@@ -59,11 +59,15 @@ def correct(mentioned: list[Object], objects: list[Object]) -> list[Object]:
     """An annotator's minimal correction of an answer that mentions `mentioned` in a scene of `objects`: a mention at
     a place where there is an object becomes that object (right colour and shape), a mention at an empty place is
     deleted. Objects the answer left out are not added (corrections fix hallucinations, they do not complete)."""
-    present = {o[2]: o for o in objects}
+    present = {}
+    for o in objects:  # in a column of stacked objects, the k-th mention there stands for the k-th object there
+        present.setdefault(o[2], []).append(o)
+    used = {side: 0 for side in present}
     fixed = []
     for _, _, side in mentioned:
-        if side in present and present[side] not in fixed:
-            fixed.append(present[side])
+        if used.get(side, 0) < len(present.get(side, ())):
+            fixed.append(present[side][used[side]])
+            used[side] += 1
     return fixed
 
 
@@ -74,36 +78,40 @@ def _confuse(value: str, choices, rng: random.Random) -> str:
     return rng.choice([c for c in choices if c != value])
 
 
-def hallucinate(objects: list[Object], rng: random.Random) -> list[Object]:
+def hallucinate(objects: list[Object], rng: random.Random, per_side: int = 1) -> list[Object]:
     """A plausible wrong description with one or two errors: a confusable colour or shape (a replacement), or an
-    object in an empty place (the correction deletes it)."""
-    return hallucinate_in_steps(objects, rng)[-1]
+    object in a free place (the correction deletes it)."""
+    return hallucinate_in_steps(objects, rng, per_side)[-1]
 
 
-def hallucinate_in_steps(objects: list[Object], rng: random.Random) -> list[list[Object]]:
+def hallucinate_in_steps(objects: list[Object], rng: random.Random, per_side: int = 1) -> list[list[Object]]:
     """hallucinate(), with the description after each error: [one error] or [one error, two errors]."""
     wrong = list(objects)
     steps = []
     for _ in range(1 if rng.random() < 0.6 else 2):
-        free = [s for s in SIDES if s not in {o[2] for o in wrong}]
+        free = [s for s in SIDES if sum(o[2] == s for o in wrong) < per_side]
+        # An error never repeats an object of the same column (the metric counts mentions once, so it would vanish).
         if free and rng.random() < 0.3:
-            side = rng.choice(free)
-            shape = rng.choice(SHAPES)
-            color = TYPICAL_COLOR[shape] if rng.random() < 0.5 else rng.choice(list(COLORS))
-            wrong.append((color, shape, side))
+            added = _random_object(rng.choice(free), rng)
+            while added in wrong:
+                added = _random_object(added[2], rng)
+            wrong.append(added)
             wrong.sort(key=lambda o: SIDES.index(o[2]))
             steps.append(list(wrong))
             continue
         i = rng.randrange(len(wrong))
-        color, shape, side = wrong[i]
-        if rng.random() < 0.5:
-            color = _confuse(color, COLORS, rng)
-        else:
-            shape = _confuse(shape, SHAPES, rng)
-        wrong[i] = (color, shape, side)
+        changed = wrong[i]
+        while changed in wrong:
+            color, shape, side = wrong[i]
+            if rng.random() < 0.5:
+                color = _confuse(color, COLORS, rng)
+            else:
+                shape = _confuse(shape, SHAPES, rng)
+            changed = (color, shape, side)
+        wrong[i] = changed
         steps.append(list(wrong))
     if wrong == list(objects):  # two errors that undid each other
-        return hallucinate_in_steps(objects, rng)
+        return hallucinate_in_steps(objects, rng, per_side)
     return steps
 
 
@@ -115,10 +123,17 @@ def draw(objects: list[Object], size: int = 32, rng: random.Random | None = None
     image = Image.new("RGB", (size, size), (245, 245, 245))
     pen = ImageDraw.Draw(image)
     column = size / len(SIDES)
-    for color, shape, side in objects:
-        extent = column * rng.uniform(0.55, 0.9)
+    stacked = {side: [o for o in objects if o[2] == side] for side in SIDES}
+    for obj in objects:
+        color, shape, side = obj
+        rows = len(stacked[side])
+        band = size / rows
+        extent = min(column, band) * (rng.uniform(0.55, 0.9) if rows == 1 else rng.uniform(0.6, 0.9))
         cx = column * (SIDES.index(side) + 0.5) + rng.uniform(-1, 1) * (column - extent) / 2
-        cy = size / 2 + rng.uniform(-1, 1) * size / 5
+        if rows == 1:  # alone in its column: anywhere around the middle
+            cy = size / 2 + rng.uniform(-1, 1) * size / 5
+        else:  # stacked: the k-th object of the column in the k-th band from the top
+            cy = band * (stacked[side].index(obj) + 0.5) + rng.uniform(-1, 1) * (band - extent) / 2
         x0, y0, x1, y1 = cx - extent / 2, cy - extent / 2, cx + extent / 2, cy + extent / 2
         fill = tuple(max(0, min(255, c + rng.randint(-25, 25))) for c in COLORS[color])
         if shape == "circle":
@@ -133,18 +148,31 @@ def draw(objects: list[Object], size: int = 32, rng: random.Random | None = None
     return Image.frombytes("RGB", image.size, noise)
 
 
-def make_example(rng: random.Random, partial: float = 0.0) -> dict:
+def _random_object(side: str, rng: random.Random) -> Object:
+    shape = rng.choice(SHAPES)
+    color = TYPICAL_COLOR[shape] if rng.random() < 0.5 else rng.choice(list(COLORS))
+    return (color, shape, side)
+
+
+def make_example(rng: random.Random, partial: float = 0.0, per_side: int = 1) -> dict:
     """A scene, its question and a (chosen, rejected) pair. With probability `partial`, a rejected answer with two
     errors is only partly corrected: the chosen answer fixes the second error and keeps the first (annotators miss
-    things), so the chosen answer hallucinates too and plain SFT on it learns that error."""
-    count = rng.choice((1, 2, 2, 3))
-    sides = sorted(rng.sample(SIDES, count), key=SIDES.index)
+    things), so the chosen answer hallucinates too and plain SFT on it learns that error. per_side = 2 stacks up to
+    two objects per column (3 to 6 objects, described column by column, top first): long answers in which an error
+    is a small part."""
+    if per_side == 1:
+        sides = sorted(rng.sample(SIDES, rng.choice((1, 2, 2, 3))), key=SIDES.index)
+    else:
+        slots = sorted(rng.sample([(s, row) for s in SIDES for row in range(per_side)],
+                                  rng.randint(len(SIDES), len(SIDES) * per_side)))
+        sides = sorted((s for s, _ in slots), key=SIDES.index)
     objects = []
     for side in sides:
-        shape = rng.choice(SHAPES)
-        color = TYPICAL_COLOR[shape] if rng.random() < 0.5 else rng.choice(list(COLORS))
-        objects.append((color, shape, side))
-    steps = hallucinate_in_steps(objects, rng)
+        obj = _random_object(side, rng)
+        while obj in objects:  # two equal objects in one column would read as one
+            obj = _random_object(side, rng)
+        objects.append(obj)
+    steps = hallucinate_in_steps(objects, rng, per_side)
     wrong = steps[-1]
     kept = steps[0] if partial and len(steps) == 2 and rng.random() < partial else objects
     # MM-DPO's reward margin, here exact: how many more wrong objects the rejected answer has than the chosen one.
@@ -154,13 +182,15 @@ def make_example(rng: random.Random, partial: float = 0.0) -> dict:
 
 
 def generate(out_dir: str, n: int, *, seed: int = 0, image_size: int = 32, partial: float = 0.0,
-             progress: bool = False) -> str:
-    """Writes n examples (images + data.jsonl) under out_dir and returns the JSONL path; `partial`: see
+             per_side: int = 1, progress: bool = False) -> str:
+    """Writes n examples (images + data.jsonl) under out_dir and returns the JSONL path; `partial`, `per_side`: see
     make_example."""
     if n <= 0:
         raise ValueError(f"n must be > 0, got {n}")
     if not 0.0 <= partial <= 1.0:
         raise ValueError(f"partial must be in [0, 1], got {partial}")
+    if per_side not in (1, 2):
+        raise ValueError(f"per_side must be 1 or 2, got {per_side}")
     rng = random.Random(seed)
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     path = os.path.join(out_dir, "data.jsonl")
@@ -171,7 +201,7 @@ def generate(out_dir: str, n: int, *, seed: int = 0, image_size: int = 32, parti
         indices = tqdm(indices, desc="synthetic data", unit="img")
     with open(tmp, "w") as f:
         for i in indices:
-            example = make_example(rng, partial)
+            example = make_example(rng, partial, per_side)
             name = f"images/{i:05d}.png"
             draw(example["objects"], image_size, rng).save(os.path.join(out_dir, name))
             f.write(json.dumps({"image": name, "question": example["question"], "chosen": example["chosen"],
@@ -189,9 +219,11 @@ def main(argv=None) -> int:
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--partial", type=float, default=0.0, help="share of two-error answers whose correction fixes "
                         "only one error (default: 0)")
+    parser.add_argument("--per-side", type=int, default=1, choices=(1, 2), help="objects per column at most: 2 "
+                        "gives 3 to 6 objects and long answers (default: 1)")
     args = parser.parse_args(argv)
     print(generate(args.out, args.n, seed=args.seed, image_size=args.image_size, partial=args.partial,
-                   progress=True))
+                   per_side=args.per_side, progress=True))
     return 0
 
 

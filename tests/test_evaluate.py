@@ -276,3 +276,21 @@ def test_on_policy_pairs_and_their_ablation_pipeline(tmp_path, dataset, monkeypa
     assert config["data"].endswith("pairs.jsonl") and config["eval_data"].endswith("heldout.jsonl")
     rows = {r["method"] for r in json.loads((tmp_path / "r.json").read_text())["summary"]}
     assert rows == {"ddpo-paper", "sft-more", "start (sft warm-up)"}
+
+
+def test_stacked_scenes_have_long_answers_and_column_wise_corrections(tmp_path):
+    rng = random.Random(21)
+    for _ in range(200):
+        example = synthetic.make_example(rng, per_side=2)
+        objects = [tuple(o) for o in example["objects"]]
+        assert 3 <= len(objects) <= 6 and len(set(objects)) == len(objects)
+        assert all(sum(o[2] == side for o in objects) <= 2 for side in synthetic.SIDES)
+        assert synthetic.parse_description(example["chosen"]) == objects
+        assert example["rejected"] != example["chosen"] and example["reward_margin"] >= 1
+    column = [("red", "circle", "left"), ("blue", "square", "left")]
+    said = [("orange", "circle", "left"), ("blue", "square", "left"), ("green", "diamond", "left")]
+    assert synthetic.correct(said, column) == column  # the k-th mention in a column is the k-th object there
+    path = synthetic.generate(str(tmp_path / "stacked"), 3, per_side=2)
+    assert len(load_records(path)[0]) == 3
+    with pytest.raises(ValueError, match="per_side must be 1 or 2"):
+        synthetic.generate(str(tmp_path), 2, per_side=3)
