@@ -24,8 +24,8 @@ from .data import load_records
 from .distributed import Distributed
 from .evaluate import GenerationSettings, evaluate_hallucination
 from .models import load_processor_and_model, load_weights, split_indices
-from .sft import warmup
 from .plots import plot_metrics
+from .sft import warmup
 
 PRESETS = {
     "paper": {"gamma": 5.0, "beta": 0.5, "mode": "mean"},     # RLHF-V paper
