@@ -5,6 +5,6 @@
 
 Modules: data (records, located errors), segments (correction -> token weights), batch (pairs -> [2B, T] inputs),
 refcache (frozen-model scores, cached), train (the loop, checkpoints, resume), sft (the warm-up), evaluate (the
-hallucination metric on generated answers), ablation (DPO vs DDPO vs MM-DPO), tiny and synthetic (the embedded
-default).
+hallucination metric on generated answers), ablation (DPO vs DDPO vs MM-DPO), rewards (judges, grouped comparison and
+advantages for online GRPO), tiny and synthetic (the embedded default).
 """
