@@ -21,6 +21,8 @@ import time
 
 import torch
 
+from .evaluate import METRICS
+
 METHODS = {  # name: TrainConfig overrides
     "dpo": {"gamma": 1.0, "beta": 0.1, "mode": "sum"},
     "ddpo-paper": {"gamma": 5.0, "beta": 0.5, "mode": "mean"},
@@ -30,7 +32,6 @@ METHODS = {  # name: TrainConfig overrides
 FULL = {"seeds": 3, "examples": 1536, "sft_steps": 2000, "steps": 300}
 QUICK = {"seeds": 1, "examples": 384, "sft_steps": 40, "steps": 10}
 CONTROL = "sft-more"  # continued SFT on the chosen answers, no preference pairs
-REPORTED = ("chair_s", "chair_i", "recall", "mentioned")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,42 +66,43 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _supervised(model, processor, records, *, steps, lr, batch_size, order_seed, progress=None) -> list[float]:
+    """sft.warmup on the chosen answers of `records`, in a seeded batch order (the warm-up and the SFT control)."""
+    from .batch import PairCollator
+    from .sft import warmup
+    from .train import BatchStream
+
+    collate = PairCollator(processor, gamma=1.0)
+    stream = BatchStream(list(range(len(records))), batch_size, order_seed)
+    return warmup(model, lambda k: collate([(i, records[i]) for i in stream.batch(k)]), steps=steps, lr=lr,
+                  progress=progress)
+
+
 def _warm_up(data_path, seed, args, path):
     """The seed's SFT model, saved to `path` (what every method of this seed starts from)."""
     from tqdm import tqdm
 
-    from .batch import PairCollator
-    from .data import load_records
-    from .models import load_processor_and_model, split_indices
-    from .sft import warmup
-    from .train import BatchStream
+    from .models import load_processor_and_model
 
-    records, _ = load_records(data_path)
-    train_idx, _ = split_indices(len(records), args.eval_fraction, seed)
+    train_records, _ = _records(data_path, None, seed, args)
     processor, model = load_processor_and_model(None, seed)
-    collate = PairCollator(processor, gamma=1.0)
-    stream = BatchStream(train_idx, args.batch_size, seed + 7919)
     with tqdm(total=args.sft_steps, desc=f"seed {seed}: sft warm-up", unit="step", disable=args.no_progress) as bar:
-        losses = warmup(model, lambda k: collate([(i, records[i]) for i in stream.batch(k)]), steps=args.sft_steps,
-                        lr=args.sft_lr, progress=bar)
+        losses = _supervised(model, processor, train_records, steps=args.sft_steps, lr=args.sft_lr,
+                             batch_size=args.batch_size, order_seed=seed + 7919, progress=bar)
     torch.save({"model": model.state_dict(), "sft_losses": losses}, path)
 
 
 def _control(train_path, held_path, seed, args, sft_path) -> dict:
     """More SFT on the chosen answers of the methods' training pairs, from the warm-up weights, for as many steps as a
     method gets, then the same evaluation."""
-    from .batch import PairCollator
     from .evaluate import evaluate_hallucination
     from .models import load_processor_and_model, load_weights
-    from .sft import warmup
-    from .train import BatchStream
 
     train_records, held = _records(train_path, held_path, seed, args)
     processor, model = load_processor_and_model(None, seed)
     load_weights(model, sft_path)
-    collate = PairCollator(processor, gamma=1.0)
-    stream = BatchStream(list(range(len(train_records))), args.batch_size, seed)
-    warmup(model, lambda k: collate([(i, train_records[i]) for i in stream.batch(k)]), steps=args.steps, lr=args.lr)
+    _supervised(model, processor, train_records, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+                order_seed=seed)
     rates, _ = evaluate_hallucination(model, processor, held)
     return rates
 
@@ -218,7 +220,7 @@ def run(args) -> dict:
 
 
 def _pick(metrics: dict) -> dict:
-    return {name: metrics.get(name) for name in REPORTED}
+    return {name: metrics.get(name) for name in METRICS}
 
 
 def summarize(result: dict) -> list[dict]:
@@ -231,7 +233,7 @@ def summarize(result: dict) -> list[dict]:
     for method, weight in order:
         members = groups[(method, weight)]
         row = {"method": method, "sft_weight": weight, "seeds": len(members)}
-        for name in (*REPORTED, "eval_accuracy"):
+        for name in (*METRICS, "eval_accuracy"):
             values = [m[name] for m in members if m.get(name) is not None]
             if values:
                 row[name] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
@@ -244,7 +246,7 @@ def table(rows: list[dict]) -> str:
              "recall | objects mentioned | held-out pref. acc. |", "|---|---|---|---|---|---|---|"]
     for row in rows:
         cells = [f"{row[n][0]:.3f} ± {row[n][1]:.3f}" if n in row else "–"
-                 for n in (*REPORTED, "eval_accuracy")]
+                 for n in (*METRICS, "eval_accuracy")]
         weight = "–" if row["sft_weight"] is None else f"{row['sft_weight']:g}"
         lines.append(f"| {row['method']} | {weight} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -105,7 +105,7 @@ def parse_record(obj, where: str, base_dir: str) -> PreferenceRecord:
     if objects is not None:
         if not isinstance(objects, list):
             raise DataError(f"{where}: objects must be a list, got {type(objects).__name__}")
-        objects = [_hashable(o) for o in objects]
+        objects = [as_hashable(o) for o in objects]
         for o in objects:
             try:
                 hash(o)
@@ -123,9 +123,9 @@ def parse_record(obj, where: str, base_dir: str) -> PreferenceRecord:
     )
 
 
-def _hashable(value):
+def as_hashable(value):
     """JSON lists -> tuples (recursively), so that objects can be compared as set members."""
-    return tuple(_hashable(v) for v in value) if isinstance(value, list) else value
+    return tuple(as_hashable(v) for v in value) if isinstance(value, list) else value
 
 
 def _iter_jsonl(path: str):

@@ -28,10 +28,10 @@ from dataclasses import dataclass
 import torch
 
 from .batch import build_prompt
-from .data import PreferenceRecord, load_records, open_image
-from .models import load_processor_and_model, load_weights, split_indices
+from .data import PreferenceRecord, as_hashable, load_records, open_image
+from .models import load_processor_and_model, load_weights, read_weights, split_indices
 
-METRICS = ("chair_s", "chair_i", "recall", "mentioned")
+METRICS = ("chair_s", "chair_i", "recall", "mentioned")  # what a run records of hallucination_rates()
 
 
 @dataclass
@@ -77,10 +77,8 @@ def load_parser(spec: str | None) -> Callable[[str], Sequence]:
 
 
 def _as_set(objects, what: str) -> set:
-    def hashable(o):
-        return tuple(hashable(v) for v in o) if isinstance(o, list) else o
     try:
-        return {hashable(o) for o in objects}
+        return {as_hashable(o) for o in objects}
     except TypeError as exc:
         raise ValueError(f"{what} must be an iterable of hashable objects ({exc})") from None
 
@@ -224,8 +222,8 @@ def _records_and_model(args):
     if args.checkpoint is not None:
         if not os.path.isfile(args.checkpoint):
             raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no such file")
-        saved = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
-    config = saved.get("config", {})
+        saved = read_weights(args.checkpoint)
+    config = saved.get("config", {}) if isinstance(saved, dict) else {}
     model_path = args.model or config.get("model")
     if model_path is not None and not os.path.isdir(model_path):
         raise FileNotFoundError(f"--model {model_path}: no such folder")
@@ -247,7 +245,7 @@ def _records_and_model(args):
         raise ValueError(f"no records to evaluate (split {split!r} of {data})")
     processor, model = load_processor_and_model(model_path, config.get("seed", 0))
     if args.checkpoint is not None:
-        load_weights(model, args.checkpoint)
+        load_weights(model, args.checkpoint, saved)
     return records, processor, model
 
 

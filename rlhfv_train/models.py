@@ -24,11 +24,18 @@ def load_processor_and_model(model: str | None, seed: int):
     return processor, network
 
 
-def load_weights(model, path: str) -> None:
-    """Loads a trainer checkpoint (checkpoint.pt, sft.pt: a dict with "model") or a bare state dict into `model`."""
+def read_weights(path: str):
+    """The contents of a weights file (a trainer checkpoint or a bare state dict), on the CPU."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such weights file: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def load_weights(model, path: str, saved=None):
+    """Loads a trainer checkpoint (checkpoint.pt, sft.pt: a dict with "model") or a bare state dict into `model`, and
+    returns what the file holds (pass `saved` when it was already read with read_weights: one read per file)."""
+    saved = read_weights(path) if saved is None else saved
+    state = saved
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     if not isinstance(state, dict):
@@ -38,6 +45,7 @@ def load_weights(model, path: str) -> None:
     if missing or unexpected:
         raise ValueError(f"{path} does not fit the model: {len(missing)} missing weights (e.g. {missing[:2]}), "
                          f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})")
+    return saved
 
 
 def split_indices(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:

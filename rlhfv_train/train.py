@@ -22,7 +22,7 @@ from .batch import PairCollator
 from .checkpoint import full_state, load_full_state, restore_rng, rng_state, save_atomically
 from .data import load_records
 from .distributed import Distributed
-from .evaluate import GenerationSettings, evaluate_hallucination
+from .evaluate import METRICS, GenerationSettings, evaluate_hallucination
 from .models import load_processor_and_model, load_weights, split_indices
 from .plots import plot_metrics
 from .sft import warmup
@@ -157,7 +157,7 @@ def evaluate(cfg, model, processor, collate, records, indices, refs, device, aut
         settings = GenerationSettings(max_new_tokens=cfg.eval_max_new_tokens, batch_size=max(cfg.batch_size, 32))
         rates, _ = evaluate_hallucination(model, processor, [records[i] for i in indices], settings=settings,
                                           device=device, autocast_dtype=autocast_dtype)
-        metrics.update({name: rates[name] for name in ("chair_s", "chair_i", "recall", "mentioned")})
+        metrics.update({name: rates[name] for name in METRICS})
     was_training = model.training
     model.eval()
     wins, margins = [], []
@@ -180,8 +180,7 @@ def _warm_up(cfg, dist, model, collate, records, train_idx, device, autocast_dty
         return []
     path = os.path.join(cfg.output_dir, "sft.pt")
     if cfg.resume and os.path.isfile(path):
-        load_weights(model, path)
-        return torch.load(path, weights_only=False)["sft_losses"]
+        return load_weights(model, path)["sft_losses"]
     losses = []
     if dist.is_main:
         from tqdm import tqdm
@@ -196,8 +195,7 @@ def _warm_up(cfg, dist, model, collate, records, train_idx, device, autocast_dty
                                "sft_losses": losses, "step": 0})
     dist.barrier()
     if not dist.is_main:
-        load_weights(model, path)
-        losses = torch.load(path, weights_only=False)["sft_losses"]
+        losses = load_weights(model, path)["sft_losses"]
     return losses
 
 
