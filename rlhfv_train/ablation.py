@@ -180,8 +180,13 @@ def run(args) -> dict:
         sft_weights = [float(w) for w in args.sft_weights.split(",")]
     except ValueError:
         raise ValueError(f"--sft-weights {args.sft_weights!r}: expected numbers separated by commas") from None
-    if args.seeds < 1 or args.steps < 1:
-        raise ValueError("--seeds and --steps must be >= 1")
+    for flag in ("seeds", "steps", "batch_size", "samples", "examples"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.sft_steps < 0:
+        raise ValueError(f"--sft-steps must be >= 0, got {args.sft_steps}")
+    if not 0.0 < args.eval_fraction < 1.0:
+        raise ValueError(f"--eval-fraction must be between 0 and 1, got {args.eval_fraction}")
     name = f"data-{args.examples}-partial{args.partial:g}" + (f"-per{args.per_side}" if args.per_side > 1 else "")
     data_path = os.path.join(args.work_dir, name, "data.jsonl")
     if not os.path.isfile(data_path):

@@ -227,7 +227,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
         assert len(errors) == 1 and message in errors[0], errors  # (transformers may draw a loading bar too)
 
 
-def test_ablation_pipeline_runs_every_method(tmp_path):
+def test_ablation_pipeline_runs_every_method(tmp_path, capsys):
     from rlhfv_train import ablation
     out = tmp_path / "res"
     assert ablation.main(["--quick", "--work-dir", str(tmp_path / "work"), "--out", str(out), "--no-progress",
@@ -239,7 +239,10 @@ def test_ablation_pipeline_runs_every_method(tmp_path):
     assert rows == expected
     assert all(0 <= r["chair_s"][0] <= 1 for r in result["summary"])
     assert "| dpo | 0 |" in (tmp_path / "res.md").read_text() and os.path.getsize(tmp_path / "res.png") > 1000
-    assert ablation.main(["--methods", "dpo,nope", "--work-dir", str(tmp_path / "w2")]) == 2
+    for bad in (["--methods", "dpo,nope"], ["--batch-size", "0"], ["--samples", "0"], ["--eval-fraction", "1"],
+                ["--sft-steps", "-1"]):
+        assert ablation.main([*bad, "--work-dir", str(tmp_path / "w2"), "--quick"]) == 2
+    assert "--eval-fraction must be between 0 and 1" in capsys.readouterr().err
 
 
 def test_corrections_fix_attributes_and_delete_invented_objects():
