@@ -60,20 +60,23 @@ def default_parser(text: str) -> list:
     return parse_description(text)
 
 
-def load_parser(spec: str | None) -> Callable[[str], Sequence]:
-    """'package.module:function' -> that function; None -> the synthetic scenes' parser."""
-    if spec is None:
-        return default_parser
+def load_callable(spec: str, option: str) -> Callable:
+    """'package.module:function' -> that function; errors name the command-line `option` it came from."""
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
-        raise ValueError(f"--parser {spec!r}: expected module:function, e.g. mypkg.parsing:objects")
+        raise ValueError(f"{option} {spec!r}: expected module:function, e.g. mypkg.parsing:objects")
     try:
-        parser = getattr(importlib.import_module(module_name), attr)
+        function = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
-        raise ValueError(f"--parser {spec!r}: cannot load it ({exc})") from None
-    if not callable(parser):
-        raise ValueError(f"--parser {spec!r} is not callable")
-    return parser
+        raise ValueError(f"{option} {spec!r}: cannot load it ({exc})") from None
+    if not callable(function):
+        raise ValueError(f"{option} {spec!r} is not callable")
+    return function
+
+
+def load_parser(spec: str | None) -> Callable[[str], Sequence]:
+    """'package.module:function' -> that function; None -> the synthetic scenes' parser."""
+    return default_parser if spec is None else load_callable(spec, "--parser")
 
 
 def _as_set(objects, what: str) -> set:
@@ -117,12 +120,21 @@ def _prompt(processor, record: PreferenceRecord, with_image: bool, chat_template
     return build_prompt(record.question, image_token if with_image else None)
 
 
+@dataclass
+class GeneratedBatch:
+    """One generate() call: its records, the prompt inputs (left-padded, on the device) and the new tokens, rows
+    [record 0 sample 0, record 0 sample 1, ..., record 1 sample 0, ...]: num_samples rows per record."""
+    records: Sequence[PreferenceRecord]
+    inputs: dict
+    new_tokens: torch.Tensor
+
+
 @torch.no_grad()
-def generate_answers(model, processor, records: Sequence[PreferenceRecord], settings: GenerationSettings | None = None,
-                     *, device=None, autocast_dtype=None, progress=None) -> list[list[str]]:
-    """settings.num_samples answers per record, generated from its image and question (left-padded batches).
+def generate_tokens(model, processor, records: Sequence[PreferenceRecord], settings: GenerationSettings | None = None,
+                    *, device=None, autocast_dtype=None, progress=None) -> list[GeneratedBatch]:
+    """settings.num_samples answers per record, generated from its image and question in left-padded batches.
     The model's train/eval mode and the global random state are restored afterwards, so a training run that
-    evaluates mid-way stays exactly reproducible."""
+    generates mid-way stays exactly reproducible."""
     settings = settings or GenerationSettings()
     settings.check()
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -139,7 +151,7 @@ def generate_answers(model, processor, records: Sequence[PreferenceRecord], sett
     was_training, side = model.training, tokenizer.padding_side
     model.eval()
     tokenizer.padding_side = "left"  # generation continues every row from its last real token
-    answers = []
+    batches = []
     devices = [device] if device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=devices):
@@ -158,15 +170,25 @@ def generate_answers(model, processor, records: Sequence[PreferenceRecord], sett
                     contextlib.nullcontext()
                 with autocast:
                     out = model.generate(**inputs, **options)
-                new_tokens = out[:, inputs["input_ids"].shape[1]:]
-                decoded = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-                k = settings.num_samples
-                answers.extend([text.strip() for text in decoded[i * k:(i + 1) * k]] for i in range(len(chunk)))
+                batches.append(GeneratedBatch(chunk, inputs, out[:, inputs["input_ids"].shape[1]:]))
                 if progress is not None:
                     progress.update(len(chunk))
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
+    return batches
+
+
+def generate_answers(model, processor, records: Sequence[PreferenceRecord], settings: GenerationSettings | None = None,
+                     *, device=None, autocast_dtype=None, progress=None) -> list[list[str]]:
+    """generate_tokens, decoded: settings.num_samples answer texts per record."""
+    settings = settings or GenerationSettings()
+    tokenizer = getattr(processor, "tokenizer", processor)
+    answers, k = [], settings.num_samples
+    for batch in generate_tokens(model, processor, records, settings, device=device, autocast_dtype=autocast_dtype,
+                                 progress=progress):
+        decoded = tokenizer.batch_decode(batch.new_tokens, skip_special_tokens=True)
+        answers.extend([text.strip() for text in decoded[i * k:(i + 1) * k]] for i in range(len(batch.records)))
     return answers
 
 

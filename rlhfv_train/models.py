@@ -53,3 +53,30 @@ def split_indices(n: int, fraction: float, seed: int) -> tuple[list[int], list[i
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     held = int(round(n * fraction)) if n > 1 else 0
     return sorted(order[held:]), sorted(order[:held])
+
+
+def load_run_records(data: str | None, *, eval_data: str | None, eval_fraction: float, seed: int, skip_bad: bool,
+                     output_dir: str, synthetic_examples: int, dist, progress: bool = True):
+    """(records, training indices, held-out indices, data path) of a run. data None: the synthetic scenes, generated
+    once into output_dir/synthetic by the main process. eval_data: a held-out file of its own, appended after the
+    training records and indexed like a split; else a seeded eval_fraction of `data` is held out."""
+    from .data import load_records
+    data_path = data
+    if data_path is None:
+        from . import synthetic
+        data_path = os.path.join(output_dir, "synthetic", "data.jsonl")
+        if dist.is_main and not os.path.isfile(data_path):
+            synthetic.generate(os.path.dirname(data_path), synthetic_examples, seed=seed, progress=progress)
+        dist.barrier()
+    records, report = load_records(data_path, skip_bad=skip_bad)
+    if dist.is_main:
+        print(f"data: {data_path}: {report.summary()}")
+    if eval_data is None:
+        train_idx, eval_idx = split_indices(len(records), eval_fraction, seed)
+    else:
+        held, held_report = load_records(eval_data, skip_bad=skip_bad)
+        if dist.is_main:
+            print(f"held-out data: {eval_data}: {held_report.summary()}")
+        train_idx, eval_idx = list(range(len(records))), list(range(len(records), len(records) + len(held)))
+        records = records + held
+    return records, train_idx, eval_idx, data_path

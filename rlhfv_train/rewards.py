@@ -5,7 +5,9 @@ Grouped comparison: each of a prompt's k answers is judged against every other o
 is biased by position), and its score is the mean of its win probabilities:
     S(y_i) = 1 / (2 (k - 1)) * sum_{j != i} [ P(y_i beats y_j | y_i shown first) + P(y_i beats y_j | y_j shown first) ]
 A judge here is a callable (record, pairs) -> P(first answer of each pair is better), one float in [0, 1] per pair,
-so that a model-based judge can score all k (k - 1) ordered pairs of a group in one batch.
+so that a model-based judge can score all k (k - 1) ordered pairs of a group in one batch. Built in: SceneJudge (exact,
+for the synthetic scenes) and GenerativeJudge (any Hugging Face model asked "A or B?"). A pointwise reward is a
+callable (record, answer) -> float, e.g. scene_reward. GroupScorer puts either behind one interface for the trainer.
 """
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .data import PreferenceRecord
+from .batch import build_prompt
+from .data import PreferenceRecord, open_image
 
 Judge = Callable[[PreferenceRecord, Sequence[tuple[str, str]]], Sequence[float]]
 
@@ -78,3 +81,100 @@ def scene_reward(record: PreferenceRecord, answer: str, parser=None) -> float:
     """A pointwise reward for the synthetic scenes: (correct - hallucinated objects) / objects in the image."""
     wrong, right = SceneJudge(parser).counts(record, answer)
     return (right - wrong) / max(len(set(record.objects)), 1)
+
+
+JUDGE_TEMPLATE = ("{question} Answer A: {first} Answer B: {second} Which answer describes the image more accurately, "
+                  "A or B? The better answer is")
+
+
+class GenerativeJudge:
+    """A Hugging Face model as pairwise judge (Generative RLHF-V): it reads the question, answer A (`first`) and
+    answer B (`second`), and P(A is better) = softmax over its next-token logits of the two choice tokens. With an
+    image-text-to-text processor the record's image goes in too. grouped_comparison asks for both orders, which
+    cancels the judge's preference for a position.
+
+    The choices must each be one token of the judge's tokenizer right after the prompt (checked here)."""
+
+    def __init__(self, model, processor, *, template: str = JUDGE_TEMPLATE, choices: tuple[str, str] = ("A", "B"),
+                 batch_size: int = 16, autocast_dtype=None):
+        for field in ("{question}", "{first}", "{second}"):
+            if field not in template:
+                raise ValueError(f"the judge template must contain {field}, got {template!r}")
+        if batch_size < 1:
+            raise ValueError(f"judge batch_size must be >= 1, got {batch_size}")
+        self.model, self.processor, self.template = model, processor, template
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.has_images = hasattr(processor, "image_processor")
+        self.image_token = getattr(processor, "image_token", None) or getattr(self.tokenizer, "image_token", None)
+        self.batch_size, self.autocast_dtype = batch_size, autocast_dtype
+        probe = template.format(question="q", first="x", second="y")
+        self.choice_ids = [self._choice_token(probe, choice) for choice in choices]
+        if self.choice_ids[0] == self.choice_ids[1]:
+            raise ValueError(f"the judge's choices {choices} encode to the same token")
+
+    def _choice_token(self, prompt: str, choice: str) -> int:
+        encode = lambda text: self.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+        base, full = encode(prompt), encode(f"{prompt} {choice}")
+        if len(full) != len(base) + 1 or full[:len(base)] != base:
+            raise ValueError(f"the judge's tokenizer does not encode {choice!r} as one token after the prompt "
+                             f"({len(full) - len(base)} tokens); pick other choices")
+        if full[-1] == self.tokenizer.unk_token_id:
+            raise ValueError(f"the judge's tokenizer has no token for {choice!r} (it becomes the unknown token); "
+                             "use a judge model whose vocabulary has the choices")
+        return full[-1]
+
+    @torch.no_grad()
+    def __call__(self, record: PreferenceRecord, pairs: Sequence[tuple[str, str]]) -> list[float]:
+        image = open_image(record) if self.has_images else None
+        prefix = self.image_token if image is not None else None
+        prompts = [build_prompt(self.template.format(question=record.question, first=a, second=b), prefix)
+                   for a, b in pairs]
+        device = next(self.model.parameters()).device
+        was_training, side = self.model.training, self.tokenizer.padding_side
+        self.model.eval()
+        self.tokenizer.padding_side = "right"  # positions 0.. for every row, as in training; read each row's end
+        scores = []
+        try:
+            for start in range(0, len(prompts), self.batch_size):
+                texts = prompts[start:start + self.batch_size]
+                if image is not None:
+                    inputs = self.processor(images=[image] * len(texts), text=texts, return_tensors="pt",
+                                            padding=True)
+                else:
+                    inputs = self.tokenizer(texts, return_tensors="pt", padding=True)
+                inputs = {k: v.to(device) for k, v in inputs.items()}
+                with torch.autocast(device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+                    logits = self.model(**inputs).logits
+                last = inputs["attention_mask"].sum(-1) - 1
+                choice = logits[torch.arange(len(texts), device=device), last][:, self.choice_ids].float()
+                scores.extend(torch.softmax(choice, dim=-1)[:, 0].tolist())
+        finally:
+            self.tokenizer.padding_side = side
+            self.model.train(was_training)
+        return scores
+
+
+class GroupScorer:
+    """The rewards of a group of answers to one prompt, from a pointwise reward (record, answer) -> float or a
+    pairwise judge (grouped comparison); and a held-out score of one answer against the record's chosen answer."""
+
+    def __init__(self, *, reward: Callable[[PreferenceRecord, str], float] | None = None, judge: Judge | None = None):
+        if (reward is None) == (judge is None):
+            raise ValueError("give exactly one of a pointwise reward and a pairwise judge")
+        self.reward, self.judge = reward, judge
+        # What the held-out score means: the judge's win rate against the reference answer, or the mean reward.
+        self.eval_name = "eval_win_rate" if judge is not None else "eval_reward"
+
+    def __call__(self, record: PreferenceRecord, answers: Sequence[str]) -> list[float]:
+        if self.judge is not None:
+            return grouped_comparison(record, answers, self.judge)
+        rewards = [float(self.reward(record, answer)) for answer in answers]
+        if not all(r == r and abs(r) != float("inf") for r in rewards):
+            raise ValueError(f"{record.source}: the reward function returned {rewards}; rewards must be finite")
+        return rewards
+
+    def versus_reference(self, record: PreferenceRecord, answer: str) -> float:
+        """The judge's P(answer beats the record's chosen answer), both orders averaged; or the answer's reward."""
+        if self.judge is not None:
+            return grouped_comparison(record, [answer, record.chosen], self.judge)[0]
+        return self(record, [answer])[0]

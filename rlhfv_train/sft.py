@@ -48,3 +48,35 @@ def warmup(model, batches, *, steps: int, lr: float, max_grad_norm: float = 1.0,
             progress.update()
             progress.set_postfix(nll=f"{losses[-1]:.3f}")
     return losses
+
+
+def warm_up_once(model, collate, records, train_idx, *, dist, output_dir: str, steps: int, lr: float,
+                 batch_size: int, seed: int, resume: bool, max_grad_norm: float = 1.0, autocast_dtype=None,
+                 backend=None, progress: bool = True, extra: dict | None = None) -> list[float]:
+    """A trainer's warm-up when steps > 0, saved as output_dir/sft.pt (with `extra`, e.g. the run's config). The main
+    process trains; the others, and a resumed run (whose reference comes from these weights), load the file.
+    batch_size is per process: the main process warms up on the global batch, so a run under torchrun warms up
+    exactly like one process. Returns the losses."""
+    import os
+
+    from .batch import BatchStream
+    from .checkpoint import save_atomically
+    from .models import load_weights
+    if steps == 0:
+        return []
+    path = os.path.join(output_dir, "sft.pt")
+    if resume and os.path.isfile(path):
+        return load_weights(model, path)["sft_losses"]
+    losses = []
+    if dist.is_main:
+        from tqdm import tqdm
+        stream = BatchStream(train_idx, batch_size * dist.world, seed + 7919)  # an order of its own
+        with tqdm(total=steps, desc="sft warm-up", unit="step", disable=not progress) as bar:
+            losses = warmup(model, lambda k: collate([(i, records[i]) for i in stream.batch(k)]).to(
+                next(model.parameters()).device), steps=steps, lr=lr, max_grad_norm=max_grad_norm,
+                autocast_dtype=autocast_dtype, backend=backend, progress=bar)
+        save_atomically(path, {"model": model.state_dict(), **(extra or {}), "sft_losses": losses, "step": 0})
+    dist.barrier()
+    if not dist.is_main:
+        losses = load_weights(model, path)["sft_losses"]
+    return losses

@@ -18,14 +18,13 @@ import torch
 import rlhfv_kernels as rk
 
 from . import refcache
-from .batch import PairCollator
+from .batch import BatchStream, PairCollator
 from .checkpoint import full_state, load_full_state, restore_rng, rng_state, save_atomically
-from .data import load_records
 from .distributed import Distributed
 from .evaluate import METRICS, GenerationSettings, evaluate_hallucination
-from .models import load_processor_and_model, load_weights, split_indices
+from .models import load_processor_and_model, load_run_records
 from .plots import plot_metrics
-from .sft import warmup
+from .sft import warm_up_once
 
 PRESETS = {
     "paper": {"gamma": 5.0, "beta": 0.5, "mode": "mean"},     # RLHF-V paper
@@ -91,26 +90,6 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-class BatchStream:
-    """Micro-batches of the training indices in a fresh seeded order every epoch; position = micro-steps taken, so
-    a resumed run continues with exactly the batches an uninterrupted run would have seen."""
-
-    def __init__(self, indices: list[int], batch_size: int, seed: int, rank: int = 0, world: int = 1):
-        if len(indices) < world:
-            raise ValueError(f"{len(indices)} training records for {world} processes (is eval_fraction too large?)")
-        self.indices, self.seed, self.rank, self.world = indices, seed, rank, world
-        self.batch_size = min(batch_size, len(indices) // world)  # per process
-        self.per_epoch = len(indices) // (self.batch_size * world)
-
-    def batch(self, micro_step: int) -> list[int]:
-        """This process's share of global micro-batch `micro_step` (the same global batches for any world size)."""
-        epoch, k = divmod(micro_step, self.per_epoch)
-        order = torch.randperm(len(self.indices), generator=torch.Generator().manual_seed(self.seed + 1 + epoch))
-        size = self.batch_size * self.world
-        take = order[k * size:(k + 1) * size].tolist()[self.rank::self.world]
-        return [self.indices[i] for i in take]
-
-
 def _hidden_and_head(model, inputs: dict):
     """(last hidden states, lm_head) of a Hugging Face model, without computing the logits."""
     base = getattr(model, "model", None)
@@ -173,32 +152,6 @@ def evaluate(cfg, model, processor, collate, records, indices, refs, device, aut
     return {"eval_accuracy": sum(wins) / len(wins), "eval_margin": sum(margins) / len(margins), **metrics}
 
 
-def _warm_up(cfg, dist, model, collate, records, train_idx, device, autocast_dtype, data_path) -> list[float]:
-    """The SFT warm-up (sft.py) when cfg.sft_steps > 0, saved as output_dir/sft.pt. The main process trains; the
-    others, and a resumed run (whose reference scores come from these weights), load the file. Returns the losses."""
-    if cfg.sft_steps == 0:
-        return []
-    path = os.path.join(cfg.output_dir, "sft.pt")
-    if cfg.resume and os.path.isfile(path):
-        return load_weights(model, path)["sft_losses"]
-    losses = []
-    if dist.is_main:
-        from tqdm import tqdm
-        # The global batch (batch_size is per process), in an order of its own: a run under torchrun warms up
-        # exactly like one process with the whole batch.
-        stream = BatchStream(train_idx, cfg.batch_size * dist.world, cfg.seed + 7919)
-        with tqdm(total=cfg.sft_steps, desc="sft warm-up", unit="step", disable=not cfg.progress) as bar:
-            losses = warmup(model, lambda k: collate([(i, records[i]) for i in stream.batch(k)]).to(device),
-                            steps=cfg.sft_steps, lr=cfg.sft_lr, max_grad_norm=cfg.max_grad_norm,
-                            autocast_dtype=autocast_dtype, backend=cfg.backend, progress=bar)
-        save_atomically(path, {"model": model.state_dict(), "config": asdict(cfg), "data_path": data_path,
-                               "sft_losses": losses, "step": 0})
-    dist.barrier()
-    if not dist.is_main:
-        losses = load_weights(model, path)["sft_losses"]
-    return losses
-
-
 def train(cfg: TrainConfig) -> dict:
     """Runs (or resumes) training; returns a summary with the last metrics and the paths written."""
     if cfg.mode not in ("sum", "mean"):
@@ -222,25 +175,9 @@ def train(cfg: TrainConfig) -> dict:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
 
-    data_path = cfg.data
-    if data_path is None:
-        from . import synthetic
-        data_path = os.path.join(cfg.output_dir, "synthetic", "data.jsonl")
-        if dist.is_main and not os.path.isfile(data_path):
-            synthetic.generate(os.path.dirname(data_path), cfg.synthetic_examples, seed=cfg.seed,
-                               progress=cfg.progress)
-        dist.barrier()
-    records, report = load_records(data_path, skip_bad=cfg.skip_bad)
-    if dist.is_main:
-        print(f"data: {data_path}: {report.summary()}")
-    if cfg.eval_data is None:
-        train_idx, eval_idx = split_indices(len(records), cfg.eval_fraction, cfg.seed)
-    else:  # a held-out file of its own, appended after the training records and indexed like a split
-        held, held_report = load_records(cfg.eval_data, skip_bad=cfg.skip_bad)
-        if dist.is_main:
-            print(f"held-out data: {cfg.eval_data}: {held_report.summary()}")
-        train_idx, eval_idx = list(range(len(records))), list(range(len(records), len(records) + len(held)))
-        records = records + held
+    records, train_idx, eval_idx, data_path = load_run_records(
+        cfg.data, eval_data=cfg.eval_data, eval_fraction=cfg.eval_fraction, seed=cfg.seed, skip_bad=cfg.skip_bad,
+        output_dir=cfg.output_dir, synthetic_examples=cfg.synthetic_examples, dist=dist, progress=cfg.progress)
 
     processor, model = load_processor_and_model(cfg.model, cfg.seed)
     model.to(device)
@@ -250,7 +187,11 @@ def train(cfg: TrainConfig) -> dict:
     collate = PairCollator(processor, gamma=cfg.gamma, min_match=cfg.min_match)
     if cfg.init_weights is not None:
         load_weights(model, cfg.init_weights)
-    sft_losses = _warm_up(cfg, dist, model, collate, records, train_idx, device, autocast_dtype, data_path)
+    sft_losses = warm_up_once(model, collate, records, train_idx, dist=dist, output_dir=cfg.output_dir,
+                              steps=cfg.sft_steps, lr=cfg.sft_lr, batch_size=cfg.batch_size, seed=cfg.seed,
+                              resume=cfg.resume, max_grad_norm=cfg.max_grad_norm, autocast_dtype=autocast_dtype,
+                              backend=cfg.backend, progress=cfg.progress,
+                              extra={"config": asdict(cfg), "data_path": data_path})
 
     # Reference scores come from the starting weights, before any checkpoint is loaded.
     settings = {"gamma": cfg.gamma, "min_match": cfg.min_match, "mode": cfg.mode, "temperature": cfg.temperature}
