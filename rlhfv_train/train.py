@@ -22,7 +22,7 @@ from .batch import BatchStream, PairCollator
 from .checkpoint import full_state, load_full_state, restore_rng, rng_state, save_atomically
 from .distributed import Distributed
 from .evaluate import METRICS, GenerationSettings, evaluate_hallucination
-from .models import load_processor_and_model, load_run_records
+from .models import load_processor_and_model, load_run_records, load_weights
 from .plots import plot_metrics
 from .sft import warm_up_once
 
