@@ -1,6 +1,7 @@
 """Checkpoints: unsharded model/optimizer state (under FSDP too), RNG state, atomic writes."""
 from __future__ import annotations
 
+import json
 import os
 import random
 
@@ -47,3 +48,33 @@ def restore_rng(state: dict) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_training_state(path: str, model, optimizer, scheduler, step: int, *, fsdp: bool, dist, **extra) -> None:
+    """The trainers' checkpoint: unsharded model and optimizer, scheduler, RNG, step, and `extra` (config, data
+    path, ...). A collective under FSDP; the main process writes."""
+    model_state, optimizer_state = full_state(model, optimizer, fsdp)
+    if dist.is_main:
+        save_atomically(path, {"model": model_state, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
+                               "rng": rng_state(), "step": step, **extra})
+    dist.barrier()
+
+
+def resume_training_state(path: str, model, optimizer, scheduler, *, fsdp: bool) -> int:
+    """Loads save_training_state's file; returns the step it was written at."""
+    state = torch.load(path, weights_only=False)
+    load_full_state(model, optimizer, state["model"], state["optimizer"], fsdp)
+    scheduler.load_state_dict(state["scheduler"])
+    restore_rng(state["rng"])
+    return state["step"]
+
+
+def trim_metrics(metrics_path: str, step: int) -> tuple[dict, dict]:
+    """On resume: drops the metrics lines written after the checkpoint at `step`; returns the first and last rows kept
+    (what a summary reports when there is nothing left to run), {} when none."""
+    if not os.path.isfile(metrics_path):
+        return {}, {}
+    kept = [line for line in open(metrics_path) if json.loads(line)["step"] <= step]
+    with open(metrics_path, "w") as f:
+        f.writelines(kept)
+    return (json.loads(kept[0]), json.loads(kept[-1])) if kept else ({}, {})

@@ -51,6 +51,29 @@ class Distributed:
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                        find_unused_parameters=True)
 
+    @contextlib.contextmanager
+    def unsharded(self, model, fsdp: bool):
+        """A context in which an FSDP2-sharded model has all its parameters gathered, for generate() (which calls
+        submodules such as the vision tower directly, outside the root forward that would gather them). A no-op
+        without FSDP. Costs the full model's memory on every process while it lasts."""
+        if not (fsdp and self.world > 1):
+            yield
+            return
+        from torch.distributed.fsdp import FSDPModule
+        if not getattr(model, "_rlhfv_fsdp_initialized", False):  # FSDP2 sets itself up on the first root forward
+            token = torch.ones((1, 1), dtype=torch.long, device=next(model.parameters()).device)
+            with torch.no_grad():
+                model(input_ids=token, attention_mask=token)
+            model._rlhfv_fsdp_initialized = True
+        modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        for module in modules:
+            module.unshard()
+        try:
+            yield
+        finally:
+            for module in modules:
+                module.reshard()
+
     def skip_grad_sync(self, trained):
         """A context in which backward accumulates gradients locally (all micro-batches but the last)."""
         if self.world == 1:

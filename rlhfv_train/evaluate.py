@@ -144,6 +144,9 @@ def generate_tokens(model, processor, records: Sequence[PreferenceRecord], setti
     options = {"max_new_tokens": settings.max_new_tokens, "do_sample": settings.do_sample,
                "num_return_sequences": settings.num_samples, "pad_token_id": pad_id,
                "eos_token_id": tokenizer.eos_token_id}
+    image_token = getattr(processor, "image_token", None) or getattr(tokenizer, "image_token", None)
+    if image_token is not None:  # an answer with an image placeholder in it would not even run through the model
+        options["suppress_tokens"] = [tokenizer.convert_tokens_to_ids(image_token)]
     if settings.do_sample:
         options.update(temperature=settings.temperature, top_p=settings.top_p, top_k=0)
     else:  # a model's generation_config may ask for sampling; greedy means greedy here

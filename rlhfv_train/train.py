@@ -19,7 +19,7 @@ import rlhfv_kernels as rk
 
 from . import refcache
 from .batch import BatchStream, PairCollator
-from .checkpoint import full_state, load_full_state, restore_rng, rng_state, save_atomically
+from .checkpoint import resume_training_state, save_training_state, trim_metrics
 from .distributed import Distributed
 from .evaluate import METRICS, GenerationSettings, evaluate_hallucination
 from .models import load_processor_and_model, load_run_records, load_weights
@@ -237,20 +237,10 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.resume and not os.path.isfile(ckpt_path) and dist.is_main:  # say so rather than start over silently
         print(f"--resume: no checkpoint at {ckpt_path}; starting from step 0")
     if cfg.resume and os.path.isfile(ckpt_path):
-        state = torch.load(ckpt_path, weights_only=False)
-        load_full_state(model, optimizer, state["model"], state["optimizer"], fsdp)
-        scheduler.load_state_dict(state["scheduler"])
-        restore_rng(state["rng"])
-        step = state["step"]
+        step = resume_training_state(ckpt_path, model, optimizer, scheduler, fsdp=fsdp)
         if dist.is_main:
             print(f"resumed from {ckpt_path} at step {step}")
-        if dist.is_main and os.path.isfile(metrics_path):  # drop lines written after the checkpoint
-            kept = [line for line in open(metrics_path) if json.loads(line)["step"] <= step]
-            with open(metrics_path, "w") as f:
-                f.writelines(kept)
-            if kept:  # what the summary reports when there is nothing left to run
-                resumed_metrics = json.loads(kept[-1])
-                resumed_first = json.loads(kept[0])
+            resumed_first, resumed_metrics = trim_metrics(metrics_path, step)
         if dist.is_main and step >= cfg.max_steps:
             print(f"--resume: the run already reached --max-steps {cfg.max_steps}; nothing to train (raise "
                   "--max-steps to continue)")
@@ -259,12 +249,8 @@ def train(cfg: TrainConfig) -> dict:
     dist.barrier()
 
     def checkpoint():
-        model_state, optimizer_state = full_state(model, optimizer, fsdp)
-        if dist.is_main:
-            save_atomically(ckpt_path, {"model": model_state, "optimizer": optimizer_state,
-                                         "scheduler": scheduler.state_dict(), "rng": rng_state(), "step": step,
-                                         "config": asdict(cfg), "ref_cache_key": key, "data_path": data_path})
-        dist.barrier()
+        save_training_state(ckpt_path, model, optimizer, scheduler, step, fsdp=fsdp, dist=dist, config=asdict(cfg),
+                            ref_cache_key=key, data_path=data_path)
 
     from tqdm import tqdm
     bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step",

@@ -1,0 +1,102 @@
+"""Rollouts for online GRPO: k sampled answers per prompt, packed as prompt + answer sequences, and their per-token
+log-probs from the fused kernels.
+
+generate() works on left-padded prompts; the sequences it returns are re-packed here with right padding, so that
+every row starts at position 0 exactly as in the training forward (a left-padded row scored without position ids
+would be shifted). The answer is the new tokens up to and including the first end-of-sequence token (the model is
+trained to stop), or all of them when it ran into max_new_tokens. Sequences are token ids straight from generate(),
+never decoded and re-encoded, so the log-probs are those of the tokens that were sampled.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+import rlhfv_kernels as rk
+
+from .batch import IGNORE_INDEX
+from .data import PreferenceRecord
+from .evaluate import GenerationSettings, generate_tokens
+
+
+@dataclass
+class Rollouts:
+    """k consecutive rows per prompt (a group). labels are next-token targets: position t holds the answer token at
+    t + 1, IGNORE_INDEX elsewhere, so the full logits are scored without slicing."""
+    input_ids: torch.Tensor          # [B, T], right-padded
+    attention_mask: torch.Tensor     # [B, T]
+    labels: torch.Tensor             # [B, T]
+    extra: dict                      # per-row model inputs besides the tokens, e.g. pixel_values [B, C, H, W]
+    record_indices: list[int]        # one per group
+    answers: list[str]               # [B] decoded answers (special tokens dropped)
+    answer_tokens: torch.Tensor      # [B] answer lengths in tokens (end-of-sequence included)
+    k: int
+
+    @property
+    def groups(self) -> int:
+        return len(self.record_indices)
+
+    def model_inputs(self, rows: slice) -> dict:
+        return {"input_ids": self.input_ids[rows], "attention_mask": self.attention_mask[rows],
+                **{name: value[rows] for name, value in self.extra.items()}}
+
+
+def sample(model, processor, records: list[PreferenceRecord], record_indices: list[int], *, k: int,
+           settings: GenerationSettings, device, autocast_dtype=None) -> Rollouts:
+    """k answers per record of `record_indices` (settings: sampling options, num_samples = k), packed."""
+    if k < 2:
+        raise ValueError(f"GRPO needs k >= 2 answers per prompt (the advantage compares them), got {k}")
+    tokenizer = getattr(processor, "tokenizer", processor)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    pad = eos if pad is None else pad
+    chosen = [records[i] for i in record_indices]
+    batches = generate_tokens(model, processor, chosen, settings, device=device, autocast_dtype=autocast_dtype)
+    rows, extra_rows = [], {}
+    for batch in batches:
+        for name, value in batch.inputs.items():  # pixel_values and the like: one row per record -> k rows
+            if name not in ("input_ids", "attention_mask") and torch.is_tensor(value) and \
+                    value.shape[0] == len(batch.records):
+                extra_rows.setdefault(name, []).append(value.repeat_interleave(k, dim=0))
+        for i in range(len(batch.records)):
+            prompt = batch.inputs["input_ids"][i][batch.inputs["attention_mask"][i].bool()]
+            for j in range(k):
+                new = batch.new_tokens[i * k + j]
+                ends = (new == eos).nonzero()
+                length = int(ends[0]) + 1 if len(ends) else new.numel()
+                rows.append((prompt, new[:length]))
+    width = max(len(p) + len(a) for p, a in rows)
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long, device=device)
+    attention = torch.zeros((len(rows), width), dtype=torch.long, device=device)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long, device=device)
+    for row, (prompt, answer) in enumerate(rows):
+        p, n = len(prompt), len(answer)
+        input_ids[row, :p], input_ids[row, p:p + n] = prompt, answer
+        attention[row, :p + n] = 1
+        labels[row, p - 1:p + n - 1] = answer  # the logits at t predict token t + 1
+    answers = [text.strip() for text in tokenizer.batch_decode([a for _, a in rows], skip_special_tokens=True)]
+    return Rollouts(input_ids=input_ids, attention_mask=attention, labels=labels,
+                    extra={name: torch.cat(parts) for name, parts in extra_rows.items()},
+                    record_indices=list(record_indices), answers=answers,
+                    answer_tokens=torch.tensor([len(a) for _, a in rows]), k=k)
+
+
+def forward_logits(model, inputs: dict, autocast_dtype=None) -> torch.Tensor:
+    autocast = torch.autocast(inputs["input_ids"].device.type, dtype=autocast_dtype) if autocast_dtype else \
+        contextlib.nullcontext()
+    with autocast:
+        return model(**inputs).logits
+
+
+@torch.no_grad()
+def token_logps(model, rollouts: Rollouts, *, micro_batch: int, temperature: float = 1.0, autocast_dtype=None,
+                backend=None) -> torch.Tensor:
+    """[B, T] log-probs of the rollouts' answer tokens under `model` (0 elsewhere): the sampling policy's (old) or
+    the frozen reference's, in micro-batches of rows."""
+    out = []
+    for start in range(0, rollouts.input_ids.shape[0], micro_batch):
+        rows = slice(start, start + micro_batch)
+        logits = forward_logits(model, rollouts.model_inputs(rows), autocast_dtype)
+        out.append(rk.token_logprobs(logits, rollouts.labels[rows], temperature=temperature, backend=backend))
+    return torch.cat(out)
