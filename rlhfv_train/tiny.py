@@ -40,10 +40,11 @@ def _image_processor(image_size: int):
     return Processor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
 
 
-def build_processor(config=TINY_CONFIG):
+def build_processor(config=TINY_CONFIG, words=VOCABULARY):
+    """The tiny model's processor; `words` other than the scenes' vocabulary give e.g. a tiny judge its "A" and "B"."""
     from transformers import LlavaProcessor
 
-    return LlavaProcessor(image_processor=_image_processor(config["image_size"]), tokenizer=build_tokenizer(),
+    return LlavaProcessor(image_processor=_image_processor(config["image_size"]), tokenizer=build_tokenizer(words),
                           patch_size=config["patch_size"], vision_feature_select_strategy="default",
                           num_additional_image_tokens=1)
 
