@@ -126,16 +126,18 @@ def _ddpo(cfg, model, batch, refs, *, autocast_dtype):
 
 @torch.no_grad()
 def evaluate(cfg, model, processor, collate, records, indices, refs, device, autocast_dtype,
-             generate: bool = True) -> dict:
+             gathered=contextlib.nullcontext) -> dict:
     """Held-out preference accuracy (the fraction of pairs whose implicit reward prefers the chosen answer) and,
-    when the records carry ground-truth objects, the CHAIR rates of greedy answers (evaluate.py)."""
+    when the records carry ground-truth objects, the CHAIR rates of greedy answers (evaluate.py), generated inside
+    `gathered()` (Distributed.unsharded under FSDP2)."""
     if not indices:
         return {}
     metrics = {}
-    if generate and cfg.hallucination_eval and all(records[i].objects is not None for i in indices):
+    if cfg.hallucination_eval and all(records[i].objects is not None for i in indices):
         settings = GenerationSettings(max_new_tokens=cfg.eval_max_new_tokens, batch_size=max(cfg.batch_size, 32))
-        rates, _ = evaluate_hallucination(model, processor, [records[i] for i in indices], settings=settings,
-                                          device=device, autocast_dtype=autocast_dtype)
+        with gathered():
+            rates, _ = evaluate_hallucination(model, processor, [records[i] for i in indices], settings=settings,
+                                              device=device, autocast_dtype=autocast_dtype)
         metrics.update({name: rates[name] for name in METRICS})
     was_training = model.training
     model.eval()
@@ -216,11 +218,7 @@ def train(cfg: TrainConfig) -> dict:
         refs = refcache.load_or_compute(cache_dir, key, compute_refs)
 
     fsdp = cfg.fsdp and dist.world > 1
-    # generate() on an FSDP2-sharded model mixes sharded and plain tensors; such runs are evaluated afterwards.
-    generate = not fsdp
-    if fsdp and cfg.hallucination_eval and dist.is_main:
-        print("--fsdp: no hallucination evaluation during training; run python -m rlhfv_train.evaluate "
-              "--checkpoint on the saved checkpoint")
+    gathered = lambda: dist.unsharded(model, fsdp)  # noqa: E731  (generate() needs every parameter whole)
     model.train()
     # DDP wraps the model (`model` stays the plain module for eval and checkpoints); FSDP2 shards `model` itself,
     # before the optimizer is built over its sharded parameters.
@@ -260,7 +258,7 @@ def train(cfg: TrainConfig) -> dict:
     with open(metrics_path, "a") if dist.is_main else open(os.devnull, "w") as metrics_file:
         if step == 0:  # the starting point (after the warm-up): what preference training is measured against
             first = {"step": 0, **evaluate(cfg, model, processor, collate, records, eval_idx, refs, device,
-                                            autocast_dtype, generate)}
+                                            autocast_dtype, gathered)}
             if sft_losses:
                 first["sft_loss"] = sum(sft_losses[-10:]) / len(sft_losses[-10:])
             metrics_file.write(json.dumps(first) + "\n")
@@ -289,7 +287,7 @@ def train(cfg: TrainConfig) -> dict:
             last = {"step": step, **totals, "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0]}
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
                 last.update(evaluate(cfg, model, processor, collate, records, eval_idx, refs, device,
-                                     autocast_dtype, generate))
+                                     autocast_dtype, gathered))
             metrics_file.write(json.dumps(last) + "\n")
             metrics_file.flush()
             bar.update()

@@ -268,3 +268,17 @@ def test_two_gloo_processes(tmp_path, dataset, warm, parallel):
     assert run.returncode == 0, run.stderr[-3000:]
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [0, 1, 2] and "chair_s" in rows[2] and rows[2]["kl"] > 0
+
+
+def test_k_sweep_pipeline(tmp_path):
+    """python -m rlhfv_train.grpo_sweep --quick: every k runs from one warm-up per seed, and the table, JSON and plot
+    are written (a pipeline check; the recorded result is benchmarks/results/grpo-k-cpu.*)."""
+    from rlhfv_train import grpo_sweep
+    out = tmp_path / "sweep"
+    assert grpo_sweep.main(["--quick", "--k", "2", "3", "--work-dir", str(tmp_path / "runs"), "--out", str(out),
+                            "--no-progress"]) == 0
+    result = json.loads((tmp_path / "sweep.json").read_text())
+    assert [(r["k"], r["seed"]) for r in result["runs"]] == [(2, 0), (3, 0)]
+    assert not os.path.exists(tmp_path / "runs" / "seed0" / "k3" / "sft.pt")  # k=3 started from k=2's warm-up
+    assert [row["run"] for row in result["summary"]] == ["start (SFT warm-up)", "GRPO k=2", "GRPO k=3"]
+    assert "| GRPO k=3 |" in (tmp_path / "sweep.md").read_text()

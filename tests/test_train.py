@@ -153,6 +153,7 @@ def test_two_gloo_processes_match_one_process(tmp_path, dataset, parallel):
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-4, msg=name)
     rows = {run: [json.loads(line) for line in open(tmp_path / run / "metrics.jsonl")] for run in ("ddp", "one")}
     assert [r["step"] for r in rows["ddp"]] == [0, 1, 2, 3]
+    assert "chair_s" in rows["ddp"][-1]  # generation ran (under FSDP2 on gathered parameters)
     for mine, theirs in zip(rows["ddp"], rows["one"]):
         for key in ("loss", "margin", "accuracy") if mine["step"] else ():
             assert mine[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-6), (mine["step"], key)

@@ -1,0 +1,174 @@
+"""python -m rlhfv_train.grpo_sweep: GRPO with k = 2, 4, 8 answers per prompt on the synthetic scenes (tiny LLaVA).
+
+Generative RLHF-V reports that grouped comparison gains with the group size k. Here, per seed, one SFT warm-up, then
+one GRPO run per k from those weights, all else equal (prompts per step, steps, learning rate: a larger k samples and
+trains on more answers per step), judged by the exact scene judge; every --eval-every steps the greedy answers on the
+held-out images give the scene reward ((correct - hallucinated objects) / objects) and the CHAIR rates. Writes
+<out>.json (every run's curves), <out>.md (table, mean ± std over seeds) and <out>.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+from .evaluate import METRICS
+from .grpo import GRPOConfig, train_grpo
+
+REPORTED = ("eval_scene_reward", *METRICS, "eval_win_rate")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m rlhfv_train.grpo_sweep", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--k", type=int, nargs="+", default=[2, 4, 8], help="group sizes (default: 2 4 8)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per k (default: 3)")
+    p.add_argument("--steps", type=int, default=100, help="GRPO steps per run (default: 100)")
+    p.add_argument("--prompts-per-step", type=int, default=8, help="prompts per step (default: 8)")
+    p.add_argument("--lr", type=float, default=1e-4, help="GRPO learning rate (default: 1e-4)")
+    p.add_argument("--beta-kl", type=float, default=0.04, help="KL weight (default: 0.04)")
+    p.add_argument("--sft-steps", type=int, default=1000, help="warm-up steps per seed (default: 1000)")
+    p.add_argument("--examples", type=int, default=1024, help="synthetic records (default: 1024)")
+    p.add_argument("--eval-every", type=int, default=20, help="steps between held-out evaluations (default: 20)")
+    p.add_argument("--work-dir", default="runs/grpo-sweep", help="runs go here (default: runs/grpo-sweep)")
+    p.add_argument("--out", default="benchmarks/results/grpo-k-cpu", help="output prefix (default: "
+                   "benchmarks/results/grpo-k-cpu)")
+    p.add_argument("--quick", action="store_true", help="a few steps of everything (a smoke test, not a result)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def run(args) -> dict:
+    if args.quick:
+        args.steps, args.sft_steps, args.examples, args.eval_every, args.seeds = 2, 5, 40, 2, 1
+    if min(args.k) < 2 or args.seeds < 1 or args.steps < 1 or args.sft_steps < 0:
+        raise ValueError("--k values must be >= 2, --seeds and --steps >= 1, --sft-steps >= 0")
+    runs, started = [], time.time()
+    for seed in range(args.seeds):
+        warm = None
+        for k in args.k:
+            out_dir = os.path.join(args.work_dir, f"seed{seed}", f"k{k}")
+            cfg = GRPOConfig(output_dir=out_dir, num_generations=k, prompts_per_step=args.prompts_per_step,
+                             max_steps=args.steps, lr=args.lr, beta_kl=args.beta_kl, eval_every=args.eval_every,
+                             save_every=args.steps, synthetic_examples=args.examples, seed=seed, device="cpu",
+                             sft_steps=args.sft_steps if warm is None else 0, init_weights=warm,
+                             progress=not args.no_progress,
+                             # one data file per seed: the first run generates it, the others read it
+                             data=None if warm is None else os.path.join(os.path.dirname(warm), "synthetic",
+                                                                         "data.jsonl"),
+                             judge="scene")
+            began = time.time()
+            summary = train_grpo(cfg)
+            if warm is None and args.sft_steps:
+                warm = os.path.join(out_dir, "sft.pt")
+            elif warm is None:
+                raise ValueError("--sft-steps 0: the runs would start from random weights; give a warm-up")
+            rows = [json.loads(line) for line in open(summary["metrics_path"])]
+            runs.append({"k": k, "seed": seed, "minutes": (time.time() - began) / 60,
+                         "eval": [{n: r[n] for n in ("step", *REPORTED) if n in r} for r in rows if "chair_s" in r
+                                  or "eval_scene_reward" in r],
+                         "rollout_scene_reward": [r["scene_reward"] for r in rows if "scene_reward" in r]})
+    return {"settings": {k: v for k, v in vars(args).items() if k != "no_progress"}, "runs": runs,
+            "minutes": (time.time() - started) / 60}
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarize(result: dict) -> list[dict]:
+    """Rows: the start (after the warm-up), then per k the end of training; mean and std over seeds. The rollouts'
+    scene reward is averaged over the first and the last 10 steps."""
+    runs = result["runs"]
+    first_k = runs[0]["k"]
+    rows = [{"run": "start (SFT warm-up)", **{n: _mean_std([r["eval"][0][n] for r in runs if r["k"] == first_k])
+                                             for n in REPORTED if n in runs[0]["eval"][0]}}]
+    for k in dict.fromkeys(r["k"] for r in runs):
+        members = [r for r in runs if r["k"] == k]
+        row = {"run": f"GRPO k={k}", **{n: _mean_std([r["eval"][-1][n] for r in members])
+                                         for n in REPORTED if n in members[0]["eval"][-1]}}
+        row["rollouts_first"] = _mean_std([statistics.fmean(r["rollout_scene_reward"][:10]) for r in members])
+        row["rollouts_last"] = _mean_std([statistics.fmean(r["rollout_scene_reward"][-10:]) for r in members])
+        row["minutes"] = _mean_std([r["minutes"] for r in members])
+        rows.append(row)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    columns = [("eval_scene_reward", "held-out scene reward ↑"), ("chair_s", "chair_s ↓"), ("chair_i", "chair_i ↓"),
+               ("recall", "recall ↑"), ("mentioned", "objects mentioned"),
+               ("rollouts_first", "rollout reward, first 10 steps"), ("rollouts_last", "rollout reward, last 10 steps"),
+               ("minutes", "minutes per run")]
+    lines = ["| run | " + " | ".join(label for _, label in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for row in rows:
+        cells = [f"{row[n][0]:.3f} ± {row[n][1]:.3f}" if n in row else "–" for n, _ in columns]
+        lines.append(f"| {row['run']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: str, title: str) -> str | None:
+    from .plots import _pyplot
+    plt = _pyplot()
+    if plt is None:
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    for k in dict.fromkeys(r["k"] for r in result["runs"]):
+        members = [r for r in result["runs"] if r["k"] == k]
+        steps = [e["step"] for e in members[0]["eval"]]
+        for ax, name in zip(axes[:2], ("eval_scene_reward", "chair_i")):
+            ax.plot(steps, [statistics.fmean(r["eval"][i][name] for r in members) for i in range(len(steps))], "o-",
+                    label=f"k={k}")
+        rewards = [statistics.fmean(values) for values in zip(*(r["rollout_scene_reward"] for r in members))]
+        window = max(1, len(rewards) // 10)
+        smooth = [statistics.fmean(rewards[max(0, i - window + 1):i + 1]) for i in range(len(rewards))]
+        axes[2].plot(range(1, len(rewards) + 1), smooth, label=f"k={k}")
+    for ax, label in zip(axes, ("held-out greedy answers: scene reward (higher is better)",
+                                "held-out: hallucinated / mentioned objects (lower is better)",
+                                "rollouts: scene reward (moving average)")):
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("GRPO step")
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = run(args)
+    except (ValueError, FileNotFoundError) as exc:
+        if os.environ.get("RLHFV_TRACEBACK"):
+            raise
+        print(f"python -m rlhfv_train.grpo_sweep: error: {exc}", file=sys.stderr)
+        return 2
+    import platform
+    result["machine"] = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                         "platform": platform.platform(), "python": platform.python_version()}
+    rows = summarize(result)
+    result["summary"] = rows
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out + ".json", "w") as f:
+        json.dump(result, f, indent=1)
+    s = result["settings"]
+    title = (f"tiny LLaVA, {s['seeds']} seed(s): SFT warm-up {s['sft_steps']} steps, then {s['steps']} GRPO steps of "
+             f"{s['prompts_per_step']} prompts x k answers (scene judge, grouped comparison), lr {s['lr']:g}, "
+             f"beta_kl {s['beta_kl']:g}")
+    text = (f"{title}\n\n{table(rows)}\n\n({result['minutes']:.1f} minutes in all, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads)\n")
+    with open(args.out + ".md", "w") as f:
+        f.write(text)
+    picture = plot(result, args.out + ".png", title)
+    print(text + f"wrote {args.out}.json, {args.out}.md" + (f", {picture}" if picture else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
