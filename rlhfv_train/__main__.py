@@ -10,30 +10,20 @@ Bad data, flags or paths end with one line on stderr and exit status 2 (RLHFV_TR
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from dataclasses import fields
 
 from rlhfv_kernels._backend import BACKENDS, describe as describe_backends
 
+from .cli import USER_ERRORS, HelpFormatter, fail
 from .train import PRESETS, TrainConfig, train
 
 TINY_SFT_STEPS = 1000  # the embedded tiny model starts from random weights: it learns to describe scenes first
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Keeps the description's layout and shows every option's default (unless its help already says it)."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if "default" not in text and not any(action.default is v for v in (None, False, argparse.SUPPRESS)):
-            text += " (default: %(default)s)"
-        return text
-
-
 def build_parser() -> argparse.ArgumentParser:
     defaults = TrainConfig()
-    p = argparse.ArgumentParser(prog="python -m rlhfv_train", description=__doc__, formatter_class=_HelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m rlhfv_train", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data", help="preference data (.jsonl with image files, or .parquet); default: synthetic")
     p.add_argument("--model", help="local Hugging Face model folder (image-text-to-text or causal LM); default: "
                    "the embedded tiny LLaVA")
@@ -112,11 +102,8 @@ def main(argv=None) -> int:
     cfg = config_from_args(build_parser().parse_args(argv))
     try:
         summary = train(cfg)
-    except (ValueError, FileNotFoundError) as exc:  # bad data, flags or paths: one line, not a traceback
-        if os.environ.get("RLHFV_TRACEBACK"):
-            raise
-        print(f"python -m rlhfv_train: error: {exc}  (RLHFV_TRACEBACK=1 shows the traceback)", file=sys.stderr)
-        return 2
+    except USER_ERRORS as exc:
+        return fail("python -m rlhfv_train", exc)
     m, start = summary["metrics"], summary.get("start_metrics") or {}
     print(f"done: step {summary['step']}, loss {m.get('loss', float('nan')):.4f}, train accuracy "
           f"{m.get('accuracy', float('nan')):.2f}, held-out accuracy {m.get('eval_accuracy', float('nan')):.2f}; "

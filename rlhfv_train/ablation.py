@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from .cli import USER_ERRORS, fail, machine
 from .evaluate import METRICS
 
 METHODS = {  # name: TrainConfig overrides
@@ -287,16 +288,11 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = run(args)
-    except (ValueError, FileNotFoundError) as exc:
-        if os.environ.get("RLHFV_TRACEBACK"):
-            raise
-        print(f"python -m rlhfv_train.ablation: error: {exc}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as exc:
+        return fail("python -m rlhfv_train.ablation", exc)
     rows = summarize(result)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    import platform
-    result["machine"] = {"torch": torch.__version__, "threads": torch.get_num_threads(),
-                         "platform": platform.platform(), "python": platform.python_version()}
+    result["machine"] = machine()
     result["summary"] = rows
     with open(args.out + ".json", "w") as f:
         json.dump(result, f, indent=1)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from .batch import build_prompt
+from .cli import USER_ERRORS, fail
 from .data import PreferenceRecord, as_hashable, load_records, open_image
 from .models import load_processor_and_model, load_weights, read_weights, split_indices
 
@@ -291,12 +292,8 @@ def main(argv=None) -> int:
             rates, answers = evaluate_hallucination(
                 model, processor, records, parser, settings, device=device,
                 autocast_dtype=torch.bfloat16 if device.type == "cuda" else None, progress=bar)
-    except (ValueError, FileNotFoundError) as exc:
-        if os.environ.get("RLHFV_TRACEBACK"):
-            raise
-        print(f"python -m rlhfv_train.evaluate: error: {exc}  (RLHFV_TRACEBACK=1 shows the traceback)",
-              file=sys.stderr)
-        return 2
+    except USER_ERRORS as exc:
+        return fail("python -m rlhfv_train.evaluate", exc)
     for record, per_record in list(zip(records, answers))[:args.show]:
         print(f"{record.source}\n  truth:  {record.objects}\n  answer: {per_record[0]}")
     decoding = "greedy" if not settings.do_sample else \

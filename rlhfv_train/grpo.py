@@ -2,8 +2,8 @@
 fused grpo_loss.
 
 With no arguments it warms up the embedded tiny LLaVA on the synthetic scenes (SFT on the chosen answers), then trains
-it with GRPO against the exact scene judge (of two answers, the one with fewer hallucinated objects wins, then the one
-with more correct ones) on the CPU in a few minutes; it writes metrics.jsonl, metrics.png, sft.pt and checkpoint.pt
+it with GRPO against the exact scene judge (of two answers, the one with more correct minus hallucinated objects wins,
+then the one with fewer hallucinated) on the CPU in under a minute; it writes metrics.jsonl, metrics.png, sft.pt and checkpoint.pt
 under runs/grpo. For real runs: --data (records with images and questions), --model (a local Hugging Face folder)
 and a reward: --judge-model DIR (a generative judge), --judge module:function or --reward module:function.
 Bad data, flags or paths end with one line on stderr and exit status 2 (RLHFV_TRACEBACK=1 shows the traceback).
@@ -36,6 +36,7 @@ from rlhfv_kernels.api import GRPO_LOSS_TYPES
 from . import rollouts as rollout_ops
 from .batch import IGNORE_INDEX, BatchStream, PairCollator
 from .checkpoint import resume_training_state, save_training_state, trim_metrics
+from .cli import USER_ERRORS, HelpFormatter, fail
 from .distributed import Distributed
 from .evaluate import METRICS, GenerationSettings, generate_answers, hallucination_rates, load_callable
 from .models import load_processor_and_model, load_run_records, load_weights
@@ -45,6 +46,7 @@ from .sft import warm_up_once
 from .train import _device, cosine_with_warmup
 
 LOSS_TYPES = GRPO_LOSS_TYPES
+SCENE_JUDGES = {"scene": "net", "scene-strict": "strict"}  # --judge names of the exact judge's rules (rewards.py)
 
 
 @dataclass
@@ -62,7 +64,7 @@ class GRPOConfig:
     top_p: float = 1.0
     max_new_tokens: int = 32
     reward: str | None = None          # pointwise reward: "scene" or module:function (record, answer) -> float
-    judge: str | None = None           # pairwise judge: "scene" or module:function (record, pairs) -> [P(first)]
+    judge: str | None = None           # pairwise: "scene", "scene-strict" or module:function (record, pairs) -> [P]
     judge_model: str | None = None     # a local Hugging Face model folder as generative judge (P("A") vs P("B"))
     judge_template: str = JUDGE_TEMPLATE
     loss_type: str = "dapo"            # grpo | bnpo | dr_grpo | dapo (DESIGN.md §2)
@@ -139,13 +141,13 @@ def build_scorer(cfg: GRPOConfig, device, autocast_dtype) -> GroupScorer:
                                                  autocast_dtype=autocast_dtype))
     if cfg.reward is not None:
         return GroupScorer(reward=scene_reward if cfg.reward == "scene" else load_callable(cfg.reward, "--reward"))
-    if cfg.judge is None or cfg.judge == "scene":
-        return GroupScorer(judge=SceneJudge())
+    if cfg.judge is None or cfg.judge in SCENE_JUDGES:
+        return GroupScorer(judge=SceneJudge(rule=SCENE_JUDGES.get(cfg.judge, "net")))
     return GroupScorer(judge=load_callable(cfg.judge, "--judge"))
 
 
 def _uses_scene_truth(cfg: GRPOConfig) -> bool:
-    return cfg.reward == "scene" or cfg.judge == "scene" or not (cfg.reward or cfg.judge or cfg.judge_model)
+    return cfg.reward == "scene" or cfg.judge in SCENE_JUDGES or not (cfg.reward or cfg.judge or cfg.judge_model)
 
 
 @torch.no_grad()
@@ -340,9 +342,8 @@ def train_grpo(cfg: GRPOConfig) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     from rlhfv_kernels._backend import BACKENDS, describe as describe_backends
 
-    from .__main__ import _HelpFormatter
     d = GRPOConfig()
-    p = argparse.ArgumentParser(prog="python -m rlhfv_train.grpo", description=__doc__, formatter_class=_HelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m rlhfv_train.grpo", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data", help="records (.jsonl with image files, or .parquet): their questions are the prompts, "
                    "their chosen answers the warm-up targets and the held-out reference; default: synthetic scenes")
     p.add_argument("--model", help="local Hugging Face model folder; default: the embedded tiny LLaVA")
@@ -361,8 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="answer length limit of rollouts")
     reward = p.add_mutually_exclusive_group()
     reward.add_argument("--judge", help="pairwise judge for the grouped comparison: 'scene' (exact, needs the "
-                        "records' objects) or module:function(record, pairs) -> P(first answer better) per pair "
-                        "(default with synthetic data: scene)")
+                        "records' objects: more correct-minus-hallucinated objects wins, then fewer hallucinated), "
+                        "'scene-strict' (fewer hallucinated wins, then more correct: rewards naming nothing) or "
+                        "module:function(record, pairs) -> P(first answer better) per pair (default with synthetic "
+                        "data: scene)")
     reward.add_argument("--judge-model", help="local Hugging Face model folder as generative judge: it sees the "
                         "question and both answers, in both orders, and P('A') vs P('B') is read from its logits")
     reward.add_argument("--reward", help="pointwise reward instead of a judge: 'scene' ((correct - hallucinated) / "
@@ -422,11 +425,8 @@ def main(argv=None) -> int:
     cfg = config_from_args(build_parser().parse_args(argv))
     try:
         summary = train_grpo(cfg)
-    except (ValueError, FileNotFoundError) as exc:
-        if os.environ.get("RLHFV_TRACEBACK"):
-            raise
-        print(f"python -m rlhfv_train.grpo: error: {exc}  (RLHFV_TRACEBACK=1 shows the traceback)", file=sys.stderr)
-        return 2
+    except USER_ERRORS as exc:
+        return fail("python -m rlhfv_train.grpo", exc)
     m, start = summary["metrics"], summary.get("start_metrics") or {}
     print(f"done: step {summary['step']}; metrics {summary.get('metrics_path')}, plot {summary.get('plot')}")
     shown = [name for name in ("eval_scene_reward", "eval_win_rate", "eval_reward", "chair_s", "chair_i", "recall")

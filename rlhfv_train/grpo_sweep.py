@@ -17,8 +17,9 @@ import time
 
 import torch
 
+from .cli import USER_ERRORS, fail, machine
 from .evaluate import METRICS
-from .grpo import GRPOConfig, train_grpo
+from .grpo import SCENE_JUDGES, GRPOConfig, train_grpo
 
 REPORTED = ("eval_scene_reward", *METRICS, "eval_win_rate")
 
@@ -32,7 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts-per-step", type=int, default=8, help="prompts per step (default: 8)")
     p.add_argument("--lr", type=float, default=1e-4, help="GRPO learning rate (default: 1e-4)")
     p.add_argument("--beta-kl", type=float, default=0.04, help="KL weight (default: 0.04)")
-    p.add_argument("--sft-steps", type=int, default=1000, help="warm-up steps per seed (default: 1000)")
+    p.add_argument("--sft-steps", type=int, default=2000, help="warm-up steps per seed (default: 2000)")
+    p.add_argument("--judge", choices=sorted(SCENE_JUDGES), default="scene", help="the exact judge's rule (default: "
+                   "scene: more correct-minus-hallucinated objects wins; scene-strict: fewer hallucinated wins)")
     p.add_argument("--examples", type=int, default=1024, help="synthetic records (default: 1024)")
     p.add_argument("--eval-every", type=int, default=20, help="steps between held-out evaluations (default: 20)")
     p.add_argument("--work-dir", default="runs/grpo-sweep", help="runs go here (default: runs/grpo-sweep)")
@@ -61,7 +64,7 @@ def run(args) -> dict:
                              # one data file per seed: the first run generates it, the others read it
                              data=None if warm is None else os.path.join(os.path.dirname(warm), "synthetic",
                                                                          "data.jsonl"),
-                             judge="scene")
+                             judge=args.judge)
             began = time.time()
             summary = train_grpo(cfg)
             if warm is None and args.sft_steps:
@@ -83,7 +86,9 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 def summarize(result: dict) -> list[dict]:
     """Rows: the start (after the warm-up), then per k the end of training; mean and std over seeds. The rollouts'
-    scene reward is averaged over the first and the last 10 steps."""
+    scene reward is averaged over the first and the last 10 steps. Each k is also compared with the first k seed by
+    seed (same warm-up, same data): the mean and std of the held-out scene-reward difference, and in how many seeds
+    it is higher."""
     runs = result["runs"]
     first_k = runs[0]["k"]
     rows = [{"run": "start (SFT warm-up)", **{n: _mean_std([r["eval"][0][n] for r in runs if r["k"] == first_k])
@@ -95,6 +100,11 @@ def summarize(result: dict) -> list[dict]:
         row["rollouts_first"] = _mean_std([statistics.fmean(r["rollout_scene_reward"][:10]) for r in members])
         row["rollouts_last"] = _mean_std([statistics.fmean(r["rollout_scene_reward"][-10:]) for r in members])
         row["minutes"] = _mean_std([r["minutes"] for r in members])
+        if k != first_k:
+            base = {r["seed"]: r["eval"][-1]["eval_scene_reward"] for r in runs if r["k"] == first_k}
+            gains = [r["eval"][-1]["eval_scene_reward"] - base[r["seed"]] for r in members]
+            row["gain"] = _mean_std(gains)
+            row["seeds_better"] = f"{sum(g > 0 for g in gains)} of {len(gains)}"
         rows.append(row)
     return rows
 
@@ -103,10 +113,11 @@ def table(rows: list[dict]) -> str:
     columns = [("eval_scene_reward", "held-out scene reward ↑"), ("chair_s", "chair_s ↓"), ("chair_i", "chair_i ↓"),
                ("recall", "recall ↑"), ("mentioned", "objects mentioned"),
                ("rollouts_first", "rollout reward, first 10 steps"), ("rollouts_last", "rollout reward, last 10 steps"),
-               ("minutes", "minutes per run")]
+               ("gain", "scene reward vs the first k, paired by seed"), ("minutes", "minutes per run")]
     lines = ["| run | " + " | ".join(label for _, label in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for row in rows:
-        cells = [f"{row[n][0]:.3f} ± {row[n][1]:.3f}" if n in row else "–" for n, _ in columns]
+        cells = [f"{row[n][0]:+.3f} ± {row[n][1]:.3f} ({row['seeds_better']} seeds higher)" if n == "gain" and n in row
+                 else f"{row[n][0]:.3f} ± {row[n][1]:.3f}" if n in row else "–" for n, _ in columns]
         lines.append(f"| {row['run']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -144,14 +155,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = run(args)
-    except (ValueError, FileNotFoundError) as exc:
-        if os.environ.get("RLHFV_TRACEBACK"):
-            raise
-        print(f"python -m rlhfv_train.grpo_sweep: error: {exc}", file=sys.stderr)
-        return 2
-    import platform
-    result["machine"] = {"torch": torch.__version__, "threads": torch.get_num_threads(),
-                         "platform": platform.platform(), "python": platform.python_version()}
+    except USER_ERRORS as exc:
+        return fail("python -m rlhfv_train.grpo_sweep", exc)
+    result["machine"] = machine()
     rows = summarize(result)
     result["summary"] = rows
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -159,7 +165,7 @@ def main(argv=None) -> int:
         json.dump(result, f, indent=1)
     s = result["settings"]
     title = (f"tiny LLaVA, {s['seeds']} seed(s): SFT warm-up {s['sft_steps']} steps, then {s['steps']} GRPO steps of "
-             f"{s['prompts_per_step']} prompts x k answers (scene judge, grouped comparison), lr {s['lr']:g}, "
+             f"{s['prompts_per_step']} prompts x k answers ({s['judge']} judge, grouped comparison), lr {s['lr']:g}, "
              f"beta_kl {s['beta_kl']:g}")
     text = (f"{title}\n\n{table(rows)}\n\n({result['minutes']:.1f} minutes in all, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads)\n")

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .batch import build_prompt
-from .data import PreferenceRecord, open_image
+from .data import PreferenceRecord, as_hashable, open_image
 
 Judge = Callable[[PreferenceRecord, Sequence[tuple[str, str]]], Sequence[float]]
 
@@ -52,27 +52,35 @@ def group_advantages(rewards: torch.Tensor, *, scale: bool = True, eps: float = 
 
 
 class SceneJudge:
-    """The exact judge for the synthetic scenes: of two answers, the one with fewer hallucinated objects wins, then the
-    one with more correct objects; a tie is 0.5. Needs records with ground-truth `objects`."""
+    """The exact judge for the synthetic scenes; a tie is 0.5. Needs records with ground-truth `objects`.
+    rule "net": more (correct - hallucinated) objects wins, then fewer hallucinated (the pairwise form of
+    scene_reward); rule "strict": fewer hallucinated objects wins, then more correct ones. Under "strict" an answer
+    that names nothing beats any answer with one error, and GRPO learns to name ever fewer objects."""
 
-    def __init__(self, parser: Callable[[str], Sequence] | None = None):
+    RULES = ("net", "strict")
+
+    def __init__(self, parser: Callable[[str], Sequence] | None = None, rule: str = "net"):
+        if rule not in self.RULES:
+            raise ValueError(f"scene judge rule must be one of {', '.join(self.RULES)}, got {rule!r}")
         if parser is None:
             from .synthetic import parse_description as parser
-        self.parser = parser
+        self.parser, self.rule = parser, rule
 
     def counts(self, record: PreferenceRecord, answer: str) -> tuple[int, int]:
         """(hallucinated, correct) objects of `answer`, each mention counted once."""
         if record.objects is None:
             raise ValueError(f"{record.source}: the scene judge needs the record's ground-truth 'objects'")
-        mentioned, present = set(self.parser(answer)), set(record.objects)
+        mentioned, present = set(self.parser(answer)), {as_hashable(o) for o in record.objects}
         return len(mentioned - present), len(mentioned & present)
+
+    def _key(self, record: PreferenceRecord, answer: str) -> tuple[int, int]:
+        wrong, right = self.counts(record, answer)
+        return (right - wrong, -wrong) if self.rule == "net" else (-wrong, right)
 
     def __call__(self, record: PreferenceRecord, pairs: Sequence[tuple[str, str]]) -> list[float]:
         scores = []
         for first, second in pairs:
-            wrong_a, right_a = self.counts(record, first)
-            wrong_b, right_b = self.counts(record, second)
-            key_a, key_b = (-wrong_a, right_a), (-wrong_b, right_b)
+            key_a, key_b = self._key(record, first), self._key(record, second)
             scores.append(1.0 if key_a > key_b else 0.0 if key_a < key_b else 0.5)
         return scores
 

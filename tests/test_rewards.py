@@ -67,3 +67,15 @@ def test_scene_judge_prefers_fewer_hallucinations_then_more_correct_objects():
     assert [scene_reward(RECORD, a) for a in order] == [1.0, 0.5, 0.0, -0.5]
     with pytest.raises(ValueError, match="ground-truth 'objects'"):
         judge(PreferenceRecord(question="q", chosen="a", rejected="b", source="d.jsonl:3"), [(exact, wrong)])
+
+
+def test_scene_judge_rules_differ_on_saying_nothing():
+    """net: one error is worth naming two more correct objects; strict: an answer that names nothing wins."""
+    record = PreferenceRecord(question="q", chosen="a", rejected="b", source="d.jsonl:1",
+                              objects=TRUTH + [("purple", "diamond", "middle")])
+    bold = describe(TRUTH + [("green", "circle", "middle")])   # 1 wrong, 2 right: net 1
+    silent = ""                                                 # 0 wrong, 0 right: net 0
+    assert SceneJudge()(record, [(bold, silent), (silent, bold)]) == [1.0, 0.0]
+    assert SceneJudge(rule="strict")(record, [(bold, silent), (silent, bold)]) == [0.0, 1.0]
+    with pytest.raises(ValueError, match="rule must be one of net, strict"):
+        SceneJudge(rule="lenient")
