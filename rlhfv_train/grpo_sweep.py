@@ -15,11 +15,9 @@ import statistics
 import sys
 import time
 
-import torch
-
 from .cli import USER_ERRORS, fail, machine
 from .evaluate import METRICS
-from .grpo import SCENE_JUDGES, GRPOConfig, train_grpo
+from .grpo import SCENE_JUDGES, TINY_SFT_STEPS, GRPOConfig, train_grpo
 
 REPORTED = ("eval_scene_reward", *METRICS, "eval_win_rate")
 
@@ -33,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts-per-step", type=int, default=8, help="prompts per step (default: 8)")
     p.add_argument("--lr", type=float, default=1e-4, help="GRPO learning rate (default: 1e-4)")
     p.add_argument("--beta-kl", type=float, default=0.04, help="KL weight (default: 0.04)")
-    p.add_argument("--sft-steps", type=int, default=2000, help="warm-up steps per seed (default: 2000)")
+    p.add_argument("--sft-steps", type=int, default=TINY_SFT_STEPS,
+                   help=f"warm-up steps per seed (default: {TINY_SFT_STEPS})")
     p.add_argument("--judge", choices=sorted(SCENE_JUDGES), default="scene", help="the exact judge's rule (default: "
                    "scene: more correct-minus-hallucinated objects wins; scene-strict: fewer hallucinated wins)")
     p.add_argument("--examples", type=int, default=1024, help="synthetic records (default: 1024)")
@@ -112,12 +111,14 @@ def summarize(result: dict) -> list[dict]:
 def table(rows: list[dict]) -> str:
     columns = [("eval_scene_reward", "held-out scene reward ↑"), ("chair_s", "chair_s ↓"), ("chair_i", "chair_i ↓"),
                ("recall", "recall ↑"), ("mentioned", "objects mentioned"),
-               ("rollouts_first", "rollout reward, first 10 steps"), ("rollouts_last", "rollout reward, last 10 steps"),
+               ("rollouts_first", "rollout reward, first 10 steps"),
+               ("rollouts_last", "rollout reward, last 10 steps"),
                ("gain", "scene reward vs the first k, paired by seed"), ("minutes", "minutes per run")]
     lines = ["| run | " + " | ".join(label for _, label in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for row in rows:
-        cells = [f"{row[n][0]:+.3f} ± {row[n][1]:.3f} ({row['seeds_better']} seeds higher)" if n == "gain" and n in row
-                 else f"{row[n][0]:.3f} ± {row[n][1]:.3f}" if n in row else "–" for n, _ in columns]
+        cells = [f"{row[n][0]:.3f} ± {row[n][1]:.3f}" if n in row else "–" for n, _ in columns]
+        if "gain" in row:  # signed, and in how many seeds
+            cells[-2] = f"{row['gain'][0]:+.3f} ± {row['gain'][1]:.3f} ({row['seeds_better']} seeds higher)"
         lines.append(f"| {row['run']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -151,6 +152,24 @@ def plot(result: dict, path: str, title: str) -> str | None:
     return path
 
 
+def write(result: dict, out: str) -> str:
+    """<out>.json, .md and .png of a sweep's result; returns the text of the .md."""
+    result["summary"] = rows = summarize(result)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out + ".json", "w") as f:
+        json.dump(result, f, indent=1)
+    s, m = result["settings"], result["machine"]
+    title = (f"tiny LLaVA, {s['seeds']} seed(s): SFT warm-up {s['sft_steps']} steps, then {s['steps']} GRPO steps of "
+             f"{s['prompts_per_step']} prompts x k answers ({s['judge']} judge, grouped comparison), lr {s['lr']:g}, "
+             f"beta_kl {s['beta_kl']:g}")
+    text = (f"{title}\n\n{table(rows)}\n\n({result['minutes']:.1f} minutes in all, torch {m['torch']}, "
+            f"{m['threads']} threads)\n")
+    with open(out + ".md", "w") as f:
+        f.write(text)
+    plot(result, out + ".png", title)
+    return text
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -158,21 +177,7 @@ def main(argv=None) -> int:
     except USER_ERRORS as exc:
         return fail("python -m rlhfv_train.grpo_sweep", exc)
     result["machine"] = machine()
-    rows = summarize(result)
-    result["summary"] = rows
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(result, f, indent=1)
-    s = result["settings"]
-    title = (f"tiny LLaVA, {s['seeds']} seed(s): SFT warm-up {s['sft_steps']} steps, then {s['steps']} GRPO steps of "
-             f"{s['prompts_per_step']} prompts x k answers ({s['judge']} judge, grouped comparison), lr {s['lr']:g}, "
-             f"beta_kl {s['beta_kl']:g}")
-    text = (f"{title}\n\n{table(rows)}\n\n({result['minutes']:.1f} minutes in all, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads)\n")
-    with open(args.out + ".md", "w") as f:
-        f.write(text)
-    picture = plot(result, args.out + ".png", title)
-    print(text + f"wrote {args.out}.json, {args.out}.md" + (f", {picture}" if picture else ""))
+    print(write(result, args.out) + f"wrote {args.out}.json, .md and .png")
     return 0
 
 

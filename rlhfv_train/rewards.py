@@ -54,8 +54,8 @@ def group_advantages(rewards: torch.Tensor, *, scale: bool = True, eps: float = 
 class SceneJudge:
     """The exact judge for the synthetic scenes; a tie is 0.5. Needs records with ground-truth `objects`.
     rule "net": more (correct - hallucinated) objects wins, then fewer hallucinated (the pairwise form of
-    scene_reward); rule "strict": fewer hallucinated objects wins, then more correct ones. Under "strict" an answer
-    that names nothing beats any answer with one error, and GRPO learns to name ever fewer objects."""
+    scene_reward, the measure the trainer reports); rule "strict": fewer hallucinated objects wins, then more correct
+    ones, so an answer that names nothing beats any answer with an error."""
 
     RULES = ("net", "strict")
 

@@ -27,4 +27,6 @@ print("pip-install check: extension loaded, ddpo_loss ran on", rk._backend.resol
 PY
 "$TMP/venv/bin/python" -m rlhfv_train --max-steps 3 --output-dir "$TMP/run" --no-progress > "$TMP/train.log" 2>&1 \
   || { tail -20 "$TMP/train.log"; exit 1; }
-echo "pip-install check: ok (the trainer ran 3 steps)"
+"$TMP/venv/bin/python" -m rlhfv_train.grpo --max-steps 2 --sft-steps 20 --output-dir "$TMP/grpo" --no-progress \
+  > "$TMP/grpo.log" 2>&1 || { tail -20 "$TMP/grpo.log"; exit 1; }
+echo "pip-install check: ok (the DDPO trainer ran 3 steps, the GRPO trainer 2)"

@@ -282,3 +282,16 @@ def test_k_sweep_pipeline(tmp_path):
     assert not os.path.exists(tmp_path / "runs" / "seed0" / "k3" / "sft.pt")  # k=3 started from k=2's warm-up
     assert [row["run"] for row in result["summary"]] == ["start (SFT warm-up)", "GRPO k=2", "GRPO k=3"]
     assert "| GRPO k=3 |" in (tmp_path / "sweep.md").read_text()
+
+
+def test_readme_grpo_section_names_real_options():
+    import pathlib
+    import re
+
+    from rlhfv_train import grpo_sweep
+    text = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text[text.index("## Online GRPO"):text.index("## Benchmarks")]
+    known = {option for parser in (build_parser(), grpo_sweep.build_parser()) for action in parser._actions
+             for option in action.option_strings}
+    named = set(re.findall(r"(?<![\w-])--[a-z][a-z-]+", section))
+    assert named and named <= known, named - known
