@@ -15,7 +15,7 @@ from dataclasses import fields
 
 from rlhfv_kernels._backend import BACKENDS, describe as describe_backends
 
-from .cli import USER_ERRORS, HelpFormatter, fail
+from .cli import USER_ERRORS, HelpFormatter, fail, print_start_to_end
 from .train import PRESETS, TrainConfig, train
 
 TINY_SFT_STEPS = 1000  # the embedded tiny model starts from random weights: it learns to describe scenes first
@@ -108,9 +108,7 @@ def main(argv=None) -> int:
     print(f"done: step {summary['step']}, loss {m.get('loss', float('nan')):.4f}, train accuracy "
           f"{m.get('accuracy', float('nan')):.2f}, held-out accuracy {m.get('eval_accuracy', float('nan')):.2f}; "
           f"metrics {summary.get('metrics_path')}, plot {summary.get('plot')}")
-    if "chair_s" in m and "chair_s" in start:
-        print("held-out hallucination, start -> end: " + ", ".join(
-            f"{name} {start[name]:.3f} -> {m[name]:.3f}" for name in ("chair_s", "chair_i", "recall")))
+    print_start_to_end("held-out hallucination", start, m, ("chair_s", "chair_i", "recall"))
     return 0
 
 

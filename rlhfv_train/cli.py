@@ -29,6 +29,13 @@ def fail(prog: str, exc: Exception) -> int:
     return 2
 
 
+def print_start_to_end(label: str, start: dict, end: dict, names) -> None:
+    """'label, start -> end: name a -> b, ...' for the metrics both rows have (nothing when none)."""
+    shown = [name for name in names if name in start and name in end]
+    if shown:
+        print(f"{label}, start -> end: " + ", ".join(f"{n} {start[n]:.3f} -> {end[n]:.3f}" for n in shown))
+
+
 def machine() -> dict:
     import torch
     return {"torch": torch.__version__, "threads": torch.get_num_threads(), "platform": platform.platform(),

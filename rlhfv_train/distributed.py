@@ -7,6 +7,14 @@ import os
 import torch
 
 
+def process_device(name: str) -> torch.device:
+    """The device of this process: "auto" is this process's GPU under torchrun (LOCAL_RANK), else the CPU."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if name == "auto":
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device(name)
+
+
 class Distributed:
     """Rank and world size under torchrun (WORLD_SIZE > 1): gloo on CPU, NCCL on GPU; a no-op otherwise."""
 

@@ -37,14 +37,14 @@ from rlhfv_kernels.api import GRPO_LOSS_TYPES
 from . import rollouts as rollout_ops
 from .batch import IGNORE_INDEX, BatchStream, PairCollator
 from .checkpoint import resume_training_state, save_training_state, trim_metrics
-from .cli import USER_ERRORS, HelpFormatter, fail
-from .distributed import Distributed
+from .cli import USER_ERRORS, HelpFormatter, fail, print_start_to_end
+from .distributed import Distributed, process_device
 from .evaluate import METRICS, GenerationSettings, generate_answers, hallucination_rates, load_callable
 from .models import load_processor_and_model, load_run_records, load_weights
 from .plots import plot_grpo_metrics
 from .rewards import JUDGE_TEMPLATE, GenerativeJudge, GroupScorer, SceneJudge, group_advantages, scene_reward
 from .sft import warm_up_once
-from .train import _device, cosine_with_warmup
+from .train import cosine_with_warmup
 
 LOSS_TYPES = GRPO_LOSS_TYPES
 # GRPO learns from the model's own samples, so the tiny model must describe scenes well before it starts: after 1000
@@ -186,7 +186,7 @@ def _loss_weight(loss_type: str, rows: slice, rollouts, local_tokens: int) -> fl
 
 def train_grpo(cfg: GRPOConfig) -> dict:
     """Runs (or resumes) GRPO; returns a summary with the last metrics and the paths written."""
-    device = _device(cfg.device)
+    device = process_device(cfg.device)
     dist = Distributed(device)
     cfg.check(dist.world)
     os.makedirs(cfg.output_dir, exist_ok=True)
@@ -433,10 +433,8 @@ def main(argv=None) -> int:
         return fail("python -m rlhfv_train.grpo", exc)
     m, start = summary["metrics"], summary.get("start_metrics") or {}
     print(f"done: step {summary['step']}; metrics {summary.get('metrics_path')}, plot {summary.get('plot')}")
-    shown = [name for name in ("eval_scene_reward", "eval_win_rate", "eval_reward", "chair_s", "chair_i", "recall")
-             if name in m and name in start]
-    if shown:
-        print("held-out, start -> end: " + ", ".join(f"{name} {start[name]:.3f} -> {m[name]:.3f}" for name in shown))
+    print_start_to_end("held-out", start, m, ("eval_scene_reward", "eval_win_rate", "eval_reward", "chair_s",
+                                              "chair_i", "recall"))
     return 0
 
 

@@ -20,7 +20,7 @@ import rlhfv_kernels as rk
 from . import refcache
 from .batch import BatchStream, PairCollator
 from .checkpoint import resume_training_state, save_training_state, trim_metrics
-from .distributed import Distributed
+from .distributed import Distributed, process_device
 from .evaluate import METRICS, GenerationSettings, evaluate_hallucination
 from .models import load_processor_and_model, load_run_records, load_weights
 from .plots import plot_metrics
@@ -81,13 +81,6 @@ def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
         return (step + 1) / max(1, warmup)
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def _device(name: str) -> torch.device:
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if name == "auto":
-        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    return torch.device(name)
 
 
 def _hidden_and_head(model, inputs: dict):
@@ -168,7 +161,7 @@ def train(cfg: TrainConfig) -> dict:
         raise FileNotFoundError(f"--model {cfg.model}: no such folder (a local Hugging Face model folder is expected; "
                                 "nothing is downloaded)")
     os.makedirs(cfg.output_dir, exist_ok=True)
-    device = _device(cfg.device)
+    device = process_device(cfg.device)
     dist = Distributed(device)
     if cfg.fused_linear and dist.world > 1:
         raise ValueError("--fused-linear calls the model's body and lm_head separately, which bypasses the DDP/FSDP "
