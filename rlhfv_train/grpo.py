@@ -40,7 +40,7 @@ from .checkpoint import resume_training_state, save_training_state, trim_metrics
 from .cli import USER_ERRORS, HelpFormatter, fail, print_start_to_end
 from .distributed import Distributed, process_device
 from .evaluate import METRICS, GenerationSettings, generate_answers, hallucination_rates, load_callable
-from .models import load_processor_and_model, load_run_records, load_weights
+from .models import hidden_and_head, load_processor_and_model, load_run_records, load_weights
 from .plots import plot_grpo_metrics
 from .rewards import JUDGE_TEMPLATE, GenerativeJudge, GroupScorer, SceneJudge, group_advantages, scene_reward
 from .sft import warm_up_once
@@ -78,6 +78,7 @@ class GRPOConfig:
     scale_rewards: bool = True         # divide advantages by the group std (GRPO); False: Dr. GRPO
     updates_per_rollout: int = 2       # optimizer steps on each batch of rollouts (mu)
     micro_batch: int = 16              # sequences per forward / backward
+    fused_linear: bool = False         # loss and log-probs from hidden states + lm_head weight (no logits)
     lr: float = 1e-4
     weight_decay: float = 0.0
     warmup_ratio: float = 0.05
@@ -111,6 +112,9 @@ class GRPOConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.sft_steps < 0:
             raise ValueError(f"sft_steps must be >= 0, got {self.sft_steps}")
+        if self.fused_linear and world > 1:
+            raise ValueError("--fused-linear calls the model's body and lm_head separately, which bypasses the "
+                             "DDP/FSDP wrappers; use it with a single process for now")
         if self.prompts_per_step % world:
             raise ValueError(f"prompts_per_step ({self.prompts_per_step}) must divide evenly over {world} processes")
         if not self.epsilon > 0 or (self.epsilon_high is not None and not self.epsilon_high > 0):
@@ -278,7 +282,7 @@ def train_grpo(cfg: GRPOConfig) -> dict:
             rewards = torch.tensor(scores, dtype=torch.float32)
             advantages = group_advantages(rewards, scale=cfg.scale_rewards).flatten().to(device)
             score = dict(temperature=cfg.temperature, autocast_dtype=autocast_dtype, backend=cfg.backend,
-                         micro_batch=cfg.micro_batch)
+                         micro_batch=cfg.micro_batch, fused_linear=cfg.fused_linear)
             old = rollout_ops.token_logps(model, rollouts, **score) if cfg.updates_per_rollout > 1 else None
             ref = rollout_ops.token_logps(reference, rollouts, **score) if reference is not None else None
             local_tokens = int((rollouts.labels != IGNORE_INDEX).sum())
@@ -292,14 +296,18 @@ def train_grpo(cfg: GRPOConfig) -> dict:
                     rows = slice(start, start + cfg.micro_batch)
                     sync = n == len(starts) - 1  # gradients averaged across processes once per optimizer step
                     with dist.skip_grad_sync(trained) if not sync else contextlib.nullcontext():
-                        logits = rollout_ops.forward_logits(trained, rollouts.model_inputs(rows), autocast_dtype)
-                        out = rk.grpo_loss(
-                            logits, rollouts.labels[rows], advantages[rows],
+                        options = dict(
                             old_logps=None if old is None else old[rows], ref_logps=None if ref is None else ref[rows],
                             epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, beta_kl=cfg.beta_kl,
-                            loss_type=cfg.loss_type, temperature=cfg.temperature, inplace_backward=True,
-                            backend=cfg.backend,
+                            loss_type=cfg.loss_type, temperature=cfg.temperature, backend=cfg.backend,
                             num_items_in_batch=tokens_per_process if cfg.loss_type == "dapo" else None)
+                        inputs, labels = rollouts.model_inputs(rows), rollouts.labels[rows]
+                        if cfg.fused_linear:  # the [rows, T, V] logits are never materialized
+                            hidden, weight, bias = hidden_and_head(trained, inputs, autocast_dtype)
+                            out = rk.linear_grpo_loss(hidden, weight, labels, advantages[rows], bias=bias, **options)
+                        else:
+                            logits = rollout_ops.forward_logits(trained, inputs, autocast_dtype)
+                            out = rk.grpo_loss(logits, labels, advantages[rows], inplace_backward=True, **options)
                         weight = _loss_weight(cfg.loss_type, rows, rollouts, local_tokens)
                         (out.loss * weight).backward()
                     share = int((rollouts.labels[rows] != IGNORE_INDEX).sum()) / local_tokens
@@ -387,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--updates-per-rollout", type=int, default=d.updates_per_rollout,
                    help="optimizer steps on each batch of rollouts")
     p.add_argument("--micro-batch", type=int, default=d.micro_batch, help="sequences per forward/backward")
+    p.add_argument("--fused-linear", action="store_true", help="loss and log-probs from the last hidden states and "
+                   "the lm_head weight, never materializing the logits (single process)")
     p.add_argument("--lr", type=float, default=d.lr, help="AdamW peak learning rate")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
     p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio, help="share of updates of linear warm-up")

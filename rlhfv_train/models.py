@@ -80,3 +80,20 @@ def load_run_records(data: str | None, *, eval_data: str | None, eval_fraction: 
         train_idx, eval_idx = list(range(len(records))), list(range(len(records), len(records) + len(held)))
         records = records + held
     return records, train_idx, eval_idx, data_path
+
+
+def hidden_and_head(model, inputs: dict, autocast_dtype=None):
+    """(last hidden states, lm_head weight, lm_head bias) of a Hugging Face model, without computing the logits: the
+    inputs of the fused-linear losses (rk.linear_*). Under autocast the head comes in the body's dtype."""
+    base = getattr(model, "model", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if base is None or head is None:
+        raise ValueError(f"--fused-linear needs a model with .model (the body) and an output embedding (lm_head); "
+                         f"{type(model).__name__} has no such split")
+    with torch.autocast(inputs["input_ids"].device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        outputs = base(**inputs)
+    hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
+    weight, bias = head.weight, head.bias
+    if hidden.dtype != weight.dtype:  # autocast: the body ran in bf16, the head weight is fp32
+        weight, bias = weight.to(hidden.dtype), None if bias is None else bias.to(hidden.dtype)
+    return hidden, weight, bias

@@ -19,6 +19,7 @@ import rlhfv_kernels as rk
 from .batch import IGNORE_INDEX
 from .data import PreferenceRecord
 from .evaluate import GenerationSettings, generate_tokens
+from .models import hidden_and_head
 
 
 @dataclass
@@ -91,12 +92,19 @@ def forward_logits(model, inputs: dict, autocast_dtype=None) -> torch.Tensor:
 
 @torch.no_grad()
 def token_logps(model, rollouts: Rollouts, *, micro_batch: int, temperature: float = 1.0, autocast_dtype=None,
-                backend=None) -> torch.Tensor:
+                backend=None, fused_linear: bool = False) -> torch.Tensor:
     """[B, T] log-probs of the rollouts' answer tokens under `model` (0 elsewhere): the sampling policy's (old) or
-    the frozen reference's, in micro-batches of rows."""
+    the frozen reference's, in micro-batches of rows; fused_linear: from the hidden states and the lm_head weight,
+    without the logits."""
     out = []
     for start in range(0, rollouts.input_ids.shape[0], micro_batch):
         rows = slice(start, start + micro_batch)
-        logits = forward_logits(model, rollouts.model_inputs(rows), autocast_dtype)
-        out.append(rk.token_logprobs(logits, rollouts.labels[rows], temperature=temperature, backend=backend))
+        labels = rollouts.labels[rows]
+        if fused_linear:
+            hidden, weight, bias = hidden_and_head(model, rollouts.model_inputs(rows), autocast_dtype)
+            out.append(rk.linear_token_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,
+                                                backend=backend))
+        else:
+            logits = forward_logits(model, rollouts.model_inputs(rows), autocast_dtype)
+            out.append(rk.token_logprobs(logits, labels, temperature=temperature, backend=backend))
     return torch.cat(out)

@@ -22,7 +22,7 @@ from .batch import BatchStream, PairCollator
 from .checkpoint import resume_training_state, save_training_state, trim_metrics
 from .distributed import Distributed, process_device
 from .evaluate import METRICS, GenerationSettings, evaluate_hallucination
-from .models import load_processor_and_model, load_run_records, load_weights
+from .models import hidden_and_head, load_processor_and_model, load_run_records, load_weights
 from .plots import plot_metrics
 from .sft import warm_up_once
 
@@ -83,18 +83,6 @@ def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _hidden_and_head(model, inputs: dict):
-    """(last hidden states, lm_head) of a Hugging Face model, without computing the logits."""
-    base = getattr(model, "model", None)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if base is None or head is None:
-        raise ValueError(f"--fused-linear needs a model with .model (the body) and an output embedding (lm_head); "
-                         f"{type(model).__name__} has no such split")
-    outputs = base(**inputs)
-    hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
-    return hidden, head
-
-
 def _ddpo(cfg, model, batch, refs, *, autocast_dtype):
     pairs = batch.indices.tolist()
     ref = torch.tensor([refs[i][0] for i in pairs] + [refs[i][1] for i in pairs], device=batch.input_ids.device)
@@ -102,18 +90,12 @@ def _ddpo(cfg, model, batch, refs, *, autocast_dtype):
     options = dict(token_weights=weights, beta=cfg.beta, mode=cfg.mode, reward_margin=batch.reward_margin,
                    drs_weight=cfg.drs_weight, drs_k=cfg.drs_k, sft_weight=cfg.sft_weight,
                    temperature=cfg.temperature, backend=cfg.backend)
+    if cfg.fused_linear:  # hidden states + lm_head weight: the logits are never materialized
+        hidden, weight, bias = hidden_and_head(model, batch.model_inputs(), autocast_dtype)
+        return rk.linear_ddpo_loss(hidden, weight, labels, ref, bias=bias, **options)
     with torch.autocast(device_type=batch.input_ids.device.type, dtype=autocast_dtype,
                         enabled=autocast_dtype is not None):
-        if cfg.fused_linear:  # hidden states + lm_head weight: the logits are never materialized
-            hidden, head = _hidden_and_head(model, batch.model_inputs())
-        else:
-            logits = model(**batch.model_inputs()).logits
-    if cfg.fused_linear:
-        weight = head.weight
-        bias = head.bias
-        if hidden.dtype != weight.dtype:  # autocast: the body ran in bf16, the head weight is fp32
-            weight, bias = weight.to(hidden.dtype), None if bias is None else bias.to(hidden.dtype)
-        return rk.linear_ddpo_loss(hidden, weight, labels, ref, bias=bias, **options)
+        logits = model(**batch.model_inputs()).logits
     return rk.ddpo_loss(logits, labels, ref, inplace_backward=cfg.inplace_backward, **options)
 
 

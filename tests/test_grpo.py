@@ -112,6 +112,23 @@ def test_micro_batching_does_not_change_the_step(tmp_path, dataset, warm, loss_t
     assert split["metrics"]["loss"] == pytest.approx(whole["metrics"]["loss"], rel=1e-4, abs=1e-6)
 
 
+def test_fused_linear_matches_the_logits_path(tmp_path, dataset, warm, monkeypatch):
+    """--fused-linear (hidden states + lm_head weight, for the loss and the old and reference log-probs) takes the
+    same steps as the logits path."""
+    options = dict(max_steps=2, init_weights=warm, beta_kl=0.1, updates_per_rollout=2, eval_every=5)
+    logits = train_grpo(small_config(tmp_path / "a", dataset, **options))
+    calls = []
+    for name in ("linear_grpo_loss", "linear_token_logprobs"):
+        real = getattr(rk, name)
+        monkeypatch.setattr(rk, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    linear = train_grpo(small_config(tmp_path / "b", dataset, fused_linear=True, **options))
+    # 2 steps x (old + reference scores over 3 micro-batches; 2 updates x 3 micro-batches of loss)
+    assert calls.count("linear_token_logprobs") == 12 and calls.count("linear_grpo_loss") == 12
+    for name, value in logits["model"].state_dict().items():
+        torch.testing.assert_close(linear["model"].state_dict()[name], value, rtol=1e-4, atol=2e-5, msg=name)
+    assert linear["metrics"]["kl"] == pytest.approx(logits["metrics"]["kl"], rel=1e-3, abs=1e-6)
+
+
 def test_training_writes_metrics_plot_and_resumes_exactly(tmp_path, dataset, warm):
     config = dict(max_steps=4, init_weights=warm, beta_kl=0.05, updates_per_rollout=2)
     straight = train_grpo(small_config(tmp_path / "a", dataset, **config))
