@@ -60,21 +60,33 @@ def save_training_state(path: str, model, optimizer, scheduler, step: int, *, fs
     dist.barrier()
 
 
-def resume_training_state(path: str, model, optimizer, scheduler, *, fsdp: bool) -> int:
-    """Loads save_training_state's file; returns the step it was written at."""
-    state = torch.load(path, weights_only=False)
-    load_full_state(model, optimizer, state["model"], state["optimizer"], fsdp)
-    scheduler.load_state_dict(state["scheduler"])
-    restore_rng(state["rng"])
-    return state["step"]
-
-
-def trim_metrics(metrics_path: str, step: int) -> tuple[dict, dict]:
-    """On resume: drops the metrics lines written after the checkpoint at `step`; returns the first and last rows kept
-    (what a summary reports when there is nothing left to run), {} when none."""
-    if not os.path.isfile(metrics_path):
-        return {}, {}
-    kept = [line for line in open(metrics_path) if json.loads(line)["step"] <= step]
-    with open(metrics_path, "w") as f:
-        f.writelines(kept)
-    return (json.loads(kept[0]), json.loads(kept[-1])) if kept else ({}, {})
+def start_or_resume(ckpt_path: str, metrics_path: str, model, optimizer, scheduler, *, resume: bool,
+                    max_steps: int, fsdp: bool, dist) -> tuple[int, dict, dict]:
+    """The trainers' start: with `resume` and a checkpoint, loads save_training_state's file and drops the metrics
+    lines written after it; otherwise starts a fresh metrics file (and says when --resume found nothing). Returns
+    (step, first metrics row kept, last row kept): what a summary reports when there is nothing left to run."""
+    step, first, last = 0, {}, {}
+    if resume and os.path.isfile(ckpt_path):
+        state = torch.load(ckpt_path, weights_only=False)
+        load_full_state(model, optimizer, state["model"], state["optimizer"], fsdp)
+        scheduler.load_state_dict(state["scheduler"])
+        restore_rng(state["rng"])
+        step = state["step"]
+        if dist.is_main:
+            print(f"resumed from {ckpt_path} at step {step}")
+            if os.path.isfile(metrics_path):
+                kept = [line for line in open(metrics_path) if json.loads(line)["step"] <= step]
+                with open(metrics_path, "w") as f:
+                    f.writelines(kept)
+                if kept:
+                    first, last = json.loads(kept[0]), json.loads(kept[-1])
+            if step >= max_steps:
+                print(f"--resume: the run already reached --max-steps {max_steps}; nothing to train (raise "
+                      "--max-steps to continue)")
+    elif dist.is_main:
+        if resume:  # say so rather than start over silently
+            print(f"--resume: no checkpoint at {ckpt_path}; starting from step 0")
+        if os.path.isfile(metrics_path):
+            os.remove(metrics_path)
+    dist.barrier()
+    return step, first, last

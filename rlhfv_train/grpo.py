@@ -36,11 +36,11 @@ from rlhfv_kernels.api import GRPO_LOSS_TYPES
 
 from . import rollouts as rollout_ops
 from .batch import IGNORE_INDEX, BatchStream, PairCollator
-from .checkpoint import resume_training_state, save_training_state, trim_metrics
+from .checkpoint import save_training_state, start_or_resume
 from .cli import USER_ERRORS, HelpFormatter, fail, print_start_to_end
 from .distributed import Distributed, process_device
 from .evaluate import METRICS, GenerationSettings, generate_answers, hallucination_rates, load_callable
-from .models import hidden_and_head, load_processor_and_model, load_run_records, load_weights
+from .models import forward_logits, hidden_and_head, load_processor_and_model, load_run_records, load_weights
 from .plots import plot_grpo_metrics
 from .rewards import JUDGE_TEMPLATE, GenerativeJudge, GroupScorer, SceneJudge, group_advantages, scene_reward
 from .sft import warm_up_once
@@ -237,21 +237,12 @@ def train_grpo(cfg: GRPOConfig) -> dict:
 
     ckpt_path = os.path.join(cfg.output_dir, "checkpoint.pt")
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
-    step, first, last = 0, {}, {}
-    if cfg.resume and os.path.isfile(ckpt_path):
-        step = resume_training_state(ckpt_path, model, optimizer, scheduler, fsdp=fsdp)
-        if dist.is_main:
-            print(f"resumed from {ckpt_path} at step {step}")
-            first, last = trim_metrics(metrics_path, step)
-            if step >= cfg.max_steps:
-                print(f"--resume: the run already reached --max-steps {cfg.max_steps}; nothing to train (raise "
-                      "--max-steps to continue)")
-    else:
-        if cfg.resume and dist.is_main:
-            print(f"--resume: no checkpoint at {ckpt_path}; starting from step 0")
-        if dist.is_main and os.path.isfile(metrics_path):
-            os.remove(metrics_path)
-    dist.barrier()
+    step, first, last = start_or_resume(ckpt_path, metrics_path, model, optimizer, scheduler, resume=cfg.resume,
+                                        max_steps=cfg.max_steps, fsdp=fsdp, dist=dist)
+
+    def checkpoint():
+        save_training_state(ckpt_path, model, optimizer, scheduler, step, fsdp=fsdp, dist=dist, config=asdict(cfg),
+                            data_path=data_path)
 
     def held_out_metrics():
         with dist.unsharded(model, fsdp):
@@ -276,7 +267,7 @@ def train_grpo(cfg: GRPOConfig) -> dict:
                 raise ValueError(f"step {step}: all {len(rollouts.answers)} sampled answers are empty (the model "
                                  "ends every answer at once); check the tokenizer's end-of-sequence token, "
                                  "--max-new-tokens, and the starting weights (--sft-steps, --init-weights)")
-            k = cfg.num_generations
+            k = rollouts.k
             scores = [scorer(records[i], rollouts.answers[g * k:(g + 1) * k])
                       for g, i in enumerate(rollouts.record_indices)]
             rewards = torch.tensor(scores, dtype=torch.float32)
@@ -306,12 +297,12 @@ def train_grpo(cfg: GRPOConfig) -> dict:
                             hidden, weight, bias = hidden_and_head(trained, inputs, autocast_dtype)
                             out = rk.linear_grpo_loss(hidden, weight, labels, advantages[rows], bias=bias, **options)
                         else:
-                            logits = rollout_ops.forward_logits(trained, inputs, autocast_dtype)
+                            logits = forward_logits(trained, inputs, autocast_dtype)
                             out = rk.grpo_loss(logits, labels, advantages[rows], inplace_backward=True, **options)
-                        weight = _loss_weight(cfg.loss_type, rows, rollouts, local_tokens)
-                        (out.loss * weight).backward()
+                        loss_weight = _loss_weight(cfg.loss_type, rows, rollouts, local_tokens)
+                        (out.loss * loss_weight).backward()
                     share = int((rollouts.labels[rows] != IGNORE_INDEX).sum()) / local_tokens
-                    totals["loss"] += out.loss.item() * weight / cfg.updates_per_rollout
+                    totals["loss"] += out.loss.item() * loss_weight / cfg.updates_per_rollout
                     totals["kl"] += out.mean_kl.item() * share / cfg.updates_per_rollout
                     totals["clip_ratio"] += out.clip_ratio.item() * share / cfg.updates_per_rollout
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -338,13 +329,11 @@ def train_grpo(cfg: GRPOConfig) -> dict:
                             tokens=f"{last['answer_tokens']:.1f}")
             if cfg.stop_after is not None and step >= cfg.stop_after:
                 if step % cfg.save_every == 0:
-                    save_training_state(ckpt_path, model, optimizer, scheduler, step, fsdp=fsdp, dist=dist,
-                                        config=asdict(cfg), data_path=data_path)
+                    checkpoint()
                 bar.close()
                 return {"step": step, "stopped": True, "metrics": last}
             if step % cfg.save_every == 0 or step == cfg.max_steps:
-                save_training_state(ckpt_path, model, optimizer, scheduler, step, fsdp=fsdp, dist=dist,
-                                    config=asdict(cfg), data_path=data_path)
+                checkpoint()
     bar.close()
     plot = plot_grpo_metrics(metrics_path, os.path.join(cfg.output_dir, "metrics.png")) if dist.is_main else None
     return {"step": step, "metrics": last, "start_metrics": first, "metrics_path": metrics_path, "plot": plot,

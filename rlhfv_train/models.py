@@ -82,6 +82,12 @@ def load_run_records(data: str | None, *, eval_data: str | None, eval_fraction: 
     return records, train_idx, eval_idx, data_path
 
 
+def forward_logits(model, inputs: dict, autocast_dtype=None) -> torch.Tensor:
+    """model(**inputs).logits, under autocast to `autocast_dtype` when one is given (bf16 on GPU)."""
+    with torch.autocast(inputs["input_ids"].device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        return model(**inputs).logits
+
+
 def hidden_and_head(model, inputs: dict, autocast_dtype=None):
     """(last hidden states, lm_head weight, lm_head bias) of a Hugging Face model, without computing the logits: the
     inputs of the fused-linear losses (rk.linear_*). Under autocast the head comes in the body's dtype."""

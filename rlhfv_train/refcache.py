@@ -14,6 +14,7 @@ import torch
 import rlhfv_kernels as rk
 
 from .data import PreferenceRecord
+from .models import forward_logits
 
 
 def _hash_records(records: list[PreferenceRecord], digest) -> None:
@@ -47,8 +48,7 @@ def score_pairs(model, batches, settings: dict, device, *, autocast_dtype=None, 
     try:
         for batch in batches:
             batch = batch.to(device)
-            with torch.autocast(device_type=device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                logits = model(**batch.model_inputs()).logits
+            logits = forward_logits(model, batch.model_inputs(), autocast_dtype)
             labels, weights = batch.next_token_targets()
             seq = rk.sequence_logps(logits, labels, weights,
                                     mode=settings["mode"], temperature=settings["temperature"], backend=backend)

@@ -17,6 +17,7 @@ import torch
 
 from .batch import build_prompt
 from .data import PreferenceRecord, as_hashable, open_image
+from .models import forward_logits
 
 Judge = Callable[[PreferenceRecord, Sequence[tuple[str, str]]], Sequence[float]]
 
@@ -151,8 +152,7 @@ class GenerativeJudge:
                 else:
                     inputs = self.tokenizer(texts, return_tensors="pt", padding=True)
                 inputs = {k: v.to(device) for k, v in inputs.items()}
-                with torch.autocast(device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-                    logits = self.model(**inputs).logits
+                logits = forward_logits(self.model, inputs, self.autocast_dtype)
                 last = inputs["attention_mask"].sum(-1) - 1
                 choice = logits[torch.arange(len(texts), device=device), last][:, self.choice_ids].float()
                 scores.extend(torch.softmax(choice, dim=-1)[:, 0].tolist())

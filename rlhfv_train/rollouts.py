@@ -9,7 +9,6 @@ never decoded and re-encoded, so the log-probs are those of the tokens that were
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +18,7 @@ import rlhfv_kernels as rk
 from .batch import IGNORE_INDEX
 from .data import PreferenceRecord
 from .evaluate import GenerationSettings, generate_tokens
-from .models import hidden_and_head
+from .models import forward_logits, hidden_and_head
 
 
 @dataclass
@@ -35,10 +34,6 @@ class Rollouts:
     answer_tokens: torch.Tensor      # [B] answer lengths in tokens (end-of-sequence included)
     k: int
 
-    @property
-    def groups(self) -> int:
-        return len(self.record_indices)
-
     def model_inputs(self, rows: slice) -> dict:
         return {"input_ids": self.input_ids[rows], "attention_mask": self.attention_mask[rows],
                 **{name: value[rows] for name, value in self.extra.items()}}
@@ -52,8 +47,8 @@ def sample(model, processor, records: list[PreferenceRecord], record_indices: li
     tokenizer = getattr(processor, "tokenizer", processor)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     pad = eos if pad is None else pad
-    chosen = [records[i] for i in record_indices]
-    batches = generate_tokens(model, processor, chosen, settings, device=device, autocast_dtype=autocast_dtype)
+    prompts = [records[i] for i in record_indices]
+    batches = generate_tokens(model, processor, prompts, settings, device=device, autocast_dtype=autocast_dtype)
     rows, extra_rows = [], {}
     for batch in batches:
         for name, value in batch.inputs.items():  # pixel_values and the like: one row per record -> k rows
@@ -81,13 +76,6 @@ def sample(model, processor, records: list[PreferenceRecord], record_indices: li
                     extra={name: torch.cat(parts) for name, parts in extra_rows.items()},
                     record_indices=list(record_indices), answers=answers,
                     answer_tokens=torch.tensor([len(a) for _, a in rows]), k=k)
-
-
-def forward_logits(model, inputs: dict, autocast_dtype=None) -> torch.Tensor:
-    autocast = torch.autocast(inputs["input_ids"].device.type, dtype=autocast_dtype) if autocast_dtype else \
-        contextlib.nullcontext()
-    with autocast:
-        return model(**inputs).logits
 
 
 @torch.no_grad()

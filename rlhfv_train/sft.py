@@ -7,11 +7,15 @@ and the others load its result (train.py).
 """
 from __future__ import annotations
 
-import contextlib
+import os
 
 import torch
 
 import rlhfv_kernels as rk
+
+from .batch import BatchStream
+from .checkpoint import save_atomically
+from .models import forward_logits, load_weights
 
 
 def chosen_nll(model, batch, *, autocast_dtype=None, backend=None, inplace_backward=True) -> torch.Tensor:
@@ -19,10 +23,7 @@ def chosen_nll(model, batch, *, autocast_dtype=None, backend=None, inplace_backw
     pairs = batch.indices.numel()
     inputs = {name: value[:pairs] for name, value in batch.model_inputs().items()}
     labels = batch.next_token_targets()[0][:pairs]
-    autocast = torch.autocast(batch.input_ids.device.type, dtype=autocast_dtype) if autocast_dtype else \
-        contextlib.nullcontext()
-    with autocast:
-        logits = model(**inputs).logits
+    logits = forward_logits(model, inputs, autocast_dtype)
     logps = rk.token_logprobs(logits, labels, inplace_backward=inplace_backward, backend=backend)
     mask = (labels != -100).to(logps.dtype)
     return -(logps * mask).sum() / mask.sum().clamp_min(1.0)
@@ -57,11 +58,6 @@ def warm_up_once(model, collate, records, train_idx, *, dist, output_dir: str, s
     process trains; the others, and a resumed run (whose reference comes from these weights), load the file.
     batch_size is per process: the main process warms up on the global batch, so a run under torchrun warms up
     exactly like one process. Returns the losses."""
-    import os
-
-    from .batch import BatchStream
-    from .checkpoint import save_atomically
-    from .models import load_weights
     if steps == 0:
         return []
     path = os.path.join(output_dir, "sft.pt")

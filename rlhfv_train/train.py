@@ -19,10 +19,10 @@ import rlhfv_kernels as rk
 
 from . import refcache
 from .batch import BatchStream, PairCollator
-from .checkpoint import resume_training_state, save_training_state, trim_metrics
+from .checkpoint import save_training_state, start_or_resume
 from .distributed import Distributed, process_device
 from .evaluate import METRICS, GenerationSettings, evaluate_hallucination
-from .models import hidden_and_head, load_processor_and_model, load_run_records, load_weights
+from .models import forward_logits, hidden_and_head, load_processor_and_model, load_run_records, load_weights
 from .plots import plot_metrics
 from .sft import warm_up_once
 
@@ -93,9 +93,7 @@ def _ddpo(cfg, model, batch, refs, *, autocast_dtype):
     if cfg.fused_linear:  # hidden states + lm_head weight: the logits are never materialized
         hidden, weight, bias = hidden_and_head(model, batch.model_inputs(), autocast_dtype)
         return rk.linear_ddpo_loss(hidden, weight, labels, ref, bias=bias, **options)
-    with torch.autocast(device_type=batch.input_ids.device.type, dtype=autocast_dtype,
-                        enabled=autocast_dtype is not None):
-        logits = model(**batch.model_inputs()).logits
+    logits = forward_logits(model, batch.model_inputs(), autocast_dtype)
     return rk.ddpo_loss(logits, labels, ref, inplace_backward=cfg.inplace_backward, **options)
 
 
@@ -205,21 +203,9 @@ def train(cfg: TrainConfig) -> dict:
     stream = BatchStream(train_idx, cfg.batch_size, cfg.seed, dist.rank, dist.world)
     ckpt_path = os.path.join(cfg.output_dir, "checkpoint.pt")
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
-    step = 0
-    resumed_metrics = resumed_first = {}
-    if cfg.resume and not os.path.isfile(ckpt_path) and dist.is_main:  # say so rather than start over silently
-        print(f"--resume: no checkpoint at {ckpt_path}; starting from step 0")
-    if cfg.resume and os.path.isfile(ckpt_path):
-        step = resume_training_state(ckpt_path, model, optimizer, scheduler, fsdp=fsdp)
-        if dist.is_main:
-            print(f"resumed from {ckpt_path} at step {step}")
-            resumed_first, resumed_metrics = trim_metrics(metrics_path, step)
-        if dist.is_main and step >= cfg.max_steps:
-            print(f"--resume: the run already reached --max-steps {cfg.max_steps}; nothing to train (raise "
-                  "--max-steps to continue)")
-    elif dist.is_main and os.path.isfile(metrics_path):
-        os.remove(metrics_path)
-    dist.barrier()
+    step, resumed_first, resumed_metrics = start_or_resume(ckpt_path, metrics_path, model, optimizer, scheduler,
+                                                           resume=cfg.resume, max_steps=cfg.max_steps, fsdp=fsdp,
+                                                           dist=dist)
 
     def checkpoint():
         save_training_state(ckpt_path, model, optimizer, scheduler, step, fsdp=fsdp, dist=dist, config=asdict(cfg),
