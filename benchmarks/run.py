@@ -4,12 +4,15 @@
     python benchmarks/run.py --quick               # tiny sizes, a smoke test of the script itself
     python benchmarks/run.py --json out.json       # also write every record (medians, raw times, peak bytes, versions)
     python benchmarks/run.py --case 4096x32000:float32 --ops ddpo_loss
+    python benchmarks/run.py --softcap 30          # also what Gemma's soft cap costs: reference and fused with it
 
 For every case (N tokens x V vocab, dtype) and op it times the forward and forward+backward (median of --repeats
 runs after --warmup) of: the eager reference (fp32 log_softmax + gather), the fused default backend, and the fused
 backend with inplace_backward=True; then measures the peak extra memory of one forward+backward of each (CUDA: the
 caching allocator's peak; CPU: torch's allocation events from the profiler). It also times a
 device copy of the logits to give the bandwidth floor of the logits path: 3 passes (read, read, write) over them.
+With --softcap C two more contestants run beside the others: the eager reference and the fused default, both with
+the soft cap C (z = C tanh(x / C)) applied to the logits, so the table shows what the cap costs each.
 """
 from __future__ import annotations
 
@@ -125,6 +128,7 @@ class Impl:
     peer: str | None = None
     consumes_input: bool = False  # writes into the logits (in-place backward; Liger computes dlogits in forward)
     ops: tuple = OPS
+    softcap: bool = False  # applies --softcap's cap to the logits (only rlhfv impls take one)
 
 
 PEER_OPS = ("token_logprobs", "ddpo_loss")  # peers give per-token CE; the DPO math on top is ours, same for all
@@ -140,7 +144,10 @@ IMPL_TABLE = {
     "liger": Impl("liger", peer="liger", consumes_input=True, ops=PEER_OPS),
     "flash_attn": Impl("flash_attn", peer="flash_attn", ops=PEER_OPS),
     "trl": Impl("trl", peer="trl", ops=PEER_OPS),
+    "reference_softcap": Impl("reference_softcap", backend="reference", softcap=True),
+    "fused_softcap": Impl("fused_softcap", softcap=True),
 }
+SOFTCAP_IMPLS = tuple(name for name, impl in IMPL_TABLE.items() if impl.softcap)  # added by --softcap
 PEER_DEVICES = {"liger": ("cuda",), "flash_attn": ("cuda",), "trl": ("cpu", "cuda")}
 IMPLS = tuple(IMPL_TABLE)
 DEFAULT_IMPLS = {"cpu": ("reference", "reference_compiled", "trl", "fused", "fused_inplace"),
@@ -211,7 +218,7 @@ def impl_unavailable(impl: Impl, device: torch.device, backend_override: str | N
     return None
 
 
-def loss_fn(op: str, inputs: dict, impl: Impl, backend_override: str | None):
+def loss_fn(op: str, inputs: dict, impl: Impl, backend_override: str | None, softcap: float | None = None):
     """A closure logits -> scalar loss for `op`, so every impl is timed on the same call."""
     labels = inputs["labels"]
     if impl.peer is not None:
@@ -224,6 +231,8 @@ def loss_fn(op: str, inputs: dict, impl: Impl, backend_override: str | None):
             token_logps(x, labels), mask, weights, inputs["ref_logps"], beta=0.5, mode="mean", reward_margin=None,
             drs_weight=0.0, drs_k=1.0, sft_weight=0.0).loss
     kw = {"backend": impl.backend or backend_override, "inplace_backward": impl.inplace}
+    if impl.softcap:
+        kw["softcap"] = softcap
     if op == "token_logprobs":
         fn = lambda x: rk.token_logprobs(x, labels, **kw).sum()  # noqa: E731
     elif op == "sequence_logps":
@@ -247,7 +256,7 @@ def bench_one(op, impl: Impl, case, inputs, device, args, reference_grad) -> tup
         logits = logits.clone()  # it overwrites its input; keep the shared one intact
     leaf = logits.requires_grad_(True)
     x = leaf.view_as(leaf)  # a non-leaf input, as a model's logits are (in-place backward must not hit a leaf)
-    fn = loss_fn(op, inputs, impl, args.backend)
+    fn = loss_fn(op, inputs, impl, args.backend, args.softcap)
     rec = Record(op=op, impl=impl.name, backend=resolved, tokens=case.tokens, vocab=case.vocab,
                  shape=list(logits.shape), dtype=case.dtype_name, device=device.type,
                  device_name=device_name(device), logits_bytes=logits.numel() * logits.element_size())
@@ -263,8 +272,8 @@ def bench_one(op, impl: Impl, case, inputs, device, args, reference_grad) -> tup
     first_grad = forward_backward()  # also the warm-up of compiled and autotuned code
     if reference_grad is not None:
         rec.grad_max_abs_err = max_abs_diff(first_grad, reference_grad)
-    if impl.name != "reference":
-        first_grad = None  # only the reference's gradient is kept, as the yardstick of the others
+    if impl.name not in ("reference", "reference_softcap"):
+        first_grad = None  # only the references' gradients are kept, as the yardsticks of the others
     if not impl.inplace:  # inplace_backward does not change the forward
         rec.fwd_times_ms = time_call(forward, device, args.warmup, args.repeats)
         rec.fwd_median_ms = statistics.median(rec.fwd_times_ms)
@@ -291,7 +300,8 @@ def copy_floor(inputs: dict, device, args) -> dict:
 
 
 def print_table(case: Case, records: list[Record], floor: dict) -> None:
-    ref = {r.op: r for r in records if r.impl == "reference"}
+    ref = {(r.op, IMPL_TABLE[r.impl].softcap): r for r in records if IMPL_TABLE[r.impl].backend == "reference"
+           and not IMPL_TABLE[r.impl].compiled}
     print(f"\n{case.label}  logits {floor['logits_bytes'] / 2**20:.0f} MiB, copy bandwidth "
           f"{floor['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, 3-pass floor {floor['floor_fwd_bwd_ms']:.2f} ms")
     header = (f"{'op':<16}{'impl':<19}{'fwd ms':>10}{'fwd+bwd ms':>12}{'peak MiB':>10}"
@@ -299,7 +309,7 @@ def print_table(case: Case, records: list[Record], floor: dict) -> None:
     print(header)
     print("-" * len(header))
     for r in records:
-        base = ref.get(r.op)
+        base = ref.get((r.op, IMPL_TABLE[r.impl].softcap))
         speed = base.fwd_bwd_median_ms / r.fwd_bwd_median_ms if base else None
         mem = (base.peak_extra_bytes / max(r.peak_extra_bytes, 1)
                if base and base.peak_extra_bytes is not None and r.peak_extra_bytes is not None else None)
@@ -333,6 +343,8 @@ def main(argv=None) -> int:
                         "peers where installed)")
     parser.add_argument("--backend", choices=_backend.FUSED_BACKENDS, help="backend of the fused impls (default: the "
                         "library's choice for the device)")
+    parser.add_argument("--softcap", type=float, metavar="C", help="also run the reference and the fused default "
+                        "with the soft cap C (Gemma 2/3: 30), to see what it costs")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, 2 repeats: checks the script runs")
@@ -347,12 +359,18 @@ def main(argv=None) -> int:
     cases = [Case.parse(c) for c in (args.case or (QUICK_CASES if args.quick else DEFAULT_CASES[device.type]))]
     ops = [o for o in args.ops.split(",") if o]
     impls = [i for i in (args.impls.split(",") if args.impls else DEFAULT_IMPLS[device.type]) if i]
+    if args.softcap is not None:
+        if not args.softcap > 0:
+            parser.error(f"--softcap must be > 0, got {args.softcap}")
+        impls += [i for i in SOFTCAP_IMPLS if i not in impls]
+    elif any(IMPL_TABLE[i].softcap for i in impls if i in IMPL_TABLE):
+        parser.error(f"{', '.join(SOFTCAP_IMPLS)} need --softcap C")
     for name, chosen, allowed in (("--ops", ops, OPS), ("--impls", impls, IMPLS)):
         unknown = sorted(set(chosen) - set(allowed))
         if unknown:
             parser.error(f"{name}: unknown {unknown}; choose from {allowed}")
-    if "reference" in impls:  # the reference runs first so ratios and gradient errors can be printed
-        impls = ["reference"] + [i for i in impls if i != "reference"]
+    # The references run first so ratios and gradient errors can be printed.
+    impls = sorted(impls, key=lambda i: i not in ("reference", "reference_softcap"))
     skipped = {}
     for name in list(impls):
         reason = impl_unavailable(IMPL_TABLE[name], device, args.backend)
@@ -367,7 +385,7 @@ def main(argv=None) -> int:
     if device.type == "cpu" and not rk.extension_available():
         print("warning: the compiled extension is not built; 'fused' runs the reference", file=sys.stderr)
     results = {"versions": info, "device": device.type, "device_name": device_name(device), "skipped": skipped,
-               "cases": []}
+               "softcap": args.softcap, "cases": []}
     runs = [(op, IMPL_TABLE[name]) for op in ops for name in impls if op in IMPL_TABLE[name].ops]
     total = len(cases) * len(runs)
     bar = tqdm(total=total, desc="benchmark", disable=args.no_progress or tqdm is None, file=sys.stderr) \
@@ -379,10 +397,10 @@ def main(argv=None) -> int:
         for op, impl in runs:
             if bar is not None:
                 bar.set_postfix_str(f"{case.label} {op} {impl.name}")
-            record, grad = bench_one(op, impl, case, inputs, device, args, reference_grads.get(op))
+            record, grad = bench_one(op, impl, case, inputs, device, args, reference_grads.get((op, impl.softcap)))
             records.append(record)
             if grad is not None:
-                reference_grads[op] = grad
+                reference_grads[(op, impl.softcap)] = grad
             if bar is not None:
                 bar.update()
         del reference_grads
@@ -395,7 +413,8 @@ def main(argv=None) -> int:
         bar.close()
     print("\nspeedup f+b: reference forward+backward time / this one; mem ratio: reference peak extra memory / this "
           "one; x floor: forward+backward time / (3 passes over the logits at the measured copy bandwidth); grad err: "
-          "max |dlogits - reference dlogits| (the reference rounds too: compare orders of magnitude)")
+          "max |dlogits - reference dlogits| (the reference rounds too: compare orders of magnitude)"
+          + ("; *_softcap rows: with the soft cap, against reference_softcap" if args.softcap is not None else ""))
     if args.quick:
         print("--quick: tiny sizes where launch and Python overheads dominate; the ratios above are noise, this run "
               "only checks that the script works")

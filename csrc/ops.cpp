@@ -16,32 +16,37 @@ PyMODINIT_FUNC PyInit__C(void) {
 }
 
 TORCH_LIBRARY(rlhfv, m) {
-  // Per-token log-probability of `labels` under softmax(logits / temperature) over the last dimension.
+  // Every operator takes (temperature, softcap) and works on the transformed logits z over the last dimension:
+  //   z = x / temperature                              when softcap == 0
+  //   z = softcap * tanh(x / softcap) / temperature    when softcap > 0, with dz/dx = sech^2(x / softcap) / temperature
+  // (A model's logit scale s is folded in by the Python side: temperature / s and softcap / s.)
+  // Per-token log-probability of `labels` under softmax(z).
   // logits: [..., V] with unit stride along V and any strides elsewhere; labels: logits.shape[:-1], int32/int64.
   // Returns (logp float32, lse float64), both of labels' shape; 0 where labels == ignore_index. The LSE is float64
   // (N values, negligible memory) so the backward's exp(x - lse) keeps fp32 accuracy at |logits| ~ 1e4.
   // `inplace_backward` does not change the forward; it tells the autograd formula to write dlogits into the logits.
   m.def(
-      "logprob_fwd(Tensor logits, Tensor labels, int ignore_index, float temperature, bool inplace_backward)"
+      "logprob_fwd(Tensor logits, Tensor labels, int ignore_index, float temperature, float softcap,"
+      " bool inplace_backward)"
       " -> (Tensor, Tensor)");
-  // dlogits = grad_logp[t] * (onehot(labels[t]) - softmax(logits[t] / temperature)) / temperature, zero rows where
+  // dlogits = grad_logp[t] * (onehot(labels[t]) - softmax(z[t])) * dz/dx, zero rows where
   // labels == ignore_index; a new contiguous tensor of logits' shape and dtype.
   m.def(
-      "logprob_bwd(Tensor grad_logp, Tensor logits, Tensor labels, Tensor lse, int ignore_index, float temperature)"
-      " -> Tensor");
+      "logprob_bwd(Tensor grad_logp, Tensor logits, Tensor labels, Tensor lse, int ignore_index, float temperature,"
+      " float softcap) -> Tensor");
   // The same gradient written over `logits` itself (its values are consumed).
   m.def(
       "logprob_bwd_(Tensor(a!) logits, Tensor grad_logp, Tensor labels, Tensor lse, int ignore_index,"
-      " float temperature) -> ()");
+      " float temperature, float softcap) -> ()");
   // The fused-linear path: logits = hidden @ weight.T (+ bias) are computed `chunk_rows` tokens at a time and never
   // stored whole. hidden [..., H], weight [V, H], bias [V] or None, labels hidden.shape[:-1].
   // Returns (logp, lse) like logprob_fwd.
   m.def(
       "linear_logprob_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, int ignore_index,"
-      " float temperature, int chunk_rows) -> (Tensor, Tensor)");
+      " float temperature, float softcap, int chunk_rows) -> (Tensor, Tensor)");
   // Recomputes each chunk's logits and returns (dhidden, dweight, dbias); dbias is empty when bias is None.
   // dweight and dbias are accumulated in fp32 (fp64 for fp64 inputs) and returned in the weight's dtype.
   m.def(
       "linear_logprob_bwd(Tensor grad_logp, Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor lse,"
-      " int ignore_index, float temperature, int chunk_rows) -> (Tensor, Tensor, Tensor)");
+      " int ignore_index, float temperature, float softcap, int chunk_rows) -> (Tensor, Tensor, Tensor)");
 }

@@ -2,6 +2,8 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 
+#include <cmath>
+
 namespace rlhfv {
 
 // Number of token rows of a [..., V] logits tensor (the product of its leading sizes; 1 for a 1-D tensor).
@@ -11,8 +13,15 @@ inline int64_t logp_rows(const at::Tensor& logits) {
   return rows;
 }
 
+// The soft cap of the logit transform (ops.cpp): 0 for none, else finite and > 0.
+inline void check_softcap(double softcap) {
+  TORCH_CHECK(softcap >= 0.0 && std::isfinite(softcap), "rlhfv: softcap must be finite and >= 0 (0: none), got ",
+              softcap);
+}
+
 // Device-independent checks of a (logits, labels) pair; each device adds its own dtype and device checks.
-inline void check_logprob_inputs(const at::Tensor& logits, const at::Tensor& labels, double temperature) {
+inline void check_logprob_inputs(const at::Tensor& logits, const at::Tensor& labels, double temperature,
+                                 double softcap) {
   TORCH_CHECK(logits.dim() >= 1, "rlhfv: logits must have at least one dimension, got a scalar");
   TORCH_CHECK(logits.size(-1) > 0 || logp_rows(logits) == 0, "rlhfv: logits has an empty vocabulary dimension");
   // Every kernel reads a row as V contiguous values, a 1-D logits tensor included.
@@ -28,6 +37,7 @@ inline void check_logprob_inputs(const at::Tensor& logits, const at::Tensor& lab
   TORCH_CHECK(labels.device() == logits.device(), "rlhfv: labels are on ", labels.device(), " but logits on ",
               logits.device());
   TORCH_CHECK(temperature > 0.0, "rlhfv: temperature must be > 0, got ", temperature);
+  check_softcap(softcap);
 }
 
 }  // namespace rlhfv

@@ -55,6 +55,14 @@ def check_nonnegative_finite(value: float, name: str) -> None:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
+def check_logit_transform(softcap, logit_scale) -> None:
+    """The model's final logit transform: softcap None (no cap) or a finite number > 0; logit_scale finite > 0."""
+    if softcap is not None and (not isinstance(softcap, (int, float)) or isinstance(softcap, bool)
+                                or not math.isfinite(softcap) or softcap <= 0):
+        raise ValueError(f"softcap must be None (no cap) or a finite number > 0, got {softcap!r}")
+    check_positive_finite(logit_scale, "logit_scale")
+
+
 def check_choice(value, name: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")

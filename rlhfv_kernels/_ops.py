@@ -11,16 +11,17 @@ import torch
 from . import _backend
 
 SCHEMAS = {
-    "logprob_fwd": "(Tensor logits, Tensor labels, int ignore_index, float temperature, bool inplace_backward)"
-                   " -> (Tensor, Tensor)",
+    "logprob_fwd": "(Tensor logits, Tensor labels, int ignore_index, float temperature, float softcap,"
+                   " bool inplace_backward) -> (Tensor, Tensor)",
     "logprob_bwd": "(Tensor grad_logp, Tensor logits, Tensor labels, Tensor lse, int ignore_index,"
-                   " float temperature) -> Tensor",
+                   " float temperature, float softcap) -> Tensor",
     "logprob_bwd_": "(Tensor(a!) logits, Tensor grad_logp, Tensor labels, Tensor lse, int ignore_index,"
-                    " float temperature) -> ()",
+                    " float temperature, float softcap) -> ()",
     "linear_logprob_fwd": "(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, int ignore_index,"
-                          " float temperature, int chunk_rows) -> (Tensor, Tensor)",
+                          " float temperature, float softcap, int chunk_rows) -> (Tensor, Tensor)",
     "linear_logprob_bwd": "(Tensor grad_logp, Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor lse,"
-                          " int ignore_index, float temperature, int chunk_rows) -> (Tensor, Tensor, Tensor)",
+                          " int ignore_index, float temperature, float softcap, int chunk_rows)"
+                          " -> (Tensor, Tensor, Tensor)",
 }
 
 
@@ -38,24 +39,23 @@ def register_glue(namespace: str) -> None:
     ops = getattr(torch.ops, namespace)
 
     @torch.library.register_fake(f"{namespace}::logprob_fwd")
-    def _fwd_fake(logits, labels, ignore_index, temperature, inplace_backward):
+    def _fwd_fake(logits, labels, ignore_index, temperature, softcap, inplace_backward):
         logp_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
         return labels.new_empty(labels.shape, dtype=logp_dtype), labels.new_empty(labels.shape, dtype=torch.float64)
 
     @torch.library.register_fake(f"{namespace}::logprob_bwd")
-    def _bwd_fake(grad_logp, logits, labels, lse, ignore_index, temperature):
+    def _bwd_fake(grad_logp, logits, labels, lse, ignore_index, temperature, softcap):
         return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake(f"{namespace}::logprob_bwd_")
-    def _bwd_inplace_fake(logits, grad_logp, labels, lse, ignore_index, temperature):
+    def _bwd_inplace_fake(logits, grad_logp, labels, lse, ignore_index, temperature, softcap):
         return None
 
     def setup_context(ctx, inputs, output):
-        logits, labels, ignore_index, temperature, inplace_backward = inputs
+        logits, labels, ignore_index, temperature, softcap, inplace_backward = inputs
         _, lse = output
         ctx.save_for_backward(logits, labels, lse)
-        ctx.ignore_index = ignore_index
-        ctx.temperature = temperature
+        ctx.args = (ignore_index, temperature, softcap)
         ctx.inplace_backward = inplace_backward
         ctx.mark_non_differentiable(lse)
 
@@ -64,10 +64,9 @@ def register_glue(namespace: str) -> None:
         refuse_double_backward(f"{namespace}::logprob_fwd")
         logits, labels, lse = ctx.saved_tensors
         if ctx.inplace_backward:
-            ops.logprob_bwd_(logits, grad_logp, labels, lse, ctx.ignore_index, ctx.temperature)
-            return logits, None, None, None, None
-        return ops.logprob_bwd(grad_logp, logits, labels, lse, ctx.ignore_index, ctx.temperature), None, None, \
-            None, None
+            ops.logprob_bwd_(logits, grad_logp, labels, lse, *ctx.args)
+            return logits, None, None, None, None, None
+        return ops.logprob_bwd(grad_logp, logits, labels, lse, *ctx.args), None, None, None, None, None
 
     torch.library.register_autograd(f"{namespace}::logprob_fwd", backward, setup_context=setup_context)
 
@@ -77,27 +76,27 @@ def register_linear_glue(namespace: str) -> None:
     ops = getattr(torch.ops, namespace)
 
     @torch.library.register_fake(f"{namespace}::linear_logprob_fwd")
-    def _fwd_fake(hidden, weight, bias, labels, ignore_index, temperature, chunk_rows):
+    def _fwd_fake(hidden, weight, bias, labels, ignore_index, temperature, softcap, chunk_rows):
         logp_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         return labels.new_empty(labels.shape, dtype=logp_dtype), labels.new_empty(labels.shape, dtype=torch.float64)
 
     @torch.library.register_fake(f"{namespace}::linear_logprob_bwd")
-    def _bwd_fake(grad_logp, hidden, weight, bias, labels, lse, ignore_index, temperature, chunk_rows):
+    def _bwd_fake(grad_logp, hidden, weight, bias, labels, lse, ignore_index, temperature, softcap, chunk_rows):
         dbias = torch.empty_like(bias) if bias is not None else weight.new_empty((0,))
         return torch.empty_like(hidden, memory_format=torch.contiguous_format), torch.empty_like(weight), dbias
 
     def setup_context(ctx, inputs, output):
-        hidden, weight, bias, labels, ignore_index, temperature, chunk_rows = inputs
+        hidden, weight, bias, labels, ignore_index, temperature, softcap, chunk_rows = inputs
         _, lse = output
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
-        ctx.args = (ignore_index, temperature, chunk_rows)
+        ctx.args = (ignore_index, temperature, softcap, chunk_rows)
         ctx.mark_non_differentiable(lse)
 
     def backward(ctx, grad_logp, _grad_lse):
         refuse_double_backward(f"{namespace}::linear_logprob_fwd")
         hidden, weight, bias, labels, lse = ctx.saved_tensors
         dhidden, dweight, dbias = ops.linear_logprob_bwd(grad_logp, hidden, weight, bias, labels, lse, *ctx.args)
-        return dhidden, dweight, (dbias if bias is not None else None), None, None, None, None
+        return dhidden, dweight, (dbias if bias is not None else None), None, None, None, None, None
 
     torch.library.register_autograd(f"{namespace}::linear_logprob_fwd", backward, setup_context=setup_context)
 
@@ -107,17 +106,19 @@ if _backend.extension_available():  # the Triton family registers its own glue (
     register_linear_glue(_backend.TABLE["cpp"].namespace)
 
 
-def fused_linear_token_logprobs(hidden, weight, bias, labels, ignore_index: int, temperature: float, chunk_rows: int,
-                                backend: str) -> torch.Tensor:
-    """Per-token log-probs of the fused-linear path through the operator family of `backend` (validated inputs)."""
+def fused_linear_token_logprobs(hidden, weight, bias, labels, ignore_index: int, temperature: float, softcap: float,
+                                chunk_rows: int, backend: str) -> torch.Tensor:
+    """Per-token log-probs of the fused-linear path through the operator family of `backend` (validated inputs;
+    temperature and softcap are the operators' own, a logit scale already folded in: _sources.KernelTransform)."""
     ops = _backend.operators(backend)
-    logp, _ = ops.linear_logprob_fwd(hidden, weight, bias, labels, ignore_index, float(temperature), chunk_rows)
+    logp, _ = ops.linear_logprob_fwd(hidden, weight, bias, labels, ignore_index, float(temperature), float(softcap),
+                                     chunk_rows)
     return logp
 
 
 def fused_token_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, temperature: float,
-                         inplace_backward: bool, backend: str) -> torch.Tensor:
+                         softcap: float, inplace_backward: bool, backend: str) -> torch.Tensor:
     """Per-token log-probs through the operator family of `backend` (inputs already validated)."""
     ops = _backend.operators(backend)
-    logp, _ = ops.logprob_fwd(logits, labels, ignore_index, float(temperature), inplace_backward)
+    logp, _ = ops.logprob_fwd(logits, labels, ignore_index, float(temperature), float(softcap), inplace_backward)
     return logp

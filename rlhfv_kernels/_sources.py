@@ -7,6 +7,9 @@ Every loss (rlhfv_kernels/losses/) is written once against this small interface:
     source.logps(labels, ignore_index, temperature, min_dim)  -> per-token log-probs (differentiable)
     source.loss(labels, ignore_index, temperature, build, constants)  -> the loss output
 where build(dtype) -> (loss_on(token_logps) -> output, GroupedLoss) describes the loss (see linear_loss.py).
+
+A source also carries the model's final logit transform (softcap, logit_scale; DESIGN.md §2): the log-probs are those
+of softmax(z / temperature), z = softcap * tanh(logit_scale * x / softcap) (or z = logit_scale * x without a cap).
 """
 from __future__ import annotations
 
@@ -17,6 +20,15 @@ import torch.nn.functional as F
 
 from . import _backend, _checks, _ops, reference
 from .linear_loss import fused_linear_loss
+
+
+def kernel_transform(temperature: float, softcap: float | None, logit_scale: float) -> tuple[float, float]:
+    """(temperature, softcap) of the operators (csrc/ops.cpp), whose z is x / t or c * tanh(x / c) / t, for the
+    public z = softcap * tanh(s * x / softcap) / temperature: the scale s folds into both, since
+    softcap * tanh(s x / softcap) / t = (softcap / s) * tanh(x / (softcap / s)) / (t / s). No extra kernel work."""
+    if logit_scale == 1.0:
+        return float(temperature), float(softcap or 0.0)
+    return float(temperature) / logit_scale, (float(softcap) / logit_scale if softcap else 0.0)
 
 DEFAULT_CHUNK_BYTES = 256 << 20  # log-probs / sequence scores: one chunk of fp32 logits, recomputed in backward
 # The losses' chunks hold whole pairs (rows) and live beside the fp32 dW: half the size keeps the step's peak at or
@@ -33,22 +45,27 @@ class LogitsSource:
 
     name, last_dim = "logits", "V"
 
-    def __init__(self, logits, inplace_backward: bool = False, backend: str | None = None):
+    def __init__(self, logits, inplace_backward: bool = False, backend: str | None = None, *,
+                 softcap: float | None = None, logit_scale: float = 1.0):
+        _checks.check_logit_transform(softcap, logit_scale)
         self.tensor, self.inplace_backward, self.backend = logits, inplace_backward, backend
+        self.softcap, self.logit_scale = softcap, logit_scale
 
     def logps(self, labels, ignore_index, temperature, min_dim=1):
         logits = self.tensor
         _checks.check_logits_labels(logits, labels, ignore_index, temperature, min_dim=min_dim)
         which = _backend.resolve_backend(self.backend, logits.device)
         if which == "reference":
-            return reference.token_logprobs(logits, labels, ignore_index=ignore_index, temperature=temperature)
+            return reference.token_logprobs(logits, labels, ignore_index=ignore_index, temperature=temperature,
+                                            softcap=self.softcap, logit_scale=self.logit_scale)
         _checks.check_vocab_stride(logits, which)
         if self.inplace_backward and logits.requires_grad and logits.is_leaf:
             warnings.warn("inplace_backward=True on a leaf tensor: backward overwrites its values with the gradient "
                           "and autograd then copies that into .grad (an N x V copy); pass the model's output logits, "
                           "or use torch.autograd.grad", RuntimeWarning, stacklevel=3)
-        return _ops.fused_token_logprobs(logits, labels, ignore_index, temperature, bool(self.inplace_backward),
-                                         which)
+        kernel_temperature, kernel_softcap = kernel_transform(temperature, self.softcap, self.logit_scale)
+        return _ops.fused_token_logprobs(logits, labels, ignore_index, kernel_temperature, kernel_softcap,
+                                         bool(self.inplace_backward), which)
 
     def loss(self, labels, ignore_index, temperature, build, constants=()):
         logps = self.logps(labels, ignore_index, temperature)
@@ -65,8 +82,11 @@ class LinearSource:
 
     name, last_dim = "hidden", "H"
 
-    def __init__(self, hidden, weight, bias=None, chunk_size: int | None = None, backend: str | None = None):
+    def __init__(self, hidden, weight, bias=None, chunk_size: int | None = None, backend: str | None = None, *,
+                 softcap: float | None = None, logit_scale: float = 1.0):
+        _checks.check_logit_transform(softcap, logit_scale)
         self.tensor, self.weight, self.bias, self.chunk_size, self.backend = hidden, weight, bias, chunk_size, backend
+        self.softcap, self.logit_scale = softcap, logit_scale
 
     def _checked_backend(self, labels, ignore_index, temperature, min_dim):
         _check_linear(self.tensor, self.weight, self.bias, labels, ignore_index, temperature, self.chunk_size,
@@ -81,19 +101,21 @@ class LinearSource:
         hidden, weight, bias = self.tensor, self.weight, self.bias
         if which == "reference":
             return reference.token_logprobs(F.linear(hidden, weight, bias), labels, ignore_index=ignore_index,
-                                            temperature=temperature)
+                                            temperature=temperature, softcap=self.softcap,
+                                            logit_scale=self.logit_scale)
         chunk = self.chunk_size or default_chunk_rows(weight.shape[0])
+        kernel_temperature, kernel_softcap = kernel_transform(temperature, self.softcap, self.logit_scale)
         active = labels != ignore_index
         if bool(active.all()):
-            return _ops.fused_linear_token_logprobs(hidden, weight, bias, labels, ignore_index, temperature, chunk,
-                                                    which)
+            return _ops.fused_linear_token_logprobs(hidden, weight, bias, labels, ignore_index, kernel_temperature,
+                                                    kernel_softcap, chunk, which)
         # Only the non-ignored tokens (answers, not prompt or image) go through the GEMMs: an N_active x H gather,
         # and autograd scatters their dhidden back.
         index = active.reshape(-1).nonzero().squeeze(1)
         flat_hidden = hidden.reshape(-1, hidden.shape[-1])
         logp = _ops.fused_linear_token_logprobs(flat_hidden.index_select(0, index), weight, bias,
                                                 labels.reshape(-1).index_select(0, index), ignore_index,
-                                                temperature, chunk, which)
+                                                kernel_temperature, kernel_softcap, chunk, which)
         return logp.new_zeros(labels.numel()).index_copy(0, index, logp).view(labels.shape)
 
     def loss(self, labels, ignore_index, temperature, build, constants=()):
@@ -104,8 +126,9 @@ class LinearSource:
                                     and any(isinstance(t, torch.Tensor) and t.requires_grad for t in constants)):
             return full_loss(self._token_logps(labels, ignore_index, temperature, which))
         budget = self.chunk_size or default_chunk_rows(weight.shape[0], DEFAULT_LOSS_CHUNK_BYTES)
-        return fused_linear_loss(hidden, weight, self.bias, labels, ignore_index, temperature, budget,
-                                 self.chunk_size is not None, which, grouped, full_loss)
+        kernel_temperature, kernel_softcap = kernel_transform(temperature, self.softcap, self.logit_scale)
+        return fused_linear_loss(hidden, weight, self.bias, labels, ignore_index, kernel_temperature, kernel_softcap,
+                                 budget, self.chunk_size is not None, which, grouped, full_loss)
 
 
 def _check_linear(hidden, weight, bias, labels, ignore_index, temperature, chunk_size, min_dim):

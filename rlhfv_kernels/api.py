@@ -6,6 +6,11 @@ views included (e.g. logits[:, :-1]); results are float32 (float64 for float64 l
 
 inplace_backward=True makes the backward write d(loss)/d(logits) into the logits' own storage: the logits are
 consumed (their values are garbage after backward), and the peak extra memory of the step drops to O(N).
+
+softcap and logit_scale apply a model's final logit transform inside the kernels (DESIGN.md §2): the log-probs are
+those of softmax(z / temperature) with z = softcap * tanh(logit_scale * logits / softcap), or z = logit_scale * logits
+when softcap is None. Pass them when `logits` are the raw head output; a Hugging Face model's own `.logits` already
+include its transform (then leave both at their defaults).
 """
 from __future__ import annotations
 
@@ -21,32 +26,36 @@ GRPO_LOSS_TYPES = grpo.LOSS_TYPES
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
-                   temperature: float = 1.0, inplace_backward: bool = False,
-                   backend: str | None = None) -> torch.Tensor:
+                   temperature: float = 1.0, softcap: float | None = None, logit_scale: float = 1.0,
+                   inplace_backward: bool = False, backend: str | None = None) -> torch.Tensor:
     """log softmax(logits / temperature)[labels] per token, 0.0 where labels == ignore_index.
 
     logits [..., V]; labels [...] int64/int32. Returns float32 of labels' shape, differentiable w.r.t. logits.
     """
-    return LogitsSource(logits, inplace_backward, backend).logps(labels, ignore_index, temperature)
+    source = LogitsSource(logits, inplace_backward, backend, softcap=softcap, logit_scale=logit_scale)
+    return source.logps(labels, ignore_index, temperature)
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, token_weights: torch.Tensor | None = None, *,
                    mode: str = "sum", ignore_index: int = -100, temperature: float = 1.0,
-                   inplace_backward: bool = False, backend: str | None = None) -> torch.Tensor:
+                   softcap: float | None = None, logit_scale: float = 1.0, inplace_backward: bool = False,
+                   backend: str | None = None) -> torch.Tensor:
     """Per-sequence score [B]: sum_t w_t logp_t ('sum') or that divided by sum_t w_t ('mean').
 
     logits [..., T, V]: the leading dimensions are flattened into B rows of T tokens. Weights default to 1 and are
     0 at ignored tokens whatever their value; a row whose weights sum to 0 scores 0.
     """
-    return sequence.compute(LogitsSource(logits, inplace_backward, backend), labels, token_weights, mode=mode,
-                            ignore_index=ignore_index, temperature=temperature)
+    source = LogitsSource(logits, inplace_backward, backend, softcap=softcap, logit_scale=logit_scale)
+    return sequence.compute(source, labels, token_weights, mode=mode, ignore_index=ignore_index,
+                            temperature=temperature)
 
 
 def ddpo_loss(logits: torch.Tensor, labels: torch.Tensor, ref_logps: torch.Tensor, *,
               token_weights: torch.Tensor | None = None, beta: float = 0.1, mode: str = "mean",
               reward_margin: torch.Tensor | None = None, drs_weight: float = 0.0, drs_k: float = 1.0,
               sft_weight: float = 0.0, ignore_index: int = -100, temperature: float = 1.0,
-              inplace_backward: bool = False, backend: str | None = None) -> DDPOOutput:
+              softcap: float | None = None, logit_scale: float = 1.0, inplace_backward: bool = False,
+              backend: str | None = None) -> DDPOOutput:
     """Dense DPO (RLHF-V): -log sigmoid(beta_i * ((S_c - S_c^ref) - (S_r - S_r^ref))), mean over pairs.
 
     logits [2B, T, V] with the B chosen rows first, then the B rejected rows; labels [2B, T]; ref_logps [2B] the
@@ -54,7 +63,8 @@ def ddpo_loss(logits: torch.Tensor, labels: torch.Tensor, ref_logps: torch.Tenso
     tokens, 1 elsewhere). reward_margin [B] >= 0 with drs_weight > 0 enables MM-DPO dynamic reward scaling.
     sft_weight adds sft_weight * (token-mean NLL of the chosen answers).
     """
-    return ddpo.compute(LogitsSource(logits, inplace_backward, backend), labels, ref_logps,
+    source = LogitsSource(logits, inplace_backward, backend, softcap=softcap, logit_scale=logit_scale)
+    return ddpo.compute(source, labels, ref_logps,
                         token_weights=token_weights, beta=beta, mode=mode, reward_margin=reward_margin,
                         drs_weight=drs_weight, drs_k=drs_k, sft_weight=sft_weight, ignore_index=ignore_index,
                         temperature=temperature)
@@ -63,19 +73,21 @@ def ddpo_loss(logits: torch.Tensor, labels: torch.Tensor, ref_logps: torch.Tenso
 def dpo_loss(logits: torch.Tensor, labels: torch.Tensor, ref_logps: torch.Tensor, *, beta: float = 0.1,
              reward_margin: torch.Tensor | None = None, drs_weight: float = 0.0, drs_k: float = 1.0,
              sft_weight: float = 0.0, ignore_index: int = -100, temperature: float = 1.0,
-             inplace_backward: bool = False, backend: str | None = None) -> DDPOOutput:
+             softcap: float | None = None, logit_scale: float = 1.0, inplace_backward: bool = False,
+             backend: str | None = None) -> DDPOOutput:
     """Vanilla DPO (sigmoid loss): ddpo_loss with every token weight 1 and sequence scores summed."""
     return ddpo_loss(logits, labels, ref_logps, token_weights=None, beta=beta, mode="sum",
                      reward_margin=reward_margin, drs_weight=drs_weight, drs_k=drs_k, sft_weight=sft_weight,
-                     ignore_index=ignore_index, temperature=temperature, inplace_backward=inplace_backward,
-                     backend=backend)
+                     ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
+                     inplace_backward=inplace_backward, backend=backend)
 
 
 def grpo_loss(logits: torch.Tensor, labels: torch.Tensor, advantages: torch.Tensor, *,
               old_logps: torch.Tensor | None = None, ref_logps: torch.Tensor | None = None, epsilon: float = 0.2,
               epsilon_high: float | None = None, beta_kl: float = 0.0, loss_type: str = "dapo",
               num_items_in_batch: float | None = None, ignore_index: int = -100, temperature: float = 1.0,
-              inplace_backward: bool = False, backend: str | None = None) -> GRPOOutput:
+              softcap: float | None = None, logit_scale: float = 1.0, inplace_backward: bool = False,
+              backend: str | None = None) -> GRPOOutput:
     """GRPO-style clipped policy loss over a group of rollouts (DESIGN.md §2).
 
     logits [B, T, V]; labels [B, T]; advantages [B] (group-normalised); old_logps [B, T] per-token log-probs of the
@@ -84,7 +96,8 @@ def grpo_loss(logits: torch.Tensor, labels: torch.Tensor, advantages: torch.Tens
     (sum / (B * T)), 'dapo' (sum / number of loss tokens, or / num_items_in_batch when given, e.g. the global count
     across gradient-accumulation steps).
     """
-    return grpo.compute(LogitsSource(logits, inplace_backward, backend), labels, advantages, old_logps=old_logps,
+    source = LogitsSource(logits, inplace_backward, backend, softcap=softcap, logit_scale=logit_scale)
+    return grpo.compute(source, labels, advantages, old_logps=old_logps,
                         ref_logps=ref_logps, epsilon=epsilon, epsilon_high=epsilon_high, beta_kl=beta_kl,
                         loss_type=loss_type, num_items_in_batch=num_items_in_batch, ignore_index=ignore_index,
                         temperature=temperature)

@@ -33,28 +33,34 @@ from .losses.grpo import GRPOOutput
 
 def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                           bias: torch.Tensor | None = None, ignore_index: int = -100, temperature: float = 1.0,
-                          chunk_size: int | None = None, backend: str | None = None) -> torch.Tensor:
-    """log softmax((hidden @ weight.T + bias) / temperature)[labels] per token, 0.0 where ignored."""
-    return LinearSource(hidden, weight, bias, chunk_size, backend).logps(labels, ignore_index, temperature)
+                          softcap: float | None = None, logit_scale: float = 1.0, chunk_size: int | None = None,
+                          backend: str | None = None) -> torch.Tensor:
+    """log softmax(z / temperature)[labels] per token, 0.0 where ignored; z = hidden @ weight.T + bias after the
+    logit transform (softcap, logit_scale: see api.py)."""
+    source = LinearSource(hidden, weight, bias, chunk_size, backend, softcap=softcap, logit_scale=logit_scale)
+    return source.logps(labels, ignore_index, temperature)
 
 
 def linear_sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                           token_weights: torch.Tensor | None = None, *, bias: torch.Tensor | None = None,
                           mode: str = "sum", ignore_index: int = -100, temperature: float = 1.0,
-                          chunk_size: int | None = None, backend: str | None = None) -> torch.Tensor:
+                          softcap: float | None = None, logit_scale: float = 1.0, chunk_size: int | None = None,
+                          backend: str | None = None) -> torch.Tensor:
     """sequence_logps from hidden states [..., T, H] and the lm_head weight."""
-    return sequence.compute(LinearSource(hidden, weight, bias, chunk_size, backend), labels, token_weights,
-                            mode=mode, ignore_index=ignore_index, temperature=temperature)
+    source = LinearSource(hidden, weight, bias, chunk_size, backend, softcap=softcap, logit_scale=logit_scale)
+    return sequence.compute(source, labels, token_weights, mode=mode, ignore_index=ignore_index,
+                            temperature=temperature)
 
 
 def linear_ddpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ref_logps: torch.Tensor, *,
                      bias: torch.Tensor | None = None, token_weights: torch.Tensor | None = None, beta: float = 0.1,
                      mode: str = "mean", reward_margin: torch.Tensor | None = None, drs_weight: float = 0.0,
                      drs_k: float = 1.0, sft_weight: float = 0.0, ignore_index: int = -100,
-                     temperature: float = 1.0, chunk_size: int | None = None,
-                     backend: str | None = None) -> DDPOOutput:
+                     temperature: float = 1.0, softcap: float | None = None, logit_scale: float = 1.0,
+                     chunk_size: int | None = None, backend: str | None = None) -> DDPOOutput:
     """ddpo_loss from hidden states [2B, T, H] (chosen rows first) and the lm_head weight."""
-    return ddpo.compute(LinearSource(hidden, weight, bias, chunk_size, backend), labels, ref_logps,
+    source = LinearSource(hidden, weight, bias, chunk_size, backend, softcap=softcap, logit_scale=logit_scale)
+    return ddpo.compute(source, labels, ref_logps,
                         token_weights=token_weights, beta=beta, mode=mode, reward_margin=reward_margin,
                         drs_weight=drs_weight, drs_k=drs_k, sft_weight=sft_weight, ignore_index=ignore_index,
                         temperature=temperature)
@@ -63,23 +69,25 @@ def linear_ddpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.T
 def linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ref_logps: torch.Tensor, *,
                     bias: torch.Tensor | None = None, beta: float = 0.1, reward_margin: torch.Tensor | None = None,
                     drs_weight: float = 0.0, drs_k: float = 1.0, sft_weight: float = 0.0, ignore_index: int = -100,
-                    temperature: float = 1.0, chunk_size: int | None = None,
-                    backend: str | None = None) -> DDPOOutput:
+                    temperature: float = 1.0, softcap: float | None = None, logit_scale: float = 1.0,
+                    chunk_size: int | None = None, backend: str | None = None) -> DDPOOutput:
     """linear_ddpo_loss with every token weight 1 and sequence scores summed (vanilla DPO)."""
     return linear_ddpo_loss(hidden, weight, labels, ref_logps, bias=bias, token_weights=None, beta=beta, mode="sum",
                             reward_margin=reward_margin, drs_weight=drs_weight, drs_k=drs_k, sft_weight=sft_weight,
-                            ignore_index=ignore_index, temperature=temperature, chunk_size=chunk_size,
-                            backend=backend)
+                            ignore_index=ignore_index, temperature=temperature, softcap=softcap,
+                            logit_scale=logit_scale, chunk_size=chunk_size, backend=backend)
 
 
 def linear_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, advantages: torch.Tensor, *,
                      bias: torch.Tensor | None = None, old_logps: torch.Tensor | None = None,
                      ref_logps: torch.Tensor | None = None, epsilon: float = 0.2, epsilon_high: float | None = None,
                      beta_kl: float = 0.0, loss_type: str = "dapo", num_items_in_batch: float | None = None,
-                     ignore_index: int = -100, temperature: float = 1.0, chunk_size: int | None = None,
+                     ignore_index: int = -100, temperature: float = 1.0, softcap: float | None = None,
+                     logit_scale: float = 1.0, chunk_size: int | None = None,
                      backend: str | None = None) -> GRPOOutput:
     """grpo_loss from hidden states [B, T, H] and the lm_head weight."""
-    return grpo.compute(LinearSource(hidden, weight, bias, chunk_size, backend), labels, advantages,
+    source = LinearSource(hidden, weight, bias, chunk_size, backend, softcap=softcap, logit_scale=logit_scale)
+    return grpo.compute(source, labels, advantages,
                         old_logps=old_logps, ref_logps=ref_logps, epsilon=epsilon, epsilon_high=epsilon_high,
                         beta_kl=beta_kl, loss_type=loss_type, num_items_in_batch=num_items_in_batch,
                         ignore_index=ignore_index, temperature=temperature)

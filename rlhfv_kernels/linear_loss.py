@@ -7,7 +7,7 @@ chunk's logits can be turned into their gradient right away instead of being rec
     logits = hidden[chunk] @ W.T (+ b)              GEMM 1 (ignored tokens are skipped: they cost nothing)
     logp, lse = row kernels (the backend's logprob_fwd)
     c = autograd of the loss on the chunk's [k, T] log-probs, with the whole batch's normalisers
-    logits <- c (onehot - softmax) / t              (the backend's logprob_bwd_, in place)
+    logits <- c (onehot - softmax(z)) dz/dx         (the backend's logprob_bwd_, in place; z: the logit transform)
     dhidden[chunk] = dlogits @ W;  dW += dlogits.T @ hidden[chunk]   GEMMs 2 and 3
 
 The backward then only multiplies the stored gradients by grad_output. A group with more non-ignored tokens than the
@@ -81,8 +81,10 @@ def plan_chunks(groups, active_counts, budget: int, splittable: bool, strict: bo
 class _Engine:
     """One forward: the loss's token log-probs and, chunk by chunk, d(loss)/d(hidden, weight, bias)."""
 
-    def __init__(self, labels, ignore_index, temperature, budget, strict, backend, grouped: GroupedLoss, full_loss):
-        self.labels, self.ignore_index, self.temperature = labels, ignore_index, float(temperature)
+    def __init__(self, labels, ignore_index, temperature, softcap, budget, strict, backend, grouped: GroupedLoss,
+                 full_loss):
+        self.labels, self.ignore_index = labels, ignore_index
+        self.transform = (float(temperature), float(softcap))  # the operators' own (_sources.kernel_transform)
         self.budget, self.strict, self.grouped, self.full_loss = budget, strict, grouped, full_loss
         self.family = _backend.operators(backend)
         self.output = None  # full_loss's result on the final log-probs (metrics), set by run()
@@ -153,7 +155,7 @@ class _Engine:
     def _forward(self, tokens, h, labels):
         """Logits of `tokens` and their (logp, lse); logp is written into self.logps."""
         logits = self._logits(h)
-        logp, lse = self.family.logprob_fwd(logits, labels, self.ignore_index, self.temperature, False)
+        logp, lse = self.family.logprob_fwd(logits, labels, self.ignore_index, *self.transform, False)
         self.logps.view(-1).index_copy_(0, tokens, logp)
         return logits, lse
 
@@ -166,7 +168,7 @@ class _Engine:
 
     def _gradients(self, logits, tokens, h, labels, coef, lse):
         """Turns `logits` into dlogits in place and adds their products into dhidden, dweight, dbias."""
-        self.family.logprob_bwd_(logits, coef.contiguous(), labels, lse, self.ignore_index, self.temperature)
+        self.family.logprob_bwd_(logits, coef.contiguous(), labels, lse, self.ignore_index, *self.transform)
         if self.dhidden is not None:
             self.dhidden.index_copy_(0, tokens, logits @ self.weight)
         if self.dweight is not None:
@@ -218,12 +220,13 @@ class _FusedLinearLoss(torch.autograd.Function):
 
 
 @torch.compiler.disable  # data-dependent chunking: a graph break, not a trace
-def fused_linear_loss(hidden, weight, bias, labels, ignore_index, temperature, budget, strict, backend, grouped,
-                      full_loss):
+def fused_linear_loss(hidden, weight, bias, labels, ignore_index, temperature, softcap, budget, strict, backend,
+                      grouped, full_loss):
     """full_loss's output with its `loss` differentiable w.r.t. hidden, weight, bias through gradients computed in
-    the forward. Inputs are validated; labels [R, T], hidden [R, T, H]; `budget` non-ignored tokens per chunk, a hard
-    bound when `strict` (else a group bigger than it goes whole, in one pass)."""
-    engine = _Engine(labels, ignore_index, temperature, budget, strict, backend, grouped, full_loss)
+    the forward. Inputs are validated; labels [R, T], hidden [R, T, H]; temperature and softcap are the operators'
+    own; `budget` non-ignored tokens per chunk, a hard bound when `strict` (else a group bigger than it goes whole, in
+    one pass)."""
+    engine = _Engine(labels, ignore_index, temperature, softcap, budget, strict, backend, grouped, full_loss)
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))):
         engine.run(hidden, weight, bias, (False, False, False))  # scoring: one GEMM per chunk of answer tokens
         return engine.output

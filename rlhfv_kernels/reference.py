@@ -2,7 +2,8 @@
 
 Self-contained on purpose: it shares no code with what it checks (only the output types), so a mistake in the
 loss modules (rlhfv_kernels/losses/) or the kernels cannot hide in both. token_logprobs is what trainers write today
-(full fp32 log_softmax, then gather), so it costs 4*N*V bytes forward and more in backward; the losses are written
+(the model's final logit transform, full fp32 log_softmax, then gather), so it costs 4*N*V bytes forward and more in
+backward; the losses are written
 straight from DESIGN.md §2 on top of it. It does not validate arguments (the public functions do). Feed float64
 logits to get the float64 "truth" used by the numerics criterion (DESIGN.md §4).
 """
@@ -16,15 +17,21 @@ from .losses.grpo import GRPOOutput
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
-                   temperature: float = 1.0, inplace_backward: bool = False, backend: str | None = None
-                   ) -> torch.Tensor:
-    """log_softmax(logits / temperature) gathered at labels; 0 where ignored. fp32 math (fp64 for fp64 input).
+                   temperature: float = 1.0, softcap: float | None = None, logit_scale: float = 1.0,
+                   inplace_backward: bool = False, backend: str | None = None) -> torch.Tensor:
+    """log_softmax(z / temperature) gathered at labels, z = softcap * tanh(logit_scale * logits / softcap) (z =
+    logit_scale * logits without a cap), as Gemma / Cohere / Granite models finish their logits; 0 where ignored.
+    fp32 math (fp64 for fp64 input).
 
     inplace_backward and backend are accepted for signature compatibility and have no effect here.
     """
     _only_reference(backend)
     compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     scaled = logits.to(compute_dtype)
+    if logit_scale != 1.0:
+        scaled = scaled * logit_scale
+    if softcap is not None:
+        scaled = softcap * torch.tanh(scaled / softcap)
     if temperature != 1.0:
         scaled = scaled / temperature
     logp_all = torch.log_softmax(scaled, dim=-1)
@@ -40,10 +47,12 @@ def _only_reference(backend) -> None:
 
 
 def sequence_logps(logits, labels, token_weights=None, *, mode: str = "sum", ignore_index: int = -100,
-                   temperature: float = 1.0, inplace_backward: bool = False, backend: str | None = None):
+                   temperature: float = 1.0, softcap: float | None = None, logit_scale: float = 1.0,
+                   inplace_backward: bool = False, backend: str | None = None):
     """Per-sequence score [B]: sum_t w_t logp_t, or that over sum_t w_t ('mean'); 0 for a row with sum_t w_t = 0."""
     _only_reference(backend)
-    logp = token_logprobs(logits, labels, ignore_index=ignore_index, temperature=temperature)
+    logp = token_logprobs(logits, labels, ignore_index=ignore_index, temperature=temperature, softcap=softcap,
+                          logit_scale=logit_scale)
     mask = labels != ignore_index
     weights = mask.to(logp.dtype) if token_weights is None else token_weights.to(logp.dtype) * mask
     seq_len = labels.shape[-1]
@@ -58,12 +67,12 @@ def sequence_logps(logits, labels, token_weights=None, *, mode: str = "sum", ign
 
 def ddpo_loss(logits, labels, ref_logps, *, token_weights=None, beta: float = 0.1, mode: str = "mean",
               reward_margin=None, drs_weight: float = 0.0, drs_k: float = 1.0, sft_weight: float = 0.0,
-              ignore_index: int = -100, temperature: float = 1.0, inplace_backward: bool = False,
-              backend: str | None = None) -> DDPOOutput:
+              ignore_index: int = -100, temperature: float = 1.0, softcap: float | None = None,
+              logit_scale: float = 1.0, inplace_backward: bool = False, backend: str | None = None) -> DDPOOutput:
     """Dense DPO: -log sigmoid(beta_i z_i), mean over the B pairs (rows: B chosen, then B rejected)."""
     _only_reference(backend)
-    scores = sequence_logps(logits, labels, token_weights, mode=mode, ignore_index=ignore_index,
-                            temperature=temperature)
+    transform = dict(temperature=temperature, softcap=softcap, logit_scale=logit_scale)
+    scores = sequence_logps(logits, labels, token_weights, mode=mode, ignore_index=ignore_index, **transform)
     pairs = scores.shape[0] // 2
     ref = ref_logps.to(scores.dtype)
     chosen_delta = scores[:pairs] - ref[:pairs]
@@ -77,8 +86,7 @@ def ddpo_loss(logits, labels, ref_logps, *, token_weights=None, beta: float = 0.
     loss = -F.logsigmoid(beta_i * z).mean()
     sft = torch.zeros((), dtype=scores.dtype, device=scores.device)
     if sft_weight != 0.0:
-        chosen_logp = token_logprobs(logits[:pairs], labels[:pairs], ignore_index=ignore_index,
-                                     temperature=temperature)
+        chosen_logp = token_logprobs(logits[:pairs], labels[:pairs], ignore_index=ignore_index, **transform)
         answer_tokens = (labels[:pairs] != ignore_index).sum().clamp_min(1)
         sft = -chosen_logp.sum() / answer_tokens
         loss = loss + sft_weight * sft
@@ -97,10 +105,12 @@ def dpo_loss(logits, labels, ref_logps, *, beta: float = 0.1, **kwargs) -> DDPOO
 def grpo_loss(logits, labels, advantages, *, old_logps=None, ref_logps=None, epsilon: float = 0.2,
               epsilon_high: float | None = None, beta_kl: float = 0.0, loss_type: str = "dapo",
               num_items_in_batch=None, ignore_index: int = -100, temperature: float = 1.0,
-              inplace_backward: bool = False, backend: str | None = None) -> GRPOOutput:
+              softcap: float | None = None, logit_scale: float = 1.0, inplace_backward: bool = False,
+              backend: str | None = None) -> GRPOOutput:
     """Clipped-ratio policy loss with the k3 KL penalty, aggregated as loss_type says (DESIGN.md §2)."""
     _only_reference(backend)
-    logp = token_logprobs(logits, labels, ignore_index=ignore_index, temperature=temperature)
+    logp = token_logprobs(logits, labels, ignore_index=ignore_index, temperature=temperature, softcap=softcap,
+                          logit_scale=logit_scale)
     mask = (labels != ignore_index).to(logp.dtype)
     old = logp.detach() if old_logps is None else old_logps.to(logp.dtype)
     ratio = torch.exp(logp - old)

@@ -40,7 +40,8 @@ from .checkpoint import save_training_state, start_or_resume
 from .cli import USER_ERRORS, HelpFormatter, fail, print_start_to_end
 from .distributed import Distributed, process_device
 from .evaluate import METRICS, GenerationSettings, generate_answers, hallucination_rates, load_callable
-from .models import forward_logits, hidden_and_head, load_processor_and_model, load_run_records, load_weights
+from .models import (check_fused_linear, forward_logits, hidden_and_head, load_processor_and_model, load_run_records,
+                     load_weights)
 from .plots import plot_grpo_metrics
 from .rewards import JUDGE_TEMPLATE, GenerativeJudge, GroupScorer, SceneJudge, group_advantages, scene_reward
 from .sft import warm_up_once
@@ -208,9 +209,13 @@ def train_grpo(cfg: GRPOConfig) -> dict:
                              f"have none, e.g. {missing[0]}")
     processor, model = load_processor_and_model(cfg.model, cfg.seed)
     model.to(device)
+    chosen_collate = PairCollator(processor, gamma=1.0)
+    if cfg.fused_linear:  # refuse a model whose logits the route cannot reproduce, before any work
+        check_fused_linear(model, chosen_collate([(i, records[i]) for i in train_idx[:2]]).to(device).model_inputs(),
+                           autocast_dtype)
     if cfg.init_weights is not None:
         load_weights(model, cfg.init_weights)
-    sft_losses = warm_up_once(model, PairCollator(processor, gamma=1.0), records, train_idx, dist=dist,
+    sft_losses = warm_up_once(model, chosen_collate, records, train_idx, dist=dist,
                               output_dir=cfg.output_dir, steps=cfg.sft_steps, lr=cfg.sft_lr,
                               batch_size=cfg.sft_batch_size, seed=cfg.seed, resume=cfg.resume,
                               max_grad_norm=cfg.max_grad_norm, autocast_dtype=autocast_dtype, backend=cfg.backend,
@@ -294,8 +299,9 @@ def train_grpo(cfg: GRPOConfig) -> dict:
                             num_items_in_batch=tokens_per_process if cfg.loss_type == "dapo" else None)
                         inputs, labels = rollouts.model_inputs(rows), rollouts.labels[rows]
                         if cfg.fused_linear:  # the [rows, T, V] logits are never materialized
-                            hidden, weight, bias = hidden_and_head(trained, inputs, autocast_dtype)
-                            out = rk.linear_grpo_loss(hidden, weight, labels, advantages[rows], bias=bias, **options)
+                            hidden, head = hidden_and_head(trained, inputs, autocast_dtype)
+                            out = rk.linear_grpo_loss(hidden, head.weight, labels, advantages[rows],
+                                                      **head.options(), **options)
                         else:
                             logits = forward_logits(trained, inputs, autocast_dtype)
                             out = rk.grpo_loss(logits, labels, advantages[rows], inplace_backward=True, **options)

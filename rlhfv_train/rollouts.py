@@ -89,9 +89,9 @@ def token_logps(model, rollouts: Rollouts, *, micro_batch: int, temperature: flo
         rows = slice(start, start + micro_batch)
         labels = rollouts.labels[rows]
         if fused_linear:
-            hidden, weight, bias = hidden_and_head(model, rollouts.model_inputs(rows), autocast_dtype)
-            out.append(rk.linear_token_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,
-                                                backend=backend))
+            hidden, head = hidden_and_head(model, rollouts.model_inputs(rows), autocast_dtype)
+            out.append(rk.linear_token_logprobs(hidden, head.weight, labels, temperature=temperature,
+                                                backend=backend, **head.options()))
         else:
             logits = forward_logits(model, rollouts.model_inputs(rows), autocast_dtype)
             out.append(rk.token_logprobs(logits, labels, temperature=temperature, backend=backend))

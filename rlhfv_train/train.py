@@ -22,7 +22,8 @@ from .batch import BatchStream, PairCollator
 from .checkpoint import save_training_state, start_or_resume
 from .distributed import Distributed, process_device
 from .evaluate import METRICS, GenerationSettings, evaluate_hallucination
-from .models import forward_logits, hidden_and_head, load_processor_and_model, load_run_records, load_weights
+from .models import (check_fused_linear, forward_logits, hidden_and_head, load_processor_and_model, load_run_records,
+                     load_weights)
 from .plots import plot_metrics
 from .sft import warm_up_once
 
@@ -91,8 +92,8 @@ def _ddpo(cfg, model, batch, refs, *, autocast_dtype):
                    drs_weight=cfg.drs_weight, drs_k=cfg.drs_k, sft_weight=cfg.sft_weight,
                    temperature=cfg.temperature, backend=cfg.backend)
     if cfg.fused_linear:  # hidden states + lm_head weight: the logits are never materialized
-        hidden, weight, bias = hidden_and_head(model, batch.model_inputs(), autocast_dtype)
-        return rk.linear_ddpo_loss(hidden, weight, labels, ref, bias=bias, **options)
+        hidden, head = hidden_and_head(model, batch.model_inputs(), autocast_dtype)
+        return rk.linear_ddpo_loss(hidden, head.weight, labels, ref, **head.options(), **options)
     logits = forward_logits(model, batch.model_inputs(), autocast_dtype)
     return rk.ddpo_loss(logits, labels, ref, inplace_backward=cfg.inplace_backward, **options)
 
@@ -160,6 +161,9 @@ def train(cfg: TrainConfig) -> dict:
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
     collate = PairCollator(processor, gamma=cfg.gamma, min_match=cfg.min_match)
+    if cfg.fused_linear:  # refuse a model whose logits the route cannot reproduce, before any work
+        check_fused_linear(model, collate([(i, records[i]) for i in train_idx[:2]]).to(device).model_inputs(),
+                           autocast_dtype)
     if cfg.init_weights is not None:
         load_weights(model, cfg.init_weights)
     sft_losses = warm_up_once(model, collate, records, train_idx, dist=dist, output_dir=cfg.output_dir,

@@ -63,14 +63,21 @@ def grad_of(fn, logits, *, seed_grad=None):
     return out.detach(), leaf.grad
 
 
-def truth_token_logprobs(logits, labels, *, temperature=1.0, ignore_index=-100):
+def truth_token_logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, softcap=None, logit_scale=1.0):
     """The float64 truth of token_logprobs for `logits` holding already-rounded values in float64.
 
     At temperature t != 1 the truth's input is x / t rounded to fp32, the working precision in which both the kernels
     and eager PyTorch form it (DESIGN.md §4: accumulate in fp32), with the exact gradient 1/t. That rounding belongs to
     the definition, not to a kernel's error: against an exact x / t, a correctly rounded kernel and eager both sit
     within an ulp (2e-3 at |logits / t| ~ 3e4) and pass or fail by the luck of later roundings. A kernel that forms
-    x / t any other way (x * (1 / t), an approximate division) differs from this truth by an ulp and still fails."""
+    x / t any other way (x * (1 / t), an approximate division) differs from this truth by an ulp and still fails.
+
+    With a logit transform (softcap, logit_scale) the truth is the float64 reference of the whole transform: its
+    roundings are far below the tolerance where the transform bounds the logits (|z| <= softcap) or at moderate
+    magnitudes, where the tests use logit_scale alone."""
+    if softcap is not None or logit_scale != 1.0:
+        return reference.token_logprobs(logits, labels, ignore_index=ignore_index, temperature=temperature,
+                                        softcap=softcap, logit_scale=logit_scale)
     scaled = logits
     if temperature != 1.0:
         exact = logits / temperature
@@ -78,6 +85,17 @@ def truth_token_logprobs(logits, labels, *, temperature=1.0, ignore_index=-100):
         # value: the fp32 quotient; gradient: that of x / t. Non-finite entries (masked -inf, poisoned rows) stay.
         scaled = exact + torch.where(torch.isfinite(exact), rounded - exact, torch.zeros_like(exact)).detach()
     return reference.token_logprobs(scaled, labels, ignore_index=ignore_index)
+
+
+def softcap_gpu_extra(device, softcap, temperature=1.0):
+    """Extra error of a log-prob under a soft cap on a GPU. The Triton kernels form u = x * (1 / softcap),
+    e = exp(-2|u|) and tanh = (1 - e) / (1 + e) with the GPU's approximate exp, reciprocal and division (each about 2**-22 relative;
+    the CUDA C++ kernels use tanhf, which is closer): tanh moves by less than 2 * 2**-22, so z = softcap * tanh / t
+    by softcap / t * 2**-21, and logp = z_label - lse by twice that. 0 on the CPU (the interpreter computes in numpy;
+    the C++ kernels' polynomial exp is within 1e-8)."""
+    if softcap is None or torch.device(device).type != "cuda":
+        return 0.0
+    return 2 * softcap / temperature * 2.0 ** -21
 
 
 def accumulation_extra(abs_sum, terms):

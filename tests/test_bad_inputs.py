@@ -23,13 +23,13 @@ def test_label_out_of_range_names_position_and_value(backend, bad_label):
 def test_kernel_itself_refuses_out_of_range_labels():
     """The compiled op guards memory on its own (e.g. under torch.compile, where Python skips data checks)."""
     logits = torch.randn(3, 7)
-    for op_args in [(logits, torch.tensor([0, 7, 1]), -100, 1.0, False),
-                    (logits, torch.tensor([0, -5, 1]), -100, 1.0, False)]:
+    for op_args in [(logits, torch.tensor([0, 7, 1]), -100, 1.0, 0.0, False),
+                    (logits, torch.tensor([0, -5, 1]), -100, 1.0, 0.0, False)]:
         with pytest.raises(IndexError, match="out of range"):
             torch.ops.rlhfv.logprob_fwd(*op_args)
-    _, lse = torch.ops.rlhfv.logprob_fwd(logits, torch.tensor([0, 1, 2]), -100, 1.0, False)
+    _, lse = torch.ops.rlhfv.logprob_fwd(logits, torch.tensor([0, 1, 2]), -100, 1.0, 0.0, False)
     with pytest.raises(IndexError, match="out of range"):
-        torch.ops.rlhfv.logprob_bwd(torch.ones(3), logits, torch.tensor([0, 9, 2]), lse, -100, 1.0)
+        torch.ops.rlhfv.logprob_bwd(torch.ones(3), logits, torch.tensor([0, 9, 2]), lse, -100, 1.0, 0.0)
 
 
 def test_shape_dtype_device_mismatches():
@@ -61,10 +61,34 @@ def test_bad_temperature(temperature):
         rk.token_logprobs(logits, labels, temperature=temperature)
 
 
-def test_kernel_itself_refuses_nonpositive_temperature():
+@pytest.mark.parametrize("softcap,logit_scale,message", [
+    (0.0, 1.0, "softcap must be None"), (-30.0, 1.0, "softcap must be None"), (float("nan"), 1.0, "softcap must be"),
+    (float("inf"), 1.0, "softcap must be"), ("30", 1.0, "softcap must be"), (True, 1.0, "softcap must be"),
+    (None, 0.0, "logit_scale must be a finite number > 0"), (None, -0.5, "logit_scale must be"),
+    (30.0, float("inf"), "logit_scale must be"), (None, None, "logit_scale must be")])
+def test_bad_logit_transform_is_refused_by_every_path(softcap, logit_scale, message):
+    logits, labels = batch()
+    hidden, weight = torch.randn(*labels.shape, 8), torch.randn(logits.shape[-1], 8)
+    transform = dict(softcap=softcap, logit_scale=logit_scale)
+    calls = [lambda: rk.token_logprobs(logits, labels, **transform),
+             lambda: rk.ddpo_loss(logits, labels, torch.zeros(labels.shape[0]), **transform),
+             lambda: rk.grpo_loss(logits, labels, torch.zeros(labels.shape[0]), **transform),
+             lambda: rk.linear_token_logprobs(hidden, weight, labels, **transform),
+             lambda: rk.linear_dpo_loss(hidden, weight, labels, torch.zeros(labels.shape[0]), **transform)]
+    for call in calls:
+        with pytest.raises(ValueError, match=message):
+            call()
+
+
+def test_kernel_itself_refuses_bad_temperature_and_softcap():
     logits, labels = batch()
     with pytest.raises(RuntimeError, match="temperature must be > 0"):
-        torch.ops.rlhfv.logprob_fwd(logits, labels, -100, 0.0, False)
+        torch.ops.rlhfv.logprob_fwd(logits, labels, -100, 0.0, 0.0, False)
+    with pytest.raises(RuntimeError, match="softcap must be finite and >= 0"):
+        torch.ops.rlhfv.logprob_fwd(logits, labels, -100, 1.0, -1.0, False)
+    with pytest.raises(RuntimeError, match="softcap must be finite and >= 0"):
+        torch.ops.rlhfv.linear_logprob_fwd(logits, torch.randn(5, logits.shape[-1]), None, labels.clamp(max=4), -100,
+                                           1.0, float("inf"), 4)
 
 
 def test_ddpo_argument_errors():
@@ -152,7 +176,7 @@ def test_operators_refuse_a_strided_1d_row(backend):
     ops = _backend.operators(backend)
     row = torch.randn(2 * 37)[::2]
     with pytest.raises((RuntimeError, ValueError), match="stride"):
-        ops.logprob_fwd(row, torch.tensor(3), -100, 1.0, False)
+        ops.logprob_fwd(row, torch.tensor(3), -100, 1.0, 0.0, False)
 
 
 def test_the_triton_label_range_is_checked_once_per_step(monkeypatch):

@@ -25,7 +25,7 @@ def test_cmake_build_and_load(tmp_path):
         torch.ops.load_library({str(build / libs[0])!r})
         x = torch.randn(5, 300, dtype=torch.float64)
         y = torch.randint(0, 300, (5,))
-        logp, lse = torch.ops.rlhfv.logprob_fwd(x, y, -100, 1.0, False)
+        logp, lse = torch.ops.rlhfv.logprob_fwd(x, y, -100, 1.0, 0.0, False)
         expected = torch.log_softmax(x, -1).gather(1, y[:, None])[:, 0]
         assert torch.allclose(logp, expected, atol=1e-12), (logp, expected)
         print("ok")

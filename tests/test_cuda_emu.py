@@ -1,9 +1,10 @@
-"""The CUDA C++ kernels (csrc/cuda/logprob_kernels.cu, unchanged) run on the CPU through the emulation header
+"""The CUDA C++ kernels (csrc/cuda/logprob_kernels.cu, as they are) run on the CPU through the emulation header
 tests/gpu_verify/cuda_emu, under AddressSanitizer + UndefinedBehaviorSanitizer and under ThreadSanitizer, and are
 checked against the float64 reference with the numerics criterion, on every shape class the kernels branch on:
 one warp per row and one block per (row, split), one and several vocabulary splits, odd and aligned V, strided,
-padded and misaligned rows, 3-D layouts, ignored rows, zero gradients, temperature, masked (-inf) splits, NaN/inf
-rows, |logits| ~ 1e4, in-place and out-of-place backward. The last tests plant GPU bugs and check each is caught.
+padded and misaligned rows, 3-D layouts, ignored rows, zero gradients, temperature, a soft cap, masked (-inf)
+splits, NaN/inf rows, |logits| ~ 1e4, in-place and out-of-place backward. The last tests plant GPU bugs and check
+each is caught.
 
 What the emulation cannot see (its header says more): speed, the GPU's fast-math precision, and
 warp-synchronous code without *_sync (which the kernels do not use).
@@ -34,9 +35,9 @@ class Case:
     """A logits view `parent[index]` (any leading layout, stride 1 along V) whose rows the kernels read in place."""
 
     def __init__(self, name, parent_shape, index=(), offset=0, sm_count=132, temperature=1.0, scale=3.0,
-                 shape="block", splits=1, special=None):
+                 shape="block", splits=1, special=None, softcap=None):
         self.name, self.parent_shape, self.index, self.offset = name, parent_shape, index, offset
-        self.sm_count, self.temperature, self.scale = sm_count, temperature, scale
+        self.sm_count, self.temperature, self.scale, self.softcap = sm_count, temperature, scale, softcap
         self.shape, self.splits, self.special = shape, splits, special  # what the launcher must choose; extras
 
     def __repr__(self):
@@ -55,6 +56,10 @@ CASES = [
     Case("block per row, masked split, NaN/inf rows, |logits| ~ 1e4, temperature", (2, 4, 24576),
          (slice(None), slice(0, 3)), scale=3e3, temperature=0.7, splits=3, special="extremes"),
     Case("block per row, |logits| up to 6e4, temperature", (3, 3001), scale=1e4, temperature=0.7, sm_count=1),
+    Case("warp per row, soft cap, temperature, 3-D logits[:, :-1]", (3, 5, 1001), (slice(None), slice(0, -1)),
+         scale=20.0, temperature=0.8, shape="warp", softcap=7.0),
+    Case("block per row, splits, soft cap, masked split, NaN/inf rows", (2, 4, 24576), (slice(None), slice(0, 3)),
+         scale=3e3, splits=3, special="extremes", softcap=30.0),
 ]
 
 
@@ -81,15 +86,19 @@ def make_inputs(case, dtype, generator):
     return buffer, logits, labels, coef
 
 
-def reference_results(logits, labels, coef, temperature):
+def reference_results(logits, labels, coef, temperature, softcap=None):
     """(logp, lse, dlogits) of the eager reference on `logits` (its dtype), or of the truth for float64 logits."""
     leaf = logits.detach().clone().requires_grad_(True)
     fn = truth_token_logprobs if logits.dtype == torch.float64 else reference.token_logprobs
-    logp = fn(leaf, labels, temperature=temperature)
+    logp = fn(leaf, labels, temperature=temperature, softcap=softcap)
     (logp * coef.to(logp.dtype)).sum().backward()
-    # The row LSE the kernels keep, from the oracle's own log-prob: x_label / t - logp (NaN where the row is poisoned).
+    # The row LSE the kernels keep, from the oracle's own log-prob: z_label - logp (NaN where the row is poisoned).
     ignored = labels == IGNORE
-    scaled = (logits.detach().float() / temperature).to(logp.dtype)  # x / t in fp32, as in truth_token_logprobs
+    if softcap is None:
+        scaled = (logits.detach().float() / temperature).to(logp.dtype)  # x / t in fp32, as in truth_token_logprobs
+    else:
+        x = logits.detach().to(logp.dtype)
+        scaled = softcap * torch.tanh(x / softcap) / temperature
     x_label = scaled.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
     lse = torch.where(ignored, torch.zeros_like(logp), x_label - logp.detach())
     return logp.detach(), lse, leaf.grad
@@ -108,7 +117,7 @@ def run_driver(binary, case, dtype_name, workdir, seed):
     args = [binary, workdir, f"dtype={dtype_name}", f"sizes={','.join(map(str, lead))}",
             f"strides={','.join(map(str, logits.stride()[:-1]))}", f"base={logits.storage_offset()}",
             f"elems={buffer.numel()}", f"vocab={logits.shape[-1]}", f"sm_count={case.sm_count}",
-            f"temperature={case.temperature!r}", f"ignore_index={IGNORE}"]
+            f"temperature={case.temperature!r}", f"softcap={case.softcap or 0.0!r}", f"ignore_index={IGNORE}"]
     env = {**os.environ, "TSAN_OPTIONS": "halt_on_error=1 abort_on_error=0",
            "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0", "UBSAN_OPTIONS": "print_stacktrace=1"}
     proc = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
@@ -142,8 +151,8 @@ def test_emulated_kernels_match_the_float64_reference(emulated, case, dtype_name
         f"{sanitizer}: the emulated kernels failed:\n{proc.stdout[-2000:]}{proc.stderr[-6000:]}"
     assert f"shape={case.shape} splits={case.splits} " in proc.stdout, proc.stdout  # the shape class under test
     dtype = DTYPES[dtype_name]
-    same = reference_results(logits, labels, coef, case.temperature)
-    truth = reference_results(logits.double(), labels, coef, case.temperature)
+    same = reference_results(logits, labels, coef, case.temperature, case.softcap)
+    truth = reference_results(logits.double(), labels, coef, case.temperature, case.softcap)
     what = f"{case.name} [{dtype_name}, {sanitizer}]"
     assert_meets_criterion(out["logp"], same[0], truth[0], dtype, f"{what} logp")
     assert_meets_criterion(out["lse"], same[1], truth[1], dtype, f"{what} lse")

@@ -6,7 +6,8 @@ import random
 import pytest
 import torch
 
-from rlhfv_train import evaluate, synthetic, tiny
+from rlhfv_train import evaluate, synthetic
+from rlhfv_train.models import tiny
 from rlhfv_train.data import DataError, load_records
 from rlhfv_train.evaluate import GenerationSettings, generate_answers, hallucination_rates
 from rlhfv_train.train import TrainConfig, train

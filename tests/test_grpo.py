@@ -11,7 +11,8 @@ import torch
 
 import rlhfv_kernels as rk
 from rlhfv_train import rollouts as rollout_ops
-from rlhfv_train import synthetic, tiny
+from rlhfv_train import synthetic
+from rlhfv_train.models import tiny
 from rlhfv_train.data import load_records
 from rlhfv_train.evaluate import GenerationSettings
 from rlhfv_train.grpo import GRPOConfig, build_parser, main, train_grpo

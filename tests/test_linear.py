@@ -103,8 +103,9 @@ def test_triton_opcheck():
     weight = torch.randn(40, 16)
     labels = torch.tensor([[1, -100, 3], [39, 0, 5]])
     for b in (torch.randn(40), None):
-        torch.library.opcheck(torch.ops.rlhfv_triton.linear_logprob_fwd.default,
-                              (hidden, weight, b, labels, -100, 1.0, 2))
+        for softcap in (0.0, 3.0):
+            torch.library.opcheck(torch.ops.rlhfv_triton.linear_logprob_fwd.default,
+                                  (hidden, weight, b, labels, -100, 1.0, softcap, 2))
 
 
 def test_float64_gradcheck_and_opcheck():
@@ -116,8 +117,9 @@ def test_float64_gradcheck_and_opcheck():
         lambda h, w, b: rk.linear_token_logprobs(h, w, labels, bias=b, chunk_size=2, backend="cpp"),
         (hidden, weight, bias))
     for b in (bias, None):
-        torch.library.opcheck(torch.ops.rlhfv.linear_logprob_fwd.default,
-                              (hidden, weight, b, labels, -100, 1.0, 2))
+        for softcap in (0.0, 3.0):
+            torch.library.opcheck(torch.ops.rlhfv.linear_logprob_fwd.default,
+                                  (hidden, weight, b, labels, -100, 1.0, softcap, 2))
 
 
 def test_peak_memory_is_bounded_by_the_chunk():

@@ -23,8 +23,9 @@ def random_labels(shape, vocab, ignore_fraction=0.2, ignore_index=-100):
 
 
 def check_against_truth(backend, make_logits, labels, dtype, *, temperature=1.0, ignore_index=-100,
-                        inplace_backward=False):
-    """make_logits(leaf) -> logits view. Compares values and d(sum(g * logp))/d leaf with a random g."""
+                        inplace_backward=False, transform=None, logp_extra=0.0):
+    """make_logits(leaf) -> logits view. Compares values and d(sum(g * logp))/d leaf with a random g.
+    transform: the logit transform options (softcap, logit_scale) given to all three."""
     base = make_logits(None)
     seed_grad = torch.randn(labels.shape, dtype=torch.float64)
     results = {}
@@ -36,12 +37,13 @@ def check_against_truth(backend, make_logits, labels, dtype, *, temperature=1.0,
         leaf = base.detach().to(leaf_dtype).clone().requires_grad_(True)
         # A non-leaf copy, so inplace_backward may consume it without touching the leaf's own storage.
         logits = make_logits(leaf * 1)
-        out = fn(logits, labels, ignore_index=ignore_index, temperature=temperature, **kwargs)
+        out = fn(logits, labels, ignore_index=ignore_index, temperature=temperature, **(transform or {}), **kwargs)
         (out * seed_grad.to(out.dtype)).sum().backward()
         results[name] = (out.detach(), leaf.grad)
     expected_dtype = torch.float32
     assert results["ours"][0].dtype == expected_dtype
-    assert_meets_criterion(results["ours"][0], results["reference"][0], results["truth"][0], dtype, "logp")
+    assert_meets_criterion(results["ours"][0], results["reference"][0], results["truth"][0], dtype, "logp",
+                           extra=logp_extra)
     assert_meets_criterion(results["ours"][1], results["reference"][1], results["truth"][1], dtype, "dlogits")
     return results
 
@@ -221,13 +223,13 @@ def test_opcheck(dtype, backend):
     logits = torch.randn(3, 6, 77, dtype=dtype)
     labels = random_labels((3, 6), 77)
     strided = torch.randn(3, 7, 77, dtype=dtype)[:, :-1]
-    for x in (logits, strided):
+    for x, softcap in ((logits, 0.0), (strided, 0.0), (logits, 2.5)):
         for inplace_flag in (False, True):
-            torch.library.opcheck(ops.logprob_fwd.default, (x, labels, -100, 0.9, inplace_flag))
-        _, lse = ops.logprob_fwd(x, labels, -100, 0.9, False)
+            torch.library.opcheck(ops.logprob_fwd.default, (x, labels, -100, 0.9, softcap, inplace_flag))
+        _, lse = ops.logprob_fwd(x, labels, -100, 0.9, softcap, False)
         grad = torch.randn(labels.shape)
-        torch.library.opcheck(ops.logprob_bwd.default, (grad, x, labels, lse, -100, 0.9))
-        torch.library.opcheck(ops.logprob_bwd_.default, (x.clone(), grad, labels, lse, -100, 0.9))
+        torch.library.opcheck(ops.logprob_bwd.default, (grad, x, labels, lse, -100, 0.9, softcap))
+        torch.library.opcheck(ops.logprob_bwd_.default, (x.clone(), grad, labels, lse, -100, 0.9, softcap))
 
 
 def test_opcheck_autograd_registration(backend):
@@ -235,7 +237,7 @@ def test_opcheck_autograd_registration(backend):
     logits = torch.randn(4, 33, requires_grad=True)
     labels = random_labels((4,), 33)
     for flag in (False, True):
-        torch.library.opcheck(ops.logprob_fwd.default, (logits, labels, -100, 1.0, flag))
+        torch.library.opcheck(ops.logprob_fwd.default, (logits, labels, -100, 1.0, 0.0, flag))
 
 
 def test_inplace_backward_on_a_leaf_warns(backend):

@@ -1,11 +1,13 @@
 """The trainer on the embedded tiny LLaVA and synthetic data: batching, training, reference cache, exact resume."""
 import json
+import math
 import os
 
 import pytest
 import torch
 
-from rlhfv_train import refcache, synthetic, tiny
+from rlhfv_train import refcache, synthetic
+from rlhfv_train.models import tiny
 from rlhfv_train.__main__ import build_parser, config_from_args
 from rlhfv_train.batch import IGNORE_INDEX, PairCollator
 from rlhfv_train.data import load_records
@@ -121,6 +123,37 @@ def test_fused_linear_training_matches_the_logits_path(tmp_path, dataset):
     linear_path = train(small_config(tmp_path / "b", dataset, max_steps=2, fused_linear=True))["model"].state_dict()
     for name in logits_path:
         torch.testing.assert_close(linear_path[name], logits_path[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def _metric_rows(output_dir):
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@pytest.mark.parametrize("family", ["gemma2", "cohere", "granite"])
+def test_fused_linear_trains_the_same_model_on_families_that_transform_their_logits(tmp_path, family):
+    """Gemma 2's soft cap, Cohere's logit scale and Granite's logits scaling reach the fused-linear loss: 3 steps on
+    both paths give step-1 loss ln 2, the same losses and the same weights."""
+    from test_model_adapter import build
+    tok = tiny.build_tokenizer()
+    model = build(family)
+    model.config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"question": "what do you see ?", "chosen": f"a red {s} on the left",
+                                          "rejected": f"a blue {s} on the left"}) for s in synthetic.SHAPES * 4))
+    runs = {}
+    for fused in (False, True):
+        out = tmp_path / f"out-{fused}"
+        summary = train(TrainConfig(data=str(data), model=str(tmp_path / "lm"), output_dir=str(out), max_steps=3,
+                                    batch_size=4, progress=False, device="cpu", lr=1e-3, fused_linear=fused,
+                                    hallucination_eval=False))
+        runs[fused] = ([r["loss"] for r in _metric_rows(out) if r["step"] > 0], summary["model"].state_dict())
+    assert runs[False][0][0] == pytest.approx(math.log(2), abs=1e-6)
+    assert runs[True][0] == pytest.approx(runs[False][0], abs=1e-5)
+    for name, value in runs[False][1].items():
+        torch.testing.assert_close(runs[True][1][name], value, rtol=1e-4, atol=1e-5, msg=name)
 
 
 @pytest.mark.slow

@@ -75,7 +75,7 @@ def test_row_offsets_follow_any_layout():
 def test_triton_ops_guard_their_inputs():
     logits = torch.randn(3, 7)
     with pytest.raises(IndexError, match="out of range"):
-        torch.ops.rlhfv_triton.logprob_fwd(logits, torch.tensor([0, 7, 1]), -100, 1.0, False)
+        torch.ops.rlhfv_triton.logprob_fwd(logits, torch.tensor([0, 7, 1]), -100, 1.0, 0.0, False)
     with pytest.raises(TypeError, match="float64"):
         rk.token_logprobs(logits.double(), torch.tensor([0, 1, 2]), backend="triton")
 

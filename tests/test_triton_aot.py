@@ -79,7 +79,7 @@ def test_every_kernel_config_compiles_within_gpu_limits(reports, release):
 def test_checker_fails_on_an_oversized_tile():
     """A backward tile too big for 4 warps and for sm_8x shared memory (64x256x64, 3 stages): the check says both."""
     proc = subprocess.run([sys.executable, CHECKER, "--targets", "80", "--dtypes", "bf16", "--only",
-                           r"linear_bwd 64x256x64 w4 s3 bias=0", "--add-linear-config", "bwd:64x256x64:w4:s3"],
+                           r"linear_bwd 64x256x64 w4 s3 bias=0 bf16", "--add-linear-config", "bwd:64x256x64:w4:s3"],
                           env=_env(None), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "SPILLS SMEM>101376" in proc.stdout and "1 compiled, 1 failed" in proc.stdout, proc.stdout
@@ -107,5 +107,15 @@ def test_autotuner_offers_only_the_checked_tiles_of_the_launch(monkeypatch):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
         for dtype, precision, operand in ((torch.bfloat16, "ieee", "16bit"), (torch.float32, "tf32", "tf32"),
                                           (torch.float32, "ieee", "ieee")):
-            chosen = prune([], {"h_ptr": torch.empty(1, dtype=dtype)}, INPUT_PRECISION=precision, HAS_BIAS=False)
+            chosen = prune([], {"h_ptr": torch.empty(1, dtype=dtype)}, INPUT_PRECISION=precision, HAS_BIAS=False,
+                           CAPPED=False)
             assert chosen == linear_kernels.LINEAR_CONFIGS[("bwd", operand, family)]
+            capped = prune([], {"h_ptr": torch.empty(1, dtype=dtype)}, INPUT_PRECISION=precision, HAS_BIAS=False,
+                           CAPPED=True)
+            assert capped and capped == linear_kernels.configs_for("bwd", operand, family, capped=True)
+            spilling = linear_kernels.SPILL_WITH_SOFTCAP.get(("bwd", operand, family), [])
+            assert not any(linear_kernels._shape(c) in spilling for c in capped)
+    # Every excluded tile is one of the table's (a stale entry would exclude nothing) and each kind keeps some.
+    for key, shapes in linear_kernels.SPILL_WITH_SOFTCAP.items():
+        table = [linear_kernels._shape(c) for c in linear_kernels.LINEAR_CONFIGS[key]]
+        assert all(shape in table for shape in shapes) and len(table) > len(shapes), key

@@ -8,7 +8,7 @@ trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
 import rlhfv_kernels as rk  # noqa: E402
-from rlhfv_train import tiny  # noqa: E402
+from rlhfv_train.models import tiny  # noqa: E402
 from rlhfv_train.trl_dropin import DDPOTrainer, completion_token_weights  # noqa: E402
 
 

@@ -25,7 +25,7 @@ struct LinearInputs {
 };
 
 LinearInputs prepare_linear(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                            const at::Tensor& labels, double temperature, int64_t chunk_rows) {
+                            const at::Tensor& labels, double temperature, double softcap, int64_t chunk_rows) {
   TORCH_CHECK(hidden.device().is_cpu() && weight.device().is_cpu(), "rlhfv: hidden and weight must be CPU tensors");
   TORCH_CHECK(hidden.dim() >= 1, "rlhfv: hidden must have at least one dimension");
   TORCH_CHECK(weight.dim() == 2, "rlhfv: weight must be [V, H], got ", weight.sizes());
@@ -44,6 +44,7 @@ LinearInputs prepare_linear(const at::Tensor& hidden, const at::Tensor& weight, 
   TORCH_CHECK(labels.sizes() == hidden.sizes().slice(0, hidden.dim() - 1), "rlhfv: labels shape ", labels.sizes(),
               " must equal hidden.shape[:-1]");
   TORCH_CHECK(temperature > 0.0, "rlhfv: temperature must be > 0, got ", temperature);
+  check_softcap(softcap);
   TORCH_CHECK(chunk_rows > 0, "rlhfv: chunk_rows must be > 0, got ", chunk_rows);
   LinearInputs in;
   in.hidden = hidden.reshape({-1, hidden.size(-1)}).contiguous();  // N x H: small next to N x V
@@ -63,8 +64,8 @@ at::ScalarType acc_type(const at::Tensor& t) { return t.scalar_type() == at::kDo
 std::tuple<at::Tensor, at::Tensor> linear_logprob_fwd_cpu(const at::Tensor& hidden, const at::Tensor& weight,
                                                           const std::optional<at::Tensor>& bias,
                                                           const at::Tensor& labels, int64_t ignore_index,
-                                                          double temperature, int64_t chunk_rows) {
-  const LinearInputs in = prepare_linear(hidden, weight, bias, labels, temperature, chunk_rows);
+                                                          double temperature, double softcap, int64_t chunk_rows) {
+  const LinearInputs in = prepare_linear(hidden, weight, bias, labels, temperature, softcap, chunk_rows);
   at::Tensor logp = at::empty({in.rows}, hidden.options().dtype(acc_type(hidden)));
   at::Tensor lse = at::empty({in.rows}, hidden.options().dtype(at::kDouble));
   for (int64_t start = 0; start < in.rows; start += in.chunk) {
@@ -73,7 +74,7 @@ std::tuple<at::Tensor, at::Tensor> linear_logprob_fwd_cpu(const at::Tensor& hidd
     at::Tensor logp_chunk = logp.narrow(0, start, n);
     at::Tensor lse_chunk = lse.narrow(0, start, n);
     cpu::logprob_rows_forward(logits, in.labels.narrow(0, start, n), logp_chunk, lse_chunk, ignore_index,
-                              temperature);
+                              temperature, softcap);
   }
   return {logp.view(labels.sizes()), lse.view(labels.sizes())};
 }
@@ -81,8 +82,8 @@ std::tuple<at::Tensor, at::Tensor> linear_logprob_fwd_cpu(const at::Tensor& hidd
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprob_bwd_cpu(
     const at::Tensor& grad_logp, const at::Tensor& hidden, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& labels, const at::Tensor& lse, int64_t ignore_index,
-    double temperature, int64_t chunk_rows) {
-  const LinearInputs in = prepare_linear(hidden, weight, bias, labels, temperature, chunk_rows);
+    double temperature, double softcap, int64_t chunk_rows) {
+  const LinearInputs in = prepare_linear(hidden, weight, bias, labels, temperature, softcap, chunk_rows);
   TORCH_CHECK(grad_logp.sizes() == labels.sizes() && lse.sizes() == labels.sizes(),
               "rlhfv: grad_logp and lse must have labels' shape");
   const auto acc = acc_type(hidden);
@@ -99,7 +100,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprob_bwd_cpu(
     const at::Tensor h = in.hidden.narrow(0, start, n);
     at::Tensor dlogits = chunk_logits(h, weight, bias);  // recomputed, then overwritten by its gradient
     cpu::logprob_rows_backward(dlogits, in.labels.narrow(0, start, n), grad.narrow(0, start, n),
-                               lse_flat.narrow(0, start, n), dlogits, ignore_index, temperature);
+                               lse_flat.narrow(0, start, n), dlogits, ignore_index, temperature, softcap);
     dhidden.narrow(0, start, n).copy_(at::mm(dlogits, weight));
     const at::Tensor dlogits_acc = dlogits.to(acc);
     dweight.addmm_(dlogits_acc.t(), h.to(acc));

@@ -142,6 +142,51 @@ RLHFV_MULTIVERSION void chunk_scaled_softmax(const float* x, float* out, int64_t
   for (; i < n; ++i) out[i] = scale * exp_nonpositive((x[i] / temp - lse_hi) - lse_lo);
 }
 
+// The soft cap (Gemma-style final_logit_softcapping): z = cap * tanh(x / cap), then / temp when `scaled`, and
+// dz/dx = sech^2(x / cap) / temp. Both come from e = exp(-2|u|), u = x / cap: tanh|u| = (1 - e) / (1 + e) and
+// sech^2 u = 4e / (1 + e)^2, which has no cancellation where tanh is near +-1. +-inf logits become +-cap / temp, as in
+// eager PyTorch; NaN stays NaN.
+template <typename F>
+RLHFV_INLINE F softcapped(F x, float cap, float temp, bool scaled, F* sech2) {
+  using L = Lanes<F>;
+  const F u = x / L::splat(cap);
+  const F magnitude = u < L::splat(0.0f) ? -u : u;
+  const F e = exp_nonpositive(L::splat(-2.0f) * magnitude);
+  const F one = L::splat(1.0f), denom = one + e;
+  const F th = (one - e) / denom;
+  *sech2 = L::splat(4.0f) * e / (denom * denom);
+  F z = (u < L::splat(0.0f) ? -th : th) * L::splat(cap);
+  if (scaled) z = z / L::splat(temp);
+  return z;
+}
+
+// out_i = softcapped(x_i); `out` may alias `x`.
+RLHFV_MULTIVERSION void chunk_softcap(const float* x, float* out, int64_t n, float cap, float temp) {
+  const bool scaled = temp != 1.0f;
+  int64_t i = 0;
+  vfloat unused;
+  for (; i + kLanes <= n; i += kLanes) store_lanes(out + i, softcapped(load_lanes(x + i), cap, temp, scaled, &unused));
+  float unused_one;
+  for (; i < n; ++i) out[i] = softcapped(x[i], cap, temp, scaled, &unused_one);
+}
+
+// out_i = scale * softmax_i * dz_i/dx_i with softmax_i = exp((z_i - lse_hi) - lse_lo); `out` may alias `x`.
+RLHFV_MULTIVERSION void chunk_softcap_grad(const float* x, float* out, int64_t n, float cap, float temp, float lse_hi,
+                                           float lse_lo, float scale) {
+  const bool scaled = temp != 1.0f;
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    vfloat sech2;
+    const vfloat z = softcapped(load_lanes(x + i), cap, temp, scaled, &sech2);
+    store_lanes(out + i, scale * exp_nonpositive((z - lse_hi) - lse_lo) * sech2);
+  }
+  for (; i < n; ++i) {
+    float sech2;
+    const float z = softcapped(x[i], cap, temp, scaled, &sech2);
+    out[i] = scale * exp_nonpositive((z - lse_hi) - lse_lo) * sech2;
+  }
+}
+
 // float64 logits (used by gradcheck and as a precise CPU path): plain libm, no speed ambitions.
 double chunk_max(const double* x, int64_t n) {
   double m = -std::numeric_limits<double>::infinity();
@@ -156,6 +201,24 @@ double chunk_sum_exp(const double* x, int64_t n, double temp, double shift) {
 void chunk_scaled_softmax(const double* x, double* out, int64_t n, double temp, double lse_hi, double lse_lo,
                           double scale) {
   for (int64_t i = 0; i < n; ++i) out[i] = scale * std::exp((x[i] / temp - lse_hi) - lse_lo);
+}
+double softcapped(double x, double cap, double temp, bool scaled, double* sech2) {
+  const double th = std::tanh(x / cap);
+  *sech2 = 1.0 - th * th;
+  const double z = th * cap;
+  return scaled ? z / temp : z;
+}
+void chunk_softcap(const double* x, double* out, int64_t n, double cap, double temp) {
+  double unused;
+  for (int64_t i = 0; i < n; ++i) out[i] = softcapped(x[i], cap, temp, temp != 1.0, &unused);
+}
+void chunk_softcap_grad(const double* x, double* out, int64_t n, double cap, double temp, double lse_hi,
+                        double lse_lo, double scale) {
+  for (int64_t i = 0; i < n; ++i) {
+    double sech2;
+    const double z = softcapped(x[i], cap, temp, temp != 1.0, &sech2);
+    out[i] = scale * std::exp((z - lse_hi) - lse_lo) * sech2;
+  }
 }
 inline float exp_nonpositive_any(float x) { return exp_nonpositive<float>(x); }
 inline double exp_nonpositive_any(double x) { return std::exp(x); }
@@ -257,25 +320,30 @@ inline const acc_t<T>* chunk_as_acc(const T* src, acc_t<T>* buf, int64_t n) {
 }
 
 // Runs body(r, row, buf) for every row of logits in parallel; `buf` is per-thread scratch of kChunk values
-// (unused, and empty, when the input already has the accumulation type).
+// (unused, and empty, when the input already has the accumulation type and no soft cap is applied).
 template <typename T, typename Body>
-void parallel_rows(const at::Tensor& logits, const Body& body) {
+void parallel_rows(const at::Tensor& logits, bool capped, const Body& body) {
   const int64_t vocab = logits.size(-1);
   const RowLayout layout(logits);
   const T* base = logits.const_data_ptr<T>();
   at::parallel_for(0, logp_rows(logits), grain_for(vocab), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t<T>> buf(std::is_same_v<T, acc_t<T>> ? 0 : kChunk);
+    std::vector<acc_t<T>> buf(std::is_same_v<T, acc_t<T>> && !capped ? 0 : kChunk);
     for (int64_t r = begin; r < end; ++r) body(r, base + layout.offset(r), buf.data());
   });
 }
 
+// z = x / temp, or softcapped(x) when softcap > 0 (then each chunk is transformed into `buf` first and the sweeps
+// below run on z with temperature 1; the transform is increasing, so z's maximum is still the running shift).
 template <typename T>
 void forward_rows(const at::Tensor& logits, const int64_t* labels, acc_t<T>* logp, double* lse, int64_t ignore_index,
-                  double temperature) {
+                  double temperature, double softcap) {
   using Acc = acc_t<T>;
   const Acc temp = static_cast<Acc>(temperature);
+  const Acc cap = static_cast<Acc>(softcap);
+  const bool capped = softcap > 0.0;
+  const Acc sweep_temp = capped ? Acc(1) : temp;
   const int64_t vocab = logits.size(-1);
-  parallel_rows<T>(logits, [&](int64_t r, const T* row, Acc* buf) {
+  parallel_rows<T>(logits, capped, [&](int64_t r, const T* row, Acc* buf) {
     const int64_t label = labels[r];
     if (label == ignore_index) {
       logp[r] = 0;
@@ -288,7 +356,11 @@ void forward_rows(const at::Tensor& logits, const int64_t* labels, acc_t<T>* log
     for (int64_t off = 0; off < vocab; off += kChunk) {
       const int64_t n = std::min(kChunk, vocab - off);
       const Acc* xs = chunk_as_acc(row + off, buf, n);
-      const Acc chunk_peak = chunk_max(xs, n) / temp;
+      if (capped) {
+        chunk_softcap(xs, buf, n, cap, temp);
+        xs = buf;
+      }
+      const Acc chunk_peak = chunk_max(xs, n) / sweep_temp;
       if (chunk_peak > running_max) {
         running_sum *= std::exp(running_max - chunk_peak);
         running_max = chunk_peak;
@@ -300,24 +372,35 @@ void forward_rows(const at::Tensor& logits, const int64_t* labels, acc_t<T>* log
         continue;
       }
       // A NaN elsewhere reaches the sum through exp(NaN - max) = NaN.
-      running_sum += chunk_sum_exp(xs, n, temp, running_max);
+      running_sum += chunk_sum_exp(xs, n, sweep_temp, running_max);
     }
-    // (x_target - lse) in float64: both terms can be ~1e4 while their difference is small.
+    // (z_target - lse) in float64: both terms can be ~1e4 while their difference is small.
     const double row_lse = static_cast<double>(running_max) + std::log(static_cast<double>(running_sum));
     lse[r] = row_lse;
-    logp[r] = static_cast<Acc>(static_cast<double>(static_cast<Acc>(row[label]) / temp) - row_lse);
+    Acc target;
+    if (capped) {
+      Acc unused;
+      target = softcapped(static_cast<Acc>(row[label]), cap, temp, temp != Acc(1), &unused);
+    } else {
+      target = static_cast<Acc>(row[label]) / temp;
+    }
+    logp[r] = static_cast<Acc>(static_cast<double>(target) - row_lse);
   });
 }
 
 // Writes grad_logp[r] * (onehot - softmax) / temp for every row into `out_base` laid out as `out_layout`
 // (which is the logits' own layout when the gradient overwrites them).
+// With a soft cap every entry also carries dz/dx = sech^2(x / cap) / temp.
 template <typename T>
 void backward_rows(const at::Tensor& logits, const int64_t* labels, const acc_t<T>* grad_logp, const double* lse,
-                   T* out_base, const RowLayout& out_layout, int64_t ignore_index, double temperature) {
+                   T* out_base, const RowLayout& out_layout, int64_t ignore_index, double temperature,
+                   double softcap) {
   using Acc = acc_t<T>;
   const Acc temp = static_cast<Acc>(temperature);
+  const Acc cap = static_cast<Acc>(softcap);
+  const bool capped = softcap > 0.0;
   const int64_t vocab = logits.size(-1);
-  parallel_rows<T>(logits, [&](int64_t r, const T* row, Acc* buf) {
+  parallel_rows<T>(logits, capped, [&](int64_t r, const T* row, Acc* buf) {
     T* out = out_base + out_layout.offset(r);
     const int64_t label = labels[r];
     const Acc coef = grad_logp[r];
@@ -329,36 +412,50 @@ void backward_rows(const at::Tensor& logits, const int64_t* labels, const acc_t<
     const Acc lse_hi = static_cast<Acc>(lse[r]);
     const Acc lse_lo = static_cast<Acc>(lse[r] - static_cast<double>(lse_hi));
     // Read the target logit before the sweep: in place, the sweep overwrites it.
-    const Acc target_prob = exp_nonpositive_any((static_cast<Acc>(row[label]) / temp - lse_hi) - lse_lo);
+    Acc target_z, target_slope = Acc(1);
+    if (capped) {
+      target_z = softcapped(static_cast<Acc>(row[label]), cap, temp, temp != Acc(1), &target_slope);
+    } else {
+      target_z = static_cast<Acc>(row[label]) / temp;
+    }
+    const Acc target_prob = exp_nonpositive_any((target_z - lse_hi) - lse_lo);
     const Acc scale = -coef / temp;
     for (int64_t off = 0; off < vocab; off += kChunk) {
       const int64_t n = std::min(kChunk, vocab - off);
       if constexpr (std::is_same_v<T, Acc>) {
-        chunk_scaled_softmax(row + off, out + off, n, temp, lse_hi, lse_lo, scale);
+        if (capped) {
+          chunk_softcap_grad(row + off, out + off, n, cap, temp, lse_hi, lse_lo, scale);
+        } else {
+          chunk_scaled_softmax(row + off, out + off, n, temp, lse_hi, lse_lo, scale);
+        }
       } else {
         const Acc* xs = chunk_as_acc(row + off, buf, n);
-        chunk_scaled_softmax(xs, buf, n, temp, lse_hi, lse_lo, scale);
+        if (capped) {
+          chunk_softcap_grad(xs, buf, n, cap, temp, lse_hi, lse_lo, scale);
+        } else {
+          chunk_scaled_softmax(xs, buf, n, temp, lse_hi, lse_lo, scale);
+        }
         store_chunk(buf, out + off, n);
       }
     }
-    out[label] = static_cast<T>(coef / temp * (Acc(1) - target_prob));
+    out[label] = static_cast<T>(coef / temp * (Acc(1) - target_prob) * target_slope);
   });
 }
 
-void check_common(const at::Tensor& logits, const at::Tensor& labels, double temperature) {
+void check_common(const at::Tensor& logits, const at::Tensor& labels, double temperature, double softcap) {
   TORCH_CHECK(logits.device().is_cpu(), "rlhfv: logits must be a CPU tensor for the CPU kernel");
-  check_logprob_inputs(logits, labels, temperature);
+  check_logprob_inputs(logits, labels, temperature, softcap);
 }
 
 std::tuple<at::Tensor, at::Tensor> logprob_fwd_cpu(const at::Tensor& logits, const at::Tensor& labels,
-                                                   int64_t ignore_index, double temperature,
+                                                   int64_t ignore_index, double temperature, double softcap,
                                                    bool /*inplace_backward*/) {
-  check_common(logits, labels, temperature);
+  check_common(logits, labels, temperature, softcap);
   const at::Tensor flat_labels = labels.to(at::kLong).contiguous();
   const auto logp_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor logp = at::empty(labels.sizes(), logits.options().dtype(logp_dtype));
   at::Tensor lse = at::empty(labels.sizes(), logits.options().dtype(at::kDouble));
-  cpu::logprob_rows_forward(logits, flat_labels, logp, lse, ignore_index, temperature);
+  cpu::logprob_rows_forward(logits, flat_labels, logp, lse, ignore_index, temperature, softcap);
   return {logp, lse};
 }
 
@@ -367,8 +464,8 @@ struct BackwardInputs {
 };
 
 BackwardInputs prepare_backward(const at::Tensor& grad_logp, const at::Tensor& logits, const at::Tensor& labels,
-                                const at::Tensor& lse, double temperature) {
-  check_common(logits, labels, temperature);
+                                const at::Tensor& lse, double temperature, double softcap) {
+  check_common(logits, labels, temperature, softcap);
   TORCH_CHECK(grad_logp.sizes() == labels.sizes(), "rlhfv: grad_logp shape ", grad_logp.sizes(),
               " must equal labels shape ", labels.sizes());
   TORCH_CHECK(lse.sizes() == labels.sizes() && lse.scalar_type() == at::kDouble,
@@ -394,18 +491,18 @@ void advise_huge_pages(void* data, size_t bytes) {
 }
 
 at::Tensor logprob_bwd_cpu(const at::Tensor& grad_logp, const at::Tensor& logits, const at::Tensor& labels,
-                           const at::Tensor& lse, int64_t ignore_index, double temperature) {
-  const BackwardInputs in = prepare_backward(grad_logp, logits, labels, lse, temperature);
+                           const at::Tensor& lse, int64_t ignore_index, double temperature, double softcap) {
+  const BackwardInputs in = prepare_backward(grad_logp, logits, labels, lse, temperature, softcap);
   at::Tensor dlogits = at::empty(logits.sizes(), logits.options());  // contiguous
   advise_huge_pages(dlogits.data_ptr(), dlogits.nbytes());
-  cpu::logprob_rows_backward(logits, in.labels, in.grad, in.lse, dlogits, ignore_index, temperature);
+  cpu::logprob_rows_backward(logits, in.labels, in.grad, in.lse, dlogits, ignore_index, temperature, softcap);
   return dlogits;
 }
 
 void logprob_bwd_inplace_cpu(at::Tensor& logits, const at::Tensor& grad_logp, const at::Tensor& labels,
-                             const at::Tensor& lse, int64_t ignore_index, double temperature) {
-  const BackwardInputs in = prepare_backward(grad_logp, logits, labels, lse, temperature);
-  cpu::logprob_rows_backward(logits, in.labels, in.grad, in.lse, logits, ignore_index, temperature);
+                             const at::Tensor& lse, int64_t ignore_index, double temperature, double softcap) {
+  const BackwardInputs in = prepare_backward(grad_logp, logits, labels, lse, temperature, softcap);
+  cpu::logprob_rows_backward(logits, in.labels, in.grad, in.lse, logits, ignore_index, temperature, softcap);
 }
 
 }  // namespace
@@ -413,19 +510,20 @@ void logprob_bwd_inplace_cpu(at::Tensor& logits, const at::Tensor& grad_logp, co
 namespace cpu {
 
 void logprob_rows_forward(const at::Tensor& logits, const at::Tensor& labels, at::Tensor& logp, at::Tensor& lse,
-                          int64_t ignore_index, double temperature) {
+                          int64_t ignore_index, double temperature, double softcap) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "rlhfv_logprob_fwd", [&] {
     forward_rows<scalar_t>(logits, labels.const_data_ptr<int64_t>(), logp.mutable_data_ptr<acc_t<scalar_t>>(),
-                           lse.mutable_data_ptr<double>(), ignore_index, temperature);
+                           lse.mutable_data_ptr<double>(), ignore_index, temperature, softcap);
   });
 }
 
 void logprob_rows_backward(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& grad,
-                           const at::Tensor& lse, at::Tensor& out, int64_t ignore_index, double temperature) {
+                           const at::Tensor& lse, at::Tensor& out, int64_t ignore_index, double temperature,
+                           double softcap) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "rlhfv_logprob_bwd", [&] {
     backward_rows<scalar_t>(logits, labels.const_data_ptr<int64_t>(), grad.const_data_ptr<acc_t<scalar_t>>(),
                             lse.const_data_ptr<double>(), out.mutable_data_ptr<scalar_t>(), RowLayout(out),
-                            ignore_index, temperature);
+                            ignore_index, temperature, softcap);
   });
 }
 

@@ -8,11 +8,12 @@ namespace rlhfv::cpu {
 // logp (float32; float64 for float64 logits) and lse (float64), both contiguous with one value per row of `logits`
 // ([..., V], unit stride along V); labels int64 contiguous.
 void logprob_rows_forward(const at::Tensor& logits, const at::Tensor& labels, at::Tensor& logp, at::Tensor& lse,
-                          int64_t ignore_index, double temperature);
+                          int64_t ignore_index, double temperature, double softcap);
 
-// Writes grad[r] * (onehot - softmax) / temperature for every row into `out`, which has logits' shape and dtype and
-// may be `logits` itself. grad: contiguous, float32 (float64 for float64 logits).
+// Writes grad[r] * (onehot - softmax(z)) * dz/dx for every row into `out` (z: the transformed logits, see ops.cpp),
+// which has logits' shape and dtype and may be `logits` itself. grad: contiguous, float32 (float64 for float64 logits).
 void logprob_rows_backward(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& grad,
-                           const at::Tensor& lse, at::Tensor& out, int64_t ignore_index, double temperature);
+                           const at::Tensor& lse, at::Tensor& out, int64_t ignore_index, double temperature,
+                           double softcap);
 
 }  // namespace rlhfv::cpu

@@ -68,9 +68,9 @@ struct Prepared {
 };
 
 Prepared prepare(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index, double temperature,
-                 bool check_label_range) {
+                 double softcap, bool check_label_range) {
   TORCH_CHECK(logits.is_cuda(), "rlhfv: logits must be a CUDA tensor for the CUDA kernels");
-  check_logprob_inputs(logits, labels, temperature);
+  check_logprob_inputs(logits, labels, temperature, softcap);
   kernel_dtype(logits);
   Prepared p;
   p.labels = labels.to(at::kLong).contiguous();
@@ -83,10 +83,10 @@ Prepared prepare(const at::Tensor& logits, const at::Tensor& labels, int64_t ign
 }
 
 std::tuple<at::Tensor, at::Tensor> logprob_fwd_cuda(const at::Tensor& logits, const at::Tensor& labels,
-                                                    int64_t ignore_index, double temperature,
+                                                    int64_t ignore_index, double temperature, double softcap,
                                                     bool /*inplace_backward*/) {
   const c10::cuda::CUDAGuard guard(logits.device());
-  const Prepared p = prepare(logits, labels, ignore_index, temperature, /*check_label_range=*/true);
+  const Prepared p = prepare(logits, labels, ignore_index, temperature, softcap, /*check_label_range=*/true);
   const auto opts = logits.options();
   at::Tensor logp = at::empty(labels.sizes(), opts.dtype(at::kFloat));
   at::Tensor lse = at::empty(labels.sizes(), opts.dtype(at::kDouble));
@@ -96,7 +96,7 @@ std::tuple<at::Tensor, at::Tensor> logprob_fwd_cuda(const at::Tensor& logits, co
   at::Tensor target = at::empty({p.rows}, opts.dtype(at::kFloat));
   cuda::ForwardArgs args{logits.const_data_ptr(), row_layout(logits), p.labels.const_data_ptr<int64_t>(),
                          p.rows, p.vocab, kernel_dtype(logits), ignore_index, static_cast<float>(temperature),
-                         p.splits, p.split_size, part_max.mutable_data_ptr<float>(),
+                         static_cast<float>(softcap), p.splits, p.split_size, part_max.mutable_data_ptr<float>(),
                          part_sum.mutable_data_ptr<float>(), target.mutable_data_ptr<float>(),
                          lse.mutable_data_ptr<double>(), logp.mutable_data_ptr<float>()};
   check_cuda(cuda::logprob_forward(args, p.shape, c10::cuda::getCurrentCUDAStream().stream()), "logprob forward");
@@ -104,9 +104,10 @@ std::tuple<at::Tensor, at::Tensor> logprob_fwd_cuda(const at::Tensor& logits, co
 }
 
 void run_backward(const at::Tensor& grad_logp, const at::Tensor& logits, const at::Tensor& labels,
-                  const at::Tensor& lse, int64_t ignore_index, double temperature, const at::Tensor& out) {
+                  const at::Tensor& lse, int64_t ignore_index, double temperature, double softcap,
+                  const at::Tensor& out) {
   const c10::cuda::CUDAGuard guard(logits.device());
-  const Prepared p = prepare(logits, labels, ignore_index, temperature, /*check_label_range=*/false);
+  const Prepared p = prepare(logits, labels, ignore_index, temperature, softcap, /*check_label_range=*/false);
   TORCH_CHECK(grad_logp.sizes() == labels.sizes(), "rlhfv: grad_logp shape ", grad_logp.sizes(),
               " must equal labels shape ", labels.sizes());
   TORCH_CHECK(lse.sizes() == labels.sizes() && lse.scalar_type() == at::kDouble && lse.is_cuda(),
@@ -117,20 +118,20 @@ void run_backward(const at::Tensor& grad_logp, const at::Tensor& logits, const a
   cuda::BackwardArgs args{logits.const_data_ptr(), row_layout(logits), out.data_ptr(), row_layout(out),
                           p.labels.const_data_ptr<int64_t>(), grad.const_data_ptr<float>(),
                           lse_c.const_data_ptr<double>(), p.rows, p.vocab, kernel_dtype(logits), ignore_index,
-                          static_cast<float>(temperature), p.splits, p.split_size};
+                          static_cast<float>(temperature), static_cast<float>(softcap), p.splits, p.split_size};
   check_cuda(cuda::logprob_backward(args, p.shape, c10::cuda::getCurrentCUDAStream().stream()), "logprob backward");
 }
 
 at::Tensor logprob_bwd_cuda(const at::Tensor& grad_logp, const at::Tensor& logits, const at::Tensor& labels,
-                            const at::Tensor& lse, int64_t ignore_index, double temperature) {
+                            const at::Tensor& lse, int64_t ignore_index, double temperature, double softcap) {
   at::Tensor dlogits = at::empty(logits.sizes(), logits.options());  // contiguous
-  run_backward(grad_logp, logits, labels, lse, ignore_index, temperature, dlogits);
+  run_backward(grad_logp, logits, labels, lse, ignore_index, temperature, softcap, dlogits);
   return dlogits;
 }
 
 void logprob_bwd_inplace_cuda(at::Tensor& logits, const at::Tensor& grad_logp, const at::Tensor& labels,
-                              const at::Tensor& lse, int64_t ignore_index, double temperature) {
-  run_backward(grad_logp, logits, labels, lse, ignore_index, temperature, logits);
+                              const at::Tensor& lse, int64_t ignore_index, double temperature, double softcap) {
+  run_backward(grad_logp, logits, labels, lse, ignore_index, temperature, softcap, logits);
 }
 
 }  // namespace

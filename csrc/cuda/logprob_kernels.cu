@@ -81,6 +81,19 @@ __device__ __forceinline__ int64_t unaligned_head(const T* p, int64_t start, int
 // at t == 1. Not x * (1/t): that rounds twice, about 1 ulp, which at |logits| ~ 1e4 exceeds the eager error.
 __device__ __forceinline__ float scaled(float x, float t) { return t == 1.0f ? x : x / t; }
 
+// The logit transform (ops.cpp): z = x / t, or z = c * tanh(x / c) / t with a soft cap c > 0. The cap is the same for
+// every thread, so the branch does not diverge.
+__device__ __forceinline__ float transformed(float x, float t, float c) {
+  return c > 0.0f ? scaled(c * tanhf(x / c), t) : scaled(x, t);
+}
+
+// dz/dx / (1 / t) of the transform: sech^2(x / c) with a soft cap, else 1.
+__device__ __forceinline__ float slope(float x, float c) {
+  if (c <= 0.0f) return 1.0f;
+  const float th = tanhf(x / c);
+  return 1.0f - th * th;
+}
+
 // Running (max, sum of exp(x - max)) of the values one thread has seen.
 struct MaxSum {
   float m;
@@ -179,8 +192,8 @@ __global__ void __launch_bounds__(kBlockThreads) forward_kernel(ForwardArgs a) {
   const int64_t stop = start + a.split_size < a.vocab ? start + a.split_size : a.vocab;
   MaxSum acc{-INFINITY, 0.0f};
   if (active) {
-    const float t = a.temperature;
-    for_each_value(p, start, stop, w.tid, w.threads, [&](float x) { absorb(acc, scaled(x, t)); });
+    const float t = a.temperature, c = a.softcap;
+    for_each_value(p, start, stop, w.tid, w.threads, [&](float x) { absorb(acc, transformed(x, t, c)); });
   }
   if constexpr (kWarpPerRow) {
     acc = warp_merge(acc);
@@ -191,7 +204,9 @@ __global__ void __launch_bounds__(kBlockThreads) forward_kernel(ForwardArgs a) {
     const int64_t out = w.row * a.num_splits + w.split;
     a.part_max[out] = acc.m;
     a.part_sum[out] = acc.s;
-    if (active && label >= start && label < stop) a.target[w.row] = scaled(to_float(p[label]), a.temperature);
+    if (active && label >= start && label < stop) {
+      a.target[w.row] = transformed(to_float(p[label]), a.temperature, a.softcap);
+    }
   }
 }
 
@@ -236,13 +251,13 @@ __global__ void __launch_bounds__(kBlockThreads) backward_kernel(BackwardArgs a)
   const double lse = a.lse[w.row];
   const float lse_hi = static_cast<float>(lse);
   const float lse_lo = static_cast<float>(lse - static_cast<double>(lse_hi));
-  const float t = a.temperature;
+  const float t = a.temperature, cap = a.softcap;
   const float on_label = scaled(coef, t);
   const float scale = -on_label;
   auto grad = [&](int64_t i, float x) {
-    const float prob = expf((scaled(x, t) - lse_hi) - lse_lo);
+    const float prob = expf((transformed(x, t, cap) - lse_hi) - lse_lo);
     // At the label, c/t * (1 - p) rather than c/t - c/t * p: the difference of near-equal terms loses bits.
-    return i == label ? on_label * (1.0f - prob) : scale * prob;
+    return (i == label ? on_label * (1.0f - prob) : scale * prob) * slope(x, cap);
   };
   // Vectors only where source and destination share their alignment (always so in place).
   const bool same_alignment =

@@ -29,11 +29,12 @@ struct ForwardArgs {
   DType dtype;
   int64_t ignore_index;
   float temperature;
+  float softcap;       // 0: none; else z = softcap * tanh(x / softcap) / temperature
   int num_splits;      // vocabulary splits per row (1 unless rows are too few to fill the GPU)
   int64_t split_size;  // vocabulary entries per split (a multiple of 8)
   float* part_max;     // [rows, num_splits]
   float* part_sum;     // [rows, num_splits]
-  float* target;       // [rows]: logits[label] / temperature
+  float* target;       // [rows]: z at the label
   double* lse;         // [rows] output, 0 at ignored rows
   float* logp;         // [rows] output, 0 at ignored rows
 };
@@ -51,6 +52,7 @@ struct BackwardArgs {
   DType dtype;
   int64_t ignore_index;
   float temperature;
+  float softcap;
   int num_splits;
   int64_t split_size;
 };

@@ -35,6 +35,22 @@ def _forward_configs():
             for block, warps in ((2048, 8), (4096, 8), (4096, 16), (8192, 16))]
 
 
+# (BLOCK_V, num_warps) of forward configs that spill under a soft cap (tests/gpu_verify/triton_aot.py, triton 3.9):
+# not offered to CAPPED launches.
+FORWARD_SPILL_WITH_SOFTCAP = ((8192, 16),)
+
+
+def forward_configs(capped: bool = False) -> list:
+    """The forward configs a launch may be tuned among."""
+    return [c for c in _forward_configs()
+            if not (capped and (c.kwargs["BLOCK_V"], c.num_warps) in FORWARD_SPILL_WITH_SOFTCAP)]
+
+
+def _prune_forward(configs, named_args, **kwargs):
+    """early_config_prune of the forward: forward_configs of the launch's soft cap."""
+    return forward_configs(kwargs.get("CAPPED", False))
+
+
 # (BLOCK_V, num_warps) of the backward, by split size (a heuristic, not autotuned: autotuning an in-place kernel
 # would need a restore copy of the logits). Short rows take the small block.
 BACKWARD_CONFIGS = ((1024, 4), (4096, 8))
@@ -49,6 +65,38 @@ def _scaled(x, temperature, SCALED: tl.constexpr):
 
 
 @triton.jit
+def _softcapped(x, softcap):
+    """(softcap * tanh(x / softcap), sech^2(x / softcap)) from one exp: e = exp(-2|u|), u = x / softcap, gives
+    tanh|u| = (1 - e) / (1 + e) and sech^2 u = 4e / (1 + e)^2 (no cancellation where tanh is near +-1). The
+    reciprocal and the division are the GPU's fast ones (register-light in the big fused-linear tiles; their error
+    is in numerics.softcap_gpu_extra). +-inf give +-softcap, as in eager PyTorch; NaN stays NaN."""
+    u = x * (1.0 / softcap)
+    e = tl.exp(-2.0 * tl.abs(u))
+    inv = 1.0 / (1.0 + e)
+    th = (1.0 - e) * inv
+    return tl.where(u < 0, -th, th) * softcap, 4.0 * e * inv * inv
+
+
+@triton.jit
+def _transformed(x, temperature, softcap, SCALED: tl.constexpr, CAPPED: tl.constexpr):
+    """z of the logit transform (csrc/ops.cpp): x / t, or softcap * tanh(x / softcap) / t when CAPPED. Callers
+    re-mask padding lanes after it (the cap maps their -inf to -softcap)."""
+    if CAPPED:
+        x, _ = _softcapped(x, softcap)
+    return _scaled(x, temperature, SCALED)
+
+
+@triton.jit
+def _transformed_and_slope(x, temperature, softcap, SCALED: tl.constexpr, CAPPED: tl.constexpr):
+    """(z, t * dz/dx): the slope is sech^2(x / softcap) when CAPPED, else 1."""
+    if CAPPED:
+        x, slope = _softcapped(x, softcap)
+        return _scaled(x, temperature, SCALED), slope
+    else:
+        return _scaled(x, temperature, SCALED), 1.0
+
+
+@triton.jit
 def _vocab_range(split, split_size, vocab, VEC: tl.constexpr):
     """[start, stop) of this split, both multiples of VEC (the launcher guarantees it when VEC > 1)."""
     start = tl.multiple_of(split * split_size, VEC)
@@ -56,12 +104,13 @@ def _vocab_range(split, split_size, vocab, VEC: tl.constexpr):
     return start, stop
 
 
-@triton.autotune(configs=_forward_configs(), key=["vocab_bucket", "split_size_bucket"])
+@triton.autotune(configs=_forward_configs(), key=["vocab_bucket", "split_size_bucket", "SCALED", "CAPPED"],
+                 prune_configs_by={"early_config_prune": _prune_forward})
 @triton.jit
 def _logprob_fwd_kernel(logits_ptr, row_offsets_ptr, labels_ptr, part_max_ptr, part_sum_ptr, target_ptr,
-                        vocab, split_size, num_splits, ignore_index, temperature,
+                        vocab, split_size, num_splits, ignore_index, temperature, softcap,
                         vocab_bucket, split_size_bucket, BLOCK_V: tl.constexpr, VEC: tl.constexpr,
-                        SCALED: tl.constexpr):
+                        SCALED: tl.constexpr, CAPPED: tl.constexpr):
     row = tl.program_id(0)
     split = tl.program_id(1)
     label = tl.load(labels_ptr + row)
@@ -73,7 +122,11 @@ def _logprob_fwd_kernel(logits_ptr, row_offsets_ptr, labels_ptr, part_max_ptr, p
     running_sum = tl.zeros((), tl.float32)
     for block in range(0, n_blocks):
         cols = start + block * BLOCK_V + tl.arange(0, BLOCK_V)
-        x = _scaled(tl.load(base + cols, mask=cols < stop, other=float("-inf")).to(tl.float32), temperature, SCALED)
+        in_split = cols < stop
+        x = tl.load(base + cols, mask=in_split, other=float("-inf")).to(tl.float32)
+        x = _transformed(x, temperature, softcap, SCALED, CAPPED)
+        if CAPPED:
+            x = tl.where(in_split, x, float("-inf"))  # the cap maps the padding's -inf to -softcap
         new_max = tl.maximum(running_max, tl.max(x, 0), propagate_nan=tl.PropagateNan.ALL)
         # All -inf so far (masked vocabulary entries): shift by 0 so exp(-inf) = 0 instead of exp(-inf + inf) = NaN.
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)
@@ -85,7 +138,7 @@ def _logprob_fwd_kernel(logits_ptr, row_offsets_ptr, labels_ptr, part_max_ptr, p
     # The split that holds the label reads the target logit (one scalar load).
     holds_label = active & (label >= start) & (label < stop)
     target = tl.load(base + tl.where(holds_label, label, 0), mask=holds_label, other=0.0).to(tl.float32)
-    tl.store(target_ptr + row, _scaled(target, temperature, SCALED), mask=holds_label)
+    tl.store(target_ptr + row, _transformed(target, temperature, softcap, SCALED, CAPPED), mask=holds_label)
 
 
 @triton.jit
@@ -99,8 +152,8 @@ def _round_to_bfloat16(x):
 
 @triton.jit
 def _logprob_bwd_kernel(logits_ptr, row_offsets_ptr, out_ptr, out_row_offsets_ptr, labels_ptr, grad_ptr, lse_ptr,
-                        vocab, split_size, ignore_index, temperature, BLOCK_V: tl.constexpr,
-                        ROUND_BF16: tl.constexpr, VEC: tl.constexpr, SCALED: tl.constexpr):
+                        vocab, split_size, ignore_index, temperature, softcap, BLOCK_V: tl.constexpr,
+                        ROUND_BF16: tl.constexpr, VEC: tl.constexpr, SCALED: tl.constexpr, CAPPED: tl.constexpr):
     row = tl.program_id(0)
     split = tl.program_id(1)
     label = tl.load(labels_ptr + row)
@@ -119,9 +172,10 @@ def _logprob_bwd_kernel(logits_ptr, row_offsets_ptr, out_ptr, out_row_offsets_pt
         cols = start + block * BLOCK_V + tl.arange(0, BLOCK_V)
         in_row = cols < stop
         x = tl.load(src + cols, mask=cols < read_stop, other=0.0).to(tl.float32)
-        prob = tl.exp((_scaled(x, temperature, SCALED) - lse_hi) - lse_lo)
+        z, slope = _transformed_and_slope(x, temperature, softcap, SCALED, CAPPED)
+        prob = tl.exp((z - lse_hi) - lse_lo)
         # At the label, c/t * (1 - p) rather than c/t - c/t * p: the difference of two near-equal terms loses bits.
-        grad = tl.where(cols == label, on_label * (1.0 - prob), scale * prob)
+        grad = tl.where(cols == label, on_label * (1.0 - prob), scale * prob) * slope
         grad = tl.where(active, grad, 0.0)
         if ROUND_BF16:
             grad = _round_to_bfloat16(grad)
@@ -180,7 +234,7 @@ def _backward_config(split_size: int) -> tuple[int, int]:
 
 
 def launch_forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, temperature: float,
-                   num_splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   softcap: float = 0.0, num_splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(logp float32, lse float64) of labels' shape."""
     vocab = logits.shape[-1]
     flat_labels = labels.reshape(-1).to(torch.int64)
@@ -196,7 +250,8 @@ def launch_forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     target = torch.zeros(rows, dtype=torch.float32, device=logits.device)
     _logprob_fwd_kernel[(rows, splits)](
         logits, row_offsets(logits), flat_labels, part_max, part_sum, target, vocab, split_size, splits,
-        ignore_index, float(temperature), _bucket(vocab), _bucket(split_size), VEC=vec, SCALED=temperature != 1.0)
+        ignore_index, float(temperature), float(softcap), _bucket(vocab), _bucket(split_size), VEC=vec,
+        SCALED=temperature != 1.0, CAPPED=softcap > 0)
     return merge_partials(part_max, part_sum, target, flat_labels, ignore_index, logp_dtype, labels.shape)
 
 
@@ -215,9 +270,9 @@ def merge_partials(part_max, part_sum, target, flat_labels, ignore_index, logp_d
 
 
 def launch_backward(grad_logp: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
-                    ignore_index: int, temperature: float, out: torch.Tensor,
+                    ignore_index: int, temperature: float, out: torch.Tensor, softcap: float = 0.0,
                     num_splits: int | None = None) -> None:
-    """Writes grad_logp * (onehot - softmax) / temperature into `out` ([..., V], may be `logits` itself)."""
+    """Writes grad_logp * (onehot - softmax(z)) * dz/dx into `out` ([..., V], may be `logits` itself)."""
     vocab = logits.shape[-1]
     flat_labels = labels.reshape(-1).to(torch.int64)
     rows = flat_labels.numel()
@@ -230,6 +285,6 @@ def launch_backward(grad_logp: torch.Tensor, logits: torch.Tensor, labels: torch
     out_offsets = offsets if out is logits else row_offsets(out)
     _logprob_bwd_kernel[(rows, splits)](
         logits, offsets, out, out_offsets, flat_labels, grad_logp.reshape(-1).to(torch.float32).contiguous(),
-        lse.reshape(-1).contiguous(), vocab, split_size, ignore_index, float(temperature), BLOCK_V=block,
-        ROUND_BF16=INTERPRETING and out.dtype == torch.bfloat16, VEC=vec, SCALED=temperature != 1.0,
-        num_warps=warps)
+        lse.reshape(-1).contiguous(), vocab, split_size, ignore_index, float(temperature), float(softcap),
+        BLOCK_V=block, ROUND_BF16=INTERPRETING and out.dtype == torch.bfloat16, VEC=vec, SCALED=temperature != 1.0,
+        CAPPED=softcap > 0, num_warps=warps)

@@ -8,8 +8,9 @@ the splits' partials are merged in float64 (kernels.merge_partials). Backward: e
 dhidden [N, H] and dweight [V, H] (and dbias) with atomics; tiles without gradient return early.
 
 Tiles (BLOCK_N x BLOCK_V x BLOCK_H, warps, stages) are autotuned among LINEAR_CONFIGS for the operand type and the
-GPU family; every listed tile compiles without register spills and within the family's shared memory under triton
-3.7.1 (what a CUDA torch 2.13 pins) and the newest release, which tests/gpu_verify/triton_aot.py checks in CI. fp32
+GPU family (less SPILL_WITH_SOFTCAP under a soft cap); every tile offered compiles without register spills and within
+the family's shared memory under triton 3.7.1 (what a CUDA torch 2.13 pins) and the newest release, which
+tests/gpu_verify/triton_aot.py checks in CI. fp32
 operands follow torch.get_float32_matmul_precision(): "highest" (PyTorch's default) multiplies in full fp32 like
 eager matmul; "high"/"medium" allow TF32 tensor cores (10-bit mantissa operands).
 
@@ -23,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .kernels import INTERPRETING, _bucket, _target_programs, merge_partials
+from .kernels import INTERPRETING, _bucket, _target_programs, _transformed, _transformed_and_slope, merge_partials
 
 
 def _tile(block_n, block_v, block_h, warps, stages):
@@ -54,6 +55,17 @@ LINEAR_CONFIGS = {
     ("bwd", "ieee", 80): [_tile(32, 128, 32, 8, 2), _tile(64, 32, 32, 4, 2)],
     ("bwd", "ieee", 90): [_tile(32, 128, 32, 8, 2), _tile(64, 32, 32, 4, 2), _tile(32, 32, 32, 4, 2)],
 }
+# A soft cap keeps one more [BLOCK_N, BLOCK_V] fp32 tile alive per thread (the slope sech^2 beside the
+# probabilities): these tiles spill with it (tests/gpu_verify/triton_aot.py) and are not offered to CAPPED launches.
+# (BLOCK_N, BLOCK_V, BLOCK_H, warps, stages) per kind; the union over triton 3.7.1 and the newest release.
+SPILL_WITH_SOFTCAP = {
+    ("fwd", "16bit", 80): [(64, 128, 64, 4, 3)],
+    ("fwd", "tf32", 80): [(128, 64, 32, 4, 3)],
+    ("fwd", "tf32", 90): [(128, 128, 64, 8, 3)],
+    ("bwd", "16bit", 80): [(128, 128, 32, 8, 2)],
+    ("bwd", "16bit", 90): [(128, 128, 32, 8, 3), (64, 256, 32, 8, 2)],
+    ("bwd", "tf32", 90): [(128, 128, 32, 8, 2)],
+}
 INPUT_PRECISIONS = ("tf32", "ieee")  # what fp32 operands may be multiplied with
 # Vocabulary splits of the forward are multiples of every candidate BLOCK_V, so no tile straddles two splits.
 SPLIT_MULTIPLE = max(c.kwargs["BLOCK_V"] for configs in LINEAR_CONFIGS.values() for c in configs)
@@ -78,31 +90,41 @@ def gpu_family(capability: tuple[int, int] | int) -> int:
     return 90 if major in (9, 10) else 80
 
 
-def configs_for(which: str, operand: str, family: int) -> list:
-    return LINEAR_CONFIGS[(which, operand, family)]
+def _shape(config) -> tuple:
+    k = config.kwargs
+    return k["BLOCK_N"], k["BLOCK_V"], k["BLOCK_H"], config.num_warps, config.num_stages
+
+
+def configs_for(which: str, operand: str, family: int, capped: bool = False) -> list:
+    """The tiles a launch may use: LINEAR_CONFIGS of its kind, less those that spill under a soft cap."""
+    configs = LINEAR_CONFIGS[(which, operand, family)]
+    if capped:
+        configs = [c for c in configs if _shape(c) not in SPILL_WITH_SOFTCAP.get((which, operand, family), ())]
+    return configs
 
 
 def _prune(which):
-    """early_config_prune: the candidates for the launch's operand type and GPU."""
+    """early_config_prune: the candidates for the launch's operand type, soft cap and GPU."""
     def prune(configs, named_args, **kwargs):
         hidden = named_args["h_ptr"]
         return configs_for(which, kwargs["INPUT_PRECISION"] if hidden.dtype == torch.float32 else "16bit",
-                           gpu_family(torch.cuda.get_device_capability(hidden.device)))
+                           gpu_family(torch.cuda.get_device_capability(hidden.device)), kwargs.get("CAPPED", False))
     return prune
 
 
 def _autotune(which, **options):
     configs = ([_INTERPRETER_CONFIG] if INTERPRETING else
                [c for (w, _, _), cs in LINEAR_CONFIGS.items() if w == which for c in cs])
-    return triton.autotune(configs=configs, key=["hdim", "vocab", "rows_bucket", "HAS_BIAS", "INPUT_PRECISION"],
+    return triton.autotune(configs=configs, key=["hdim", "vocab", "rows_bucket", "HAS_BIAS", "CAPPED",
+                                                 "INPUT_PRECISION"],
                            prune_configs_by={"early_config_prune": _prune(which)}, **options)
 
 
 @triton.jit
-def _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, hdim, temperature,
+def _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, hdim,
                  HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
                  UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """(hidden[rows] @ weight[cols].T + bias[cols]) / temperature as an fp32 [BLOCK_N, BLOCK_V] tile."""
+    """hidden[rows] @ weight[cols].T + bias[cols] as an fp32 [BLOCK_N, BLOCK_V] tile (before the logit transform)."""
     acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
     rows = rows.to(tl.int64)  # N*H and V*H can exceed 2**31
     cols = cols.to(tl.int64)
@@ -117,15 +139,16 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, hdim, temperat
         acc += tl.dot(h, tl.trans(w), input_precision=INPUT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    return tl.div_rn(acc, temperature)
+    return acc
 
 
 @_autotune("fwd")
 @triton.jit
 def _linear_fwd_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, part_max_ptr, part_sum_ptr, target_ptr,
-                       n_rows, vocab, hdim, split_size, num_splits, ignore_index, temperature, rows_bucket,
-                       HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+                       n_rows, vocab, hdim, split_size, num_splits, ignore_index, temperature, softcap, rows_bucket,
+                       HAS_BIAS: tl.constexpr, CAPPED: tl.constexpr, UPCAST: tl.constexpr,
+                       INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                       BLOCK_H: tl.constexpr):
     block = tl.program_id(0)
     split = tl.program_id(1)
     rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -139,9 +162,9 @@ def _linear_fwd_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, part_max_ptr, part_sum_p
     for v0 in range(start, stop, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_ok = cols < stop
-        x = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, hdim, temperature,
+        x = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, hdim,
                          HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, INPUT_PRECISION)
-        x = tl.where(col_ok[None, :], x, float("-inf"))
+        x = tl.where(col_ok[None, :], _transformed(x, temperature, softcap, True, CAPPED), float("-inf"))
         new_max = tl.maximum(run_max, tl.max(x, 1))
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)
         run_sum = run_sum * tl.exp(run_max - shift) + tl.sum(tl.exp(x - shift[:, None]), 1)
@@ -157,9 +180,10 @@ def _linear_fwd_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, part_max_ptr, part_sum_p
 @_autotune("bwd", reset_to_zero=["dh_ptr", "dw_ptr", "db_ptr"])  # it accumulates with atomics
 @triton.jit
 def _linear_bwd_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, grad_ptr, lse_ptr, dh_ptr, dw_ptr, db_ptr,
-                       n_rows, vocab, hdim, ignore_index, temperature, rows_bucket,
-                       HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+                       n_rows, vocab, hdim, ignore_index, temperature, softcap, rows_bucket,
+                       HAS_BIAS: tl.constexpr, CAPPED: tl.constexpr, UPCAST: tl.constexpr,
+                       INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                       BLOCK_H: tl.constexpr):
     block = tl.program_id(0)
     vblock = tl.program_id(1)
     rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -169,25 +193,28 @@ def _linear_bwd_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, grad_ptr, lse_ptr, dh_pt
     coef = tl.where(labels == ignore_index, 0.0, coef)
     if tl.max(tl.abs(coef), 0) > 0.0:  # else no token of this block has a gradient: nothing to recompute
         _linear_bwd_tile(h_ptr, w_ptr, b_ptr, labels, coef, rows, row_ok, lse_ptr, dh_ptr, dw_ptr, db_ptr, vocab,
-                         hdim, temperature, vblock, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, INPUT_PRECISION)
+                         hdim, temperature, softcap, vblock, HAS_BIAS, CAPPED, BLOCK_N, BLOCK_V, BLOCK_H, UPCAST,
+                         INPUT_PRECISION)
 
 
 @triton.jit
 def _linear_bwd_tile(h_ptr, w_ptr, b_ptr, labels, coef, rows, row_ok, lse_ptr, dh_ptr, dw_ptr, db_ptr, vocab, hdim,
-                     temperature, vblock, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                     BLOCK_H: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                     temperature, softcap, vblock, HAS_BIAS: tl.constexpr, CAPPED: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, UPCAST: tl.constexpr,
+                     INPUT_PRECISION: tl.constexpr):
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     lse_hi = lse.to(tl.float32)
     lse_lo = (lse - lse_hi.to(tl.float64)).to(tl.float32)
     cols = vblock * BLOCK_V + tl.arange(0, BLOCK_V)
     col_ok = cols < vocab
-    x = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, hdim, temperature,
+    x = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, hdim,
                      HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, INPUT_PRECISION)
+    x, slope = _transformed_and_slope(x, temperature, softcap, True, CAPPED)
     prob = tl.exp((x - lse_hi[:, None]) - lse_lo[:, None])
     rows = rows.to(tl.int64)
     cols = cols.to(tl.int64)
     onehot = tl.where(cols[None, :] == labels[:, None], 1.0, 0.0)
-    dlogits = tl.div_rn(coef, temperature)[:, None] * (onehot - prob)
+    dlogits = tl.div_rn(coef, temperature)[:, None] * (onehot - prob) * slope
     dlogits = tl.where(row_ok[:, None] & col_ok[None, :], dlogits, 0.0)
     if HAS_BIAS:
         tl.atomic_add(db_ptr + cols, tl.sum(dlogits, 0), mask=col_ok)
@@ -227,7 +254,7 @@ def _common(hidden, weight, labels):
             precision)
 
 
-def launch_forward(hidden, weight, bias, labels, ignore_index, temperature, num_splits=None):
+def launch_forward(hidden, weight, bias, labels, ignore_index, temperature, softcap=0.0, num_splits=None):
     """(logp float32, lse float64) of labels' shape; hidden [..., H] is flattened to [N, H]."""
     hdim, vocab, h, w, flat_labels, rows, precision = _common(hidden, weight, labels)
     if rows == 0:
@@ -239,12 +266,12 @@ def launch_forward(hidden, weight, bias, labels, ignore_index, temperature, num_
     target = torch.zeros(rows, dtype=torch.float32, device=hidden.device)
     _linear_fwd_kernel[lambda meta: (triton.cdiv(rows, meta["BLOCK_N"]), splits)](
         h, w, bias if bias is not None else w, flat_labels, part_max, part_sum, target, rows, vocab, hdim,
-        split_size, splits, ignore_index, float(temperature), _bucket(rows), HAS_BIAS=bias is not None,
-        UPCAST=INTERPRETING, INPUT_PRECISION=precision)
+        split_size, splits, ignore_index, float(temperature), float(softcap), _bucket(rows), HAS_BIAS=bias is not None,
+        CAPPED=softcap > 0, UPCAST=INTERPRETING, INPUT_PRECISION=precision)
     return merge_partials(part_max, part_sum, target, flat_labels, ignore_index, torch.float32, labels.shape)
 
 
-def launch_backward(grad_logp, hidden, weight, bias, labels, lse, ignore_index, temperature):
+def launch_backward(grad_logp, hidden, weight, bias, labels, lse, ignore_index, temperature, softcap=0.0):
     """(dhidden, dweight, dbias) in the inputs' dtypes, accumulated in fp32; dbias is empty without a bias."""
     hdim, vocab, h, w, flat_labels, rows, precision = _common(hidden, weight, labels)
     dh = torch.zeros(rows, hdim, dtype=torch.float32, device=hidden.device)
@@ -255,7 +282,7 @@ def launch_backward(grad_logp, hidden, weight, bias, labels, lse, ignore_index, 
         _linear_bwd_kernel[grid](
             h, w, bias if bias is not None else w, flat_labels,
             grad_logp.reshape(-1).to(torch.float32).contiguous(), lse.reshape(-1).contiguous(), dh, dw, db,
-            rows, vocab, hdim, ignore_index, float(temperature), _bucket(rows), HAS_BIAS=bias is not None,
-            UPCAST=INTERPRETING, INPUT_PRECISION=precision)
+            rows, vocab, hdim, ignore_index, float(temperature), float(softcap), _bucket(rows),
+            HAS_BIAS=bias is not None, CAPPED=softcap > 0, UPCAST=INTERPRETING, INPUT_PRECISION=precision)
     dbias = db.to(bias.dtype) if bias is not None else torch.empty(0, dtype=weight.dtype, device=weight.device)
     return dh.to(hidden.dtype).reshape(hidden.shape), dw.to(weight.dtype), dbias

@@ -2,6 +2,8 @@
 so the fake kernels and the autograd formula in rlhfv_kernels/_ops.py serve both."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import _backend, _ops
@@ -15,7 +17,7 @@ for _name, _schema in _ops.SCHEMAS.items():
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _check(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> None:
+def _check(logits: torch.Tensor, labels: torch.Tensor, temperature: float, softcap: float) -> None:
     """Guards the kernels' memory accesses; the public API has already given friendlier messages."""
     if logits.dtype not in _TRITON_DTYPES:
         raise TypeError(f"backend 'triton' takes float32, bfloat16 or float16 logits, got {logits.dtype}; "
@@ -29,6 +31,8 @@ def _check(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> No
         raise ValueError("rlhfv_triton: logits must have stride 1 along the vocabulary dimension")
     if not temperature > 0:
         raise ValueError(f"rlhfv_triton: temperature must be > 0, got {temperature}")
+    if not (softcap >= 0 and math.isfinite(softcap)):
+        raise ValueError(f"rlhfv_triton: softcap must be finite and >= 0 (0: none), got {softcap}")
 
 
 def _check_labels(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
@@ -38,43 +42,44 @@ def _check_labels(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
                          f"({ignore_index})")
 
 
-def _fwd(logits, labels, ignore_index, temperature, inplace_backward):
-    _check(logits, labels, temperature)
+def _fwd(logits, labels, ignore_index, temperature, softcap, inplace_backward):
+    _check(logits, labels, temperature, softcap)
     _check_labels(labels, logits.shape[-1], ignore_index)
-    return kernels.launch_forward(logits, labels, ignore_index, temperature)
+    return kernels.launch_forward(logits, labels, ignore_index, temperature, softcap)
 
 
 # Validation contract (DESIGN.md §3): the public API gave the friendly errors; here the forwards guard the kernels
 # (label range: one host sync, also under torch.compile where the API skips data checks). The backwards trust the
 # labels their forward checked and read no memory through them (only `column == label`), so they cost no sync.
 
-def _bwd(grad_logp, logits, labels, lse, ignore_index, temperature):
-    _check(logits, labels, temperature)
+def _bwd(grad_logp, logits, labels, lse, ignore_index, temperature, softcap):
+    _check(logits, labels, temperature, softcap)
     out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    kernels.launch_backward(grad_logp, logits, labels, lse, ignore_index, temperature, out)
+    kernels.launch_backward(grad_logp, logits, labels, lse, ignore_index, temperature, out, softcap)
     return out
 
 
-def _bwd_inplace(logits, grad_logp, labels, lse, ignore_index, temperature):
-    _check(logits, labels, temperature)
-    kernels.launch_backward(grad_logp, logits, labels, lse, ignore_index, temperature, logits)
+def _bwd_inplace(logits, grad_logp, labels, lse, ignore_index, temperature, softcap):
+    _check(logits, labels, temperature, softcap)
+    kernels.launch_backward(grad_logp, logits, labels, lse, ignore_index, temperature, logits, softcap)
 
 
-def _check_linear(hidden, weight, labels, temperature):
-    _check(hidden, labels, temperature)  # dtype, device mode, labels' shape
+def _check_linear(hidden, weight, labels, temperature, softcap):
+    _check(hidden, labels, temperature, softcap)  # dtype, device mode, labels' shape
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.dtype != hidden.dtype:
         raise ValueError("rlhfv_triton: weight must be [V, H] in hidden's dtype")
 
 
-def _linear_fwd(hidden, weight, bias, labels, ignore_index, temperature, chunk_rows):
-    _check_linear(hidden, weight, labels, temperature)
+def _linear_fwd(hidden, weight, bias, labels, ignore_index, temperature, softcap, chunk_rows):
+    _check_linear(hidden, weight, labels, temperature, softcap)
     _check_labels(labels, weight.shape[0], ignore_index)
-    return linear_kernels.launch_forward(hidden, weight, bias, labels, ignore_index, temperature)
+    return linear_kernels.launch_forward(hidden, weight, bias, labels, ignore_index, temperature, softcap)
 
 
-def _linear_bwd(grad_logp, hidden, weight, bias, labels, lse, ignore_index, temperature, chunk_rows):
-    _check_linear(hidden, weight, labels, temperature)
-    return linear_kernels.launch_backward(grad_logp, hidden, weight, bias, labels, lse, ignore_index, temperature)
+def _linear_bwd(grad_logp, hidden, weight, bias, labels, lse, ignore_index, temperature, softcap, chunk_rows):
+    _check_linear(hidden, weight, labels, temperature, softcap)
+    return linear_kernels.launch_backward(grad_logp, hidden, weight, bias, labels, lse, ignore_index, temperature,
+                                          softcap)
 
 
 for _key in ("CPU", "CUDA"):

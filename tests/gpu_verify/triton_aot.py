@@ -9,8 +9,8 @@ metadata). A case fails on: a compile error, any spill or local memory, shared m
 limit, registers x threads over the 64K register file, or, for the logits kernels' aligned variants (VEC > 1), PTX
 without 16-byte global loads (and stores, for the backward).
 
-The configurations come from the kernel modules themselves (kernels._forward_configs / BACKWARD_CONFIGS,
-linear_kernels.LINEAR_CONFIGS), so a config added there is checked here without editing this file.
+The configurations come from the kernel modules themselves (kernels.forward_configs / BACKWARD_CONFIGS,
+linear_kernels.configs_for), so a config added there is checked here without editing this file.
 
     python tests/gpu_verify/triton_aot.py [--targets 80,90] [--dtypes bf16,fp16,fp32] [--json FILE] [--out DIR]
         [--only REGEX] [--add-linear-config fwd|bwd:BNxBVxBH:wW:sS]
@@ -70,60 +70,69 @@ def _jit(fn):
 
 def logits_cases(dtypes):
     """Both logits-path kernels: every forward autotune config and backward config, aligned (VEC > 1) and unaligned
-    (VEC = 1, odd V, unaligned base), with and without temperature, one and several vocabulary splits."""
+    (VEC = 1, odd V, unaligned base), with and without temperature, with and without a soft cap, one and several
+    vocabulary splits."""
     i64, f32, f64 = torch.int64, torch.float32, torch.float64
     rows, cpu = 4096, torch.device("cpu")
     for dn in dtypes:
         dt = DTYPES[dn]
         aligned_vec = 16 // dt.itemsize
         for vec, vocab, T in ((aligned_vec, 151936, MockTensor), (1, 32003, UnalignedMockTensor)):
-            for scaled in (False, True):
-                tag = f"VEC={vec} {'t!=1' if scaled else 't=1'}"
-                for cfg in kernels._logprob_fwd_kernel.configs:
+            for scaled, capped in ((False, False), (True, False), (False, True)):
+                tag = f"VEC={vec} {'t!=1' if scaled else 't=1'}" + (" cap" if capped else "")
+                for cfg in kernels.forward_configs(capped):
                     for want_splits in (1, 4):
                         splits, split_size = kernels.plan_splits(rows, vocab, cpu, want_splits, multiple=vec)
                         args = (T(dt), T(i64), T(i64), T(f32), T(f32), T(f32), vocab, split_size, splits, -100, 0.7,
-                                kernels._bucket(vocab), kernels._bucket(split_size))
-                        meta = dict(cfg.kwargs, VEC=vec, SCALED=scaled, num_warps=cfg.num_warps,
+                                30.0, kernels._bucket(vocab), kernels._bucket(split_size))
+                        meta = dict(cfg.kwargs, VEC=vec, SCALED=scaled, CAPPED=capped, num_warps=cfg.num_warps,
                                     num_stages=cfg.num_stages)
                         yield Case("logprob_fwd", f"BLOCK_V={cfg.kwargs['BLOCK_V']} w{cfg.num_warps} splits={splits} "
                                    f"{tag}", _jit(kernels._logprob_fwd_kernel), args, meta, dn,
                                    ("ld",) if vec > 1 else ())
                 for block, warps in kernels.BACKWARD_CONFIGS:
                     _, split_size = kernels.plan_splits(rows, vocab, cpu, 1, multiple=vec)
-                    args = (T(dt), T(i64), T(dt), T(i64), T(i64), T(f32), T(f64), vocab, split_size, -100, 0.7)
-                    meta = dict(BLOCK_V=block, ROUND_BF16=False, VEC=vec, SCALED=scaled, num_warps=warps)
+                    args = (T(dt), T(i64), T(dt), T(i64), T(i64), T(f32), T(f64), vocab, split_size, -100, 0.7, 30.0)
+                    meta = dict(BLOCK_V=block, ROUND_BF16=False, VEC=vec, SCALED=scaled, CAPPED=capped,
+                                num_warps=warps)
                     yield Case("logprob_bwd", f"BLOCK_V={block} w{warps} {tag}", kernels._logprob_bwd_kernel, args,
                                meta, dn, ("ld", "st") if vec > 1 else ())
 
 
 def linear_cases(dtypes, cap, extra=()):
     """Every fused-linear tile the autotuner may pick on GPU family `cap` (linear_kernels.configs_for: per operand
-    type, fp32 both with TF32 and full-precision dots), with and without bias, plus any --add-linear-config."""
-    i64, f32, f64 = torch.int64, torch.float32, torch.float64
-    N, V, H = 4096, 151936, 4096
-    T = MockTensor
+    type, fp32 both with TF32 and full-precision dots), with and without bias, with a soft cap (Gemma's logits; its
+    own, smaller set of tiles), plus any --add-linear-config."""
     for dn in dtypes:
         dt = DTYPES[dn]
         operands = linear_kernels.INPUT_PRECISIONS if dt == torch.float32 else ("16bit",)
         for operand, which in ((o, w) for o in operands for w in ("fwd", "bwd")):
-            precision = linear_kernels.dot_precision(operand)
-            configs = linear_kernels.configs_for(which, operand, cap) + [c for w, c in extra if w == which]
-            for cfg, bias in ((c, b) for c in configs for b in (False, True)):
-                if which == "fwd":  # four vocabulary splits, sized by the launcher's own planner
-                    splits, split_size = linear_kernels._plan(N, V, torch.device("cpu"), 4)
-                    args = (T(dt), T(dt), T(dt), T(i64), T(f32), T(f32), T(f32), N, V, H, split_size, splits, -100,
-                            0.7, kernels._bucket(N))
-                else:
-                    args = (T(dt), T(dt), T(dt), T(i64), T(f32), T(f64), T(f32), T(f32), T(f32), N, V, H, -100, 0.7,
-                            kernels._bucket(N))
-                fn = linear_kernels._linear_fwd_kernel if which == "fwd" else linear_kernels._linear_bwd_kernel
-                meta = dict(cfg.kwargs, HAS_BIAS=bias, UPCAST=False, INPUT_PRECISION=precision,
-                            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-                k = cfg.kwargs
-                label = (f"{k['BLOCK_N']}x{k['BLOCK_V']}x{k['BLOCK_H']} w{cfg.num_warps} s{cfg.num_stages} "
-                         f"bias={int(bias)}" + (f" {operand}" if dt == torch.float32 else ""))
-                yield Case(f"linear_{which}", label, _jit(fn), args, meta, dn)
+            for bias, capped in ((False, False), (True, False), (False, True)):
+                configs = linear_kernels.configs_for(which, operand, cap, capped) + [c for w, c in extra if w == which]
+                for cfg in configs:
+                    yield _linear_case(which, dn, operand, cfg, bias, capped)
+
+
+def _linear_case(which, dn, operand, cfg, bias, capped):
+    """One fused-linear launch at a real size (N = 4096 tokens, V = 151936, H = 4096)."""
+    i64, f32, f64 = torch.int64, torch.float32, torch.float64
+    N, V, H = 4096, 151936, 4096
+    T, dt = MockTensor, DTYPES[dn]
+    if which == "fwd":  # four vocabulary splits, sized by the launcher's own planner
+        splits, split_size = linear_kernels._plan(N, V, torch.device("cpu"), 4)
+        args = (T(dt), T(dt), T(dt), T(i64), T(f32), T(f32), T(f32), N, V, H, split_size, splits, -100, 0.7, 30.0,
+                kernels._bucket(N))
+    else:
+        args = (T(dt), T(dt), T(dt), T(i64), T(f32), T(f64), T(f32), T(f32), T(f32), N, V, H, -100, 0.7, 30.0,
+                kernels._bucket(N))
+    fn = linear_kernels._linear_fwd_kernel if which == "fwd" else linear_kernels._linear_bwd_kernel
+    meta = dict(cfg.kwargs, HAS_BIAS=bias, CAPPED=capped, UPCAST=False,
+                INPUT_PRECISION=linear_kernels.dot_precision(operand), num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages)
+    k = cfg.kwargs
+    label = (f"{k['BLOCK_N']}x{k['BLOCK_V']}x{k['BLOCK_H']} w{cfg.num_warps} s{cfg.num_stages} bias={int(bias)}"
+             + (" cap" if capped else "") + (f" {operand}" if dt == torch.float32 else ""))
+    return Case(f"linear_{which}", label, _jit(fn), args, meta, dn)
 
 
 def compile_like_jit(fn, args, kwargs, target):

@@ -3,7 +3,7 @@
 // PyTorch reference stays the single oracle.
 //
 //   logprob_driver DIR dtype=bf16 ndim=2 sizes=3,5 strides=5005,1001 base=1 elems=N vocab=V sm_count=132
-//                  temperature=0.7 ignore_index=-100
+//                  temperature=0.7 softcap=0 ignore_index=-100
 // Reads DIR/logits.bin (elems raw elements; the rows start at element `base`), DIR/labels.bin (int64 per row),
 // DIR/coef.bin (float32 per row: dL/dlogp). Writes DIR/lse.bin (float64), DIR/logp.bin (float32), DIR/grad.bin
 // (out-of-place dlogits, rows x vocab contiguous) and DIR/inplace.bin (the whole buffer after the in-place backward),
@@ -66,6 +66,7 @@ int run(const std::string& dir, std::map<std::string, std::string>& kv, DType dt
   const int64_t base = std::stoll(kv.at("base")), elems = std::stoll(kv.at("elems"));
   const int64_t vocab = std::stoll(kv.at("vocab"));
   const float temperature = std::stof(kv.at("temperature"));
+  const float softcap = kv.count("softcap") ? std::stof(kv.at("softcap")) : 0.0f;
   const int64_t ignore_index = std::stoll(kv.at("ignore_index"));
 
   std::unique_ptr<T[]> buffer = read_file<T>(dir + "/logits.bin", elems);
@@ -79,8 +80,8 @@ int run(const std::string& dir, std::map<std::string, std::string>& kv, DType dt
   std::unique_ptr<float[]> part_max(new float[rows * splits]), part_sum(new float[rows * splits]);
   std::unique_ptr<float[]> target(new float[rows]), logp(new float[rows]);
   std::unique_ptr<double[]> lse(new double[rows]);
-  ForwardArgs fa{logits, layout, labels.get(), rows, vocab, dtype, ignore_index, temperature, splits, split_size,
-                 part_max.get(), part_sum.get(), target.get(), lse.get(), logp.get()};
+  ForwardArgs fa{logits, layout, labels.get(), rows, vocab, dtype, ignore_index, temperature, softcap, splits,
+                 split_size, part_max.get(), part_sum.get(), target.get(), lse.get(), logp.get()};
   if (logprob_forward(fa, shape, nullptr) != cudaSuccess) die("forward launch failed");
   write_file(dir + "/lse.bin", lse.get(), rows);
   write_file(dir + "/logp.bin", logp.get(), rows);
@@ -94,7 +95,7 @@ int run(const std::string& dir, std::map<std::string, std::string>& kv, DType dt
     stride *= layout.sizes[d];
   }
   BackwardArgs ba{logits, layout, grad.get(), out_layout, labels.get(), coef.get(), lse.get(), rows, vocab, dtype,
-                  ignore_index, temperature, splits, split_size};
+                  ignore_index, temperature, softcap, splits, split_size};
   if (logprob_backward(ba, shape, nullptr) != cudaSuccess) die("backward launch failed");
   write_file(dir + "/grad.bin", grad.get(), rows * vocab);
   ba.out = logits;

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .synthetic import VOCABULARY
+from ..synthetic import VOCABULARY
 
 TINY_CONFIG = {
     "image_size": 32,
@@ -20,16 +20,22 @@ TINY_CONFIG = {
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>", "<image>")
 
 
-def build_tokenizer(words=VOCABULARY):
-    """A whitespace word-level tokenizer over `words` plus the special tokens."""
+def build_tokenizer(words=VOCABULARY, *, special_tokens=SPECIAL_TOKENS, eos_token="</s>", extra_special_tokens=None,
+                    chat_template=None):
+    """A whitespace word-level tokenizer over `words` plus the special tokens (the first four are pad, unk, bos and
+    the default eos; a model family adds its own, e.g. Qwen's <|image_pad|>, named in `extra_special_tokens`)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {token: i for i, token in enumerate(list(SPECIAL_TOKENS) + sorted(set(words)))}
+    vocab = {token: i for i, token in enumerate(list(special_tokens) + sorted(set(words) - set(special_tokens)))}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
+    named = {"image_token": "<image>"} if extra_special_tokens is None else extra_special_tokens
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token=eos_token, pad_token="<pad>",
+                                        unk_token="<unk>", extra_special_tokens=named)
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    return tokenizer
 
 
 def _image_processor(image_size: int):

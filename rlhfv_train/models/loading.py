@@ -1,5 +1,5 @@
 """Which model and processor a run uses, the weights it starts from, and which records it holds out: shared by the
-trainer (train.py) and the evaluation (evaluate.py), so both rebuild the same model and the same held-out set."""
+trainers (train.py, grpo.py) and the evaluation (evaluate.py), so all rebuild the same model and held-out set."""
 from __future__ import annotations
 
 import os
@@ -60,10 +60,10 @@ def load_run_records(data: str | None, *, eval_data: str | None, eval_fraction: 
     """(records, training indices, held-out indices, data path) of a run. data None: the synthetic scenes, generated
     once into output_dir/synthetic by the main process. eval_data: a held-out file of its own, appended after the
     training records and indexed like a split; else a seeded eval_fraction of `data` is held out."""
-    from .data import load_records
+    from ..data import load_records
     data_path = data
     if data_path is None:
-        from . import synthetic
+        from .. import synthetic
         data_path = os.path.join(output_dir, "synthetic", "data.jsonl")
         if dist.is_main and not os.path.isfile(data_path):
             synthetic.generate(os.path.dirname(data_path), synthetic_examples, seed=seed, progress=progress)
@@ -80,26 +80,3 @@ def load_run_records(data: str | None, *, eval_data: str | None, eval_fraction: 
         train_idx, eval_idx = list(range(len(records))), list(range(len(records), len(records) + len(held)))
         records = records + held
     return records, train_idx, eval_idx, data_path
-
-
-def forward_logits(model, inputs: dict, autocast_dtype=None) -> torch.Tensor:
-    """model(**inputs).logits, under autocast to `autocast_dtype` when one is given (bf16 on GPU)."""
-    with torch.autocast(inputs["input_ids"].device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        return model(**inputs).logits
-
-
-def hidden_and_head(model, inputs: dict, autocast_dtype=None):
-    """(last hidden states, lm_head weight, lm_head bias) of a Hugging Face model, without computing the logits: the
-    inputs of the fused-linear losses (rk.linear_*). Under autocast the head comes in the body's dtype."""
-    base = getattr(model, "model", None)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if base is None or head is None:
-        raise ValueError(f"--fused-linear needs a model with .model (the body) and an output embedding (lm_head); "
-                         f"{type(model).__name__} has no such split")
-    with torch.autocast(inputs["input_ids"].device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        outputs = base(**inputs)
-    hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
-    weight, bias = head.weight, head.bias
-    if hidden.dtype != weight.dtype:  # autocast: the body ran in bf16, the head weight is fp32
-        weight, bias = weight.to(hidden.dtype), None if bias is None else bias.to(hidden.dtype)
-    return hidden, weight, bias

@@ -1,0 +1,176 @@
+"""What the fused-linear route needs to know about a Hugging Face model, in one place: the model under its wrappers
+(PEFT, DDP, torch.compile), its body, its lm_head (weight, bias) and the final logit transform it applies after the
+head (DESIGN.md §2), read from its config:
+
+    final_logit_softcapping  z = c * tanh(z / c)             Gemma 2/3, PaliGemma (text config), VaultGemma, ...
+    logit_scale              z = s * z                        Cohere, Cohere2
+    logits_scaling           z = z / s                        Granite, GraniteMoE, Granite vision (text config)
+    output_multiplier        z = m * z, before the soft cap   Muse
+
+A family whose logits the fused route cannot reproduce is refused with a clear error (UnsupportedModelError), never
+trained as a silently different model: check_fused_linear compares the route with the model's own `.logits` once,
+before training, and catches transforms no config field announces.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+class UnsupportedModelError(ValueError):
+    """The fused-linear route cannot reproduce this model's logits."""
+
+
+@dataclass(frozen=True)
+class LogitTransform:
+    """z = softcap * tanh(logit_scale * x / softcap) (z = logit_scale * x without a cap), x = hidden @ W.T + b."""
+
+    softcap: float | None = None
+    logit_scale: float = 1.0
+
+    def options(self) -> dict:
+        """The keyword arguments of rlhfv_kernels' functions that apply this transform in the kernels."""
+        return {"softcap": self.softcap, "logit_scale": self.logit_scale}
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """The transform in eager PyTorch (for checks; the kernels never materialize it)."""
+        z = logits * self.logit_scale if self.logit_scale != 1.0 else logits
+        return self.softcap * torch.tanh(z / self.softcap) if self.softcap is not None else z
+
+
+@dataclass(frozen=True)
+class LmHead:
+    """The lm_head's parameters and the transform after it: the inputs of rk.linear_*(hidden, weight, ...)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    transform: LogitTransform
+
+    def options(self) -> dict:
+        """bias, softcap and logit_scale for rk.linear_*."""
+        return {"bias": self.bias, **self.transform.options()}
+
+
+def unwrap(model):
+    """The transformers model inside DDP (.module), torch.compile (._orig_mod) and PEFT (.get_base_model()) wrappers.
+    PEFT's adapters live inside the base model's layers, so calling the unwrapped model still applies them."""
+    while True:
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif hasattr(model, "get_base_model") and callable(model.get_base_model):
+            inner = model.get_base_model()
+            if inner is model:
+                return model
+            model = inner
+        else:
+            return model
+
+
+def _config_value(config, name):
+    """config.<name>, else the text config's (a VLM keeps its language model's settings there), else None."""
+    value = getattr(config, name, None)
+    if value is None and hasattr(config, "get_text_config"):
+        text = config.get_text_config()
+        if text is not config:
+            value = getattr(text, name, None)
+    return value
+
+
+def logit_transform(model) -> LogitTransform:
+    """The final logit transform of `model` (wrappers allowed), from its config."""
+    base = unwrap(model)
+    config = base.config
+    family = type(base).__name__
+    scale = 1.0
+    for name, invert in (("logit_scale", False), ("logits_scaling", True), ("output_multiplier", False)):
+        value = _config_value(config, name)
+        if value is None or value == 1.0:
+            continue
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+            raise UnsupportedModelError(f"{family}: config.{name} = {value!r} is not a positive number; the "
+                                        "fused-linear route cannot reproduce this model's logits")
+        scale *= 1.0 / value if invert else float(value)
+    softcap = _config_value(config, "final_logit_softcapping")
+    if softcap is not None:
+        if not isinstance(softcap, (int, float)) or isinstance(softcap, bool) or not softcap > 0:
+            raise UnsupportedModelError(f"{family}: config.final_logit_softcapping = {softcap!r} is not a positive "
+                                        "number; the fused-linear route cannot reproduce this model's logits")
+        softcap = float(softcap)
+    return LogitTransform(softcap=softcap, logit_scale=scale)
+
+
+def body_and_head(model):
+    """(body, lm_head module) of a Hugging Face model: the body returns the last hidden states, the head is a plain
+    nn.Linear. Anything else (no split, an adapter on the head) is refused."""
+    base = unwrap(model)
+    family = type(base).__name__
+    body = getattr(base, "model", None)
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if body is None or head is None:
+        raise UnsupportedModelError(f"--fused-linear needs a model with .model (the body) and an output embedding "
+                                    f"(lm_head); {family} has no such split")
+    if hasattr(head, "base_layer") or hasattr(head, "lora_A"):
+        raise UnsupportedModelError(
+            f"{family}: the lm_head carries a PEFT adapter ({type(head).__name__}); the fused-linear route would use "
+            "its base weight without the adapter's update. Leave lm_head out of the adapter's target modules, or "
+            "train without --fused-linear")
+    if not isinstance(head, torch.nn.Linear):
+        raise UnsupportedModelError(f"{family}: the lm_head is a {type(head).__name__}, not an nn.Linear; the "
+                                    "fused-linear route needs its weight [V, H] and bias")
+    return body, head
+
+
+def hidden_and_head(model, inputs: dict, autocast_dtype=None):
+    """(last hidden states, LmHead) of a Hugging Face model, without computing the logits: the inputs of the
+    fused-linear functions, rk.linear_*(hidden, head.weight, labels, ..., **head.options()). Under autocast the head
+    comes in the body's dtype."""
+    body, head = body_and_head(model)
+    transform = logit_transform(model)
+    with torch.autocast(inputs["input_ids"].device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        outputs = body(**inputs)
+    hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
+    weight, bias = head.weight, head.bias
+    if hidden.dtype != weight.dtype:  # autocast: the body ran in bf16, the head weight is fp32
+        weight, bias = weight.to(hidden.dtype), None if bias is None else bias.to(hidden.dtype)
+    return hidden, LmHead(weight, bias, transform)
+
+
+@torch.no_grad()
+def check_fused_linear(model, inputs: dict, autocast_dtype=None) -> float:
+    """Compares the fused-linear route's logits (the transform of hidden @ W.T + b) with the model's own `.logits`
+    on one batch, where attention_mask is 1; returns the largest difference, or raises UnsupportedModelError when it
+    exceeds what the dtype's rounding explains (the model applies something after its head that we do not know)."""
+    from .forward import forward_logits
+
+    was_training = unwrap(model).training
+    model.eval()  # dropout off: both forwards must see the same network
+    try:
+        own = forward_logits(model, inputs, autocast_dtype).float()
+        hidden, head = hidden_and_head(model, inputs, autocast_dtype)
+        ours = head.transform.apply(F.linear(hidden.float(), head.weight.float(),
+                                             None if head.bias is None else head.bias.float()))
+    finally:
+        model.train(was_training)
+    mask = inputs.get("attention_mask")
+    keep = (mask.bool() if mask is not None and mask.shape == own.shape[:-1]
+            else torch.ones(own.shape[:-1], dtype=torch.bool, device=own.device))
+    if own.shape != ours.shape:
+        raise UnsupportedModelError(f"{type(unwrap(model)).__name__}: the body's hidden states give logits of shape "
+                                    f"{tuple(ours.shape)}, the model's own are {tuple(own.shape)}")
+    own, ours = own[keep], ours[keep]
+    diff = float((own - ours).abs().max()) if own.numel() else 0.0
+    magnitude = float(own.abs().max()) if own.numel() else 0.0
+    # fp32: summation order only; 16-bit: the model's own logits are rounded to the head's dtype (2**-8 in bf16).
+    rounding = 2.0 ** -7 if autocast_dtype is not None or hidden.dtype != torch.float32 else 1e-5
+    if not diff <= 1e-4 + rounding * max(magnitude, 1.0):
+        transform = head.transform
+        raise UnsupportedModelError(
+            f"{type(unwrap(model)).__name__}: its logits differ by {diff:.3g} (largest |logit| {magnitude:.3g}) from "
+            f"its lm_head's output under the transform read from its config (softcap={transform.softcap}, "
+            f"logit_scale={transform.logit_scale}): it applies something after the head that the fused-linear route "
+            "cannot reproduce. Train without --fused-linear")
+    return diff
