@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.harness import PeakMemory, device_name, pick_device, sync, versions  # noqa: E402
 from rlhfv_train import synthetic  # noqa: E402
 from rlhfv_train.models import tiny  # noqa: E402
-from rlhfv_train.batch import PairCollator  # noqa: E402
+from rlhfv_train.data import PairCollator  # noqa: E402
 from rlhfv_train.data import load_records  # noqa: E402
 from rlhfv_train.train import TrainConfig, _ddpo  # noqa: E402
 

@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fused-linear", action="store_true", help="compute the loss from the last hidden states and "
                    "the lm_head weight, never materializing the logits (single process)")
     p.add_argument("--fsdp", action="store_true", help="under torchrun, shard the model with FSDP2 (default: DDP)")
+    p.add_argument("--no-chat-template", action="store_true", help="plain '<image> question' prompts even when the "
+                   "processor has a chat template (default: the template, in training, scoring and evaluation)")
     p.add_argument("--synthetic-examples", type=int, default=defaults.synthetic_examples,
                    help="size of the generated dataset when --data is not given")
     p.add_argument("--device", default=defaults.device, help="cpu, cuda, cuda:1, ...")
@@ -95,6 +97,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values["inplace_backward"] = not args.no_inplace_backward
     values["progress"] = not args.no_progress
     values["hallucination_eval"] = not args.no_hallucination_eval
+    values["chat_template"] = not args.no_chat_template
     return TrainConfig(**values)
 
 

@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _supervised(model, processor, records, *, steps, lr, batch_size, order_seed, progress=None) -> list[float]:
     """sft.warmup on the chosen answers of `records`, in a seeded batch order (the warm-up and the SFT control)."""
-    from .batch import BatchStream, PairCollator
+    from .data import BatchStream, PairCollator
     from .sft import warmup
 
     collate = PairCollator(processor, gamma=1.0)

@@ -1,11 +1,12 @@
 """Hallucination in generated answers, CHAIR-style: what RLHF-V exists to reduce.
 
     python -m rlhfv_train.evaluate --checkpoint runs/rlhfv/checkpoint.pt          # the run's held-out images
-    python -m rlhfv_train.evaluate --model ./my-vlm --data eval.jsonl --parser mypkg.parse:objects --chat-template
+    python -m rlhfv_train.evaluate --model ./my-vlm --data eval.jsonl --parser mypkg.parse:objects
 
 The model answers each record's question about its image (greedy by default; --sample draws --num-samples answers
-at --temperature); a parser turns each answer into the objects it mentions, which are compared with the record's
-ground-truth "objects":
+at --temperature), prompted as the trainers prompt: the processor's chat template when it has one (what the run used,
+with --checkpoint), --no-chat-template for the plain '<image> question'. A parser turns each answer into the objects
+it mentions, which are compared with the record's ground-truth "objects":
   chair_s  response level: the share of answers that mention at least one object that is not in the image;
   chair_i  object level: hallucinated mentions / all mentions (each answer's mentions counted once);
   recall   correctly mentioned objects / objects in the images;
@@ -27,9 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .batch import build_prompt
 from .cli import USER_ERRORS, fail
-from .data import PreferenceRecord, as_hashable, load_records, open_image
+from .data import PreferenceRecord, PromptFormat, as_hashable, encode, load_records, open_image
 from .models import load_processor_and_model, load_weights, read_weights, split_indices
 
 METRICS = ("chair_s", "chair_i", "recall", "mentioned")  # what a run records of hallucination_rates()
@@ -43,7 +43,7 @@ class GenerationSettings:
     top_p: float = 1.0            # with do_sample
     num_samples: int = 1          # answers per image (with do_sample)
     batch_size: int = 32          # images per generate() call
-    chat_template: bool = False   # wrap the question in the processor's chat template instead of the trainer's prompt
+    chat_template: bool = True    # the processor's chat template when it has one (as in training), else plain
     seed: int = 0                 # for sampling; the caller's random state is left untouched
 
     def check(self) -> None:
@@ -109,16 +109,23 @@ def hallucination_rates(answers: Sequence[str], truths: Sequence[Sequence], pars
             "answers": len(answers)}
 
 
-def _prompt(processor, record: PreferenceRecord, with_image: bool, chat_template: bool) -> str:
-    if chat_template:
-        if not hasattr(processor, "apply_chat_template"):
-            raise ValueError("--chat-template: this processor has no chat template")
-        content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": record.question}]
-        return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                             tokenize=False)
+def image_placeholder_ids(model, processor) -> list[int]:
+    """Token ids that stand for image or video features: the processor's placeholders (what prompts carry, e.g.
+    Gemma 3's <start_of_image>) and the model's (what its forward replaces with features, e.g. <image_soft_token>)."""
     tokenizer = getattr(processor, "tokenizer", processor)
-    image_token = getattr(processor, "image_token", None) or getattr(tokenizer, "image_token", None)
-    return build_prompt(record.question, image_token if with_image else None)
+    ids = set()
+    for owner in (processor, tokenizer):
+        for name in ("image_token", "video_token"):
+            token = getattr(owner, name, None)
+            if isinstance(token, str):
+                ids.add(tokenizer.convert_tokens_to_ids(token))
+    config = getattr(model, "config", None)
+    for name in ("image_token_id", "image_token_index", "video_token_id", "video_token_index"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            ids.add(value)
+    vocab = model.get_output_embeddings().weight.shape[0] if hasattr(model, "get_output_embeddings") else None
+    return sorted(i for i in ids if i is not None and i != tokenizer.unk_token_id and (vocab is None or i < vocab))
 
 
 @dataclass
@@ -145,16 +152,16 @@ def generate_tokens(model, processor, records: Sequence[PreferenceRecord], setti
     options = {"max_new_tokens": settings.max_new_tokens, "do_sample": settings.do_sample,
                "num_return_sequences": settings.num_samples, "pad_token_id": pad_id,
                "eos_token_id": tokenizer.eos_token_id}
-    image_token = getattr(processor, "image_token", None) or getattr(tokenizer, "image_token", None)
-    if image_token is not None:  # an answer with an image placeholder in it would not even run through the model
-        options["suppress_tokens"] = [tokenizer.convert_tokens_to_ids(image_token)]
+    placeholders = image_placeholder_ids(model, processor)
+    if placeholders:  # an answer with an image placeholder in it would not even run through the model
+        options["suppress_tokens"] = placeholders
     if settings.do_sample:
         options.update(temperature=settings.temperature, top_p=settings.top_p, top_k=0)
     else:  # a model's generation_config may ask for sampling; greedy means greedy here
         options.update(temperature=None, top_p=None, top_k=None)
-    was_training, side = model.training, tokenizer.padding_side
+    prompts = PromptFormat(processor, settings.chat_template)
+    was_training = model.training
     model.eval()
-    tokenizer.padding_side = "left"  # generation continues every row from its last real token
     batches = []
     devices = [device] if device.type == "cuda" else []
     try:
@@ -164,11 +171,9 @@ def generate_tokens(model, processor, records: Sequence[PreferenceRecord], setti
                 chunk = records[start:start + settings.batch_size]
                 images = [open_image(r) for r in chunk] if has_images else [None] * len(chunk)
                 with_image = has_images and all(image is not None for image in images)
-                texts = [_prompt(processor, r, with_image, settings.chat_template) for r in chunk]
-                if with_image:
-                    inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
-                else:
-                    inputs = tokenizer(texts, return_tensors="pt", padding=True)
+                texts = [prompts.prompt(r.question, with_image) for r in chunk]
+                # Left padding: generation continues every row from its last real token.
+                inputs = encode(processor, texts, images if with_image else None, padding_side="left")
                 inputs = {k: v.to(device) for k, v in inputs.items()}
                 autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else \
                     contextlib.nullcontext()
@@ -178,7 +183,6 @@ def generate_tokens(model, processor, records: Sequence[PreferenceRecord], setti
                 if progress is not None:
                     progress.update(len(chunk))
     finally:
-        tokenizer.padding_side = side
         model.train(was_training)
     return batches
 
@@ -230,8 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default: 1.0, off)")
     p.add_argument("--num-samples", type=int, default=1, help="answers per image with --sample (default: 1)")
     p.add_argument("--batch-size", type=int, default=32, help="images per generate() call (default: 32)")
-    p.add_argument("--chat-template", action="store_true", help="prompt with the processor's chat template "
-                   "(default: the trainer's '<image> question' prompt, which the tiny model was trained on)")
+    p.add_argument("--no-chat-template", action="store_true", help="prompt with the plain '<image> question' even "
+                   "when the processor has a chat template (default: the template, as the trainers do; with "
+                   "--checkpoint, what the run used)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: auto)")
     p.add_argument("--show", type=int, default=3, help="print this many answers next to the truth (default: 3)")
@@ -241,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _records_and_model(args):
-    """(records to evaluate, processor, model) from the command line."""
+    """(records to evaluate, processor, model, the run's config or {}) from the command line."""
     if args.checkpoint is None and args.model is None:
         raise ValueError("give --checkpoint (a trainer run) or --model (a local Hugging Face model folder)")
     saved = {}
@@ -272,7 +277,7 @@ def _records_and_model(args):
     processor, model = load_processor_and_model(model_path, config.get("seed", 0))
     if args.checkpoint is not None:
         load_weights(model, args.checkpoint, saved)
-    return records, processor, model
+    return records, processor, model, config
 
 
 def main(argv=None) -> int:
@@ -280,10 +285,11 @@ def main(argv=None) -> int:
     try:
         settings = GenerationSettings(max_new_tokens=args.max_new_tokens, do_sample=args.sample,
                                       temperature=args.temperature, top_p=args.top_p, num_samples=args.num_samples,
-                                      batch_size=args.batch_size, chat_template=args.chat_template, seed=args.seed)
+                                      batch_size=args.batch_size, seed=args.seed)
         settings.check()
         parser = load_parser(args.parser)
-        records, processor, model = _records_and_model(args)
+        records, processor, model, config = _records_and_model(args)
+        settings.chat_template = config.get("chat_template", True) and not args.no_chat_template
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" \
             else torch.device(args.device)
         model.to(device)

@@ -35,7 +35,7 @@ import rlhfv_kernels as rk
 from rlhfv_kernels.api import GRPO_LOSS_TYPES
 
 from . import rollouts as rollout_ops
-from .batch import IGNORE_INDEX, BatchStream, PairCollator
+from .data import IGNORE_INDEX, BatchStream, PairCollator
 from .checkpoint import save_training_state, start_or_resume
 from .cli import USER_ERRORS, HelpFormatter, fail, print_start_to_end
 from .distributed import Distributed, process_device
@@ -80,6 +80,7 @@ class GRPOConfig:
     updates_per_rollout: int = 2       # optimizer steps on each batch of rollouts (mu)
     micro_batch: int = 16              # sequences per forward / backward
     fused_linear: bool = False         # loss and log-probs from hidden states + lm_head weight (no logits)
+    chat_template: bool = True         # prompts from the processor's chat template when it has one
     lr: float = 1e-4
     weight_decay: float = 0.0
     warmup_ratio: float = 0.05
@@ -165,7 +166,8 @@ def evaluate(cfg, model, processor, scorer, held_out, device, autocast_dtype) ->
     rate, both orders) or its mean reward; with ground-truth objects, the scene reward and the CHAIR rates."""
     if not held_out:
         return {}
-    settings = GenerationSettings(max_new_tokens=cfg.eval_max_new_tokens, batch_size=32)
+    settings = GenerationSettings(max_new_tokens=cfg.eval_max_new_tokens, batch_size=32,
+                                  chat_template=cfg.chat_template)
     answers = [a[0] for a in generate_answers(model, processor, held_out, settings, device=device,
                                               autocast_dtype=autocast_dtype)]
     metrics = {scorer.eval_name: sum(scorer.versus_reference(r, a) for r, a in zip(held_out, answers)) / len(answers)}
@@ -209,7 +211,7 @@ def train_grpo(cfg: GRPOConfig) -> dict:
                              f"have none, e.g. {missing[0]}")
     processor, model = load_processor_and_model(cfg.model, cfg.seed)
     model.to(device)
-    chosen_collate = PairCollator(processor, gamma=1.0)
+    chosen_collate = PairCollator(processor, gamma=1.0, chat_template=cfg.chat_template)
     if cfg.fused_linear:  # refuse a model whose logits the route cannot reproduce, before any work
         check_fused_linear(model, chosen_collate([(i, records[i]) for i in train_idx[:2]]).to(device).model_inputs(),
                            autocast_dtype)
@@ -236,7 +238,7 @@ def train_grpo(cfg: GRPOConfig) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, total_updates, warmup))
     stream = BatchStream(train_idx, cfg.prompts_per_step // dist.world, cfg.seed, dist.rank, dist.world)
     sampling = dict(do_sample=True, num_samples=cfg.num_generations, temperature=cfg.temperature, top_p=cfg.top_p,
-                    max_new_tokens=cfg.max_new_tokens, batch_size=cfg.prompts_per_step)
+                    max_new_tokens=cfg.max_new_tokens, batch_size=cfg.prompts_per_step, chat_template=cfg.chat_template)
     held_out = [records[i] for i in eval_idx]
     scene_truth = all(records[i].objects is not None for i in train_idx)
 
@@ -392,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batch", type=int, default=d.micro_batch, help="sequences per forward/backward")
     p.add_argument("--fused-linear", action="store_true", help="loss and log-probs from the last hidden states and "
                    "the lm_head weight, never materializing the logits (single process)")
+    p.add_argument("--no-chat-template", action="store_true", help="plain '<image> question' prompts even when the "
+                   "processor has a chat template (default: the template, in rollouts, warm-up and evaluation)")
     p.add_argument("--lr", type=float, default=d.lr, help="AdamW peak learning rate")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
     p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio, help="share of updates of linear warm-up")
@@ -427,6 +431,7 @@ def config_from_args(args: argparse.Namespace) -> GRPOConfig:
     values["scale_rewards"] = not args.no_scale_rewards
     values["hallucination_eval"] = not args.no_hallucination_eval
     values["progress"] = not args.no_progress
+    values["chat_template"] = not args.no_chat_template
     return GRPOConfig(**values)
 
 

@@ -15,8 +15,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .batch import build_prompt
-from .data import PreferenceRecord, as_hashable, open_image
+from .data import PreferenceRecord, PromptFormat, as_hashable, encode, open_image
 from .models import forward_logits
 
 Judge = Callable[[PreferenceRecord, Sequence[tuple[str, str]]], Sequence[float]]
@@ -114,16 +113,16 @@ class GenerativeJudge:
         self.model, self.processor, self.template = model, processor, template
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.has_images = hasattr(processor, "image_processor")
-        self.image_token = getattr(processor, "image_token", None) or getattr(self.tokenizer, "image_token", None)
+        self.prompts = PromptFormat(processor)  # the judge's chat template when it has one
         self.batch_size, self.autocast_dtype = batch_size, autocast_dtype
-        probe = template.format(question="q", first="x", second="y")
+        probe = self.prompts.prompt(template.format(question="q", first="x", second="y"), False)
         self.choice_ids = [self._choice_token(probe, choice) for choice in choices]
         if self.choice_ids[0] == self.choice_ids[1]:
             raise ValueError(f"the judge's choices {choices} encode to the same token")
 
     def _choice_token(self, prompt: str, choice: str) -> int:
-        encode = lambda text: self.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-        base, full = encode(prompt), encode(f"{prompt} {choice}")
+        ids = lambda text: self.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+        base, full = ids(prompt), ids(f"{prompt} {choice}")
         if len(full) != len(base) + 1 or full[:len(base)] != base:
             raise ValueError(f"the judge's tokenizer does not encode {choice!r} as one token after the prompt "
                              f"({len(full) - len(base)} tokens); pick other choices")
@@ -135,29 +134,24 @@ class GenerativeJudge:
     @torch.no_grad()
     def __call__(self, record: PreferenceRecord, pairs: Sequence[tuple[str, str]]) -> list[float]:
         image = open_image(record) if self.has_images else None
-        prefix = self.image_token if image is not None else None
-        prompts = [build_prompt(self.template.format(question=record.question, first=a, second=b), prefix)
-                   for a, b in pairs]
+        prompts = [self.prompts.prompt(self.template.format(question=record.question, first=a, second=b),
+                                       image is not None) for a, b in pairs]
         device = next(self.model.parameters()).device
-        was_training, side = self.model.training, self.tokenizer.padding_side
+        was_training = self.model.training
         self.model.eval()
-        self.tokenizer.padding_side = "right"  # positions 0.. for every row, as in training; read each row's end
         scores = []
         try:
             for start in range(0, len(prompts), self.batch_size):
                 texts = prompts[start:start + self.batch_size]
-                if image is not None:
-                    inputs = self.processor(images=[image] * len(texts), text=texts, return_tensors="pt",
-                                            padding=True)
-                else:
-                    inputs = self.tokenizer(texts, return_tensors="pt", padding=True)
+                # Right padding: positions 0.. for every row, as in training; each row's end is read below.
+                inputs = encode(self.processor, texts, None if image is None else [image] * len(texts),
+                                padding_side="right")
                 inputs = {k: v.to(device) for k, v in inputs.items()}
                 logits = forward_logits(self.model, inputs, self.autocast_dtype)
                 last = inputs["attention_mask"].sum(-1) - 1
                 choice = logits[torch.arange(len(texts), device=device), last][:, self.choice_ids].float()
                 scores.extend(torch.softmax(choice, dim=-1)[:, 0].tolist())
         finally:
-            self.tokenizer.padding_side = side
             self.model.train(was_training)
         return scores
 

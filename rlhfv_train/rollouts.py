@@ -15,8 +15,8 @@ import torch
 
 import rlhfv_kernels as rk
 
-from .batch import IGNORE_INDEX
-from .data import PreferenceRecord
+from .data import IGNORE_INDEX, PreferenceRecord, concat_rows, repeat_rows, select_rows, token_aligned
+from .data.collate import takes_suffix
 from .evaluate import GenerationSettings, generate_tokens
 from .models import forward_logits, hidden_and_head
 
@@ -25,18 +25,20 @@ from .models import forward_logits, hidden_and_head
 class Rollouts:
     """k consecutive rows per prompt (a group). labels are next-token targets: position t holds the answer token at
     t + 1, IGNORE_INDEX elsewhere, so the full logits are scored without slicing."""
-    input_ids: torch.Tensor          # [B, T], right-padded
-    attention_mask: torch.Tensor     # [B, T]
+    inputs: dict                     # model inputs, right-padded: input_ids [B, T], attention_mask, and every other
+    #                                  tensor the processor gave the prompts (pixel_values, image_grid_thw, ...)
     labels: torch.Tensor             # [B, T]
-    extra: dict                      # per-row model inputs besides the tokens, e.g. pixel_values [B, C, H, W]
     record_indices: list[int]        # one per group
     answers: list[str]               # [B] decoded answers (special tokens dropped)
     answer_tokens: torch.Tensor      # [B] answer lengths in tokens (end-of-sequence included)
     k: int
 
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return self.inputs["input_ids"]
+
     def model_inputs(self, rows: slice) -> dict:
-        return {"input_ids": self.input_ids[rows], "attention_mask": self.attention_mask[rows],
-                **{name: value[rows] for name, value in self.extra.items()}}
+        return select_rows(self.inputs, rows)
 
 
 def sample(model, processor, records: list[PreferenceRecord], record_indices: list[int], *, k: int,
@@ -49,31 +51,38 @@ def sample(model, processor, records: list[PreferenceRecord], record_indices: li
     pad = eos if pad is None else pad
     prompts = [records[i] for i in record_indices]
     batches = generate_tokens(model, processor, prompts, settings, device=device, autocast_dtype=autocast_dtype)
-    rows, extra_rows = [], {}
+    rows, per_prompt = [], []
     for batch in batches:
-        for name, value in batch.inputs.items():  # pixel_values and the like: one row per record -> k rows
-            if name not in ("input_ids", "attention_mask") and torch.is_tensor(value) and \
-                    value.shape[0] == len(batch.records):
-                extra_rows.setdefault(name, []).append(value.repeat_interleave(k, dim=0))
+        aligned = token_aligned(batch.inputs)  # input_ids, attention_mask, token_type_ids, ...: re-packed below
+        mask = batch.inputs["attention_mask"].bool()
+        # Image tensors (pixel_values, image_grid_thw, ...): each prompt's, k times.
+        per_prompt.append(repeat_rows({n: v for n, v in batch.inputs.items() if n not in aligned}, k,
+                                      total=len(batch.records)))
         for i in range(len(batch.records)):
-            prompt = batch.inputs["input_ids"][i][batch.inputs["attention_mask"][i].bool()]
+            prompt = {name: batch.inputs[name][i][mask[i]] for name in aligned}
             for j in range(k):
                 new = batch.new_tokens[i * k + j]
                 ends = (new == eos).nonzero()
                 length = int(ends[0]) + 1 if len(ends) else new.numel()
                 rows.append((prompt, new[:length]))
-    width = max(len(p) + len(a) for p, a in rows)
-    input_ids = torch.full((len(rows), width), pad, dtype=torch.long, device=device)
-    attention = torch.zeros((len(rows), width), dtype=torch.long, device=device)
+    width = max(len(p["input_ids"]) + len(a) for p, a in rows)
+    # Token-aligned tensors start as zeros (an answer token is text: type 0, no image), input_ids as padding. A
+    # prefix-LM (PaliGemma) marks its answer tokens with token_type_ids 1, as in training.
+    answer_type = {"token_type_ids": 1} if takes_suffix(processor) else {}
+    packed = {name: value.new_zeros((len(rows), width, *value.shape[1:])) for name, value in rows[0][0].items()}
+    packed["input_ids"].fill_(pad)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long, device=device)
     for row, (prompt, answer) in enumerate(rows):
-        p, n = len(prompt), len(answer)
-        input_ids[row, :p], input_ids[row, p:p + n] = prompt, answer
-        attention[row, :p + n] = 1
+        p, n = len(prompt["input_ids"]), len(answer)
+        for name, value in prompt.items():
+            packed[name][row, :p] = value
+        packed["input_ids"][row, p:p + n] = answer
+        packed["attention_mask"][row, :p + n] = 1
+        for name, value in answer_type.items():
+            packed[name][row, p:p + n] = value
         labels[row, p - 1:p + n - 1] = answer  # the logits at t predict token t + 1
     answers = [text.strip() for text in tokenizer.batch_decode([a for _, a in rows], skip_special_tokens=True)]
-    return Rollouts(input_ids=input_ids, attention_mask=attention, labels=labels,
-                    extra={name: torch.cat(parts) for name, parts in extra_rows.items()},
+    return Rollouts(inputs={**packed, **concat_rows(per_prompt)}, labels=labels,
                     record_indices=list(record_indices), answers=answers,
                     answer_tokens=torch.tensor([len(a) for _, a in rows]), k=k)
 

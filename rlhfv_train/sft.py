@@ -13,17 +13,16 @@ import torch
 
 import rlhfv_kernels as rk
 
-from .batch import BatchStream
+from .data import BatchStream
 from .checkpoint import save_atomically
 from .models import forward_logits, load_weights
 
 
 def chosen_nll(model, batch, *, autocast_dtype=None, backend=None, inplace_backward=True) -> torch.Tensor:
     """Token-mean NLL of the chosen answers of a PairBatch (the rejected half is not run through the model)."""
-    pairs = batch.indices.numel()
-    inputs = {name: value[:pairs] for name, value in batch.model_inputs().items()}
-    labels = batch.next_token_targets()[0][:pairs]
-    logits = forward_logits(model, inputs, autocast_dtype)
+    chosen = batch.chosen()
+    labels = chosen.next_token_targets()[0]
+    logits = forward_logits(model, chosen.model_inputs(), autocast_dtype)
     logps = rk.token_logprobs(logits, labels, inplace_backward=inplace_backward, backend=backend)
     mask = (labels != -100).to(logps.dtype)
     return -(logps * mask).sum() / mask.sum().clamp_min(1.0)

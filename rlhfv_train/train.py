@@ -18,7 +18,7 @@ import torch
 import rlhfv_kernels as rk
 
 from . import refcache
-from .batch import BatchStream, PairCollator
+from .data import BatchStream, PairCollator
 from .checkpoint import save_training_state, start_or_resume
 from .distributed import Distributed, process_device
 from .evaluate import METRICS, GenerationSettings, evaluate_hallucination
@@ -69,6 +69,7 @@ class TrainConfig:
     backend: str | None = None
     inplace_backward: bool = True
     fused_linear: bool = False         # loss from hidden states + lm_head weight (logits never materialized)
+    chat_template: bool = True         # prompts from the processor's chat template when it has one
     fsdp: bool = False                 # under torchrun: shard with FSDP2 instead of replicating with DDP
     synthetic_examples: int = 1024
     device: str = "auto"
@@ -108,7 +109,8 @@ def evaluate(cfg, model, processor, collate, records, indices, refs, device, aut
         return {}
     metrics = {}
     if cfg.hallucination_eval and all(records[i].objects is not None for i in indices):
-        settings = GenerationSettings(max_new_tokens=cfg.eval_max_new_tokens, batch_size=max(cfg.batch_size, 32))
+        settings = GenerationSettings(max_new_tokens=cfg.eval_max_new_tokens, batch_size=max(cfg.batch_size, 32),
+                                      chat_template=cfg.chat_template)
         with gathered():
             rates, _ = evaluate_hallucination(model, processor, [records[i] for i in indices], settings=settings,
                                               device=device, autocast_dtype=autocast_dtype)
@@ -160,7 +162,7 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.grad_checkpointing:  # transformers 5 renamed the switch; older releases only have the first name
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
-    collate = PairCollator(processor, gamma=cfg.gamma, min_match=cfg.min_match)
+    collate = PairCollator(processor, gamma=cfg.gamma, min_match=cfg.min_match, chat_template=cfg.chat_template)
     if cfg.fused_linear:  # refuse a model whose logits the route cannot reproduce, before any work
         check_fused_linear(model, collate([(i, records[i]) for i in train_idx[:2]]).to(device).model_inputs(),
                            autocast_dtype)

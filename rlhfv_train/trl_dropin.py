@@ -7,7 +7,7 @@
 
 Everything else is TRL's: datasets, collation, accelerate, logging. The differences:
 - the collator adds `token_weights` [2B, T] to every batch: gamma on the tokens an annotator replaced (the token-id
-  diff of each pair's two completions, rlhfv_train.segments.correction_weights), 1 on other completion tokens;
+  diff of each pair's two completions, rlhfv_train.data.weights.correction_weights), 1 on other completion tokens;
 - the loss is rlhfv_kernels.ddpo_loss on the policy logits (fused, no log_softmax materialized, in-place backward),
   and the reference scores use the same weights and sum/mean mode, from the reference model's logits;
 - TRL's loss options (loss_type, f-divergences, precomputed unweighted reference log-probs) do not apply.
@@ -21,7 +21,7 @@ from trl import DPOTrainer
 
 import rlhfv_kernels as rk
 
-from .segments import correction_weights
+from .data.weights import correction_weights
 
 _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", "token_weights", "reward_margin"}
 

@@ -75,8 +75,8 @@ def test_rollouts_score_the_tokens_generate_sampled(dataset):
         got = logps[row][rollouts.labels[row] != -100]
         torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4)
         assert rollouts.answers[row] == tok.decode(new[row, :n], skip_special_tokens=True).strip()
-    assert rollouts.extra["pixel_values"].shape[0] == 6
-    assert torch.equal(rollouts.extra["pixel_values"][0], rollouts.extra["pixel_values"][1])
+    assert rollouts.inputs["pixel_values"].shape[0] == 6
+    assert torch.equal(rollouts.inputs["pixel_values"][0], rollouts.inputs["pixel_values"][1])
 
 
 def synthetic_image(record):

@@ -9,7 +9,7 @@ import torch
 from rlhfv_train import refcache, synthetic
 from rlhfv_train.models import tiny
 from rlhfv_train.__main__ import build_parser, config_from_args
-from rlhfv_train.batch import IGNORE_INDEX, PairCollator
+from rlhfv_train.data import IGNORE_INDEX, PairCollator
 from rlhfv_train.data import load_records
 from rlhfv_train.train import TrainConfig, train
 
@@ -35,7 +35,7 @@ def test_collator_masks_prompt_and_weights_corrections(dataset):
     batch = PairCollator(processor, gamma=5.0)(list(enumerate(records[:4])))
     tok = processor.tokenizer
     image_id = tok.convert_tokens_to_ids("<image>")
-    assert batch.input_ids.shape[0] == 8 and batch.pixel_values.shape[0] == 8
+    assert batch.input_ids.shape[0] == 8 and batch.inputs["pixel_values"].shape[0] == 8
     for row in range(8):
         labelled = batch.labels[row] != IGNORE_INDEX
         # Image and prompt tokens are never labelled; answer tokens are, and carry weight >= 1.

@@ -2,6 +2,7 @@
 trainers (train.py, grpo.py) and the evaluation (evaluate.py), so all rebuild the same model and held-out set."""
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -9,19 +10,49 @@ import torch
 
 def load_processor_and_model(model: str | None, seed: int):
     """(processor, model): the embedded tiny LLaVA with seeded random weights when `model` is None, else a local
-    Hugging Face folder (an image-text-to-text model, or a causal LM with its tokenizer for text-only data)."""
+    Hugging Face folder: an image-text-to-text model with its processor when the folder has a processor config, else
+    a causal LM with its tokenizer (text-only data). A folder that fails to load says why; it is never taken for the
+    other kind."""
     if model is None:
         from . import tiny
         processor = tiny.build_processor()
         return processor, tiny.build_model(processor, seed=seed)
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
+    if _processor_config(model) is not None:
+        return load_processor(model), AutoModelForImageTextToText.from_pretrained(model, local_files_only=True)
+    return (AutoTokenizer.from_pretrained(model, local_files_only=True),
+            AutoModelForCausalLM.from_pretrained(model, local_files_only=True))
+
+
+def _processor_config(folder: str) -> dict | None:
+    """The saved processor's config (transformers 5 writes processor_config.json; older releases
+    preprocessor_config.json for the image processor), or None for a text-only folder."""
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            with open(path) as f:
+                return json.load(f)
+    return None
+
+
+def load_processor(folder: str):
+    """AutoProcessor.from_pretrained(folder); where that fails on the video processor (transformers' video processors
+    need torchvision, which a CPU-only torch may lack), the same processor class without it (families.without_video),
+    which serves images and text alike. Other failures are raised as they are."""
+    import transformers
     try:
-        processor = AutoProcessor.from_pretrained(model, local_files_only=True)
-        network = AutoModelForImageTextToText.from_pretrained(model, local_files_only=True)
-    except (ValueError, OSError, KeyError):  # a plain causal LM for text-only data
-        processor = AutoTokenizer.from_pretrained(model, local_files_only=True)
-        network = AutoModelForCausalLM.from_pretrained(model, local_files_only=True)
-    return processor, network
+        return transformers.AutoProcessor.from_pretrained(folder, local_files_only=True)
+    except (OSError, ImportError, AttributeError) as exc:
+        if "video" not in str(exc).lower():
+            raise
+        name = (_processor_config(folder) or {}).get("processor_class")
+        cls = getattr(transformers, name, None) if name else None
+        if cls is None or "video_processor" not in cls.get_attributes():
+            raise
+        from .families import without_video
+        print(f"note: {folder}: {name} loaded without its video processor ({type(exc).__name__}: torchvision is "
+              "missing); images and text work as usual")
+        return without_video(cls).from_pretrained(folder, local_files_only=True)
 
 
 def read_weights(path: str):
