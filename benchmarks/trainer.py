@@ -1,11 +1,15 @@
-"""One training step of the trainer with the fused DDPO loss vs the same step with the eager reference loss: same
-model, same batch, side by side in one run (time and peak extra memory).
+"""One training step of the trainer with the fused DDPO loss (logits path, in place; and --fused-linear, from hidden
+states) vs the same step with the eager reference loss: same model, same batch, side by side in one run (time and peak
+extra memory).
 
     python benchmarks/trainer.py                      # tiny LLaVA with a 32000-token lm_head, 16 pairs, on CPU
+    python benchmarks/trainer.py --family qwen2-vl --vocab 151936       # a tiny Qwen2-VL at its real vocabulary
+    python benchmarks/trainer.py --family gemma2 --vocab 256000 --pairs 4   # Gemma 2: soft-capped logits
     python benchmarks/trainer.py --vocab 128256 --pairs 8 --json out.json   # on a GPU session
 
-The model is the embedded tiny LLaVA with its vocabulary padded to --vocab, so the logits (and the loss) weigh what
-they weigh in a real model while the rest of the step stays small: the ratios show what the loss path costs.
+The model is a tiny member of --family (rlhfv_train/models/families.py; default the embedded tiny LLaVA) with its
+vocabulary padded to --vocab, so the logits (and the loss) weigh what they weigh in a real model while the rest of the
+step stays small: the ratios show what the loss path costs.
 """
 from __future__ import annotations
 
@@ -23,18 +27,20 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.harness import PeakMemory, device_name, pick_device, sync, versions  # noqa: E402
 from rlhfv_train import synthetic  # noqa: E402
-from rlhfv_train.models import tiny  # noqa: E402
+from rlhfv_train.models.families import FAMILIES, build_family  # noqa: E402
 from rlhfv_train.data import PairCollator  # noqa: E402
 from rlhfv_train.data import load_records  # noqa: E402
 from rlhfv_train.train import TrainConfig, _ddpo  # noqa: E402
 
 IMPLS = {"reference": {"backend": "reference", "inplace_backward": False},
          "fused": {"backend": None, "inplace_backward": False},
-         "fused_inplace": {"backend": None, "inplace_backward": True}}
+         "fused_inplace": {"backend": None, "inplace_backward": True},
+         "fused_linear": {"backend": None, "fused_linear": True}}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", default="llava", choices=list(FAMILIES), help="the model family (tiny body)")
     parser.add_argument("--vocab", type=int, default=None, help="lm_head size (default: 32000 on CPU, 128256 GPU)")
     parser.add_argument("--pairs", type=int, default=16, help="preference pairs per step")
     parser.add_argument("--repeats", type=int, default=5)
@@ -47,16 +53,16 @@ def main(argv=None) -> int:
 
     folder = tempfile.mkdtemp(prefix="rlhfv-trainer-bench-")
     records, _ = load_records(synthetic.generate(folder, args.pairs, seed=0))
-    processor = tiny.build_processor()
+    processor, _ = build_family(args.family, vocab_size=vocab)
     batch = PairCollator(processor, gamma=5.0)(list(enumerate(records))).to(device)
     refs = {i: (-20.0, -20.0) for i in range(len(records))}
     tokens = int(batch.attention_mask.sum())
-    print(f"trainer step on {device_name(device)}: {args.pairs} pairs, {tuple(batch.input_ids.shape)} tokens "
-          f"({tokens} real), V={vocab}, logits {batch.input_ids.numel() * vocab * 4 / 2**20:.0f} MiB in fp32")
+    print(f"trainer step on {device_name(device)}, {args.family}: {args.pairs} pairs, {tuple(batch.input_ids.shape)} "
+          f"tokens ({tokens} real), V={vocab}, logits {batch.input_ids.numel() * vocab * 4 / 2**20:.0f} MiB in fp32")
     results = []
     for name, options in IMPLS.items():
         cfg = TrainConfig(beta=0.5, mode="mean", sft_weight=0.0, **options)
-        model = tiny.build_model(processor, seed=0, vocab_size=vocab).to(device)
+        model = build_family(args.family, vocab_size=vocab, seed=0)[1].train().to(device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
         def step():
@@ -86,8 +92,9 @@ def main(argv=None) -> int:
               f"{base['peak_extra_bytes'] / max(r['peak_extra_bytes'], 1):>10.2f}x")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"versions": versions(), "device_name": device_name(device), "vocab": vocab,
-                       "pairs": args.pairs, "shape": list(batch.input_ids.shape), "results": results}, f, indent=1)
+            json.dump({"versions": versions(), "device_name": device_name(device), "family": args.family,
+                       "vocab": vocab, "pairs": args.pairs, "shape": list(batch.input_ids.shape), "results": results},
+                      f, indent=1)
         print(f"wrote {args.json}")
     return 0
 

@@ -16,6 +16,7 @@ from dataclasses import fields
 from rlhfv_kernels._backend import BACKENDS, describe as describe_backends
 
 from .cli import USER_ERRORS, HelpFormatter, fail, print_start_to_end
+from .models.lora import add_lora_arguments
 from .train import PRESETS, TrainConfig, train
 
 TINY_SFT_STEPS = 1000  # the embedded tiny model starts from random weights: it learns to describe scenes first
@@ -73,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fsdp", action="store_true", help="under torchrun, shard the model with FSDP2 (default: DDP)")
     p.add_argument("--no-chat-template", action="store_true", help="plain '<image> question' prompts even when the "
                    "processor has a chat template (default: the template, in training, scoring and evaluation)")
+    add_lora_arguments(p)
     p.add_argument("--synthetic-examples", type=int, default=defaults.synthetic_examples,
                    help="size of the generated dataset when --data is not given")
     p.add_argument("--device", default=defaults.device, help="cpu, cuda, cuda:1, ...")

@@ -31,6 +31,7 @@ import torch
 from .cli import USER_ERRORS, fail
 from .data import PreferenceRecord, PromptFormat, as_hashable, encode, load_records, open_image
 from .models import load_processor_and_model, load_weights, read_weights, split_indices
+from .models.lora import add_lora, lora_settings
 
 METRICS = ("chair_s", "chair_i", "recall", "mentioned")  # what a run records of hallucination_rates()
 
@@ -276,6 +277,9 @@ def _records_and_model(args):
         raise ValueError(f"no records to evaluate (split {split!r} of {data})")
     processor, model = load_processor_and_model(model_path, config.get("seed", 0))
     if args.checkpoint is not None:
+        state = saved.get("model", saved) if isinstance(saved, dict) else {}
+        if any(str(name).startswith("base_model.model.") for name in state):  # a LoRA run's (not its sft.pt)
+            model = add_lora(model, lora_settings(config))
         load_weights(model, args.checkpoint, saved)
     return records, processor, model, config
 

@@ -42,6 +42,8 @@ from .distributed import Distributed, process_device
 from .evaluate import METRICS, GenerationSettings, generate_answers, hallucination_rates, load_callable
 from .models import (check_fused_linear, forward_logits, hidden_and_head, load_processor_and_model, load_run_records,
                      load_weights)
+from .models.lora import add_lora, add_lora_arguments, lora_settings, reference_mode
+from .models.lora import check_trainer_config as check_lora_config
 from .plots import plot_grpo_metrics
 from .rewards import JUDGE_TEMPLATE, GenerativeJudge, GroupScorer, SceneJudge, group_advantages, scene_reward
 from .sft import warm_up_once
@@ -81,6 +83,10 @@ class GRPOConfig:
     micro_batch: int = 16              # sequences per forward / backward
     fused_linear: bool = False         # loss and log-probs from hidden states + lm_head weight (no logits)
     chat_template: bool = True         # prompts from the processor's chat template when it has one
+    lora_r: int = 0                    # LoRA rank on the policy (models/lora.py); 0: full fine-tuning
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_target: str = "all-linear"    # peft target_modules: all-linear or comma-separated module names
     lr: float = 1e-4
     weight_decay: float = 0.0
     warmup_ratio: float = 0.05
@@ -114,6 +120,7 @@ class GRPOConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.sft_steps < 0:
             raise ValueError(f"sft_steps must be >= 0, got {self.sft_steps}")
+        check_lora_config(self)
         if self.fused_linear and world > 1:
             raise ValueError("--fused-linear calls the model's body and lm_head separately, which bypasses the "
                              "DDP/FSDP wrappers; use it with a single process for now")
@@ -224,9 +231,12 @@ def train_grpo(cfg: GRPOConfig) -> dict:
                               progress=cfg.progress, extra={"config": asdict(cfg), "data_path": data_path})
     scorer = build_scorer(cfg, device, autocast_dtype)
     fsdp = cfg.fsdp and dist.world > 1
+    # LoRA after the warm-up: the adapters start at a zero update, and with them disabled the model is its own
+    # frozen reference (no second copy of the weights).
+    model = add_lora(model, lora_settings(cfg))
     # The frozen reference: the starting weights (after any warm-up), before a checkpoint is loaded.
     reference = None
-    if cfg.beta_kl > 0:
+    if cfg.beta_kl > 0 and not cfg.lora_r:
         reference = copy.deepcopy(model).requires_grad_(False)
         if fsdp:
             dist.wrap(reference, device, True)
@@ -282,7 +292,11 @@ def train_grpo(cfg: GRPOConfig) -> dict:
             score = dict(temperature=cfg.temperature, autocast_dtype=autocast_dtype, backend=cfg.backend,
                          micro_batch=cfg.micro_batch, fused_linear=cfg.fused_linear)
             old = rollout_ops.token_logps(model, rollouts, **score) if cfg.updates_per_rollout > 1 else None
-            ref = rollout_ops.token_logps(reference, rollouts, **score) if reference is not None else None
+            if cfg.beta_kl > 0 and cfg.lora_r:
+                with reference_mode(model):
+                    ref = rollout_ops.token_logps(model, rollouts, **score)
+            else:
+                ref = rollout_ops.token_logps(reference, rollouts, **score) if reference is not None else None
             local_tokens = int((rollouts.labels != IGNORE_INDEX).sum())
             # dapo: the token sum over all processes / their token count; DDP averages gradients over processes.
             tokens_per_process = dist.mean({"tokens": float(local_tokens)})["tokens"]
@@ -396,6 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "the lm_head weight, never materializing the logits (single process)")
     p.add_argument("--no-chat-template", action="store_true", help="plain '<image> question' prompts even when the "
                    "processor has a chat template (default: the template, in rollouts, warm-up and evaluation)")
+    add_lora_arguments(p)
     p.add_argument("--lr", type=float, default=d.lr, help="AdamW peak learning rate")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
     p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio, help="share of updates of linear warm-up")

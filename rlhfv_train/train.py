@@ -24,6 +24,8 @@ from .distributed import Distributed, process_device
 from .evaluate import METRICS, GenerationSettings, evaluate_hallucination
 from .models import (check_fused_linear, forward_logits, hidden_and_head, load_processor_and_model, load_run_records,
                      load_weights)
+from .models.lora import add_lora, lora_settings
+from .models.lora import check_trainer_config as check_lora_config
 from .plots import plot_metrics
 from .sft import warm_up_once
 
@@ -70,6 +72,10 @@ class TrainConfig:
     inplace_backward: bool = True
     fused_linear: bool = False         # loss from hidden states + lm_head weight (logits never materialized)
     chat_template: bool = True         # prompts from the processor's chat template when it has one
+    lora_r: int = 0                    # LoRA rank on the policy (models/lora.py); 0: full fine-tuning
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_target: str = "all-linear"    # peft target_modules: all-linear or comma-separated module names
     fsdp: bool = False                 # under torchrun: shard with FSDP2 instead of replicating with DDP
     synthetic_examples: int = 1024
     device: str = "auto"
@@ -138,6 +144,7 @@ def train(cfg: TrainConfig) -> dict:
         raise ValueError("grad_accum, batch_size and max_steps must be >= 1")
     if cfg.sft_steps < 0:
         raise ValueError(f"sft_steps must be >= 0, got {cfg.sft_steps}")
+    check_lora_config(cfg)
     if cfg.init_weights is not None and not os.path.isfile(cfg.init_weights):
         raise FileNotFoundError(f"--init-weights {cfg.init_weights}: no such file")
     if cfg.model is not None and not os.path.isdir(cfg.model):  # before any data work, and before transformers
@@ -174,6 +181,8 @@ def train(cfg: TrainConfig) -> dict:
                               backend=cfg.backend, progress=cfg.progress,
                               extra={"config": asdict(cfg), "data_path": data_path})
 
+    # LoRA after the warm-up: the adapters start at a zero update, so the references below are the base model's.
+    model = add_lora(model, lora_settings(cfg))
     # Reference scores come from the starting weights, before any checkpoint is loaded.
     settings = {"gamma": cfg.gamma, "min_match": cfg.min_match, "mode": cfg.mode, "temperature": cfg.temperature}
     key = refcache.cache_key(records, model, settings)

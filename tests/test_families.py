@@ -3,7 +3,8 @@ classes, random weights, built in code, saved to a folder and loaded back as a u
 (a) the fused-linear route vs log_softmax of the model's own .logits on a collated preference batch (every processor
     tensor passed), (b) 3 DDPO steps (after one SFT warm-up step on the chosen half) on the logits path and on --fused-linear: step-1
     loss ln 2, the same losses,
-(c) 2 GRPO steps with the scene judge, (d) generation and the hallucination evaluation.
+(c) 2 GRPO steps with the scene judge, (d) generation and the hallucination evaluation, (e) 2 DDPO steps with LoRA
+    adapters on every linear layer but lm_head, on --fused-linear: step-1 loss ln 2, only the adapters train.
 One model per family is shared by its four checks. README's "Supported models" table comes from this matrix."""
 import json
 import math
@@ -105,3 +106,14 @@ def test_generation_and_hallucination_evaluation(family):
                                             settings=GenerationSettings(max_new_tokens=5, batch_size=2))
     assert len(answers) == 3 and all(len(a) == 1 for a in answers)
     assert set(rates) >= {"chair_s", "chair_i", "recall", "mentioned"}
+
+
+def test_lora_ddpo_steps_on_the_fused_linear_route(family, tmp_path):
+    pytest.importorskip("peft")
+    name, folder, data = family
+    summary = train(TrainConfig(data=data, model=folder, output_dir=str(tmp_path), max_steps=2, batch_size=2,
+                                eval_fraction=0.25, eval_every=2, save_every=2, fused_linear=True, lora_r=4,
+                                hallucination_eval=False, progress=False, device="cpu", lr=1e-3))
+    assert [row["loss"] for row in _metrics(tmp_path) if row["step"] > 0][0] == pytest.approx(math.log(2), abs=1e-6)
+    trained = [n for n, p in summary["model"].named_parameters() if p.requires_grad]
+    assert trained and all("lora_" in n for n in trained)

@@ -60,3 +60,10 @@ def test_python_example_runs(index, capsys):
     assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
     # At the first step the policy is the reference: the DDPO loss is log 2.
     assert float(printed[0]) == pytest.approx(0.6931472, abs=1e-5)
+
+
+def test_supported_models_table_is_the_generated_one():
+    pytest.importorskip("PIL")
+    from rlhfv_train.models.families import supported_models_markdown
+    assert supported_models_markdown() in README.read_text(), \
+        "README's Supported models table is stale: paste `python -m rlhfv_train.models.families` into it"

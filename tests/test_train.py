@@ -210,11 +210,13 @@ def test_next_token_targets_shift_labels_and_weights(dataset):
 def test_trainer_benchmark_runs(tmp_path):
     from benchmarks import trainer
     path = tmp_path / "t.json"
-    assert trainer.main(["--vocab", "500", "--pairs", "2", "--repeats", "1", "--device", "cpu", "--json",
-                         str(path)]) == 0
-    data = json.loads(path.read_text())
-    assert [r["impl"] for r in data["results"]] == ["reference", "fused", "fused_inplace"]
-    assert all(r["step_median_ms"] > 0 and r["peak_extra_bytes"] > 0 for r in data["results"])
+    for family in ("llava", "qwen2-vl", "gemma2"):
+        assert trainer.main(["--family", family, "--vocab", "500", "--pairs", "2", "--repeats", "1", "--device",
+                             "cpu", "--json", str(path)]) == 0
+        data = json.loads(path.read_text())
+        assert data["family"] == family
+        assert [r["impl"] for r in data["results"]] == ["reference", "fused", "fused_inplace", "fused_linear"]
+        assert all(r["step_median_ms"] > 0 and r["peak_extra_bytes"] > 0 for r in data["results"])
 
 
 def test_reward_margins_reach_the_loss(tmp_path, dataset):

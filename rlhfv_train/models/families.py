@@ -349,3 +349,41 @@ def build_family(name: str, *, vocab_size: int | None = None, seed: int = 0):
     if name not in FAMILIES:
         raise ValueError(f"unknown family {name!r}; choose from {', '.join(FAMILIES)}")
     return FAMILIES[name].build(vocab_size=vocab_size, seed=seed)
+
+
+def _describe_transform(model) -> str:
+    from .adapter import logit_transform
+    t = logit_transform(model)
+    parts = [] if t.logit_scale == 1.0 else [f"scale {t.logit_scale:g}"]
+    parts += [] if t.softcap is None else [f"soft cap {t.softcap:g}"]
+    return ", ".join(parts) or "none"
+
+
+def supported_models_markdown() -> str:
+    """README's "Supported models" table: every family of FAMILIES with the model inputs its processor gives a
+    collated preference batch and the logit transform the fused-linear route applies; tests/test_families.py runs
+    each family through both trainers and the fused-linear check (the ✓ columns), tests/test_readme.py keeps README's
+    copy equal to this."""
+    import io
+
+    from PIL import Image
+
+    from ..data import PairCollator, PreferenceRecord
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(buffer, format="PNG")
+    record = PreferenceRecord(question="what do you see ?", chosen="a red circle on the left",
+                              rejected="a blue circle on the left", image=buffer.getvalue())
+    lines = ["| family | class | model inputs from the processor | logit transform | DDPO, GRPO | --fused-linear | "
+             "LoRA |", "|---|---|---|---|---|---|---|"]
+    for family in FAMILIES.values():
+        processor, model = family.build()
+        batch = PairCollator(processor, gamma=5.0)([(0, record)])
+        inputs = ", ".join(f"`{name}`" for name in batch.inputs)
+        lines.append(f"| {family.name} | `{family.model_class}` | {inputs} | {_describe_transform(model)} | ✓ | ✓ | "
+                     "✓ |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # python -m rlhfv_train.models.families: the table for README
+    print(supported_models_markdown(), end="")
