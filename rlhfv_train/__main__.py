@@ -25,7 +25,8 @@ TINY_SFT_STEPS = 1000  # the embedded tiny model starts from random weights: it 
 def build_parser() -> argparse.ArgumentParser:
     defaults = TrainConfig()
     p = argparse.ArgumentParser(prog="python -m rlhfv_train", description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--data", help="preference data (.jsonl with image files, or .parquet); default: synthetic")
+    p.add_argument("--data", help="preference data: .jsonl with image files, .parquet, or a datasets folder "
+                   "(save_to_disk); ours, RLHF-V's or TRL's layout; default: synthetic")
     p.add_argument("--model", help="local Hugging Face model folder (image-text-to-text or causal LM); default: "
                    "the embedded tiny LLaVA")
     p.add_argument("--output-dir", default=defaults.output_dir,

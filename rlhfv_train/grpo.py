@@ -367,7 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = GRPOConfig()
     p = argparse.ArgumentParser(prog="python -m rlhfv_train.grpo", description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--data", help="records (.jsonl with image files, or .parquet): their questions are the prompts, "
+    p.add_argument("--data", help="records (.jsonl with image files, .parquet or a datasets folder; ours, RLHF-V's "
+                   "or TRL's layout): their questions are the prompts, "
                    "their chosen answers the warm-up targets and the held-out reference; default: synthetic scenes")
     p.add_argument("--model", help="local Hugging Face model folder; default: the embedded tiny LLaVA")
     p.add_argument("--output-dir", default=d.output_dir, help="metrics, plot and checkpoints")

@@ -89,10 +89,10 @@ def truth_token_logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, 
 
 def softcap_gpu_extra(device, softcap, temperature=1.0):
     """Extra error of a log-prob under a soft cap on a GPU. The Triton kernels form u = x * (1 / softcap),
-    e = exp(-2|u|) and tanh = (1 - e) / (1 + e) with the GPU's approximate exp, reciprocal and division (each about 2**-22 relative;
-    the CUDA C++ kernels use tanhf, which is closer): tanh moves by less than 2 * 2**-22, so z = softcap * tanh / t
-    by softcap / t * 2**-21, and logp = z_label - lse by twice that. 0 on the CPU (the interpreter computes in numpy;
-    the C++ kernels' polynomial exp is within 1e-8)."""
+    e = exp(-2|u|) and tanh = (1 - e) / (1 + e) with the GPU's approximate exp, reciprocal and division (each about
+    2**-22 relative; the CUDA C++ kernels use tanhf, which is closer): tanh moves by less than 2 * 2**-22, so
+    z = softcap * tanh / t by softcap / t * 2**-21, and logp = z_label - lse by twice that. 0 on the CPU (the
+    interpreter computes in numpy; the C++ kernels' polynomial exp is within 1e-8)."""
     if softcap is None or torch.device(device).type != "cuda":
         return 0.0
     return 2 * softcap / temperature * 2.0 ** -21

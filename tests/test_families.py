@@ -1,11 +1,11 @@
 """The family matrix: every tiny family of rlhfv_train/models/families.py (real transformers model and processor
 classes, random weights, built in code, saved to a folder and loaded back as a user's --model) through
 (a) the fused-linear route vs log_softmax of the model's own .logits on a collated preference batch (every processor
-    tensor passed), (b) 3 DDPO steps (after one SFT warm-up step on the chosen half) on the logits path and on --fused-linear: step-1
-    loss ln 2, the same losses,
+    tensor passed), (b) 3 DDPO steps (after one SFT warm-up step on the chosen half) on the logits path and on
+    --fused-linear: step-1 loss ln 2, the same losses,
 (c) 2 GRPO steps with the scene judge, (d) generation and the hallucination evaluation, (e) 2 DDPO steps with LoRA
     adapters on every linear layer but lm_head, on --fused-linear: step-1 loss ln 2, only the adapters train.
-One model per family is shared by its four checks. README's "Supported models" table comes from this matrix."""
+One model per family is shared by its five checks. README's "Supported models" table comes from this matrix."""
 import json
 import math
 import os

@@ -1,24 +1,24 @@
-"""RLHF-V-style preference records from JSONL (with image files) or Parquet.
+"""Preference records: from JSONL (with image files), Parquet or a `datasets` folder, in our, RLHF-V's or TRL's
+layout (formats.py).
 
 A record is an image, a question, the chosen (corrected) answer, the rejected (original) answer and, optionally, a
-reward-model margin for MM-DPO scaling. Accepted layouts, per line / row:
+reward-model margin for MM-DPO scaling. Our layout, per line / row:
   {"image": "imgs/0001.png", "question": ..., "chosen": ..., "rejected": ..., "reward_margin": 0.7}
-  {"image": {"bytes": <bytes or base64 str>, "path": ...}, "text": "{\"question\": ..., \"chosen\": ...,
-   \"rejected\": ...}"}   (the layout of the published RLHF-V dataset's Parquet files)
 "image" may be omitted or null for text-only data. Relative image paths are resolved against the data file's folder.
 An optional "objects" list holds what the image really contains (any JSON values; the synthetic data writes
 [colour, shape, side] triples): rlhfv_train.evaluate checks generated answers against it.
 
-Nothing is silently dropped: a malformed record raises DataError naming the file and line (JSONL) or row (Parquet),
-unless skip_bad=True, in which case it is counted and its reason kept in the LoadReport.
+Nothing is silently dropped: a malformed record raises DataError naming the file and line (JSONL) or row (Parquet,
+dataset folder), unless skip_bad=True, in which case it is counted and its reason kept in the LoadReport.
 """
 from __future__ import annotations
 
 import base64
 import io
-import json
 import os
 from dataclasses import dataclass, field
+
+from .formats import LayoutError, canonical, encoded_image, rows
 
 
 class DataError(ValueError):
@@ -60,6 +60,7 @@ def _text_field(obj: dict, name: str, where: str) -> str:
 
 
 def _image_field(value, where: str, base_dir: str) -> bytes | str | None:
+    value = encoded_image(value)
     if value is None:
         return None
     if isinstance(value, dict):  # {"bytes": ..., "path": ...} as written by Hugging Face datasets
@@ -90,12 +91,10 @@ def parse_record(obj, where: str, base_dir: str) -> PreferenceRecord:
     """One record from a decoded JSON object or Parquet row; raises DataError naming `where`."""
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected an object, got {type(obj).__name__}")
-    fields = obj
-    if "text" in obj and "chosen" not in obj:  # RLHF-V layout: question/chosen/rejected inside a JSON string
-        try:
-            fields = {**obj, **json.loads(obj["text"])}
-        except (TypeError, json.JSONDecodeError) as exc:
-            raise DataError(f"{where}: field 'text' is not a JSON object ({exc})") from None
+    try:
+        fields = canonical(obj)  # RLHF-V's and TRL's layouts onto ours (formats.py)
+    except LayoutError as exc:
+        raise DataError(f"{where}: {exc}") from None
     margin = fields.get("reward_margin")
     if margin is not None:
         if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin >= 0:
@@ -128,51 +127,26 @@ def as_hashable(value):
     return tuple(as_hashable(v) for v in value) if isinstance(value, list) else value
 
 
-def _iter_jsonl(path: str):
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                yield where, json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield where, DataError(f"{where}: invalid JSON ({exc.msg}: column {exc.colno})")  # msg may end in "at"
-
-
-def _iter_parquet(path: str):
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise DataError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
-    table = pq.read_table(path)
-    for row, obj in enumerate(table.to_pylist()):
-        yield f"{path}: row {row}", obj
-
-
 def load_records(path: str, *, skip_bad: bool = False) -> tuple[list[PreferenceRecord], LoadReport]:
-    """All records of a .jsonl / .json-lines or .parquet file, and what was loaded or skipped."""
-    if not os.path.isfile(path):
+    """All records of a .jsonl or .parquet file or a dataset folder saved with `datasets` (formats.py: the layouts
+    read), and what was loaded or skipped."""
+    if not os.path.exists(path):
         raise DataError(f"data file not found: {path}")
-    lower = path.lower()
-    if lower.endswith(".parquet"):
-        rows = _iter_parquet(path)
-    elif lower.endswith((".jsonl", ".json")):
-        rows = _iter_jsonl(path)
-    else:
-        raise DataError(f"{path}: unknown data format; use .jsonl or .parquet")
-    base_dir = os.path.dirname(os.path.abspath(path))
+    base_dir = os.path.abspath(path) if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
     records, report = [], LoadReport()
-    for where, obj in rows:
-        try:
-            if isinstance(obj, DataError):
-                raise obj
-            records.append(parse_record(obj, where, base_dir))
-            report.loaded += 1
-        except DataError as exc:
-            if not skip_bad:
-                raise
-            report.skipped.append(str(exc))
+    try:
+        for where, obj in rows(path):
+            try:
+                if isinstance(obj, LayoutError):
+                    raise DataError(f"{where}: {obj}")
+                records.append(parse_record(obj, where, base_dir))
+                report.loaded += 1
+            except DataError as exc:
+                if not skip_bad:
+                    raise
+                report.skipped.append(str(exc))
+    except LayoutError as exc:
+        raise DataError(str(exc)) from None
     if not records:
         raise DataError(f"{path}: no usable records ({report.summary()})")
     return records, report
