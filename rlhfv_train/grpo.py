@@ -233,7 +233,7 @@ def train_grpo(cfg: GRPOConfig) -> dict:
     fsdp = cfg.fsdp and dist.world > 1
     # LoRA after the warm-up: the adapters start at a zero update, and with them disabled the model is its own
     # frozen reference (no second copy of the weights).
-    model = add_lora(model, lora_settings(cfg))
+    model = add_lora(model, lora_settings(cfg), fused_linear=cfg.fused_linear)
     # The frozen reference: the starting weights (after any warm-up), before a checkpoint is loaded.
     reference = None
     if cfg.beta_kl > 0 and not cfg.lora_r:

@@ -15,8 +15,8 @@ import torch
 
 import rlhfv_kernels as rk
 
-from .data import IGNORE_INDEX, PreferenceRecord, concat_rows, repeat_rows, select_rows, token_aligned
-from .data.collate import takes_suffix
+from .data import (IGNORE_INDEX, PreferenceRecord, concat_rows, repeat_rows, select_rows, takes_suffix,
+                   token_aligned)
 from .evaluate import GenerationSettings, generate_tokens
 from .models import forward_logits, hidden_and_head
 

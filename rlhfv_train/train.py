@@ -182,7 +182,7 @@ def train(cfg: TrainConfig) -> dict:
                               extra={"config": asdict(cfg), "data_path": data_path})
 
     # LoRA after the warm-up: the adapters start at a zero update, so the references below are the base model's.
-    model = add_lora(model, lora_settings(cfg))
+    model = add_lora(model, lora_settings(cfg), fused_linear=cfg.fused_linear)
     # Reference scores come from the starting weights, before any checkpoint is loaded.
     settings = {"gamma": cfg.gamma, "min_match": cfg.min_match, "mode": cfg.mode, "temperature": cfg.temperature}
     key = refcache.cache_key(records, model, settings)

@@ -117,7 +117,8 @@ def test_bad_lora_options_fail_clearly(saved, tmp_path, overrides, message):
         ddpo(folder, data, tmp_path, **overrides)
 
 
-def test_lora_on_lm_head_with_fused_linear_is_refused(saved, tmp_path):
+def test_lora_on_lm_head_with_fused_linear_is_refused_before_any_work(saved, tmp_path):
     folder, data = saved
     with pytest.raises(UnsupportedModelError, match="lm_head carries a PEFT adapter"):
         ddpo(folder, data, tmp_path, fused_linear=True, lora_target="q_proj,lm_head")
+    assert not (tmp_path / "ref_cache").exists()  # refused before reference scoring

@@ -70,9 +70,9 @@ def check_trainer_config(cfg) -> None:
         raise ValueError("--lora-r with --fsdp is not supported yet; use DDP (leave out --fsdp)")
 
 
-def add_lora(model, settings: LoraSettings):
+def add_lora(model, settings: LoraSettings, *, fused_linear: bool = False):
     """`model` wrapped with LoRA adapters (a peft PeftModel whose base weights are frozen); `model` itself when
-    settings.r == 0."""
+    settings.r == 0. fused_linear: refuse, now, adapters the fused-linear route cannot apply (one on lm_head)."""
     settings.check()
     if not settings.enabled:
         return model
@@ -83,9 +83,13 @@ def add_lora(model, settings: LoraSettings):
     config = peft.LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                              target_modules=settings.target_modules())
     try:
-        return peft.get_peft_model(model, config)
+        wrapped = peft.get_peft_model(model, config)
     except ValueError as exc:  # e.g. no module matches --lora-target
         raise ValueError(f"--lora-target {settings.target!r}: {exc}") from exc
+    if fused_linear:
+        from .adapter import body_and_head
+        body_and_head(wrapped)  # raises UnsupportedModelError for an adapter on the head
+    return wrapped
 
 
 def reference_mode(model):
