@@ -144,17 +144,18 @@ RLHFV_MULTIVERSION void chunk_scaled_softmax(const float* x, float* out, int64_t
 
 // The soft cap (Gemma-style final_logit_softcapping): z = cap * tanh(x / cap), then / temp when `scaled`, and
 // dz/dx = sech^2(x / cap) / temp. Both come from e = exp(-2|u|), u = x / cap: tanh|u| = (1 - e) / (1 + e) and
-// sech^2 u = 4e / (1 + e)^2, which has no cancellation where tanh is near +-1. +-inf logits become +-cap / temp, as in
-// eager PyTorch; NaN stays NaN.
+// sech^2 u = 4e / (1 + e)^2, which has no cancellation where tanh is near +-1. One vector division per value
+// (1 / (1 + e); u by the reciprocal of the cap): divisions, not the exp, bound this loop. +-inf logits become
+// +-cap / temp, as in eager PyTorch; NaN stays NaN.
 template <typename F>
 RLHFV_INLINE F softcapped(F x, float cap, float temp, bool scaled, F* sech2) {
   using L = Lanes<F>;
-  const F u = x / L::splat(cap);
+  const F u = x * L::splat(1.0f / cap);
   const F magnitude = u < L::splat(0.0f) ? -u : u;
   const F e = exp_nonpositive(L::splat(-2.0f) * magnitude);
-  const F one = L::splat(1.0f), denom = one + e;
-  const F th = (one - e) / denom;
-  *sech2 = L::splat(4.0f) * e / (denom * denom);
+  const F one = L::splat(1.0f), inv = one / (one + e);
+  const F th = (one - e) * inv;
+  *sech2 = L::splat(4.0f) * e * inv * inv;
   F z = (u < L::splat(0.0f) ? -th : th) * L::splat(cap);
   if (scaled) z = z / L::splat(temp);
   return z;
