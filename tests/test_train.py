@@ -152,8 +152,10 @@ def test_fused_linear_trains_the_same_model_on_families_that_transform_their_log
         runs[fused] = ([r["loss"] for r in _metric_rows(out) if r["step"] > 0], summary["model"].state_dict())
     assert runs[False][0][0] == pytest.approx(math.log(2), abs=1e-6)
     assert runs[True][0] == pytest.approx(runs[False][0], abs=1e-5)
+    # AdamW moves a weight whose gradient is ~0 by up to ~lr in either direction, so rounding-level gradient
+    # differences can show there; a dropped transform moves the losses above by orders of magnitude more.
     for name, value in runs[False][1].items():
-        torch.testing.assert_close(runs[True][1][name], value, rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(runs[True][1][name], value, rtol=1e-4, atol=1e-4, msg=name)
 
 
 @pytest.mark.slow

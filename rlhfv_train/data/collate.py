@@ -92,7 +92,6 @@ class PairCollator:
     def __init__(self, processor, *, gamma: float, min_match: int = 3, max_length: int | None = None,
                  chat_template: bool = True):
         self.processor = processor
-        self.tokenizer = getattr(processor, "tokenizer", processor)
         self.has_images = hasattr(processor, "image_processor")
         self.format = PromptFormat(processor, chat_template)
         self.suffix = takes_suffix(processor)
