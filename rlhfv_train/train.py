@@ -184,7 +184,9 @@ def train(cfg: TrainConfig) -> dict:
     # LoRA after the warm-up: the adapters start at a zero update, so the references below are the base model's.
     model = add_lora(model, lora_settings(cfg), fused_linear=cfg.fused_linear)
     # Reference scores come from the starting weights, before any checkpoint is loaded.
-    settings = {"gamma": cfg.gamma, "min_match": cfg.min_match, "mode": cfg.mode, "temperature": cfg.temperature}
+    # Everything that changes the scored tokens or their scores keys the cache (the prompts too).
+    settings = {"gamma": cfg.gamma, "min_match": cfg.min_match, "mode": cfg.mode, "temperature": cfg.temperature,
+                "chat_template": cfg.chat_template}
     key = refcache.cache_key(records, model, settings)
 
     def compute_refs():

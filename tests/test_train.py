@@ -91,6 +91,9 @@ def test_reference_scores_are_cached(tmp_path, dataset, monkeypatch):
     monkeypatch.undo()
     train(small_config(tmp_path, dataset, max_steps=1, gamma=2.0))
     assert len(os.listdir(tmp_path / "ref_cache")) == 2
+    # So does the prompt format (--no-chat-template changes the scored sequences of a model with a template).
+    train(small_config(tmp_path, dataset, max_steps=1, gamma=2.0, chat_template=False))
+    assert len(os.listdir(tmp_path / "ref_cache")) == 3
 
 
 def test_text_only_data_with_a_local_causal_lm(tmp_path):
