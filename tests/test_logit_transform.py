@@ -13,7 +13,7 @@ from numerics import assert_meets_criterion, softcap_gpu_extra
 from rlhfv_kernels import _sources, reference
 from test_linear import run
 from test_losses import compare_fused, make_shifted_batch
-from test_token_logprobs import DTYPES, check_against_truth, random_labels
+from test_token_logprobs import DTYPES, EXTREME_LOGITS, check_against_truth, check_extreme_logits, random_labels
 
 # (softcap, logit_scale) of the families that transform their logits, and mixed cases. Logits here are ~N(0, 3^2)
 # up to |x| ~ 1e4: the soft cap bounds z, so the roundings of the transform stay far below the tolerance.
@@ -50,19 +50,12 @@ def test_strided_views_and_inplace_backward(dtype, inplace_backward, backend):
                         inplace_backward=inplace_backward, transform=transform, logp_extra=extra_for(transform))
 
 
-@pytest.mark.parametrize("make", [
-    lambda n, v: torch.randn(n, v) * 1e4,               # saturated: every z near +-softcap
-    lambda n, v: 1e4 + 5 * torch.randn(n, v),            # all near +softcap: the softmax is almost uniform
-    lambda n, v: torch.where(torch.rand(n, v) < 0.5, -1e4, 1e4) + torch.randn(n, v),
-])
+# Saturated (every z near +-softcap), all near +softcap (an almost uniform softmax), and both signs.
+@pytest.mark.parametrize("make", [EXTREME_LOGITS[k] for k in ("spread", "offset", "two-sided")],
+                         ids=["spread", "offset", "two-sided"])
 @pytest.mark.parametrize("transform", [dict(softcap=30.0), dict(softcap=7.0, logit_scale=0.2)])
 def test_extreme_logits_under_a_soft_cap(make, transform, backend):
-    base = make(19, 3001)
-    labels = random_labels((19,), 3001, ignore_fraction=0.1)
-    labels[::3] = base[::3].argmax(-1)
-    for inplace in (False, True):
-        check_against_truth(backend, lambda x: base if x is None else x, labels, torch.float32,
-                            inplace_backward=inplace, transform=transform, logp_extra=extra_for(transform))
+    check_extreme_logits(backend, make, transform=transform, logp_extra=extra_for(transform))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

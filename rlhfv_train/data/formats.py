@@ -101,9 +101,8 @@ def _undecoded(features):
             return {k: walk(v) for k, v in feature.items()}
         if isinstance(feature, (list, tuple)):
             return type(feature)(walk(v) for v in feature)
-        for attr in ("feature",):  # List / Sequence / LargeList wrap one feature
-            if hasattr(feature, attr) and dataclasses.is_dataclass(feature):
-                return dataclasses.replace(feature, **{attr: walk(getattr(feature, attr))})
+        if dataclasses.is_dataclass(feature) and hasattr(feature, "feature"):  # List / Sequence / LargeList
+            return dataclasses.replace(feature, feature=walk(feature.feature))
         return feature
 
     return datasets.Features({name: walk(f) for name, f in features.items()})
