@@ -1,6 +1,7 @@
 """Running under torchrun: process group, DDP or FSDP2 wrapping, gradient-sync control and metric averaging."""
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 
@@ -15,6 +16,12 @@ def process_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _destroy_process_group() -> None:
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 class Distributed:
     """Rank and world size under torchrun (WORLD_SIZE > 1): gloo on CPU, NCCL on GPU; a no-op otherwise."""
 
@@ -25,6 +32,9 @@ class Distributed:
             import torch.distributed as dist
             if not dist.is_initialized():
                 dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+                # Tear the group down before interpreter shutdown: left to exit, gloo's threads can die joinable
+                # ("terminate called without an active exception", SIGABRT after a finished run; seen once in CI).
+                atexit.register(_destroy_process_group)
             self.rank = dist.get_rank()
         self.is_main = self.rank == 0
 
