@@ -38,6 +38,18 @@ TORCH_LIBRARY(rlhfv, m) {
   m.def(
       "logprob_bwd_(Tensor(a!) logits, Tensor grad_logp, Tensor labels, Tensor lse, int ignore_index,"
       " float temperature, float softcap) -> ()");
+  // The same with the entropy H = -sum_v p_v log p_v of softmax(z) per row (0 where ignored), from the same single
+  // pass: returns (logp, entropy, lse), entropy in logp's dtype.
+  m.def(
+      "logprob_entropy_fwd(Tensor logits, Tensor labels, int ignore_index, float temperature, float softcap,"
+      " bool inplace_backward) -> (Tensor, Tensor, Tensor)");
+  // dlogits of grad_logp * logp + grad_entropy * entropy; dH/dz_j = -p_j (log p_j + H).
+  m.def(
+      "logprob_entropy_bwd(Tensor grad_logp, Tensor grad_entropy, Tensor logits, Tensor labels, Tensor lse,"
+      " Tensor entropy, int ignore_index, float temperature, float softcap) -> Tensor");
+  m.def(
+      "logprob_entropy_bwd_(Tensor(a!) logits, Tensor grad_logp, Tensor grad_entropy, Tensor labels, Tensor lse,"
+      " Tensor entropy, int ignore_index, float temperature, float softcap) -> ()");
   // The fused-linear path: logits = hidden @ weight.T (+ bias) are computed `chunk_rows` tokens at a time and never
   // stored whole. hidden [..., H], weight [V, H], bias [V] or None, labels hidden.shape[:-1].
   // Returns (logp, lse) like logprob_fwd.
@@ -49,4 +61,12 @@ TORCH_LIBRARY(rlhfv, m) {
   m.def(
       "linear_logprob_bwd(Tensor grad_logp, Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor lse,"
       " int ignore_index, float temperature, float softcap, int chunk_rows) -> (Tensor, Tensor, Tensor)");
+  // With the entropy, as logprob_entropy_fwd / logprob_entropy_bwd.
+  m.def(
+      "linear_logprob_entropy_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, int ignore_index,"
+      " float temperature, float softcap, int chunk_rows) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "linear_logprob_entropy_bwd(Tensor grad_logp, Tensor grad_entropy, Tensor hidden, Tensor weight, Tensor? bias,"
+      " Tensor labels, Tensor lse, Tensor entropy, int ignore_index, float temperature, float softcap,"
+      " int chunk_rows) -> (Tensor, Tensor, Tensor)");
 }

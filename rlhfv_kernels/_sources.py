@@ -5,6 +5,7 @@ backend (_backend.py) and runs the backend's operators (_ops.py) or the eager re
 Every loss (rlhfv_kernels/losses/) is written once against this small interface:
     source.tensor, source.name, source.last_dim   the input and how to name it in errors
     source.logps(labels, ignore_index, temperature, min_dim)  -> per-token log-probs (differentiable)
+    source.logps_and_entropy(labels, ignore_index, temperature)  -> (log-probs, entropies), both differentiable
     source.loss(labels, ignore_index, temperature, build, constants)  -> the loss output
 where build(dtype) -> (loss_on(token_logps) -> output, GroupedLoss) describes the loss (see linear_loss.py).
 
@@ -52,20 +53,29 @@ class LogitsSource:
         self.softcap, self.logit_scale = softcap, logit_scale
 
     def logps(self, labels, ignore_index, temperature, min_dim=1):
+        return self._token_logps(labels, ignore_index, temperature, min_dim, with_entropy=False)
+
+    def logps_and_entropy(self, labels, ignore_index, temperature):
+        return self._token_logps(labels, ignore_index, temperature, 1, with_entropy=True)
+
+    def _token_logps(self, labels, ignore_index, temperature, min_dim, with_entropy):
         logits = self.tensor
         _checks.check_logits_labels(logits, labels, ignore_index, temperature, min_dim=min_dim)
         which = _backend.resolve_backend(self.backend, logits.device)
         if which == "reference":
             return reference.token_logprobs(logits, labels, ignore_index=ignore_index, temperature=temperature,
-                                            softcap=self.softcap, logit_scale=self.logit_scale)
+                                            softcap=self.softcap, logit_scale=self.logit_scale,
+                                            return_entropy=with_entropy)
         _checks.check_vocab_stride(logits, which)
+        if with_entropy:
+            _require_entropy(which, "logits")
         if self.inplace_backward and logits.requires_grad and logits.is_leaf:
             warnings.warn("inplace_backward=True on a leaf tensor: backward overwrites its values with the gradient "
                           "and autograd then copies that into .grad (an N x V copy); pass the model's output logits, "
                           "or use torch.autograd.grad", RuntimeWarning, stacklevel=3)
         kernel_temperature, kernel_softcap = kernel_transform(temperature, self.softcap, self.logit_scale)
         return _ops.fused_token_logprobs(logits, labels, ignore_index, kernel_temperature, kernel_softcap,
-                                         bool(self.inplace_backward), which)
+                                         bool(self.inplace_backward), which, with_entropy)
 
     def loss(self, labels, ignore_index, temperature, build, constants=()):
         logps = self.logps(labels, ignore_index, temperature)
@@ -85,6 +95,7 @@ class LinearSource:
     def __init__(self, hidden, weight, bias=None, chunk_size: int | None = None, backend: str | None = None, *,
                  softcap: float | None = None, logit_scale: float = 1.0):
         _checks.check_logit_transform(softcap, logit_scale)
+        hidden, weight, bias = _under_autocast(hidden, weight, bias)
         self.tensor, self.weight, self.bias, self.chunk_size, self.backend = hidden, weight, bias, chunk_size, backend
         self.softcap, self.logit_scale = softcap, logit_scale
 
@@ -97,26 +108,32 @@ class LinearSource:
         which = self._checked_backend(labels, ignore_index, temperature, min_dim)
         return self._token_logps(labels, ignore_index, temperature, which)
 
-    def _token_logps(self, labels, ignore_index, temperature, which):
+    def logps_and_entropy(self, labels, ignore_index, temperature):
+        which = self._checked_backend(labels, ignore_index, temperature, 1)
+        _require_entropy(which, "linear")
+        return self._token_logps(labels, ignore_index, temperature, which, with_entropy=True)
+
+    def _token_logps(self, labels, ignore_index, temperature, which, with_entropy=False):
         hidden, weight, bias = self.tensor, self.weight, self.bias
         if which == "reference":
             return reference.token_logprobs(F.linear(hidden, weight, bias), labels, ignore_index=ignore_index,
                                             temperature=temperature, softcap=self.softcap,
-                                            logit_scale=self.logit_scale)
+                                            logit_scale=self.logit_scale, return_entropy=with_entropy)
         chunk = self.chunk_size or default_chunk_rows(weight.shape[0])
         kernel_temperature, kernel_softcap = kernel_transform(temperature, self.softcap, self.logit_scale)
+        run = _ops.fused_linear_token_logprobs_entropy if with_entropy else _ops.fused_linear_token_logprobs
         active = labels != ignore_index
         if bool(active.all()):
-            return _ops.fused_linear_token_logprobs(hidden, weight, bias, labels, ignore_index, kernel_temperature,
-                                                    kernel_softcap, chunk, which)
+            return run(hidden, weight, bias, labels, ignore_index, kernel_temperature, kernel_softcap, chunk, which)
         # Only the non-ignored tokens (answers, not prompt or image) go through the GEMMs: an N_active x H gather,
         # and autograd scatters their dhidden back.
         index = active.reshape(-1).nonzero().squeeze(1)
         flat_hidden = hidden.reshape(-1, hidden.shape[-1])
-        logp = _ops.fused_linear_token_logprobs(flat_hidden.index_select(0, index), weight, bias,
-                                                labels.reshape(-1).index_select(0, index), ignore_index,
-                                                kernel_temperature, kernel_softcap, chunk, which)
-        return logp.new_zeros(labels.numel()).index_copy(0, index, logp).view(labels.shape)
+        outputs = run(flat_hidden.index_select(0, index), weight, bias, labels.reshape(-1).index_select(0, index),
+                      ignore_index, kernel_temperature, kernel_softcap, chunk, which)
+        scattered = tuple(out.new_zeros(labels.numel()).index_copy(0, index, out).view(labels.shape)
+                          for out in (outputs if with_entropy else (outputs,)))
+        return scattered if with_entropy else scattered[0]
 
     def loss(self, labels, ignore_index, temperature, build, constants=()):
         which = self._checked_backend(labels, ignore_index, temperature, 1)
@@ -129,6 +146,30 @@ class LinearSource:
         kernel_temperature, kernel_softcap = kernel_transform(temperature, self.softcap, self.logit_scale)
         return fused_linear_loss(hidden, weight, self.bias, labels, ignore_index, kernel_temperature, kernel_softcap,
                                  budget, self.chunk_size is not None, which, grouped, full_loss)
+
+
+def _under_autocast(hidden, weight, bias):
+    """Under torch.autocast the head's matmul runs in the autocast dtype, as F.linear(hidden, weight, bias) would:
+    the inputs are cast to it here (differentiably), so every backend computes the same thing (a compiled kernel's
+    internal GEMMs would otherwise be autocast unannounced)."""
+    if not isinstance(hidden, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        return hidden, weight, bias
+    device = hidden.device.type
+    if not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):
+        return hidden, weight, bias
+    dtype = torch.get_autocast_dtype(device)
+    if not (hidden.is_floating_point() and weight.is_floating_point()) or torch.float64 in (hidden.dtype,
+                                                                                             weight.dtype):
+        return hidden, weight, bias
+    cast = [t if t is None or t.dtype == dtype else t.to(dtype) for t in (hidden, weight, bias)]
+    return tuple(cast)
+
+
+def _require_entropy(backend: str, path: str) -> None:
+    reason = _backend.why_no_entropy(backend, path)
+    if reason is not None:
+        raise _backend.BackendUnavailableError(f"return_entropy=True: {reason}; use backend='reference'"
+                                               + (" or the logits path" if path == "linear" else ""))
 
 
 def _check_linear(hidden, weight, bias, labels, ignore_index, temperature, chunk_size, min_dim):

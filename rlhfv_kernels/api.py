@@ -27,12 +27,17 @@ GRPO_LOSS_TYPES = grpo.LOSS_TYPES
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
                    temperature: float = 1.0, softcap: float | None = None, logit_scale: float = 1.0,
-                   inplace_backward: bool = False, backend: str | None = None) -> torch.Tensor:
+                   inplace_backward: bool = False, backend: str | None = None, return_entropy: bool = False):
     """log softmax(logits / temperature)[labels] per token, 0.0 where labels == ignore_index.
 
     logits [..., V]; labels [...] int64/int32. Returns float32 of labels' shape, differentiable w.r.t. logits.
+    return_entropy=True returns (log-probs, entropies): also the entropy -sum_v p_v log p_v of softmax(z /
+    temperature) per token (0 where ignored), from the same single pass over the vocabulary; both are
+    differentiable, so a loss f(logp) + c * entropy trains through one backward pass.
     """
     source = LogitsSource(logits, inplace_backward, backend, softcap=softcap, logit_scale=logit_scale)
+    if return_entropy:
+        return source.logps_and_entropy(labels, ignore_index, temperature)
     return source.logps(labels, ignore_index, temperature)
 
 

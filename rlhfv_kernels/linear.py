@@ -34,10 +34,13 @@ from .losses.grpo import GRPOOutput
 def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                           bias: torch.Tensor | None = None, ignore_index: int = -100, temperature: float = 1.0,
                           softcap: float | None = None, logit_scale: float = 1.0, chunk_size: int | None = None,
-                          backend: str | None = None) -> torch.Tensor:
+                          backend: str | None = None, return_entropy: bool = False):
     """log softmax(z / temperature)[labels] per token, 0.0 where ignored; z = hidden @ weight.T + bias after the
-    logit transform (softcap, logit_scale: see api.py)."""
+    logit transform (softcap, logit_scale: see api.py). return_entropy=True: (log-probs, entropies), as
+    api.token_logprobs."""
     source = LinearSource(hidden, weight, bias, chunk_size, backend, softcap=softcap, logit_scale=logit_scale)
+    if return_entropy:
+        return source.logps_and_entropy(labels, ignore_index, temperature)
     return source.logps(labels, ignore_index, temperature)
 
 

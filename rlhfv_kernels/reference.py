@@ -18,10 +18,10 @@ from .losses.grpo import GRPOOutput
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
                    temperature: float = 1.0, softcap: float | None = None, logit_scale: float = 1.0,
-                   inplace_backward: bool = False, backend: str | None = None) -> torch.Tensor:
+                   inplace_backward: bool = False, backend: str | None = None, return_entropy: bool = False):
     """log_softmax(z / temperature) gathered at labels, z = softcap * tanh(logit_scale * logits / softcap) (z =
     logit_scale * logits without a cap), as Gemma / Cohere / Granite models finish their logits; 0 where ignored.
-    fp32 math (fp64 for fp64 input).
+    fp32 math (fp64 for fp64 input). return_entropy: (log-probs, -sum_v p_v log p_v per token, 0 where ignored).
 
     inplace_backward and backend are accepted for signature compatibility and have no effect here.
     """
@@ -38,7 +38,12 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: 
     mask = labels != ignore_index
     safe_labels = torch.where(mask, labels, torch.zeros_like(labels)).long()
     logp = logp_all.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
-    return torch.where(mask, logp, torch.zeros_like(logp))
+    logp = torch.where(mask, logp, torch.zeros_like(logp))
+    if not return_entropy:
+        return logp
+    # p log p = 0 where p = 0 (masked -inf logits), in value and gradient.
+    entropy = -(logp_all.exp() * logp_all.masked_fill(torch.isneginf(logp_all), 0.0)).sum(-1)
+    return logp, torch.where(mask, entropy, torch.zeros_like(entropy))
 
 
 def _only_reference(backend) -> None:

@@ -1,34 +1,81 @@
-"""A drop-in for TRL's DPOTrainer that trains with rlhfv's fused Dense DPO loss.
+"""Drop-ins for TRL's DPOTrainer and GRPOTrainer that compute the per-token log-probs and entropies with rlhfv's fused
+kernels, while TRL's own loss code runs unchanged on them.
 
-    from rlhfv_train.trl_dropin import DDPOTrainer
-    trainer = DDPOTrainer(model=model, ref_model=ref_model, args=DPOConfig(..., precompute_ref_log_probs=False),
-                          train_dataset=dataset, processing_class=tokenizer, gamma=5.0, ddpo_mode="mean")
-    trainer.train()
+    from rlhfv_train.trl_dropin import DPOTrainer, GRPOTrainer, DDPOTrainer
+    trainer = DPOTrainer(model=model, ref_model=ref, args=DPOConfig(loss_type=["sigmoid", "sft"], ...), ...)
+    trainer = DDPOTrainer(..., gamma=5.0, ddpo_mode="mean")   # RLHF-V's Dense DPO on TRL's DPOTrainer
+    trainer = GRPOTrainer(model=model, reward_funcs=..., args=GRPOConfig(loss_type="dapo", ...), ...)
 
-Everything else is TRL's: datasets, collation, accelerate, logging. The differences:
-- the collator adds `token_weights` [2B, T] to every batch: gamma on the tokens an annotator replaced (the token-id
-  diff of each pair's two completions, rlhfv_train.data.weights.correction_weights), 1 on other completion tokens;
-- the loss is rlhfv_kernels.ddpo_loss on the policy logits (fused, no log_softmax materialized, in-place backward),
-  and the reference scores use the same weights and sum/mean mode, from the reference model's logits;
-- TRL's loss options (loss_type, f-divergences, precomputed unweighted reference log-probs) do not apply.
-Written against TRL 1.16's DPOTrainer internals (`_compute_loss`, `_metrics`); other TRL versions may need changes.
+How. TRL 1.16 computes every per-token quantity its losses need through one protocol: it patches the model with
+`add_fused_lm_head(model, temperature, cast_lm_head_to_fp32, outputs)` and calls `model(..., labels=labels,
+fused_lm_head=True)`, which returns a `FusedCausalLMOutput` (log_probs, entropy, log_sum_sq_probs, mean_logits,
+is_top1, label_mask, aux_loss, loss). The drop-ins install `add_fused_lm_head` below in its place while TRL's
+constructor runs, so TRL asks for the outputs it needs and every loss option (DPO: each loss_type and loss_weights,
+label_smoothing, f-divergences, ld_alpha, WPO weighting, the MoE aux loss, precomputed reference log-probs, PEFT
+without ref_model; GRPO: each loss_type, importance sampling level, clipping, KL with bias correction, the entropy
+mask and bonus) and every metric stays TRL's code, untouched. What changes is where the numbers come from:
+
+- the logits route (default): the model's own forward gives the logits (its logit transform included, whatever the
+  family), rk.token_logprobs(..., return_entropy=True) scores them in one pass and, in training, writes the gradient
+  into the logits' own storage (inplace_backward): no fp32 log_softmax, no N x V gradient buffer;
+- the fused-linear route (use_fused_linear=True): the body's hidden states and the lm_head weight go to
+  rk.linear_token_logprobs (the model's softcap / logit scale read from its config, checked against its own logits
+  on the first call), so the logits are never materialized. The metric-only fields (mean_logits, is_top1,
+  log_sum_sq_probs) cost one extra no-grad GEMM pass in chunks on this route.
+
+DDPO (DDPOTrainer, or DPOTrainer(gamma=..., ddpo_mode=...)): the fused head multiplies each completion token's
+log-prob by its weight w (gamma on the tokens the annotator replaced, from the token diff of each pair's chosen and
+rejected completions, rlhfv_train.data.weights.correction_weights; 1 elsewhere), and in "mean" mode divides by the
+row's sum of w, so TRL's sum over the completion is the DDPO score S (DESIGN.md §2) for the policy, the reference
+and precomputed reference log-probs alike. Every TRL use of the per-token log-probs then sees the weighted ones.
+
+Options no route can honour raise at construction, naming the option. Tested against TRL's own trainers on the same
+batches (tests/test_trl_dropin.py). Written against TRL's internals; SUPPORTED_TRL is the tested range, and another
+version fails at import of this module.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import types
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
-from trl import DPOTrainer
 
 import rlhfv_kernels as rk
 
 from .data.weights import correction_weights
 
-_NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", "token_weights", "reward_margin"}
+SUPPORTED_TRL = ("1.16.0", "1.17.0")  # [lowest tested, first untested)
+
+
+def _check_trl_version():
+    import trl
+    from packaging.version import Version
+
+    low, high = (Version(v) for v in SUPPORTED_TRL)
+    if not low <= Version(trl.__version__) < high:
+        raise ImportError(f"rlhfv_train.trl_dropin is written against TRL's internals and tested with trl >= "
+                          f"{SUPPORTED_TRL[0]}, < {SUPPORTED_TRL[1]}; found trl {trl.__version__}. Install a tested "
+                          f"version (pip install 'trl>={SUPPORTED_TRL[0]},<{SUPPORTED_TRL[1]}').")
+    return trl
+
+
+trl = _check_trl_version()
+from trl.trainer import dpo_trainer as _trl_dpo, grpo_trainer as _trl_grpo  # noqa: E402
+from trl.trainer.utils import FusedCausalLMOutput  # noqa: E402
+
+FUSED_OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+DDPO_MODES = ("sum", "mean")
+_STATS_CHUNK_BYTES = 64 << 20  # fp32 logits per chunk of the metric-only fields
 
 
 def completion_token_weights(input_ids: torch.Tensor, completion_mask: torch.Tensor, gamma: float,
                              min_match: int = 3) -> torch.Tensor:
-    """[2B, T] weights aligned with input_ids: correction weights on completion tokens, 0 elsewhere."""
+    """[2B, T] weights aligned with input_ids (the B chosen rows, then the B rejected rows): correction weights on
+    completion tokens, 0 elsewhere."""
     weights = torch.zeros(input_ids.shape, dtype=torch.float32)
     pairs = input_ids.shape[0] // 2
     mask = completion_mask.bool().cpu()
@@ -42,59 +89,255 @@ def completion_token_weights(input_ids: torch.Tensor, completion_mask: torch.Ten
     return weights.to(input_ids.device)
 
 
-class WeightedPreferenceCollator:
-    """TRL's preference collator plus the `token_weights` of each pair."""
+@dataclass(frozen=True)
+class DDPOWeights:
+    """Per-token multipliers of the log-probs for TRL's preference batches [chosen; rejected] (see the docstring)."""
 
-    def __init__(self, base, gamma: float, min_match: int = 3):
-        self.base, self.gamma, self.min_match = base, gamma, min_match
+    gamma: float = 1.0
+    mode: str = "sum"
+    min_match: int = 3
 
-    def __call__(self, examples):
-        batch = self.base(examples)
-        batch["token_weights"] = completion_token_weights(batch["input_ids"], batch["completion_mask"], self.gamma,
-                                                          self.min_match)
-        return batch
+    def __call__(self, targets: torch.Tensor) -> torch.Tensor:
+        """targets: the shifted labels [2B, T], -100 outside the completions."""
+        if targets.shape[0] % 2:
+            raise ValueError(f"DDPO weights need a preference batch of 2B rows (chosen, then rejected), got "
+                             f"{targets.shape[0]} rows")
+        mask = targets != -100
+        weights = completion_token_weights(targets.clamp(min=0), mask, self.gamma, self.min_match)
+        if self.mode == "mean":
+            weights = weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
+        return weights
+
+
+@dataclass(frozen=True)
+class FusedHeadOptions:
+    """How rlhfv's fused head computes TRL's per-token fields (see the module docstring)."""
+
+    use_fused_linear: bool = False
+    inplace_backward: bool = True  # logits route, in training: the gradient overwrites the model's logits
+    backend: str | None = None     # rlhfv_kernels backend; None: the best for the device
+    chunk_size: int | None = None  # fused-linear route: tokens per chunk (None: rlhfv's default budget)
+    token_weights: Callable[[torch.Tensor], torch.Tensor] | None = None  # shifted labels -> multipliers of logp
+
+
+def _row_chunks(rows: int, vocab: int):
+    step = max(1, _STATS_CHUNK_BYTES // (4 * max(vocab, 1)))
+    for start in range(0, rows, step):
+        yield slice(start, min(rows, start + step))
+
+
+@torch.no_grad()
+def _metric_fields(logits_of, rows: int, vocab: int, targets: torch.Tensor, temperature: float, wanted) -> dict:
+    """mean_logits, is_top1, log_sum_sq_probs (those in `wanted`) of flat rows, a chunk of fp32 logits at a time
+    (logits_of(slice) -> [n, V], the transformed logits before the temperature). No gradient: TRL logs them."""
+    fields = {name: [] for name in ("mean_logits", "is_top1", "log_sum_sq_probs") if name in wanted}
+    for rows_slice in _row_chunks(rows, vocab):
+        z = logits_of(rows_slice).float()
+        if temperature != 1.0:
+            z = z / temperature
+        if "mean_logits" in fields:
+            fields["mean_logits"].append(z.mean(-1))
+        if "is_top1" in fields:  # argmax takes the first of tied maxima, as TRL's kernel does
+            fields["is_top1"].append(z.argmax(-1) == targets[rows_slice])
+        if "log_sum_sq_probs" in fields:
+            log_p = torch.log_softmax(z, -1)
+            fields["log_sum_sq_probs"].append(torch.logsumexp(2 * log_p, -1))
+    return {name: torch.cat(parts) for name, parts in fields.items()}
+
+
+def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: bool = False,
+                      outputs: tuple[str, ...] = ("log_probs",), *,
+                      options: FusedHeadOptions = FusedHeadOptions()) -> None:
+    """TRL's `add_fused_lm_head` protocol (trl.trainer.utils) on rlhfv's kernels: afterwards
+    `model(..., labels=labels, fused_lm_head=True)` returns a FusedCausalLMOutput with the fields in `outputs`;
+    without fused_lm_head=True the model's own forward runs. Add it before wrapping the model with PEFT, as TRL's."""
+    unknown = set(outputs) - set(FUSED_OUTPUTS)
+    if unknown:
+        raise ValueError(f"outputs: unknown fields {sorted(unknown)}; known: {FUSED_OUTPUTS}")
+    if cast_lm_head_to_fp32:
+        raise ValueError("cast_lm_head_to_fp32=True is not supported by rlhfv's fused head: the kernels accumulate "
+                         "in fp32 from the head's own dtype; set cast_lm_head_to_fp32=False")
+    original_forward = model.forward
+    text_config = model.config.get_text_config()
+    wants_entropy = "entropy" in outputs
+
+    @functools.wraps(type(model).forward)
+    def _fused_forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None,
+                       **kwargs):
+        if not fused_lm_head:
+            for name, value in (("labels", labels), ("shift_labels", shift_labels),
+                                ("num_items_in_batch", num_items_in_batch)):
+                if value is not None:
+                    kwargs[name] = value
+            return original_forward(*args, **kwargs)
+        kwargs["use_cache"] = False
+        if getattr(text_config, "output_router_logits", False):
+            kwargs.setdefault("output_router_logits", True)
+        targets = labels[:, 1:] if shift_labels is None else shift_labels
+        if options.use_fused_linear:
+            fields, aux_loss = _score_hidden(self, args, kwargs, targets, shift_labels is None, temperature,
+                                             wants_entropy, outputs, options)
+        else:
+            fields, aux_loss = _score_logits(original_forward, args, kwargs, targets, shift_labels is None,
+                                             temperature, wants_entropy, outputs, options)
+        mask = targets != -100
+        log_probs = fields["log_probs"]
+        loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
+        if aux_loss is not None:
+            loss = loss + getattr(text_config, "router_aux_loss_coef", 0.0) * aux_loss
+        if options.token_weights is not None:
+            log_probs = log_probs * options.token_weights(targets).to(log_probs.dtype)
+        return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=fields.get("entropy"),
+                                   log_sum_sq_probs=fields.get("log_sum_sq_probs"),
+                                   mean_logits=fields.get("mean_logits"), is_top1=fields.get("is_top1"),
+                                   label_mask=mask, aux_loss=aux_loss)
+
+    model.forward = types.MethodType(_fused_forward, model)
+
+
+def _masked(fields: dict, mask: torch.Tensor) -> dict:
+    """The metric fields zeroed (False) where the label is ignored, as TRL's protocol has them."""
+    return {name: torch.where(mask, value, torch.zeros_like(value)) for name, value in fields.items()}
+
+
+def _score_logits(forward, args, kwargs, targets, shifted_here, temperature, wants_entropy, outputs, options):
+    """The logits route: the model's own logits, scored in place; labels are shifted, not the logits (a sliced
+    logits view would cost an N x V gradient copy in backward)."""
+    model_out = forward(*args, **kwargs)
+    logits = model_out.logits
+    padded = F.pad(targets, (0, 1), value=-100) if shifted_here else targets
+    if logits.shape[:-1] != padded.shape:
+        raise ValueError(f"rlhfv fused head: the model returned logits for {tuple(logits.shape[:-1])} positions "
+                         f"but the labels cover {tuple(padded.shape)} (prompt-learning PEFT adds virtual tokens; "
+                         "not supported by the logits route)")
+    inplace = options.inplace_backward and torch.is_grad_enabled() and logits.requires_grad
+    scored = rk.token_logprobs(logits, padded, temperature=temperature, return_entropy=wants_entropy,
+                               inplace_backward=inplace, backend=options.backend)
+    log_probs, entropy = scored if wants_entropy else (scored, None)
+    cut = (lambda t: t[:, :-1]) if shifted_here else (lambda t: t)
+    fields = {"log_probs": cut(log_probs)}
+    if entropy is not None:
+        fields["entropy"] = cut(entropy)
+    vocab = logits.shape[-1]
+    flat = logits.detach().reshape(-1, vocab)
+    metrics = _metric_fields(lambda rows: flat[rows], flat.shape[0], vocab, padded.reshape(-1).clamp(min=0),
+                             temperature, outputs)
+    mask = targets != -100
+    fields.update(_masked({k: cut(v.view(padded.shape)) for k, v in metrics.items()}, mask))
+    return fields, getattr(model_out, "aux_loss", None)
+
+
+def _score_hidden(model, args, kwargs, targets, shifted_here, temperature, wants_entropy, outputs, options):
+    """The fused-linear route: the body's hidden states and the lm_head, only the positions with a label."""
+    from .models import adapter
+
+    if kwargs.get("output_router_logits"):
+        raise ValueError("rlhfv fused head: the MoE router aux loss is not available on the fused-linear route; "
+                         "use the logits route (use_fused_linear=False)")
+    if args:
+        raise ValueError("rlhfv fused head: pass the model inputs as keyword arguments")
+    if not getattr(model, "_rlhfv_route_checked", False):
+        adapter.check_fused_linear(model, {k: v for k, v in kwargs.items() if k != "use_cache"})
+        model._rlhfv_route_checked = True
+    hidden, head = adapter.hidden_and_head(model, kwargs)
+    if shifted_here:
+        hidden = hidden[:, :-1]
+    if hidden.shape[:-1] != targets.shape:
+        raise ValueError(f"rlhfv fused head: hidden states cover {tuple(hidden.shape[:-1])} positions but the labels "
+                         f"{tuple(targets.shape)}")
+    mask = targets != -100
+    index = mask.reshape(-1).nonzero().squeeze(1)
+    picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
+    picked_targets = targets.reshape(-1).index_select(0, index)
+    scored = rk.linear_token_logprobs(picked, head.weight, picked_targets, temperature=temperature,
+                                      chunk_size=options.chunk_size, backend=options.backend,
+                                      return_entropy=wants_entropy, **head.options())
+    per_token = dict(zip(("log_probs", "entropy"), scored if wants_entropy else (scored,)))
+
+    def logits_of(rows):
+        return head.transform.apply(F.linear(picked[rows].detach(), head.weight.detach(),
+                                             None if head.bias is None else head.bias.detach()))
+
+    per_token.update(_metric_fields(logits_of, picked.shape[0], head.weight.shape[0], picked_targets, temperature,
+                                    outputs))
+    # Scatter back to [B, T]; masked_scatter keeps an all-ignored batch connected to the graph (a zero gradient).
+    fields = {name: value.new_zeros(mask.shape).masked_scatter(mask, value) for name, value in per_token.items()}
+    return fields, None
+
+
+@contextlib.contextmanager
+def _fused_heads_from_rlhfv(trainer_module, options: FusedHeadOptions):
+    """While TRL's constructor runs, its `add_fused_lm_head` is rlhfv's (with `options`)."""
+    original = trainer_module.add_fused_lm_head
+    trainer_module.add_fused_lm_head = functools.partial(add_fused_lm_head, options=options)
+    try:
+        yield
+    finally:
+        trainer_module.add_fused_lm_head = original
+
+
+def _config_of(args, kwargs):
+    config = kwargs.get("args", args[2] if len(args) > 2 else None)
+    if config is None:
+        raise ValueError("args: pass the trainer's config (DPOConfig / GRPOConfig) explicitly; the drop-ins check "
+                         "its options before TRL's constructor runs")
+    return config
+
+
+def _refuse_on_fused_linear(options: FusedHeadOptions, model, config) -> None:
+    if not options.use_fused_linear:
+        return
+    text = getattr(getattr(model, "config", None), "get_text_config", lambda: None)()
+    if text is not None and getattr(text, "output_router_logits", False) and \
+            getattr(config, "router_aux_loss_coef", 0.0) != 0.0:
+        raise ValueError("use_fused_linear=True: the MoE router aux loss (router_aux_loss_coef != 0) is not "
+                         "available on the fused-linear route; use the logits route or set router_aux_loss_coef=0")
+
+
+class DPOTrainer(trl.DPOTrainer):
+    """TRL's DPOTrainer with the per-token log-probs from rlhfv's fused kernels (see the module docstring).
+
+    use_fused_linear: score from hidden states + lm_head (logits never materialized) instead of the model's logits.
+    inplace_backward: logits route only, write dlogits into the logits (default True). backend / chunk_size: of
+    rlhfv_kernels. gamma, ddpo_mode ("sum" | "mean"), min_match: DDPO token weights (gamma=1 and "sum": plain TRL).
+    """
+
+    def __init__(self, *args, use_fused_linear: bool = False, inplace_backward: bool = True,
+                 backend: str | None = None, chunk_size: int | None = None, gamma: float = 1.0,
+                 ddpo_mode: str = "sum", min_match: int = 3, **kwargs):
+        config = _config_of(args, kwargs)
+        if ddpo_mode not in DDPO_MODES:
+            raise ValueError(f"ddpo_mode must be one of {DDPO_MODES}, got {ddpo_mode!r}")
+        if not gamma >= 0:
+            raise ValueError(f"gamma must be >= 0, got {gamma!r}")
+        weights = None if gamma == 1.0 and ddpo_mode == "sum" else DDPOWeights(gamma, ddpo_mode, min_match)
+        self.rlhfv_options = FusedHeadOptions(use_fused_linear, inplace_backward, backend, chunk_size, weights)
+        _refuse_on_fused_linear(self.rlhfv_options, kwargs.get("model", args[0] if args else None), config)
+        with _fused_heads_from_rlhfv(_trl_dpo, self.rlhfv_options):
+            super().__init__(*args, **kwargs)
 
 
 class DDPOTrainer(DPOTrainer):
-    """TRL's DPOTrainer with the loss replaced by rlhfv's fused DDPO (see the module docstring)."""
+    """RLHF-V's Dense DPO on TRL's DPOTrainer: DPOTrainer with the paper's defaults gamma=5, ddpo_mode="mean"
+    (pair them with DPOConfig(beta=0.5))."""
 
-    def __init__(self, *args, gamma: float = 5.0, ddpo_mode: str = "mean", min_match: int = 3,
-                 drs_weight: float = 0.0, drs_k: float = 1.0, sft_weight: float = 0.0,
-                 inplace_backward: bool = True, backend: str | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        if self.precompute_ref_logps:
-            raise ValueError("DDPOTrainer needs precompute_ref_log_probs=False: TRL precomputes unweighted sums, while "
-                             "DDPO scores the reference with the same token weights and mode as the policy")
-        if self.ref_model is None:
-            raise ValueError("DDPOTrainer needs a reference model (PEFT adapters without one are not supported yet)")
-        if ddpo_mode not in ("sum", "mean"):
-            raise ValueError(f"ddpo_mode must be 'sum' or 'mean', got {ddpo_mode!r}")
-        self.ddpo_mode, self.drs_weight, self.drs_k, self.sft_weight = ddpo_mode, drs_weight, drs_k, sft_weight
-        self.inplace_backward, self.rlhfv_backend = inplace_backward, backend
-        self.data_collator = WeightedPreferenceCollator(self.data_collator, gamma, min_match)
+    def __init__(self, *args, gamma: float = 5.0, ddpo_mode: str = "mean", **kwargs):
+        super().__init__(*args, gamma=gamma, ddpo_mode=ddpo_mode, **kwargs)
 
-    def _targets(self, inputs):
-        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
-        # Shift the labels, not the logits (slicing logits would cost an N x V gradient copy in backward).
-        return F.pad(labels[:, 1:], (0, 1), value=-100), F.pad(inputs["token_weights"][:, 1:], (0, 1))
 
-    def _compute_loss(self, model, inputs, return_outputs):
-        mode = "train" if self.model.training else "eval"
-        model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
-        model_kwargs["use_cache"] = False
-        targets, weights = self._targets(inputs)
-        with torch.no_grad():
-            ref_logits = self.ref_model(**model_kwargs).logits
-            ref = rk.sequence_logps(ref_logits, targets, weights, mode=self.ddpo_mode, backend=self.rlhfv_backend)
-            del ref_logits
-        outputs = model(**model_kwargs)
-        out = rk.ddpo_loss(outputs.logits, targets, ref, token_weights=weights, beta=self.beta, mode=self.ddpo_mode,
-                           reward_margin=inputs.get("reward_margin"), drs_weight=self.drs_weight, drs_k=self.drs_k,
-                           sft_weight=self.sft_weight, inplace_backward=self.inplace_backward and model.training,
-                           backend=self.rlhfv_backend)
-        gather = self.accelerator.gather
-        for key, value in (("rewards/chosen", out.chosen_rewards), ("rewards/rejected", out.rejected_rewards),
-                           ("rewards/margins", out.margins), ("rewards/accuracies", (out.margins > 0).float()),
-                           ("logps/chosen", out.chosen_logps), ("logps/rejected", out.rejected_logps)):
-            self._metrics[mode][key].append(gather(value).mean().item())
-        return (out.loss, outputs) if return_outputs else out.loss
+class GRPOTrainer(trl.GRPOTrainer):
+    """TRL's GRPOTrainer with the per-token log-probs and entropies from rlhfv's fused kernels (module docstring).
+
+    Options as DPOTrainer's, without the DDPO weights. TRL's generation, rewards, advantages and loss are unchanged.
+    """
+
+    def __init__(self, *args, use_fused_linear: bool = False, inplace_backward: bool = True,
+                 backend: str | None = None, chunk_size: int | None = None, **kwargs):
+        config = _config_of(args, kwargs)
+        if getattr(config, "cast_lm_head_to_fp32", False):
+            raise ValueError("cast_lm_head_to_fp32=True is not supported by rlhfv's fused head (the kernels "
+                             "accumulate in fp32 from the head's dtype); set it to False")
+        self.rlhfv_options = FusedHeadOptions(use_fused_linear, inplace_backward, backend, chunk_size)
+        _refuse_on_fused_linear(self.rlhfv_options, kwargs.get("model", args[0] if args else None), config)
+        with _fused_heads_from_rlhfv(_trl_grpo, self.rlhfv_options):
+            super().__init__(*args, **kwargs)

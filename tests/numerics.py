@@ -63,8 +63,10 @@ def grad_of(fn, logits, *, seed_grad=None):
     return out.detach(), leaf.grad
 
 
-def truth_token_logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, softcap=None, logit_scale=1.0):
-    """The float64 truth of token_logprobs for `logits` holding already-rounded values in float64.
+def truth_token_logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, softcap=None, logit_scale=1.0,
+                         return_entropy=False):
+    """The float64 truth of token_logprobs (with return_entropy: and of the entropies) for `logits` holding
+    already-rounded values in float64.
 
     At temperature t != 1 the truth's input is x / t rounded to fp32, the working precision in which both the kernels
     and eager PyTorch form it (DESIGN.md §4: accumulate in fp32), with the exact gradient 1/t. That rounding belongs to
@@ -77,14 +79,14 @@ def truth_token_logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, 
     magnitudes, where the tests use logit_scale alone."""
     if softcap is not None or logit_scale != 1.0:
         return reference.token_logprobs(logits, labels, ignore_index=ignore_index, temperature=temperature,
-                                        softcap=softcap, logit_scale=logit_scale)
+                                        softcap=softcap, logit_scale=logit_scale, return_entropy=return_entropy)
     scaled = logits
     if temperature != 1.0:
         exact = logits / temperature
         rounded = (logits.detach().float() / temperature).double()
         # value: the fp32 quotient; gradient: that of x / t. Non-finite entries (masked -inf, poisoned rows) stay.
         scaled = exact + torch.where(torch.isfinite(exact), rounded - exact, torch.zeros_like(exact)).detach()
-    return reference.token_logprobs(scaled, labels, ignore_index=ignore_index)
+    return reference.token_logprobs(scaled, labels, ignore_index=ignore_index, return_entropy=return_entropy)
 
 
 def softcap_gpu_extra(device, softcap, temperature=1.0):

@@ -188,6 +188,79 @@ RLHFV_MULTIVERSION void chunk_softcap_grad(const float* x, float* out, int64_t n
   }
 }
 
+// The entropy's running sums: s1 += sum_i exp(t_i), s2 += sum_i exp(t_i) * t_i with t_i = x_i / temp - shift <= 0.
+// t is clamped at -87 like the exp's argument, so a masked (-inf) logit adds ~1e-36 rather than 0 * -inf = NaN.
+RLHFV_MULTIVERSION void chunk_sum_exp_and_moment(const float* x, int64_t n, float temp, float shift, float* s1,
+                                                 float* s2) {
+  vfloat acc1 = {}, acc2 = {};
+  const vfloat lowest = Lanes<vfloat>::splat(-87.0f);
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    vfloat t = load_lanes(x + i) / temp - shift;
+    t = t < lowest ? lowest : t;
+    const vfloat e = exp_nonpositive(t);
+    acc1 += e;
+    acc2 += e * t;
+  }
+  float a = 0.0f, b = 0.0f;
+  for (int j = 0; j < kLanes; ++j) {
+    a += acc1[j];
+    b += acc2[j];
+  }
+  for (; i < n; ++i) {
+    float t = x[i] / temp - shift;
+    t = t < -87.0f ? -87.0f : t;
+    const float e = exp_nonpositive(t);
+    a += e;
+    b += e * t;
+  }
+  *s1 += a;
+  *s2 += b;
+}
+
+// The entropy-carrying gradient: out_i = slope_i * p_i * (a + b * log p_i), log p_i = (z_i - lse_hi) - lse_lo,
+// slope_i = dz_i/dx_i * temp (sech^2(x_i / cap) under a cap, else 1; z already divided by temp). With the caller's
+// a = -(g + g_H * H) / temp and b = -g_H / temp this is d(g * logp + g_H * H)/dx off the label (DESIGN.md §2).
+// log p is clamped at -87 (masked logits: ~1e-36, not 0 * -inf). `out` may alias `x`.
+template <bool Capped>
+RLHFV_INLINE void entropy_grad_body(const float* x, float* out, int64_t n, float cap, float temp, float lse_hi,
+                                    float lse_lo, float a, float b) {
+  const bool scaled = temp != 1.0f;
+  const vfloat lowest = Lanes<vfloat>::splat(-87.0f);
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    vfloat slope = Lanes<vfloat>::splat(1.0f), z = load_lanes(x + i);
+    if (Capped) {
+      z = softcapped(z, cap, temp, scaled, &slope);
+    } else {
+      z = z / temp;
+    }
+    vfloat d = (z - lse_hi) - lse_lo;
+    d = d < lowest ? lowest : d;
+    store_lanes(out + i, slope * exp_nonpositive(d) * (a + b * d));
+  }
+  for (; i < n; ++i) {
+    float slope = 1.0f, z = x[i];
+    if (Capped) {
+      z = softcapped(z, cap, temp, scaled, &slope);
+    } else {
+      z = z / temp;
+    }
+    float d = (z - lse_hi) - lse_lo;
+    d = d < -87.0f ? -87.0f : d;
+    out[i] = slope * exp_nonpositive(d) * (a + b * d);
+  }
+}
+// (target_clones does not take templates: one clone set per variant.)
+RLHFV_MULTIVERSION void chunk_entropy_grad(const float* x, float* out, int64_t n, float cap, float temp,
+                                           float lse_hi, float lse_lo, float a, float b) {
+  entropy_grad_body<false>(x, out, n, cap, temp, lse_hi, lse_lo, a, b);
+}
+RLHFV_MULTIVERSION void chunk_softcap_entropy_grad(const float* x, float* out, int64_t n, float cap, float temp,
+                                                   float lse_hi, float lse_lo, float a, float b) {
+  entropy_grad_body<true>(x, out, n, cap, temp, lse_hi, lse_lo, a, b);
+}
+
 // float64 logits (used by gradcheck and as a precise CPU path): plain libm, no speed ambitions.
 double chunk_max(const double* x, int64_t n) {
   double m = -std::numeric_limits<double>::infinity();
@@ -220,6 +293,32 @@ void chunk_softcap_grad(const double* x, double* out, int64_t n, double cap, dou
     const double z = softcapped(x[i], cap, temp, temp != 1.0, &sech2);
     out[i] = scale * std::exp((z - lse_hi) - lse_lo) * sech2;
   }
+}
+void chunk_sum_exp_and_moment(const double* x, int64_t n, double temp, double shift, double* s1, double* s2) {
+  for (int64_t i = 0; i < n; ++i) {
+    const double t = x[i] / temp - shift;
+    const double e = std::exp(t);
+    *s1 += e;
+    if (e > 0) *s2 += e * t;  // exp(-inf) * -inf would be NaN
+  }
+}
+void entropy_grad_double(const double* x, double* out, int64_t n, double cap, double temp, double lse_hi,
+                         double lse_lo, double a, double b, bool capped) {
+  for (int64_t i = 0; i < n; ++i) {
+    double slope = 1.0, z = x[i] / temp;
+    if (capped) z = softcapped(x[i], cap, temp, temp != 1.0, &slope);
+    const double d = (z - lse_hi) - lse_lo;
+    const double p = std::exp(d);
+    out[i] = p > 0 ? slope * p * (a + b * d) : 0.0;
+  }
+}
+void chunk_entropy_grad(const double* x, double* out, int64_t n, double cap, double temp, double lse_hi,
+                        double lse_lo, double a, double b) {
+  entropy_grad_double(x, out, n, cap, temp, lse_hi, lse_lo, a, b, false);
+}
+void chunk_softcap_entropy_grad(const double* x, double* out, int64_t n, double cap, double temp, double lse_hi,
+                                double lse_lo, double a, double b) {
+  entropy_grad_double(x, out, n, cap, temp, lse_hi, lse_lo, a, b, true);
 }
 inline float exp_nonpositive_any(float x) { return exp_nonpositive<float>(x); }
 inline double exp_nonpositive_any(double x) { return std::exp(x); }
@@ -335,9 +434,11 @@ void parallel_rows(const at::Tensor& logits, bool capped, const Body& body) {
 
 // z = x / temp, or softcapped(x) when softcap > 0 (then each chunk is transformed into `buf` first and the sweeps
 // below run on z with temperature 1; the transform is increasing, so z's maximum is still the running shift).
+// With `entropy` (else nullptr) each row also keeps s2 = sum exp(z - max) * (z - max) beside s1 = sum exp(z - max),
+// so H = -sum p log p = log s1 - s2 / s1: two non-negative terms, no cancellation of large logits.
 template <typename T>
-void forward_rows(const at::Tensor& logits, const int64_t* labels, acc_t<T>* logp, double* lse, int64_t ignore_index,
-                  double temperature, double softcap) {
+void forward_rows(const at::Tensor& logits, const int64_t* labels, acc_t<T>* logp, double* lse, acc_t<T>* entropy,
+                  int64_t ignore_index, double temperature, double softcap) {
   using Acc = acc_t<T>;
   const Acc temp = static_cast<Acc>(temperature);
   const Acc cap = static_cast<Acc>(softcap);
@@ -349,11 +450,12 @@ void forward_rows(const at::Tensor& logits, const int64_t* labels, acc_t<T>* log
     if (label == ignore_index) {
       logp[r] = 0;
       lse[r] = 0.0;
+      if (entropy) entropy[r] = 0;
       return;
     }
     check_label(label, vocab, ignore_index, r);
     Acc running_max = -std::numeric_limits<Acc>::infinity();
-    Acc running_sum = 0;
+    Acc running_sum = 0, running_moment = 0;
     for (int64_t off = 0; off < vocab; off += kChunk) {
       const int64_t n = std::min(kChunk, vocab - off);
       const Acc* xs = chunk_as_acc(row + off, buf, n);
@@ -363,7 +465,11 @@ void forward_rows(const at::Tensor& logits, const int64_t* labels, acc_t<T>* log
       }
       const Acc chunk_peak = chunk_max(xs, n) / sweep_temp;
       if (chunk_peak > running_max) {
-        running_sum *= std::exp(running_max - chunk_peak);
+        const Acc shift = running_max - chunk_peak;  // < 0; -inf on the first finite chunk
+        const Acc rescale = std::exp(shift);
+        // sum e^(z - new) (z - new) = e^shift * (s2 + shift * s1); nothing to carry while s1 is still 0.
+        if (entropy && running_sum != 0) running_moment = rescale * (running_moment + shift * running_sum);
+        running_sum *= rescale;
         running_max = chunk_peak;
       }
       if (running_max == -std::numeric_limits<Acc>::infinity()) {
@@ -373,7 +479,11 @@ void forward_rows(const at::Tensor& logits, const int64_t* labels, acc_t<T>* log
         continue;
       }
       // A NaN elsewhere reaches the sum through exp(NaN - max) = NaN.
-      running_sum += chunk_sum_exp(xs, n, sweep_temp, running_max);
+      if (entropy) {
+        chunk_sum_exp_and_moment(xs, n, sweep_temp, running_max, &running_sum, &running_moment);
+      } else {
+        running_sum += chunk_sum_exp(xs, n, sweep_temp, running_max);
+      }
     }
     // (z_target - lse) in float64: both terms can be ~1e4 while their difference is small.
     const double row_lse = static_cast<double>(running_max) + std::log(static_cast<double>(running_sum));
@@ -386,16 +496,22 @@ void forward_rows(const at::Tensor& logits, const int64_t* labels, acc_t<T>* log
       target = static_cast<Acc>(row[label]) / temp;
     }
     logp[r] = static_cast<Acc>(static_cast<double>(target) - row_lse);
+    if (entropy) {
+      const double s1 = static_cast<double>(running_sum);
+      entropy[r] = static_cast<Acc>(std::log(s1) - static_cast<double>(running_moment) / s1);
+    }
   });
 }
 
 // Writes grad_logp[r] * (onehot - softmax) / temp for every row into `out_base` laid out as `out_layout`
 // (which is the logits' own layout when the gradient overwrites them).
 // With a soft cap every entry also carries dz/dx = sech^2(x / cap) / temp.
+// With grad_entropy (else nullptr; then `entropy` is unused) the rows carry d(g_H * H)/dx as well:
+// dH/dz_j = -p_j (log p_j + H), so each entry is slope * p * (a + b * log p) (chunk_entropy_grad).
 template <typename T>
 void backward_rows(const at::Tensor& logits, const int64_t* labels, const acc_t<T>* grad_logp, const double* lse,
-                   T* out_base, const RowLayout& out_layout, int64_t ignore_index, double temperature,
-                   double softcap) {
+                   const acc_t<T>* grad_entropy, const acc_t<T>* entropy, T* out_base, const RowLayout& out_layout,
+                   int64_t ignore_index, double temperature, double softcap) {
   using Acc = acc_t<T>;
   const Acc temp = static_cast<Acc>(temperature);
   const Acc cap = static_cast<Acc>(softcap);
@@ -405,7 +521,8 @@ void backward_rows(const at::Tensor& logits, const int64_t* labels, const acc_t<
     T* out = out_base + out_layout.offset(r);
     const int64_t label = labels[r];
     const Acc coef = grad_logp[r];
-    if (label == ignore_index || coef == 0) {
+    const Acc coef_h = grad_entropy ? grad_entropy[r] : Acc(0);
+    if (label == ignore_index || (coef == 0 && coef_h == 0)) {
       std::fill(out, out + vocab, T(0));  // no need to read the logits of a row that gets no gradient
       return;
     }
@@ -419,27 +536,38 @@ void backward_rows(const at::Tensor& logits, const int64_t* labels, const acc_t<
     } else {
       target_z = static_cast<Acc>(row[label]) / temp;
     }
-    const Acc target_prob = exp_nonpositive_any((target_z - lse_hi) - lse_lo);
+    const Acc target_logp = (target_z - lse_hi) - lse_lo;
+    const Acc target_prob = exp_nonpositive_any(target_logp);
     const Acc scale = -coef / temp;
+    const Acc row_entropy = coef_h != 0 ? entropy[r] : Acc(0);
+    const Acc a = -(coef + coef_h * row_entropy) / temp, b = -coef_h / temp;
+    // One chunk [from, from + n) of `src` (the row, or its fp32 copy) into `dst`.
+    const auto sweep = [&](const Acc* src, Acc* dst, int64_t n) {
+      if (coef_h != 0) {
+        if (capped) {
+          chunk_softcap_entropy_grad(src, dst, n, cap, temp, lse_hi, lse_lo, a, b);
+        } else {
+          chunk_entropy_grad(src, dst, n, cap, temp, lse_hi, lse_lo, a, b);
+        }
+      } else if (capped) {
+        chunk_softcap_grad(src, dst, n, cap, temp, lse_hi, lse_lo, scale);
+      } else {
+        chunk_scaled_softmax(src, dst, n, temp, lse_hi, lse_lo, scale);
+      }
+    };
     for (int64_t off = 0; off < vocab; off += kChunk) {
       const int64_t n = std::min(kChunk, vocab - off);
       if constexpr (std::is_same_v<T, Acc>) {
-        if (capped) {
-          chunk_softcap_grad(row + off, out + off, n, cap, temp, lse_hi, lse_lo, scale);
-        } else {
-          chunk_scaled_softmax(row + off, out + off, n, temp, lse_hi, lse_lo, scale);
-        }
+        sweep(row + off, out + off, n);
       } else {
-        const Acc* xs = chunk_as_acc(row + off, buf, n);
-        if (capped) {
-          chunk_softcap_grad(xs, buf, n, cap, temp, lse_hi, lse_lo, scale);
-        } else {
-          chunk_scaled_softmax(xs, buf, n, temp, lse_hi, lse_lo, scale);
-        }
+        sweep(chunk_as_acc(row + off, buf, n), buf, n);
         store_chunk(buf, out + off, n);
       }
     }
-    out[label] = static_cast<T>(coef / temp * (Acc(1) - target_prob) * target_slope);
+    // At the label, c/t * (1 - p) rather than c/t - c/t * p: the difference of two near-equal terms loses bits.
+    Acc at_label = coef / temp * (Acc(1) - target_prob);
+    if (coef_h != 0) at_label += target_prob * b * (target_logp + row_entropy);
+    out[label] = static_cast<T>(at_label * target_slope);
   });
 }
 
@@ -448,31 +576,63 @@ void check_common(const at::Tensor& logits, const at::Tensor& labels, double tem
   check_logprob_inputs(logits, labels, temperature, softcap);
 }
 
-std::tuple<at::Tensor, at::Tensor> logprob_fwd_cpu(const at::Tensor& logits, const at::Tensor& labels,
-                                                   int64_t ignore_index, double temperature, double softcap,
-                                                   bool /*inplace_backward*/) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& logits, const at::Tensor& labels,
+                                                           int64_t ignore_index, double temperature, double softcap,
+                                                           bool with_entropy) {
   check_common(logits, labels, temperature, softcap);
   const at::Tensor flat_labels = labels.to(at::kLong).contiguous();
   const auto logp_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor logp = at::empty(labels.sizes(), logits.options().dtype(logp_dtype));
   at::Tensor lse = at::empty(labels.sizes(), logits.options().dtype(at::kDouble));
-  cpu::logprob_rows_forward(logits, flat_labels, logp, lse, ignore_index, temperature, softcap);
+  at::Tensor entropy = at::empty(with_entropy ? labels.sizes() : at::IntArrayRef{0}, logp.options());
+  cpu::logprob_rows_forward(logits, flat_labels, logp, lse, with_entropy ? &entropy : nullptr, ignore_index,
+                            temperature, softcap);
+  return {logp, lse, entropy};
+}
+
+std::tuple<at::Tensor, at::Tensor> logprob_fwd_cpu(const at::Tensor& logits, const at::Tensor& labels,
+                                                   int64_t ignore_index, double temperature, double softcap,
+                                                   bool /*inplace_backward*/) {
+  auto [logp, lse, unused] = forward_cpu(logits, labels, ignore_index, temperature, softcap, false);
   return {logp, lse};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> logprob_entropy_fwd_cpu(const at::Tensor& logits,
+                                                                       const at::Tensor& labels, int64_t ignore_index,
+                                                                       double temperature, double softcap,
+                                                                       bool /*inplace_backward*/) {
+  auto [logp, lse, entropy] = forward_cpu(logits, labels, ignore_index, temperature, softcap, true);
+  return {logp, entropy, lse};
+}
+
 struct BackwardInputs {
-  at::Tensor labels, grad, lse;
+  at::Tensor labels, grad, lse, grad_entropy, entropy;  // the last two undefined without an entropy gradient
 };
 
 BackwardInputs prepare_backward(const at::Tensor& grad_logp, const at::Tensor& logits, const at::Tensor& labels,
-                                const at::Tensor& lse, double temperature, double softcap) {
+                                const at::Tensor& lse, double temperature, double softcap,
+                                const at::Tensor* grad_entropy = nullptr, const at::Tensor* entropy = nullptr) {
   check_common(logits, labels, temperature, softcap);
   TORCH_CHECK(grad_logp.sizes() == labels.sizes(), "rlhfv: grad_logp shape ", grad_logp.sizes(),
               " must equal labels shape ", labels.sizes());
   TORCH_CHECK(lse.sizes() == labels.sizes() && lse.scalar_type() == at::kDouble,
               "rlhfv: lse must be the float64 tensor returned by logprob_fwd");
   const auto acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  return {labels.to(at::kLong).contiguous(), grad_logp.to(acc_dtype).contiguous(), lse.contiguous()};
+  BackwardInputs in{labels.to(at::kLong).contiguous(), grad_logp.to(acc_dtype).contiguous(), lse.contiguous(), {}, {}};
+  if (grad_entropy != nullptr) {
+    TORCH_CHECK(grad_entropy->sizes() == labels.sizes() && entropy->sizes() == labels.sizes(),
+                "rlhfv: grad_entropy and entropy must have labels' shape ", labels.sizes());
+    in.grad_entropy = grad_entropy->to(acc_dtype).contiguous();
+    in.entropy = entropy->to(acc_dtype).contiguous();
+  }
+  return in;
+}
+
+void rows_backward(const at::Tensor& logits, const BackwardInputs& in, at::Tensor& out, int64_t ignore_index,
+                   double temperature, double softcap) {
+  const bool with_entropy = in.grad_entropy.defined();
+  cpu::logprob_rows_backward(logits, in.labels, in.grad, in.lse, out, ignore_index, temperature, softcap,
+                             with_entropy ? &in.grad_entropy : nullptr, with_entropy ? &in.entropy : nullptr);
 }
 
 // A fresh N x V gradient buffer is first touched by the backward sweep; with 4 KiB pages that costs one page fault
@@ -491,19 +651,43 @@ void advise_huge_pages(void* data, size_t bytes) {
 #endif
 }
 
+at::Tensor new_gradient_buffer(const at::Tensor& logits) {
+  at::Tensor dlogits = at::empty(logits.sizes(), logits.options());  // contiguous
+  advise_huge_pages(dlogits.data_ptr(), dlogits.nbytes());
+  return dlogits;
+}
+
 at::Tensor logprob_bwd_cpu(const at::Tensor& grad_logp, const at::Tensor& logits, const at::Tensor& labels,
                            const at::Tensor& lse, int64_t ignore_index, double temperature, double softcap) {
   const BackwardInputs in = prepare_backward(grad_logp, logits, labels, lse, temperature, softcap);
-  at::Tensor dlogits = at::empty(logits.sizes(), logits.options());  // contiguous
-  advise_huge_pages(dlogits.data_ptr(), dlogits.nbytes());
-  cpu::logprob_rows_backward(logits, in.labels, in.grad, in.lse, dlogits, ignore_index, temperature, softcap);
+  at::Tensor dlogits = new_gradient_buffer(logits);
+  rows_backward(logits, in, dlogits, ignore_index, temperature, softcap);
   return dlogits;
 }
 
 void logprob_bwd_inplace_cpu(at::Tensor& logits, const at::Tensor& grad_logp, const at::Tensor& labels,
                              const at::Tensor& lse, int64_t ignore_index, double temperature, double softcap) {
   const BackwardInputs in = prepare_backward(grad_logp, logits, labels, lse, temperature, softcap);
-  cpu::logprob_rows_backward(logits, in.labels, in.grad, in.lse, logits, ignore_index, temperature, softcap);
+  rows_backward(logits, in, logits, ignore_index, temperature, softcap);
+}
+
+at::Tensor logprob_entropy_bwd_cpu(const at::Tensor& grad_logp, const at::Tensor& grad_entropy,
+                                   const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
+                                   const at::Tensor& entropy, int64_t ignore_index, double temperature,
+                                   double softcap) {
+  const BackwardInputs in =
+      prepare_backward(grad_logp, logits, labels, lse, temperature, softcap, &grad_entropy, &entropy);
+  at::Tensor dlogits = new_gradient_buffer(logits);
+  rows_backward(logits, in, dlogits, ignore_index, temperature, softcap);
+  return dlogits;
+}
+
+void logprob_entropy_bwd_inplace_cpu(at::Tensor& logits, const at::Tensor& grad_logp, const at::Tensor& grad_entropy,
+                                     const at::Tensor& labels, const at::Tensor& lse, const at::Tensor& entropy,
+                                     int64_t ignore_index, double temperature, double softcap) {
+  const BackwardInputs in =
+      prepare_backward(grad_logp, logits, labels, lse, temperature, softcap, &grad_entropy, &entropy);
+  rows_backward(logits, in, logits, ignore_index, temperature, softcap);
 }
 
 }  // namespace
@@ -511,20 +695,24 @@ void logprob_bwd_inplace_cpu(at::Tensor& logits, const at::Tensor& grad_logp, co
 namespace cpu {
 
 void logprob_rows_forward(const at::Tensor& logits, const at::Tensor& labels, at::Tensor& logp, at::Tensor& lse,
-                          int64_t ignore_index, double temperature, double softcap) {
+                          at::Tensor* entropy, int64_t ignore_index, double temperature, double softcap) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "rlhfv_logprob_fwd", [&] {
-    forward_rows<scalar_t>(logits, labels.const_data_ptr<int64_t>(), logp.mutable_data_ptr<acc_t<scalar_t>>(),
-                           lse.mutable_data_ptr<double>(), ignore_index, temperature, softcap);
+    using Acc = acc_t<scalar_t>;
+    forward_rows<scalar_t>(logits, labels.const_data_ptr<int64_t>(), logp.mutable_data_ptr<Acc>(),
+                           lse.mutable_data_ptr<double>(), entropy ? entropy->mutable_data_ptr<Acc>() : nullptr,
+                           ignore_index, temperature, softcap);
   });
 }
 
 void logprob_rows_backward(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& grad,
                            const at::Tensor& lse, at::Tensor& out, int64_t ignore_index, double temperature,
-                           double softcap) {
+                           double softcap, const at::Tensor* grad_entropy, const at::Tensor* entropy) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "rlhfv_logprob_bwd", [&] {
-    backward_rows<scalar_t>(logits, labels.const_data_ptr<int64_t>(), grad.const_data_ptr<acc_t<scalar_t>>(),
-                            lse.const_data_ptr<double>(), out.mutable_data_ptr<scalar_t>(), RowLayout(out),
-                            ignore_index, temperature, softcap);
+    using Acc = acc_t<scalar_t>;
+    backward_rows<scalar_t>(logits, labels.const_data_ptr<int64_t>(), grad.const_data_ptr<Acc>(),
+                            lse.const_data_ptr<double>(), grad_entropy ? grad_entropy->const_data_ptr<Acc>() : nullptr,
+                            entropy ? entropy->const_data_ptr<Acc>() : nullptr, out.mutable_data_ptr<scalar_t>(),
+                            RowLayout(out), ignore_index, temperature, softcap);
   });
 }
 
@@ -535,4 +723,7 @@ TORCH_LIBRARY_IMPL(rlhfv, CPU, m) {
   m.impl("logprob_fwd", &rlhfv::logprob_fwd_cpu);
   m.impl("logprob_bwd", &rlhfv::logprob_bwd_cpu);
   m.impl("logprob_bwd_", &rlhfv::logprob_bwd_inplace_cpu);
+  m.impl("logprob_entropy_fwd", &rlhfv::logprob_entropy_fwd_cpu);
+  m.impl("logprob_entropy_bwd", &rlhfv::logprob_entropy_bwd_cpu);
+  m.impl("logprob_entropy_bwd_", &rlhfv::logprob_entropy_bwd_inplace_cpu);
 }

@@ -104,13 +104,15 @@ def _vocab_range(split, split_size, vocab, VEC: tl.constexpr):
     return start, stop
 
 
-@triton.autotune(configs=_forward_configs(), key=["vocab_bucket", "split_size_bucket", "SCALED", "CAPPED"],
+@triton.autotune(configs=_forward_configs(),
+                 key=["vocab_bucket", "split_size_bucket", "SCALED", "CAPPED", "ENTROPY"],
                  prune_configs_by={"early_config_prune": _prune_forward})
 @triton.jit
-def _logprob_fwd_kernel(logits_ptr, row_offsets_ptr, labels_ptr, part_max_ptr, part_sum_ptr, target_ptr,
-                        vocab, split_size, num_splits, ignore_index, temperature, softcap,
+def _logprob_fwd_kernel(logits_ptr, row_offsets_ptr, labels_ptr, part_max_ptr, part_sum_ptr, part_moment_ptr,
+                        target_ptr, vocab, split_size, num_splits, ignore_index, temperature, softcap,
                         vocab_bucket, split_size_bucket, BLOCK_V: tl.constexpr, VEC: tl.constexpr,
-                        SCALED: tl.constexpr, CAPPED: tl.constexpr):
+                        SCALED: tl.constexpr, CAPPED: tl.constexpr, ENTROPY: tl.constexpr):
+    """Per split: running max, sum exp(z - max) and, with ENTROPY, the moment sum exp(z - max) * (z - max)."""
     row = tl.program_id(0)
     split = tl.program_id(1)
     label = tl.load(labels_ptr + row)
@@ -120,6 +122,7 @@ def _logprob_fwd_kernel(logits_ptr, row_offsets_ptr, labels_ptr, part_max_ptr, p
     n_blocks = tl.where(active, tl.cdiv(stop - start, BLOCK_V), 0)  # ignored rows read nothing
     running_max = tl.full((), float("-inf"), tl.float32)
     running_sum = tl.zeros((), tl.float32)
+    running_moment = tl.zeros((), tl.float32)
     for block in range(0, n_blocks):
         cols = start + block * BLOCK_V + tl.arange(0, BLOCK_V)
         in_split = cols < stop
@@ -130,11 +133,21 @@ def _logprob_fwd_kernel(logits_ptr, row_offsets_ptr, labels_ptr, part_max_ptr, p
         new_max = tl.maximum(running_max, tl.max(x, 0), propagate_nan=tl.PropagateNan.ALL)
         # All -inf so far (masked vocabulary entries): shift by 0 so exp(-inf) = 0 instead of exp(-inf + inf) = NaN.
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        running_sum = running_sum * tl.exp(running_max - shift) + tl.sum(tl.exp(x - shift), 0)
+        rescale = tl.exp(running_max - shift)
+        t = x - shift
+        e = tl.exp(t)
+        if ENTROPY:
+            # sum e^(z - new)(z - new) = e^d (moment + d * sum), d = old - new; nothing to carry while sum is 0
+            # (d may be -inf then). Masked entries (e = 0, t = -inf) add 0, not NaN.
+            d = tl.where(running_sum > 0, running_max - shift, 0.0)
+            running_moment = rescale * (running_moment + d * running_sum) + tl.sum(tl.where(e > 0, e * t, 0.0), 0)
+        running_sum = running_sum * rescale + tl.sum(e, 0)
         running_max = new_max
     out = row * num_splits + split
     tl.store(part_max_ptr + out, running_max)
     tl.store(part_sum_ptr + out, running_sum)
+    if ENTROPY:
+        tl.store(part_moment_ptr + out, running_moment)
     # The split that holds the label reads the target logit (one scalar load).
     holds_label = active & (label >= start) & (label < stop)
     target = tl.load(base + tl.where(holds_label, label, 0), mask=holds_label, other=0.0).to(tl.float32)
@@ -152,13 +165,23 @@ def _round_to_bfloat16(x):
 
 @triton.jit
 def _logprob_bwd_kernel(logits_ptr, row_offsets_ptr, out_ptr, out_row_offsets_ptr, labels_ptr, grad_ptr, lse_ptr,
-                        vocab, split_size, ignore_index, temperature, softcap, BLOCK_V: tl.constexpr,
-                        ROUND_BF16: tl.constexpr, VEC: tl.constexpr, SCALED: tl.constexpr, CAPPED: tl.constexpr):
+                        grad_entropy_ptr, entropy_ptr, vocab, split_size, ignore_index, temperature, softcap,
+                        BLOCK_V: tl.constexpr, ROUND_BF16: tl.constexpr, VEC: tl.constexpr, SCALED: tl.constexpr,
+                        CAPPED: tl.constexpr, ENTROPY: tl.constexpr):
+    """dlogits of grad * logp (+ grad_entropy * H with ENTROPY: dH/dz_j = -p_j (log p_j + H))."""
     row = tl.program_id(0)
     split = tl.program_id(1)
     label = tl.load(labels_ptr + row)
     coef = tl.load(grad_ptr + row).to(tl.float32)
-    active = (label != ignore_index) & (coef != 0.0)
+    if ENTROPY:
+        coef_h = tl.load(grad_entropy_ptr + row).to(tl.float32)
+        row_entropy = tl.load(entropy_ptr + row).to(tl.float32)
+        active = (label != ignore_index) & ((coef != 0.0) | (coef_h != 0.0))
+        # off the label: p * (a + b * log p); a = -(g + g_H * H) / t, b = -g_H / t
+        a = -_scaled(coef + coef_h * row_entropy, temperature, SCALED)
+        b = -_scaled(coef_h, temperature, SCALED)
+    else:
+        active = (label != ignore_index) & (coef != 0.0)
     lse = tl.load(lse_ptr + row)  # float64: exp(x - lse) stays accurate when |logits| ~ 1e4
     lse_hi = lse.to(tl.float32)
     lse_lo = (lse - lse_hi.to(tl.float64)).to(tl.float32)
@@ -173,9 +196,15 @@ def _logprob_bwd_kernel(logits_ptr, row_offsets_ptr, out_ptr, out_row_offsets_pt
         in_row = cols < stop
         x = tl.load(src + cols, mask=cols < read_stop, other=0.0).to(tl.float32)
         z, slope = _transformed_and_slope(x, temperature, softcap, SCALED, CAPPED)
-        prob = tl.exp((z - lse_hi) - lse_lo)
+        log_prob = (z - lse_hi) - lse_lo
+        prob = tl.exp(log_prob)
         # At the label, c/t * (1 - p) rather than c/t - c/t * p: the difference of two near-equal terms loses bits.
-        grad = tl.where(cols == label, on_label * (1.0 - prob), scale * prob) * slope
+        if ENTROPY:
+            log_prob = tl.where(log_prob < -87.0, -87.0, log_prob)  # masked logits: p ~ 0 times a finite factor
+            grad = tl.where(cols == label, on_label * (1.0 - prob) + prob * b * (log_prob + row_entropy),
+                            prob * (a + b * log_prob)) * slope
+        else:
+            grad = tl.where(cols == label, on_label * (1.0 - prob), scale * prob) * slope
         grad = tl.where(active, grad, 0.0)
         if ROUND_BF16:
             grad = _round_to_bfloat16(grad)
@@ -234,45 +263,60 @@ def _backward_config(split_size: int) -> tuple[int, int]:
 
 
 def launch_forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, temperature: float,
-                   softcap: float = 0.0, num_splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logp float32, lse float64) of labels' shape."""
+                   softcap: float = 0.0, num_splits: int | None = None, with_entropy: bool = False):
+    """(logp float32, lse float64) of labels' shape; with_entropy: (logp, entropy float32, lse)."""
     vocab = logits.shape[-1]
     flat_labels = labels.reshape(-1).to(torch.int64)
     rows = flat_labels.numel()
     logp_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     if rows == 0:
-        return (torch.zeros(labels.shape, dtype=logp_dtype, device=logits.device),
-                torch.zeros(labels.shape, dtype=torch.float64, device=logits.device))
+        zeros = torch.zeros(labels.shape, dtype=logp_dtype, device=logits.device)
+        lse = torch.zeros(labels.shape, dtype=torch.float64, device=logits.device)
+        return (zeros, zeros.clone(), lse) if with_entropy else (zeros, lse)
     vec = vector_width(logits)
     splits, split_size = plan_splits(rows, vocab, logits.device, num_splits, multiple=vec)
     part_max = torch.empty(rows, splits, dtype=torch.float32, device=logits.device)
     part_sum = torch.empty(rows, splits, dtype=torch.float32, device=logits.device)
+    part_moment = torch.empty(rows if with_entropy else 1, splits, dtype=torch.float32, device=logits.device)
     target = torch.zeros(rows, dtype=torch.float32, device=logits.device)
     _logprob_fwd_kernel[(rows, splits)](
-        logits, row_offsets(logits), flat_labels, part_max, part_sum, target, vocab, split_size, splits,
-        ignore_index, float(temperature), float(softcap), _bucket(vocab), _bucket(split_size), VEC=vec,
-        SCALED=temperature != 1.0, CAPPED=softcap > 0)
-    return merge_partials(part_max, part_sum, target, flat_labels, ignore_index, logp_dtype, labels.shape)
+        logits, row_offsets(logits), flat_labels, part_max, part_sum, part_moment, target, vocab, split_size,
+        splits, ignore_index, float(temperature), float(softcap), _bucket(vocab), _bucket(split_size), VEC=vec,
+        SCALED=temperature != 1.0, CAPPED=softcap > 0, ENTROPY=with_entropy)
+    return merge_partials(part_max, part_sum, target, flat_labels, ignore_index, logp_dtype, labels.shape,
+                          part_moment if with_entropy else None)
 
 
-def merge_partials(part_max, part_sum, target, flat_labels, ignore_index, logp_dtype, shape):
-    """(logp, lse) from per-split (max, sum of exp) pairs [N, splits] and the scaled target logits [N].
+def merge_partials(part_max, part_sum, target, flat_labels, ignore_index, logp_dtype, shape, part_moment=None):
+    """(logp, lse) from per-split (max, sum of exp) pairs [N, splits] and the scaled target logits [N]; with the
+    per-split moments sum exp(z - max) * (z - max), (logp, entropy, lse): H = log S1 - S2 / S1 about the row max.
 
     Merged in float64: [N, splits] values, negligible next to the kernels. 0 at ignored rows."""
     part_max, part_sum = part_max.double(), part_sum.double()
     top = part_max.amax(dim=1)
     shift = torch.where(top == float("-inf"), torch.zeros_like(top), top)
-    lse = shift + torch.log((part_sum * torch.exp(part_max - shift[:, None])).sum(dim=1))
+    offset = part_max - shift[:, None]
+    scaled_sum = part_sum * torch.exp(offset)
+    row_sum = scaled_sum.sum(dim=1)
+    lse = shift + torch.log(row_sum)
     ignored = flat_labels == ignore_index
     lse = torch.where(ignored, torch.zeros_like(lse), lse)
     logp = torch.where(ignored, torch.zeros_like(lse), target.double() - lse)
-    return logp.to(logp_dtype).reshape(shape), lse.reshape(shape)
+    if part_moment is None:
+        return logp.to(logp_dtype).reshape(shape), lse.reshape(shape)
+    # Each split's moment moved to the row max: e^offset * (moment + offset * sum); empty splits (sum 0) add 0.
+    moved = torch.where(part_sum > 0, torch.exp(offset) * (part_moment.double() + offset * part_sum), 0.0)
+    entropy = torch.log(row_sum) - moved.sum(dim=1) / row_sum
+    entropy = torch.where(ignored, torch.zeros_like(entropy), entropy)
+    return logp.to(logp_dtype).reshape(shape), entropy.to(logp_dtype).reshape(shape), lse.reshape(shape)
 
 
 def launch_backward(grad_logp: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
                     ignore_index: int, temperature: float, out: torch.Tensor, softcap: float = 0.0,
-                    num_splits: int | None = None) -> None:
-    """Writes grad_logp * (onehot - softmax(z)) * dz/dx into `out` ([..., V], may be `logits` itself)."""
+                    num_splits: int | None = None, grad_entropy: torch.Tensor | None = None,
+                    entropy: torch.Tensor | None = None) -> None:
+    """Writes grad_logp * (onehot - softmax(z)) * dz/dx into `out` ([..., V], may be `logits` itself); with
+    grad_entropy and the forward's entropy, plus grad_entropy * dH/dx."""
     vocab = logits.shape[-1]
     flat_labels = labels.reshape(-1).to(torch.int64)
     rows = flat_labels.numel()
@@ -283,8 +327,13 @@ def launch_backward(grad_logp: torch.Tensor, logits: torch.Tensor, labels: torch
     block, warps = _backward_config(split_size)
     offsets = row_offsets(logits)
     out_offsets = offsets if out is logits else row_offsets(out)
+    grad = grad_logp.reshape(-1).to(torch.float32).contiguous()
+    with_entropy = grad_entropy is not None
+    if with_entropy:
+        grad_entropy = grad_entropy.reshape(-1).to(torch.float32).contiguous()
+        entropy = entropy.reshape(-1).to(torch.float32).contiguous()
     _logprob_bwd_kernel[(rows, splits)](
-        logits, offsets, out, out_offsets, flat_labels, grad_logp.reshape(-1).to(torch.float32).contiguous(),
-        lse.reshape(-1).contiguous(), vocab, split_size, ignore_index, float(temperature), float(softcap),
-        BLOCK_V=block, ROUND_BF16=INTERPRETING and out.dtype == torch.bfloat16, VEC=vec, SCALED=temperature != 1.0,
-        CAPPED=softcap > 0, num_warps=warps)
+        logits, offsets, out, out_offsets, flat_labels, grad, lse.reshape(-1).contiguous(),
+        grad_entropy if with_entropy else grad, entropy if with_entropy else grad, vocab, split_size, ignore_index,
+        float(temperature), float(softcap), BLOCK_V=block, ROUND_BF16=INTERPRETING and out.dtype == torch.bfloat16,
+        VEC=vec, SCALED=temperature != 1.0, CAPPED=softcap > 0, ENTROPY=with_entropy, num_warps=warps)

@@ -64,6 +64,26 @@ def _bwd_inplace(logits, grad_logp, labels, lse, ignore_index, temperature, soft
     kernels.launch_backward(grad_logp, logits, labels, lse, ignore_index, temperature, logits, softcap)
 
 
+def _entropy_fwd(logits, labels, ignore_index, temperature, softcap, inplace_backward):
+    _check(logits, labels, temperature, softcap)
+    _check_labels(labels, logits.shape[-1], ignore_index)
+    return kernels.launch_forward(logits, labels, ignore_index, temperature, softcap, with_entropy=True)
+
+
+def _entropy_bwd(grad_logp, grad_entropy, logits, labels, lse, entropy, ignore_index, temperature, softcap):
+    _check(logits, labels, temperature, softcap)
+    out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    kernels.launch_backward(grad_logp, logits, labels, lse, ignore_index, temperature, out, softcap,
+                            grad_entropy=grad_entropy, entropy=entropy)
+    return out
+
+
+def _entropy_bwd_inplace(logits, grad_logp, grad_entropy, labels, lse, entropy, ignore_index, temperature, softcap):
+    _check(logits, labels, temperature, softcap)
+    kernels.launch_backward(grad_logp, logits, labels, lse, ignore_index, temperature, logits, softcap,
+                            grad_entropy=grad_entropy, entropy=entropy)
+
+
 def _check_linear(hidden, weight, labels, temperature, softcap):
     _check(hidden, labels, temperature, softcap)  # dtype, device mode, labels' shape
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.dtype != hidden.dtype:
@@ -86,6 +106,9 @@ for _key in ("CPU", "CUDA"):
     _lib.impl("logprob_fwd", _fwd, _key)
     _lib.impl("logprob_bwd", _bwd, _key)
     _lib.impl("logprob_bwd_", _bwd_inplace, _key)
+    _lib.impl("logprob_entropy_fwd", _entropy_fwd, _key)
+    _lib.impl("logprob_entropy_bwd", _entropy_bwd, _key)
+    _lib.impl("logprob_entropy_bwd_", _entropy_bwd_inplace, _key)
     _lib.impl("linear_logprob_fwd", _linear_fwd, _key)
     _lib.impl("linear_logprob_bwd", _linear_bwd, _key)
 

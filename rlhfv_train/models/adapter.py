@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .forward import autocast_to, forward_logits
+
 
 class UnsupportedModelError(ValueError):
     """The fused-linear route cannot reproduce this model's logits."""
@@ -130,7 +132,7 @@ def hidden_and_head(model, inputs: dict, autocast_dtype=None):
     comes in the body's dtype."""
     body, head = body_and_head(model)
     transform = logit_transform(model)
-    with torch.autocast(inputs["input_ids"].device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+    with autocast_to(inputs, autocast_dtype):
         outputs = body(**inputs)
     hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
     weight, bias = head.weight, head.bias
@@ -144,8 +146,6 @@ def check_fused_linear(model, inputs: dict, autocast_dtype=None) -> float:
     """Compares the fused-linear route's logits (the transform of hidden @ W.T + b) with the model's own `.logits`
     on one batch, where attention_mask is 1; returns the largest difference, or raises UnsupportedModelError when it
     exceeds what the dtype's rounding explains (the model applies something after its head that we do not know)."""
-    from .forward import forward_logits
-
     was_training = unwrap(model).training
     model.eval()  # dropout off: both forwards must see the same network
     try:
@@ -165,7 +165,8 @@ def check_fused_linear(model, inputs: dict, autocast_dtype=None) -> float:
     diff = float((own - ours).abs().max()) if own.numel() else 0.0
     magnitude = float(own.abs().max()) if own.numel() else 0.0
     # fp32: summation order only; 16-bit: the model's own logits are rounded to the head's dtype (2**-8 in bf16).
-    rounding = 2.0 ** -7 if autocast_dtype is not None or hidden.dtype != torch.float32 else 1e-5
+    autocast = autocast_dtype is not None or torch.is_autocast_enabled(own.device.type)
+    rounding = 2.0 ** -7 if autocast or hidden.dtype != torch.float32 else 1e-5
     if not diff <= 1e-4 + rounding * max(magnitude, 1.0):
         transform = head.transform
         raise UnsupportedModelError(

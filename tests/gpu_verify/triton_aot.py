@@ -78,23 +78,27 @@ def logits_cases(dtypes):
         dt = DTYPES[dn]
         aligned_vec = 16 // dt.itemsize
         for vec, vocab, T in ((aligned_vec, 151936, MockTensor), (1, 32003, UnalignedMockTensor)):
-            for scaled, capped in ((False, False), (True, False), (False, True)):
-                tag = f"VEC={vec} {'t!=1' if scaled else 't=1'}" + (" cap" if capped else "")
+            # (the entropy variants with a temperature, and with a soft cap: the heaviest bodies)
+            for scaled, capped, entropy in ((False, False, False), (True, False, False), (False, True, False),
+                                            (True, False, True), (False, True, True)):
+                tag = (f"VEC={vec} {'t!=1' if scaled else 't=1'}" + (" cap" if capped else "")
+                       + (" entropy" if entropy else ""))
                 for cfg in kernels.forward_configs(capped):
                     for want_splits in (1, 4):
                         splits, split_size = kernels.plan_splits(rows, vocab, cpu, want_splits, multiple=vec)
-                        args = (T(dt), T(i64), T(i64), T(f32), T(f32), T(f32), vocab, split_size, splits, -100, 0.7,
-                                30.0, kernels._bucket(vocab), kernels._bucket(split_size))
-                        meta = dict(cfg.kwargs, VEC=vec, SCALED=scaled, CAPPED=capped, num_warps=cfg.num_warps,
-                                    num_stages=cfg.num_stages)
+                        args = (T(dt), T(i64), T(i64), T(f32), T(f32), T(f32), T(f32), vocab, split_size, splits,
+                                -100, 0.7, 30.0, kernels._bucket(vocab), kernels._bucket(split_size))
+                        meta = dict(cfg.kwargs, VEC=vec, SCALED=scaled, CAPPED=capped, ENTROPY=entropy,
+                                    num_warps=cfg.num_warps, num_stages=cfg.num_stages)
                         yield Case("logprob_fwd", f"BLOCK_V={cfg.kwargs['BLOCK_V']} w{cfg.num_warps} splits={splits} "
                                    f"{tag}", _jit(kernels._logprob_fwd_kernel), args, meta, dn,
                                    ("ld",) if vec > 1 else ())
                 for block, warps in kernels.BACKWARD_CONFIGS:
                     _, split_size = kernels.plan_splits(rows, vocab, cpu, 1, multiple=vec)
-                    args = (T(dt), T(i64), T(dt), T(i64), T(i64), T(f32), T(f64), vocab, split_size, -100, 0.7, 30.0)
+                    args = (T(dt), T(i64), T(dt), T(i64), T(i64), T(f32), T(f64), T(f32), T(f32), vocab,
+                            split_size, -100, 0.7, 30.0)
                     meta = dict(BLOCK_V=block, ROUND_BF16=False, VEC=vec, SCALED=scaled, CAPPED=capped,
-                                num_warps=warps)
+                                ENTROPY=entropy, num_warps=warps)
                     yield Case("logprob_bwd", f"BLOCK_V={block} w{warps} {tag}", kernels._logprob_bwd_kernel, args,
                                meta, dn, ("ld", "st") if vec > 1 else ())
 
