@@ -92,17 +92,24 @@ def grpo_loss(logits: torch.Tensor, labels: torch.Tensor, advantages: torch.Tens
               epsilon_high: float | None = None, beta_kl: float = 0.0, loss_type: str = "dapo",
               num_items_in_batch: float | None = None, ignore_index: int = -100, temperature: float = 1.0,
               softcap: float | None = None, logit_scale: float = 1.0, inplace_backward: bool = False,
-              backend: str | None = None) -> GRPOOutput:
+              backend: str | None = None,
+              max_completion_length: int | None = None, use_bias_correction_kl: bool = False,
+              world_size: int | None = None) -> GRPOOutput:
     """GRPO-style clipped policy loss over a group of rollouts (DESIGN.md §2).
 
     logits [B, T, V]; labels [B, T]; advantages [B] (group-normalised); old_logps [B, T] per-token log-probs of the
     sampling policy (None: the current policy, detached, i.e. ratio 1); ref_logps [B, T] needed when beta_kl > 0.
     loss_type: 'grpo' (per-sequence mean, then batch mean), 'bnpo' (token mean over the batch), 'dr_grpo'
-    (sum / (B * T)), 'dapo' (sum / number of loss tokens, or / num_items_in_batch when given, e.g. the global count
-    across gradient-accumulation steps).
+    (sum / (B * max_completion_length)), 'dapo' (sum / number of loss tokens, or / (num_items_in_batch / world_size)
+    when given).
+    max_completion_length: dr_grpo's constant (TRL's and Liger's: the generation length; None: the width T).
+    num_items_in_batch: the loss tokens of the whole batch over all processes (and accumulation steps), as TRL and
+    Liger pass it; dapo divides by num_items_in_batch / world_size (None: torch.distributed's size, else 1).
+    use_bias_correction_kl: multiply the k3 KL term by the ratio (TRL's GRPOConfig default is True).
     """
     source = LogitsSource(logits, inplace_backward, backend, softcap=softcap, logit_scale=logit_scale)
     return grpo.compute(source, labels, advantages, old_logps=old_logps,
                         ref_logps=ref_logps, epsilon=epsilon, epsilon_high=epsilon_high, beta_kl=beta_kl,
                         loss_type=loss_type, num_items_in_batch=num_items_in_batch, ignore_index=ignore_index,
-                        temperature=temperature)
+                        temperature=temperature, max_completion_length=max_completion_length,
+                        use_bias_correction_kl=use_bias_correction_kl, world_size=world_size)

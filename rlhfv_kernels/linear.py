@@ -87,10 +87,14 @@ def linear_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.T
                      beta_kl: float = 0.0, loss_type: str = "dapo", num_items_in_batch: float | None = None,
                      ignore_index: int = -100, temperature: float = 1.0, softcap: float | None = None,
                      logit_scale: float = 1.0, chunk_size: int | None = None,
-                     backend: str | None = None) -> GRPOOutput:
-    """grpo_loss from hidden states [B, T, H] and the lm_head weight."""
+                     backend: str | None = None,
+                     max_completion_length: int | None = None, use_bias_correction_kl: bool = False,
+                     world_size: int | None = None) -> GRPOOutput:
+    """grpo_loss from hidden states [B, T, H] and the lm_head weight (options as api.grpo_loss)."""
     source = LinearSource(hidden, weight, bias, chunk_size, backend, softcap=softcap, logit_scale=logit_scale)
     return grpo.compute(source, labels, advantages,
                         old_logps=old_logps, ref_logps=ref_logps, epsilon=epsilon, epsilon_high=epsilon_high,
                         beta_kl=beta_kl, loss_type=loss_type, num_items_in_batch=num_items_in_batch,
-                        ignore_index=ignore_index, temperature=temperature)
+                        ignore_index=ignore_index, temperature=temperature,
+                        max_completion_length=max_completion_length, use_bias_correction_kl=use_bias_correction_kl,
+                        world_size=world_size)

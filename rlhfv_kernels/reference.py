@@ -111,7 +111,8 @@ def grpo_loss(logits, labels, advantages, *, old_logps=None, ref_logps=None, eps
               epsilon_high: float | None = None, beta_kl: float = 0.0, loss_type: str = "dapo",
               num_items_in_batch=None, ignore_index: int = -100, temperature: float = 1.0,
               softcap: float | None = None, logit_scale: float = 1.0, inplace_backward: bool = False,
-              backend: str | None = None) -> GRPOOutput:
+              backend: str | None = None, max_completion_length: int | None = None,
+              use_bias_correction_kl: bool = False, world_size: int | None = None) -> GRPOOutput:
     """Clipped-ratio policy loss with the k3 KL penalty, aggregated as loss_type says (DESIGN.md §2)."""
     _only_reference(backend)
     logp = token_logprobs(logits, labels, ignore_index=ignore_index, temperature=temperature, softcap=softcap,
@@ -128,6 +129,8 @@ def grpo_loss(logits, labels, advantages, *, old_logps=None, ref_logps=None, eps
     if beta_kl != 0.0:
         log_ratio = ref_logps.to(logp.dtype) - logp
         kl = log_ratio.exp() - log_ratio - 1.0
+        if use_bias_correction_kl:
+            kl = kl * ratio
         per_token = per_token + beta_kl * kl
         mean_kl = (kl.detach() * mask).sum() / tokens
     per_token = per_token * mask
@@ -136,9 +139,12 @@ def grpo_loss(logits, labels, advantages, *, old_logps=None, ref_logps=None, eps
     elif loss_type == "bnpo":
         loss = per_token.sum() / tokens
     elif loss_type == "dr_grpo":
-        loss = per_token.sum() / (per_token.shape[0] * per_token.shape[1])
+        loss = per_token.sum() / (per_token.shape[0] * (max_completion_length or per_token.shape[1]))
     elif loss_type == "dapo":
-        loss = per_token.sum() / (tokens if num_items_in_batch is None else num_items_in_batch)
+        if world_size is None:
+            dist = torch.distributed
+            world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        loss = per_token.sum() / (tokens if num_items_in_batch is None else num_items_in_batch / world_size)
     else:
         raise ValueError(f"loss_type must be one of grpo, bnpo, dr_grpo, dapo, got {loss_type!r}")
     clip_ratio = ((clipped.detach() < unclipped.detach()).to(mask.dtype) * mask).sum() / tokens

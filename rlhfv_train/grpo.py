@@ -312,7 +312,8 @@ def train_grpo(cfg: GRPOConfig) -> dict:
                             old_logps=None if old is None else old[rows], ref_logps=None if ref is None else ref[rows],
                             epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, beta_kl=cfg.beta_kl,
                             loss_type=cfg.loss_type, temperature=cfg.temperature, backend=cfg.backend,
-                            num_items_in_batch=tokens_per_process if cfg.loss_type == "dapo" else None)
+                            num_items_in_batch=tokens_per_process if cfg.loss_type == "dapo" else None,
+                            world_size=1)  # tokens_per_process is already the global count / processes
                         inputs, labels = rollouts.model_inputs(rows), rollouts.labels[rows]
                         if cfg.fused_linear:  # the [rows, T, V] logits are never materialized
                             hidden, head = hidden_and_head(trained, inputs, autocast_dtype)

@@ -104,6 +104,20 @@ def engine_runs(monkeypatch):
     return calls
 
 
+@pytest.mark.parametrize("kind,options", [
+    ("dapo", dict(num_items_in_batch=50.0, world_size=2, use_bias_correction_kl=True)),
+    ("dr_grpo", dict(max_completion_length=31, use_bias_correction_kl=True)),
+], ids=["dapo-global-tokens-2-processes", "dr_grpo-max-length"])
+@pytest.mark.parametrize("chunk_size", [None, 5])
+def test_grpo_conventions_in_the_engine(kind, options, chunk_size, backend, engine_runs):
+    """The explicit conventions (TRL's / Liger's) are constants of the batch: every chunk's share stays exact."""
+    batch = make_batch()
+    ours, eager = losses_of(kind, batch, **options)
+    check_against_reference(lambda h, w, b: ours(h, w, b, chunk_size=chunk_size, backend=backend), eager, batch,
+                            torch.float32, f"{kind} {options} chunk={chunk_size} {backend}")
+    assert engine_runs, "the loss did not go through the gradients-in-forward engine"
+
+
 # chunk_size: None = default (one chunk here); 14 = whole pairs, several chunks; 5 = every pair bigger than the
 # strict budget (two passes for DDPO/DPO; GRPO's rows are cut).
 @pytest.mark.parametrize("kind", ["ddpo", "dpo", "grpo", "dapo", "bnpo", "dr_grpo"])

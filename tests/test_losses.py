@@ -258,14 +258,18 @@ def test_fused_dpo(dtype, backend):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
-def test_fused_grpo(dtype, loss_type, backend):
+@pytest.mark.parametrize("loss_type,options", [
+    ("grpo", {}), ("dapo", {}),
+    ("dapo", {"num_items_in_batch": 100.0, "world_size": 2, "use_bias_correction_kl": True}),
+    ("dr_grpo", {"max_completion_length": 16, "use_bias_correction_kl": True}),
+], ids=["grpo", "dapo", "dapo-conventions", "dr_grpo-conventions"])
+def test_fused_grpo(dtype, loss_type, options, backend):
     logits, labels = make_shifted_batch()
     # Sampling and reference policies close to the current one, as in training (ratios near 1, some clipped).
     current = reference.token_logprobs(logits[:, :-1].double(), labels).float()
     compare_fused("grpo_loss", dtype, backend, (logits, labels), advantages=torch.randn(6),
                   old_logps=current + 0.3 * torch.randn(6, 10), ref_logps=current + 0.3 * torch.randn(6, 10),
-                  beta_kl=0.05, loss_type=loss_type, epsilon=0.2)
+                  beta_kl=0.05, loss_type=loss_type, epsilon=0.2, **options)
 
 
 def test_empty_batch():

@@ -316,3 +316,25 @@ def test_grpo_training_runs_and_refuses_fp32_head_cast(model_dir, tmp_path):
     assert [e for e in trainer.state.log_history if "loss" in e]
     with pytest.raises(ValueError, match="cast_lm_head_to_fp32"):
         make_grpo(trl_dropin.GRPOTrainer, model_dir, tmp_path, cast_lm_head_to_fp32=True)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_grpo_loss_conventions_equal_trls(loss_type, model_dir, tmp_path):
+    """rk.grpo_loss with TRL's conventions (num_items_in_batch over the generation batch, dr_grpo's
+    max_completion_length, use_bias_correction_kl=True, TRL's default) equals TRL's own GRPO loss on its inputs."""
+    trainer = make_grpo(trl.GRPOTrainer, model_dir, tmp_path, loss_type=loss_type, epsilon_high=0.28)
+    inputs = grpo_inputs(trainer)
+    trainer.model.train()
+    expected = trainer.compute_loss(trainer.model, dict(inputs))
+    prompt = inputs["prompt_ids"].shape[1]
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    with torch.no_grad():
+        logits = type(trainer.model).forward(trainer.model, input_ids=ids, attention_mask=mask).logits
+    labels = inputs["completion_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+    ours = rk.grpo_loss(logits[:, prompt - 1:-1], labels, inputs["advantages"],
+                        old_logps=inputs["old_per_token_logps"], ref_logps=inputs["ref_per_token_logps"],
+                        epsilon=0.2, epsilon_high=0.28, beta_kl=0.1, loss_type=loss_type,
+                        num_items_in_batch=inputs["num_items_in_batch"], max_completion_length=6,
+                        use_bias_correction_kl=True)
+    torch.testing.assert_close(ours.loss, expected.detach(), rtol=1e-5, atol=1e-7)

@@ -25,10 +25,14 @@ class GRPOOutput:
 def grpo_from_token_logps(token_logps: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor,
                           old_logps: torch.Tensor | None, ref_logps: torch.Tensor | None, *, epsilon: float,
                           epsilon_high: float, beta_kl: float, loss_type: str,
-                          num_items_in_batch: float | None, num_rows: int | None = None,
+                          num_items_in_batch: float | None, max_completion_length: int | None = None,
+                          use_bias_correction_kl: bool = False, world_size: int = 1, num_rows: int | None = None,
                           loss_tokens: torch.Tensor | None = None) -> GRPOOutput:
     """Clipped-ratio policy loss with optional k3 KL penalty on [B, T] token log-probs (DESIGN.md §2).
 
+    Conventions (TRL's and Liger's): dapo divides by num_items_in_batch / world_size, num_items_in_batch being the
+    loss tokens of the whole batch over every process (DDP then averages the gradients); dr_grpo divides by
+    B * max_completion_length (None: the width T); use_bias_correction_kl multiplies the k3 term by the ratio.
     num_rows / loss_tokens override the batch-wide normalisers (row count, unmasked-token count), so that the loss of
     a sub-batch of rows is its exact share of the whole batch's loss (rlhfv_kernels/linear_loss.py relies on this).
     """
@@ -42,6 +46,8 @@ def grpo_from_token_logps(token_logps: torch.Tensor, mask: torch.Tensor, advanta
     if beta_kl != 0.0:
         diff = ref_logps.to(token_logps.dtype) - token_logps
         kl = torch.exp(diff) - diff - 1.0
+        if use_bias_correction_kl:  # importance-sampling-corrected KL (DeepSeek-V3.2), with the ratio's gradient
+            kl = kl * ratio
         per_token = per_token + beta_kl * kl
         mean_kl = (kl.detach() * maskf).sum() / maskf.sum().clamp_min(1.0)
     else:
@@ -58,16 +64,28 @@ def grpo_from_token_logps(token_logps: torch.Tensor, mask: torch.Tensor, advanta
     elif loss_type == "bnpo":
         loss = per_token.sum() / tokens
     elif loss_type == "dr_grpo":
-        loss = per_token.sum() / max(rows * per_token.shape[-1], 1)
-    else:  # dapo: normalised by the global number of loss tokens (across accumulation steps / ranks if given)
-        denom = tokens if num_items_in_batch is None else num_items_in_batch
+        width = per_token.shape[-1] if max_completion_length is None else max_completion_length
+        loss = per_token.sum() / max(rows * width, 1)
+    else:  # dapo: this process's share of the global token mean (num_items_in_batch: tokens over all processes)
+        denom = tokens if num_items_in_batch is None else max(float(num_items_in_batch) / world_size, 1.0)
         loss = per_token.sum() / denom
     clip_ratio = ((clipped.detach() < unclipped.detach()).to(maskf.dtype) * maskf).sum() / maskf.sum().clamp_min(1.0)
     return GRPOOutput(loss=loss, token_logps=token_logps.detach(), mean_kl=mean_kl, clip_ratio=clip_ratio)
 
 
+def resolve_world_size(world_size: int | None) -> int:
+    """world_size, or (None) the torch.distributed group's size when one is initialized, else 1."""
+    if world_size is None:
+        distributed = torch.distributed
+        return distributed.get_world_size() if distributed.is_available() and distributed.is_initialized() else 1
+    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
+        raise ValueError(f"world_size must be a positive int or None, got {world_size!r}")
+    return world_size
+
+
 def compute(source, labels, advantages, *, old_logps, ref_logps, epsilon, epsilon_high, beta_kl, loss_type,
-            num_items_in_batch, ignore_index, temperature) -> GRPOOutput:
+            num_items_in_batch, ignore_index, temperature, max_completion_length=None, use_bias_correction_kl=False,
+            world_size=None) -> GRPOOutput:
     """grpo_loss on any source (rlhfv_kernels/_sources.py): checks the arguments, then describes the loss to it."""
     x, name = source.tensor, source.name
     _checks.check_choice(loss_type, "loss_type", LOSS_TYPES)
@@ -88,8 +106,14 @@ def compute(source, labels, advantages, *, old_logps, ref_logps, epsilon, epsilo
         if ref_logps is None:
             raise ValueError("ref_logps is required when beta_kl > 0")
         _checks.check_per_token(ref_logps, "ref_logps", labels, x)
+    if max_completion_length is not None and (not isinstance(max_completion_length, int)
+                                              or isinstance(max_completion_length, bool) or max_completion_length < 1):
+        raise ValueError(f"max_completion_length must be a positive int or None, got {max_completion_length!r}")
+    if not isinstance(use_bias_correction_kl, bool):
+        raise TypeError(f"use_bias_correction_kl must be a bool, got {use_bias_correction_kl!r}")
     options = dict(epsilon=epsilon, epsilon_high=epsilon_high, beta_kl=beta_kl, loss_type=loss_type,
-                   num_items_in_batch=num_items_in_batch)
+                   num_items_in_batch=num_items_in_batch, max_completion_length=max_completion_length,
+                   use_bias_correction_kl=use_bias_correction_kl, world_size=resolve_world_size(world_size))
 
     def build(dtype):
         mask = labels != ignore_index
