@@ -38,7 +38,9 @@ try:
 except ImportError:  # progress bars are a nicety, not a requirement
     tqdm = None
 
-OPS = ("token_logprobs", "sequence_logps", "ddpo_loss", "grpo_loss")
+# logprobs_entropy: token_logprobs(return_entropy=True) with a gradient through both (-sum logp + 0.01 sum H), beside
+# token_logprobs it shows what the entropy costs.
+OPS = ("token_logprobs", "logprobs_entropy", "sequence_logps", "ddpo_loss", "grpo_loss")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_CASES = {
     "cpu": ["4096x32000:float32", "4096x32000:bfloat16", "1024x128256:bfloat16"],
@@ -143,7 +145,7 @@ IMPL_TABLE = {
        for name, inplace in ((b, False), (f"{b}_inplace", True))},
     "liger": Impl("liger", peer="liger", consumes_input=True, ops=PEER_OPS),
     "flash_attn": Impl("flash_attn", peer="flash_attn", ops=PEER_OPS),
-    "trl": Impl("trl", peer="trl", ops=PEER_OPS),
+    "trl": Impl("trl", peer="trl", ops=PEER_OPS + ("logprobs_entropy",)),
     "reference_softcap": Impl("reference_softcap", backend="reference", softcap=True),
     "fused_softcap": Impl("fused_softcap", softcap=True),
 }
@@ -200,6 +202,26 @@ def peer_token_logps(peer: str):
     raise ValueError(peer)
 
 
+def peer_token_logps_entropy(peer: str):
+    """(logits, labels) -> (per-token log-probs, entropies) from a peer that has both (TRL: its Triton kernel on
+    CUDA, else selective_log_softmax + entropy_from_logits)."""
+    if peer != "trl":
+        raise ValueError(f"{peer} has no per-token entropy")
+    from trl.trainer.utils import entropy_from_logits, selective_log_softmax
+
+    def trl(x, labels):
+        mask = labels != -100
+        safe = labels.masked_fill(~mask, 0)
+        if x.is_cuda:
+            from trl.kernels import selective_log_softmax_and_entropy
+            logp, entropy = selective_log_softmax_and_entropy(x, safe)
+        else:
+            logp, entropy = selective_log_softmax(x, safe), entropy_from_logits(x)
+        return logp.float() * mask, entropy.float() * mask
+
+    return trl
+
+
 def impl_unavailable(impl: Impl, device: torch.device, backend_override: str | None) -> str | None:
     """Why `impl` cannot run here, or None."""
     if impl.peer is not None:
@@ -218,6 +240,18 @@ def impl_unavailable(impl: Impl, device: torch.device, backend_override: str | N
     return None
 
 
+def entropy_objective(logp, entropy):
+    """A policy-gradient-like use of both outputs, so both backward paths run."""
+    return -logp.sum() + 0.01 * entropy.sum()
+
+
+def op_unavailable(op: str, impl: Impl, device: torch.device, backend_override: str | None) -> str | None:
+    """Why an available impl cannot run `op` (a backend without entropy kernels), or None."""
+    if op != "logprobs_entropy" or impl.peer is not None:
+        return None
+    return _backend.why_no_entropy(_backend.resolve_backend(impl.backend or backend_override, device))
+
+
 def loss_fn(op: str, inputs: dict, impl: Impl, backend_override: str | None, softcap: float | None = None):
     """A closure logits -> scalar loss for `op`, so every impl is timed on the same call."""
     labels = inputs["labels"]
@@ -227,6 +261,9 @@ def loss_fn(op: str, inputs: dict, impl: Impl, backend_override: str | None, sof
         weights = inputs["token_weights"] * mask
         if op == "token_logprobs":
             return lambda x: token_logps(x, labels).sum()
+        if op == "logprobs_entropy":
+            with_entropy = peer_token_logps_entropy(impl.peer)
+            return lambda x: entropy_objective(*with_entropy(x, labels))
         return lambda x: losses.ddpo_from_token_logps(
             token_logps(x, labels), mask, weights, inputs["ref_logps"], beta=0.5, mode="mean", reward_margin=None,
             drs_weight=0.0, drs_k=1.0, sft_weight=0.0).loss
@@ -235,6 +272,8 @@ def loss_fn(op: str, inputs: dict, impl: Impl, backend_override: str | None, sof
         kw["softcap"] = softcap
     if op == "token_logprobs":
         fn = lambda x: rk.token_logprobs(x, labels, **kw).sum()  # noqa: E731
+    elif op == "logprobs_entropy":
+        fn = lambda x: entropy_objective(*rk.token_logprobs(x, labels, return_entropy=True, **kw))  # noqa: E731
     elif op == "sequence_logps":
         fn = lambda x: rk.sequence_logps(x, labels, inputs["token_weights"], mode="mean", **kw).sum()  # noqa: E731
     elif op == "ddpo_loss":
@@ -304,7 +343,7 @@ def print_table(case: Case, records: list[Record], floor: dict) -> None:
            and not IMPL_TABLE[r.impl].compiled}
     print(f"\n{case.label}  logits {floor['logits_bytes'] / 2**20:.0f} MiB, copy bandwidth "
           f"{floor['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, 3-pass floor {floor['floor_fwd_bwd_ms']:.2f} ms")
-    header = (f"{'op':<16}{'impl':<19}{'fwd ms':>10}{'fwd+bwd ms':>12}{'peak MiB':>10}"
+    header = (f"{'op':<18}{'impl':<19}{'fwd ms':>10}{'fwd+bwd ms':>12}{'peak MiB':>10}"
               f"{'speedup f+b':>13}{'mem ratio':>11}{'x floor':>9}{'grad err':>10}")
     print(header)
     print("-" * len(header))
@@ -314,7 +353,7 @@ def print_table(case: Case, records: list[Record], floor: dict) -> None:
         mem = (base.peak_extra_bytes / max(r.peak_extra_bytes, 1)
                if base and base.peak_extra_bytes is not None and r.peak_extra_bytes is not None else None)
         err = "" if r.grad_max_abs_err is None else f"{r.grad_max_abs_err:.1e}"
-        print(f"{r.op:<16}{r.impl:<19}{fmt_ms(r.fwd_median_ms):>10}{fmt_ms(r.fwd_bwd_median_ms):>12}"
+        print(f"{r.op:<18}{r.impl:<19}{fmt_ms(r.fwd_median_ms):>10}{fmt_ms(r.fwd_bwd_median_ms):>12}"
               f"{fmt_mb(r.peak_extra_bytes):>10}{'' if speed is None else f'{speed:.2f}x':>13}"
               f"{mem_ratio(mem, r.peak_extra_bytes):>11}{r.fwd_bwd_median_ms / floor['floor_fwd_bwd_ms']:>8.2f}x"
               f"{err:>10}")
@@ -386,7 +425,16 @@ def main(argv=None) -> int:
         print("warning: the compiled extension is not built; 'fused' runs the reference", file=sys.stderr)
     results = {"versions": info, "device": device.type, "device_name": device_name(device), "skipped": skipped,
                "softcap": args.softcap, "cases": []}
-    runs = [(op, IMPL_TABLE[name]) for op in ops for name in impls if op in IMPL_TABLE[name].ops]
+    runs = []
+    for op in ops:
+        for name in impls:
+            if op not in IMPL_TABLE[name].ops:
+                continue
+            reason = op_unavailable(op, IMPL_TABLE[name], device, args.backend)
+            if reason is not None:
+                skipped[f"{name} {op}"] = reason
+                continue
+            runs.append((op, IMPL_TABLE[name]))
     total = len(cases) * len(runs)
     bar = tqdm(total=total, desc="benchmark", disable=args.no_progress or tqdm is None, file=sys.stderr) \
         if tqdm is not None else None

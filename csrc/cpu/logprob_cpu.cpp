@@ -189,15 +189,17 @@ RLHFV_MULTIVERSION void chunk_softcap_grad(const float* x, float* out, int64_t n
 }
 
 // The entropy's running sums: s1 += sum_i exp(t_i), s2 += sum_i exp(t_i) * t_i with t_i = x_i / temp - shift <= 0.
-// t is clamped at -87 like the exp's argument, so a masked (-inf) logit adds ~1e-36 rather than 0 * -inf = NaN.
-RLHFV_MULTIVERSION void chunk_sum_exp_and_moment(const float* x, int64_t n, float temp, float shift, float* s1,
-                                                 float* s2) {
+// Unclamped t makes a masked (-inf) logit add ~1e-38 * -inf = -inf to s2; the caller then redoes that chunk with
+// kClampMoment (t clamped at -87 like the exp's argument: it adds ~1e-36): the clamp costs a fifth of this loop, and
+// masked vocabulary entries are rare.
+template <bool kClampMoment>
+RLHFV_INLINE void sum_exp_and_moment_body(const float* x, int64_t n, float temp, float shift, float* s1, float* s2) {
   vfloat acc1 = {}, acc2 = {};
   const vfloat lowest = Lanes<vfloat>::splat(-87.0f);
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
     vfloat t = load_lanes(x + i) / temp - shift;
-    t = t < lowest ? lowest : t;
+    if (kClampMoment) t = t < lowest ? lowest : t;
     const vfloat e = exp_nonpositive(t);
     acc1 += e;
     acc2 += e * t;
@@ -209,11 +211,26 @@ RLHFV_MULTIVERSION void chunk_sum_exp_and_moment(const float* x, int64_t n, floa
   }
   for (; i < n; ++i) {
     float t = x[i] / temp - shift;
-    t = t < -87.0f ? -87.0f : t;
+    if (kClampMoment) t = t < -87.0f ? -87.0f : t;
     const float e = exp_nonpositive(t);
     a += e;
     b += e * t;
   }
+  *s1 = a;
+  *s2 = b;
+}
+RLHFV_MULTIVERSION void chunk_sum_exp_and_moment_fast(const float* x, int64_t n, float temp, float shift, float* s1,
+                                                      float* s2) {
+  sum_exp_and_moment_body<false>(x, n, temp, shift, s1, s2);
+}
+RLHFV_MULTIVERSION void chunk_sum_exp_and_moment_clamped(const float* x, int64_t n, float temp, float shift,
+                                                         float* s1, float* s2) {
+  sum_exp_and_moment_body<true>(x, n, temp, shift, s1, s2);
+}
+void chunk_sum_exp_and_moment(const float* x, int64_t n, float temp, float shift, float* s1, float* s2) {
+  float a, b;
+  chunk_sum_exp_and_moment_fast(x, n, temp, shift, &a, &b);
+  if (!std::isfinite(b) && std::isfinite(a)) chunk_sum_exp_and_moment_clamped(x, n, temp, shift, &a, &b);
   *s1 += a;
   *s2 += b;
 }
