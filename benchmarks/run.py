@@ -245,13 +245,6 @@ def entropy_objective(logp, entropy):
     return -logp.sum() + 0.01 * entropy.sum()
 
 
-def op_unavailable(op: str, impl: Impl, device: torch.device, backend_override: str | None) -> str | None:
-    """Why an available impl cannot run `op` (a backend without entropy kernels), or None."""
-    if op != "logprobs_entropy" or impl.peer is not None:
-        return None
-    return _backend.why_no_entropy(_backend.resolve_backend(impl.backend or backend_override, device))
-
-
 def loss_fn(op: str, inputs: dict, impl: Impl, backend_override: str | None, softcap: float | None = None):
     """A closure logits -> scalar loss for `op`, so every impl is timed on the same call."""
     labels = inputs["labels"]
@@ -425,16 +418,7 @@ def main(argv=None) -> int:
         print("warning: the compiled extension is not built; 'fused' runs the reference", file=sys.stderr)
     results = {"versions": info, "device": device.type, "device_name": device_name(device), "skipped": skipped,
                "softcap": args.softcap, "cases": []}
-    runs = []
-    for op in ops:
-        for name in impls:
-            if op not in IMPL_TABLE[name].ops:
-                continue
-            reason = op_unavailable(op, IMPL_TABLE[name], device, args.backend)
-            if reason is not None:
-                skipped[f"{name} {op}"] = reason
-                continue
-            runs.append((op, IMPL_TABLE[name]))
+    runs = [(op, IMPL_TABLE[name]) for op in ops for name in impls if op in IMPL_TABLE[name].ops]
     total = len(cases) * len(runs)
     bar = tqdm(total=total, desc="benchmark", disable=args.no_progress or tqdm is None, file=sys.stderr) \
         if tqdm is not None else None

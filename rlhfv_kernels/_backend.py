@@ -24,7 +24,6 @@ class Backend:
     namespace: str | None      # torch.ops namespace of its operators; None: plain PyTorch
     module: str | None         # the module whose import registers that namespace
     summary: str
-    entropy_paths: tuple[str, ...] = ("logits", "linear")  # paths whose operators also return the entropy
 
 
 TABLE = {b.name: b for b in (
@@ -33,10 +32,10 @@ TABLE = {b.name: b for b in (
     Backend("cpp", ("cpu",), ("logits", "linear"), "rlhfv", "rlhfv_kernels._C",
             "the compiled extension's C++ CPU kernels"),
     Backend("cuda", ("cuda",), ("logits",), "rlhfv", "rlhfv_kernels._C",
-            "the compiled extension's CUDA C++ kernels, where it was built with them", entropy_paths=()),
+            "the compiled extension's CUDA C++ kernels, where it was built with them"),
     Backend("triton", ("cuda", "cpu"), ("logits", "linear"), "rlhfv_triton", "rlhfv_kernels.triton.ops",
             "Triton kernels: CUDA tensors, or CPU tensors under the interpreter (TRITON_INTERPRET=1 set before "
-            "rlhfv_kernels.triton is first imported; for tests, slow)", entropy_paths=("logits",)),
+            "rlhfv_kernels.triton is first imported; for tests, slow)"),
 )}
 BACKENDS = tuple(TABLE)
 FUSED_BACKENDS = tuple(name for name, b in TABLE.items() if b.namespace is not None)
@@ -129,13 +128,6 @@ def _why_triton_unavailable(device: torch.device) -> str | None:
         return ("on CPU tensors the Triton kernels need the interpreter: set TRITON_INTERPRET=1 before "
                 "rlhfv_kernels.triton is first imported")
     return None
-
-
-def why_no_entropy(backend: str, path: str = "logits") -> str | None:
-    """None if `backend` returns per-token entropies on `path` (return_entropy=True), else why not."""
-    if path in TABLE[backend].entropy_paths:
-        return None
-    return f"backend {backend!r} has no {path}-path entropy kernel in this release"
 
 
 _warned_fallback: set[tuple[str, str]] = set()

@@ -67,8 +67,6 @@ class LogitsSource:
                                             softcap=self.softcap, logit_scale=self.logit_scale,
                                             return_entropy=with_entropy)
         _checks.check_vocab_stride(logits, which)
-        if with_entropy:
-            _require_entropy(which, "logits")
         if self.inplace_backward and logits.requires_grad and logits.is_leaf:
             warnings.warn("inplace_backward=True on a leaf tensor: backward overwrites its values with the gradient "
                           "and autograd then copies that into .grad (an N x V copy); pass the model's output logits, "
@@ -110,7 +108,6 @@ class LinearSource:
 
     def logps_and_entropy(self, labels, ignore_index, temperature):
         which = self._checked_backend(labels, ignore_index, temperature, 1)
-        _require_entropy(which, "linear")
         return self._token_logps(labels, ignore_index, temperature, which, with_entropy=True)
 
     def _token_logps(self, labels, ignore_index, temperature, which, with_entropy=False):
@@ -163,13 +160,6 @@ def _under_autocast(hidden, weight, bias):
         return hidden, weight, bias
     cast = [t if t is None or t.dtype == dtype else t.to(dtype) for t in (hidden, weight, bias)]
     return tuple(cast)
-
-
-def _require_entropy(backend: str, path: str) -> None:
-    reason = _backend.why_no_entropy(backend, path)
-    if reason is not None:
-        raise _backend.BackendUnavailableError(f"return_entropy=True: {reason}; use backend='reference'"
-                                               + (" or the logits path" if path == "linear" else ""))
 
 
 def _check_linear(hidden, weight, bias, labels, ignore_index, temperature, chunk_size, min_dim):

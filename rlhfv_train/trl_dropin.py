@@ -170,6 +170,9 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
                 if value is not None:
                     kwargs[name] = value
             return original_forward(*args, **kwargs)
+        if labels is None and shift_labels is None:
+            raise ValueError("fused_lm_head=True needs labels (or shift_labels): the per-token fields are those of "
+                             "the labels' tokens")
         kwargs["use_cache"] = False
         if getattr(text_config, "output_router_logits", False):
             kwargs.setdefault("output_router_logits", True)

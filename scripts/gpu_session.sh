@@ -4,7 +4,7 @@
 # Before the call (on the development machine, in the repo root), bring the peers as wheels (they are git-ignored):
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl liger-kernel cut-cross-entropy
+#       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl liger-kernel cut-cross-entropy trl
 #   (flash-attn ships only as a source tarball whose package imports its CUDA build; the benchmark skips it unless
 #    RLHFV_PEER_FLASH_ATTN_CE names its flash_attn/ops/triton/cross_entropy.py, extracted under .whl/.)
 # Then two device calls (each must end within 10 minutes):
@@ -37,4 +37,9 @@ if [ "$stage" = bench ] || [ "$stage" = all ]; then
   python3 benchmarks/run.py --no-progress --json "$OUT/bench-$gpu-$stamp.json" 2>&1 | tee "$OUT/bench.log" | tail -60
   python3 benchmarks/trainer.py --vocab 128256 --pairs 8 --json "$OUT/trainer-$gpu-$stamp.json" 2>&1 | tail -8
   python3 benchmarks/linear.py --case 16384x4096x128256:bfloat16 --json "$OUT/linear-$gpu-$stamp.json" 2>&1 | tail -8
+  if python3 -c "import trl" 2>/dev/null; then  # TRL's DPO / GRPO step vs the drop-ins (trl travels as a wheel)
+    python3 benchmarks/trl_step.py --vocab 128256 --json "$OUT/trl-step-$gpu-$stamp.json" 2>&1 | tail -14
+  else
+    echo "trl not installed: benchmarks/trl_step.py skipped (bring it in .whl/)"
+  fi
 fi

@@ -86,12 +86,18 @@ def make_inputs(case, dtype, generator):
     return buffer, logits, labels, coef
 
 
-def reference_results(logits, labels, coef, temperature, softcap=None):
-    """(logp, lse, dlogits) of the eager reference on `logits` (its dtype), or of the truth for float64 logits."""
+def reference_results(logits, labels, coef, temperature, softcap=None, coef_h=None):
+    """(logp, lse, dlogits) of the eager reference on `logits` (its dtype), or of the truth for float64 logits; with
+    coef_h (dL/dH per row) (logp, lse, dlogits, entropy), dlogits of sum(coef * logp + coef_h * H)."""
     leaf = logits.detach().clone().requires_grad_(True)
     fn = truth_token_logprobs if logits.dtype == torch.float64 else reference.token_logprobs
-    logp = fn(leaf, labels, temperature=temperature, softcap=softcap)
-    (logp * coef.to(logp.dtype)).sum().backward()
+    logp = fn(leaf, labels, temperature=temperature, softcap=softcap, return_entropy=coef_h is not None)
+    entropy = None
+    if coef_h is not None:
+        logp, entropy = logp
+        ((logp * coef.to(logp.dtype)).sum() + (entropy * coef_h.to(entropy.dtype)).sum()).backward()
+    else:
+        (logp * coef.to(logp.dtype)).sum().backward()
     # The row LSE the kernels keep, from the oracle's own log-prob: z_label - logp (NaN where the row is poisoned).
     ignored = labels == IGNORE
     if softcap is None:
@@ -101,28 +107,39 @@ def reference_results(logits, labels, coef, temperature, softcap=None):
         scaled = softcap * torch.tanh(x / softcap) / temperature
     x_label = scaled.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
     lse = torch.where(ignored, torch.zeros_like(logp), x_label - logp.detach())
+    if coef_h is not None:
+        return logp.detach(), lse, leaf.grad, entropy.detach()
     return logp.detach(), lse, leaf.grad
 
 
-def run_driver(binary, case, dtype_name, workdir, seed):
-    """Writes one case, runs the emulated kernels on it; returns (completed process, inputs, outputs or None)."""
+def run_driver(binary, case, dtype_name, workdir, seed, with_entropy=False):
+    """Writes one case, runs the emulated kernels on it; returns (completed process, inputs, outputs or None). With
+    the entropy the inputs end with coef_h (dL/dH per row) and the outputs hold `entropy`."""
     dtype = DTYPES[dtype_name]
     generator = torch.Generator().manual_seed(seed)
     buffer, logits, labels, coef = make_inputs(case, dtype, generator)
+    coef_h = torch.randn(labels.shape, generator=generator) if with_entropy else None
+    if with_entropy:
+        coef_h.view(-1)[5::6] = 0.0  # rows with a gradient for logp only
+        coef_h.view(-1)[4::12] = 0.7  # and rows (coef 0) with one for the entropy only
     os.makedirs(workdir, exist_ok=True)
     buffer.view(BITS[dtype]).numpy().tofile(os.path.join(workdir, "logits.bin"))
     labels.reshape(-1).numpy().tofile(os.path.join(workdir, "labels.bin"))
     coef.reshape(-1).numpy().tofile(os.path.join(workdir, "coef.bin"))
+    if with_entropy:
+        coef_h.reshape(-1).numpy().tofile(os.path.join(workdir, "coef_h.bin"))
     lead = logits.shape[:-1]
     args = [binary, workdir, f"dtype={dtype_name}", f"sizes={','.join(map(str, lead))}",
             f"strides={','.join(map(str, logits.stride()[:-1]))}", f"base={logits.storage_offset()}",
             f"elems={buffer.numel()}", f"vocab={logits.shape[-1]}", f"sm_count={case.sm_count}",
-            f"temperature={case.temperature!r}", f"softcap={case.softcap or 0.0!r}", f"ignore_index={IGNORE}"]
+            f"temperature={case.temperature!r}", f"softcap={case.softcap or 0.0!r}", f"ignore_index={IGNORE}",
+            f"entropy={int(with_entropy)}"]
     env = {**os.environ, "TSAN_OPTIONS": "halt_on_error=1 abort_on_error=0",
            "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0", "UBSAN_OPTIONS": "print_stacktrace=1"}
     proc = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
+    inputs = (buffer, logits, labels, coef) + ((coef_h,) if with_entropy else ())
     if proc.returncode != 0:
-        return proc, (buffer, logits, labels, coef), None
+        return proc, inputs, None
 
     def read(name, dt, count):
         return torch.from_file(os.path.join(workdir, name), size=count, dtype=dt)
@@ -132,7 +149,9 @@ def run_driver(binary, case, dtype_name, workdir, seed):
                logp=read("logp.bin", torch.float32, rows).view(lead),
                grad=read("grad.bin", BITS[dtype], rows * vocab).view(dtype).view(logits.shape),
                inplace=read("inplace.bin", BITS[dtype], buffer.numel()).view(dtype))
-    return proc, (buffer, logits, labels, coef), out
+    if with_entropy:
+        out["entropy"] = read("entropy.bin", torch.float32, rows).view(lead)
+    return proc, inputs, out
 
 
 @pytest.fixture(scope="module", params=["asan", "tsan"])
@@ -145,15 +164,31 @@ def emulated(request, tmp_path_factory):
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 @pytest.mark.parametrize("case", CASES, ids=repr)
 def test_emulated_kernels_match_the_float64_reference(emulated, case, dtype_name, tmp_path, fresh_seed):
+    check_emulated_case(emulated, case, dtype_name, tmp_path, fresh_seed, with_entropy=False)
+
+
+@pytest.mark.parametrize("dtype_name", ["fp32", "bf16"])
+@pytest.mark.parametrize("case", CASES, ids=repr)
+def test_emulated_entropy_matches_the_float64_reference(emulated, case, dtype_name, tmp_path, fresh_seed):
+    """The entropy variants: the moment sums through absorb / warp / block / split merges, and the backward of
+    coef * logp + coef_h * H (rows with either coefficient zero included)."""
+    check_emulated_case(emulated, case, dtype_name, tmp_path, fresh_seed, with_entropy=True)
+
+
+def check_emulated_case(emulated, case, dtype_name, tmp_path, seed, with_entropy):
     sanitizer, binary = emulated
-    proc, (buffer, logits, labels, coef), out = run_driver(binary, case, dtype_name, str(tmp_path), fresh_seed)
+    proc, inputs, out = run_driver(binary, case, dtype_name, str(tmp_path), seed, with_entropy)
+    buffer, logits, labels, coef = inputs[:4]
+    coef_h = inputs[4] if with_entropy else None
     assert proc.returncode == 0, \
         f"{sanitizer}: the emulated kernels failed:\n{proc.stdout[-2000:]}{proc.stderr[-6000:]}"
     assert f"shape={case.shape} splits={case.splits} " in proc.stdout, proc.stdout  # the shape class under test
     dtype = DTYPES[dtype_name]
-    same = reference_results(logits, labels, coef, case.temperature, case.softcap)
-    truth = reference_results(logits.double(), labels, coef, case.temperature, case.softcap)
-    what = f"{case.name} [{dtype_name}, {sanitizer}]"
+    same = reference_results(logits, labels, coef, case.temperature, case.softcap, coef_h)
+    truth = reference_results(logits.double(), labels, coef, case.temperature, case.softcap, coef_h)
+    what = f"{case.name} [{dtype_name}, {sanitizer}{', entropy' if with_entropy else ''}]"
+    if with_entropy:
+        assert_meets_criterion(out["entropy"], same[3], truth[3], dtype, f"{what} entropy")
     assert_meets_criterion(out["logp"], same[0], truth[0], dtype, f"{what} logp")
     assert_meets_criterion(out["lse"], same[1], truth[1], dtype, f"{what} lse")
     assert_meets_criterion(out["grad"], same[2], truth[2], dtype, f"{what} dlogits out of place")

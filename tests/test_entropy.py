@@ -2,8 +2,8 @@
 return_entropy=True) on every fused backend vs the float64 truth: values and the gradient of
 sum(g * logp) + sum(g_H * entropy), layouts, the logit transform, masked and extreme logits, opcheck, torch.compile.
 
-Backends without entropy kernels in this release (the CUDA C++ logits kernels, the Triton fused-linear kernels) must
-refuse with BackendUnavailableError; those cases check the refusal instead.
+Every fused backend has them (C++ CPU, CUDA C++ and Triton on the logits path; C++ CPU and Triton on the fused-linear
+path); the CUDA C++ kernels' entropy also runs under the emulation harness (tests/test_cuda_emu.py).
 """
 import math
 
@@ -12,26 +12,9 @@ import torch
 
 import rlhfv_kernels as rk
 from rlhfv_kernels import _backend, reference
+from conftest import gpu_sizes_only
 from numerics import assert_meets_criterion, truth_token_logprobs
 from test_token_logprobs import DTYPES, EXTREME_LOGITS, random_labels
-
-
-def entropy_supported(backend, path="logits"):
-    return _backend.why_no_entropy(backend, path) is None
-
-
-def skip_or_check_refusal(backend, path="logits"):
-    """On a backend without entropy kernels: the public call refuses by name; then the test skips."""
-    if entropy_supported(backend, path):
-        return
-    x = torch.randn(2, 8)
-    y = torch.randint(0, 8, (2,))
-    with pytest.raises(rk.BackendUnavailableError, match="entropy"):
-        if path == "logits":
-            rk.token_logprobs(x, y, backend=backend, return_entropy=True)
-        else:
-            rk.linear_token_logprobs(torch.randn(2, 4), torch.randn(8, 4), y, backend=backend, return_entropy=True)
-    pytest.skip(f"{backend} has no {path}-path entropy kernel (refusal checked)")
 
 
 def check_entropy_against_truth(backend, make_logits, labels, dtype, *, temperature=1.0, inplace_backward=False,
@@ -69,7 +52,6 @@ def check_entropy_against_truth(backend, make_logits, labels, dtype, *, temperat
 @pytest.mark.parametrize("shape,vocab", [((37,), 32003), ((3, 13), 101), ((2, 3, 5), 7), ((5,), 1), ((4,), 2049)])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_values_and_gradients(dtype, shape, vocab, temperature, backend):
-    skip_or_check_refusal(backend)
     base = torch.randn(*shape, vocab) * 3
     labels = random_labels(shape, vocab)
     check_entropy_against_truth(backend, lambda x: base if x is None else x, labels, dtype, temperature=temperature)
@@ -79,7 +61,6 @@ def test_values_and_gradients(dtype, shape, vocab, temperature, backend):
 @pytest.mark.parametrize("inplace_backward", [False, True])
 def test_one_output_with_gradient(grads, inplace_backward, backend):
     """Either output alone carries the gradient (the other's incoming gradient is None in autograd)."""
-    skip_or_check_refusal(backend)
     base = torch.randn(4, 6, 513) * 2
     labels = random_labels((4, 6), 513)
     check_entropy_against_truth(backend, lambda x: base if x is None else x[:, :-1], labels[:, :-1], torch.float32,
@@ -89,7 +70,6 @@ def test_one_output_with_gradient(grads, inplace_backward, backend):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("inplace_backward", [False, True])
 def test_strided_views(dtype, inplace_backward, backend):
-    skip_or_check_refusal(backend)
     base = torch.randn(3, 10, 1001)
     check_entropy_against_truth(backend, lambda x: base if x is None else x[:, :-1], random_labels((3, 9), 1001),
                                 dtype, inplace_backward=inplace_backward, temperature=0.8)
@@ -101,7 +81,6 @@ def test_strided_views(dtype, inplace_backward, backend):
                                        {"logit_scale": 0.0625}], ids=["cap", "cap-scale", "scale"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_logit_transform(transform, dtype, backend):
-    skip_or_check_refusal(backend)
     base = torch.randn(5, 7, 3001) * 8
     labels = random_labels((5, 7), 3001)
     for inplace in (False, True):
@@ -112,7 +91,6 @@ def test_logit_transform(transform, dtype, backend):
 @pytest.mark.parametrize("make", list(EXTREME_LOGITS.values()), ids=list(EXTREME_LOGITS))
 def test_extreme_logits(make, backend):
     """|logits| ~ 1e4: the entropy is formed about the row maximum (log S1 - S2 / S1), never as lse - E[z]."""
-    skip_or_check_refusal(backend)
     base = make(19, 3001)
     labels = random_labels((19,), 3001, ignore_fraction=0.1)
     for temperature in (1.0, 0.7):
@@ -123,7 +101,6 @@ def test_extreme_logits(make, backend):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_masked_vocabulary_entries(dtype, backend):
     """-inf logits have p = 0 and add nothing to the entropy or its gradient (no 0 * -inf = NaN)."""
-    skip_or_check_refusal(backend)
     base = torch.randn(6, 700) * 3
     base[:, 100:400] = float("-inf")
     base[2, :] = float("-inf")
@@ -136,7 +113,6 @@ def test_masked_vocabulary_entries(dtype, backend):
 
 
 def test_known_entropies(backend):
-    skip_or_check_refusal(backend)
     vocab = 4099
     logits = torch.stack([torch.zeros(vocab), torch.full((vocab,), -30.0).index_fill(0, torch.tensor([7]), 30.0)])
     _, entropy = rk.token_logprobs(logits, torch.tensor([1, 7]), backend=backend, return_entropy=True)
@@ -145,7 +121,6 @@ def test_known_entropies(backend):
 
 
 def test_ignored_rows_and_empty_inputs(backend):
-    skip_or_check_refusal(backend)
     logits = torch.randn(3, 50, requires_grad=True)
     labels = torch.full((3,), -100)
     logp, entropy = rk.token_logprobs(logits * 1, labels, backend=backend, return_entropy=True)
@@ -168,7 +143,6 @@ def test_float64_gradcheck():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_opcheck(dtype, backend):
-    skip_or_check_refusal(backend)
     if backend == "triton" and dtype == torch.float64:
         pytest.skip("the Triton kernels take fp32/bf16/fp16 logits")
     ops = _backend.operators(backend)
@@ -187,7 +161,6 @@ def test_opcheck(dtype, backend):
 
 
 def test_torch_compile(backend):
-    skip_or_check_refusal(backend)
     torch._dynamo.reset()
     labels = random_labels((4, 9), 300)
 
@@ -209,7 +182,6 @@ def test_torch_compile(backend):
 def test_fused_linear(dtype, with_bias, linear_backend):
     """linear_token_logprobs(return_entropy=True): both outputs and dhidden / dweight / dbias vs the float64 truth
     of the logits it never materializes; ignored tokens skip the GEMMs."""
-    skip_or_check_refusal(linear_backend, "linear")
     hidden = (torch.randn(3, 11, 24) * 0.5).to(dtype)
     weight = (torch.randn(997, 24) * 0.5).to(dtype)
     bias = torch.randn(997).to(dtype) if with_bias else None
@@ -248,7 +220,6 @@ def test_fused_linear_gradcheck():
 def test_long_rows_carry_the_moment_across_blocks(backend):
     """A running maximum that rises block after block (a ramp over V = 70001 > one interpreter block, > one CPU
     chunk): the moment sum is rescaled each time it moves."""
-    skip_or_check_refusal(backend)
     vocab = 70001
     base = torch.linspace(-20, 20, vocab).repeat(3, 1) + torch.randn(3, vocab)
     base[1] = base[1].flip(0)
@@ -268,3 +239,20 @@ def test_triton_split_partials_merge():
     truth_logp, truth_entropy = reference.token_logprobs(logits.double(), labels, return_entropy=True)
     torch.testing.assert_close(logp.double(), truth_logp, rtol=0, atol=1e-5)
     torch.testing.assert_close(entropy.double(), truth_entropy, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows,vocab,dtype", [
+    (512, 262144, torch.bfloat16),   # few long rows: vocabulary splits, moments merged across them
+    (2048, 128256, torch.bfloat16),
+    (257, 32003, torch.float32),     # odd V: unaligned rows, scalar paths
+    (3001, 1000, torch.bfloat16),    # short rows: one warp per row (CUDA C++), warp merges of the moment
+])
+def test_gpu_sizes(backend, rows, vocab, dtype):
+    gpu_sizes_only()
+    base = (torch.randn(rows + 1, vocab) * 3).to(dtype)
+    base[::5, : vocab // 3] = float("-inf")  # a masked first split
+    labels = torch.randint(vocab // 3, vocab, (rows,))
+    labels[::7] = -100
+    for inplace in (False, True):
+        check_entropy_against_truth(backend, lambda x: (base if x is None else x)[1:], labels, dtype,
+                                    inplace_backward=inplace, temperature=0.9)

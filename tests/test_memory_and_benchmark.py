@@ -76,3 +76,16 @@ def test_benchmark_rejects_bad_case():
         bench.main(["--case", "4096:float32"])
     with pytest.raises(SystemExit):
         bench.main(["--ops", "nope"])
+
+
+def test_trl_step_benchmark_runs_every_contestant(tmp_path):
+    pytest.importorskip("trl")
+    from benchmarks import trl_step
+    out = tmp_path / "trl.json"
+    assert trl_step.main(["--vocab", "3000", "--pairs", "4", "--answer-words", "6", "--repeats", "1",
+                          "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["versions"]["trl"]
+    for trainer in ("dpo", "grpo"):
+        assert set(data[trainer]) == set(trl_step.CONTESTANTS)
+        assert all(r["step_median_ms"] > 0 and r["peak_extra_bytes"] > 0 for r in data[trainer].values())

@@ -115,7 +115,18 @@ def test_autotuner_offers_only_the_checked_tiles_of_the_launch(monkeypatch):
             assert capped and capped == linear_kernels.configs_for("bwd", operand, family, capped=True)
             spilling = linear_kernels.SPILL_WITH_SOFTCAP.get(("bwd", operand, family), [])
             assert not any(linear_kernels._shape(c) in spilling for c in capped)
+            for cap in (False, True):  # the entropy variants: their own exclusions and extra tiles
+                entropy = prune([], {"h_ptr": torch.empty(1, dtype=dtype)}, INPUT_PRECISION=precision,
+                                HAS_BIAS=False, CAPPED=cap, ENTROPY=True)
+                assert entropy == linear_kernels.configs_for("bwd", operand, family, cap, entropy=True)
+                spilling = linear_kernels.SPILL_WITH_ENTROPY.get(("bwd", operand, family, cap), [])
+                assert len(entropy) >= 2 and not any(linear_kernels._shape(c) in spilling for c in entropy)
     # Every excluded tile is one of the table's (a stale entry would exclude nothing) and each kind keeps some.
     for key, shapes in linear_kernels.SPILL_WITH_SOFTCAP.items():
         table = [linear_kernels._shape(c) for c in linear_kernels.LINEAR_CONFIGS[key]]
         assert all(shape in table for shape in shapes) and len(table) > len(shapes), key
+    for key, shapes in linear_kernels.SPILL_WITH_ENTROPY.items():
+        table = [linear_kernels._shape(c) for c in linear_kernels.LINEAR_CONFIGS[key[:3]]
+                 + linear_kernels.ENTROPY_CONFIGS.get(key[:3], [])]
+        assert all(shape in table for shape in shapes), key
+        assert len(linear_kernels.configs_for(*key, entropy=True)) >= 2, key

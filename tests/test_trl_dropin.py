@@ -338,3 +338,70 @@ def test_grpo_loss_conventions_equal_trls(loss_type, model_dir, tmp_path):
                         num_items_in_batch=inputs["num_items_in_batch"], max_completion_length=6,
                         use_bias_correction_kl=True)
     torch.testing.assert_close(ours.loss, expected.detach(), rtol=1e-5, atol=1e-7)
+
+
+# Vision-language models: TRL's vision collators and model inputs (pixel_values, image_grid_thw, ...) pass through the
+# fused head unchanged. Families whose tiny processors carry a chat template (TRL needs one for these datasets).
+VLM_FAMILIES = ["qwen2-vl", "gemma3", "idefics3"]
+
+
+def vlm_rows():
+    from PIL import Image
+    rows = []
+    for i, shape in enumerate(["circle", "square", "triangle", "circle"]):
+        user = [{"type": "image"}, {"type": "text", "text": "what do you see ?"}]
+        rows.append({"images": [Image.new("RGB", (32, 32), (40 * i, 100, 200))],
+                     "prompt": [{"role": "user", "content": user}],
+                     "chosen": [{"role": "assistant", "content": [{"type": "text", "text": f"a red {shape}"}]}],
+                     "rejected": [{"role": "assistant", "content": [{"type": "text", "text": f"a blue {shape}"}]}]})
+    return rows
+
+
+@pytest.mark.parametrize("family", VLM_FAMILIES)
+@pytest.mark.parametrize("fused_linear", [False, True], ids=["logits", "fused-linear"])
+def test_vision_language_dpo_equals_trl(family, fused_linear, tmp_path):
+    from rlhfv_train.models.families import build_family
+
+    def make(cls, **kwargs):
+        processor, model = build_family(family, seed=0)
+        return cls(model=model, ref_model=copy.deepcopy(model), args=dpo_config(tmp_path, max_length=None),
+                   train_dataset=datasets.Dataset.from_list(vlm_rows()), processing_class=processor, **kwargs)
+
+    theirs = make(trl.DPOTrainer)
+    batch = theirs.data_collator([theirs.train_dataset[i] for i in range(2)])
+    assert "pixel_values" in batch
+    assert_same_as_trl(loss_grads_metrics(make(DPOTrainer, use_fused_linear=fused_linear)),
+                       loss_grads_metrics(theirs))
+
+
+@pytest.mark.parametrize("fused_linear", [False, True], ids=["logits", "fused-linear"])
+def test_vision_language_grpo_equals_trl(fused_linear, tmp_path):
+    """Qwen2-VL: TRL generates from image prompts once; pixel_values and image_grid_thw reach both heads."""
+    from PIL import Image
+    from rlhfv_train.models.families import build_family
+    processor, model = build_family("qwen2-vl", seed=0)
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    user = [{"type": "image"}, {"type": "text", "text": "what do you see ?"}]
+    rows = [{"image": Image.new("RGB", (32, 32), (40 * i, 100, 200)), "prompt": [{"role": "user", "content": user}]}
+            for i in range(4)]
+
+    def make(cls, **kwargs):
+        config = trl.GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=2,
+                                max_completion_length=6, use_cpu=True, bf16=False, report_to=[], save_strategy="no",
+                                max_steps=1, seed=0, beta=0.1)
+        trainer = cls(model=str(tmp_path / "model"), reward_funcs=[reward_length], args=config,
+                      train_dataset=datasets.Dataset.from_list(rows), processing_class=processor, **kwargs)
+        trainer.current_gradient_accumulation_steps = 1
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for p in trainer.model.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=generator))
+        return trainer
+
+    theirs = make(trl.GRPOTrainer)
+    inputs = grpo_inputs(theirs)
+    assert "pixel_values" in inputs and "image_grid_thw" in inputs
+    expected = grpo_loss_grads_metrics(theirs, inputs)
+    assert_same_as_trl(grpo_loss_grads_metrics(make(trl_dropin.GRPOTrainer, use_fused_linear=fused_linear), inputs),
+                       expected)

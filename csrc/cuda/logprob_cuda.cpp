@@ -82,36 +82,64 @@ Prepared prepare(const at::Tensor& logits, const at::Tensor& labels, int64_t ign
   return p;
 }
 
-std::tuple<at::Tensor, at::Tensor> logprob_fwd_cuda(const at::Tensor& logits, const at::Tensor& labels,
-                                                    int64_t ignore_index, double temperature, double softcap,
-                                                    bool /*inplace_backward*/) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(const at::Tensor& logits, const at::Tensor& labels,
+                                                            int64_t ignore_index, double temperature, double softcap,
+                                                            bool with_entropy) {
   const c10::cuda::CUDAGuard guard(logits.device());
   const Prepared p = prepare(logits, labels, ignore_index, temperature, softcap, /*check_label_range=*/true);
   const auto opts = logits.options();
   at::Tensor logp = at::empty(labels.sizes(), opts.dtype(at::kFloat));
   at::Tensor lse = at::empty(labels.sizes(), opts.dtype(at::kDouble));
-  if (p.rows == 0) return {logp, lse};
+  at::Tensor entropy = at::empty(with_entropy ? labels.sizes() : at::IntArrayRef{0}, opts.dtype(at::kFloat));
+  if (p.rows == 0) return {logp, lse, entropy};
   at::Tensor part_max = at::empty({p.rows, p.splits}, opts.dtype(at::kFloat));
   at::Tensor part_sum = at::empty({p.rows, p.splits}, opts.dtype(at::kFloat));
+  at::Tensor part_moment = at::empty({with_entropy ? p.rows : 0, p.splits}, opts.dtype(at::kFloat));
   at::Tensor target = at::empty({p.rows}, opts.dtype(at::kFloat));
   cuda::ForwardArgs args{logits.const_data_ptr(), row_layout(logits), p.labels.const_data_ptr<int64_t>(),
                          p.rows, p.vocab, kernel_dtype(logits), ignore_index, static_cast<float>(temperature),
                          static_cast<float>(softcap), p.splits, p.split_size, part_max.mutable_data_ptr<float>(),
                          part_sum.mutable_data_ptr<float>(), target.mutable_data_ptr<float>(),
                          lse.mutable_data_ptr<double>(), logp.mutable_data_ptr<float>()};
+  if (with_entropy) {
+    args.part_moment = part_moment.mutable_data_ptr<float>();
+    args.entropy = entropy.mutable_data_ptr<float>();
+  }
   check_cuda(cuda::logprob_forward(args, p.shape, c10::cuda::getCurrentCUDAStream().stream()), "logprob forward");
+  return {logp, lse, entropy};
+}
+
+std::tuple<at::Tensor, at::Tensor> logprob_fwd_cuda(const at::Tensor& logits, const at::Tensor& labels,
+                                                    int64_t ignore_index, double temperature, double softcap,
+                                                    bool /*inplace_backward*/) {
+  auto [logp, lse, unused] = forward_cuda(logits, labels, ignore_index, temperature, softcap, false);
   return {logp, lse};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> logprob_entropy_fwd_cuda(const at::Tensor& logits,
+                                                                        const at::Tensor& labels,
+                                                                        int64_t ignore_index, double temperature,
+                                                                        double softcap, bool /*inplace_backward*/) {
+  auto [logp, lse, entropy] = forward_cuda(logits, labels, ignore_index, temperature, softcap, true);
+  return {logp, entropy, lse};
+}
+
+// grad_entropy and entropy: both null (no entropy gradient) or both of labels' shape.
 void run_backward(const at::Tensor& grad_logp, const at::Tensor& logits, const at::Tensor& labels,
                   const at::Tensor& lse, int64_t ignore_index, double temperature, double softcap,
-                  const at::Tensor& out) {
+                  const at::Tensor& out, const at::Tensor* grad_entropy = nullptr,
+                  const at::Tensor* entropy = nullptr) {
   const c10::cuda::CUDAGuard guard(logits.device());
   const Prepared p = prepare(logits, labels, ignore_index, temperature, softcap, /*check_label_range=*/false);
   TORCH_CHECK(grad_logp.sizes() == labels.sizes(), "rlhfv: grad_logp shape ", grad_logp.sizes(),
               " must equal labels shape ", labels.sizes());
   TORCH_CHECK(lse.sizes() == labels.sizes() && lse.scalar_type() == at::kDouble && lse.is_cuda(),
               "rlhfv: lse must be the float64 CUDA tensor returned by logprob_fwd");
+  if (grad_entropy != nullptr) {
+    TORCH_CHECK(grad_entropy->sizes() == labels.sizes() && entropy->sizes() == labels.sizes() &&
+                    grad_entropy->is_cuda() && entropy->is_cuda(),
+                "rlhfv: grad_entropy and entropy must be CUDA tensors of labels' shape ", labels.sizes());
+  }
   if (p.rows == 0 || p.vocab == 0) return;
   const at::Tensor grad = grad_logp.to(at::kFloat).contiguous();
   const at::Tensor lse_c = lse.contiguous();
@@ -119,6 +147,13 @@ void run_backward(const at::Tensor& grad_logp, const at::Tensor& logits, const a
                           p.labels.const_data_ptr<int64_t>(), grad.const_data_ptr<float>(),
                           lse_c.const_data_ptr<double>(), p.rows, p.vocab, kernel_dtype(logits), ignore_index,
                           static_cast<float>(temperature), static_cast<float>(softcap), p.splits, p.split_size};
+  at::Tensor grad_h, entropy_c;
+  if (grad_entropy != nullptr) {
+    grad_h = grad_entropy->to(at::kFloat).contiguous();
+    entropy_c = entropy->to(at::kFloat).contiguous();
+    args.grad_entropy = grad_h.const_data_ptr<float>();
+    args.entropy = entropy_c.const_data_ptr<float>();
+  }
   check_cuda(cuda::logprob_backward(args, p.shape, c10::cuda::getCurrentCUDAStream().stream()), "logprob backward");
 }
 
@@ -134,6 +169,22 @@ void logprob_bwd_inplace_cuda(at::Tensor& logits, const at::Tensor& grad_logp, c
   run_backward(grad_logp, logits, labels, lse, ignore_index, temperature, softcap, logits);
 }
 
+at::Tensor logprob_entropy_bwd_cuda(const at::Tensor& grad_logp, const at::Tensor& grad_entropy,
+                                    const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
+                                    const at::Tensor& entropy, int64_t ignore_index, double temperature,
+                                    double softcap) {
+  at::Tensor dlogits = at::empty(logits.sizes(), logits.options());
+  run_backward(grad_logp, logits, labels, lse, ignore_index, temperature, softcap, dlogits, &grad_entropy, &entropy);
+  return dlogits;
+}
+
+void logprob_entropy_bwd_inplace_cuda(at::Tensor& logits, const at::Tensor& grad_logp,
+                                      const at::Tensor& grad_entropy, const at::Tensor& labels,
+                                      const at::Tensor& lse, const at::Tensor& entropy, int64_t ignore_index,
+                                      double temperature, double softcap) {
+  run_backward(grad_logp, logits, labels, lse, ignore_index, temperature, softcap, logits, &grad_entropy, &entropy);
+}
+
 }  // namespace
 }  // namespace rlhfv
 
@@ -141,4 +192,7 @@ TORCH_LIBRARY_IMPL(rlhfv, CUDA, m) {
   m.impl("logprob_fwd", &rlhfv::logprob_fwd_cuda);
   m.impl("logprob_bwd", &rlhfv::logprob_bwd_cuda);
   m.impl("logprob_bwd_", &rlhfv::logprob_bwd_inplace_cuda);
+  m.impl("logprob_entropy_fwd", &rlhfv::logprob_entropy_fwd_cuda);
+  m.impl("logprob_entropy_bwd", &rlhfv::logprob_entropy_bwd_cuda);
+  m.impl("logprob_entropy_bwd_", &rlhfv::logprob_entropy_bwd_inplace_cuda);
 }

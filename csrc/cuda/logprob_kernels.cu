@@ -94,51 +94,82 @@ __device__ __forceinline__ float slope(float x, float c) {
   return 1.0f - th * th;
 }
 
-// Running (max, sum of exp(x - max)) of the values one thread has seen.
+// Running (max, sum of exp(x - max)) of the values one thread has seen; with the entropy also the moment
+// q = sum exp(x - max) * (x - max), moved with the max: q <- e^d (q + d s), d = old max - new max.
 struct MaxSum {
   float m;
   float s;
+  float q;
 };
 
+template <bool kEntropy>
 __device__ __forceinline__ void absorb(MaxSum& a, float x) {
   if (x > a.m) {
     // A +inf logit makes the softmax undefined: poison the row (NaN), as log_softmax does.
-    a.s = x == INFINITY ? NAN : a.s * expf(a.m - x) + 1.0f;
+    if (x == INFINITY) {
+      a.s = NAN;
+    } else {
+      const float d = a.m - x, e = expf(d);
+      if (kEntropy) a.q = a.s > 0.0f ? e * (a.q + d * a.s) : 0.0f;  // (the new value adds e^0 * 0)
+      a.s = a.s * e + 1.0f;
+    }
     a.m = x;
   } else if (x != -INFINITY) {  // -inf (masked entries) adds exp(-inf) = 0; NaN falls through and poisons the sum
-    a.s += expf(x - a.m);
+    const float t = x - a.m, e = expf(t);
+    a.s += e;
+    if (kEntropy) a.q += e * t;
   }
 }
 
-__device__ __forceinline__ MaxSum merge(MaxSum a, MaxSum b) {
-  const float m = fmaxf(a.m, b.m);
-  if (m == -INFINITY) return {m, a.s + b.s};
-  return {m, a.s * expf(a.m - m) + b.s * expf(b.m - m)};
+// One side's (s, q) moved to the max m; an empty side (s = 0, max -inf) adds nothing.
+template <bool kEntropy>
+__device__ __forceinline__ void moved(const MaxSum& a, float m, float& s, float& q) {
+  const float d = a.m - m, e = a.s > 0.0f ? expf(d) : 0.0f;
+  s += a.s * e;
+  if (kEntropy && a.s > 0.0f) q += e * (a.q + d * a.s);
 }
 
+template <bool kEntropy>
+__device__ __forceinline__ MaxSum merge(MaxSum a, MaxSum b) {
+  const float m = fmaxf(a.m, b.m);
+  if (m == -INFINITY) return {m, a.s + b.s, 0.0f};
+  if (!kEntropy) return {m, a.s * expf(a.m - m) + b.s * expf(b.m - m), 0.0f};
+  float s = 0.0f, q = 0.0f;
+  if (a.s != a.s || b.s != b.s) return {m, NAN, NAN};  // a poisoned side stays poisoned
+  moved<kEntropy>(a, m, s, q);
+  moved<kEntropy>(b, m, s, q);
+  return {m, s, q};
+}
+
+template <bool kEntropy>
 __device__ __forceinline__ MaxSum warp_merge(MaxSum v) {
 #pragma unroll
   for (int offset = kWarp / 2; offset > 0; offset /= 2) {
-    MaxSum other{__shfl_xor_sync(0xffffffffu, v.m, offset), __shfl_xor_sync(0xffffffffu, v.s, offset)};
-    v = merge(v, other);
+    MaxSum other{__shfl_xor_sync(0xffffffffu, v.m, offset), __shfl_xor_sync(0xffffffffu, v.s, offset),
+                 kEntropy ? __shfl_xor_sync(0xffffffffu, v.q, offset) : 0.0f};
+    v = merge<kEntropy>(v, other);
   }
   return v;
 }
 
+template <bool kEntropy>
 __device__ __forceinline__ MaxSum block_merge(MaxSum v) {
   __shared__ float shared_m[kBlockThreads / kWarp];
   __shared__ float shared_s[kBlockThreads / kWarp];
-  v = warp_merge(v);
+  __shared__ float shared_q[kBlockThreads / kWarp];
+  v = warp_merge<kEntropy>(v);
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   if (lane == 0) {
     shared_m[warp] = v.m;
     shared_s[warp] = v.s;
+    if (kEntropy) shared_q[warp] = v.q;
   }
   __syncthreads();
   if (warp == 0) {
     const int warps = blockDim.x / kWarp;
-    v = lane < warps ? MaxSum{shared_m[lane], shared_s[lane]} : MaxSum{-INFINITY, 0.0f};
-    v = warp_merge(v);
+    v = lane < warps ? MaxSum{shared_m[lane], shared_s[lane], kEntropy ? shared_q[lane] : 0.0f}
+                     : MaxSum{-INFINITY, 0.0f, 0.0f};
+    v = warp_merge<kEntropy>(v);
   }
   return v;  // valid in thread 0
 }
@@ -181,7 +212,7 @@ __device__ __forceinline__ void for_each_value(const T* p, int64_t start, int64_
   for (int64_t i = body + vectors * V + tid; i < stop; i += threads) f(to_float(p[i]));
 }
 
-template <typename T, bool kWarpPerRow>
+template <typename T, bool kWarpPerRow, bool kEntropy>
 __global__ void __launch_bounds__(kBlockThreads) forward_kernel(ForwardArgs a) {
   const Work<kWarpPerRow> w;
   if (w.row >= a.rows) return;  // uniform across the warp (warp shape) or the block (block shape)
@@ -190,20 +221,21 @@ __global__ void __launch_bounds__(kBlockThreads) forward_kernel(ForwardArgs a) {
   const T* p = static_cast<const T*>(a.logits) + row_offset(a.layout, w.row);
   const int64_t start = w.split * a.split_size;
   const int64_t stop = start + a.split_size < a.vocab ? start + a.split_size : a.vocab;
-  MaxSum acc{-INFINITY, 0.0f};
+  MaxSum acc{-INFINITY, 0.0f, 0.0f};
   if (active) {
     const float t = a.temperature, c = a.softcap;
-    for_each_value(p, start, stop, w.tid, w.threads, [&](float x) { absorb(acc, transformed(x, t, c)); });
+    for_each_value(p, start, stop, w.tid, w.threads, [&](float x) { absorb<kEntropy>(acc, transformed(x, t, c)); });
   }
   if constexpr (kWarpPerRow) {
-    acc = warp_merge(acc);
+    acc = warp_merge<kEntropy>(acc);
   } else {
-    acc = block_merge(acc);
+    acc = block_merge<kEntropy>(acc);
   }
   if (w.tid == 0) {
     const int64_t out = w.row * a.num_splits + w.split;
     a.part_max[out] = acc.m;
     a.part_sum[out] = acc.s;
+    if (kEntropy) a.part_moment[out] = acc.q;
     if (active && label >= start && label < stop) {
       a.target[w.row] = transformed(to_float(p[label]), a.temperature, a.softcap);
     }
@@ -217,20 +249,24 @@ __global__ void combine_kernel(ForwardArgs a) {
   if (a.labels[row] == a.ignore_index) {
     a.lse[row] = 0.0;
     a.logp[row] = 0.0f;
+    if (a.entropy != nullptr) a.entropy[row] = 0.0f;
     return;
   }
   const float* pm = a.part_max + row * a.num_splits;
   const float* ps = a.part_sum + row * a.num_splits;
   float top = -INFINITY;
   for (int s = 0; s < a.num_splits; ++s) top = fmaxf(top, pm[s]);
-  double sum = 0.0;
+  double sum = 0.0, moment = 0.0;
   for (int s = 0; s < a.num_splits; ++s) {
     if (pm[s] == -INFINITY) continue;  // a split of masked entries contributes 0
-    sum += static_cast<double>(ps[s]) * exp(static_cast<double>(pm[s]) - static_cast<double>(top));
+    const double d = static_cast<double>(pm[s]) - static_cast<double>(top), e = exp(d);
+    sum += static_cast<double>(ps[s]) * e;
+    if (a.entropy != nullptr) moment += e * (static_cast<double>(a.part_moment[row * a.num_splits + s]) + d * ps[s]);
   }
   const double lse = static_cast<double>(top) + log(sum);
   a.lse[row] = lse;
   a.logp[row] = static_cast<float>(static_cast<double>(a.target[row]) - lse);
+  if (a.entropy != nullptr) a.entropy[row] = static_cast<float>(log(sum) - moment / sum);  // H = log S1 - S2 / S1
 }
 
 template <typename T, bool kWarpPerRow>
@@ -240,10 +276,12 @@ __global__ void __launch_bounds__(kBlockThreads) backward_kernel(BackwardArgs a)
   if (w.row >= a.rows) return;
   const int64_t label = a.labels[w.row];
   const float coef = a.grad_logp[w.row];
+  const bool with_entropy = a.grad_entropy != nullptr;  // the same for every thread: no divergence
+  const float coef_h = with_entropy ? a.grad_entropy[w.row] : 0.0f;
   T* out = static_cast<T*>(a.out) + row_offset(a.out_layout, w.row);
   const int64_t start = w.split * a.split_size;
   const int64_t stop = start + a.split_size < a.vocab ? start + a.split_size : a.vocab;
-  if (label == a.ignore_index || coef == 0.0f) {  // no gradient: write zeros, read nothing
+  if (label == a.ignore_index || (coef == 0.0f && coef_h == 0.0f)) {  // no gradient: write zeros, read nothing
     for (int64_t i = start + w.tid; i < stop; i += w.threads) out[i] = from_float<T>(0.0f);
     return;
   }
@@ -254,9 +292,19 @@ __global__ void __launch_bounds__(kBlockThreads) backward_kernel(BackwardArgs a)
   const float t = a.temperature, cap = a.softcap;
   const float on_label = scaled(coef, t);
   const float scale = -on_label;
+  // With the entropy: dH/dz_j = -p_j (log p_j + H), so off the label p * (ea + eb * log p), ea = -(g + g_H H) / t,
+  // eb = -g_H / t (log p clamped at -87: a masked logit gives p ~ 0 times a finite factor, not 0 * -inf).
+  const float row_entropy = with_entropy ? a.entropy[w.row] : 0.0f;
+  const float ea = -scaled(coef + coef_h * row_entropy, t), eb = -scaled(coef_h, t);
   auto grad = [&](int64_t i, float x) {
-    const float prob = expf((transformed(x, t, cap) - lse_hi) - lse_lo);
+    const float log_prob = (transformed(x, t, cap) - lse_hi) - lse_lo;
+    const float prob = expf(log_prob);
     // At the label, c/t * (1 - p) rather than c/t - c/t * p: the difference of near-equal terms loses bits.
+    if (with_entropy) {
+      const float lp = log_prob < -87.0f ? -87.0f : log_prob;
+      return (i == label ? on_label * (1.0f - prob) + prob * eb * (log_prob + row_entropy) : prob * (ea + eb * lp)) *
+             slope(x, cap);
+    }
     return (i == label ? on_label * (1.0f - prob) : scale * prob) * slope(x, cap);
   };
   // Vectors only where source and destination share their alignment (always so in place).
@@ -277,15 +325,25 @@ __global__ void __launch_bounds__(kBlockThreads) backward_kernel(BackwardArgs a)
     out[i] = from_float<T>(grad(i, to_float(p[i])));
 }
 
-template <typename T>
-cudaError_t launch_forward(const ForwardArgs& a, Shape shape, cudaStream_t stream) {
+template <typename T, bool kEntropy>
+void launch_forward_kernel(const ForwardArgs& a, Shape shape, cudaStream_t stream) {
   if (shape == Shape::kWarpPerRow) {
     const int rows_per_block = kBlockThreads / kWarp;
     const dim3 grid(static_cast<unsigned>((a.rows + rows_per_block - 1) / rows_per_block));
-    forward_kernel<T, true><<<grid, kBlockThreads, 0, stream>>>(a);
+    forward_kernel<T, true, kEntropy><<<grid, kBlockThreads, 0, stream>>>(a);
   } else {
     const dim3 grid(static_cast<unsigned>(a.rows), static_cast<unsigned>(a.num_splits));
-    forward_kernel<T, false><<<grid, kBlockThreads, 0, stream>>>(a);
+    forward_kernel<T, false, kEntropy><<<grid, kBlockThreads, 0, stream>>>(a);
+  }
+}
+
+template <typename T>
+cudaError_t launch_forward(const ForwardArgs& a, Shape shape, cudaStream_t stream) {
+  if ((a.part_moment == nullptr) != (a.entropy == nullptr)) return cudaErrorInvalidValue;
+  if (a.entropy != nullptr) {
+    launch_forward_kernel<T, true>(a, shape, stream);
+  } else {
+    launch_forward_kernel<T, false>(a, shape, stream);
   }
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
@@ -295,6 +353,7 @@ cudaError_t launch_forward(const ForwardArgs& a, Shape shape, cudaStream_t strea
 
 template <typename T>
 cudaError_t launch_backward(const BackwardArgs& a, Shape shape, cudaStream_t stream) {
+  if ((a.grad_entropy == nullptr) != (a.entropy == nullptr)) return cudaErrorInvalidValue;
   if (shape == Shape::kWarpPerRow) {
     const int rows_per_block = kBlockThreads / kWarp;
     const dim3 grid(static_cast<unsigned>((a.rows + rows_per_block - 1) / rows_per_block));

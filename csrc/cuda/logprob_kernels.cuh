@@ -37,6 +37,10 @@ struct ForwardArgs {
   float* target;       // [rows]: z at the label
   double* lse;         // [rows] output, 0 at ignored rows
   float* logp;         // [rows] output, 0 at ignored rows
+  // With the entropy (both set, else both null): per-split moments sum exp(z - max) * (z - max), and the entropy
+  // -sum p log p per row (0 at ignored rows).
+  float* part_moment = nullptr;  // [rows, num_splits]
+  float* entropy = nullptr;      // [rows] output
 };
 
 struct BackwardArgs {
@@ -55,6 +59,9 @@ struct BackwardArgs {
   float softcap;
   int num_splits;
   int64_t split_size;
+  // With a gradient for the entropy (both set, else both null): dL/dH per row and the forward's entropy.
+  const float* grad_entropy = nullptr;  // [rows]
+  const float* entropy = nullptr;       // [rows]
 };
 
 // Shape and splits for `rows` rows of `vocab` on a device with `sm_count` multiprocessors.

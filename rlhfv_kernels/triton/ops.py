@@ -102,6 +102,20 @@ def _linear_bwd(grad_logp, hidden, weight, bias, labels, lse, ignore_index, temp
                                           softcap)
 
 
+def _linear_entropy_fwd(hidden, weight, bias, labels, ignore_index, temperature, softcap, chunk_rows):
+    _check_linear(hidden, weight, labels, temperature, softcap)
+    _check_labels(labels, weight.shape[0], ignore_index)
+    return linear_kernels.launch_forward(hidden, weight, bias, labels, ignore_index, temperature, softcap,
+                                         with_entropy=True)
+
+
+def _linear_entropy_bwd(grad_logp, grad_entropy, hidden, weight, bias, labels, lse, entropy, ignore_index,
+                        temperature, softcap, chunk_rows):
+    _check_linear(hidden, weight, labels, temperature, softcap)
+    return linear_kernels.launch_backward(grad_logp, hidden, weight, bias, labels, lse, ignore_index, temperature,
+                                          softcap, grad_entropy=grad_entropy, entropy=entropy)
+
+
 for _key in ("CPU", "CUDA"):
     _lib.impl("logprob_fwd", _fwd, _key)
     _lib.impl("logprob_bwd", _bwd, _key)
@@ -111,6 +125,8 @@ for _key in ("CPU", "CUDA"):
     _lib.impl("logprob_entropy_bwd_", _entropy_bwd_inplace, _key)
     _lib.impl("linear_logprob_fwd", _linear_fwd, _key)
     _lib.impl("linear_logprob_bwd", _linear_bwd, _key)
+    _lib.impl("linear_logprob_entropy_fwd", _linear_entropy_fwd, _key)
+    _lib.impl("linear_logprob_entropy_bwd", _linear_entropy_bwd, _key)
 
 _ops.register_glue(NAMESPACE)
 _ops.register_linear_glue(NAMESPACE)

@@ -78,9 +78,12 @@ def logits_cases(dtypes):
         dt = DTYPES[dn]
         aligned_vec = 16 // dt.itemsize
         for vec, vocab, T in ((aligned_vec, 151936, MockTensor), (1, 32003, UnalignedMockTensor)):
-            # (the entropy variants with a temperature, and with a soft cap: the heaviest bodies)
+            # (the entropy variants with a temperature, and with a soft cap: the heaviest bodies; fp16 compiles to
+            # the registers of bf16, so its entropy variants are left to bf16's)
             for scaled, capped, entropy in ((False, False, False), (True, False, False), (False, True, False),
                                             (True, False, True), (False, True, True)):
+                if entropy and dn == "fp16":
+                    continue
                 tag = (f"VEC={vec} {'t!=1' if scaled else 't=1'}" + (" cap" if capped else "")
                        + (" entropy" if entropy else ""))
                 for cfg in kernels.forward_configs(capped):
@@ -111,31 +114,37 @@ def linear_cases(dtypes, cap, extra=()):
         dt = DTYPES[dn]
         operands = linear_kernels.INPUT_PRECISIONS if dt == torch.float32 else ("16bit",)
         for operand, which in ((o, w) for o in operands for w in ("fwd", "bwd")):
-            for bias, capped in ((False, False), (True, False), (False, True)):
-                configs = linear_kernels.configs_for(which, operand, cap, capped) + [c for w, c in extra if w == which]
+            # (the entropy variants without and with the cap; not for fp16, as above)
+            for bias, capped, entropy in ((False, False, False), (True, False, False), (False, True, False),
+                                          (False, False, True), (False, True, True)):
+                if entropy and dn == "fp16":
+                    continue
+                configs = (linear_kernels.configs_for(which, operand, cap, capped, entropy)
+                           + [c for w, c in extra if w == which])
                 for cfg in configs:
-                    yield _linear_case(which, dn, operand, cfg, bias, capped)
+                    yield _linear_case(which, dn, operand, cfg, bias, capped, entropy)
 
 
-def _linear_case(which, dn, operand, cfg, bias, capped):
+def _linear_case(which, dn, operand, cfg, bias, capped, entropy=False):
     """One fused-linear launch at a real size (N = 4096 tokens, V = 151936, H = 4096)."""
     i64, f32, f64 = torch.int64, torch.float32, torch.float64
     N, V, H = 4096, 151936, 4096
     T, dt = MockTensor, DTYPES[dn]
     if which == "fwd":  # four vocabulary splits, sized by the launcher's own planner
         splits, split_size = linear_kernels._plan(N, V, torch.device("cpu"), 4)
-        args = (T(dt), T(dt), T(dt), T(i64), T(f32), T(f32), T(f32), N, V, H, split_size, splits, -100, 0.7, 30.0,
-                kernels._bucket(N))
+        args = (T(dt), T(dt), T(dt), T(i64), T(f32), T(f32), T(f32), T(f32), N, V, H, split_size, splits, -100,
+                0.7, 30.0, kernels._bucket(N))
     else:
-        args = (T(dt), T(dt), T(dt), T(i64), T(f32), T(f64), T(f32), T(f32), T(f32), N, V, H, -100, 0.7, 30.0,
-                kernels._bucket(N))
+        args = (T(dt), T(dt), T(dt), T(i64), T(f32), T(f64), T(f32), T(f32), T(f32), T(f32), T(f32), N, V, H, -100,
+                0.7, 30.0, kernels._bucket(N))
     fn = linear_kernels._linear_fwd_kernel if which == "fwd" else linear_kernels._linear_bwd_kernel
     meta = dict(cfg.kwargs, HAS_BIAS=bias, CAPPED=capped, UPCAST=False,
-                INPUT_PRECISION=linear_kernels.dot_precision(operand), num_warps=cfg.num_warps,
+                INPUT_PRECISION=linear_kernels.dot_precision(operand), ENTROPY=entropy, num_warps=cfg.num_warps,
                 num_stages=cfg.num_stages)
     k = cfg.kwargs
     label = (f"{k['BLOCK_N']}x{k['BLOCK_V']}x{k['BLOCK_H']} w{cfg.num_warps} s{cfg.num_stages} bias={int(bias)}"
-             + (" cap" if capped else "") + (f" {operand}" if dt == torch.float32 else ""))
+             + (" cap" if capped else "") + (" entropy" if entropy else "")
+             + (f" {operand}" if dt == torch.float32 else ""))
     return Case(f"linear_{which}", label, _jit(fn), args, meta, dn)
 
 

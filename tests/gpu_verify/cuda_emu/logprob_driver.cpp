@@ -7,8 +7,9 @@
 // Reads DIR/logits.bin (elems raw elements; the rows start at element `base`), DIR/labels.bin (int64 per row),
 // DIR/coef.bin (float32 per row: dL/dlogp). Writes DIR/lse.bin (float64), DIR/logp.bin (float32), DIR/grad.bin
 // (out-of-place dlogits, rows x vocab contiguous) and DIR/inplace.bin (the whole buffer after the in-place backward),
-// and prints the shape and splits the launcher chose. Every buffer is allocated at its exact size, so that
-// AddressSanitizer reports any access past it.
+// and prints the shape and splits the launcher chose. With entropy=1 it also reads DIR/coef_h.bin (float32 per row:
+// dL/dH), runs the entropy variants and writes DIR/entropy.bin (float32). Every buffer is allocated at its exact
+// size, so that AddressSanitizer reports any access past it.
 #include "logprob_kernels.emu.cpp"  // the project's kernels with <<<>>> rewritten (build.py)
 
 #include <cstdio>
@@ -72,6 +73,8 @@ int run(const std::string& dir, std::map<std::string, std::string>& kv, DType dt
   std::unique_ptr<T[]> buffer = read_file<T>(dir + "/logits.bin", elems);
   std::unique_ptr<int64_t[]> labels = read_file<int64_t>(dir + "/labels.bin", rows);
   std::unique_ptr<float[]> coef = read_file<float>(dir + "/coef.bin", rows);
+  const bool with_entropy = kv.count("entropy") && kv.at("entropy") == "1";
+  std::unique_ptr<float[]> coef_h = with_entropy ? read_file<float>(dir + "/coef_h.bin", rows) : nullptr;
   T* logits = buffer.get() + base;
 
   int64_t split_size = 0;
@@ -82,9 +85,14 @@ int run(const std::string& dir, std::map<std::string, std::string>& kv, DType dt
   std::unique_ptr<double[]> lse(new double[rows]);
   ForwardArgs fa{logits, layout, labels.get(), rows, vocab, dtype, ignore_index, temperature, softcap, splits,
                  split_size, part_max.get(), part_sum.get(), target.get(), lse.get(), logp.get()};
+  std::unique_ptr<float[]> part_moment(with_entropy ? new float[rows * splits] : nullptr);
+  std::unique_ptr<float[]> entropy(with_entropy ? new float[rows] : nullptr);
+  fa.part_moment = part_moment.get();
+  fa.entropy = entropy.get();
   if (logprob_forward(fa, shape, nullptr) != cudaSuccess) die("forward launch failed");
   write_file(dir + "/lse.bin", lse.get(), rows);
   write_file(dir + "/logp.bin", logp.get(), rows);
+  if (with_entropy) write_file(dir + "/entropy.bin", entropy.get(), rows);
 
   // Out of place into a contiguous buffer (its rows' alignment differs from strided or offset logits), then in place.
   std::unique_ptr<T[]> grad(new T[rows * vocab]);
@@ -96,6 +104,8 @@ int run(const std::string& dir, std::map<std::string, std::string>& kv, DType dt
   }
   BackwardArgs ba{logits, layout, grad.get(), out_layout, labels.get(), coef.get(), lse.get(), rows, vocab, dtype,
                   ignore_index, temperature, softcap, splits, split_size};
+  ba.grad_entropy = coef_h.get();
+  ba.entropy = entropy.get();
   if (logprob_backward(ba, shape, nullptr) != cudaSuccess) die("backward launch failed");
   write_file(dir + "/grad.bin", grad.get(), rows * vocab);
   ba.out = logits;
