@@ -121,6 +121,16 @@ def time_call(fn, device, warmup: int, repeats: int) -> list[float]:
     return times
 
 
+def write_json(path: str, data) -> None:
+    """Writes a benchmark's records (folders created) and says where."""
+    import json
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+    print(f"wrote {path}")
+
+
 def fmt_ms(v):
     return "-" if v is None else f"{v:9.2f}"
 

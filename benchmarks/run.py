@@ -17,7 +17,6 @@ the soft cap C (z = C tanh(x / C)) applied to the logits, so the table shows wha
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -28,7 +27,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.harness import (PeakMemory, device_name, fmt_mb, fmt_ms, max_abs_diff, mem_ratio,  # noqa: E402
-                                pick_device, plot_bars, time_call, versions)
+                                pick_device, plot_bars, time_call, versions, write_json)
 import rlhfv_kernels as rk  # noqa: E402
 from rlhfv_kernels import _backend  # noqa: E402
 from rlhfv_kernels import losses  # noqa: E402
@@ -455,10 +454,7 @@ def main(argv=None) -> int:
     if args.plot:
         print(f"wrote {plot_results(results, args.plot)}")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
-        print(f"wrote {args.json}")
+        write_json(args.json, results)
     return 0
 
 

@@ -14,18 +14,16 @@ step stays small: the ratios show what the loss path costs.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import tempfile
-import time
 
 os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.harness import PeakMemory, device_name, pick_device, sync, versions  # noqa: E402
+from benchmarks.harness import PeakMemory, device_name, pick_device, time_call, versions, write_json  # noqa: E402
 from rlhfv_train import synthetic  # noqa: E402
 from rlhfv_train.models.families import FAMILIES, build_family  # noqa: E402
 from rlhfv_train.data import PairCollator  # noqa: E402
@@ -71,14 +69,7 @@ def main(argv=None) -> int:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-        step()  # warm-up: allocator, optimizer state
-        times = []
-        for _ in range(args.repeats):
-            sync(device)
-            t0 = time.perf_counter()
-            step()
-            sync(device)
-            times.append((time.perf_counter() - t0) * 1e3)
+        times = time_call(step, device, 1, args.repeats)  # (the warm-up: allocator, optimizer state)
         with PeakMemory(device) as mem:
             step()
         results.append({"impl": name, "step_median_ms": statistics.median(times), "step_times_ms": times,
@@ -91,11 +82,9 @@ def main(argv=None) -> int:
               f"{base['step_median_ms'] / r['step_median_ms']:>8.2f}x"
               f"{base['peak_extra_bytes'] / max(r['peak_extra_bytes'], 1):>10.2f}x")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"versions": versions(), "device_name": device_name(device), "family": args.family,
-                       "vocab": vocab, "pairs": args.pairs, "shape": list(batch.input_ids.shape), "results": results},
-                      f, indent=1)
-        print(f"wrote {args.json}")
+        write_json(args.json, {"versions": versions(), "device_name": device_name(device), "family": args.family,
+                               "vocab": vocab, "pairs": args.pairs, "shape": list(batch.input_ids.shape),
+                               "results": results})
     return 0
 
 

@@ -13,19 +13,18 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import statistics
 import sys
 import tempfile
-import time
 import warnings
 
 os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.harness import PeakMemory, device_name, pick_device, sync, versions  # noqa: E402
+from benchmarks.harness import (PeakMemory, device_name, pick_device, time_call, versions,  # noqa: E402
+                                write_json)
 
 CONTESTANTS = {"trl": None, "rlhfv_logits": {"use_fused_linear": False},
                "rlhfv_fused_linear": {"use_fused_linear": True}}
@@ -46,14 +45,7 @@ def answer(i: int, words: int) -> str:
 
 
 def time_step(step, device, repeats):
-    step()  # warm-up
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        step()
-        sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
+    times = time_call(step, device, 1, repeats)
     with PeakMemory(device) as mem:
         step()
     return {"step_median_ms": statistics.median(times), "step_times_ms": times, "peak_extra_bytes": mem.peak}
@@ -161,10 +153,7 @@ def main(argv=None) -> int:
         out[which] = results
     print("\nspeedup / mem ratio: TRL's own path over this one (time of a step; peak extra memory of one step)")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
-        print(f"wrote {args.json}")
+        write_json(args.json, out)
     return 0
 
 

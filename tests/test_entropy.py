@@ -14,32 +14,23 @@ import rlhfv_kernels as rk
 from rlhfv_kernels import _backend, reference
 from conftest import gpu_sizes_only
 from numerics import assert_meets_criterion, truth_token_logprobs
-from test_token_logprobs import DTYPES, EXTREME_LOGITS, random_labels
+from test_token_logprobs import DTYPES, EXTREME_LOGITS, VALUE_CASES, random_labels, run_contestants
 
 
 def check_entropy_against_truth(backend, make_logits, labels, dtype, *, temperature=1.0, inplace_backward=False,
                                 transform=None, grad_logp=True, grad_entropy=True):
     """Values of (logp, entropy) and d(sum(g * logp) + sum(g_H * H))/d leaf, random g and g_H (either may be off)."""
-    base = make_logits(None)
     g = torch.randn(labels.shape, dtype=torch.float64)
     g_h = torch.randn(labels.shape, dtype=torch.float64)
-    results = {}
-    for name, leaf_dtype, fn, kwargs in [
-        ("ours", dtype, rk.token_logprobs, {"backend": backend, "inplace_backward": inplace_backward}),
-        ("reference", dtype, reference.token_logprobs, {}),
-        ("truth", torch.float64, truth_token_logprobs, {}),
-    ]:
-        leaf = base.detach().to(leaf_dtype).clone().requires_grad_(True)
-        logits = make_logits(leaf * 1)
+
+    def run(fn, logits, kwargs):
         logp, entropy = fn(logits, labels, temperature=temperature, return_entropy=True, **(transform or {}),
                            **kwargs)
-        loss = 0.0
-        if grad_logp:
-            loss = loss + (logp * g.to(logp.dtype)).sum()
-        if grad_entropy:
-            loss = loss + (entropy * g_h.to(entropy.dtype)).sum()
-        loss.backward()
-        results[name] = (logp.detach(), entropy.detach(), leaf.grad)
+        terms = [(out * seed.to(out.dtype)).sum() for out, seed, wanted in ((logp, g, grad_logp),
+                                                                          (entropy, g_h, grad_entropy)) if wanted]
+        return (logp, entropy), sum(terms)  # an output left out gets no incoming gradient (None) in autograd
+
+    results = run_contestants(backend, make_logits, dtype, inplace_backward, run)
     ours, ref, truth = results["ours"], results["reference"], results["truth"]
     assert ours[1].dtype == torch.float32
     assert_meets_criterion(ours[0], ref[0], truth[0], dtype, "logp")
@@ -49,7 +40,7 @@ def check_entropy_against_truth(backend, make_logits, labels, dtype, *, temperat
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape,vocab", [((37,), 32003), ((3, 13), 101), ((2, 3, 5), 7), ((5,), 1), ((4,), 2049)])
+@pytest.mark.parametrize("shape,vocab", VALUE_CASES)
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_values_and_gradients(dtype, shape, vocab, temperature, backend):
     base = torch.randn(*shape, vocab) * 3

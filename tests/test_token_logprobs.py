@@ -22,12 +22,11 @@ def random_labels(shape, vocab, ignore_fraction=0.2, ignore_index=-100):
     return labels
 
 
-def check_against_truth(backend, make_logits, labels, dtype, *, temperature=1.0, ignore_index=-100,
-                        inplace_backward=False, transform=None, logp_extra=0.0):
-    """make_logits(leaf) -> logits view. Compares values and d(sum(g * logp))/d leaf with a random g.
-    transform: the logit transform options (softcap, logit_scale) given to all three."""
+def run_contestants(backend, make_logits, dtype, inplace_backward, run):
+    """Ours (`backend`), the eager reference (in `dtype`) and the float64 truth on the same logits: make_logits(leaf)
+    -> logits view; run(token_logprobs_fn, logits, kwargs) -> (outputs, scalar loss). Returns {name: outputs
+    (detached) + (d loss / d leaf,)}."""
     base = make_logits(None)
-    seed_grad = torch.randn(labels.shape, dtype=torch.float64)
     results = {}
     for name, leaf_dtype, fn, kwargs in [
         ("ours", dtype, rk.token_logprobs, {"backend": backend, "inplace_backward": inplace_backward}),
@@ -36,10 +35,23 @@ def check_against_truth(backend, make_logits, labels, dtype, *, temperature=1.0,
     ]:
         leaf = base.detach().to(leaf_dtype).clone().requires_grad_(True)
         # A non-leaf copy, so inplace_backward may consume it without touching the leaf's own storage.
-        logits = make_logits(leaf * 1)
+        outputs, loss = run(fn, make_logits(leaf * 1), kwargs)
+        loss.backward()
+        results[name] = tuple(out.detach() for out in outputs) + (leaf.grad,)
+    return results
+
+
+def check_against_truth(backend, make_logits, labels, dtype, *, temperature=1.0, ignore_index=-100,
+                        inplace_backward=False, transform=None, logp_extra=0.0):
+    """make_logits(leaf) -> logits view. Compares values and d(sum(g * logp))/d leaf with a random g.
+    transform: the logit transform options (softcap, logit_scale) given to all three."""
+    seed_grad = torch.randn(labels.shape, dtype=torch.float64)
+
+    def run(fn, logits, kwargs):
         out = fn(logits, labels, ignore_index=ignore_index, temperature=temperature, **(transform or {}), **kwargs)
-        (out * seed_grad.to(out.dtype)).sum().backward()
-        results[name] = (out.detach(), leaf.grad)
+        return (out,), (out * seed_grad.to(out.dtype)).sum()
+
+    results = run_contestants(backend, make_logits, dtype, inplace_backward, run)
     expected_dtype = torch.float32
     assert results["ours"][0].dtype == expected_dtype
     assert_meets_criterion(results["ours"][0], results["reference"][0], results["truth"][0], dtype, "logp",
@@ -48,8 +60,12 @@ def check_against_truth(backend, make_logits, labels, dtype, *, temperature=1.0,
     return results
 
 
+# (leading shape, V): a long odd row, a small 2-D batch, 3-D, a one-entry vocabulary, one past a CPU chunk
+VALUE_CASES = [((37,), 32003), ((3, 13), 101), ((2, 3, 5), 7), ((5,), 1), ((4,), 2049)]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape,vocab", [((37,), 32003), ((3, 13), 101), ((2, 3, 5), 7), ((5,), 1), ((4,), 2049)])
+@pytest.mark.parametrize("shape,vocab", VALUE_CASES)
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_values_and_gradients(dtype, shape, vocab, temperature, backend):
     base = torch.randn(*shape, vocab) * 3

@@ -63,6 +63,7 @@ def loss_grads_metrics(trainer, rows=(0, 1)):
     """compute_loss on one fixed batch, in training mode: (loss, flat gradient, the metrics it logged)."""
     batch = trainer.data_collator([trainer.train_dataset[i] for i in rows])
     trainer.model.train()
+    trainer.model.zero_grad(set_to_none=True)
     loss = trainer.compute_loss(trainer.model, batch)
     loss.backward()
     grads = torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None])
@@ -256,6 +257,7 @@ def grpo_inputs(trainer):
 
 def grpo_loss_grads_metrics(trainer, inputs):
     trainer.model.train()
+    trainer.model.zero_grad(set_to_none=True)
     trainer._metrics["train"].clear()
     loss = trainer.compute_loss(trainer.model, dict(inputs))
     loss.backward()
@@ -405,3 +407,25 @@ def test_vision_language_grpo_equals_trl(fused_linear, tmp_path):
     expected = grpo_loss_grads_metrics(theirs, inputs)
     assert_same_as_trl(grpo_loss_grads_metrics(make(trl_dropin.GRPOTrainer, use_fused_linear=fused_linear), inputs),
                        expected)
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "vespo"])
+def test_grpo_vllm_importance_sampling_correction_equals_trl(loss_type, model_dir, tmp_path):
+    """vLLM's truncated importance-sampling ratios (the inference engine's vs the trainer's log-probs) enter TRL's
+    loss unchanged: with transformers generation the ratios are handed in as vLLM would produce them, and both
+    trainers are told they came from vLLM (TRL applies them only then)."""
+    def with_ratio(inputs):
+        generator = torch.Generator().manual_seed(4)
+        ratio = torch.exp(0.2 * torch.randn(inputs["completion_mask"].shape, generator=generator)).clamp(max=2.0)
+        return {"importance_sampling_ratio": ratio}
+
+    theirs = make_grpo(trl.GRPOTrainer, model_dir, tmp_path, loss_type=loss_type)
+    inputs = grpo_inputs(theirs)
+    plain = grpo_loss_grads_metrics(theirs, inputs)
+    inputs.update(with_ratio(inputs))
+    ours = make_grpo(trl_dropin.GRPOTrainer, model_dir, tmp_path, loss_type=loss_type)
+    for trainer in (theirs, ours):
+        trainer.use_vllm = True  # (only the loss reads it here: generation is done)
+    expected = grpo_loss_grads_metrics(theirs, inputs)
+    assert not torch.allclose(expected[0], plain[0])  # the ratios took effect
+    assert_same_as_trl(grpo_loss_grads_metrics(ours, inputs), expected)
