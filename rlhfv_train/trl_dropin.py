@@ -243,6 +243,7 @@ def _score_hidden(model, args, kwargs, targets, shifted_here, temperature, wants
         adapter.check_fused_linear(model, {k: v for k, v in kwargs.items() if k != "use_cache"})
         model._rlhfv_route_checked = True
     hidden, head = adapter.hidden_and_head(model, kwargs)
+    _refuse_sharded_head(head.weight)
     if shifted_here:
         hidden = hidden[:, :-1]
     if hidden.shape[:-1] != targets.shape:
@@ -266,6 +267,17 @@ def _score_hidden(model, args, kwargs, targets, shifted_here, temperature, wants
     # Scatter back to [B, T]; masked_scatter keeps an all-ignored batch connected to the graph (a zero gradient).
     fields = {name: value.new_zeros(mask.shape).masked_scatter(mask, value) for name, value in per_token.items()}
     return fields, None
+
+
+def _refuse_sharded_head(weight) -> None:
+    """The fused-linear route needs the whole lm_head weight on this process (FSDP2 shards it as a DTensor, ZeRO-3
+    partitions it away): refused with a clear error rather than a shape error inside a kernel."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(weight, DTensor) or hasattr(weight, "ds_id"):
+        raise ValueError("use_fused_linear=True: the lm_head weight is sharded (FSDP2 DTensor or DeepSpeed ZeRO-3), "
+                         "which the fused-linear route does not gather yet; use the logits route "
+                         "(use_fused_linear=False)")
 
 
 @contextlib.contextmanager

@@ -199,6 +199,15 @@ def test_refusals_name_the_option(tmp_path):
         trl_dropin.add_fused_lm_head(tiny_llama(), outputs=("log_probs", "logits"))
 
 
+def test_fused_linear_refuses_a_sharded_head(tmp_path):
+    """A ZeRO-3-partitioned lm_head (DeepSpeed marks its parameters with ds_id) is refused by name, not fed to a
+    kernel as an empty weight."""
+    trainer = make_dpo(DPOTrainer, tmp_path, use_fused_linear=True)
+    trainer.model.lm_head.weight.ds_id = 0
+    with pytest.raises(ValueError, match="sharded"):
+        loss_grads_metrics(trainer)
+
+
 def test_an_untested_trl_version_fails_at_import(monkeypatch):
     import importlib
     import sys
