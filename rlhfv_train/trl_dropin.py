@@ -142,7 +142,10 @@ def _metric_fields(logits_of, rows: int, vocab: int, targets: torch.Tensor, temp
         if "log_sum_sq_probs" in fields:
             log_p = torch.log_softmax(z, -1)
             fields["log_sum_sq_probs"].append(torch.logsumexp(2 * log_p, -1))
-    return {name: torch.cat(parts) for name, parts in fields.items()}
+    empty = {"is_top1": torch.bool}  # (no labelled row at all: empty fields, scattered to zeros by the caller)
+    return {name: torch.cat(parts) if parts else torch.empty(0, dtype=empty.get(name, torch.float32),
+                                                            device=targets.device)
+            for name, parts in fields.items()}
 
 
 def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: bool = False,
@@ -198,9 +201,10 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
     model.forward = types.MethodType(_fused_forward, model)
 
 
-def _masked(fields: dict, mask: torch.Tensor) -> dict:
-    """The metric fields zeroed (False) where the label is ignored, as TRL's protocol has them."""
-    return {name: torch.where(mask, value, torch.zeros_like(value)) for name, value in fields.items()}
+def _scattered(values: dict, mask: torch.Tensor) -> dict:
+    """Fields computed at the positions where `mask` holds (in row-major order) placed into zeros (False) of mask's
+    shape, as TRL's protocol has them; masked_scatter keeps an all-ignored batch connected to the graph."""
+    return {name: value.new_zeros(mask.shape).masked_scatter(mask, value) for name, value in values.items()}
 
 
 def _score_logits(forward, args, kwargs, targets, shifted_here, temperature, wants_entropy, outputs, options):
@@ -221,12 +225,13 @@ def _score_logits(forward, args, kwargs, targets, shifted_here, temperature, wan
     fields = {"log_probs": cut(log_probs)}
     if entropy is not None:
         fields["entropy"] = cut(entropy)
-    vocab = logits.shape[-1]
+    # The metric-only fields at the labelled positions only (prompt and image tokens cost nothing).
+    vocab, active = logits.shape[-1], padded != -100
+    index = active.reshape(-1).nonzero().squeeze(1)
     flat = logits.detach().reshape(-1, vocab)
-    metrics = _metric_fields(lambda rows: flat[rows], flat.shape[0], vocab, padded.reshape(-1).clamp(min=0),
-                             temperature, outputs)
-    mask = targets != -100
-    fields.update(_masked({k: cut(v.view(padded.shape)) for k, v in metrics.items()}, mask))
+    metrics = _metric_fields(lambda rows: flat.index_select(0, index[rows]), index.numel(), vocab,
+                             padded.reshape(-1).index_select(0, index), temperature, outputs)
+    fields.update({name: cut(value) for name, value in _scattered(metrics, active).items()})
     return fields, getattr(model_out, "aux_loss", None)
 
 
@@ -264,9 +269,7 @@ def _score_hidden(model, args, kwargs, targets, shifted_here, temperature, wants
 
     per_token.update(_metric_fields(logits_of, picked.shape[0], head.weight.shape[0], picked_targets, temperature,
                                     outputs))
-    # Scatter back to [B, T]; masked_scatter keeps an all-ignored batch connected to the graph (a zero gradient).
-    fields = {name: value.new_zeros(mask.shape).masked_scatter(mask, value) for name, value in per_token.items()}
-    return fields, None
+    return _scattered(per_token, mask), None
 
 
 def _refuse_sharded_head(weight) -> None:

@@ -199,6 +199,20 @@ def test_refusals_name_the_option(tmp_path):
         trl_dropin.add_fused_lm_head(tiny_llama(), outputs=("log_probs", "logits"))
 
 
+@pytest.mark.parametrize("fused_linear", [False, True], ids=["logits", "fused-linear"])
+def test_fused_head_of_a_batch_without_labels(fused_linear):
+    """All labels ignored (a microbatch of prompts only): zeros in every field, and a backward that runs."""
+    model = tiny_llama()
+    trl_dropin.add_fused_lm_head(model, outputs=trl_dropin.FUSED_OUTPUTS,
+                                 options=trl_dropin.FusedHeadOptions(use_fused_linear=fused_linear))
+    ids = torch.randint(0, len(TOKENIZER), (2, 7))
+    out = model(input_ids=ids, labels=torch.full_like(ids, -100), fused_lm_head=True)
+    for name in trl_dropin.FUSED_OUTPUTS:
+        value = getattr(out, name)
+        assert value.shape == (2, 6) and not value.any(), name
+    (out.log_probs.sum() + out.entropy.sum()).backward()
+
+
 def test_fused_linear_refuses_a_sharded_head(tmp_path):
     """A ZeRO-3-partitioned lm_head (DeepSpeed marks its parameters with ds_id) is refused by name, not fed to a
     kernel as an empty weight."""
