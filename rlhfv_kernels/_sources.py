@@ -158,7 +158,7 @@ def _under_autocast(hidden, weight, bias):
     if not (hidden.is_floating_point() and weight.is_floating_point()) or torch.float64 in (hidden.dtype,
                                                                                              weight.dtype):
         return hidden, weight, bias
-    cast = [t if t is None or t.dtype == dtype else t.to(dtype) for t in (hidden, weight, bias)]
+    cast = [t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype != dtype else t for t in (hidden, weight, bias)]
     return tuple(cast)
 
 

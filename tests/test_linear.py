@@ -252,3 +252,18 @@ def test_gpu_sizes_fused_linear_kernels(backend, dtype, precision, with_bias):
         if ours[k] is not None:
             assert_meets_criterion(ours[k], same[k], truth[k], dtype, f"linear {what} ({precision})",
                                    relative=k > 0, extra=extras[k])
+
+
+def test_an_ambient_autocast_casts_the_head_inputs_like_f_linear(linear_backend):
+    """Under torch.autocast the head's matmul runs in the autocast dtype, as F.linear would, on every backend (the
+    C++ op's internal GEMMs used to be autocast unannounced); gradients reach the fp32 parameters in fp32."""
+    hidden = torch.randn(9, 16, requires_grad=True)
+    weight = torch.randn(301, 16, requires_grad=True)
+    labels = torch.randint(0, 301, (9,))
+    with torch.autocast(hidden.device.type, dtype=torch.bfloat16):
+        ours = rk.linear_token_logprobs(hidden, weight, labels, backend=linear_backend)
+    expected = rk.linear_token_logprobs(hidden.detach().bfloat16(), weight.detach().bfloat16(), labels,
+                                        backend=linear_backend)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=0)
+    ours.sum().backward()
+    assert weight.grad.dtype == torch.float32 and hidden.grad.dtype == torch.float32
