@@ -87,15 +87,20 @@ def _zeros_if_none(grad, like):
     return torch.zeros_like(like) if grad is None else grad
 
 
+def _fake_logp_entropy_lse(labels, input_dtype):
+    """Fake (logp, entropy, lse) of the entropy forwards: labels' shape; fp32 (fp64 for fp64 input), lse fp64."""
+    logp_dtype = torch.float64 if input_dtype == torch.float64 else torch.float32
+    return (labels.new_empty(labels.shape, dtype=logp_dtype), labels.new_empty(labels.shape, dtype=logp_dtype),
+            labels.new_empty(labels.shape, dtype=torch.float64))
+
+
 def _register_entropy_glue(namespace: str, ops) -> None:
     """logprob_entropy_fwd: the backward takes both incoming gradients; without one for the entropy it is exactly
     logprob_fwd's backward (no extra work)."""
 
     @torch.library.register_fake(f"{namespace}::logprob_entropy_fwd")
     def _fwd_fake(logits, labels, ignore_index, temperature, softcap, inplace_backward):
-        logp_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        return (labels.new_empty(labels.shape, dtype=logp_dtype), labels.new_empty(labels.shape, dtype=logp_dtype),
-                labels.new_empty(labels.shape, dtype=torch.float64))
+        return _fake_logp_entropy_lse(labels, logits.dtype)
 
     @torch.library.register_fake(f"{namespace}::logprob_entropy_bwd")
     def _bwd_fake(grad_logp, grad_entropy, logits, labels, lse, entropy, ignore_index, temperature, softcap):
@@ -162,9 +167,7 @@ def register_linear_glue(namespace: str) -> None:
 
     @torch.library.register_fake(f"{namespace}::linear_logprob_entropy_fwd")
     def _entropy_fwd_fake(hidden, weight, bias, labels, ignore_index, temperature, softcap, chunk_rows):
-        logp_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-        return (labels.new_empty(labels.shape, dtype=logp_dtype), labels.new_empty(labels.shape, dtype=logp_dtype),
-                labels.new_empty(labels.shape, dtype=torch.float64))
+        return _fake_logp_entropy_lse(labels, hidden.dtype)
 
     @torch.library.register_fake(f"{namespace}::linear_logprob_entropy_bwd")
     def _entropy_bwd_fake(grad_logp, grad_entropy, hidden, weight, bias, labels, lse, entropy, ignore_index,

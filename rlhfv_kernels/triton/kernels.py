@@ -97,6 +97,19 @@ def _transformed_and_slope(x, temperature, softcap, SCALED: tl.constexpr, CAPPED
 
 
 @triton.jit
+def _moved_moment(moment, total, old_max, shift, rescale):
+    """The entropy's moment sum e^(z - m) (z - m) moved from the running max old_max to the new one (shift): e^d
+    (moment + d * total), d = old_max - shift; nothing to carry while the sum `total` is 0 (d may be -inf then)."""
+    return rescale * (moment + tl.where(total > 0, old_max - shift, 0.0) * total)
+
+
+@triton.jit
+def _moment_terms(e, t):
+    """e^t * t per entry, t clamped at -87 so a masked (-inf) entry adds ~0, not 0 * -inf (NaN stays NaN via e)."""
+    return e * tl.maximum(t, -87.0)
+
+
+@triton.jit
 def _vocab_range(split, split_size, vocab, VEC: tl.constexpr):
     """[start, stop) of this split, both multiples of VEC (the launcher guarantees it when VEC > 1)."""
     start = tl.multiple_of(split * split_size, VEC)
@@ -137,10 +150,8 @@ def _logprob_fwd_kernel(logits_ptr, row_offsets_ptr, labels_ptr, part_max_ptr, p
         t = x - shift
         e = tl.exp(t)
         if ENTROPY:
-            # sum e^(z - new)(z - new) = e^d (moment + d * sum), d = old - new; nothing to carry while sum is 0
-            # (d may be -inf then). Masked entries (e = 0, t = -inf) add 0, not NaN.
-            d = tl.where(running_sum > 0, running_max - shift, 0.0)
-            running_moment = rescale * (running_moment + d * running_sum) + tl.sum(tl.where(e > 0, e * t, 0.0), 0)
+            running_moment = (_moved_moment(running_moment, running_sum, running_max, shift, rescale)
+                              + tl.sum(_moment_terms(e, t), 0))
         running_sum = running_sum * rescale + tl.sum(e, 0)
         running_max = new_max
     out = row * num_splits + split

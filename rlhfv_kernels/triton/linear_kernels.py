@@ -24,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .kernels import INTERPRETING, _bucket, _target_programs, _transformed, _transformed_and_slope, merge_partials
+from .kernels import (INTERPRETING, _bucket, _moment_terms, _moved_moment, _target_programs, _transformed,
+                      _transformed_and_slope, merge_partials)
 
 
 def _tile(block_n, block_v, block_h, warps, stages):
@@ -195,9 +196,8 @@ def _linear_fwd_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, part_max_ptr, part_sum_p
         rescale = tl.exp(run_max - shift)
         t = x - shift[:, None]
         e = tl.exp(t)
-        if ENTROPY:  # (nothing to carry while the sum is 0; t >= -87 makes masked entries add ~0, not 0 * -inf)
-            d = tl.where(run_sum > 0, run_max - shift, 0.0)
-            run_moment = rescale * (run_moment + d * run_sum) + tl.sum(e * tl.maximum(t, -87.0), 1)
+        if ENTROPY:
+            run_moment = _moved_moment(run_moment, run_sum, run_max, shift, rescale) + tl.sum(_moment_terms(e, t), 1)
         run_sum = run_sum * rescale + tl.sum(e, 1)
         run_max = new_max
         target += tl.sum(tl.where(cols[None, :] == labels[:, None], x, 0.0), 1)
