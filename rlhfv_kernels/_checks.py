@@ -13,7 +13,7 @@ LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 LABEL_DTYPES = (torch.int64, torch.int32)
 
 
-def _data_checks_enabled() -> bool:
+def data_checks_enabled() -> bool:
     return not torch.compiler.is_compiling()
 
 
@@ -96,7 +96,7 @@ def check_labels(labels, inputs: torch.Tensor, *, vocab: int, ignore_index: int,
     check_same_device(labels, "labels", inputs, inputs_name)
     if vocab == 0 and labels.numel() > 0:
         raise ValueError(f"the vocabulary is empty (V = 0) but there are {labels.numel()} labels")
-    if _data_checks_enabled():
+    if data_checks_enabled():
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
         where = _first_true(bad)
         if where is not None:
@@ -120,7 +120,7 @@ def check_token_weights(token_weights, labels: torch.Tensor, logits: torch.Tenso
         raise ValueError(f"token_weights shape {tuple(token_weights.shape)} must equal labels shape "
                          f"{tuple(labels.shape)}")
     check_same_device(token_weights, "token_weights", logits)
-    if _data_checks_enabled():
+    if data_checks_enabled():
         where = _first_true(~(token_weights >= 0) | ~torch.isfinite(token_weights))
         if where is not None:
             raise ValueError(f"token_weights[{', '.join(map(str, where))}] = {float(token_weights[where])}; "
@@ -135,7 +135,7 @@ def check_vector(value, name: str, length: int, logits: torch.Tensor, *, nonnega
     if value.dim() != 1 or value.shape[0] != length:
         raise ValueError(f"{name} must have shape [{length}], got {tuple(value.shape)}")
     check_same_device(value, name, logits)
-    if nonnegative and _data_checks_enabled():
+    if nonnegative and data_checks_enabled():
         where = _first_true(~(value >= 0))
         if where is not None:
             raise ValueError(f"{name}[{where[0]}] = {float(value[where])}; values must be >= 0")

@@ -6,8 +6,9 @@ Every loss (rlhfv_kernels/losses/) is written once against this small interface:
     source.tensor, source.name, source.last_dim   the input and how to name it in errors
     source.logps(labels, ignore_index, temperature, min_dim)  -> per-token log-probs (differentiable)
     source.logps_and_entropy(labels, ignore_index, temperature)  -> (log-probs, entropies), both differentiable
-    source.loss(labels, ignore_index, temperature, build, constants)  -> the loss output
+    source.loss(labels, ignore_index, temperature, build, constants, layout)  -> the loss output
 where build(dtype) -> (loss_on(token_logps) -> output, GroupedLoss) describes the loss (see linear_loss.py).
+Labels are always the caller's; under a packed `layout` (_packing.py) loss_on takes the log-probs as its padded rows.
 
 A source also carries the model's final logit transform (softcap, logit_scale; DESIGN.md §2): the log-probs are those
 of softmax(z / temperature), z = softcap * tanh(logit_scale * x / softcap) (or z = logit_scale * x without a cap).
@@ -75,9 +76,9 @@ class LogitsSource:
         return _ops.fused_token_logprobs(logits, labels, ignore_index, kernel_temperature, kernel_softcap,
                                          bool(self.inplace_backward), which, with_entropy)
 
-    def loss(self, labels, ignore_index, temperature, build, constants=()):
+    def loss(self, labels, ignore_index, temperature, build, constants=(), layout=None):
         logps = self.logps(labels, ignore_index, temperature)
-        return build(logps.dtype)[0](logps)
+        return build(logps.dtype)[0](logps if layout is None else layout.to_rows(logps, 0))
 
 
 class LinearSource:
@@ -132,17 +133,18 @@ class LinearSource:
                           for out in (outputs if with_entropy else (outputs,)))
         return scattered if with_entropy else scattered[0]
 
-    def loss(self, labels, ignore_index, temperature, build, constants=()):
+    def loss(self, labels, ignore_index, temperature, build, constants=(), layout=None):
         which = self._checked_backend(labels, ignore_index, temperature, 1)
         hidden, weight = self.tensor, self.weight
         full_loss, grouped = build(torch.float64 if hidden.dtype == torch.float64 else torch.float32)
         if which == "reference" or (torch.is_grad_enabled()
                                     and any(isinstance(t, torch.Tensor) and t.requires_grad for t in constants)):
-            return full_loss(self._token_logps(labels, ignore_index, temperature, which))
+            logps = self._token_logps(labels, ignore_index, temperature, which)
+            return full_loss(logps if layout is None else layout.to_rows(logps, 0))
         budget = self.chunk_size or default_chunk_rows(weight.shape[0], DEFAULT_LOSS_CHUNK_BYTES)
         kernel_temperature, kernel_softcap = kernel_transform(temperature, self.softcap, self.logit_scale)
         return fused_linear_loss(hidden, weight, self.bias, labels, ignore_index, kernel_temperature, kernel_softcap,
-                                 budget, self.chunk_size is not None, which, grouped, full_loss)
+                                 budget, self.chunk_size is not None, which, grouped, full_loss, layout)
 
 
 def _under_autocast(hidden, weight, bias):

@@ -11,11 +11,21 @@ softcap and logit_scale apply a model's final logit transform inside the kernels
 those of softmax(z / temperature) with z = softcap * tanh(logit_scale * logits / softcap), or z = logit_scale * logits
 when softcap is None. Pass them when `logits` are the raw head output; a Hugging Face model's own `.logits` already
 include its transform (then leave both at their defaults).
+
+Packed (padding-free) sequences: sequence_logps and the losses also take one stream of tokens holding several
+sequences back to back — logits [1, total, V] (any leading shape; flattened in order), labels [1, total] — with the
+boundaries as `cu_seqlens` ([S + 1] offsets, flash-attention varlen's; a list or CPU tensor costs no host sync) or
+`position_ids` (labels-shaped, restarting at 0 per sequence: transformers' packing collators; mRoPE models: the text
+positions). Results are those of the same sequences padded into rows: per-sequence inputs and outputs in pack order,
+per-token ones in the stream's shape. DPO losses pair the sequences by `pairs` [B, 2] (chosen, rejected sequence
+indices; default: the first S/2 sequences are the chosen ones). `max_seqlen` (>= the longest sequence) is the width
+of those rows (dr_grpo's default constant); None: the longest sequence. Details: rlhfv_kernels/_packing.py.
 """
 from __future__ import annotations
 
 import torch
 
+from ._packing import packing_of
 from ._sources import LogitsSource
 from .losses import ddpo, grpo, sequence
 from .losses.ddpo import DDPOOutput
@@ -44,7 +54,8 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, token_weights: torch.Tensor | None = None, *,
                    mode: str = "sum", ignore_index: int = -100, temperature: float = 1.0,
                    softcap: float | None = None, logit_scale: float = 1.0, inplace_backward: bool = False,
-                   backend: str | None = None) -> torch.Tensor:
+                   backend: str | None = None,
+                   cu_seqlens=None, position_ids=None, max_seqlen: int | None = None) -> torch.Tensor:
     """Per-sequence score [B]: sum_t w_t logp_t ('sum') or that divided by sum_t w_t ('mean').
 
     logits [..., T, V]: the leading dimensions are flattened into B rows of T tokens. Weights default to 1 and are
@@ -52,7 +63,7 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, token_weights: to
     """
     source = LogitsSource(logits, inplace_backward, backend, softcap=softcap, logit_scale=logit_scale)
     return sequence.compute(source, labels, token_weights, mode=mode, ignore_index=ignore_index,
-                            temperature=temperature)
+                            temperature=temperature, packing=packing_of(cu_seqlens, position_ids, max_seqlen))
 
 
 def ddpo_loss(logits: torch.Tensor, labels: torch.Tensor, ref_logps: torch.Tensor, *,
@@ -60,7 +71,8 @@ def ddpo_loss(logits: torch.Tensor, labels: torch.Tensor, ref_logps: torch.Tenso
               reward_margin: torch.Tensor | None = None, drs_weight: float = 0.0, drs_k: float = 1.0,
               sft_weight: float = 0.0, ignore_index: int = -100, temperature: float = 1.0,
               softcap: float | None = None, logit_scale: float = 1.0, inplace_backward: bool = False,
-              backend: str | None = None) -> DDPOOutput:
+              backend: str | None = None,
+              cu_seqlens=None, position_ids=None, max_seqlen: int | None = None, pairs=None) -> DDPOOutput:
     """Dense DPO (RLHF-V): -log sigmoid(beta_i * ((S_c - S_c^ref) - (S_r - S_r^ref))), mean over pairs.
 
     logits [2B, T, V] with the B chosen rows first, then the B rejected rows; labels [2B, T]; ref_logps [2B] the
@@ -72,19 +84,22 @@ def ddpo_loss(logits: torch.Tensor, labels: torch.Tensor, ref_logps: torch.Tenso
     return ddpo.compute(source, labels, ref_logps,
                         token_weights=token_weights, beta=beta, mode=mode, reward_margin=reward_margin,
                         drs_weight=drs_weight, drs_k=drs_k, sft_weight=sft_weight, ignore_index=ignore_index,
-                        temperature=temperature)
+                        temperature=temperature, packing=packing_of(cu_seqlens, position_ids, max_seqlen),
+                        pairs=pairs)
 
 
 def dpo_loss(logits: torch.Tensor, labels: torch.Tensor, ref_logps: torch.Tensor, *, beta: float = 0.1,
              reward_margin: torch.Tensor | None = None, drs_weight: float = 0.0, drs_k: float = 1.0,
              sft_weight: float = 0.0, ignore_index: int = -100, temperature: float = 1.0,
              softcap: float | None = None, logit_scale: float = 1.0, inplace_backward: bool = False,
-             backend: str | None = None) -> DDPOOutput:
+             backend: str | None = None,
+             cu_seqlens=None, position_ids=None, max_seqlen: int | None = None, pairs=None) -> DDPOOutput:
     """Vanilla DPO (sigmoid loss): ddpo_loss with every token weight 1 and sequence scores summed."""
     return ddpo_loss(logits, labels, ref_logps, token_weights=None, beta=beta, mode="sum",
                      reward_margin=reward_margin, drs_weight=drs_weight, drs_k=drs_k, sft_weight=sft_weight,
                      ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
-                     inplace_backward=inplace_backward, backend=backend)
+                     inplace_backward=inplace_backward, backend=backend, cu_seqlens=cu_seqlens,
+                     position_ids=position_ids, max_seqlen=max_seqlen, pairs=pairs)
 
 
 def grpo_loss(logits: torch.Tensor, labels: torch.Tensor, advantages: torch.Tensor, *,
@@ -94,7 +109,8 @@ def grpo_loss(logits: torch.Tensor, labels: torch.Tensor, advantages: torch.Tens
               softcap: float | None = None, logit_scale: float = 1.0, inplace_backward: bool = False,
               backend: str | None = None,
               max_completion_length: int | None = None, use_bias_correction_kl: bool = False,
-              world_size: int | None = None) -> GRPOOutput:
+              world_size: int | None = None,
+              cu_seqlens=None, position_ids=None, max_seqlen: int | None = None) -> GRPOOutput:
     """GRPO-style clipped policy loss over a group of rollouts (DESIGN.md §2).
 
     logits [B, T, V]; labels [B, T]; advantages [B] (group-normalised); old_logps [B, T] per-token log-probs of the
@@ -112,4 +128,5 @@ def grpo_loss(logits: torch.Tensor, labels: torch.Tensor, advantages: torch.Tens
                         ref_logps=ref_logps, epsilon=epsilon, epsilon_high=epsilon_high, beta_kl=beta_kl,
                         loss_type=loss_type, num_items_in_batch=num_items_in_batch, ignore_index=ignore_index,
                         temperature=temperature, max_completion_length=max_completion_length,
-                        use_bias_correction_kl=use_bias_correction_kl, world_size=world_size)
+                        use_bias_correction_kl=use_bias_correction_kl, world_size=world_size,
+                        packing=packing_of(cu_seqlens, position_ids, max_seqlen))

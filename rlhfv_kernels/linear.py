@@ -20,11 +20,15 @@ Backends: "cpp" (CPU, the compiled extension: ATen/BLAS matmuls + the row kernel
 tensors under the interpreter; log-probs: tiles of hidden @ W.T built with tensor-core dots, online LSE per token,
 atomics for dhidden/dweight in fp32, chunk_size does not apply; losses: cuBLAS GEMMs + the Triton row kernels),
 "reference" (hidden @ W.T, then the eager reference). On CUDA tensors None picks "triton".
+
+Packed sequences (cu_seqlens / position_ids / max_seqlen / pairs) as in api.py, with hidden [1, total, H]: the losses'
+chunks still hold whole sequences (pairs), wherever they sit in the stream.
 """
 from __future__ import annotations
 
 import torch
 
+from ._packing import packing_of
 from ._sources import DEFAULT_CHUNK_BYTES, DEFAULT_LOSS_CHUNK_BYTES, LinearSource, default_chunk_rows  # noqa: F401
 from .losses import ddpo, grpo, sequence
 from .losses.ddpo import DDPOOutput
@@ -48,11 +52,12 @@ def linear_sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                           token_weights: torch.Tensor | None = None, *, bias: torch.Tensor | None = None,
                           mode: str = "sum", ignore_index: int = -100, temperature: float = 1.0,
                           softcap: float | None = None, logit_scale: float = 1.0, chunk_size: int | None = None,
-                          backend: str | None = None) -> torch.Tensor:
+                          backend: str | None = None,
+                          cu_seqlens=None, position_ids=None, max_seqlen: int | None = None) -> torch.Tensor:
     """sequence_logps from hidden states [..., T, H] and the lm_head weight."""
     source = LinearSource(hidden, weight, bias, chunk_size, backend, softcap=softcap, logit_scale=logit_scale)
     return sequence.compute(source, labels, token_weights, mode=mode, ignore_index=ignore_index,
-                            temperature=temperature)
+                            temperature=temperature, packing=packing_of(cu_seqlens, position_ids, max_seqlen))
 
 
 def linear_ddpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ref_logps: torch.Tensor, *,
@@ -60,25 +65,29 @@ def linear_ddpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.T
                      mode: str = "mean", reward_margin: torch.Tensor | None = None, drs_weight: float = 0.0,
                      drs_k: float = 1.0, sft_weight: float = 0.0, ignore_index: int = -100,
                      temperature: float = 1.0, softcap: float | None = None, logit_scale: float = 1.0,
-                     chunk_size: int | None = None, backend: str | None = None) -> DDPOOutput:
+                     chunk_size: int | None = None, backend: str | None = None,
+                     cu_seqlens=None, position_ids=None, max_seqlen: int | None = None, pairs=None) -> DDPOOutput:
     """ddpo_loss from hidden states [2B, T, H] (chosen rows first) and the lm_head weight."""
     source = LinearSource(hidden, weight, bias, chunk_size, backend, softcap=softcap, logit_scale=logit_scale)
     return ddpo.compute(source, labels, ref_logps,
                         token_weights=token_weights, beta=beta, mode=mode, reward_margin=reward_margin,
                         drs_weight=drs_weight, drs_k=drs_k, sft_weight=sft_weight, ignore_index=ignore_index,
-                        temperature=temperature)
+                        temperature=temperature, packing=packing_of(cu_seqlens, position_ids, max_seqlen),
+                        pairs=pairs)
 
 
 def linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ref_logps: torch.Tensor, *,
                     bias: torch.Tensor | None = None, beta: float = 0.1, reward_margin: torch.Tensor | None = None,
                     drs_weight: float = 0.0, drs_k: float = 1.0, sft_weight: float = 0.0, ignore_index: int = -100,
                     temperature: float = 1.0, softcap: float | None = None, logit_scale: float = 1.0,
-                    chunk_size: int | None = None, backend: str | None = None) -> DDPOOutput:
+                    chunk_size: int | None = None, backend: str | None = None,
+                    cu_seqlens=None, position_ids=None, max_seqlen: int | None = None, pairs=None) -> DDPOOutput:
     """linear_ddpo_loss with every token weight 1 and sequence scores summed (vanilla DPO)."""
     return linear_ddpo_loss(hidden, weight, labels, ref_logps, bias=bias, token_weights=None, beta=beta, mode="sum",
                             reward_margin=reward_margin, drs_weight=drs_weight, drs_k=drs_k, sft_weight=sft_weight,
                             ignore_index=ignore_index, temperature=temperature, softcap=softcap,
-                            logit_scale=logit_scale, chunk_size=chunk_size, backend=backend)
+                            logit_scale=logit_scale, chunk_size=chunk_size, backend=backend,
+                            cu_seqlens=cu_seqlens, position_ids=position_ids, max_seqlen=max_seqlen, pairs=pairs)
 
 
 def linear_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, advantages: torch.Tensor, *,
@@ -89,7 +98,8 @@ def linear_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.T
                      logit_scale: float = 1.0, chunk_size: int | None = None,
                      backend: str | None = None,
                      max_completion_length: int | None = None, use_bias_correction_kl: bool = False,
-                     world_size: int | None = None) -> GRPOOutput:
+                     world_size: int | None = None,
+                     cu_seqlens=None, position_ids=None, max_seqlen: int | None = None) -> GRPOOutput:
     """grpo_loss from hidden states [B, T, H] and the lm_head weight (options as api.grpo_loss)."""
     source = LinearSource(hidden, weight, bias, chunk_size, backend, softcap=softcap, logit_scale=logit_scale)
     return grpo.compute(source, labels, advantages,
@@ -97,4 +107,4 @@ def linear_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.T
                         beta_kl=beta_kl, loss_type=loss_type, num_items_in_batch=num_items_in_batch,
                         ignore_index=ignore_index, temperature=temperature,
                         max_completion_length=max_completion_length, use_bias_correction_kl=use_bias_correction_kl,
-                        world_size=world_size)
+                        world_size=world_size, packing=packing_of(cu_seqlens, position_ids, max_seqlen))

@@ -82,8 +82,12 @@ class _Engine:
     """One forward: the loss's token log-probs and, chunk by chunk, d(loss)/d(hidden, weight, bias)."""
 
     def __init__(self, labels, ignore_index, temperature, softcap, budget, strict, backend, grouped: GroupedLoss,
-                 full_loss):
-        self.labels, self.ignore_index = labels, ignore_index
+                 full_loss, layout=None):
+        # The loss's rows [R, T]; under a packed layout, each row slot's token in the hidden stream (else the slot's
+        # own index: hidden is [R, T, H]).
+        self.labels = labels if layout is None else layout.to_rows(labels, ignore_index)
+        self.token_of_slot = None if layout is None else layout.token_of_slot()
+        self.ignore_index = ignore_index
         self.transform = (float(temperature), float(softcap))  # the operators' own (_sources.kernel_transform)
         self.budget, self.strict, self.grouped, self.full_loss = budget, strict, grouped, full_loss
         self.family = _backend.operators(backend)
@@ -112,18 +116,18 @@ class _Engine:
         for chunk in chunks:
             chunk_rows = torch.tensor(chunk.rows, dtype=torch.int64, device=hidden.device)
             mask = active.index_select(0, chunk_rows)
-            tokens = (chunk_rows[:, None] * seq + positions)[mask]  # row-major, the order of logps[mask]
-            self._chunk(chunk, chunk_rows, mask, tokens)
+            slots = (chunk_rows[:, None] * seq + positions)[mask]  # row-major, the order of logps[mask]
+            self._chunk(chunk, chunk_rows, mask, slots)
         if self.dweight is not None and not self.dweight_written:
             self.dweight.zero_()
         self.buffer = self.flat_hidden = None  # the chunk buffer must not outlive the forward
         self.output = self.full_loss(self.logps)
         return self.output.loss.detach(), self.dhidden, self.dweight, self.dbias
 
-    def _chunk(self, chunk, chunk_rows, mask, tokens):
-        starts = range(0, tokens.numel(), chunk.piece_tokens)
+    def _chunk(self, chunk, chunk_rows, mask, slots):
+        starts = range(0, slots.numel(), chunk.piece_tokens)
         # Each piece's hidden rows and labels are gathered once and used for its logits and again for its gradients.
-        pieces = [(start, *self._gather(tokens[start:start + chunk.piece_tokens])) for start in starts]
+        pieces = [(start, *self._gather(slots[start:start + chunk.piece_tokens])) for start in starts]
         if self.scoring_only:
             for _, piece, h, labels in pieces:
                 self._forward(piece, h, labels)
@@ -132,16 +136,17 @@ class _Engine:
             lses = [self._forward(piece, h, labels)[1] for _, piece, h, labels in pieces]  # logits recomputed below
             coef = self._coefficients(chunk_rows, mask)
             for (start, piece, h, labels), lse in zip(pieces, lses):
-                self._gradients(self._logits(h), piece, h, labels, coef[start:start + piece.numel()], lse)
+                self._gradients(self._logits(h), piece, h, labels, coef[start:start + piece[0].numel()], lse)
             return
         for start, piece, h, labels in pieces:
             logits, lse = self._forward(piece, h, labels)
             coef = self._coefficients(chunk_rows, mask)  # separable: other pieces' tokens do not matter
-            self._gradients(logits, piece, h, labels, coef[start:start + piece.numel()], lse)
+            self._gradients(logits, piece, h, labels, coef[start:start + piece[0].numel()], lse)
 
-    def _gather(self, tokens):
-        """(tokens, their hidden rows, their labels)."""
-        return tokens, self.flat_hidden.index_select(0, tokens), self.flat_labels.index_select(0, tokens)
+    def _gather(self, slots):
+        """((slots, their tokens in the hidden stream), their hidden rows, their labels)."""
+        tokens = slots if self.token_of_slot is None else self.token_of_slot.index_select(0, slots)
+        return (slots, tokens), self.flat_hidden.index_select(0, tokens), self.flat_labels.index_select(0, slots)
 
     def _logits(self, h):
         """h @ W.T (+ b), written into one buffer reused by every piece: a fresh chunk-sized allocation per piece
@@ -152,11 +157,11 @@ class _Engine:
             return torch.mm(h, self.weight.t(), out=out)
         return torch.addmm(self.bias, h, self.weight.t(), out=out)
 
-    def _forward(self, tokens, h, labels):
-        """Logits of `tokens` and their (logp, lse); logp is written into self.logps."""
+    def _forward(self, piece, h, labels):
+        """Logits of the piece's tokens and their (logp, lse); logp is written into self.logps at their slots."""
         logits = self._logits(h)
         logp, lse = self.family.logprob_fwd(logits, labels, self.ignore_index, *self.transform, False)
-        self.logps.view(-1).index_copy_(0, tokens, logp)
+        self.logps.view(-1).index_copy_(0, piece[0], logp)
         return logits, lse
 
     def _coefficients(self, chunk_rows, mask):
@@ -166,11 +171,11 @@ class _Engine:
             (grad,) = torch.autograd.grad(self.grouped.partial(chunk_rows, x), x)
         return grad[mask]
 
-    def _gradients(self, logits, tokens, h, labels, coef, lse):
+    def _gradients(self, logits, piece, h, labels, coef, lse):
         """Turns `logits` into dlogits in place and adds their products into dhidden, dweight, dbias."""
         self.family.logprob_bwd_(logits, coef.contiguous(), labels, lse, self.ignore_index, *self.transform)
         if self.dhidden is not None:
-            self.dhidden.index_copy_(0, tokens, logits @ self.weight)
+            self.dhidden.index_copy_(0, piece[1], logits @ self.weight)
         if self.dweight is not None:
             _accumulate_product(self.dweight, logits.t(), h, overwrite=not self.dweight_written)
             self.dweight_written = True
@@ -221,12 +226,12 @@ class _FusedLinearLoss(torch.autograd.Function):
 
 @torch.compiler.disable  # data-dependent chunking: a graph break, not a trace
 def fused_linear_loss(hidden, weight, bias, labels, ignore_index, temperature, softcap, budget, strict, backend,
-                      grouped, full_loss):
+                      grouped, full_loss, layout=None):
     """full_loss's output with its `loss` differentiable w.r.t. hidden, weight, bias through gradients computed in
-    the forward. Inputs are validated; labels [R, T], hidden [R, T, H]; temperature and softcap are the operators'
-    own; `budget` non-ignored tokens per chunk, a hard bound when `strict` (else a group bigger than it goes whole, in
-    one pass)."""
-    engine = _Engine(labels, ignore_index, temperature, softcap, budget, strict, backend, grouped, full_loss)
+    the forward. Inputs are validated; labels [R, T], hidden [R, T, H] (or, under a packed `layout`, both the token
+    stream's: the loss's rows come from the layout); temperature and softcap are the operators' own; `budget`
+    non-ignored tokens per chunk, a hard bound when `strict` (else a group bigger than it goes whole, in one pass)."""
+    engine = _Engine(labels, ignore_index, temperature, softcap, budget, strict, backend, grouped, full_loss, layout)
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))):
         engine.run(hidden, weight, bias, (False, False, False))  # scoring: one GEMM per chunk of answer tokens
         return engine.output

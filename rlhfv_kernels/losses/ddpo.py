@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import _checks
+from .. import _checks, _packing
 from ..linear_loss import GroupedLoss
 from .sequence import MODES, masked_weights, sequence_scores
 
@@ -79,38 +79,47 @@ def ddpo_from_token_logps(token_logps: torch.Tensor, mask: torch.Tensor, weights
 
 
 def compute(source, labels, ref_logps, *, token_weights, beta, mode, reward_margin, drs_weight, drs_k, sft_weight,
-            ignore_index, temperature) -> DDPOOutput:
-    """ddpo_loss on any source (rlhfv_kernels/_sources.py): checks the arguments, then describes the loss to it."""
+            ignore_index, temperature, packing=None, pairs=None) -> DDPOOutput:
+    """ddpo_loss on any source (rlhfv_kernels/_sources.py): checks the arguments, then describes the loss to it.
+    Packed (packing): the sequences anywhere in the stream, paired by `pairs` (default: the first half chosen);
+    ref_logps per sequence in pack order, reward_margin per pair."""
     x, name = source.tensor, source.name
     _checks.check_choice(mode, "mode", MODES)
     _checks.require_tensor(x, name)
-    if x.dim() != 3:
-        raise ValueError(f"{name} must have shape [2B, T, {source.last_dim}], got {tuple(x.shape)}")
-    if x.shape[0] % 2 != 0:
-        raise ValueError(f"{name}.shape[0] must be even (B chosen rows then B rejected rows), got {x.shape[0]}")
+    layout = _packing.layout(packing, labels, pairs)
+    if layout is None:
+        if x.dim() != 3:
+            raise ValueError(f"{name} must have shape [2B, T, {source.last_dim}], got {tuple(x.shape)}")
+        if x.shape[0] % 2 != 0:
+            raise ValueError(f"{name}.shape[0] must be even (B chosen rows then B rejected rows), got {x.shape[0]}")
+        rows = x.shape[0]
+    elif layout.rows % 2 != 0:
+        raise ValueError(f"the pack holds {layout.rows} sequences; DPO needs pairs (an even number)")
+    else:
+        rows = layout.rows
     _checks.check_positive_finite(beta, "beta")
     _checks.check_nonnegative_finite(sft_weight, "sft_weight")
     _checks.check_nonnegative_finite(drs_weight, "drs_weight")
     _checks.check_nonnegative_finite(drs_k, "drs_k")
-    rows = x.shape[0]
     _checks.check_vector(ref_logps, "ref_logps", rows, x)
     if reward_margin is not None:
         _checks.check_vector(reward_margin, "reward_margin", rows // 2, x, nonnegative=True)
     pairs = rows // 2
+    ref_rows = ref_logps if layout is None else layout.sequences_to_rows(ref_logps)
     options = dict(beta=beta, mode=mode, drs_weight=drs_weight, drs_k=drs_k, sft_weight=sft_weight)
 
     def build(dtype):
-        mask, weights = masked_weights(labels, token_weights, ignore_index, dtype, x)
+        mask, weights = masked_weights(labels, token_weights, ignore_index, dtype, x, layout)
         batch = dict(num_pairs=pairs, sft_tokens=mask[:pairs].to(dtype).sum())
 
         def loss_on(logps, sub=None):
             """The batch's loss, or (sub: rows, chosen first) that sub-batch's share of it."""
             if sub is None:
-                return ddpo_from_token_logps(logps, mask, weights, ref_logps, reward_margin=reward_margin, **options)
+                return ddpo_from_token_logps(logps, mask, weights, ref_rows, reward_margin=reward_margin, **options)
             margin = None if reward_margin is None else reward_margin[sub[:sub.numel() // 2]]
-            return ddpo_from_token_logps(logps, mask[sub], weights[sub], ref_logps[sub], reward_margin=margin,
+            return ddpo_from_token_logps(logps, mask[sub], weights[sub], ref_rows[sub], reward_margin=margin,
                                          **options, **batch).loss
 
         return loss_on, GroupedLoss([(i, i + pairs) for i in range(pairs)], False, lambda sub, x: loss_on(x, sub))
 
-    return source.loss(labels, ignore_index, temperature, build, (ref_logps, token_weights, reward_margin))
+    return source.loss(labels, ignore_index, temperature, build, (ref_logps, token_weights, reward_margin), layout)

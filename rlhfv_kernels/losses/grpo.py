@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import _checks
+from .. import _checks, _packing
 from ..linear_loss import GroupedLoss
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -85,13 +85,17 @@ def resolve_world_size(world_size: int | None) -> int:
 
 def compute(source, labels, advantages, *, old_logps, ref_logps, epsilon, epsilon_high, beta_kl, loss_type,
             num_items_in_batch, ignore_index, temperature, max_completion_length=None, use_bias_correction_kl=False,
-            world_size=None) -> GRPOOutput:
-    """grpo_loss on any source (rlhfv_kernels/_sources.py): checks the arguments, then describes the loss to it."""
+            world_size=None, packing=None) -> GRPOOutput:
+    """grpo_loss on any source (rlhfv_kernels/_sources.py): checks the arguments, then describes the loss to it.
+    Packed (packing): advantages per sequence in pack order; per-token inputs and token_logps in the stream's shape;
+    dr_grpo's default width is the padded one (max_seqlen, else the longest sequence)."""
     x, name = source.tensor, source.name
     _checks.check_choice(loss_type, "loss_type", LOSS_TYPES)
     _checks.require_tensor(x, name)
-    if x.dim() != 3:
+    layout = _packing.layout(packing, labels)
+    if layout is None and x.dim() != 3:
         raise ValueError(f"{name} must have shape [B, T, {source.last_dim}], got {tuple(x.shape)}")
+    rows = x.shape[0] if layout is None else layout.rows
     _checks.check_nonnegative_finite(epsilon, "epsilon")
     epsilon_high = epsilon if epsilon_high is None else epsilon_high
     _checks.check_nonnegative_finite(epsilon_high, "epsilon_high")
@@ -99,7 +103,7 @@ def compute(source, labels, advantages, *, old_logps, ref_logps, epsilon, epsilo
     if num_items_in_batch is not None:
         _checks.check_positive_finite(float(num_items_in_batch), "num_items_in_batch")
     _checks.require_tensor(labels, "labels")  # fully checked with the inputs when log-probs are computed
-    _checks.check_vector(advantages, "advantages", x.shape[0], x)
+    _checks.check_vector(advantages, "advantages", rows, x)
     if old_logps is not None:
         _checks.check_per_token(old_logps, "old_logps", labels, x)
     if beta_kl > 0:
@@ -115,18 +119,25 @@ def compute(source, labels, advantages, *, old_logps, ref_logps, epsilon, epsilo
                    num_items_in_batch=num_items_in_batch, max_completion_length=max_completion_length,
                    use_bias_correction_kl=use_bias_correction_kl, world_size=resolve_world_size(world_size))
 
+    as_rows = (lambda t, fill: t) if layout is None else layout.to_rows  # noqa: E731
+    old_rows = None if old_logps is None else as_rows(old_logps, 0.0)
+    ref_rows = None if ref_logps is None else as_rows(ref_logps, 0.0)
+
     def build(dtype):
-        mask = labels != ignore_index
+        mask = as_rows(labels, ignore_index) != ignore_index
         batch = dict(num_rows=mask.shape[0], loss_tokens=mask.to(dtype).sum())
 
         def loss_on(logps, sub=None):
             """The batch's loss, or that of the rows `sub` as their share of it."""
             if sub is None:
-                return grpo_from_token_logps(logps, mask, advantages, old_logps, ref_logps, **options)
+                return grpo_from_token_logps(logps, mask, advantages, old_rows, ref_rows, **options)
             pick = lambda t: None if t is None else t[sub]  # noqa: E731
-            return grpo_from_token_logps(logps, mask[sub], advantages[sub], pick(old_logps), pick(ref_logps),
+            return grpo_from_token_logps(logps, mask[sub], advantages[sub], pick(old_rows), pick(ref_rows),
                                          **options, **batch).loss
 
         return loss_on, GroupedLoss([(i,) for i in range(mask.shape[0])], True, lambda sub, x: loss_on(x, sub))
 
-    return source.loss(labels, ignore_index, temperature, build, (advantages, old_logps, ref_logps))
+    output = source.loss(labels, ignore_index, temperature, build, (advantages, old_logps, ref_logps), layout)
+    if layout is not None:
+        output.token_logps = layout.to_stream(output.token_logps)
+    return output
