@@ -36,6 +36,7 @@ from rlhfv_kernels.api import GRPO_LOSS_TYPES
 
 from . import rollouts as rollout_ops
 from .data import IGNORE_INDEX, BatchStream, PairCollator
+from .data.packing import DEFAULT_MAX_TOKENS_PER_ROW
 from .checkpoint import save_training_state, start_or_resume
 from .cli import USER_ERRORS, HelpFormatter, fail, print_start_to_end
 from .distributed import Distributed, process_device
@@ -44,6 +45,7 @@ from .models import (check_fused_linear, forward_logits, hidden_and_head, load_p
                      load_weights)
 from .models.lora import add_lora, add_lora_arguments, lora_settings, reference_mode
 from .models.lora import check_trainer_config as check_lora_config
+from .models.packing import check_packing
 from .plots import plot_grpo_metrics
 from .rewards import JUDGE_TEMPLATE, GenerativeJudge, GroupScorer, SceneJudge, group_advantages, scene_reward
 from .sft import warm_up_once
@@ -82,6 +84,8 @@ class GRPOConfig:
     updates_per_rollout: int = 2       # optimizer steps on each batch of rollouts (mu)
     micro_batch: int = 16              # sequences per forward / backward
     fused_linear: bool = False         # loss and log-probs from hidden states + lm_head weight (no logits)
+    packing: bool = False              # each micro-batch's sequences back to back in rows: no padding tokens run
+    max_tokens_per_row: int = DEFAULT_MAX_TOKENS_PER_ROW  # packed row length (a longer sequence gets its own row)
     chat_template: bool = True         # prompts from the processor's chat template when it has one
     lora_r: int = 0                    # LoRA rank on the policy (models/lora.py); 0: full fine-tuning
     lora_alpha: float = 16.0
@@ -115,7 +119,7 @@ class GRPOConfig:
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}")
         for name in ("prompts_per_step", "updates_per_rollout", "micro_batch", "max_steps", "max_new_tokens",
-                     "eval_every", "save_every", "sft_batch_size", "eval_max_new_tokens"):
+                     "eval_every", "save_every", "sft_batch_size", "eval_max_new_tokens", "max_tokens_per_row"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.sft_steps < 0:
@@ -222,6 +226,9 @@ def train_grpo(cfg: GRPOConfig) -> dict:
     if cfg.fused_linear:  # refuse a model whose logits the route cannot reproduce, before any work
         check_fused_linear(model, chosen_collate([(i, records[i]) for i in train_idx[:2]]).to(device).model_inputs(),
                            autocast_dtype)
+    if cfg.packing:  # refuse a model that lets packed sequences see each other, before any work
+        check_packing(model, chosen_collate([(i, records[i]) for i in train_idx[:2]]).to(device).model_inputs(),
+                      autocast_dtype)
     if cfg.init_weights is not None:
         load_weights(model, cfg.init_weights)
     sft_losses = warm_up_once(model, chosen_collate, records, train_idx, dist=dist,
@@ -289,8 +296,9 @@ def train_grpo(cfg: GRPOConfig) -> dict:
                       for g, i in enumerate(rollouts.record_indices)]
             rewards = torch.tensor(scores, dtype=torch.float32)
             advantages = group_advantages(rewards, scale=cfg.scale_rewards).flatten().to(device)
+            packing = cfg.max_tokens_per_row if cfg.packing else None
             score = dict(temperature=cfg.temperature, autocast_dtype=autocast_dtype, backend=cfg.backend,
-                         micro_batch=cfg.micro_batch, fused_linear=cfg.fused_linear)
+                         micro_batch=cfg.micro_batch, fused_linear=cfg.fused_linear, max_tokens_per_row=packing)
             old = rollout_ops.token_logps(model, rollouts, **score) if cfg.updates_per_rollout > 1 else None
             if cfg.beta_kl > 0 and cfg.lora_r:
                 with reference_mode(model):
@@ -302,19 +310,22 @@ def train_grpo(cfg: GRPOConfig) -> dict:
             tokens_per_process = dist.mean({"tokens": float(local_tokens)})["tokens"]
             rows_total = rollouts.input_ids.shape[0]
             starts = list(range(0, rows_total, cfg.micro_batch))
-            totals = {"loss": 0.0, "kl": 0.0, "clip_ratio": 0.0}
+            totals = {"loss": 0.0, "kl": 0.0, "clip_ratio": 0.0, "tokens": 0}
             for update in range(cfg.updates_per_rollout):
                 for n, start in enumerate(starts):
                     rows = slice(start, start + cfg.micro_batch)
                     sync = n == len(starts) - 1  # gradients averaged across processes once per optimizer step
                     with dist.skip_grad_sync(trained) if not sync else contextlib.nullcontext():
+                        inputs, labels, (old_rows, ref_rows), packed, _ = rollout_ops.micro_batch_inputs(
+                            rollouts, rows, [old, ref], model, packing)
                         options = dict(
-                            old_logps=None if old is None else old[rows], ref_logps=None if ref is None else ref[rows],
+                            old_logps=old_rows, ref_logps=ref_rows,
                             epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, beta_kl=cfg.beta_kl,
                             loss_type=cfg.loss_type, temperature=cfg.temperature, backend=cfg.backend,
                             num_items_in_batch=tokens_per_process if cfg.loss_type == "dapo" else None,
-                            world_size=1)  # tokens_per_process is already the global count / processes
-                        inputs, labels = rollouts.model_inputs(rows), rollouts.labels[rows]
+                            # dr_grpo's constant: the generation budget (TRL's), whatever the rows' layout
+                            max_completion_length=cfg.max_new_tokens,
+                            world_size=1, **packed)  # tokens_per_process is already the global count / processes
                         if cfg.fused_linear:  # the [rows, T, V] logits are never materialized
                             hidden, head = hidden_and_head(trained, inputs, autocast_dtype)
                             out = rk.linear_grpo_loss(hidden, head.weight, labels, advantages[rows],
@@ -324,6 +335,7 @@ def train_grpo(cfg: GRPOConfig) -> dict:
                             out = rk.grpo_loss(logits, labels, advantages[rows], inplace_backward=True, **options)
                         loss_weight = _loss_weight(cfg.loss_type, rows, rollouts, local_tokens)
                         (out.loss * loss_weight).backward()
+                    totals["tokens"] += labels.numel() / cfg.updates_per_rollout  # run by the model, padding included
                     share = int((rollouts.labels[rows] != IGNORE_INDEX).sum()) / local_tokens
                     totals["loss"] += out.loss.item() * loss_weight / cfg.updates_per_rollout
                     totals["kl"] += out.mean_kl.item() * share / cfg.updates_per_rollout
@@ -410,6 +422,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batch", type=int, default=d.micro_batch, help="sequences per forward/backward")
     p.add_argument("--fused-linear", action="store_true", help="loss and log-probs from the last hidden states and "
                    "the lm_head weight, never materializing the logits (single process)")
+    p.add_argument("--packing", action="store_true", help="pack each micro-batch's sequences back to back into rows "
+                   "(no padding tokens run; attention kept within each sequence; checked against the padded forward "
+                   "before training, and refused for a model where they differ)")
+    p.add_argument("--max-tokens-per-row", type=int, default=d.max_tokens_per_row,
+                   help="packed row length in tokens (--packing); a longer sequence gets a row of its own")
     p.add_argument("--no-chat-template", action="store_true", help="plain '<image> question' prompts even when the "
                    "processor has a chat template (default: the template, in rollouts, warm-up and evaluation)")
     add_lora_arguments(p)

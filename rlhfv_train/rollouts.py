@@ -17,8 +17,10 @@ import rlhfv_kernels as rk
 
 from .data import (IGNORE_INDEX, PreferenceRecord, concat_rows, repeat_rows, select_rows, takes_suffix,
                    token_aligned)
+from .data.packing import pack_for_loss
 from .evaluate import GenerationSettings, generate_tokens
 from .models import forward_logits, hidden_and_head
+from .models.packing import mrope_index
 
 
 @dataclass
@@ -88,20 +90,34 @@ def sample(model, processor, records: list[PreferenceRecord], record_indices: li
 
 
 @torch.no_grad()
+def micro_batch_inputs(rollouts: Rollouts, rows: slice, per_token: list, model, max_tokens_per_row=None):
+    """(model inputs, labels, the per-token tensors' rows, the loss's packing options, the PackedRows or None) of
+    the rollouts' rows `rows`; max_tokens_per_row: their sequences packed into rows of that many tokens."""
+    inputs, labels = rollouts.model_inputs(rows), rollouts.labels[rows]
+    per_token = [None if t is None else t[rows] for t in per_token]
+    if max_tokens_per_row is None:
+        return inputs, labels, per_token, {}, None
+    inputs, (labels, *per_token), packing, packed = pack_for_loss(inputs, [labels, *per_token], max_tokens_per_row,
+                                                                  mrope_index(model))
+    return inputs, labels, per_token, packing, packed
+
+
+@torch.no_grad()
 def token_logps(model, rollouts: Rollouts, *, micro_batch: int, temperature: float = 1.0, autocast_dtype=None,
-                backend=None, fused_linear: bool = False) -> torch.Tensor:
+                backend=None, fused_linear: bool = False, max_tokens_per_row: int | None = None) -> torch.Tensor:
     """[B, T] log-probs of the rollouts' answer tokens under `model` (0 elsewhere): the sampling policy's (old) or
     the frozen reference's, in micro-batches of rows; fused_linear: from the hidden states and the lm_head weight,
-    without the logits."""
+    without the logits; max_tokens_per_row: each micro-batch's sequences packed into rows (no padding run)."""
     out = []
     for start in range(0, rollouts.input_ids.shape[0], micro_batch):
         rows = slice(start, start + micro_batch)
-        labels = rollouts.labels[rows]
+        inputs, labels, _, _, packed = micro_batch_inputs(rollouts, rows, [], model, max_tokens_per_row)
         if fused_linear:
-            hidden, head = hidden_and_head(model, rollouts.model_inputs(rows), autocast_dtype)
-            out.append(rk.linear_token_logprobs(hidden, head.weight, labels, temperature=temperature,
-                                                backend=backend, **head.options()))
+            hidden, head = hidden_and_head(model, inputs, autocast_dtype)
+            logps = rk.linear_token_logprobs(hidden, head.weight, labels, temperature=temperature, backend=backend,
+                                             **head.options())
         else:
-            logits = forward_logits(model, rollouts.model_inputs(rows), autocast_dtype)
-            out.append(rk.token_logprobs(logits, labels, temperature=temperature, backend=backend))
+            logits = forward_logits(model, inputs, autocast_dtype)
+            logps = rk.token_logprobs(logits, labels, temperature=temperature, backend=backend)
+        out.append(logps if packed is None else packed.unpack(logps, rollouts.labels[rows].shape))
     return torch.cat(out)

@@ -19,6 +19,7 @@ import rlhfv_kernels as rk
 
 from . import refcache
 from .data import BatchStream, PairCollator
+from .data.packing import DEFAULT_MAX_TOKENS_PER_ROW, pack_for_loss
 from .checkpoint import save_training_state, start_or_resume
 from .distributed import Distributed, process_device
 from .evaluate import METRICS, GenerationSettings, evaluate_hallucination
@@ -26,6 +27,7 @@ from .models import (check_fused_linear, forward_logits, hidden_and_head, load_p
                      load_weights)
 from .models.lora import add_lora, lora_settings
 from .models.lora import check_trainer_config as check_lora_config
+from .models.packing import check_packing, mrope_index
 from .plots import plot_metrics
 from .sft import warm_up_once
 
@@ -71,6 +73,8 @@ class TrainConfig:
     backend: str | None = None
     inplace_backward: bool = True
     fused_linear: bool = False         # loss from hidden states + lm_head weight (logits never materialized)
+    packing: bool = False              # sequences back to back in rows (data/packing.py): no padding tokens run
+    max_tokens_per_row: int = DEFAULT_MAX_TOKENS_PER_ROW  # packed row length (a longer sequence gets its own row)
     chat_template: bool = True         # prompts from the processor's chat template when it has one
     lora_r: int = 0                    # LoRA rank on the policy (models/lora.py); 0: full fine-tuning
     lora_alpha: float = 16.0
@@ -91,18 +95,31 @@ def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def scored_inputs(cfg, batch, model):
+    """(model inputs, next-token labels, token weights, the loss's packing options, tokens the forward runs) of a
+    batch: its padded rows, or with cfg.packing its sequences packed into rows (the loss then takes cu_seqlens; the
+    sequence order, chosen half first, is kept, so the pairs need no index)."""
+    labels, weights = batch.next_token_targets()
+    inputs = batch.model_inputs()
+    if not cfg.packing:
+        return inputs, labels, weights, {}, labels.numel()
+    inputs, (labels, weights), packing, rows = pack_for_loss(inputs, [labels, weights], cfg.max_tokens_per_row,
+                                                             mrope_index(model))
+    return inputs, labels, weights, packing, rows.tokens
+
+
 def _ddpo(cfg, model, batch, refs, *, autocast_dtype):
     pairs = batch.indices.tolist()
     ref = torch.tensor([refs[i][0] for i in pairs] + [refs[i][1] for i in pairs], device=batch.input_ids.device)
-    labels, weights = batch.next_token_targets()
+    inputs, labels, weights, packing, tokens = scored_inputs(cfg, batch, model)
     options = dict(token_weights=weights, beta=cfg.beta, mode=cfg.mode, reward_margin=batch.reward_margin,
                    drs_weight=cfg.drs_weight, drs_k=cfg.drs_k, sft_weight=cfg.sft_weight,
-                   temperature=cfg.temperature, backend=cfg.backend)
+                   temperature=cfg.temperature, backend=cfg.backend, **packing)
     if cfg.fused_linear:  # hidden states + lm_head weight: the logits are never materialized
-        hidden, head = hidden_and_head(model, batch.model_inputs(), autocast_dtype)
-        return rk.linear_ddpo_loss(hidden, head.weight, labels, ref, **head.options(), **options)
-    logits = forward_logits(model, batch.model_inputs(), autocast_dtype)
-    return rk.ddpo_loss(logits, labels, ref, inplace_backward=cfg.inplace_backward, **options)
+        hidden, head = hidden_and_head(model, inputs, autocast_dtype)
+        return rk.linear_ddpo_loss(hidden, head.weight, labels, ref, **head.options(), **options), tokens
+    logits = forward_logits(model, inputs, autocast_dtype)
+    return rk.ddpo_loss(logits, labels, ref, inplace_backward=cfg.inplace_backward, **options), tokens
 
 
 @torch.no_grad()
@@ -128,7 +145,7 @@ def evaluate(cfg, model, processor, collate, records, indices, refs, device, aut
         for start in range(0, len(indices), cfg.batch_size):
             chunk = indices[start:start + cfg.batch_size]
             batch = collate([(i, records[i]) for i in chunk]).to(device)
-            out = _ddpo(cfg, model, batch, refs, autocast_dtype=autocast_dtype)
+            out, _ = _ddpo(cfg, model, batch, refs, autocast_dtype=autocast_dtype)
             wins.extend((out.margins > 0).tolist())
             margins.extend(out.margins.tolist())
     finally:
@@ -144,6 +161,8 @@ def train(cfg: TrainConfig) -> dict:
         raise ValueError("grad_accum, batch_size and max_steps must be >= 1")
     if cfg.sft_steps < 0:
         raise ValueError(f"sft_steps must be >= 0, got {cfg.sft_steps}")
+    if cfg.max_tokens_per_row < 1:
+        raise ValueError(f"max_tokens_per_row must be >= 1, got {cfg.max_tokens_per_row}")
     check_lora_config(cfg)
     if cfg.init_weights is not None and not os.path.isfile(cfg.init_weights):
         raise FileNotFoundError(f"--init-weights {cfg.init_weights}: no such file")
@@ -173,6 +192,9 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.fused_linear:  # refuse a model whose logits the route cannot reproduce, before any work
         check_fused_linear(model, collate([(i, records[i]) for i in train_idx[:2]]).to(device).model_inputs(),
                            autocast_dtype)
+    if cfg.packing:  # refuse a model that lets packed sequences see each other, before any work
+        check_packing(model, collate([(i, records[i]) for i in train_idx[:2]]).to(device).model_inputs(),
+                      autocast_dtype)
     if cfg.init_weights is not None:
         load_weights(model, cfg.init_weights)
     sft_losses = warm_up_once(model, collate, records, train_idx, dist=dist, output_dir=cfg.output_dir,
@@ -242,15 +264,17 @@ def train(cfg: TrainConfig) -> dict:
             metrics_file.write(json.dumps(first) + "\n")
             start_metrics = first
         while step < cfg.max_steps:
-            totals = {"loss": 0.0, "margin": 0.0, "accuracy": 0.0, "chosen_reward": 0.0, "rejected_reward": 0.0}
+            totals = {"loss": 0.0, "margin": 0.0, "accuracy": 0.0, "chosen_reward": 0.0, "rejected_reward": 0.0,
+                      "tokens": 0}
             for micro in range(cfg.grad_accum):
                 indices = stream.batch(step * cfg.grad_accum + micro)
                 batch = collate([(i, records[i]) for i in indices]).to(device)
                 # Gradients are averaged across processes once per optimizer step, on the last micro-batch.
                 sync = micro == cfg.grad_accum - 1
                 with contextlib.nullcontext() if sync else dist.skip_grad_sync(trained):
-                    out = _ddpo(cfg, trained, batch, refs, autocast_dtype=autocast_dtype)
+                    out, tokens = _ddpo(cfg, trained, batch, refs, autocast_dtype=autocast_dtype)
                     (out.loss / cfg.grad_accum).backward()
+                totals["tokens"] += tokens  # the tokens the model ran (padding included, when not packed)
                 totals["loss"] += out.loss.item() / cfg.grad_accum
                 totals["margin"] += out.margins.mean().item() / cfg.grad_accum
                 totals["accuracy"] += out.accuracy.item() / cfg.grad_accum

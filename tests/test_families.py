@@ -19,7 +19,7 @@ from rlhfv_train import synthetic
 from rlhfv_train.data import PairCollator, load_records
 from rlhfv_train.evaluate import GenerationSettings, evaluate_hallucination
 from rlhfv_train.grpo import GRPOConfig, train_grpo
-from rlhfv_train.models import check_fused_linear, hidden_and_head, load_processor_and_model
+from rlhfv_train.models import UnsupportedModelError, check_fused_linear, hidden_and_head, load_processor_and_model
 from rlhfv_train.models.families import FAMILIES, build_family
 from rlhfv_train.train import TrainConfig, train
 
@@ -85,6 +85,30 @@ def test_three_ddpo_steps_on_both_paths(family, tmp_path):
         losses[fused] = [row["loss"] for row in _metrics(out) if row["step"] > 0]
     assert losses[False][0] == pytest.approx(math.log(2), abs=1e-6)
     assert losses[True] == pytest.approx(losses[False], abs=1e-5)
+
+
+PACKING_REFUSED = {"gemma3", "mllama"}  # models/packing.check_packing refuses them (README's table says so)
+
+
+def test_packed_ddpo_steps_equal_the_padded_ones_or_are_refused(family, tmp_path):
+    """--packing (rows of 48 tokens: several sequences per row, tails) gives the padded run's losses; a family that
+    lets packed sequences see each other is refused before training."""
+    name, folder, data = family
+    runs = {}
+    for packing in (False, True):
+        config = TrainConfig(data=data, model=folder, output_dir=str(tmp_path / f"packing-{packing}"), max_steps=3,
+                             batch_size=2, eval_fraction=0.25, eval_every=3, save_every=3, sft_steps=1,
+                             packing=packing, max_tokens_per_row=48, hallucination_eval=False, progress=False,
+                             device="cpu", lr=1e-3)
+        if packing and name in PACKING_REFUSED:
+            with pytest.raises(UnsupportedModelError, match="Train without --packing"):
+                train(config)
+            return
+        train(config)
+        runs[packing] = [row for row in _metrics(config.output_dir) if row["step"] > 0]
+    for padded, packed in zip(runs[False], runs[True]):
+        assert packed["loss"] == pytest.approx(padded["loss"], abs=1e-5)
+        assert packed["grad_norm"] == pytest.approx(padded["grad_norm"], rel=1e-4)
 
 
 def test_two_grpo_steps(family, tmp_path):

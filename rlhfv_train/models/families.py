@@ -362,26 +362,44 @@ def _describe_transform(model) -> str:
 def supported_models_markdown() -> str:
     """README's "Supported models" table: every family of FAMILIES with the model inputs its processor gives a
     collated preference batch and the logit transform the fused-linear route applies; tests/test_families.py runs
-    each family through both trainers and the fused-linear check (the ✓ columns), tests/test_readme.py keeps README's
-    copy equal to this."""
+    each family through both trainers and the fused-linear check (the ✓ columns) and --packing (✓, or refused by
+    models/packing.check_packing, which this table runs on the batch), tests/test_readme.py keeps README's copy equal
+    to this."""
     import io
+    import random
 
     from PIL import Image
 
+    from .. import synthetic
     from ..data import PairCollator, PreferenceRecord
+    from .adapter import UnsupportedModelError
+    from .packing import check_packing
 
     buffer = io.BytesIO()
     Image.new("RGB", (32, 32), (200, 30, 30)).save(buffer, format="PNG")
     record = PreferenceRecord(question="what do you see ?", chosen="a red circle on the left",
                               rejected="a blue circle on the left", image=buffer.getvalue())
+    scenes = []  # the packing check: two synthetic scenes (packed sequences that see each other's image must show)
+    for seed in (1, 2):
+        rng = random.Random(seed)
+        example = synthetic.make_example(rng)
+        buffer = io.BytesIO()
+        synthetic.draw(example["objects"], rng=rng).save(buffer, format="PNG")
+        scenes.append((seed, PreferenceRecord(question=example["question"], chosen=example["chosen"],
+                                              rejected=example["rejected"], image=buffer.getvalue())))
     lines = ["| family | class | model inputs from the processor | logit transform | DDPO, GRPO | --fused-linear | "
-             "LoRA |", "|---|---|---|---|---|---|---|"]
+             "LoRA | --packing |", "|---|---|---|---|---|---|---|---|"]
     for family in FAMILIES.values():
         processor, model = family.build()
         batch = PairCollator(processor, gamma=5.0)([(0, record)])
         inputs = ", ".join(f"`{name}`" for name in batch.inputs)
+        try:
+            check_packing(model, PairCollator(processor, gamma=5.0)(scenes).model_inputs())
+            packing = "✓"
+        except UnsupportedModelError:
+            packing = "refused"
         lines.append(f"| {family.name} | `{family.model_class}` | {inputs} | {_describe_transform(model)} | ✓ | ✓ | "
-                     "✓ |")
+                     f"✓ | {packing} |")
     return "\n".join(lines) + "\n"
 
 

@@ -1,0 +1,154 @@
+"""--packing in both trainers (rlhfv_train/data/packing.py, models/packing.py): the row plan, the packed model inputs
+(images kept with their sequences, tails continuing their row's last sequence, mRoPE position ids), the packed
+forward equal to the padded one, and a few training steps of each trainer equal to the padded run's within
+rounding, on both scoring paths. The family matrix (tests/test_families.py) runs every family packed."""
+import json
+import os
+
+import pytest
+import torch
+
+from rlhfv_train import synthetic
+from rlhfv_train.__main__ import build_parser, config_from_args
+from rlhfv_train.data import PairCollator, load_records
+from rlhfv_train.data.packing import pack_batch, pack_for_loss, plan_rows
+from rlhfv_train.grpo import GRPOConfig, train_grpo
+from rlhfv_train.grpo import build_parser as grpo_parser
+from rlhfv_train.grpo import config_from_args as grpo_config
+from rlhfv_train.models import UnsupportedModelError, tiny
+from rlhfv_train.models.families import build_family
+from rlhfv_train.models import packing as models_packing
+from rlhfv_train.models.packing import check_packing, mrope_index
+from rlhfv_train.train import TrainConfig, train
+
+pytest.importorskip("PIL")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return synthetic.generate(str(tmp_path_factory.mktemp("scenes")), 40, seed=5)
+
+
+def test_plan_rows_keeps_the_order_and_the_capacity():
+    lengths = [5, 3, 9, 1, 2, 12]
+    rows = plan_rows(lengths, 12, 10)
+    # capacity max(10, 12): [5, 3] [9, 1, 2] [12]; every row as long as the fullest (12)
+    assert rows.shape == (3, 12)
+    assert rows.cu_seqlens == [0, 5, 12, 21, 22, 24, 36]  # a row's tail joins its last sequence
+    source = rows.source.view(rows.shape)
+    assert source[0, :8].tolist() == list(range(0, 5)) + list(range(12, 15))
+    assert (source[0, 8:] == -1).all() and (source[2] == torch.arange(60, 72)).all()
+    padded = torch.arange(6 * 12).view(6, 12)
+    positions = rows.positions(torch.arange(12).expand(6, 12))
+    assert positions[0].tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6]  # the tail counts on
+    assert positions[1].tolist() == list(range(9)) + [0, 0, 1] and positions[2].tolist() == list(range(12))
+    assert rows.pack(padded)[0, 8:].tolist() == [14] * 4  # tails repeat the row's last token...
+    assert rows.pack(padded, -100)[0, 8:].tolist() == [-100] * 4  # ...or take the fill
+    real = torch.arange(12)[None] < torch.tensor(lengths)[:, None]
+    assert torch.equal(rows.unpack(rows.pack(padded), (6, 12), fill=-1), torch.where(real, padded, -1))
+    with pytest.raises(ValueError, match="max_tokens_per_row must be >= 1"):
+        plan_rows(lengths, 12, 0)
+
+
+def test_packed_inputs_keep_images_with_their_sequences(dataset):
+    records, _ = load_records(dataset)
+    processor = tiny.build_processor()
+    batch = PairCollator(processor, gamma=5.0)(list(enumerate(records[:3])))
+    inputs = batch.model_inputs()
+    labels, weights = batch.next_token_targets()
+    packed, (packed_labels, packed_weights), options, rows = pack_for_loss(inputs, [labels, weights], 100)
+    assert "attention_mask" not in packed and packed["use_cache"] is False
+    assert packed["pixel_values"] is inputs["pixel_values"]
+    assert rows.tokens < labels.numel() or rows.shape[0] == 1
+    assert options["cu_seqlens"][-1] == rows.tokens
+    real = batch.attention_mask.bool()
+    keep = rows.source >= 0
+    assert torch.equal(packed["input_ids"].reshape(-1)[keep], batch.input_ids[real])
+    assert torch.equal(packed_labels.reshape(-1)[keep], labels[real])
+    assert (packed_labels.reshape(-1)[~keep] == -100).all() and (packed_weights.reshape(-1)[~keep] == 0).all()
+
+
+def test_mrope_position_ids_are_each_sequences_own():
+    """Qwen2-VL: [4, P, L] position ids, the text row restarting per sequence, the 3-D rows those of the padded
+    batch's get_rope_index at the same tokens."""
+    processor, model = build_family("qwen2-vl", seed=1)
+    records, _ = load_records(synthetic.generate(os.path.join(os.environ.get("TMPDIR", "/tmp"), "qwen-pack"), 3,
+                                                 seed=1))
+    inputs = PairCollator(processor, gamma=5.0)(list(enumerate(records))).model_inputs()
+    index = mrope_index(model)
+    packed = pack_batch(inputs, 10 ** 6, index)
+    positions = packed.inputs["position_ids"]
+    assert positions.shape == (4, 1, packed.rows.tokens)
+    real = inputs["attention_mask"].bool()
+    assert torch.equal(positions[1:, 0], index(inputs)[:, real])
+    starts = packed.cu_seqlens[:-1]
+    assert (positions[0, 0, starts] == 0).all()
+    assert mrope_index(tiny.build_model(tiny.build_processor())) is None
+
+
+def test_check_packing_passes_and_refuses(dataset):
+    records, _ = load_records(dataset)
+    processor = tiny.build_processor()
+    model = tiny.build_model(processor)
+    inputs = PairCollator(processor, gamma=5.0)(list(enumerate(records[:2]))).model_inputs()
+    assert check_packing(model, inputs) < 1e-5
+    processor, gemma = build_family("gemma3", seed=1)
+    inputs = PairCollator(processor, gamma=5.0)(list(enumerate(records[:2]))).model_inputs()
+    with pytest.raises(UnsupportedModelError, match="Gemma3ForConditionalGeneration: its bidirectional image-token "
+                                                    "mask .* Train without --packing"):
+        check_packing(gemma, inputs)
+    # the comparison itself catches it too: the longest sequence placed after the shortest attends to its future
+    known = models_packing.KNOWN_UNSUPPORTED.pop("gemma3")
+    try:
+        with pytest.raises(UnsupportedModelError, match="packed into rows, its sequences' logits differ"):
+            check_packing(gemma, inputs)
+    finally:
+        models_packing.KNOWN_UNSUPPORTED["gemma3"] = known
+
+
+def _losses(output_dir):
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [r for r in rows if r["step"] > 0]
+
+
+@pytest.mark.parametrize("fused_linear", [False, True])
+def test_ddpo_packed_run_equals_the_padded_run(dataset, tmp_path, fused_linear):
+    runs = {}
+    for packing in (False, True):
+        out = tmp_path / f"packing-{packing}"
+        train(TrainConfig(data=dataset, output_dir=str(out), max_steps=3, batch_size=4, eval_every=3, save_every=3,
+                          eval_fraction=0.25, sft_weight=1.0, sft_steps=2, progress=False, device="cpu",
+                          hallucination_eval=False, fused_linear=fused_linear, packing=packing,
+                          max_tokens_per_row=100))
+        runs[packing] = _losses(out)
+    for padded, packed in zip(runs[False], runs[True]):
+        for name in ("loss", "margin", "grad_norm", "eval_margin"):
+            if name in padded:
+                assert packed[name] == pytest.approx(padded[name], rel=1e-4, abs=1e-5), name
+    assert all(p["tokens"] != q["tokens"] for p, q in zip(runs[False], runs[True]))
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
+def test_grpo_packed_run_equals_the_padded_run(dataset, tmp_path, loss_type):
+    base = dict(data=dataset, judge="scene", max_steps=2, num_generations=3, prompts_per_step=4, max_new_tokens=10,
+                micro_batch=5, eval_fraction=0.1, eval_every=2, save_every=2, hallucination_eval=False, sft_steps=60,
+                progress=False, device="cpu", lr=1e-3, loss_type=loss_type, updates_per_rollout=2)
+    runs = {}
+    for packing in (False, True):
+        out = tmp_path / f"packing-{packing}"
+        train_grpo(GRPOConfig(**base, output_dir=str(out), packing=packing, max_tokens_per_row=64))
+        runs[packing] = _losses(out)
+    for padded, packed in zip(runs[False], runs[True]):
+        assert padded["reward_std"] > 0  # the advantages are not all zero: the loss has a gradient to compare
+        for name in ("loss", "kl", "clip_ratio", "grad_norm", "reward"):
+            assert packed[name] == pytest.approx(padded[name], rel=1e-4, abs=1e-5), name
+
+
+def test_cli_flags():
+    cfg = config_from_args(build_parser().parse_args(["--packing", "--max-tokens-per-row", "512"]))
+    assert cfg.packing and cfg.max_tokens_per_row == 512
+    cfg = grpo_config(grpo_parser().parse_args(["--packing", "--max-tokens-per-row", "256"]))
+    assert cfg.packing and cfg.max_tokens_per_row == 256
+    with pytest.raises(ValueError, match="max_tokens_per_row must be >= 1"):
+        GRPOConfig(judge="scene", max_tokens_per_row=0).check()
