@@ -64,7 +64,7 @@ def main(argv=None) -> int:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
         def step():
-            out = _ddpo(cfg, model, batch, refs, autocast_dtype=autocast)
+            out, _ = _ddpo(cfg, model, batch, refs, autocast_dtype=autocast)
             out.loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(no padding tokens run; attention kept within each sequence; checked against the padded forward "
                    "before training, and refused for a model where they differ)")
     p.add_argument("--max-tokens-per-row", type=int, default=defaults.max_tokens_per_row,
-                   help="packed row length in tokens (--packing); a longer sequence gets a row of its own")
+                   help="packed row capacity in tokens (--packing; default: the batch's longest sequence, which "
+                   "never costs sdpa/eager attention more than padding; raise it under flash attention)")
     p.add_argument("--fsdp", action="store_true", help="under torchrun, shard the model with FSDP2 (default: DDP)")
     p.add_argument("--no-chat-template", action="store_true", help="plain '<image> question' prompts even when the "
                    "processor has a chat template (default: the template, in training, scoring and evaluation)")

@@ -36,7 +36,7 @@ from rlhfv_kernels.api import GRPO_LOSS_TYPES
 
 from . import rollouts as rollout_ops
 from .data import IGNORE_INDEX, BatchStream, PairCollator
-from .data.packing import DEFAULT_MAX_TOKENS_PER_ROW
+from .data.packing import check_max_tokens_per_row
 from .checkpoint import save_training_state, start_or_resume
 from .cli import USER_ERRORS, HelpFormatter, fail, print_start_to_end
 from .distributed import Distributed, process_device
@@ -85,7 +85,7 @@ class GRPOConfig:
     micro_batch: int = 16              # sequences per forward / backward
     fused_linear: bool = False         # loss and log-probs from hidden states + lm_head weight (no logits)
     packing: bool = False              # each micro-batch's sequences back to back in rows: no padding tokens run
-    max_tokens_per_row: int = DEFAULT_MAX_TOKENS_PER_ROW  # packed row length (a longer sequence gets its own row)
+    max_tokens_per_row: int | None = None  # packed row capacity; None: the micro-batch's longest sequence
     chat_template: bool = True         # prompts from the processor's chat template when it has one
     lora_r: int = 0                    # LoRA rank on the policy (models/lora.py); 0: full fine-tuning
     lora_alpha: float = 16.0
@@ -119,9 +119,10 @@ class GRPOConfig:
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}")
         for name in ("prompts_per_step", "updates_per_rollout", "micro_batch", "max_steps", "max_new_tokens",
-                     "eval_every", "save_every", "sft_batch_size", "eval_max_new_tokens", "max_tokens_per_row"):
+                     "eval_every", "save_every", "sft_batch_size", "eval_max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_max_tokens_per_row(self.max_tokens_per_row)
         if self.sft_steps < 0:
             raise ValueError(f"sft_steps must be >= 0, got {self.sft_steps}")
         check_lora_config(self)
@@ -296,9 +297,9 @@ def train_grpo(cfg: GRPOConfig) -> dict:
                       for g, i in enumerate(rollouts.record_indices)]
             rewards = torch.tensor(scores, dtype=torch.float32)
             advantages = group_advantages(rewards, scale=cfg.scale_rewards).flatten().to(device)
-            packing = cfg.max_tokens_per_row if cfg.packing else None
+            packing = dict(packing=cfg.packing, max_tokens_per_row=cfg.max_tokens_per_row)
             score = dict(temperature=cfg.temperature, autocast_dtype=autocast_dtype, backend=cfg.backend,
-                         micro_batch=cfg.micro_batch, fused_linear=cfg.fused_linear, max_tokens_per_row=packing)
+                         micro_batch=cfg.micro_batch, fused_linear=cfg.fused_linear, **packing)
             old = rollout_ops.token_logps(model, rollouts, **score) if cfg.updates_per_rollout > 1 else None
             if cfg.beta_kl > 0 and cfg.lora_r:
                 with reference_mode(model):
@@ -316,8 +317,8 @@ def train_grpo(cfg: GRPOConfig) -> dict:
                     rows = slice(start, start + cfg.micro_batch)
                     sync = n == len(starts) - 1  # gradients averaged across processes once per optimizer step
                     with dist.skip_grad_sync(trained) if not sync else contextlib.nullcontext():
-                        inputs, labels, (old_rows, ref_rows), packed, _ = rollout_ops.micro_batch_inputs(
-                            rollouts, rows, [old, ref], model, packing)
+                        inputs, labels, (old_rows, ref_rows), (advantage_rows,), packed, _ = \
+                            rollout_ops.micro_batch_inputs(rollouts, rows, [old, ref], [advantages], model, **packing)
                         options = dict(
                             old_logps=old_rows, ref_logps=ref_rows,
                             epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, beta_kl=cfg.beta_kl,
@@ -328,11 +329,11 @@ def train_grpo(cfg: GRPOConfig) -> dict:
                             world_size=1, **packed)  # tokens_per_process is already the global count / processes
                         if cfg.fused_linear:  # the [rows, T, V] logits are never materialized
                             hidden, head = hidden_and_head(trained, inputs, autocast_dtype)
-                            out = rk.linear_grpo_loss(hidden, head.weight, labels, advantages[rows],
+                            out = rk.linear_grpo_loss(hidden, head.weight, labels, advantage_rows,
                                                       **head.options(), **options)
                         else:
                             logits = forward_logits(trained, inputs, autocast_dtype)
-                            out = rk.grpo_loss(logits, labels, advantages[rows], inplace_backward=True, **options)
+                            out = rk.grpo_loss(logits, labels, advantage_rows, inplace_backward=True, **options)
                         loss_weight = _loss_weight(cfg.loss_type, rows, rollouts, local_tokens)
                         (out.loss * loss_weight).backward()
                     totals["tokens"] += labels.numel() / cfg.updates_per_rollout  # run by the model, padding included
@@ -426,7 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(no padding tokens run; attention kept within each sequence; checked against the padded forward "
                    "before training, and refused for a model where they differ)")
     p.add_argument("--max-tokens-per-row", type=int, default=d.max_tokens_per_row,
-                   help="packed row length in tokens (--packing); a longer sequence gets a row of its own")
+                   help="packed row capacity in tokens (--packing; default: the micro-batch's longest sequence, "
+                   "which never costs sdpa/eager attention more than padding; raise it under flash attention)")
     p.add_argument("--no-chat-template", action="store_true", help="plain '<image> question' prompts even when the "
                    "processor has a chat template (default: the template, in rollouts, warm-up and evaluation)")
     add_lora_arguments(p)

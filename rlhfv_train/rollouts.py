@@ -89,29 +89,33 @@ def sample(model, processor, records: list[PreferenceRecord], record_indices: li
                     answer_tokens=torch.tensor([len(a) for _, a in rows]), k=k)
 
 
-@torch.no_grad()
-def micro_batch_inputs(rollouts: Rollouts, rows: slice, per_token: list, model, max_tokens_per_row=None):
-    """(model inputs, labels, the per-token tensors' rows, the loss's packing options, the PackedRows or None) of
-    the rollouts' rows `rows`; max_tokens_per_row: their sequences packed into rows of that many tokens."""
+def micro_batch_inputs(rollouts: Rollouts, rows: slice, per_token: list, per_sequence: list, model, *,
+                       packing: bool = False, max_tokens_per_row: int | None = None):
+    """(model inputs, labels, the per-token tensors' rows, the per-sequence tensors' rows, the loss's packing
+    options, the PackedRows or None) of the rollouts' rows `rows`; packing: their sequences packed into rows of
+    max_tokens_per_row tokens (None: the longest), the per-sequence tensors then in the pack's order."""
     inputs, labels = rollouts.model_inputs(rows), rollouts.labels[rows]
     per_token = [None if t is None else t[rows] for t in per_token]
-    if max_tokens_per_row is None:
-        return inputs, labels, per_token, {}, None
+    per_sequence = [t[rows] for t in per_sequence]
+    if not packing:
+        return inputs, labels, per_token, per_sequence, {}, None
     inputs, (labels, *per_token), packing, packed = pack_for_loss(inputs, [labels, *per_token], max_tokens_per_row,
                                                                   mrope_index(model))
-    return inputs, labels, per_token, packing, packed
+    return inputs, labels, per_token, [packed.per_sequence(t) for t in per_sequence], packing, packed
 
 
 @torch.no_grad()
 def token_logps(model, rollouts: Rollouts, *, micro_batch: int, temperature: float = 1.0, autocast_dtype=None,
-                backend=None, fused_linear: bool = False, max_tokens_per_row: int | None = None) -> torch.Tensor:
+                backend=None, fused_linear: bool = False, packing: bool = False,
+                max_tokens_per_row: int | None = None) -> torch.Tensor:
     """[B, T] log-probs of the rollouts' answer tokens under `model` (0 elsewhere): the sampling policy's (old) or
     the frozen reference's, in micro-batches of rows; fused_linear: from the hidden states and the lm_head weight,
-    without the logits; max_tokens_per_row: each micro-batch's sequences packed into rows (no padding run)."""
+    without the logits; packing: each micro-batch's sequences packed into rows (no padding run)."""
     out = []
     for start in range(0, rollouts.input_ids.shape[0], micro_batch):
         rows = slice(start, start + micro_batch)
-        inputs, labels, _, _, packed = micro_batch_inputs(rollouts, rows, [], model, max_tokens_per_row)
+        inputs, labels, _, _, _, packed = micro_batch_inputs(rollouts, rows, [], [], model, packing=packing,
+                                                             max_tokens_per_row=max_tokens_per_row)
         if fused_linear:
             hidden, head = hidden_and_head(model, inputs, autocast_dtype)
             logps = rk.linear_token_logprobs(hidden, head.weight, labels, temperature=temperature, backend=backend,

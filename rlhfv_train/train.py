@@ -19,7 +19,7 @@ import rlhfv_kernels as rk
 
 from . import refcache
 from .data import BatchStream, PairCollator
-from .data.packing import DEFAULT_MAX_TOKENS_PER_ROW, pack_for_loss
+from .data.packing import check_max_tokens_per_row, pack_for_loss
 from .checkpoint import save_training_state, start_or_resume
 from .distributed import Distributed, process_device
 from .evaluate import METRICS, GenerationSettings, evaluate_hallucination
@@ -74,7 +74,7 @@ class TrainConfig:
     inplace_backward: bool = True
     fused_linear: bool = False         # loss from hidden states + lm_head weight (logits never materialized)
     packing: bool = False              # sequences back to back in rows (data/packing.py): no padding tokens run
-    max_tokens_per_row: int = DEFAULT_MAX_TOKENS_PER_ROW  # packed row length (a longer sequence gets its own row)
+    max_tokens_per_row: int | None = None  # packed row capacity; None: the batch's longest sequence (data/packing.py)
     chat_template: bool = True         # prompts from the processor's chat template when it has one
     lora_r: int = 0                    # LoRA rank on the policy (models/lora.py); 0: full fine-tuning
     lora_alpha: float = 16.0
@@ -95,23 +95,23 @@ def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def scored_inputs(cfg, batch, model):
-    """(model inputs, next-token labels, token weights, the loss's packing options, tokens the forward runs) of a
-    batch: its padded rows, or with cfg.packing its sequences packed into rows (the loss then takes cu_seqlens; the
-    sequence order, chosen half first, is kept, so the pairs need no index)."""
+def scored_inputs(cfg, batch, model, ref):
+    """(model inputs, next-token labels, token weights, reference scores, the loss's packing options, tokens the
+    forward runs) of a batch: its padded rows, or with cfg.packing its sequences packed into rows (the loss then
+    takes cu_seqlens, the reference scores in the pack's order and each pair's place in it)."""
     labels, weights = batch.next_token_targets()
     inputs = batch.model_inputs()
     if not cfg.packing:
-        return inputs, labels, weights, {}, labels.numel()
+        return inputs, labels, weights, ref, {}, labels.numel()
     inputs, (labels, weights), packing, rows = pack_for_loss(inputs, [labels, weights], cfg.max_tokens_per_row,
                                                              mrope_index(model))
-    return inputs, labels, weights, packing, rows.tokens
+    return inputs, labels, weights, rows.per_sequence(ref), {**packing, "pairs": rows.pairs()}, rows.tokens
 
 
 def _ddpo(cfg, model, batch, refs, *, autocast_dtype):
     pairs = batch.indices.tolist()
     ref = torch.tensor([refs[i][0] for i in pairs] + [refs[i][1] for i in pairs], device=batch.input_ids.device)
-    inputs, labels, weights, packing, tokens = scored_inputs(cfg, batch, model)
+    inputs, labels, weights, ref, packing, tokens = scored_inputs(cfg, batch, model, ref)
     options = dict(token_weights=weights, beta=cfg.beta, mode=cfg.mode, reward_margin=batch.reward_margin,
                    drs_weight=cfg.drs_weight, drs_k=cfg.drs_k, sft_weight=cfg.sft_weight,
                    temperature=cfg.temperature, backend=cfg.backend, **packing)
@@ -161,8 +161,7 @@ def train(cfg: TrainConfig) -> dict:
         raise ValueError("grad_accum, batch_size and max_steps must be >= 1")
     if cfg.sft_steps < 0:
         raise ValueError(f"sft_steps must be >= 0, got {cfg.sft_steps}")
-    if cfg.max_tokens_per_row < 1:
-        raise ValueError(f"max_tokens_per_row must be >= 1, got {cfg.max_tokens_per_row}")
+    check_max_tokens_per_row(cfg.max_tokens_per_row)
     check_lora_config(cfg)
     if cfg.init_weights is not None and not os.path.isfile(cfg.init_weights):
         raise FileNotFoundError(f"--init-weights {cfg.init_weights}: no such file")

@@ -29,6 +29,11 @@ rejected completions, rlhfv_train.data.weights.correction_weights; 1 elsewhere),
 row's sum of w, so TRL's sum over the completion is the DDPO score S (DESIGN.md §2) for the policy, the reference
 and precomputed reference log-probs alike. Every TRL use of the per-token log-probs then sees the weighted ones.
 
+Padding-free (DPOConfig(padding_free=True), which TRL 1.16 itself turns off): the fused head packs each batch's
+sequences back to back (rlhfv_train/data/packing.py, max_tokens_per_row per row), runs the model on the packed rows
+and hands TRL the padded layout's per-token fields, so TRL's loss code is unchanged; the packed forward is checked
+against the padded one on the first batch and a model where they differ is refused (models/packing.py).
+
 Options no route can honour raise at construction, naming the option. Tested against TRL's own trainers on the same
 batches (tests/test_trl_dropin.py). Written against TRL's internals; SUPPORTED_TRL is the tested range, and another
 version fails at import of this module.
@@ -46,6 +51,7 @@ import torch.nn.functional as F
 
 import rlhfv_kernels as rk
 
+from .data.packing import check_max_tokens_per_row
 from .data.weights import correction_weights
 
 SUPPORTED_TRL = ("1.16.0", "1.17.0")  # [lowest tested, first untested)
@@ -118,6 +124,8 @@ class FusedHeadOptions:
     backend: str | None = None     # rlhfv_kernels backend; None: the best for the device
     chunk_size: int | None = None  # fused-linear route: tokens per chunk (None: rlhfv's default budget)
     token_weights: Callable[[torch.Tensor], torch.Tensor] | None = None  # shifted labels -> multipliers of logp
+    padding_free: bool = False     # the batch's sequences packed into rows (data/packing.py) for the forward
+    max_tokens_per_row: int | None = None  # their capacity; None: the batch's longest sequence
 
 
 def _row_chunks(rows: int, vocab: int):
@@ -180,12 +188,18 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
         if getattr(text_config, "output_router_logits", False):
             kwargs.setdefault("output_router_logits", True)
         targets = labels[:, 1:] if shift_labels is None else shift_labels
-        if options.use_fused_linear:
-            fields, aux_loss = _score_hidden(self, args, kwargs, targets, shift_labels is None, temperature,
-                                             wants_entropy, outputs, options)
-        else:
-            fields, aux_loss = _score_logits(original_forward, args, kwargs, targets, shift_labels is None,
-                                             temperature, wants_entropy, outputs, options)
+        # aligned[:, t] is the target of position t's logits (the last position has none when shifted here)
+        aligned = F.pad(targets, (0, 1), value=-100) if shift_labels is None else targets
+        packed, padded_shape = None, aligned.shape
+        if options.padding_free:  # padding-free: the sequences back to back, no padding run
+            kwargs, aligned, packed = _packed(self, args, kwargs, aligned, options.max_tokens_per_row)
+        score = _score_hidden if options.use_fused_linear else _score_logits
+        fields, aux_loss = score(self if options.use_fused_linear else original_forward, args, kwargs, aligned,
+                                 temperature, wants_entropy, outputs, options)
+        if packed is not None:
+            fields = {name: packed.unpack(value, padded_shape, fill=0) for name, value in fields.items()}
+        if shift_labels is None:
+            fields = {name: value[:, :-1] for name, value in fields.items()}
         mask = targets != -100
         log_probs = fields["log_probs"]
         loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
@@ -207,12 +221,31 @@ def _scattered(values: dict, mask: torch.Tensor) -> dict:
     return {name: value.new_zeros(mask.shape).masked_scatter(mask, value) for name, value in values.items()}
 
 
-def _score_logits(forward, args, kwargs, targets, shifted_here, temperature, wants_entropy, outputs, options):
-    """The logits route: the model's own logits, scored in place; labels are shifted, not the logits (a sliced
-    logits view would cost an N x V gradient copy in backward)."""
+def _packed(model, args, kwargs, aligned, max_tokens_per_row):
+    """(the model inputs with the batch's sequences packed into rows, the targets packed alike, the PackedRows), the
+    packed forward checked against the padded one on the first batch (models/packing.check_packing)."""
+    from .data.packing import pack_batch
+    from .models.packing import check_packing, mrope_index
+
+    if args:
+        raise ValueError("rlhfv fused head, padding_free=True: pass the model inputs as keyword arguments")
+    if "attention_mask" not in kwargs:
+        raise ValueError("rlhfv fused head, padding_free=True: the batch has no attention_mask to find its sequences")
+    tensors = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
+    if not getattr(model, "_rlhfv_packing_checked", False):
+        check_packing(model, tensors)
+        model._rlhfv_packing_checked = True
+    batch = pack_batch(tensors, max_tokens_per_row, mrope_index(model))
+    others = {k: v for k, v in kwargs.items() if k not in tensors}
+    return {**others, **batch.inputs}, batch.rows.pack(aligned, -100), batch.rows
+
+
+def _score_logits(forward, args, kwargs, padded, temperature, wants_entropy, outputs, options):
+    """The logits route: the model's own logits, scored in place against `padded` (the targets aligned with the
+    logits: labels are shifted, not the logits, since a sliced logits view would cost an N x V gradient copy in
+    backward)."""
     model_out = forward(*args, **kwargs)
     logits = model_out.logits
-    padded = F.pad(targets, (0, 1), value=-100) if shifted_here else targets
     if logits.shape[:-1] != padded.shape:
         raise ValueError(f"rlhfv fused head: the model returned logits for {tuple(logits.shape[:-1])} positions "
                          f"but the labels cover {tuple(padded.shape)} (prompt-learning PEFT adds virtual tokens; "
@@ -221,22 +254,22 @@ def _score_logits(forward, args, kwargs, targets, shifted_here, temperature, wan
     scored = rk.token_logprobs(logits, padded, temperature=temperature, return_entropy=wants_entropy,
                                inplace_backward=inplace, backend=options.backend)
     log_probs, entropy = scored if wants_entropy else (scored, None)
-    cut = (lambda t: t[:, :-1]) if shifted_here else (lambda t: t)
-    fields = {"log_probs": cut(log_probs)}
+    fields = {"log_probs": log_probs}
     if entropy is not None:
-        fields["entropy"] = cut(entropy)
+        fields["entropy"] = entropy
     # The metric-only fields at the labelled positions only (prompt and image tokens cost nothing).
     vocab, active = logits.shape[-1], padded != -100
     index = active.reshape(-1).nonzero().squeeze(1)
     flat = logits.detach().reshape(-1, vocab)
     metrics = _metric_fields(lambda rows: flat.index_select(0, index[rows]), index.numel(), vocab,
                              padded.reshape(-1).index_select(0, index), temperature, outputs)
-    fields.update({name: cut(value) for name, value in _scattered(metrics, active).items()})
+    fields.update(_scattered(metrics, active))
     return fields, getattr(model_out, "aux_loss", None)
 
 
-def _score_hidden(model, args, kwargs, targets, shifted_here, temperature, wants_entropy, outputs, options):
-    """The fused-linear route: the body's hidden states and the lm_head, only the positions with a label."""
+def _score_hidden(model, args, kwargs, targets, temperature, wants_entropy, outputs, options):
+    """The fused-linear route: the body's hidden states and the lm_head, only the positions with a label (targets
+    aligned with the hidden states)."""
     from .models import adapter
 
     if kwargs.get("output_router_logits"):
@@ -249,8 +282,6 @@ def _score_hidden(model, args, kwargs, targets, shifted_here, temperature, wants
         model._rlhfv_route_checked = True
     hidden, head = adapter.hidden_and_head(model, kwargs)
     _refuse_sharded_head(head.weight)
-    if shifted_here:
-        hidden = hidden[:, :-1]
     if hidden.shape[:-1] != targets.shape:
         raise ValueError(f"rlhfv fused head: hidden states cover {tuple(hidden.shape[:-1])} positions but the labels "
                          f"{tuple(targets.shape)}")
@@ -294,6 +325,20 @@ def _fused_heads_from_rlhfv(trainer_module, options: FusedHeadOptions):
         trainer_module.add_fused_lm_head = original
 
 
+@contextlib.contextmanager
+def _attribute(obj, name, value):
+    """obj.name = value for the duration (restored after)."""
+    if not hasattr(obj, name):
+        yield
+        return
+    original = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, original)
+
+
 def _config_of(args, kwargs):
     config = kwargs.get("args", args[2] if len(args) > 2 else None)
     if config is None:
@@ -318,20 +363,27 @@ class DPOTrainer(trl.DPOTrainer):
     use_fused_linear: score from hidden states + lm_head (logits never materialized) instead of the model's logits.
     inplace_backward: logits route only, write dlogits into the logits (default True). backend / chunk_size: of
     rlhfv_kernels. gamma, ddpo_mode ("sum" | "mean"), min_match: DDPO token weights (gamma=1 and "sum": plain TRL).
+    DPOConfig(padding_free=True) is honoured (TRL 1.16 itself falls back to padding): each batch's sequences run
+    packed into rows of max_tokens_per_row tokens (None: the longest sequence; rlhfv_train/data/packing.py; checked against the padded forward
+    on the first batch, refused for a model where they differ), and TRL's loss sees the padded layout's numbers.
     """
 
     def __init__(self, *args, use_fused_linear: bool = False, inplace_backward: bool = True,
                  backend: str | None = None, chunk_size: int | None = None, gamma: float = 1.0,
-                 ddpo_mode: str = "sum", min_match: int = 3, **kwargs):
+                 ddpo_mode: str = "sum", min_match: int = 3, max_tokens_per_row: int | None = None, **kwargs):
         config = _config_of(args, kwargs)
+        check_max_tokens_per_row(max_tokens_per_row)
+        padding_free = bool(getattr(config, "padding_free", False))
         if ddpo_mode not in DDPO_MODES:
             raise ValueError(f"ddpo_mode must be one of {DDPO_MODES}, got {ddpo_mode!r}")
         if not gamma >= 0:
             raise ValueError(f"gamma must be >= 0, got {gamma!r}")
         weights = None if gamma == 1.0 and ddpo_mode == "sum" else DDPOWeights(gamma, ddpo_mode, min_match)
-        self.rlhfv_options = FusedHeadOptions(use_fused_linear, inplace_backward, backend, chunk_size, weights)
+        self.rlhfv_options = FusedHeadOptions(use_fused_linear, inplace_backward, backend, chunk_size, weights,
+                                              padding_free, max_tokens_per_row)
         _refuse_on_fused_linear(self.rlhfv_options, kwargs.get("model", args[0] if args else None), config)
-        with _fused_heads_from_rlhfv(_trl_dpo, self.rlhfv_options):
+        # padding_free=True is honoured by the fused head (TRL 1.16 would warn and pad): TRL's constructor sees False
+        with _fused_heads_from_rlhfv(_trl_dpo, self.rlhfv_options), _attribute(config, "padding_free", False):
             super().__init__(*args, **kwargs)
 
 

@@ -101,7 +101,7 @@ def test_packed_ddpo_steps_equal_the_padded_ones_or_are_refused(family, tmp_path
                              packing=packing, max_tokens_per_row=48, hallucination_eval=False, progress=False,
                              device="cpu", lr=1e-3)
         if packing and name in PACKING_REFUSED:
-            with pytest.raises(UnsupportedModelError, match="Train without --packing"):
+            with pytest.raises(UnsupportedModelError, match="Train without packing"):
                 train(config)
             return
         train(config)

@@ -29,24 +29,31 @@ def dataset(tmp_path_factory):
     return synthetic.generate(str(tmp_path_factory.mktemp("scenes")), 40, seed=5)
 
 
-def test_plan_rows_keeps_the_order_and_the_capacity():
+def test_plan_rows_first_fit_longest_first():
     lengths = [5, 3, 9, 1, 2, 12]
     rows = plan_rows(lengths, 12, 10)
-    # capacity max(10, 12): [5, 3] [9, 1, 2] [12]; every row as long as the fullest (12)
-    assert rows.shape == (3, 12)
-    assert rows.cu_seqlens == [0, 5, 12, 21, 22, 24, 36]  # a row's tail joins its last sequence
+    # capacity max(10, 12); longest first, each into the first row with room: [12] [9, 3] [5, 2, 1]; within a row
+    # the batch's order; every row as long as the fullest (12)
+    assert rows.shape == (3, 12) and rows.order == [5, 1, 2, 0, 3, 4]
+    assert rows.cu_seqlens == [0, 12, 15, 24, 29, 30, 36]  # a row's tail joins its last sequence
     source = rows.source.view(rows.shape)
-    assert source[0, :8].tolist() == list(range(0, 5)) + list(range(12, 15))
-    assert (source[0, 8:] == -1).all() and (source[2] == torch.arange(60, 72)).all()
+    assert source[0].tolist() == list(range(60, 72))
+    assert source[1].tolist() == [12, 13, 14] + list(range(24, 33))
+    assert source[2].tolist() == [0, 1, 2, 3, 4, 36, 48, 49, -1, -1, -1, -1]
     padded = torch.arange(6 * 12).view(6, 12)
     positions = rows.positions(torch.arange(12).expand(6, 12))
-    assert positions[0].tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6]  # the tail counts on
-    assert positions[1].tolist() == list(range(9)) + [0, 0, 1] and positions[2].tolist() == list(range(12))
-    assert rows.pack(padded)[0, 8:].tolist() == [14] * 4  # tails repeat the row's last token...
-    assert rows.pack(padded, -100)[0, 8:].tolist() == [-100] * 4  # ...or take the fill
+    assert positions[2].tolist() == [0, 1, 2, 3, 4, 0, 0, 1, 2, 3, 4, 5]  # the tail counts on
+    assert rows.pack(padded)[2, 8:].tolist() == [49] * 4  # tails repeat the row's last token...
+    assert rows.pack(padded, -100)[2, 8:].tolist() == [-100] * 4  # ...or take the fill
     real = torch.arange(12)[None] < torch.tensor(lengths)[:, None]
     assert torch.equal(rows.unpack(rows.pack(padded), (6, 12), fill=-1), torch.where(real, padded, -1))
-    with pytest.raises(ValueError, match="max_tokens_per_row must be >= 1"):
+    assert rows.per_sequence(torch.arange(6) * 10).tolist() == [50, 10, 20, 0, 30, 40]
+    assert rows.pairs().tolist() == [[3, 4], [1, 5], [2, 0]]  # padded rows (i, i + 3) in the stream
+    in_order = plan_rows(lengths, 12, 10, in_order=True)  # [5, 3] [9, 1, 2] [12]
+    assert in_order.order == list(range(6)) and in_order.cu_seqlens == [0, 5, 12, 21, 22, 24, 36]
+    default = plan_rows([5, 3, 2, 4], 5)  # the default capacity is the longest sequence: [5] [4] [3, 2]
+    assert default.shape == (3, 5) and default.cu_seqlens == [0, 5, 10, 13, 15]
+    with pytest.raises(ValueError, match="max_tokens_per_row must be a positive int or None"):
         plan_rows(lengths, 12, 0)
 
 
@@ -58,14 +65,17 @@ def test_packed_inputs_keep_images_with_their_sequences(dataset):
     labels, weights = batch.next_token_targets()
     packed, (packed_labels, packed_weights), options, rows = pack_for_loss(inputs, [labels, weights], 100)
     assert "attention_mask" not in packed and packed["use_cache"] is False
-    assert packed["pixel_values"] is inputs["pixel_values"]
-    assert rows.tokens < labels.numel() or rows.shape[0] == 1
-    assert options["cu_seqlens"][-1] == rows.tokens
-    real = batch.attention_mask.bool()
+    assert torch.equal(packed["pixel_values"], inputs["pixel_values"][rows.order])  # images in the stream's order
+    assert options["cu_seqlens"][-1] == rows.tokens <= labels.numel()
     keep = rows.source >= 0
-    assert torch.equal(packed["input_ids"].reshape(-1)[keep], batch.input_ids[real])
-    assert torch.equal(packed_labels.reshape(-1)[keep], labels[real])
+    source = rows.source[keep]
+    assert torch.equal(packed["input_ids"].reshape(-1)[keep], batch.input_ids.reshape(-1)[source])
+    assert torch.equal(packed_labels.reshape(-1)[keep], labels.reshape(-1)[source])
     assert (packed_labels.reshape(-1)[~keep] == -100).all() and (packed_weights.reshape(-1)[~keep] == 0).all()
+    # each sequence of the stream is one padded row, in rows.order
+    for k, row in enumerate(rows.order):
+        span = slice(options["cu_seqlens"][k], options["cu_seqlens"][k + 1])
+        assert set((rows.source[span][rows.source[span] >= 0] // labels.shape[1]).tolist()) == {row}
 
 
 def test_mrope_position_ids_are_each_sequences_own():
@@ -79,8 +89,8 @@ def test_mrope_position_ids_are_each_sequences_own():
     packed = pack_batch(inputs, 10 ** 6, index)
     positions = packed.inputs["position_ids"]
     assert positions.shape == (4, 1, packed.rows.tokens)
-    real = inputs["attention_mask"].bool()
-    assert torch.equal(positions[1:, 0], index(inputs)[:, real])
+    keep = packed.rows.source >= 0
+    assert torch.equal(positions[1:, 0][:, keep], index(inputs).reshape(3, -1)[:, packed.rows.source[keep]])
     starts = packed.cu_seqlens[:-1]
     assert (positions[0, 0, starts] == 0).all()
     assert mrope_index(tiny.build_model(tiny.build_processor())) is None
@@ -95,7 +105,7 @@ def test_check_packing_passes_and_refuses(dataset):
     processor, gemma = build_family("gemma3", seed=1)
     inputs = PairCollator(processor, gamma=5.0)(list(enumerate(records[:2]))).model_inputs()
     with pytest.raises(UnsupportedModelError, match="Gemma3ForConditionalGeneration: its bidirectional image-token "
-                                                    "mask .* Train without --packing"):
+                                                    "mask .* Train without packing"):
         check_packing(gemma, inputs)
     # the comparison itself catches it too: the longest sequence placed after the shortest attends to its future
     known = models_packing.KNOWN_UNSUPPORTED.pop("gemma3")
@@ -126,7 +136,6 @@ def test_ddpo_packed_run_equals_the_padded_run(dataset, tmp_path, fused_linear):
         for name in ("loss", "margin", "grad_norm", "eval_margin"):
             if name in padded:
                 assert packed[name] == pytest.approx(padded[name], rel=1e-4, abs=1e-5), name
-    assert all(p["tokens"] != q["tokens"] for p, q in zip(runs[False], runs[True]))
 
 
 @pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
@@ -150,5 +159,6 @@ def test_cli_flags():
     assert cfg.packing and cfg.max_tokens_per_row == 512
     cfg = grpo_config(grpo_parser().parse_args(["--packing", "--max-tokens-per-row", "256"]))
     assert cfg.packing and cfg.max_tokens_per_row == 256
-    with pytest.raises(ValueError, match="max_tokens_per_row must be >= 1"):
+    assert config_from_args(build_parser().parse_args(["--packing"])).max_tokens_per_row is None
+    with pytest.raises(ValueError, match="max_tokens_per_row must be a positive int or None"):
         GRPOConfig(judge="scene", max_tokens_per_row=0).check()

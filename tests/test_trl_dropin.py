@@ -52,7 +52,8 @@ def dpo_config(tmp_path, **options):
 
 def make_dpo(cls, tmp_path, *, model_fn=tiny_llama, with_ref=True, peft_config=None, **options):
     trainer_kwargs = {k: options.pop(k) for k in list(options) if k in ("use_fused_linear", "gamma", "ddpo_mode",
-                                                                         "inplace_backward", "chunk_size")}
+                                                                         "inplace_backward", "chunk_size",
+                                                                         "max_tokens_per_row")}
     model = model_fn()
     return cls(model=model, ref_model=copy.deepcopy(model) if with_ref else None, args=dpo_config(tmp_path, **options),
                train_dataset=datasets.Dataset.from_list(ROWS), processing_class=TOKENIZER, peft_config=peft_config,
@@ -397,6 +398,38 @@ def test_vision_language_dpo_equals_trl(family, fused_linear, tmp_path):
     assert "pixel_values" in batch
     assert_same_as_trl(loss_grads_metrics(make(DPOTrainer, use_fused_linear=fused_linear)),
                        loss_grads_metrics(theirs))
+
+
+@pytest.mark.parametrize("max_tokens_per_row", [4096, 8], ids=["one-row", "row-per-sequence"])
+@pytest.mark.parametrize("fused_linear", [False, True], ids=["logits", "fused-linear"])
+def test_padding_free_dpo_equals_trls_padded(fused_linear, max_tokens_per_row, tmp_path):
+    """DPOConfig(padding_free=True), which TRL 1.16 turns off, runs packed through the drop-in with TRL's numbers."""
+    theirs = loss_grads_metrics(make_dpo(trl.DPOTrainer, tmp_path), rows=(0, 1, 2))
+    trainer = make_dpo(DPOTrainer, tmp_path, padding_free=True, use_fused_linear=fused_linear,
+                       max_tokens_per_row=max_tokens_per_row)
+    assert trainer.args.padding_free and trainer.rlhfv_options.max_tokens_per_row == max_tokens_per_row
+    assert_same_as_trl(loss_grads_metrics(trainer, rows=(0, 1, 2)), theirs)
+    assert trainer.model._rlhfv_packing_checked
+
+
+@pytest.mark.parametrize("family", ["qwen2-vl", "gemma3"])
+def test_padding_free_vision_language_dpo(family, tmp_path):
+    """Qwen2-VL (left-padded prompts, mRoPE) packed gives TRL's numbers; Gemma 3 is refused by name."""
+    from rlhfv_train.models import UnsupportedModelError
+    from rlhfv_train.models.families import build_family
+
+    def make(cls, **kwargs):
+        processor, model = build_family(family, seed=0)
+        return cls(model=model, ref_model=copy.deepcopy(model), args=dpo_config(tmp_path, max_length=None, **kwargs),
+                   train_dataset=datasets.Dataset.from_list(vlm_rows()), processing_class=processor)
+
+    ours = make(DPOTrainer, padding_free=True)
+    if family == "gemma3":
+        with pytest.raises(UnsupportedModelError, match="Train without packing"):
+            loss_grads_metrics(ours)
+        return
+    assert_same_as_trl(loss_grads_metrics(ours, rows=(0, 1, 2)), loss_grads_metrics(make(trl.DPOTrainer),
+                                                                                   rows=(0, 1, 2)))
 
 
 @pytest.mark.parametrize("fused_linear", [False, True], ids=["logits", "fused-linear"])

@@ -398,8 +398,8 @@ def supported_models_markdown() -> str:
             packing = "✓"
         except UnsupportedModelError:
             packing = "refused"
-        lines.append(f"| {family.name} | `{family.model_class}` | {inputs} | {_describe_transform(model)} | ✓ | ✓ | "
-                     f"✓ | {packing} |")
+        transform = _describe_transform(model)
+        lines.append(f"| {family.name} | `{family.model_class}` | {inputs} | {transform} | ✓ | ✓ | ✓ | {packing} |")
     return "\n".join(lines) + "\n"
 
 

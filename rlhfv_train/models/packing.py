@@ -41,7 +41,7 @@ def check_packing(model, inputs: dict, autocast_dtype=None) -> float:
     known = KNOWN_UNSUPPORTED.get(getattr(unwrap(model).config, "model_type", None))
     if known is not None:
         raise UnsupportedModelError(f"{family}: {known} (transformers {_transformers_version()}). Train without "
-                                    "--packing")
+                                    "packing (--packing, padding_free)")
     lengths = padded_lengths(inputs)
     by_length = sorted(range(len(lengths)), key=lengths.__getitem__)
     order = by_length[:1] + by_length[-1:] + by_length[1:-1] if len(lengths) > 1 else by_length
@@ -53,12 +53,12 @@ def check_packing(model, inputs: dict, autocast_dtype=None) -> float:
         low_precision = padded.dtype != torch.float32
         padded = padded.float()
         lengths = padded_lengths(inputs)
-        packed_batch = pack_batch(inputs, max(sum(lengths[:-1]), 1), mrope_index(model))
+        packed_batch = pack_batch(inputs, max(sum(lengths[:-1]), 1), mrope_index(model), in_order=True)
         try:
             packed = forward_logits(model, packed_batch.inputs, autocast_dtype).float()
         except Exception as error:  # noqa: BLE001 - any failure means: this family cannot be packed this way
             raise UnsupportedModelError(f"{family}: the packed forward fails ({type(error).__name__}: {error}); "
-                                        "Train without --packing") from error
+                                        "Train without packing (--packing, padding_free)") from error
     finally:
         model.train(was_training)
     source = packed_batch.rows.source.to(padded.device)
@@ -73,7 +73,7 @@ def check_packing(model, inputs: dict, autocast_dtype=None) -> float:
         raise UnsupportedModelError(
             f"{family}: packed into rows, its sequences' logits differ by {diff:.3g} (largest |logit| "
             f"{magnitude:.3g}) from the padded batch's: the model lets packed sequences see each other (its mask is "
-            "not built from position_ids alone). Train without --packing")
+            "not built from position_ids alone). Train without packing (--packing, padding_free)")
     return diff
 
 
