@@ -37,6 +37,7 @@ if [ "$stage" = bench ] || [ "$stage" = all ]; then
   python3 benchmarks/run.py --no-progress --json "$OUT/bench-$gpu-$stamp.json" 2>&1 | tee "$OUT/bench.log" | tail -60
   python3 benchmarks/trainer.py --vocab 128256 --pairs 8 --json "$OUT/trainer-$gpu-$stamp.json" 2>&1 | tail -8
   python3 benchmarks/linear.py --case 16384x4096x128256:bfloat16 --json "$OUT/linear-$gpu-$stamp.json" 2>&1 | tail -8
+  python3 benchmarks/packing.py --hidden 1024 --layers 8 --json "$OUT/packing-$gpu-$stamp.json" 2>&1 | tail -8
   if python3 -c "import trl" 2>/dev/null; then  # TRL's DPO / GRPO step vs the drop-ins (trl travels as a wheel)
     python3 benchmarks/trl_step.py --vocab 128256 --json "$OUT/trl-step-$gpu-$stamp.json" 2>&1 | tail -14
   else

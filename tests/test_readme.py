@@ -9,8 +9,11 @@ import torch
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 
 
-def python_blocks():
-    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+def python_blocks(standalone=False):
+    """README's python examples: the training-step ones (they call the `model` the test provides), or the
+    standalone ones (they build their own inputs)."""
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    return [block for block in blocks if ("model(" not in block) == standalone]
 
 
 def tiny_causal_lm(vocab=512):
@@ -60,6 +63,15 @@ def test_python_example_runs(index, capsys):
     assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
     # At the first step the policy is the reference: the DDPO loss is log 2.
     assert float(printed[0]) == pytest.approx(0.6931472, abs=1e-5)
+
+
+@pytest.mark.parametrize("index", range(len(python_blocks(standalone=True))))
+def test_standalone_python_example_runs(index):
+    namespace = {}
+    exec(compile(python_blocks(standalone=True)[index], f"README.md standalone python block {index}", "exec"),
+         namespace)
+    out = namespace.get("out")
+    assert out is None or bool(torch.isfinite(out.loss))
 
 
 def test_supported_models_table_is_the_generated_one():
