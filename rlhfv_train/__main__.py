@@ -16,6 +16,7 @@ from dataclasses import fields
 from rlhfv_kernels._backend import BACKENDS, describe as describe_backends
 
 from .cli import USER_ERRORS, HelpFormatter, fail, print_start_to_end
+from .data.packing import add_packing_arguments
 from .models.lora import add_lora_arguments
 from .train import PRESETS, TrainConfig, train
 
@@ -72,12 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-inplace-backward", action="store_true", help="keep the logits intact in backward")
     p.add_argument("--fused-linear", action="store_true", help="compute the loss from the last hidden states and "
                    "the lm_head weight, never materializing the logits (single process)")
-    p.add_argument("--packing", action="store_true", help="pack the sequences of each batch back to back into rows "
-                   "(no padding tokens run; attention kept within each sequence; checked against the padded forward "
-                   "before training, and refused for a model where they differ)")
-    p.add_argument("--max-tokens-per-row", type=int, default=defaults.max_tokens_per_row,
-                   help="packed row capacity in tokens (--packing; default: the batch's longest sequence, which "
-                   "never costs sdpa/eager attention more than padding; raise it under flash attention)")
+    add_packing_arguments(p, "batch")
     p.add_argument("--fsdp", action="store_true", help="under torchrun, shard the model with FSDP2 (default: DDP)")
     p.add_argument("--no-chat-template", action="store_true", help="plain '<image> question' prompts even when the "
                    "processor has a chat template (default: the template, in training, scoring and evaluation)")

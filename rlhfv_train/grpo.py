@@ -36,7 +36,7 @@ from rlhfv_kernels.api import GRPO_LOSS_TYPES
 
 from . import rollouts as rollout_ops
 from .data import IGNORE_INDEX, BatchStream, PairCollator
-from .data.packing import check_max_tokens_per_row
+from .data.packing import add_packing_arguments, check_max_tokens_per_row
 from .checkpoint import save_training_state, start_or_resume
 from .cli import USER_ERRORS, HelpFormatter, fail, print_start_to_end
 from .distributed import Distributed, process_device
@@ -423,12 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batch", type=int, default=d.micro_batch, help="sequences per forward/backward")
     p.add_argument("--fused-linear", action="store_true", help="loss and log-probs from the last hidden states and "
                    "the lm_head weight, never materializing the logits (single process)")
-    p.add_argument("--packing", action="store_true", help="pack each micro-batch's sequences back to back into rows "
-                   "(no padding tokens run; attention kept within each sequence; checked against the padded forward "
-                   "before training, and refused for a model where they differ)")
-    p.add_argument("--max-tokens-per-row", type=int, default=d.max_tokens_per_row,
-                   help="packed row capacity in tokens (--packing; default: the micro-batch's longest sequence, "
-                   "which never costs sdpa/eager attention more than padding; raise it under flash attention)")
+    add_packing_arguments(p, "micro-batch")
     p.add_argument("--no-chat-template", action="store_true", help="plain '<image> question' prompts even when the "
                    "processor has a chat template (default: the template, in rollouts, warm-up and evaluation)")
     add_lora_arguments(p)

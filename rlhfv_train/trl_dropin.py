@@ -364,8 +364,9 @@ class DPOTrainer(trl.DPOTrainer):
     inplace_backward: logits route only, write dlogits into the logits (default True). backend / chunk_size: of
     rlhfv_kernels. gamma, ddpo_mode ("sum" | "mean"), min_match: DDPO token weights (gamma=1 and "sum": plain TRL).
     DPOConfig(padding_free=True) is honoured (TRL 1.16 itself falls back to padding): each batch's sequences run
-    packed into rows of max_tokens_per_row tokens (None: the longest sequence; rlhfv_train/data/packing.py; checked against the padded forward
-    on the first batch, refused for a model where they differ), and TRL's loss sees the padded layout's numbers.
+    packed into rows of max_tokens_per_row tokens (None: the longest sequence; rlhfv_train/data/packing.py;
+    checked against the padded forward on the first batch, refused for a model where they differ), and TRL's loss
+    sees the padded layout's numbers.
     """
 
     def __init__(self, *args, use_fused_linear: bool = False, inplace_backward: bool = True,

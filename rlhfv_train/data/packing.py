@@ -4,9 +4,10 @@
 Rows are filled first-fit, longest sequences first, so the stream's sequence order (PackedRows.order) is not the
 batch's: every per-sequence tensor of the processor (pixel_values, image_grid_thw, image_sizes, ...) is reordered
 alike (inputs.select_rows), so images stay with their sequence, and the losses get the order through
-PackedRows.per_sequence (per-sequence inputs) and PackedRows.pairs (DPO's pairs). Token-aligned tensors (input_ids, token_type_ids, mm_token_type_ids, ...) are packed like the tokens; the
-attention mask is dropped and position_ids restart at 0 at each sequence, which is how transformers keeps attention
-within each sequence of a packed row (masking_utils.find_packed_sequence_indices: a new sequence wherever the
+PackedRows.per_sequence (per-sequence inputs) and PackedRows.pairs (DPO's pairs). Token-aligned tensors
+(input_ids, token_type_ids, mm_token_type_ids, ...) are packed like the tokens; the attention mask is dropped and
+position_ids restart at 0 at each sequence, which is how transformers keeps attention within each sequence of a
+packed row (masking_utils.find_packed_sequence_indices: a new sequence wherever the
 position does not grow by 1; sdpa and eager get a block-diagonal causal mask, flash attention its varlen path). A
 row's tail padding continues its last sequence (positions counting on, every other token-aligned input repeating its
 last token), so it joins that sequence as ignored tokens.
@@ -77,6 +78,16 @@ class PackedRows:
         """[S, T] position ids of the padded batch as [P, L], the tails continuing their row's last sequence (so a
         model's packed-sequence detection counts them in it)."""
         return self.pack(padded_positions) + self.offset.to(padded_positions.device).view(self.shape)
+
+
+def add_packing_arguments(parser, unit: str) -> None:
+    """--packing / --max-tokens-per-row, the same for both trainers' command lines (`unit`: what is packed)."""
+    parser.add_argument("--packing", action="store_true", help=f"pack each {unit}'s sequences back to back into "
+                        "rows (no padding tokens run; attention kept within each sequence; checked against the padded "
+                        "forward before training, and refused for a model where they differ)")
+    parser.add_argument("--max-tokens-per-row", type=int, default=None,
+                        help=f"packed row capacity in tokens (--packing; default: the {unit}'s longest sequence, which "
+                        "never costs sdpa/eager attention more than padding; raise it under flash attention)")
 
 
 def check_max_tokens_per_row(value) -> None:

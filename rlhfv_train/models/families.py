@@ -399,7 +399,8 @@ def supported_models_markdown() -> str:
         except UnsupportedModelError:
             packing = "refused"
         transform = _describe_transform(model)
-        lines.append(f"| {family.name} | `{family.model_class}` | {inputs} | {transform} | ✓ | ✓ | ✓ | {packing} |")
+        lines.append(f"| {family.name} | `{family.model_class}` | {inputs} | {transform} | ✓ | ✓ | ✓ | "
+                     f"{packing} |")
     return "\n".join(lines) + "\n"
 
 
