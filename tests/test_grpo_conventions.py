@@ -70,11 +70,14 @@ def test_world_size_and_constants_are_explicit():
     width = rk.grpo_loss(logits, labels, adv, loss_type="dr_grpo", **common).loss
     longer = rk.grpo_loss(logits, labels, adv, loss_type="dr_grpo", max_completion_length=14, **common).loss
     torch.testing.assert_close(longer, width * ids.shape[1] / 14)
-    plain = rk.grpo_loss(logits, labels, adv, **common)
-    corrected = rk.grpo_loss(logits, labels, adv, use_bias_correction_kl=True, **common)
-    expected = rk.reference.grpo_loss(logits, labels, adv, use_bias_correction_kl=True, **common)
+    # ratios all well above 1 (old policy 0.5 nats below), so the correction's effect is far above rounding
+    shifted = dict(common, old_logps=old - 0.5)
+    plain = rk.grpo_loss(logits, labels, adv, **shifted)
+    corrected = rk.grpo_loss(logits, labels, adv, use_bias_correction_kl=True, **shifted)
+    expected = rk.reference.grpo_loss(logits, labels, adv, use_bias_correction_kl=True, **shifted)
     torch.testing.assert_close(corrected.loss, expected.loss)
-    assert not torch.allclose(corrected.loss, plain.loss)
+    # corrected - plain = beta * (token mean of kl * (ratio - 1)): >= 0.098 beta * mean_kl over 2000 seeds
+    assert float(corrected.loss - plain.loss) > 0.02 * 0.1 * float(plain.mean_kl)
     for bad, match in (({"world_size": 0}, "world_size"), ({"max_completion_length": 0}, "max_completion_length"),
                        ({"use_bias_correction_kl": 1}, "use_bias_correction_kl")):
         with pytest.raises((ValueError, TypeError), match=match):
