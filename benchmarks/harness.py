@@ -55,6 +55,14 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+def training_step_setup(args) -> tuple[torch.device, int, torch.dtype | None]:
+    """(device, lm_head size, autocast dtype) of a training-step benchmark (trainer.py, packing.py): --device,
+    --vocab (default 32000 on CPU, 128256 on a GPU), and bf16 autocast on a GPU as the trainers use."""
+    device = pick_device(args.device)
+    vocab = args.vocab or (128256 if device.type == "cuda" else 32000)
+    return device, vocab, torch.bfloat16 if device.type == "cuda" else None
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

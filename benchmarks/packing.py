@@ -24,7 +24,8 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import rlhfv_kernels as rk  # noqa: E402
-from benchmarks.harness import PeakMemory, device_name, pick_device, time_call, versions, write_json  # noqa: E402
+from benchmarks.harness import (PeakMemory, device_name, time_call, training_step_setup, versions,  # noqa: E402
+                                write_json)
 from rlhfv_train import synthetic  # noqa: E402
 from rlhfv_train.data import PairCollator, PreferenceRecord  # noqa: E402
 from rlhfv_train.models.families import FAMILIES, build_family  # noqa: E402
@@ -105,9 +106,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
-    device = pick_device(args.device)
-    vocab = args.vocab or (128256 if device.type == "cuda" else 32000)
-    autocast = torch.bfloat16 if device.type == "cuda" else None
+    device, vocab, autocast = training_step_setup(args)
     processor, _ = build_family(args.family, vocab_size=vocab)
     if (args.hidden or args.layers) and args.family != "llava":
         parser.error("--hidden / --layers apply to --family llava")

@@ -78,6 +78,11 @@ class RowsLayout:
         return per_sequence if self.order is None else per_sequence.index_select(0, self.order)
 
 
+def as_rows(layout: RowsLayout | None, per_token: torch.Tensor, fill) -> torch.Tensor:
+    """`per_token` as the loss's rows: itself in the padded layout (None), else layout.to_rows."""
+    return per_token if layout is None else layout.to_rows(per_token, fill)
+
+
 def layout(packing: Packing | None, labels: torch.Tensor, pairs=None) -> RowsLayout | None:
     """The RowsLayout of `labels` under `packing` (None: padded; then `pairs` is refused)."""
     if packing is None:
@@ -94,19 +99,19 @@ def layout(packing: Packing | None, labels: torch.Tensor, pairs=None) -> RowsLay
         offsets, host = _offsets_from_position_ids(packing.position_ids, labels)
     lengths = offsets[1:] - offsets[:-1]
     sequences = lengths.numel()
-    if host is not None:
-        longest = max((b - a for a, b in zip(host, host[1:])), default=0)
-        if packing.max_seqlen is not None and longest > packing.max_seqlen:
-            raise ValueError(f"max_seqlen = {packing.max_seqlen} but the longest sequence has {longest} tokens")
-    width = packing.max_seqlen if packing.max_seqlen is not None else (longest if host is not None
-                                                                        else int(lengths.max()))
+    # the longest sequence from the host copy; without one (checks off, under torch.compile) max_seqlen or a sync
+    longest = max((b - a for a, b in zip(host, host[1:])), default=0) if host is not None else None
+    if longest is not None and packing.max_seqlen is not None and longest > packing.max_seqlen:
+        raise ValueError(f"max_seqlen = {packing.max_seqlen} but the longest sequence has {longest} tokens")
+    width = packing.max_seqlen or longest
+    width = max(int(lengths.max()) if width is None else width, 1)
     offsets, lengths = offsets.to(device), lengths.to(device)
     order = None if pairs is None else _pair_order(pairs, sequences, device, check)
     sequence_of_token = torch.repeat_interleave(torch.arange(sequences, device=device), lengths, output_size=total)
     position = torch.arange(total, device=device) - offsets.index_select(0, sequence_of_token)
     row_of_sequence = sequence_of_token if order is None else torch.empty_like(order).index_copy_(
         0, order, torch.arange(sequences, device=device)).index_select(0, sequence_of_token)
-    return RowsLayout(sequences, max(width, 1), row_of_sequence * max(width, 1) + position, tuple(labels.shape), order)
+    return RowsLayout(sequences, width, row_of_sequence * width + position, tuple(labels.shape), order)
 
 
 def _as_index_tensor(value, name):

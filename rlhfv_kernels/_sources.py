@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _backend, _checks, _ops, reference
+from ._packing import as_rows
 from .linear_loss import fused_linear_loss
 
 
@@ -78,7 +79,7 @@ class LogitsSource:
 
     def loss(self, labels, ignore_index, temperature, build, constants=(), layout=None):
         logps = self.logps(labels, ignore_index, temperature)
-        return build(logps.dtype)[0](logps if layout is None else layout.to_rows(logps, 0))
+        return build(logps.dtype)[0](as_rows(layout, logps, 0))
 
 
 class LinearSource:
@@ -139,8 +140,7 @@ class LinearSource:
         full_loss, grouped = build(torch.float64 if hidden.dtype == torch.float64 else torch.float32)
         if which == "reference" or (torch.is_grad_enabled()
                                     and any(isinstance(t, torch.Tensor) and t.requires_grad for t in constants)):
-            logps = self._token_logps(labels, ignore_index, temperature, which)
-            return full_loss(logps if layout is None else layout.to_rows(logps, 0))
+            return full_loss(as_rows(layout, self._token_logps(labels, ignore_index, temperature, which), 0))
         budget = self.chunk_size or default_chunk_rows(weight.shape[0], DEFAULT_LOSS_CHUNK_BYTES)
         kernel_temperature, kernel_softcap = kernel_transform(temperature, self.softcap, self.logit_scale)
         return fused_linear_loss(hidden, weight, self.bias, labels, ignore_index, kernel_temperature, kernel_softcap,

@@ -29,7 +29,7 @@ from typing import Callable
 
 import torch
 
-from . import _backend, _ops
+from . import _backend, _ops, _packing
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ class _Engine:
                  full_loss, layout=None):
         # The loss's rows [R, T]; under a packed layout, each row slot's token in the hidden stream (else the slot's
         # own index: hidden is [R, T, H]).
-        self.labels = labels if layout is None else layout.to_rows(labels, ignore_index)
+        self.labels = _packing.as_rows(layout, labels, ignore_index)
         self.token_of_slot = None if layout is None else layout.token_of_slot()
         self.ignore_index = ignore_index
         self.transform = (float(temperature), float(softcap))  # the operators' own (_sources.kernel_transform)

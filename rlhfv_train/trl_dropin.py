@@ -224,7 +224,7 @@ def _scattered(values: dict, mask: torch.Tensor) -> dict:
 def _packed(model, args, kwargs, aligned, max_tokens_per_row):
     """(the model inputs with the batch's sequences packed into rows, the targets packed alike, the PackedRows), the
     packed forward checked against the padded one on the first batch (models/packing.check_packing)."""
-    from .data.packing import pack_batch
+    from .data.packing import pack_for_loss
     from .models.packing import check_packing, mrope_index
 
     if args:
@@ -235,9 +235,9 @@ def _packed(model, args, kwargs, aligned, max_tokens_per_row):
     if not getattr(model, "_rlhfv_packing_checked", False):
         check_packing(model, tensors)
         model._rlhfv_packing_checked = True
-    batch = pack_batch(tensors, max_tokens_per_row, mrope_index(model))
+    inputs, (aligned,), _, rows = pack_for_loss(tensors, [aligned], max_tokens_per_row, mrope_index(model))
     others = {k: v for k, v in kwargs.items() if k not in tensors}
-    return {**others, **batch.inputs}, batch.rows.pack(aligned, -100), batch.rows
+    return {**others, **inputs}, aligned, rows
 
 
 def _score_logits(forward, args, kwargs, padded, temperature, wants_entropy, outputs, options):

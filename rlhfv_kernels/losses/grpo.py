@@ -119,12 +119,11 @@ def compute(source, labels, advantages, *, old_logps, ref_logps, epsilon, epsilo
                    num_items_in_batch=num_items_in_batch, max_completion_length=max_completion_length,
                    use_bias_correction_kl=use_bias_correction_kl, world_size=resolve_world_size(world_size))
 
-    as_rows = (lambda t, fill: t) if layout is None else layout.to_rows  # noqa: E731
-    old_rows = None if old_logps is None else as_rows(old_logps, 0.0)
-    ref_rows = None if ref_logps is None else as_rows(ref_logps, 0.0)
+    old_rows = None if old_logps is None else _packing.as_rows(layout, old_logps, 0.0)
+    ref_rows = None if ref_logps is None else _packing.as_rows(layout, ref_logps, 0.0)
 
     def build(dtype):
-        mask = as_rows(labels, ignore_index) != ignore_index
+        mask = _packing.as_rows(layout, labels, ignore_index) != ignore_index
         batch = dict(num_rows=mask.shape[0], loss_tokens=mask.to(dtype).sum())
 
         def loss_on(logps, sub=None):

@@ -26,9 +26,8 @@ def masked_weights(labels, token_weights, ignore_index, dtype, inputs, layout=No
     the loss's rows (under a packed `layout`, labels and weights are the stream's, checked there)."""
     if token_weights is not None:
         _checks.check_token_weights(token_weights, labels, inputs)
-    if layout is not None:
-        labels = layout.to_rows(labels, ignore_index)
-        token_weights = None if token_weights is None else layout.to_rows(token_weights, 0)
+    labels = _packing.as_rows(layout, labels, ignore_index)
+    token_weights = None if token_weights is None else _packing.as_rows(layout, token_weights, 0)
     mask = labels != ignore_index
     if token_weights is None:
         return mask, mask.to(dtype)

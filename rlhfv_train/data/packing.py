@@ -112,9 +112,8 @@ def plan_rows(lengths: list[int], width: int, max_tokens_per_row: int | None = N
     capacity = max([max_tokens_per_row or 0, *lengths, 1])
     rows, used = [], []
     for s in range(len(lengths)) if in_order else sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        candidates = used[-1:] if in_order else used
-        fit = next((len(used) - len(candidates) + r for r, u in enumerate(candidates) if u + lengths[s] <= capacity),
-                   None)
+        open_rows = range(max(len(used) - 1, 0) if in_order else 0, len(used))  # in order: only the last row
+        fit = next((r for r in open_rows if used[r] + lengths[s] <= capacity), None)
         if fit is None:
             rows.append([])
             used.append(0)
@@ -139,13 +138,12 @@ def plan_rows(lengths: list[int], width: int, max_tokens_per_row: int | None = N
                       len(lengths) * width, [s for row in rows for s in row])
 
 
-def pack_inputs(inputs: dict, rows: PackedRows, rope_index=None, starts: torch.Tensor | None = None) -> dict:
+def pack_inputs(inputs: dict, rows: PackedRows, starts: torch.Tensor, rope_index=None) -> dict:
     """The model inputs of the packed rows: token-aligned tensors packed, attention_mask dropped, position_ids set
-    (with the mRoPE planes of `rope_index(inputs)` when given), every other tensor as it was. starts: [S] where
-    each row's sequence begins (None: 0, right padding)."""
+    (with the mRoPE planes of `rope_index(inputs)` when given), every per-sequence tensor in the stream's order.
+    starts: [S] where each padded row's sequence begins."""
     aligned = set(token_aligned(inputs))
     device = inputs["input_ids"].device
-    starts = torch.zeros(inputs["input_ids"].shape[0], dtype=torch.long, device=device) if starts is None else starts
     out = {name: rows.pack(value) for name, value in inputs.items() if name in aligned and name != "attention_mask"}
     # per-sequence tensors (pixel_values, image_grid_thw, ...) in the stream's order: images stay with their sequence
     out.update(select_rows({name: value for name, value in inputs.items() if name not in aligned}, rows.order,
@@ -181,8 +179,8 @@ def padded_lengths(inputs: dict) -> list[int]:
 
 @dataclass
 class PackedBatch:
-    """A batch's model inputs packed into rows, its per-token targets in the same layout, and the boundaries the
-    losses take (rlhfv_kernels' cu_seqlens)."""
+    """A batch's model inputs packed into rows, and where its tokens went (rows: pack per-token tensors alike, and
+    the boundaries the losses take, rlhfv_kernels' cu_seqlens)."""
 
     inputs: dict
     rows: PackedRows
@@ -199,7 +197,7 @@ def pack_batch(inputs: dict, max_tokens_per_row: int | None = None, rope_index=N
     starts, lengths = sequence_spans(inputs)
     rows = plan_rows(lengths, width, max_tokens_per_row, starts, in_order=in_order)
     starts = torch.tensor(starts, dtype=torch.long, device=inputs["input_ids"].device)
-    return PackedBatch(pack_inputs(inputs, rows, rope_index, starts), rows)
+    return PackedBatch(pack_inputs(inputs, rows, starts, rope_index), rows)
 
 
 def pack_for_loss(inputs: dict, per_token: list, max_tokens_per_row: int | None = None, rope_index=None):

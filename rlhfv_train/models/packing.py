@@ -31,7 +31,7 @@ def mrope_index(model):
 
 @torch.no_grad()
 def check_packing(model, inputs: dict, autocast_dtype=None) -> float:
-    """Packs the sequences of `inputs` (a right-padded batch of 3 or more) into two rows — the shortest, then the
+    """Packs the sequences of `inputs` (a padded batch of 3 or more) into two rows — the shortest, then the
     longest (so a long sequence sits at an offset: masks that confuse row and sequence positions show) and the others
     but one in the first, the last alone with a tail — and compares the model's logits with those of the padded
     forward at every real token; returns the largest difference, or raises UnsupportedModelError naming the family
@@ -45,14 +45,13 @@ def check_packing(model, inputs: dict, autocast_dtype=None) -> float:
     lengths = padded_lengths(inputs)
     by_length = sorted(range(len(lengths)), key=lengths.__getitem__)
     order = by_length[:1] + by_length[-1:] + by_length[1:-1] if len(lengths) > 1 else by_length
-    inputs = select_rows(inputs, order)
+    inputs, lengths = select_rows(inputs, order), [lengths[i] for i in order]
     was_training = unwrap(model).training
     model.eval()  # dropout off: both forwards must see the same network
     try:
         padded = forward_logits(model, inputs, autocast_dtype)
         low_precision = padded.dtype != torch.float32
         padded = padded.float()
-        lengths = padded_lengths(inputs)
         packed_batch = pack_batch(inputs, max(sum(lengths[:-1]), 1), mrope_index(model), in_order=True)
         try:
             packed = forward_logits(model, packed_batch.inputs, autocast_dtype).float()
