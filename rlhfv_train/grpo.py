@@ -122,7 +122,7 @@ class GRPOConfig:
                      "eval_every", "save_every", "sft_batch_size", "eval_max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        check_max_tokens_per_row(self.max_tokens_per_row)
+        check_max_tokens_per_row(self.max_tokens_per_row, self.packing)
         if self.sft_steps < 0:
             raise ValueError(f"sft_steps must be >= 0, got {self.sft_steps}")
         check_lora_config(self)

@@ -161,7 +161,7 @@ def train(cfg: TrainConfig) -> dict:
         raise ValueError("grad_accum, batch_size and max_steps must be >= 1")
     if cfg.sft_steps < 0:
         raise ValueError(f"sft_steps must be >= 0, got {cfg.sft_steps}")
-    check_max_tokens_per_row(cfg.max_tokens_per_row)
+    check_max_tokens_per_row(cfg.max_tokens_per_row, cfg.packing)
     check_lora_config(cfg)
     if cfg.init_weights is not None and not os.path.isfile(cfg.init_weights):
         raise FileNotFoundError(f"--init-weights {cfg.init_weights}: no such file")

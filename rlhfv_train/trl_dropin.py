@@ -373,8 +373,8 @@ class DPOTrainer(trl.DPOTrainer):
                  backend: str | None = None, chunk_size: int | None = None, gamma: float = 1.0,
                  ddpo_mode: str = "sum", min_match: int = 3, max_tokens_per_row: int | None = None, **kwargs):
         config = _config_of(args, kwargs)
-        check_max_tokens_per_row(max_tokens_per_row)
         padding_free = bool(getattr(config, "padding_free", False))
+        check_max_tokens_per_row(max_tokens_per_row, padding_free)
         if ddpo_mode not in DDPO_MODES:
             raise ValueError(f"ddpo_mode must be one of {DDPO_MODES}, got {ddpo_mode!r}")
         if not gamma >= 0:

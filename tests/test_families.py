@@ -98,7 +98,7 @@ def test_packed_ddpo_steps_equal_the_padded_ones_or_are_refused(family, tmp_path
     for packing in (False, True):
         config = TrainConfig(data=data, model=folder, output_dir=str(tmp_path / f"packing-{packing}"), max_steps=3,
                              batch_size=2, eval_fraction=0.25, eval_every=3, save_every=3, sft_steps=1,
-                             packing=packing, max_tokens_per_row=48, hallucination_eval=False, progress=False,
+                             packing=packing, max_tokens_per_row=48 if packing else None, hallucination_eval=False, progress=False,
                              device="cpu", lr=1e-3)
         if packing and name in PACKING_REFUSED:
             with pytest.raises(UnsupportedModelError, match="Train without packing"):

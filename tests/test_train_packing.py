@@ -130,7 +130,7 @@ def test_ddpo_packed_run_equals_the_padded_run(dataset, tmp_path, fused_linear):
         train(TrainConfig(data=dataset, output_dir=str(out), max_steps=3, batch_size=4, eval_every=3, save_every=3,
                           eval_fraction=0.25, sft_weight=1.0, sft_steps=2, progress=False, device="cpu",
                           hallucination_eval=False, fused_linear=fused_linear, packing=packing,
-                          max_tokens_per_row=100))
+                          max_tokens_per_row=100 if packing else None))
         runs[packing] = _losses(out)
     for padded, packed in zip(runs[False], runs[True]):
         for name in ("loss", "margin", "grad_norm", "eval_margin"):
@@ -146,7 +146,8 @@ def test_grpo_packed_run_equals_the_padded_run(dataset, tmp_path, loss_type):
     runs = {}
     for packing in (False, True):
         out = tmp_path / f"packing-{packing}"
-        train_grpo(GRPOConfig(**base, output_dir=str(out), packing=packing, max_tokens_per_row=64))
+        train_grpo(GRPOConfig(**base, output_dir=str(out), packing=packing,
+                              max_tokens_per_row=64 if packing else None))
         runs[packing] = _losses(out)
     for padded, packed in zip(runs[False], runs[True]):
         assert padded["reward_std"] > 0  # the advantages are not all zero: the loss has a gradient to compare
@@ -161,4 +162,7 @@ def test_cli_flags():
     assert cfg.packing and cfg.max_tokens_per_row == 256
     assert config_from_args(build_parser().parse_args(["--packing"])).max_tokens_per_row is None
     with pytest.raises(ValueError, match="max_tokens_per_row must be a positive int or None"):
-        GRPOConfig(judge="scene", max_tokens_per_row=0).check()
+        GRPOConfig(judge="scene", packing=True, max_tokens_per_row=0).check()
+    for config in (GRPOConfig(judge="scene", max_tokens_per_row=64), TrainConfig(max_tokens_per_row=64)):
+        with pytest.raises(ValueError, match="max_tokens_per_row=64 applies to packed batches only"):
+            config.check() if isinstance(config, GRPOConfig) else train(config)

@@ -194,6 +194,8 @@ def test_refusals_name_the_option(tmp_path):
         make_dpo(DPOTrainer, tmp_path, ddpo_mode="median")
     with pytest.raises(ValueError, match="gamma"):
         make_dpo(DPOTrainer, tmp_path, gamma=-1.0)
+    with pytest.raises(ValueError, match="max_tokens_per_row=64 applies to packed batches only"):
+        make_dpo(DPOTrainer, tmp_path, max_tokens_per_row=64)  # without DPOConfig(padding_free=True)
     with pytest.raises(ValueError, match="cast_lm_head_to_fp32"):
         trl_dropin.add_fused_lm_head(tiny_llama(), cast_lm_head_to_fp32=True)
     with pytest.raises(ValueError, match="unknown fields"):

@@ -90,10 +90,14 @@ def add_packing_arguments(parser, unit: str) -> None:
                         "never costs sdpa/eager attention more than padding; raise it under flash attention)")
 
 
-def check_max_tokens_per_row(value) -> None:
+def check_max_tokens_per_row(value, packing: bool = True) -> None:
+    """A positive int or None; given without packing it would do nothing, so it is refused."""
     if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
         raise ValueError(f"max_tokens_per_row must be a positive int or None (the batch's longest sequence), got "
                          f"{value!r}")
+    if value is not None and not packing:
+        raise ValueError(f"max_tokens_per_row={value} applies to packed batches only: turn packing on (--packing, "
+                         "DPOConfig(padding_free=True)) or leave it unset")
 
 
 def plan_rows(lengths: list[int], width: int, max_tokens_per_row: int | None = None,
