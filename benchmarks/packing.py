@@ -7,7 +7,7 @@ after a prompt with an image: tokens the model runs, step time and peak extra me
 DDPO: one optimizer step of the DDPO trainer's loss (logits path in place, and --fused-linear) on the pairs. GRPO: one
 update of the GRPO trainer over the same sequences taken as rollouts (k answers per prompt, micro-batches of
 --micro-batch rows, old and reference log-probs given). Same model, same batch, same code path as the trainers
-(rlhfv_train.train.scored_inputs, rlhfv_train.rollouts.micro_batch_inputs); the packed and padded losses agree
+(rlhfv_train.ddpo.scored_inputs, rlhfv_train.grpo.rollouts.micro_batch_inputs); the packed and padded losses agree
 within rounding (tests/test_train_packing.py), which this run checks again.
 """
 from __future__ import annotations
@@ -26,13 +26,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import rlhfv_kernels as rk  # noqa: E402
 from benchmarks.harness import (PeakMemory, device_name, time_call, training_step_setup, versions,  # noqa: E402
                                 write_json)
-from rlhfv_train import synthetic  # noqa: E402
+from rlhfv_train.data import synthetic  # noqa: E402
 from rlhfv_train.data import PairCollator, PreferenceRecord  # noqa: E402
 from rlhfv_train.models.families import FAMILIES, build_family  # noqa: E402
 from rlhfv_train.models import tiny  # noqa: E402
 from rlhfv_train.models.forward import forward_logits  # noqa: E402
-from rlhfv_train.rollouts import Rollouts, micro_batch_inputs  # noqa: E402
-from rlhfv_train.train import TrainConfig, _ddpo  # noqa: E402
+from rlhfv_train.grpo.rollouts import Rollouts, micro_batch_inputs  # noqa: E402
+from rlhfv_train.ddpo import TrainConfig, batch_loss  # noqa: E402
 
 WORDS = [w for w in synthetic.VOCABULARY if w.isalpha()]
 
@@ -56,7 +56,7 @@ def spread_records(pairs: int, low: int, high: int, seed: int) -> list[Preferenc
 
 def ddpo_step(cfg, model, batch, refs, optimizer, autocast):
     def step():
-        out, tokens = _ddpo(cfg, model, batch, refs, autocast_dtype=autocast)
+        out, tokens = batch_loss(cfg, model, batch, refs, autocast_dtype=autocast)
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -25,11 +25,11 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.harness import (PeakMemory, device_name, time_call, training_step_setup, versions,  # noqa: E402
                                 write_json)
-from rlhfv_train import synthetic  # noqa: E402
+from rlhfv_train.data import synthetic  # noqa: E402
 from rlhfv_train.models.families import FAMILIES, build_family  # noqa: E402
 from rlhfv_train.data import PairCollator  # noqa: E402
 from rlhfv_train.data import load_records  # noqa: E402
-from rlhfv_train.train import TrainConfig, _ddpo  # noqa: E402
+from rlhfv_train.ddpo import TrainConfig, batch_loss  # noqa: E402
 
 IMPLS = {"reference": {"backend": "reference", "inplace_backward": False},
          "fused": {"backend": None, "inplace_backward": False},
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
         def step():
-            out, _ = _ddpo(cfg, model, batch, refs, autocast_dtype=autocast)
+            out, _ = batch_loss(cfg, model, batch, refs, autocast_dtype=autocast)
             out.loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -1,5 +1,5 @@
 """One TRL DPO step and one TRL GRPO step (loss, backward; no optimizer, no generation) with TRL's own per-token
-path and with rlhfv's drop-ins (rlhfv_train.trl_dropin: the logits route in place, and the fused-linear route), on
+path and with rlhfv's drop-ins (rlhfv_train.integrations.trl: the logits route in place, and the fused-linear route), on
 the same model and batch, side by side in one run: time and peak extra memory.
 
     python benchmarks/trl_step.py                          # tiny Llama body with a 151936-token lm_head, on CPU
@@ -54,7 +54,7 @@ def time_step(step, device, repeats):
 def dpo_results(args, device, tokenizer, vocab, folder):
     import datasets
     import trl
-    from rlhfv_train import trl_dropin
+    from rlhfv_train.integrations import trl as trl_dropin
 
     rows = [{"prompt": "what do you see ?", "chosen": answer(i, args.answer_words),
              "rejected": answer(i + 3, args.answer_words)} for i in range(args.pairs)]
@@ -83,7 +83,7 @@ def dpo_results(args, device, tokenizer, vocab, folder):
 def grpo_results(args, device, tokenizer, vocab, folder):
     import datasets
     import trl
-    from rlhfv_train import trl_dropin
+    from rlhfv_train.integrations import trl as trl_dropin
 
     model_dir = os.path.join(folder, "model")
     tiny_llama(vocab, tokenizer).save_pretrained(model_dir)

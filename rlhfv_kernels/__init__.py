@@ -8,7 +8,8 @@ See README.md for the API table and rlhfv_kernels.reference for the eager implem
 """
 from . import reference
 from ._backend import BACKENDS, BackendUnavailableError, extension_available
-from .api import ddpo_loss, dpo_loss, grpo_loss, sequence_logps, token_logprobs
+from ._backend import describe as describe_backends
+from .api import GRPO_LOSS_TYPES, ddpo_loss, dpo_loss, grpo_loss, sequence_logps, token_logprobs
 from .linear import (linear_ddpo_loss, linear_dpo_loss, linear_grpo_loss, linear_sequence_logps,
                      linear_token_logprobs)
 from .losses import DDPOOutput, GRPOOutput
@@ -19,8 +20,10 @@ __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
     "DDPOOutput",
+    "GRPO_LOSS_TYPES",
     "GRPOOutput",
     "ddpo_loss",
+    "describe_backends",
     "dpo_loss",
     "extension_available",
     "grpo_loss",

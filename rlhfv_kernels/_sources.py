@@ -7,8 +7,9 @@ Every loss (rlhfv_kernels/losses/) is written once against this small interface:
     source.logps(labels, ignore_index, temperature, min_dim)  -> per-token log-probs (differentiable)
     source.logps_and_entropy(labels, ignore_index, temperature)  -> (log-probs, entropies), both differentiable
     source.loss(labels, ignore_index, temperature, build, constants, layout)  -> the loss output
-where build(dtype) -> (loss_on(token_logps) -> output, GroupedLoss) describes the loss (see linear_loss.py).
-Labels are always the caller's; under a packed `layout` (_packing.py) loss_on takes the log-probs as its padded rows.
+where build(dtype) -> LossSpec (_loss_spec.py: the whole batch's loss and a sub-batch's share of it) describes the
+loss. Labels are always the caller's; under a packed `layout` (_packing.py) the spec takes the log-probs as its padded
+rows.
 
 A source also carries the model's final logit transform (softcap, logit_scale; DESIGN.md §2): the log-probs are those
 of softmax(z / temperature), z = softcap * tanh(logit_scale * x / softcap) (or z = logit_scale * x without a cap).
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 
 from . import _backend, _checks, _ops, reference
 from ._packing import as_rows
-from .linear_loss import fused_linear_loss
+from ._linear_engine import fused_linear_loss
 
 
 def kernel_transform(temperature: float, softcap: float | None, logit_scale: float) -> tuple[float, float]:
@@ -79,14 +80,14 @@ class LogitsSource:
 
     def loss(self, labels, ignore_index, temperature, build, constants=(), layout=None):
         logps = self.logps(labels, ignore_index, temperature)
-        return build(logps.dtype)[0](as_rows(layout, logps, 0))
+        return build(logps.dtype).whole(as_rows(layout, logps, 0))
 
 
 class LinearSource:
     """Per-token log-probs from hidden states [..., H] and the lm_head weight [V, H] (the fused-linear path).
 
     Log-probs: the non-ignored tokens `chunk_size` at a time, logits recomputed in backward (4 GEMMs). Losses: chunks
-    of whole pairs/rows with their gradients computed in the forward (3 GEMMs, linear_loss.py), unless another input
+    of whole pairs/rows with their gradients computed in the forward (3 GEMMs, _linear_engine.py), unless another input
     of the loss (`constants`: ref_logps, token weights, ...) needs a gradient too.
     """
 
@@ -137,14 +138,14 @@ class LinearSource:
     def loss(self, labels, ignore_index, temperature, build, constants=(), layout=None):
         which = self._checked_backend(labels, ignore_index, temperature, 1)
         hidden, weight = self.tensor, self.weight
-        full_loss, grouped = build(torch.float64 if hidden.dtype == torch.float64 else torch.float32)
+        spec = build(torch.float64 if hidden.dtype == torch.float64 else torch.float32)
         if which == "reference" or (torch.is_grad_enabled()
                                     and any(isinstance(t, torch.Tensor) and t.requires_grad for t in constants)):
-            return full_loss(as_rows(layout, self._token_logps(labels, ignore_index, temperature, which), 0))
+            return spec.whole(as_rows(layout, self._token_logps(labels, ignore_index, temperature, which), 0))
         budget = self.chunk_size or default_chunk_rows(weight.shape[0], DEFAULT_LOSS_CHUNK_BYTES)
         kernel_temperature, kernel_softcap = kernel_transform(temperature, self.softcap, self.logit_scale)
         return fused_linear_loss(hidden, weight, self.bias, labels, ignore_index, kernel_temperature, kernel_softcap,
-                                 budget, self.chunk_size is not None, which, grouped, full_loss, layout)
+                                 budget, self.chunk_size is not None, which, spec, layout)
 
 
 def _under_autocast(hidden, weight, bias):

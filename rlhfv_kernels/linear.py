@@ -6,7 +6,7 @@ hidden [..., H], weight [V, H] (the lm_head's), optional bias [V]. Differentiabl
 
 Thin wrappers: each wraps its inputs in a LinearSource (_sources.py), which picks one of two schemes per call:
 - The losses (linear_ddpo_loss, linear_dpo_loss, linear_grpo_loss) with a gradient wanted: chunks of whole pairs
-  (rows) and their gradients in the forward, 3 GEMMs (linear_loss.py); the backward only scales them. Ignored tokens
+  (rows) and their gradients in the forward, 3 GEMMs (_linear_engine.py); the backward only scales them. Ignored tokens
   (prompt, image) are skipped. chunk_size=None packs whole pairs up to DEFAULT_LOSS_CHUNK_BYTES (128 MiB) of fp32
   logits, a larger pair alone in one pass; an int is a hard bound in non-ignored tokens (a pair larger than it takes
   two passes over pieces: 4 GEMMs for that pair). Also used: the backend's logits-path row kernels.
@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from ._packing import packing_of
-from ._sources import DEFAULT_CHUNK_BYTES, DEFAULT_LOSS_CHUNK_BYTES, LinearSource, default_chunk_rows  # noqa: F401
+from ._sources import LinearSource
 from .losses import ddpo, grpo, sequence
 from .losses.ddpo import DDPOOutput
 from .losses.grpo import GRPOOutput

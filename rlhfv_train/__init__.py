@@ -1,11 +1,21 @@
-"""rlhfv_train: a compact DDPO trainer for Hugging Face vision-language models on top of rlhfv_kernels.
+"""rlhfv_train: compact trainers for Hugging Face vision-language models on rlhfv_kernels' fused losses.
 
-    python -m rlhfv_train                 # the embedded tiny LLaVA on synthetic shapes data, on CPU, in under a minute
-    python -m rlhfv_train --data d.jsonl --model ./my-vlm --preset paper --lr 5e-7
+    python -m rlhfv_train          # DDPO: the embedded tiny LLaVA on the synthetic scenes, on CPU, in minutes
+    python -m rlhfv_train.grpo     # online GRPO with grouped comparison, same data and model
+    python -m rlhfv_train.eval     # the hallucination metric of a run or a model folder
 
-Packages: data (records and formats, correction -> token weights, chat-template prompts, pairs -> [2B, T] model
-inputs with every processor tensor, the visiting order), models (loading, the fused-linear adapter, forward helpers,
-the tiny LLaVA and the tiny model families). Modules: refcache (frozen-model scores, cached), train (the DDPO loop),
-grpo and rollouts (online GRPO), sft (the warm-up), evaluate (the hallucination metric on generated answers), ablation
-(DPO vs DDPO vs MM-DPO), rewards (judges, grouped comparison and advantages), synthetic (the embedded default data).
+    rlhfv_train/
+      data/          records and their formats, token weights, prompts, collation, packing, the synthetic scenes
+      models/        loading, the fused-linear adapter, the one scoring helper (scoring.py), LoRA, tiny families
+      run/           what both trainers share: config and flags, the training loop, SFT stage, schedule,
+                     checkpoints, processes, plots, command-line conventions
+      eval/          generation and the hallucination metric
+      ddpo/          the DDPO trainer (config, trainer, reference scores, cli)
+      grpo/          the GRPO trainer (config, trainer, rollouts, rewards, cli)
+      integrations/  the TRL drop-ins (trl.py)
+
+Imports point one way: data <- models <- run <- eval <- ddpo / grpo; integrations use data and models only.
 """
+from . import _moved
+
+_moved.install()

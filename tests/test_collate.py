@@ -4,7 +4,7 @@ the chat template when there is one, and layouts the trainer cannot split are re
 import pytest
 import torch
 
-from rlhfv_train import synthetic
+from rlhfv_train.data import synthetic
 from rlhfv_train.data import (PairCollator, PromptFormat, concat_rows, load_records, repeat_rows, select_rows,
                               token_aligned)
 from rlhfv_train.data.inputs import check_row_layout

@@ -1,4 +1,4 @@
-"""The hallucination metric (rlhfv_train.evaluate), the SFT warm-up in the trainer, and the ablation pipeline."""
+"""The hallucination metric (rlhfv_train.eval), the SFT stage in the trainer, and the ablation pipeline."""
 import json
 import os
 import random
@@ -6,11 +6,11 @@ import random
 import pytest
 import torch
 
-from rlhfv_train import evaluate, synthetic
+from rlhfv_train import eval as evaluate
+from rlhfv_train.data import DataError, load_records, synthetic
 from rlhfv_train.models import tiny
-from rlhfv_train.data import DataError, load_records
-from rlhfv_train.evaluate import GenerationSettings, generate_answers, hallucination_rates
-from rlhfv_train.train import TrainConfig, train
+from rlhfv_train.eval import GenerationSettings, generate_answers, hallucination_rates
+from rlhfv_train.ddpo import TrainConfig, train
 
 pytest.importorskip("PIL")
 
@@ -43,7 +43,7 @@ def test_user_parser_and_json_style_truths():
     rates = hallucination_rates(["cat, dog", "cat"], [[["cat"], ["sofa"]], [["cat"]]],
                                 parser=lambda text: [[w.strip()] for w in text.split(",")])
     assert (rates["chair_s"], rates["chair_i"], rates["recall"]) == (0.5, pytest.approx(1 / 3), pytest.approx(2 / 3))
-    assert evaluate.load_parser("rlhfv_train.synthetic:parse_description") is synthetic.parse_description
+    assert evaluate.load_parser("rlhfv_train.data.synthetic:parse_description") is synthetic.parse_description
     for spec, message in (("nocolon", "expected module:function"), ("no_such_module_x:f", "cannot load"),
                           ("os:no_such_function", "cannot load"), ("os:sep", "not callable")):
         with pytest.raises(ValueError, match=message):
@@ -206,7 +206,7 @@ def test_cli_on_a_checkpoint_and_on_a_saved_hugging_face_model(tmp_path, dataset
     tiny.build_model(processor).save_pretrained(tmp_path / "hf")
     processor.save_pretrained(tmp_path / "hf")
     assert evaluate.main(["--model", str(tmp_path / "hf"), "--data", dataset, "--limit", "4", "--sample",
-                          "--num-samples", "2", "--parser", "rlhfv_train.synthetic:parse_description",
+                          "--num-samples", "2", "--parser", "rlhfv_train.data.synthetic:parse_description",
                           "--max-new-tokens", "6", "--no-progress", "--json", str(out)]) == 0
     assert [len(a["answers"]) for a in json.loads(out.read_text())["answers"]] == [2] * 4
 
@@ -229,7 +229,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
 
 def test_ablation_pipeline_runs_every_method(tmp_path, capsys):
-    from rlhfv_train import ablation
+    from experiments import ablation
     out = tmp_path / "res"
     assert ablation.main(["--quick", "--work-dir", str(tmp_path / "work"), "--out", str(out), "--no-progress",
                           "--steps", "2", "--sft-steps", "2", "--examples", "40"]) == 0
@@ -260,7 +260,7 @@ def _answers_from_rejected(model, processor, records, settings=None, **kwargs):
 
 
 def test_on_policy_pairs_and_their_ablation_pipeline(tmp_path, dataset, monkeypatch):
-    from rlhfv_train import ablation
+    from experiments import ablation
     records, _ = load_records(dataset)
     pairs = ablation.on_policy_pairs(records, [[r.rejected, r.chosen, "there is in in ."] for r in records])
     assert len(pairs) == len(records)  # only the rejected answers have something to correct

@@ -15,13 +15,12 @@ import torch
 
 import rlhfv_kernels as rk
 from rlhfv_kernels import reference
-from rlhfv_train import synthetic
-from rlhfv_train.data import PairCollator, load_records
-from rlhfv_train.evaluate import GenerationSettings, evaluate_hallucination
+from rlhfv_train.data import load_records, PairCollator, synthetic
+from rlhfv_train.eval import GenerationSettings, evaluate_hallucination
 from rlhfv_train.grpo import GRPOConfig, train_grpo
 from rlhfv_train.models import UnsupportedModelError, check_fused_linear, hidden_and_head, load_processor_and_model
 from rlhfv_train.models.families import FAMILIES, build_family
-from rlhfv_train.train import TrainConfig, train
+from rlhfv_train.ddpo import TrainConfig, train
 
 pytest.importorskip("PIL")
 
@@ -98,8 +97,8 @@ def test_packed_ddpo_steps_equal_the_padded_ones_or_are_refused(family, tmp_path
     for packing in (False, True):
         config = TrainConfig(data=data, model=folder, output_dir=str(tmp_path / f"packing-{packing}"), max_steps=3,
                              batch_size=2, eval_fraction=0.25, eval_every=3, save_every=3, sft_steps=1,
-                             packing=packing, max_tokens_per_row=48 if packing else None, hallucination_eval=False, progress=False,
-                             device="cpu", lr=1e-3)
+                             packing=packing, max_tokens_per_row=48 if packing else None, hallucination_eval=False,
+                             progress=False, device="cpu", lr=1e-3)
         if packing and name in PACKING_REFUSED:
             with pytest.raises(UnsupportedModelError, match="Train without packing"):
                 train(config)

@@ -98,7 +98,7 @@ def test_not_a_dataset_folder(tmp_path):
 
 
 def test_trainer_runs_on_a_trl_dataset_folder(tmp_path):
-    from rlhfv_train.train import TrainConfig, train
+    from rlhfv_train.ddpo import TrainConfig, train
     rows = trl_rows(conversational=True) * 4
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
     summary = train(TrainConfig(data=str(tmp_path / "ds"), output_dir=str(tmp_path / "out"), max_steps=2,

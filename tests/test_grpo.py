@@ -10,13 +10,12 @@ import pytest
 import torch
 
 import rlhfv_kernels as rk
-from rlhfv_train import rollouts as rollout_ops
-from rlhfv_train import synthetic
+from rlhfv_train.grpo import rollouts as rollout_ops
+from rlhfv_train.data import load_records, synthetic
 from rlhfv_train.models import tiny
-from rlhfv_train.data import load_records
-from rlhfv_train.evaluate import GenerationSettings
+from rlhfv_train.eval import GenerationSettings
 from rlhfv_train.grpo import GRPOConfig, build_parser, main, train_grpo
-from rlhfv_train.rewards import GenerativeJudge, grouped_comparison
+from rlhfv_train.grpo.rewards import GenerativeJudge, grouped_comparison
 
 pytest.importorskip("PIL")
 
@@ -167,7 +166,7 @@ def longer_wins(record, pairs):
 
 
 def _judge_processor():
-    from rlhfv_train.synthetic import VOCABULARY
+    from rlhfv_train.data.synthetic import VOCABULARY
     return tiny.build_processor(words=list(VOCABULARY) + ["A", "B", "Answer", "Which", "better"])
 
 
@@ -289,9 +288,9 @@ def test_two_gloo_processes(tmp_path, dataset, warm, parallel):
 
 
 def test_k_sweep_pipeline(tmp_path):
-    """python -m rlhfv_train.grpo_sweep --quick: every k runs from one warm-up per seed, and the table, JSON and plot
+    """python -m experiments.grpo_sweep --quick: every k runs from one warm-up per seed, and the table, JSON and plot
     are written (a pipeline check; the recorded result is benchmarks/results/grpo-k-cpu.*)."""
-    from rlhfv_train import grpo_sweep
+    from experiments import grpo_sweep
     out = tmp_path / "sweep"
     assert grpo_sweep.main(["--quick", "--k", "2", "3", "--work-dir", str(tmp_path / "runs"), "--out", str(out),
                             "--no-progress"]) == 0
@@ -306,7 +305,7 @@ def test_readme_grpo_section_names_real_options():
     import pathlib
     import re
 
-    from rlhfv_train import grpo_sweep
+    from experiments import grpo_sweep
     text = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
     section = text[text.index("## Online GRPO"):text.index("## Benchmarks")]
     known = {option for parser in (build_parser(), grpo_sweep.build_parser()) for action in parser._actions

@@ -1,4 +1,4 @@
-"""The fused-linear losses with gradients computed in the forward (rlhfv_kernels/linear_loss.py): values and
+"""The fused-linear losses with gradients computed in the forward (rlhfv_kernels/_linear_engine.py): values and
 gradients vs the float64 reference for every loss, chunking (one chunk, several chunks of whole pairs, pairs bigger
 than a strict budget), dtype and backend; and that the scheme does what it promises: three GEMMs per chunk in the
 forward and none in the backward, ignored tokens never multiplied, the frozen lm_head's GEMM skipped, memory bounded
@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import rlhfv_kernels as rk
 from conftest import gpu_sizes_only
 from numerics import assert_meets_criterion
-from rlhfv_kernels import linear_loss, reference
+from rlhfv_kernels import _linear_engine as linear_loss, reference
 from test_linear import run
 
 PAIRS, SEQ, HDIM, VOCAB = 3, 9, 24, 301

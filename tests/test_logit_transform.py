@@ -145,7 +145,7 @@ def check_linear(ours, eager, hidden, weight, bias, dtype, what):
                                        dict(softcap=30.0, logit_scale=8.0)])
 def test_linear_token_logprobs_and_losses(dtype, transform, linear_backend):
     """Per-token log-probs (4 GEMMs, logits recomputed in backward) and the losses whose gradients are computed in
-    the forward (the engine of linear_loss.py), both with the transform, against the eager transform of h @ W.T + b."""
+    the forward (_linear_engine.py), both with the transform, against the eager transform of h @ W.T + b."""
     hidden, weight, bias, labels = linear_inputs()
     backend = linear_backend
     seed = torch.randn(labels.shape, dtype=torch.float64)

@@ -9,11 +9,12 @@ import os
 import pytest
 import torch
 
-from rlhfv_train import evaluate, synthetic
+from rlhfv_train import eval as evaluate
+from rlhfv_train.data import synthetic
 from rlhfv_train.grpo import GRPOConfig, train_grpo
 from rlhfv_train.models import UnsupportedModelError, load_processor_and_model
 from rlhfv_train.models.families import build_family
-from rlhfv_train.train import TrainConfig, train
+from rlhfv_train.ddpo import TrainConfig, train
 
 pytest.importorskip("peft")
 pytest.importorskip("PIL")

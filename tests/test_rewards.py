@@ -1,12 +1,12 @@
-"""Grouped-comparison scores, group-normalised advantages and the exact scene judge (rlhfv_train.rewards)."""
+"""Grouped-comparison scores, group-normalised advantages and the exact scene judge (rlhfv_train.grpo.rewards)."""
 import itertools
 
 import pytest
 import torch
 
 from rlhfv_train.data import PreferenceRecord
-from rlhfv_train.rewards import SceneJudge, group_advantages, grouped_comparison, scene_reward
-from rlhfv_train.synthetic import describe
+from rlhfv_train.grpo.rewards import SceneJudge, group_advantages, grouped_comparison, scene_reward
+from rlhfv_train.data.synthetic import describe
 
 TRUTH = [("red", "circle", "left"), ("blue", "square", "right")]
 RECORD = PreferenceRecord(question="describe the image .", chosen="x", rejected="y", objects=TRUTH)

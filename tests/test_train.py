@@ -6,12 +6,11 @@ import os
 import pytest
 import torch
 
-from rlhfv_train import refcache, synthetic
+from rlhfv_train.data import IGNORE_INDEX, load_records, PairCollator, synthetic
+from rlhfv_train.ddpo import reference_scores as refcache
 from rlhfv_train.models import tiny
-from rlhfv_train.__main__ import build_parser, config_from_args
-from rlhfv_train.data import IGNORE_INDEX, PairCollator
-from rlhfv_train.data import load_records
-from rlhfv_train.train import TrainConfig, train
+from rlhfv_train.ddpo import build_parser, config_from_args
+from rlhfv_train.ddpo import TrainConfig, train
 
 pytest.importorskip("PIL")
 
@@ -246,7 +245,7 @@ def test_resume_without_a_checkpoint_says_so(tmp_path, dataset, capsys):
 
 
 def test_cli_errors_are_one_line_and_help_shows_defaults(tmp_path, dataset, capsys):
-    from rlhfv_train.__main__ import build_parser, main
+    from rlhfv_train.ddpo import build_parser, main
     assert main(["--data", str(dataset), "--model", str(tmp_path / "missing"), "--output-dir", str(tmp_path / "o"),
                  "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -8,9 +8,8 @@ import os
 import pytest
 import torch
 
-from rlhfv_train import synthetic
-from rlhfv_train.__main__ import build_parser, config_from_args
-from rlhfv_train.data import PairCollator, load_records
+from rlhfv_train.data import load_records, PairCollator, synthetic
+from rlhfv_train.ddpo import build_parser, config_from_args
 from rlhfv_train.data.packing import pack_batch, pack_for_loss, plan_rows
 from rlhfv_train.grpo import GRPOConfig, train_grpo
 from rlhfv_train.grpo import build_parser as grpo_parser
@@ -19,7 +18,7 @@ from rlhfv_train.models import UnsupportedModelError, tiny
 from rlhfv_train.models.families import build_family
 from rlhfv_train.models import packing as models_packing
 from rlhfv_train.models.packing import check_packing, mrope_index
-from rlhfv_train.train import TrainConfig, train
+from rlhfv_train.ddpo import TrainConfig, train
 
 pytest.importorskip("PIL")
 

@@ -1,4 +1,4 @@
-"""rlhfv_train.trl_dropin beside TRL's own trainers (runs where TRL is installed): the same batch through TRL's
+"""rlhfv_train.integrations.trl beside TRL's own trainers (runs where TRL is installed): the same batch through TRL's
 DPOTrainer / GRPOTrainer and through the drop-ins gives the same loss, the same gradients and the same metrics, for
 every loss option; DDPO's weighted scores against the eager reference; refusals and the version pin.
 
@@ -15,9 +15,9 @@ trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
 import rlhfv_kernels as rk  # noqa: E402
-from rlhfv_train import trl_dropin  # noqa: E402
+from rlhfv_train.integrations import trl as trl_dropin  # noqa: E402
 from rlhfv_train.models import tiny  # noqa: E402
-from rlhfv_train.trl_dropin import DDPOTrainer, DPOTrainer, completion_token_weights  # noqa: E402
+from rlhfv_train.integrations.trl import DDPOTrainer, DPOTrainer, completion_token_weights  # noqa: E402
 
 TOKENIZER = tiny.build_tokenizer()
 ROWS = [{"prompt": "what do you see ?", "chosen": f"a red {s} on the left", "rejected": f"a blue {s} at the top"}
@@ -229,9 +229,9 @@ def test_an_untested_trl_version_fails_at_import(monkeypatch):
     import importlib
     import sys
     monkeypatch.setattr(trl, "__version__", "9.0.0")
-    monkeypatch.delitem(sys.modules, "rlhfv_train.trl_dropin")
+    monkeypatch.delitem(sys.modules, "rlhfv_train.integrations.trl")
     with pytest.raises(ImportError, match="trl >= 1.16.0, < 1.17.0; found trl 9.0.0"):
-        importlib.import_module("rlhfv_train.trl_dropin")
+        importlib.import_module("rlhfv_train.integrations.trl")
 
 
 # GRPO: TRL's trainer generates once; both trainers compute the loss on those same inputs, with an off-policy

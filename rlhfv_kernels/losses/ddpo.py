@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import _checks, _packing
-from ..linear_loss import GroupedLoss
+from .._loss_spec import LossSpec
 from .sequence import MODES, masked_weights, sequence_scores
 
 DRS_MIN_BETA = 1e-3  # MM-DPO: per-pair beta is clamped from below so a pair never stops contributing
@@ -47,7 +47,7 @@ def ddpo_from_token_logps(token_logps: torch.Tensor, mask: torch.Tensor, weights
     """DDPO on [2B, T] token log-probs (first B rows chosen, last B rejected); `weights` already masked.
 
     num_pairs / sft_tokens override the batch-wide normalisers (pair count, chosen-token count), so that the loss of a
-    sub-batch of pairs is its exact share of the whole batch's loss (rlhfv_kernels/linear_loss.py relies on this).
+    sub-batch of pairs is its exact share of the whole batch's loss (rlhfv_kernels/_linear_engine.py relies on this).
     """
     scores = sequence_scores(token_logps, weights, mode)
     pairs = scores.shape[0] // 2
@@ -112,14 +112,14 @@ def compute(source, labels, ref_logps, *, token_weights, beta, mode, reward_marg
         mask, weights = masked_weights(labels, token_weights, ignore_index, dtype, x, layout)
         batch = dict(num_pairs=pairs, sft_tokens=mask[:pairs].to(dtype).sum())
 
-        def loss_on(logps, sub=None):
-            """The batch's loss, or (sub: rows, chosen first) that sub-batch's share of it."""
-            if sub is None:
-                return ddpo_from_token_logps(logps, mask, weights, ref_rows, reward_margin=reward_margin, **options)
+        def whole(logps):
+            return ddpo_from_token_logps(logps, mask, weights, ref_rows, reward_margin=reward_margin, **options)
+
+        def share(sub, logps):  # sub: rows, the pairs' chosen rows first
             margin = None if reward_margin is None else reward_margin[sub[:sub.numel() // 2]]
             return ddpo_from_token_logps(logps, mask[sub], weights[sub], ref_rows[sub], reward_margin=margin,
                                          **options, **batch).loss
 
-        return loss_on, GroupedLoss([(i, i + pairs) for i in range(pairs)], False, lambda sub, x: loss_on(x, sub))
+        return LossSpec(whole, share, groups=[(i, i + pairs) for i in range(pairs)], splittable=False)
 
     return source.loss(labels, ignore_index, temperature, build, (ref_logps, token_weights, reward_margin), layout)

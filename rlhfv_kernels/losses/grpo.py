@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import _checks, _packing
-from ..linear_loss import GroupedLoss
+from .._loss_spec import LossSpec
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
@@ -34,7 +34,7 @@ def grpo_from_token_logps(token_logps: torch.Tensor, mask: torch.Tensor, advanta
     loss tokens of the whole batch over every process (DDP then averages the gradients); dr_grpo divides by
     B * max_completion_length (None: the width T); use_bias_correction_kl multiplies the k3 term by the ratio.
     num_rows / loss_tokens override the batch-wide normalisers (row count, unmasked-token count), so that the loss of
-    a sub-batch of rows is its exact share of the whole batch's loss (rlhfv_kernels/linear_loss.py relies on this).
+    a sub-batch of rows is its exact share of the whole batch's loss (rlhfv_kernels/_linear_engine.py relies on this).
     """
     maskf = mask.to(token_logps.dtype)
     old = token_logps.detach() if old_logps is None else old_logps.to(token_logps.dtype)
@@ -126,15 +126,15 @@ def compute(source, labels, advantages, *, old_logps, ref_logps, epsilon, epsilo
         mask = _packing.as_rows(layout, labels, ignore_index) != ignore_index
         batch = dict(num_rows=mask.shape[0], loss_tokens=mask.to(dtype).sum())
 
-        def loss_on(logps, sub=None):
-            """The batch's loss, or that of the rows `sub` as their share of it."""
-            if sub is None:
-                return grpo_from_token_logps(logps, mask, advantages, old_rows, ref_rows, **options)
+        def whole(logps):
+            return grpo_from_token_logps(logps, mask, advantages, old_rows, ref_rows, **options)
+
+        def share(sub, logps):
             pick = lambda t: None if t is None else t[sub]  # noqa: E731
             return grpo_from_token_logps(logps, mask[sub], advantages[sub], pick(old_rows), pick(ref_rows),
                                          **options, **batch).loss
 
-        return loss_on, GroupedLoss([(i,) for i in range(mask.shape[0])], True, lambda sub, x: loss_on(x, sub))
+        return LossSpec(whole, share, groups=[(i,) for i in range(mask.shape[0])], splittable=True)
 
     output = source.loss(labels, ignore_index, temperature, build, (advantages, old_logps, ref_logps), layout)
     if layout is not None:

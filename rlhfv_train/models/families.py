@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from ..synthetic import VOCABULARY
+from ..data.synthetic import VOCABULARY
 from . import tiny
 
 TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -370,7 +370,7 @@ def supported_models_markdown() -> str:
 
     from PIL import Image
 
-    from .. import synthetic
+    from ..data import synthetic
     from ..data import PairCollator, PreferenceRecord
     from .adapter import UnsupportedModelError
     from .packing import check_packing

@@ -94,7 +94,7 @@ def load_run_records(data: str | None, *, eval_data: str | None, eval_fraction: 
     from ..data import load_records
     data_path = data
     if data_path is None:
-        from .. import synthetic
+        from ..data import synthetic
         data_path = os.path.join(output_dir, "synthetic", "data.jsonl")
         if dist.is_main and not os.path.isfile(data_path):
             synthetic.generate(os.path.dirname(data_path), synthetic_examples, seed=seed, progress=progress)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..synthetic import VOCABULARY
+from ..data.synthetic import VOCABULARY
 
 TINY_CONFIG = {
     "image_size": 32,

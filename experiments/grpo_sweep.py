@@ -1,4 +1,4 @@
-"""python -m rlhfv_train.grpo_sweep: GRPO with k = 2, 4, 8 answers per prompt on the synthetic scenes (tiny LLaVA).
+"""python -m experiments.grpo_sweep: GRPO with k = 2, 4, 8 answers per prompt on the synthetic scenes (tiny LLaVA).
 
 Generative RLHF-V reports that grouped comparison gains with the group size k. Here, per seed, one SFT warm-up, then
 one GRPO run per k from those weights, all else equal (prompts per step, steps, learning rate: a larger k samples and
@@ -15,15 +15,15 @@ import statistics
 import sys
 import time
 
-from .cli import USER_ERRORS, fail, machine
-from .evaluate import METRICS
-from .grpo import SCENE_JUDGES, TINY_SFT_STEPS, GRPOConfig, train_grpo
+from rlhfv_train.run.cli import USER_ERRORS, fail, machine
+from rlhfv_train.eval import METRICS
+from rlhfv_train.grpo import SCENE_JUDGES, TINY_SFT_STEPS, GRPOConfig, train_grpo
 
 REPORTED = ("eval_scene_reward", *METRICS, "eval_win_rate")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m rlhfv_train.grpo_sweep", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m experiments.grpo_sweep", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--k", type=int, nargs="+", default=[2, 4, 8], help="group sizes (default: 2 4 8)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per k (default: 3)")
@@ -124,7 +124,7 @@ def table(rows: list[dict]) -> str:
 
 
 def plot(result: dict, path: str, title: str) -> str | None:
-    from .plots import _pyplot
+    from rlhfv_train.run.plots import _pyplot
     plt = _pyplot()
     if plt is None:
         return None
@@ -175,7 +175,7 @@ def main(argv=None) -> int:
     try:
         result = run(args)
     except USER_ERRORS as exc:
-        return fail("python -m rlhfv_train.grpo_sweep", exc)
+        return fail("python -m experiments.grpo_sweep", exc)
     result["machine"] = machine()
     print(write(result, args.out) + f"wrote {args.out}.json, .md and .png")
     return 0

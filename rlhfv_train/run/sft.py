@@ -1,9 +1,10 @@
-"""Supervised warm-up: next-token NLL on the chosen answers, so that preference training starts from a model that
-already answers (the RLHF-V and MM-RLHF recipes start from an SFT model).
+"""The SFT stage: next-token NLL on the chosen answers, so that preference training starts from a model that already
+answers (the RLHF-V and MM-RLHF recipes start from an SFT model). fine_tune() takes the steps; sft_stage() is a
+trainer's stage (trained once, saved as sft.pt, read back by the other processes and by --resume).
 
 For the embedded tiny model (random weights) and small models; a real model should come in already fine-tuned
-(--model) or with its SFT weights (--init-weights). Runs in one process: under torchrun the main process warms up
-and the others load its result (train.py).
+(--model) or with its SFT weights (--init-weights). Runs in one process: under torchrun the main process trains
+and the others load its result.
 """
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ import torch
 
 import rlhfv_kernels as rk
 
-from .data import BatchStream
+from ..data import BatchStream
 from .checkpoint import save_atomically
-from .models import forward_logits, load_weights
+from ..models import forward_logits, load_weights
 
 
 def chosen_nll(model, batch, *, autocast_dtype=None, backend=None, inplace_backward=True) -> torch.Tensor:
@@ -28,12 +29,12 @@ def chosen_nll(model, batch, *, autocast_dtype=None, backend=None, inplace_backw
     return -(logps * mask).sum() / mask.sum().clamp_min(1.0)
 
 
-def warmup(model, batches, *, steps: int, lr: float, max_grad_norm: float = 1.0, autocast_dtype=None,
+def fine_tune(model, batches, *, steps: int, lr: float, max_grad_norm: float = 1.0, autocast_dtype=None,
            backend=None, progress=None) -> list[float]:
     """`steps` AdamW steps (constant lr) on chosen_nll over `batches` (a callable step -> PairBatch on the model's
     device); returns the loss of every step."""
     if steps < 0 or lr <= 0:
-        raise ValueError(f"SFT warm-up needs steps >= 0 and lr > 0, got {steps} and {lr}")
+        raise ValueError(f"SFT needs steps >= 0 and lr > 0, got {steps} and {lr}")
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     losses = []
@@ -50,12 +51,12 @@ def warmup(model, batches, *, steps: int, lr: float, max_grad_norm: float = 1.0,
     return losses
 
 
-def warm_up_once(model, collate, records, train_idx, *, dist, output_dir: str, steps: int, lr: float,
-                 batch_size: int, seed: int, resume: bool, max_grad_norm: float = 1.0, autocast_dtype=None,
-                 backend=None, progress: bool = True, extra: dict | None = None) -> list[float]:
-    """A trainer's warm-up when steps > 0, saved as output_dir/sft.pt (with `extra`, e.g. the run's config). The main
+def sft_stage(model, collate, records, train_idx, *, dist, output_dir: str, steps: int, lr: float, batch_size: int,
+              seed: int, resume: bool, max_grad_norm: float = 1.0, autocast_dtype=None, backend=None,
+              progress: bool = True, extra: dict | None = None) -> list[float]:
+    """A trainer's SFT stage when steps > 0, saved as output_dir/sft.pt (with `extra`, e.g. the run's config). The main
     process trains; the others, and a resumed run (whose reference comes from these weights), load the file.
-    batch_size is per process: the main process warms up on the global batch, so a run under torchrun warms up
+    batch_size is per process: the main process trains on the global batch, so a run under torchrun fine-tunes
     exactly like one process. Returns the losses."""
     if steps == 0:
         return []
@@ -66,8 +67,8 @@ def warm_up_once(model, collate, records, train_idx, *, dist, output_dir: str, s
     if dist.is_main:
         from tqdm import tqdm
         stream = BatchStream(train_idx, batch_size * dist.world, seed + 7919)  # an order of its own
-        with tqdm(total=steps, desc="sft warm-up", unit="step", disable=not progress) as bar:
-            losses = warmup(model, lambda k: collate([(i, records[i]) for i in stream.batch(k)]).to(
+        with tqdm(total=steps, desc="sft", unit="step", disable=not progress) as bar:
+            losses = fine_tune(model, lambda k: collate([(i, records[i]) for i in stream.batch(k)]).to(
                 next(model.parameters()).device), steps=steps, lr=lr, max_grad_norm=max_grad_norm,
                 autocast_dtype=autocast_dtype, backend=backend, progress=bar)
         save_atomically(path, {"model": model.state_dict(), **(extra or {}), "sft_losses": losses, "step": 0})

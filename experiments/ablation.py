@@ -1,8 +1,8 @@
 """DPO vs DDPO (paper and authors' presets) vs MM-DPO on the synthetic scenes, judged by hallucination in generated
 answers (evaluate.py): the RLHF-V ablation, in miniature.
 
-    python -m rlhfv_train.ablation                      # 3 seeds, about 10 minutes on 2 CPU cores
-    python -m rlhfv_train.ablation --quick              # 1 seed, a few steps: checks the pipeline, not the outcome
+    python -m experiments.ablation                      # 3 seeds, about 10 minutes on 2 CPU cores
+    python -m experiments.ablation --quick              # 1 seed, a few steps: checks the pipeline, not the outcome
 
 Every method gets the same data, model, steps, learning rate and seeds. Per seed: the tiny model is warmed up by SFT
 on the chosen answers (shared by all methods of that seed, as the papers start from an SFT model), then each method
@@ -21,8 +21,8 @@ import time
 
 import torch
 
-from .cli import USER_ERRORS, fail, machine
-from .evaluate import METRICS
+from rlhfv_train.run.cli import USER_ERRORS, fail, machine
+from rlhfv_train.eval import METRICS
 
 METHODS = {  # name: TrainConfig overrides
     "dpo": {"gamma": 1.0, "beta": 0.1, "mode": "sum"},
@@ -36,7 +36,7 @@ CONTROL = "sft-more"  # continued SFT on the chosen answers, no preference pairs
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m rlhfv_train.ablation", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m experiments.ablation", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, help="seeds per method (default: 3)")
     p.add_argument("--examples", type=int, help="synthetic records (default: 1536)")
@@ -68,21 +68,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _supervised(model, processor, records, *, steps, lr, batch_size, order_seed, progress=None) -> list[float]:
-    """sft.warmup on the chosen answers of `records`, in a seeded batch order (the warm-up and the SFT control)."""
-    from .data import BatchStream, PairCollator
-    from .sft import warmup
+    """sft.fine_tune on the chosen answers of `records`, in a seeded batch order (the warm-up and the SFT control)."""
+    from rlhfv_train.data import BatchStream, PairCollator
+    from rlhfv_train.run.sft import fine_tune
 
     collate = PairCollator(processor, gamma=1.0)
     stream = BatchStream(list(range(len(records))), batch_size, order_seed)
-    return warmup(model, lambda k: collate([(i, records[i]) for i in stream.batch(k)]), steps=steps, lr=lr,
+    return fine_tune(model, lambda k: collate([(i, records[i]) for i in stream.batch(k)]), steps=steps, lr=lr,
                   progress=progress)
 
 
-def _warm_up(data_path, seed, args, path):
+def _sft_start(data_path, seed, args, path):
     """The seed's SFT model, saved to `path` (what every method of this seed starts from)."""
     from tqdm import tqdm
 
-    from .models import load_processor_and_model
+    from rlhfv_train.models import load_processor_and_model
 
     train_records, _ = _records(data_path, None, seed, args)
     processor, model = load_processor_and_model(None, seed)
@@ -95,8 +95,8 @@ def _warm_up(data_path, seed, args, path):
 def _control(train_path, held_path, seed, args, sft_path) -> dict:
     """More SFT on the chosen answers of the methods' training pairs, from the warm-up weights, for as many steps as a
     method gets, then the same evaluation."""
-    from .evaluate import evaluate_hallucination
-    from .models import load_processor_and_model, load_weights
+    from rlhfv_train.eval import evaluate_hallucination
+    from rlhfv_train.models import load_processor_and_model, load_weights
 
     train_records, held = _records(train_path, held_path, seed, args)
     processor, model = load_processor_and_model(None, seed)
@@ -109,8 +109,8 @@ def _control(train_path, held_path, seed, args, sft_path) -> dict:
 
 def _records(train_path, held_path, seed, args):
     """(training records, held-out records): the seed's split of one file, or two files (on-policy pairs)."""
-    from .data import load_records
-    from .models import split_indices
+    from rlhfv_train.data import load_records
+    from rlhfv_train.models import split_indices
 
     records, _ = load_records(train_path)
     if held_path is not None:
@@ -123,7 +123,7 @@ def on_policy_pairs(records, answers) -> list[dict]:
     """RLHF-V's way of collecting pairs, with an exact annotator: each of the model's answers that mentions a wrong
     object becomes the rejected answer, its minimal correction (synthetic.correct) the chosen one. Answers that do not
     read as a scene description, and answers with nothing to correct, give no pair."""
-    from .synthetic import correct, describe, parse_description
+    from rlhfv_train.data.synthetic import correct, describe, parse_description
 
     pairs = []
     for record, per_record in zip(records, answers):
@@ -148,8 +148,8 @@ def _write_jsonl(path, rows) -> str:
 def _on_policy_data(data_path, seed, args, sft_path, seed_dir) -> tuple[str, str]:
     """(pairs file, held-out file): the seed's SFT model answers every training image args.samples times (sampled
     at temperature 1); its wrong answers and their corrections are the pairs."""
-    from .evaluate import GenerationSettings, generate_answers
-    from .models import load_processor_and_model, load_weights
+    from rlhfv_train.eval import GenerationSettings, generate_answers
+    from rlhfv_train.models import load_processor_and_model, load_weights
 
     train_records, held = _records(data_path, None, seed, args)
     processor, model = load_processor_and_model(None, seed)
@@ -166,8 +166,8 @@ def _on_policy_data(data_path, seed, args, sft_path, seed_dir) -> tuple[str, str
 
 
 def run(args) -> dict:
-    from . import synthetic
-    from .train import TrainConfig, train
+    from rlhfv_train.data import synthetic
+    from rlhfv_train.ddpo import TrainConfig, train
 
     for name, value in (QUICK if args.quick else FULL).items():
         if getattr(args, name) is None:
@@ -198,7 +198,7 @@ def run(args) -> dict:
         seed_dir = os.path.join(args.work_dir, f"seed{seed}")
         os.makedirs(seed_dir, exist_ok=True)
         sft_path = os.path.join(seed_dir, "sft.pt")
-        _warm_up(data_path, seed, args, sft_path)
+        _sft_start(data_path, seed, args, sft_path)
         train_path, held_path = data_path, None
         if args.pairs == "on-policy":
             train_path, held_path = _on_policy_data(data_path, seed, args, sft_path, seed_dir)
@@ -289,7 +289,7 @@ def main(argv=None) -> int:
     try:
         result = run(args)
     except USER_ERRORS as exc:
-        return fail("python -m rlhfv_train.ablation", exc)
+        return fail("python -m experiments.ablation", exc)
     rows = summarize(result)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     result["machine"] = machine()

@@ -51,8 +51,8 @@ import torch.nn.functional as F
 
 import rlhfv_kernels as rk
 
-from .data.packing import check_max_tokens_per_row
-from .data.weights import correction_weights
+from ..data.packing import check_max_tokens_per_row
+from ..data.weights import correction_weights
 
 SUPPORTED_TRL = ("1.16.0", "1.17.0")  # [lowest tested, first untested)
 
@@ -224,8 +224,8 @@ def _scattered(values: dict, mask: torch.Tensor) -> dict:
 def _packed(model, args, kwargs, aligned, max_tokens_per_row):
     """(the model inputs with the batch's sequences packed into rows, the targets packed alike, the PackedRows), the
     packed forward checked against the padded one on the first batch (models/packing.check_packing)."""
-    from .data.packing import pack_for_loss
-    from .models.packing import check_packing, mrope_index
+    from ..data.packing import pack_for_loss
+    from ..models.packing import check_packing, mrope_index
 
     if args:
         raise ValueError("rlhfv fused head, padding_free=True: pass the model inputs as keyword arguments")
@@ -270,7 +270,7 @@ def _score_logits(forward, args, kwargs, padded, temperature, wants_entropy, out
 def _score_hidden(model, args, kwargs, targets, temperature, wants_entropy, outputs, options):
     """The fused-linear route: the body's hidden states and the lm_head, only the positions with a label (targets
     aligned with the hidden states)."""
-    from .models import adapter
+    from ..models import adapter
 
     if kwargs.get("output_router_logits"):
         raise ValueError("rlhfv fused head: the MoE router aux loss is not available on the fused-linear route; "

@@ -15,8 +15,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .data import PreferenceRecord, PromptFormat, as_hashable, encode, open_image
-from .models import forward_logits
+from ..data import PreferenceRecord, PromptFormat, as_hashable, encode, open_image
+from ..models import forward_logits
 
 Judge = Callable[[PreferenceRecord, Sequence[tuple[str, str]]], Sequence[float]]
 
@@ -63,7 +63,7 @@ class SceneJudge:
         if rule not in self.RULES:
             raise ValueError(f"scene judge rule must be one of {', '.join(self.RULES)}, got {rule!r}")
         if parser is None:
-            from .synthetic import parse_description as parser
+            from ..data.synthetic import parse_description as parser
         self.parser, self.rule = parser, rule
 
     def counts(self, record: PreferenceRecord, answer: str) -> tuple[int, int]:

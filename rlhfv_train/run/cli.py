@@ -1,12 +1,14 @@
 """What the command-line tools of rlhfv_train share: bad input ends with one line on stderr and exit status 2 (the
-traceback with RLHFV_TRACEBACK=1), help that shows every option's default, and the machine a recorded result came
-from."""
+traceback with RLHFV_TRACEBACK=1), help that shows every option's default, user plugins given as module:function,
+and the machine a recorded result came from."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import platform
 import sys
+from collections.abc import Callable
 
 USER_ERRORS = (ValueError, FileNotFoundError)  # bad data, flags or paths
 
@@ -16,7 +18,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default" not in text and not any(action.default is v for v in (None, False, argparse.SUPPRESS)):
+        switch = action.nargs == 0  # --x / --no-x: the help says what it does
+        if not switch and "default" not in text and not any(action.default is v for v in (None, argparse.SUPPRESS)):
             text += " (default: %(default)s)"
         return text
 
@@ -40,3 +43,17 @@ def machine() -> dict:
     import torch
     return {"torch": torch.__version__, "threads": torch.get_num_threads(), "platform": platform.platform(),
             "python": platform.python_version()}
+
+
+def load_callable(spec: str, option: str) -> Callable:
+    """'package.module:function' -> that function; errors name the command-line `option` it came from."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"{option} {spec!r}: expected module:function, e.g. mypkg.parsing:objects")
+    try:
+        function = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"{option} {spec!r}: cannot load it ({exc})") from None
+    if not callable(function):
+        raise ValueError(f"{option} {spec!r} is not callable")
+    return function

@@ -19,27 +19,16 @@ long rows are simply cut.
 Without any gradient wanted (reference scoring, evaluation) the same chunks only score the tokens: one GEMM over the
 non-ignored tokens.
 
-The loss math is not restated here: GroupedLoss.partial is the loss module's own function (losses/) on a
-sub-batch of rows.
+The loss math is not restated here: LossSpec.share (_loss_spec.py) is the loss module's own function (losses/) on
+a sub-batch of rows.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
-
 import torch
 
 from . import _backend, _ops, _packing
-
-
-@dataclass(frozen=True)
-class GroupedLoss:
-    """What the engine needs to know about a loss over [R, T] per-token log-probs."""
-
-    groups: list          # tuples of rows whose coefficients depend on each other, e.g. (i, i + B) for a DDPO pair
-    splittable: bool      # every token is its own group (GRPO): an oversized group may be cut without a second pass
-    # (rows [k] int64, logps [k, T] of those rows) -> their share of the batch's loss (batch-wide normalisers)
-    partial: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+from ._loss_spec import LossSpec
 
 
 @dataclass(frozen=True)
@@ -81,17 +70,17 @@ def plan_chunks(groups, active_counts, budget: int, splittable: bool, strict: bo
 class _Engine:
     """One forward: the loss's token log-probs and, chunk by chunk, d(loss)/d(hidden, weight, bias)."""
 
-    def __init__(self, labels, ignore_index, temperature, softcap, budget, strict, backend, grouped: GroupedLoss,
-                 full_loss, layout=None):
+    def __init__(self, labels, ignore_index, temperature, softcap, budget, strict, backend, spec: LossSpec,
+                 layout=None):
         # The loss's rows [R, T]; under a packed layout, each row slot's token in the hidden stream (else the slot's
         # own index: hidden is [R, T, H]).
         self.labels = _packing.as_rows(layout, labels, ignore_index)
         self.token_of_slot = None if layout is None else layout.token_of_slot()
         self.ignore_index = ignore_index
         self.transform = (float(temperature), float(softcap))  # the operators' own (_sources.kernel_transform)
-        self.budget, self.strict, self.grouped, self.full_loss = budget, strict, grouped, full_loss
+        self.budget, self.strict, self.spec = budget, strict, spec
         self.family = _backend.operators(backend)
-        self.output = None  # full_loss's result on the final log-probs (metrics), set by run()
+        self.output = None  # spec.whole's result on the final log-probs (metrics), set by run()
 
     def run(self, hidden, weight, bias, needs):
         rows, seq = self.labels.shape
@@ -109,7 +98,7 @@ class _Engine:
         positions = torch.arange(seq, device=hidden.device)
         counts = active.sum(-1).tolist()
         self.scoring_only = not any(needs)  # no gradient wanted: log-probs only, every group may be cut
-        chunks = plan_chunks(self.grouped.groups, counts, self.budget, self.grouped.splittable or self.scoring_only,
+        chunks = plan_chunks(self.spec.groups, counts, self.budget, self.spec.splittable or self.scoring_only,
                              self.strict)
         largest = max((min(sum(counts[r] for r in c.rows), c.piece_tokens) for c in chunks), default=0)
         self.buffer = hidden.new_empty(largest * weight.shape[0])  # the chunk's logits, then their gradient
@@ -121,7 +110,7 @@ class _Engine:
         if self.dweight is not None and not self.dweight_written:
             self.dweight.zero_()
         self.buffer = self.flat_hidden = None  # the chunk buffer must not outlive the forward
-        self.output = self.full_loss(self.logps)
+        self.output = self.spec.whole(self.logps)
         return self.output.loss.detach(), self.dhidden, self.dweight, self.dbias
 
     def _chunk(self, chunk, chunk_rows, mask, slots):
@@ -168,7 +157,7 @@ class _Engine:
         """dL/dlogp at the chunk's non-ignored tokens (row-major), from the loss on the chunk's rows."""
         with torch.enable_grad():
             x = self.logps.index_select(0, chunk_rows).requires_grad_(True)
-            (grad,) = torch.autograd.grad(self.grouped.partial(chunk_rows, x), x)
+            (grad,) = torch.autograd.grad(self.spec.share(chunk_rows, x), x)
         return grad[mask]
 
     def _gradients(self, logits, piece, h, labels, coef, lse):
@@ -226,12 +215,12 @@ class _FusedLinearLoss(torch.autograd.Function):
 
 @torch.compiler.disable  # data-dependent chunking: a graph break, not a trace
 def fused_linear_loss(hidden, weight, bias, labels, ignore_index, temperature, softcap, budget, strict, backend,
-                      grouped, full_loss, layout=None):
-    """full_loss's output with its `loss` differentiable w.r.t. hidden, weight, bias through gradients computed in
+                      spec: LossSpec, layout=None):
+    """spec.whole's output with its `loss` differentiable w.r.t. hidden, weight, bias through gradients computed in
     the forward. Inputs are validated; labels [R, T], hidden [R, T, H] (or, under a packed `layout`, both the token
     stream's: the loss's rows come from the layout); temperature and softcap are the operators' own; `budget`
     non-ignored tokens per chunk, a hard bound when `strict` (else a group bigger than it goes whole, in one pass)."""
-    engine = _Engine(labels, ignore_index, temperature, softcap, budget, strict, backend, grouped, full_loss, layout)
+    engine = _Engine(labels, ignore_index, temperature, softcap, budget, strict, backend, spec, layout)
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))):
         engine.run(hidden, weight, bias, (False, False, False))  # scoring: one GEMM per chunk of answer tokens
         return engine.output

@@ -1,4 +1,5 @@
-"""Reference-model sequence scores, computed once with the frozen starting model and cached on disk.
+"""Reference-model sequence scores, computed once with the frozen starting model and cached on disk (for_run: the
+DDPO trainer's; one process scores, the others read its cache).
 
 The cache key covers the data (every record's text and image), the model (its config and every weight) and the
 scoring settings (gamma, min_match, mode, temperature), so a changed input never reuses stale scores.
@@ -13,8 +14,8 @@ import torch
 
 import rlhfv_kernels as rk
 
-from .data import PreferenceRecord
-from .models import forward_logits
+from ..data import PreferenceRecord
+from ..models import forward_logits
 
 
 def _hash_records(records: list[PreferenceRecord], digest) -> None:
@@ -73,3 +74,31 @@ def load_or_compute(path_dir: str, key: str, compute) -> dict[int, tuple[float, 
     torch.save(scores, tmp)
     os.replace(tmp, path)
     return scores
+
+
+def for_run(run, model) -> tuple[dict[int, tuple[float, float]], str]:
+    """(the scores of every record of a run.loop.Run under `model`, the cache key). Everything that changes the
+    scored tokens or their scores keys the cache (the prompts too)."""
+    cfg, records, dist = run.cfg, run.records, run.dist
+    settings = {"gamma": cfg.gamma, "min_match": cfg.min_match, "mode": cfg.mode, "temperature": cfg.temperature,
+                "chat_template": cfg.chat_template}
+    key = cache_key(records, model, settings)
+
+    def compute():
+        from tqdm import tqdm
+        bar = tqdm(total=len(records), desc="reference scores", unit="pair", disable=not cfg.progress)
+        batches = (run.collate([(i, records[i]) for i in range(s, min(s + cfg.batch_size, len(records)))])
+                   for s in range(0, len(records), cfg.batch_size))
+        try:
+            return score_pairs(model, batches, settings, run.device, autocast_dtype=run.autocast_dtype,
+                               backend=cfg.backend, progress=bar)
+        finally:
+            bar.close()
+
+    cache_dir = os.path.join(cfg.output_dir, "ref_cache")
+    if dist.is_main:
+        refs = load_or_compute(cache_dir, key, compute)
+    dist.barrier()
+    if not dist.is_main:
+        refs = load_or_compute(cache_dir, key, compute)
+    return refs, key

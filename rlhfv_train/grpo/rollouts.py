@@ -13,14 +13,12 @@ from dataclasses import dataclass
 
 import torch
 
-import rlhfv_kernels as rk
-
-from .data import (IGNORE_INDEX, PreferenceRecord, concat_rows, repeat_rows, select_rows, takes_suffix,
+from ..data import (IGNORE_INDEX, PreferenceRecord, concat_rows, repeat_rows, select_rows, takes_suffix,
                    token_aligned)
-from .data.packing import pack_for_loss
-from .evaluate import GenerationSettings, generate_tokens
-from .models import forward_logits, hidden_and_head
-from .models.packing import mrope_index
+from ..data.packing import pack_for_loss
+from ..eval import GenerationSettings, generate_tokens
+from ..models import model_loss
+from ..models.packing import mrope_index
 
 
 @dataclass
@@ -116,12 +114,7 @@ def token_logps(model, rollouts: Rollouts, *, micro_batch: int, temperature: flo
         rows = slice(start, start + micro_batch)
         inputs, labels, _, _, _, packed = micro_batch_inputs(rollouts, rows, [], [], model, packing=packing,
                                                              max_tokens_per_row=max_tokens_per_row)
-        if fused_linear:
-            hidden, head = hidden_and_head(model, inputs, autocast_dtype)
-            logps = rk.linear_token_logprobs(hidden, head.weight, labels, temperature=temperature, backend=backend,
-                                             **head.options())
-        else:
-            logits = forward_logits(model, inputs, autocast_dtype)
-            logps = rk.token_logprobs(logits, labels, temperature=temperature, backend=backend)
+        logps = model_loss("token_logprobs", model, inputs, labels, fused_linear=fused_linear,
+                           autocast_dtype=autocast_dtype, temperature=temperature, backend=backend)
         out.append(logps if packed is None else packed.unpack(logps, rollouts.labels[rows].shape))
     return torch.cat(out)

@@ -1,0 +1,124 @@
+"""python -m rlhfv_train.eval: the hallucination metric (hallucination.py) of a trainer run or a model folder."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+from ..data import load_records
+from ..models import load_processor_and_model, load_weights, read_weights, split_indices
+from ..models.lora import add_lora, lora_settings
+from ..run.cli import USER_ERRORS, fail
+from . import hallucination
+from .generation import GenerationSettings
+from .hallucination import evaluate_hallucination, load_parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m rlhfv_train.eval", description=hallucination.__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", help="a trainer checkpoint (checkpoint.pt, sft.pt): its model, data and held-out "
+                   "split are reused")
+    p.add_argument("--model", help="a local Hugging Face model folder, evaluated as it is (without --checkpoint), "
+                   "or the base the checkpoint's weights go into (default: the checkpoint's)")
+    p.add_argument("--data", help="records with images, questions and 'objects' (default: the checkpoint's data)")
+    p.add_argument("--split", choices=("heldout", "all"), help="records to evaluate (default: the checkpoint's "
+                   "held-out records, or all records of --data without a checkpoint)")
+    p.add_argument("--limit", type=int, help="evaluate only the first N records of the split")
+    p.add_argument("--parser", help="module:function turning an answer into its objects (default: the synthetic "
+                   "scenes' parser)")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="answer length limit (default: 48)")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default: 1.0, off)")
+    p.add_argument("--num-samples", type=int, default=1, help="answers per image with --sample (default: 1)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per generate() call (default: 32)")
+    p.add_argument("--no-chat-template", action="store_true", help="prompt with the plain '<image> question' even "
+                   "when the processor has a chat template (default: the template, as the trainers do; with "
+                   "--checkpoint, what the run used)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: auto)")
+    p.add_argument("--show", type=int, default=3, help="print this many answers next to the truth (default: 3)")
+    p.add_argument("--json", help="also write the rates (and every answer) to this file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _records_and_model(args):
+    """(records to evaluate, processor, model, the run's config or {}) from the command line."""
+    if args.checkpoint is None and args.model is None:
+        raise ValueError("give --checkpoint (a trainer run) or --model (a local Hugging Face model folder)")
+    saved = {}
+    if args.checkpoint is not None:
+        if not os.path.isfile(args.checkpoint):
+            raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no such file")
+        saved = read_weights(args.checkpoint)
+    config = saved.get("config", {}) if isinstance(saved, dict) else {}
+    model_path = args.model or config.get("model")
+    if model_path is not None and not os.path.isdir(model_path):
+        raise FileNotFoundError(f"--model {model_path}: no such folder")
+    data = args.data or saved.get("data_path") or config.get("data")  # data_path: the file the run really used
+    if data is None:
+        raise ValueError("no data: give --data (this checkpoint does not name its data file)")
+    records, _ = load_records(data)
+    split = args.split or ("heldout" if args.checkpoint and not args.data else "all")
+    if split == "heldout":
+        if not config:
+            raise ValueError("--split heldout needs --checkpoint (the split comes from its seed and eval fraction)")
+        if config.get("eval_data"):  # the run held out a file of its own
+            records, _ = load_records(config["eval_data"])
+        else:
+            records = [records[i] for i in split_indices(len(records), config["eval_fraction"], config["seed"])[1]]
+    if args.limit is not None:
+        records = records[:args.limit]
+    if not records:
+        raise ValueError(f"no records to evaluate (split {split!r} of {data})")
+    processor, model = load_processor_and_model(model_path, config.get("seed", 0))
+    if args.checkpoint is not None:
+        state = saved.get("model", saved) if isinstance(saved, dict) else {}
+        if any(str(name).startswith("base_model.model.") for name in state):  # a LoRA run's (not its sft.pt)
+            model = add_lora(model, lora_settings(config))
+        load_weights(model, args.checkpoint, saved)
+    return records, processor, model, config
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = GenerationSettings(max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                                      temperature=args.temperature, top_p=args.top_p, num_samples=args.num_samples,
+                                      batch_size=args.batch_size, seed=args.seed)
+        settings.check()
+        parser = load_parser(args.parser)
+        records, processor, model, config = _records_and_model(args)
+        settings.chat_template = config.get("chat_template", True) and not args.no_chat_template
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" \
+            else torch.device(args.device)
+        model.to(device)
+        from tqdm import tqdm
+        with tqdm(total=len(records), desc="generate", unit="img", disable=args.no_progress) as bar:
+            rates, answers = evaluate_hallucination(
+                model, processor, records, parser, settings, device=device,
+                autocast_dtype=torch.bfloat16 if device.type == "cuda" else None, progress=bar)
+    except USER_ERRORS as exc:
+        return fail("python -m rlhfv_train.eval", exc)
+    for record, per_record in list(zip(records, answers))[:args.show]:
+        print(f"{record.source}\n  truth:  {record.objects}\n  answer: {per_record[0]}")
+    decoding = "greedy" if not settings.do_sample else \
+        f"{settings.num_samples} sample(s) per image at temperature {settings.temperature}"
+    print(f"{len(records)} images, {decoding}: chair_s {rates['chair_s']:.3f} (answers with a hallucinated object), "
+          f"chair_i {rates['chair_i']:.3f} (hallucinated / mentioned), recall {rates['recall']:.3f}, "
+          f"{rates['mentioned']:.2f} objects mentioned per answer")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rates": rates, "settings": vars(settings),
+                       "answers": [{"source": r.source, "answers": a} for r, a in zip(records, answers)]}, f,
+                      indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""The one training loop both trainers run: setup (start), then the steps with their cadence (run_steps).
+
+    run = start(cfg, sft_collate=..., sft_batch_size=...)   # device, processes, records, model, SFT stage
+    ... the trainer's own setup: LoRA, reference, optimizer = optimizer_and_schedule(...) ...
+    summary = run_steps(run, model, optimizer, scheduler, train_step=..., evaluate=..., ...)
+
+run_steps owns what every run does the same way: resume from output_dir/checkpoint.pt (exact: model, optimizer,
+scheduler, RNG, and the metrics rows up to the checkpoint's step), the held-out evaluation at step 0 (after the SFT
+stage) and every eval_every steps, one metrics.jsonl row per step, checkpoints every save_every steps, the progress
+bar, the plot and the summary. A trainer supplies train_step(step) -> that step's metrics (averaged over processes,
+with its grad_norm) and evaluate() -> the held-out metrics.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..models import check_fused_linear, load_processor_and_model, load_run_records, load_weights
+from ..models.packing import check_packing
+from .checkpoint import save_training_state, start_or_resume
+from .config import RunConfig
+from .distributed import Distributed, process_device
+from .schedule import cosine_with_warmup
+from .sft import sft_stage
+
+
+@dataclass
+class Run:
+    """What start() set up: the config, the device and processes, the records and their split, the model (after the
+    SFT stage) and its processor."""
+    cfg: RunConfig
+    device: torch.device
+    dist: Distributed
+    autocast_dtype: torch.dtype | None   # bf16 on GPU
+    records: list
+    train_idx: list[int]
+    eval_idx: list[int]
+    data_path: str | None                # the data file the run really used (the generated synthetic data too)
+    processor: object
+    model: torch.nn.Module
+    collate: Callable                    # sft_collate(processor): [(index, record)] -> PairBatch
+    sft_losses: list[float]
+
+    @property
+    def fsdp(self) -> bool:
+        return self.cfg.fsdp and self.dist.world > 1
+
+
+def start(cfg: RunConfig, *, sft_collate: Callable, sft_batch_size: int,
+          check_records: Callable | None = None) -> Run:
+    """Checks cfg, then sets up the run up to the end of the SFT stage. sft_collate(processor) makes the collator of
+    the SFT stage (and of the checks of the fused-linear route and of packing, refused before any work when the model
+    cannot honour them); check_records(records, train_idx) may refuse the data."""
+    device = process_device(cfg.device)
+    dist = Distributed(device)
+    cfg.check(dist.world)
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+
+    records, train_idx, eval_idx, data_path = load_run_records(
+        cfg.data, eval_data=cfg.eval_data, eval_fraction=cfg.eval_fraction, seed=cfg.seed, skip_bad=cfg.skip_bad,
+        output_dir=cfg.output_dir, synthetic_examples=cfg.synthetic_examples, dist=dist, progress=cfg.progress)
+    if check_records is not None:
+        check_records(records, train_idx)
+    processor, model = load_processor_and_model(cfg.model, cfg.seed)
+    model.to(device)
+    if cfg.grad_checkpointing:  # transformers 5 renamed the switch; older releases only have the first name
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
+    collate = sft_collate(processor)
+    if cfg.fused_linear or cfg.packing:
+        sample = collate([(i, records[i]) for i in train_idx[:2]]).to(device).model_inputs()
+        if cfg.fused_linear:  # refuse a model whose logits the route cannot reproduce
+            check_fused_linear(model, sample, autocast_dtype)
+        if cfg.packing:  # refuse a model that lets packed sequences see each other
+            check_packing(model, sample, autocast_dtype)
+    if cfg.init_weights is not None:
+        load_weights(model, cfg.init_weights)
+    sft_losses = sft_stage(model, collate, records, train_idx, dist=dist, output_dir=cfg.output_dir,
+                           steps=cfg.sft_steps, lr=cfg.sft_lr, batch_size=sft_batch_size, seed=cfg.seed,
+                           resume=cfg.resume, max_grad_norm=cfg.max_grad_norm, autocast_dtype=autocast_dtype,
+                           backend=cfg.backend, progress=cfg.progress,
+                           extra={"config": asdict(cfg), "data_path": data_path})
+    return Run(cfg, device, dist, autocast_dtype, records, train_idx, eval_idx, data_path, processor, model, collate,
+               sft_losses)
+
+
+def optimizer_and_schedule(cfg: RunConfig, model, total_updates: int):
+    """AdamW over the model's parameters, with the linear warm-up (warmup_ratio of total_updates) and cosine decay."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warmup = int(cfg.warmup_ratio * total_updates)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, total_updates, warmup))
+    return optimizer, scheduler
+
+
+def optimizer_step(model, optimizer, scheduler, max_grad_norm: float) -> float:
+    """Clip, step, advance the schedule, clear the gradients; returns the norm before clipping."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(grad_norm)
+
+
+def run_steps(run: Run, model, optimizer, scheduler, *, train_step: Callable[[int], dict],
+              evaluate: Callable[[], dict], progress_postfix: Callable[[dict], dict], plot: Callable,
+              desc: str, **checkpoint_extra) -> dict:
+    """Resumes or starts, runs train_step for every step up to cfg.max_steps with the evaluation / metrics /
+    checkpoint cadence, and returns the summary (last and first metrics, the paths written, the model).
+    checkpoint_extra goes into every checkpoint beside the config and the data path."""
+    cfg, dist = run.cfg, run.dist
+    ckpt_path = os.path.join(cfg.output_dir, "checkpoint.pt")
+    metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
+    step, first, last = start_or_resume(ckpt_path, metrics_path, model, optimizer, scheduler, resume=cfg.resume,
+                                        max_steps=cfg.max_steps, fsdp=run.fsdp, dist=dist)
+
+    def checkpoint():
+        save_training_state(ckpt_path, model, optimizer, scheduler, step, fsdp=run.fsdp, dist=dist,
+                            config=asdict(cfg), data_path=run.data_path, **checkpoint_extra)
+
+    from tqdm import tqdm
+    bar = tqdm(total=cfg.max_steps, initial=step, desc=desc, unit="step", disable=not cfg.progress or not dist.is_main)
+    with open(metrics_path, "a") if dist.is_main else open(os.devnull, "w") as metrics_file:
+        if step == 0:  # the starting point (after the SFT stage): what training is measured against
+            first = {"step": 0, **evaluate()}
+            if run.sft_losses:
+                first["sft_loss"] = sum(run.sft_losses[-10:]) / len(run.sft_losses[-10:])
+            metrics_file.write(json.dumps(first) + "\n")
+        while step < cfg.max_steps:
+            metrics = train_step(step)
+            step += 1
+            last = {"step": step, **metrics, "lr": scheduler.get_last_lr()[0]}
+            if step % cfg.eval_every == 0 or step == cfg.max_steps:
+                last.update(evaluate())
+            metrics_file.write(json.dumps(last) + "\n")
+            metrics_file.flush()
+            bar.update()
+            bar.set_postfix(progress_postfix(last))
+            if cfg.stop_after is not None and step >= cfg.stop_after:  # as if killed: no final save
+                if step % cfg.save_every == 0:
+                    checkpoint()
+                bar.close()
+                return {"step": step, "stopped": True, "metrics": last}
+            if step % cfg.save_every == 0 or step == cfg.max_steps:
+                checkpoint()
+    bar.close()
+    plotted = plot(metrics_path, os.path.join(cfg.output_dir, "metrics.png")) if dist.is_main else None
+    return {"step": step, "metrics": last, "start_metrics": first, "metrics_path": metrics_path, "plot": plotted,
+            "checkpoint": ckpt_path, "model": model}

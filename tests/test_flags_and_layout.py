@@ -1,0 +1,135 @@
+"""The trainers' command lines come from their config dataclasses (rlhfv_train/run/flags.py), the package layers
+import one way, and the module names of before the layout by concern still work, with a FutureWarning."""
+import dataclasses
+import subprocess
+import sys
+import warnings
+
+import pytest
+
+from rlhfv_train import ddpo, grpo
+from rlhfv_train.ddpo import TrainConfig
+from rlhfv_train.grpo import GRPOConfig
+from rlhfv_train.run import flags
+from rlhfv_train.run.config import RunConfig
+
+CONFIGS = [(TrainConfig, ddpo.build_parser, ddpo.config_from_args), (GRPOConfig, grpo.build_parser,
+                                                                      grpo.config_from_args)]
+
+
+@pytest.mark.parametrize("config, build_parser, config_from_args", CONFIGS)
+def test_every_option_field_is_a_flag_with_the_field_default(config, build_parser, config_from_args):
+    parser = build_parser()
+    by_dest = {action.dest: action for action in parser._actions}
+    option_fields = flags.flag_fields(config)
+    assert len(option_fields) >= 30
+    for field in option_fields:
+        action = by_dest[field.name]
+        assert flags.flag_name(field) in action.option_strings
+        if field.type == "bool":
+            assert action.nargs == 0 and action.default is field.default
+        elif not field.metadata.get("unset"):
+            assert action.default == field.default, field.name
+    # A field without option() (a test hook) has no flag.
+    assert "stop_after" not in by_dest
+    # No arguments: the config's defaults, except what the embedded tiny model decides.
+    cfg = config_from_args(parser.parse_args([]))
+    tiny_decides = {"sft_steps", "sft_weight"}
+    for field in dataclasses.fields(config):
+        if field.name not in tiny_decides:
+            assert getattr(cfg, field.name) == field.default, field.name
+
+
+def test_switches_unset_flags_presets_and_short_names():
+    cfg = ddpo.config_from_args(ddpo.build_parser().parse_args(
+        ["--no-inplace-backward", "--packing", "--preset", "authors", "--beta", "0.3", "--model", "m"]))
+    assert (cfg.inplace_backward, cfg.packing, cfg.gamma, cfg.beta, cfg.mode) == (False, True, 1.1, 0.3, "sum")
+    assert (cfg.sft_steps, cfg.sft_weight) == (0, 0.0)  # a --model: no SFT stage, no SFT term by default
+    cfg = ddpo.config_from_args(ddpo.build_parser().parse_args([]))
+    assert (cfg.sft_steps, cfg.sft_weight, cfg.gamma) == (ddpo.TINY_SFT_STEPS, 1.0, 5.0)
+    cfg = grpo.config_from_args(grpo.build_parser().parse_args(["-k", "3", "--no-scale-rewards", "--grad-checkpointing",
+                                                               "--init-weights", "w.pt"]))
+    assert (cfg.num_generations, cfg.scale_rewards, cfg.grad_checkpointing, cfg.sft_steps) == (3, False, True, 0)
+    assert grpo.config_from_args(grpo.build_parser().parse_args([])).sft_steps == grpo.TINY_SFT_STEPS
+
+
+def test_bad_flags_are_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit):
+        grpo.build_parser().parse_args(["--judge", "scene", "--reward", "scene"])  # one reward
+    assert "not allowed with argument" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        grpo.build_parser().parse_args(["--loss-type", "nope"])
+    with pytest.raises(SystemExit):
+        ddpo.build_parser().parse_args(["--lr", "fast"])
+
+
+def test_a_new_option_is_one_field():
+    @dataclasses.dataclass
+    class Config(RunConfig):
+        new_knob: float = flags.option(0.5, "a knob")
+        on_by_default: bool = flags.option(True, "turn it off")
+        picked: str = flags.option("a", "one of two", choices=("a", "b"))
+
+    args = flags.build_parser(Config, "prog", "").parse_args(["--new-knob", "2", "--no-on-by-default", "--picked",
+                                                              "b"])
+    values = flags.given_values(Config, args)
+    assert (values["new_knob"], values["on_by_default"], values["picked"]) == (2.0, False, "b")
+    with pytest.raises(TypeError, match="int, float, str or bool"):
+        @dataclasses.dataclass
+        class Bad(RunConfig):
+            listed: list = flags.option(None, "a list")
+        flags.build_parser(Bad, "prog", "")
+
+
+LAYERS = {"data": 0, "models": 1, "run": 2, "eval": 3, "ddpo": 4, "grpo": 4}
+
+
+def test_the_packages_import_one_way():
+    """data <- models <- run <- eval <- ddpo / grpo (the trainers never import each other); integrations use data and
+    models only; nothing imports the experiments."""
+    import test_module_graph
+    wrong = []
+    for module, deps in test_module_graph.graph().items():
+        parts = module.split(".")
+        if parts[0] != "rlhfv_train" or len(parts) < 2:
+            continue
+        for dep in deps:
+            dep_parts = dep.split(".")
+            if dep_parts[0] != "rlhfv_train" or len(dep_parts) < 2 or dep_parts[1] == parts[1]:
+                continue
+            source, target = parts[1], dep_parts[1]
+            if target == "_moved" or source == "__main__":
+                continue
+            allowed = ({"data", "models"} if source == "integrations"
+                       else {p for p, layer in LAYERS.items() if source in LAYERS and layer < LAYERS[source]})
+            if target not in allowed:
+                wrong.append(f"{module} -> {dep}")
+    assert not wrong
+
+
+@pytest.mark.parametrize("old, new, name", [("rlhfv_train.train", "rlhfv_train.ddpo", "TrainConfig"),
+                                            ("rlhfv_train.evaluate", "rlhfv_train.eval", "hallucination_rates"),
+                                            ("rlhfv_train.synthetic", "rlhfv_train.data.synthetic", "describe"),
+                                            ("rlhfv_train.rewards", "rlhfv_train.grpo.rewards", "SceneJudge")])
+def test_the_old_module_names_still_import_with_a_warning(old, new, name, monkeypatch):
+    import importlib
+    monkeypatch.delitem(sys.modules, old, raising=False)
+    with pytest.warns(FutureWarning, match=f"{old} moved to {new}"):
+        module = importlib.import_module(old)
+    assert module is importlib.import_module(new) and hasattr(module, name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        importlib.import_module(new)  # the new name: no warning
+
+
+def test_the_old_command_names_still_run(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "rlhfv_train.synthetic", "--help"], capture_output=True, text=True,
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "moved to rlhfv_train.data.synthetic" in out.stderr and "usage" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "rlhfv_train.evaluate", "--help"], capture_output=True, text=True,
+                         cwd=tmp_path)
+    assert out.returncode == 0 and "python -m rlhfv_train.eval" in out.stdout, out.stderr
+    out = subprocess.run([sys.executable, "-c", "import rlhfv_train.ablation"], capture_output=True, text=True,
+                         cwd=tmp_path)  # outside a clone: the experiments are not installed
+    assert out.returncode != 0 and "python -m experiments.ablation` from a clone" in out.stderr
