@@ -8,7 +8,7 @@ DDPO: one optimizer step of the DDPO trainer's loss (logits path in place, and -
 update of the GRPO trainer over the same sequences taken as rollouts (k answers per prompt, micro-batches of
 --micro-batch rows, old and reference log-probs given). Same model, same batch, same code path as the trainers
 (rlhfv_train.ddpo.scored_inputs, rlhfv_train.grpo.rollouts.micro_batch_inputs); the packed and padded losses agree
-within rounding (tests/test_train_packing.py), which this run checks again.
+within rounding (tests/train/test_train_packing.py), which this run checks again.
 """
 from __future__ import annotations
 

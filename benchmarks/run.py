@@ -1,6 +1,7 @@
 """Fused rlhfv kernels vs the eager reference, side by side in one run: time and peak extra memory.
 
-    python benchmarks/run.py                       # default cases for the device at hand (CUDA if present, else CPU)
+    python benchmarks/run.py                       # the headline cases for the device (CUDA if present, else CPU)
+    python benchmarks/run.py --full                # the whole sweep: every op on every case of the device
     python benchmarks/run.py --quick               # tiny sizes, a smoke test of the script itself
     python benchmarks/run.py --json out.json       # also write every record (medians, raw times, peak bytes, versions)
     python benchmarks/run.py --case 4096x32000:float32 --ops ddpo_loss
@@ -13,6 +14,11 @@ caching allocator's peak; CPU: torch's allocation events from the profiler). It 
 device copy of the logits to give the bandwidth floor of the logits path: 3 passes (read, read, write) over them.
 With --softcap C two more contestants run beside the others: the eager reference and the fused default, both with
 the soft cap C (z = C tanh(x / C)) applied to the logits, so the table shows what the cap costs each.
+
+By default only the headline cases run (HEADLINE: the per-token log-probs every trainer asks for and the DDPO loss,
+on a Llama-2-size and a Llama-3-size vocabulary), a few minutes on a 2-core CPU; the run ends with one summary table
+(ours against the eager reference and the best peer, per case and op) and a plot (runs/benchmark/benchmark.png
+unless --plot says where; --no-plot skips it).
 """
 from __future__ import annotations
 
@@ -41,10 +47,16 @@ except ImportError:  # progress bars are a nicety, not a requirement
 # token_logprobs it shows what the entropy costs.
 OPS = ("token_logprobs", "logprobs_entropy", "sequence_logps", "ddpo_loss", "grpo_loss")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DEFAULT_CASES = {
+FULL_CASES = {
     "cpu": ["4096x32000:float32", "4096x32000:bfloat16", "1024x128256:bfloat16"],
     "cuda": ["16384x128256:bfloat16", "4096x262144:bfloat16", "4096x32000:float32"],
 }
+HEADLINE = {  # what `python benchmarks/run.py` runs without --full / --case / --ops
+    "cpu": {"cases": ["4096x32000:float32", "1024x128256:bfloat16"], "ops": ["token_logprobs", "ddpo_loss"]},
+    "cuda": {"cases": ["16384x128256:bfloat16", "4096x262144:bfloat16"], "ops": ["token_logprobs", "ddpo_loss",
+                                                                                  "grpo_loss"]},
+}
+DEFAULT_PLOT = os.path.join("runs", "benchmark", "benchmark.png")
 QUICK_CASES = ["256x1000:float32", "128x3001:bfloat16"]
 SEQ_LEN = 512  # tokens per sequence: N tokens are laid out as N / SEQ_LEN rows (pairs for the DPO losses)
 
@@ -351,8 +363,42 @@ def print_table(case: Case, records: list[Record], floor: dict) -> None:
               f"{err:>10}")
 
 
-def plot_results(results: dict, path: str) -> str:
-    """fwd+bwd ms and peak extra MiB of every (case, op) and impl, from main()'s results."""
+def print_summary(results: dict) -> None:
+    """One row per (case, op): ours (the fastest and the leanest of the rlhfv impls) against the eager reference and
+    against the fastest peer (torch.compile of the reference, TRL, Liger, flash-attention: whichever ran)."""
+    print("\nsummary: ours vs the eager reference and the fastest peer (forward+backward; x floor: ours / the 3-pass "
+          "copy floor)")
+    header = (f"{'case':<26}{'op':<17}{'eager ms':>9}{'ours ms':>9}{'speedup':>9}{'eager MiB':>10}{'ours MiB':>9}"
+              f"{'mem ratio':>10}  {'fastest peer':<24}{'ours vs peer':>13}{'x floor':>9}")
+    print(header)
+    print("-" * len(header))
+    for case in results["cases"]:
+        label = Case(**case["case"]).label
+        for op in dict.fromkeys(r["op"] for r in case["records"]):
+            rows = [r for r in case["records"] if r["op"] == op and not IMPL_TABLE[r["impl"]].softcap]
+            eager = next((r for r in rows if r["impl"] == "reference"), None)
+            ours = [r for r in rows if IMPL_TABLE[r["impl"]].peer is None and IMPL_TABLE[r["impl"]].backend
+                    != "reference"]
+            peers = [r for r in rows if r not in ours and r is not eager]
+            if eager is None or not ours:
+                continue
+            fast = min(ours, key=lambda r: r["fwd_bwd_median_ms"])
+            measured = [r for r in ours if r["peak_extra_bytes"] is not None]
+            lean = min(measured, key=lambda r: r["peak_extra_bytes"]) if measured else None
+            peer = min(peers, key=lambda r: r["fwd_bwd_median_ms"]) if peers else None
+            mem = (eager["peak_extra_bytes"] / max(lean["peak_extra_bytes"], 1)
+                   if lean and eager["peak_extra_bytes"] is not None else None)
+            peer_text = "" if peer is None else f"{peer['impl']} {fmt_ms(peer['fwd_bwd_median_ms']).strip()} ms"
+            versus = "" if peer is None else f"{peer['fwd_bwd_median_ms'] / fast['fwd_bwd_median_ms']:.2f}x"
+            lean_bytes = None if lean is None else lean["peak_extra_bytes"]
+            print(f"{label:<26}{op:<17}{fmt_ms(eager['fwd_bwd_median_ms']):>9}{fmt_ms(fast['fwd_bwd_median_ms']):>9}"
+                  f"{eager['fwd_bwd_median_ms'] / fast['fwd_bwd_median_ms']:>8.2f}x"
+                  f"{fmt_mb(eager['peak_extra_bytes']):>10}{fmt_mb(lean_bytes):>9}{mem_ratio(mem, lean_bytes):>10}  "
+                  f"{peer_text:<24}{versus:>13}{fast['fwd_bwd_median_ms'] / case['floor']['floor_fwd_bwd_ms']:>8.2f}x")
+
+
+def plot_results(results: dict, path: str) -> str | None:
+    """fwd+bwd ms and peak extra MiB of every (case, op) and impl, from main()'s results (None without matplotlib)."""
     times, peaks = {}, {}
     for case in results["cases"]:
         for r in case["records"]:
@@ -360,6 +406,11 @@ def plot_results(results: dict, path: str) -> str:
             times.setdefault(group, {})[r["impl"]] = r["fwd_bwd_median_ms"]
             if r["peak_extra_bytes"] is not None:
                 peaks.setdefault(group, {})[r["impl"]] = r["peak_extra_bytes"] / 2**20
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return None
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     return plot_bars([("forward+backward ms", times), ("peak extra MiB", peaks)],
                      f"rlhfv benchmarks/run.py on {results['device_name']} (lower is better)", path)
 
@@ -367,8 +418,12 @@ def plot_results(results: dict, path: str) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
-    parser.add_argument("--case", action="append", help="NxV:dtype, repeatable (default: per-device list)")
-    parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {OPS}")
+    parser.add_argument("--full", action="store_true", help="every op on every case of the device (about 30 minutes "
+                        "on 2 CPU cores) instead of the headline ones")
+    parser.add_argument("--case", action="append", help="NxV:dtype, repeatable (default: the device's headline cases, "
+                        "or all with --full)")
+    parser.add_argument("--ops", help=f"comma-separated subset of {OPS} (default: the headline ops, or all with "
+                        "--full)")
     parser.add_argument("--impls", help=f"comma-separated subset of {IMPLS} (default: CPU "
                         f"{','.join(DEFAULT_IMPLS['cpu'])}; CUDA: {','.join(DEFAULT_IMPLS['cuda'])}, "
                         "peers where installed)")
@@ -380,15 +435,20 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, 2 repeats: checks the script runs")
     parser.add_argument("--json", metavar="PATH", help="write all records and versions here")
-    parser.add_argument("--plot", metavar="PNG", help="also draw fwd+bwd time and peak extra memory per op and impl")
+    parser.add_argument("--plot", metavar="PNG", help=f"where to draw fwd+bwd time and peak extra memory per op and "
+                        f"impl (default: {DEFAULT_PLOT})")
+    parser.add_argument("--no-plot", action="store_true", help="no plot")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
     device = pick_device(args.device)
     if args.quick:
         args.repeats, args.warmup = min(args.repeats, 2), min(args.warmup, 1)
-    cases = [Case.parse(c) for c in (args.case or (QUICK_CASES if args.quick else DEFAULT_CASES[device.type]))]
-    ops = [o for o in args.ops.split(",") if o]
+    headline = HEADLINE[device.type]
+    default_cases = QUICK_CASES if args.quick else FULL_CASES[device.type] if args.full else headline["cases"]
+    cases = [Case.parse(c) for c in (args.case or default_cases)]
+    ops = [o for o in args.ops.split(",") if o] if args.ops else list(OPS if args.full or args.quick
+                                                                         else headline["ops"])
     impls = [i for i in (args.impls.split(",") if args.impls else DEFAULT_IMPLS[device.type]) if i]
     if args.softcap is not None:
         if not args.softcap > 0:
@@ -451,8 +511,10 @@ def main(argv=None) -> int:
               "only checks that the script works")
     for name, reason in skipped.items():
         print(f"not run: {name}: {reason}")
-    if args.plot:
-        print(f"wrote {plot_results(results, args.plot)}")
+    print_summary(results)
+    if not args.no_plot:
+        plot = plot_results(results, args.plot or DEFAULT_PLOT)
+        print(f"wrote {plot}" if plot else "no plot: matplotlib is not installed")
     if args.json:
         write_json(args.json, results)
     return 0

@@ -2,7 +2,7 @@
 kernels for torch.compile and the autograd formula of the two-pass scheme.
 
 Schemas: csrc/ops.cpp declares the compiled family; SCHEMAS below is the same text for families defined in Python
-(tests/test_triton.py checks that the two agree).
+(tests/kernels/test_triton.py checks that the two agree).
 """
 from __future__ import annotations
 

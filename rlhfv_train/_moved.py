@@ -16,6 +16,7 @@ MOVED = {
     "rlhfv_train.rewards": "rlhfv_train.grpo.rewards",
     "rlhfv_train.evaluate": "rlhfv_train.eval",
     "rlhfv_train.synthetic": "rlhfv_train.data.synthetic",
+    "rlhfv_train.data.weights": "rlhfv_train.data.token_weights",
     "rlhfv_train.trl_dropin": "rlhfv_train.integrations.trl",
     "rlhfv_train.sft": "rlhfv_train.run.sft",
     "rlhfv_train.checkpoint": "rlhfv_train.run.checkpoint",

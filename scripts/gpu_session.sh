@@ -28,13 +28,13 @@ python3 setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -30 "$
 if [ "$stage" = tests ] || [ "$stage" = all ]; then
   # The CPU stand-ins for a GPU (CUDA emulation under sanitizers, ahead-of-time compiles) are skipped: here the
   # kernels run for real, and device time is scarce.
-  python3 -m pytest -q tests -p no:cacheprovider --ignore tests/test_cuda_emu.py --ignore tests/test_triton_aot.py \
+  python3 -m pytest -q tests -p no:cacheprovider --ignore tests/build/test_cuda_emu.py --ignore tests/build/test_triton_aot.py \
     2>&1 | tee "$OUT/tests.log" | tail -15
 fi
 if [ "$stage" = bench ] || [ "$stage" = all ]; then
   stamp=$(date -u +%Y%m%d)
   gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '-' | tr -cd 'A-Za-z0-9_.-')
-  python3 benchmarks/run.py --no-progress --json "$OUT/bench-$gpu-$stamp.json" 2>&1 | tee "$OUT/bench.log" | tail -60
+  python3 benchmarks/run.py --no-progress --json "$OUT/bench-$gpu-$stamp.json" --plot "$OUT/bench-$gpu-$stamp.png" 2>&1 | tee "$OUT/bench.log" | tail -60
   python3 benchmarks/trainer.py --vocab 128256 --pairs 8 --json "$OUT/trainer-$gpu-$stamp.json" 2>&1 | tail -8
   python3 benchmarks/linear.py --case 16384x4096x128256:bfloat16 --json "$OUT/linear-$gpu-$stamp.json" 2>&1 | tail -8
   python3 benchmarks/packing.py --hidden 1024 --layers 8 --json "$OUT/packing-$gpu-$stamp.json" 2>&1 | tail -8

@@ -26,7 +26,7 @@ fi
 bash scripts/install_torch.sh .venv/bin/python "$DEVICE"  # RLHFV_DEVICE=cpu|cuda chooses the build
 echo "setup: installing requirements.txt"
 .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
-# The newest triton, beside the pinned one, only for tests/test_triton_aot.py (compile checks for sm_80/sm_90).
+# The newest triton, beside the pinned one, only for tests/build/test_triton_aot.py (compile checks for sm_80/sm_90).
 TRITON_LATEST=${RLHFV_TRITON_LATEST:-3.9.0}
 if [ ! -f ".venv/triton-latest/triton-$TRITON_LATEST.dist-info/METADATA" ]; then
   echo "setup: installing triton $TRITON_LATEST into .venv/triton-latest (ahead-of-time GPU checks)"

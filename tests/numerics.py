@@ -18,8 +18,8 @@ What the CPU suite cannot see. It runs the Triton kernels in Triton's interprete
 - Order of atomics. The fused-linear backward adds fp32 tile partials into dhidden / dweight / dbias with atomics in
   whatever order the programs finish (the interpreter runs them in order), so results vary run to run by up to
   accumulation_extra() of the number of partials per element.
-- Also not seen on CPU: speed, occupancy and resource limits (tests/test_triton_aot.py compiles every config for
-  sm_80/sm_90 instead), and memory faults (the CUDA C++ kernels run under sanitizers in tests/test_cuda_emu.py).
+- Also not seen on CPU: speed, occupancy and resource limits (tests/build/test_triton_aot.py compiles every config for
+  sm_80/sm_90 instead), and memory faults (the CUDA C++ kernels run under sanitizers in tests/build/test_cuda_emu.py).
 The GPU targets of the kernel suites (ids *-cuda) carry these terms in their bounds.
 """
 import torch

@@ -1,12 +1,12 @@
 """The trainers' data side: preference records and their file formats (records.py), DDPO token weights from a
-correction (weights.py), prompts from the processor's chat template (prompts.py), collation into model inputs with
+correction (token_weights.py), prompts from the processor's chat template (prompts.py), collation into model inputs with
 every tensor the processor returns (collate.py, inputs.py) and the seeded visiting order (stream.py)."""
 from .collate import IGNORE_INDEX, PairBatch, PairCollator, encode, takes_suffix
 from .inputs import concat_rows, repeat_rows, select_rows, token_aligned
 from .prompts import PromptFormat
 from .records import DataError, LoadReport, PreferenceRecord, as_hashable, load_records, open_image, parse_record
 from .stream import BatchStream
-from .weights import correction_weights
+from .token_weights import correction_weights
 
 __all__ = ["BatchStream", "DataError", "IGNORE_INDEX", "LoadReport", "PairBatch", "PairCollator", "PreferenceRecord",
            "PromptFormat", "as_hashable", "concat_rows", "correction_weights", "encode", "load_records", "open_image",

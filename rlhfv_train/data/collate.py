@@ -11,7 +11,7 @@ import torch
 from .inputs import check_row_layout, select_rows
 from .prompts import PromptFormat
 from .records import PreferenceRecord, open_image
-from .weights import correction_weights
+from .token_weights import correction_weights
 
 IGNORE_INDEX = -100
 

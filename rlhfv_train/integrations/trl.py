@@ -35,7 +35,7 @@ and hands TRL the padded layout's per-token fields, so TRL's loss code is unchan
 against the padded one on the first batch and a model where they differ is refused (models/packing.py).
 
 Options no route can honour raise at construction, naming the option. Tested against TRL's own trainers on the same
-batches (tests/test_trl_dropin.py). Written against TRL's internals; SUPPORTED_TRL is the tested range, and another
+batches (tests/train/test_trl_dropin.py). Written against TRL's internals; SUPPORTED_TRL is the tested range, and another
 version fails at import of this module.
 """
 from __future__ import annotations
@@ -52,7 +52,7 @@ import torch.nn.functional as F
 import rlhfv_kernels as rk
 
 from ..data.packing import check_max_tokens_per_row
-from ..data.weights import correction_weights
+from ..data.token_weights import correction_weights
 
 SUPPORTED_TRL = ("1.16.0", "1.17.0")  # [lowest tested, first untested)
 

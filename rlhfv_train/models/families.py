@@ -1,5 +1,5 @@
 """Tiny versions of the model families people align, built in code from transformers' own config, model and processor
-classes (random weights, no download): the family test matrix (tests/test_families.py), `benchmarks/trainer.py
+classes (random weights, no download): the family test matrix (tests/train/test_families.py), `benchmarks/trainer.py
 --family NAME` and anyone who wants a family-shaped model to try the trainers on.
 
 Each family has a word-level tokenizer over the synthetic scenes' words plus the family's own special tokens, its
@@ -361,9 +361,9 @@ def _describe_transform(model) -> str:
 
 def supported_models_markdown() -> str:
     """README's "Supported models" table: every family of FAMILIES with the model inputs its processor gives a
-    collated preference batch and the logit transform the fused-linear route applies; tests/test_families.py runs
+    collated preference batch and the logit transform the fused-linear route applies; tests/train/test_families.py runs
     each family through both trainers and the fused-linear check (the ✓ columns) and --packing (✓, or refused by
-    models/packing.check_packing, which this table runs on the batch), tests/test_readme.py keeps README's copy equal
+    models/packing.check_packing, which this table runs on the batch), tests/docs/test_readme.py keeps README's copy equal
     to this."""
     import io
     import random

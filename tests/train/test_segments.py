@@ -1,7 +1,7 @@
 """correction_weights on hand-made pairs (DESIGN.md §2)."""
 import pytest
 
-from rlhfv_train.data.weights import correction_weights
+from rlhfv_train.data.token_weights import correction_weights
 
 G = 5.0
 

@@ -3,7 +3,7 @@ return_entropy=True) on every fused backend vs the float64 truth: values and the
 sum(g * logp) + sum(g_H * entropy), layouts, the logit transform, masked and extreme logits, opcheck, torch.compile.
 
 Every fused backend has them (C++ CPU, CUDA C++ and Triton on the logits path; C++ CPU and Triton on the fused-linear
-path); the CUDA C++ kernels' entropy also runs under the emulation harness (tests/test_cuda_emu.py).
+path); the CUDA C++ kernels' entropy also runs under the emulation harness (tests/build/test_cuda_emu.py).
 """
 import math
 

@@ -14,7 +14,7 @@ import torch
 
 from rlhfv_kernels.triton import linear_kernels
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CHECKER = os.path.join(ROOT, "tests", "gpu_verify", "triton_aot.py")
 LATEST = os.path.join(ROOT, ".venv", "triton-latest")
 RELEASES = {"pinned": None, "latest": LATEST}

@@ -1,7 +1,7 @@
 """--packing in both trainers (rlhfv_train/data/packing.py, models/packing.py): the row plan, the packed model inputs
 (images kept with their sequences, tails continuing their row's last sequence, mRoPE position ids), the packed
 forward equal to the padded one, and a few training steps of each trainer equal to the padded run's within
-rounding, on both scoring paths. The family matrix (tests/test_families.py) runs every family packed."""
+rounding, on both scoring paths. The family matrix (tests/train/test_families.py) runs every family packed."""
 import json
 import os
 

@@ -1,7 +1,7 @@
 """grpo_loss's conventions against Liger's fused-linear GRPO loss (runs where liger-kernel is installed): the dapo
 normaliser num_items_in_batch / world_size, dr_grpo's max_completion_length, the bias-corrected KL; loss and
 gradients equal on the same inputs, for one and for two (simulated) processes. The comparison with TRL's own
-GRPOTrainer is in tests/test_trl_dropin.py (test_grpo_loss_conventions_equal_trls)."""
+GRPOTrainer is in tests/train/test_trl_dropin.py (test_grpo_loss_conventions_equal_trls)."""
 import pytest
 import torch
 

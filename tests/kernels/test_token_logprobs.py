@@ -125,7 +125,7 @@ def test_custom_ignore_index_and_int32_labels(backend):
     torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)
 
 
-# [n, v] logits at |x| ~ 1e4 (also used under a soft cap, tests/test_logit_transform.py)
+# [n, v] logits at |x| ~ 1e4 (also used under a soft cap, tests/kernels/test_logit_transform.py)
 EXTREME_LOGITS = {
     "spread": lambda n, v: torch.randn(n, v) * 1e4,      # huge spread: peaked softmax
     "offset": lambda n, v: 1e4 + 5 * torch.randn(n, v),  # huge offset: an fp32 LSE would lose ~5e-4

@@ -64,11 +64,33 @@ def test_benchmark_triton_backend_and_unavailable_peers(tmp_path):
     path = tmp_path / "bench.json"
     assert bench.main(["--no-progress", "--device", "cpu", "--json", str(path), "--case", "64x300:float32",
                        "--repeats", "1", "--backend", "triton", "--impls", "reference,fused,liger",
-                       "--ops", "ddpo_loss"]) == 0
+                       "--ops", "ddpo_loss", "--no-plot"]) == 0
     data = json.loads(path.read_text())
     assert "liger" in data["skipped"]  # peers run on CUDA only
     (fused,) = [r for r in data["cases"][0]["records"] if r["impl"] == "fused"]
     assert fused["backend"] == "triton" and fused["grad_max_abs_err"] < 1e-5
+
+
+def test_benchmark_default_is_the_headline_and_ends_in_a_summary(tmp_path, monkeypatch, capsys):
+    """No arguments: the device's headline cases and ops only, then one summary row per (case, op) and the plot;
+    --full: every op on every case."""
+    monkeypatch.setitem(bench.HEADLINE, "cpu", {"cases": ["64x300:float32"], "ops": ["ddpo_loss"]})
+    monkeypatch.setitem(bench.FULL_CASES, "cpu", ["32x200:float32"])
+    path, plot = tmp_path / "bench.json", tmp_path / "bench.png"
+    assert bench.main(["--no-progress", "--device", "cpu", "--repeats", "1", "--json", str(path), "--plot",
+                       str(plot), "--impls", "reference,fused"]) == 0
+    data = json.loads(path.read_text())
+    assert [c["case"]["vocab"] for c in data["cases"]] == [300]
+    assert {r["op"] for r in data["cases"][0]["records"]} == {"ddpo_loss"}
+    summary = capsys.readouterr().out.split("summary:")[1].splitlines()
+    (row,) = [line for line in summary if line.startswith("N=64 V=300")]
+    assert "ddpo_loss" in row and row.count("x") >= 2  # speedup and x floor
+    assert plot.stat().st_size > 10_000
+    assert bench.main(["--full", "--no-progress", "--device", "cpu", "--repeats", "1", "--json", str(path),
+                       "--no-plot", "--impls", "reference,fused"]) == 0
+    data = json.loads(path.read_text())
+    assert [c["case"]["vocab"] for c in data["cases"]] == [200]
+    assert {r["op"] for r in data["cases"][0]["records"]} == set(bench.OPS)
 
 
 def test_benchmark_rejects_bad_case():

@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACKAGES = ("rlhfv_kernels", "rlhfv_train")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PACKAGES = ("rlhfv_kernels", "rlhfv_train", "experiments")
 
 
 def module_files():
@@ -90,3 +90,29 @@ def test_reference_is_self_contained():
             assert all(alias.name.endswith("Output") for alias in node.names), ast.dump(node)
         elif isinstance(node, ast.Import):
             assert all(alias.name.split(".")[0] == "torch" for alias in node.names), ast.dump(node)
+
+
+LAYERS = {"data": 0, "models": 1, "run": 2, "eval": 3, "ddpo": 4, "grpo": 4}
+
+
+def test_the_packages_import_one_way():
+    """data <- models <- run <- eval <- ddpo / grpo (the trainers never import each other); integrations use data and
+    models only; the library imports neither the experiments nor the kernels' private modules."""
+    wrong = []
+    for module, deps in graph().items():
+        parts = module.split(".")
+        if parts[0] != "rlhfv_train" or len(parts) < 2:
+            continue
+        wrong += [f"{module} -> {dep}" for dep in deps if dep.startswith(("experiments", "rlhfv_kernels._"))]
+        for dep in deps:
+            dep_parts = dep.split(".")
+            if dep_parts[0] != "rlhfv_train" or len(dep_parts) < 2 or dep_parts[1] == parts[1]:
+                continue
+            source, target = parts[1], dep_parts[1]
+            if target == "_moved" or source == "__main__":
+                continue
+            allowed = ({"data", "models"} if source == "integrations"
+                       else {p for p, layer in LAYERS.items() if source in LAYERS and layer < LAYERS[source]})
+            if target not in allowed:
+                wrong.append(f"{module} -> {dep}")
+    assert not wrong

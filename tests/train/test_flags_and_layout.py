@@ -1,5 +1,5 @@
-"""The trainers' command lines come from their config dataclasses (rlhfv_train/run/flags.py), the package layers
-import one way, and the module names of before the layout by concern still work, with a FutureWarning."""
+"""The trainers' command lines come from their config dataclasses (rlhfv_train/run/flags.py), and the module names
+of before the layout by concern still work, with a FutureWarning."""
 import dataclasses
 import subprocess
 import sys
@@ -79,32 +79,6 @@ def test_a_new_option_is_one_field():
         class Bad(RunConfig):
             listed: list = flags.option(None, "a list")
         flags.build_parser(Bad, "prog", "")
-
-
-LAYERS = {"data": 0, "models": 1, "run": 2, "eval": 3, "ddpo": 4, "grpo": 4}
-
-
-def test_the_packages_import_one_way():
-    """data <- models <- run <- eval <- ddpo / grpo (the trainers never import each other); integrations use data and
-    models only; nothing imports the experiments."""
-    import test_module_graph
-    wrong = []
-    for module, deps in test_module_graph.graph().items():
-        parts = module.split(".")
-        if parts[0] != "rlhfv_train" or len(parts) < 2:
-            continue
-        for dep in deps:
-            dep_parts = dep.split(".")
-            if dep_parts[0] != "rlhfv_train" or len(dep_parts) < 2 or dep_parts[1] == parts[1]:
-                continue
-            source, target = parts[1], dep_parts[1]
-            if target == "_moved" or source == "__main__":
-                continue
-            allowed = ({"data", "models"} if source == "integrations"
-                       else {p for p, layer in LAYERS.items() if source in LAYERS and layer < LAYERS[source]})
-            if target not in allowed:
-                wrong.append(f"{module} -> {dep}")
-    assert not wrong
 
 
 @pytest.mark.parametrize("old, new, name", [("rlhfv_train.train", "rlhfv_train.ddpo", "TrainConfig"),

@@ -21,7 +21,7 @@ from numerics import assert_meets_criterion, truth_token_logprobs
 from rlhfv_kernels import reference
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "gpu_verify", "cuda_emu"))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "gpu_verify", "cuda_emu"))
 import build as emu_build  # noqa: E402
 
 pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="no C++ compiler")

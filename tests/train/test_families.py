@@ -5,7 +5,7 @@ classes, random weights, built in code, saved to a folder and loaded back as a u
     --fused-linear: step-1 loss ln 2, the same losses,
 (c) 2 GRPO steps with the scene judge, (d) generation and the hallucination evaluation, (e) 2 DDPO steps with LoRA
     adapters on every linear layer but lm_head, on --fused-linear: step-1 loss ln 2, only the adapters train.
-One model per family is shared by its five checks. README's "Supported models" table comes from this matrix."""
+One model per family is shared by its five checks. docs/models.md's table comes from this matrix."""
 import json
 import math
 import os
