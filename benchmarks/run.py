@@ -146,8 +146,8 @@ class Impl:
 
 PEER_OPS = ("token_logprobs", "ddpo_loss")  # peers give per-token CE; the DPO math on top is ours, same for all
 IMPL_TABLE = {
-    "reference": Impl("reference", backend="reference"),
-    "reference_compiled": Impl("reference_compiled", backend="reference", compiled=True),
+    "reference": Impl("reference", backend="eager"),  # the eager reference: the baseline every ratio divides
+    "reference_compiled": Impl("reference_compiled", backend="eager", compiled=True),
     "fused": Impl("fused"),
     "fused_inplace": Impl("fused_inplace", inplace=True, consumes_input=True),
     # One pair per GPU backend of the table (on CPU, "fused" above is the library's choice, the C++ kernels).
@@ -157,7 +157,7 @@ IMPL_TABLE = {
     "liger": Impl("liger", peer="liger", consumes_input=True, ops=PEER_OPS),
     "flash_attn": Impl("flash_attn", peer="flash_attn", ops=PEER_OPS),
     "trl": Impl("trl", peer="trl", ops=PEER_OPS + ("logprobs_entropy",)),
-    "reference_softcap": Impl("reference_softcap", backend="reference", softcap=True),
+    "reference_softcap": Impl("reference_softcap", backend="eager", softcap=True),
     "fused_softcap": Impl("fused_softcap", softcap=True),
 }
 SOFTCAP_IMPLS = tuple(name for name, impl in IMPL_TABLE.items() if impl.softcap)  # added by --softcap
@@ -343,7 +343,7 @@ def copy_floor(inputs: dict, device, args) -> dict:
 
 
 def print_table(case: Case, records: list[Record], floor: dict) -> None:
-    ref = {(r.op, IMPL_TABLE[r.impl].softcap): r for r in records if IMPL_TABLE[r.impl].backend == "reference"
+    ref = {(r.op, IMPL_TABLE[r.impl].softcap): r for r in records if IMPL_TABLE[r.impl].backend == "eager"
            and not IMPL_TABLE[r.impl].compiled}
     print(f"\n{case.label}  logits {floor['logits_bytes'] / 2**20:.0f} MiB, copy bandwidth "
           f"{floor['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, 3-pass floor {floor['floor_fwd_bwd_ms']:.2f} ms")
@@ -378,7 +378,7 @@ def print_summary(results: dict) -> None:
             rows = [r for r in case["records"] if r["op"] == op and not IMPL_TABLE[r["impl"]].softcap]
             eager = next((r for r in rows if r["impl"] == "reference"), None)
             ours = [r for r in rows if IMPL_TABLE[r["impl"]].peer is None and IMPL_TABLE[r["impl"]].backend
-                    != "reference"]
+                    != "eager"]
             peers = [r for r in rows if r not in ours and r is not eager]
             if eager is None or not ours:
                 continue

@@ -31,7 +31,7 @@ from rlhfv_train.data import PairCollator  # noqa: E402
 from rlhfv_train.data import load_records  # noqa: E402
 from rlhfv_train.ddpo import TrainConfig, batch_loss  # noqa: E402
 
-IMPLS = {"reference": {"backend": "reference", "inplace_backward": False},
+IMPLS = {"reference": {"backend": "eager", "inplace_backward": False},
          "fused": {"backend": None, "inplace_backward": False},
          "fused_inplace": {"backend": None, "inplace_backward": True},
          "fused_linear": {"backend": None, "fused_linear": True}}

@@ -21,13 +21,14 @@ import time
 
 import torch
 
-from rlhfv_train.run.cli import USER_ERRORS, fail, machine
+from rlhfv_train.ddpo import PRESETS
 from rlhfv_train.eval import METRICS
+from rlhfv_train.run.cli import USER_ERRORS, fail, machine
 
 METHODS = {  # name: TrainConfig overrides
     "dpo": {"gamma": 1.0, "beta": 0.1, "mode": "sum"},
-    "ddpo-paper": {"gamma": 5.0, "beta": 0.5, "mode": "mean"},
-    "ddpo-authors": {"gamma": 1.1, "beta": 0.1, "mode": "sum"},
+    "ddpo-paper": PRESETS["paper"],
+    "ddpo-authors": PRESETS["authors"],
     "mm-dpo": {"gamma": 1.0, "beta": 0.1, "mode": "sum", "drs_weight": 1.0, "drs_k": 1.0},
 }
 FULL = {"seeds": 3, "examples": 1536, "sft_steps": 2000, "steps": 300}

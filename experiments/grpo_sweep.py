@@ -15,9 +15,9 @@ import statistics
 import sys
 import time
 
-from rlhfv_train.run.cli import USER_ERRORS, fail, machine
 from rlhfv_train.eval import METRICS
 from rlhfv_train.grpo import SCENE_JUDGES, TINY_SFT_STEPS, GRPOConfig, train_grpo
+from rlhfv_train.run.cli import USER_ERRORS, fail, machine
 
 REPORTED = ("eval_scene_reward", *METRICS, "eval_win_rate")
 

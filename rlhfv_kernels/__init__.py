@@ -8,6 +8,7 @@ See README.md for the API table and rlhfv_kernels.reference for the eager implem
 """
 from . import reference
 from ._backend import BACKENDS, BackendUnavailableError, extension_available
+from ._backend import RENAMED as RENAMED_BACKENDS
 from ._backend import describe as describe_backends
 from .api import GRPO_LOSS_TYPES, ddpo_loss, dpo_loss, grpo_loss, sequence_logps, token_logprobs
 from .linear import (linear_ddpo_loss, linear_dpo_loss, linear_grpo_loss, linear_sequence_logps,
@@ -22,6 +23,7 @@ __all__ = [
     "DDPOOutput",
     "GRPO_LOSS_TYPES",
     "GRPOOutput",
+    "RENAMED_BACKENDS",
     "ddpo_loss",
     "describe_backends",
     "dpo_loss",

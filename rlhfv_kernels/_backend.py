@@ -2,7 +2,8 @@
 
 Everything that needs to know the backends (the public API, the operator glue in _ops.py, the CLI, the benchmarks,
 the tests) derives it from TABLE below. None picks the best available for the tensor's device (DEFAULTS); the
-environment variable RLHFV_BACKEND overrides that default.
+environment variable RLHFV_BACKEND overrides that default. "eager" runs the oracle module (rlhfv_kernels.reference) in
+plain PyTorch; its old name "reference" is still accepted, with a FutureWarning (RENAMED).
 """
 from __future__ import annotations
 
@@ -27,8 +28,9 @@ class Backend:
 
 
 TABLE = {b.name: b for b in (
-    Backend("reference", ("cpu", "cuda"), ("logits", "linear"), None, None,
-            "plain eager PyTorch (log_softmax + gather); always available, materializes N x V"),
+    Backend("eager", ("cpu", "cuda"), ("logits", "linear"), None, None,
+            "plain eager PyTorch (log_softmax + gather, rlhfv_kernels.reference); always available, materializes "
+            "N x V"),
     Backend("cpp", ("cpu",), ("logits", "linear"), "rlhfv", "rlhfv_kernels._C",
             "the compiled extension's C++ CPU kernels"),
     Backend("cuda", ("cuda",), ("logits",), "rlhfv", "rlhfv_kernels._C",
@@ -38,6 +40,7 @@ TABLE = {b.name: b for b in (
             "rlhfv_kernels.triton is first imported; for tests, slow)"),
 )}
 BACKENDS = tuple(TABLE)
+RENAMED = {"reference": "eager"}  # old backend names, accepted with a FutureWarning
 FUSED_BACKENDS = tuple(name for name, b in TABLE.items() if b.namespace is not None)
 # The GPU default: Triton until a recorded GPU benchmark (benchmarks/results/) shows the CUDA C++ kernels faster.
 CUDA_DEFAULT = ("triton", "cuda")
@@ -47,7 +50,8 @@ DEFAULTS = {("cpu", "logits"): ("cpp",), ("cpu", "linear"): ("cpp",),
 
 def describe() -> str:
     """One line per backend, for --help texts."""
-    return "; ".join(f"{name}: {b.summary}" for name, b in TABLE.items())
+    return "; ".join(f"{name}: {b.summary}" for name, b in TABLE.items()) + "".join(
+        f" ({old!r}: the old name of {new!r})" for old, new in RENAMED.items())
 
 
 def targets(path: str = "logits") -> list[tuple[str, str]]:
@@ -88,7 +92,7 @@ def extension_available() -> bool:
 
 def why_unavailable(backend: str, device: torch.device, path: str = "logits") -> str | None:
     """None if `backend` can run `path` ("logits" or "linear", the fused-linear family) on `device`, else why."""
-    if backend == "reference":
+    if backend == "eager":
         return None
     if path not in TABLE[backend].paths:
         return f"the {path} path has no {backend!r} kernels in this release"
@@ -138,15 +142,19 @@ def resolve_backend(backend: str | None, device: torch.device, path: str = "logi
     explicit = backend is not None
     if backend is None:
         backend = os.environ.get("RLHFV_BACKEND") or None
+    source = "backend" if explicit else "RLHFV_BACKEND"
+    if backend in RENAMED:
+        warnings.warn(f"{source}={backend!r} is now {RENAMED[backend]!r}; the old name will be removed", FutureWarning,
+                      stacklevel=3)
+        backend = RENAMED[backend]
     if backend is not None and backend not in BACKENDS:
-        source = "backend" if explicit else "RLHFV_BACKEND"
         raise ValueError(f"{source} must be one of {BACKENDS} or None, got {backend!r}")
     if backend is not None:
         reason = why_unavailable(backend, device, path)
         if reason is not None:
             raise BackendUnavailableError(f"backend {backend!r} cannot run on {device}: {reason}")
         return backend
-    # Default: the fused kernel where one exists for this device, else the reference (with one warning).
+    # Default: the fused kernel where one exists for this device, else the eager backend (with one warning).
     candidates = DEFAULTS.get((device.type, path), ())
     reasons = []
     for preferred in candidates:
@@ -158,5 +166,5 @@ def resolve_backend(backend: str | None, device: torch.device, path: str = "logi
     if (device.type, path) not in _warned_fallback:
         _warned_fallback.add((device.type, path))
         warnings.warn(f"rlhfv: no fused {path}-path kernel for {device.type} tensors ({reason}); using the eager "
-                      "reference, which materializes the full log_softmax", RuntimeWarning, stacklevel=3)
-    return "reference"
+                      "backend, which materializes the full log_softmax", RuntimeWarning, stacklevel=3)
+    return "eager"

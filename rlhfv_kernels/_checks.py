@@ -109,7 +109,7 @@ def check_vocab_stride(logits: torch.Tensor, backend: str) -> None:
     if logits.dim() >= 1 and logits.shape[-1] > 1 and logits.stride(-1) != 1:
         raise ValueError(f"logits must have stride 1 along the vocabulary (last) dimension for backend "
                          f"{backend!r}, got stride {logits.stride(-1)}; pass logits.contiguous() (an N x V copy) "
-                         "or use backend='reference'")
+                         "or use backend='eager'")
 
 
 def check_token_weights(token_weights, labels: torch.Tensor, logits: torch.Tensor) -> None:

@@ -41,7 +41,7 @@ def refuse_double_backward(what: str) -> None:
     constants and a second derivative would silently be wrong (zero), so stop with a clear error instead."""
     if torch.is_grad_enabled():
         raise RuntimeError(f"rlhfv: {what} has first-order gradients only; a backward with create_graph=True "
-                           "(double backward, e.g. a gradient penalty) is not supported. Use backend='reference' "
+                           "(double backward, e.g. a gradient penalty) is not supported. Use backend='eager' "
                            "for higher-order gradients.")
 
 

@@ -65,7 +65,7 @@ class LogitsSource:
         logits = self.tensor
         _checks.check_logits_labels(logits, labels, ignore_index, temperature, min_dim=min_dim)
         which = _backend.resolve_backend(self.backend, logits.device)
-        if which == "reference":
+        if which == "eager":
             return reference.token_logprobs(logits, labels, ignore_index=ignore_index, temperature=temperature,
                                             softcap=self.softcap, logit_scale=self.logit_scale,
                                             return_entropy=with_entropy)
@@ -115,7 +115,7 @@ class LinearSource:
 
     def _token_logps(self, labels, ignore_index, temperature, which, with_entropy=False):
         hidden, weight, bias = self.tensor, self.weight, self.bias
-        if which == "reference":
+        if which == "eager":
             return reference.token_logprobs(F.linear(hidden, weight, bias), labels, ignore_index=ignore_index,
                                             temperature=temperature, softcap=self.softcap,
                                             logit_scale=self.logit_scale, return_entropy=with_entropy)
@@ -139,7 +139,7 @@ class LinearSource:
         which = self._checked_backend(labels, ignore_index, temperature, 1)
         hidden, weight = self.tensor, self.weight
         spec = build(torch.float64 if hidden.dtype == torch.float64 else torch.float32)
-        if which == "reference" or (torch.is_grad_enabled()
+        if which == "eager" or (torch.is_grad_enabled()
                                     and any(isinstance(t, torch.Tensor) and t.requires_grad for t in constants)):
             return spec.whole(as_rows(layout, self._token_logps(labels, ignore_index, temperature, which), 0))
         budget = self.chunk_size or default_chunk_rows(weight.shape[0], DEFAULT_LOSS_CHUNK_BYTES)

@@ -19,7 +19,7 @@ Thin wrappers: each wraps its inputs in a LinearSource (_sources.py), which pick
 Backends: "cpp" (CPU, the compiled extension: ATen/BLAS matmuls + the row kernels), "triton" (CUDA tensors, or CPU
 tensors under the interpreter; log-probs: tiles of hidden @ W.T built with tensor-core dots, online LSE per token,
 atomics for dhidden/dweight in fp32, chunk_size does not apply; losses: cuBLAS GEMMs + the Triton row kernels),
-"reference" (hidden @ W.T, then the eager reference). On CUDA tensors None picks "triton".
+"eager" (hidden @ W.T, then the eager reference). On CUDA tensors None picks "triton".
 
 Packed sequences (cu_seqlens / position_ids / max_seqlen / pairs) as in api.py, with hidden [1, total, H]: the losses'
 chunks still hold whole sequences (pairs), wherever they sit in the stream.

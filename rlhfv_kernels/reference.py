@@ -47,8 +47,8 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: 
 
 
 def _only_reference(backend) -> None:
-    if backend not in (None, "reference"):
-        raise ValueError(f"rlhfv_kernels.reference functions always use the reference backend, got backend={backend!r}")
+    if backend not in (None, "eager", "reference"):
+        raise ValueError(f"rlhfv_kernels.reference functions always run eagerly, got backend={backend!r}")
 
 
 def sequence_logps(logits, labels, token_weights=None, *, mode: str = "sum", ignore_index: int = -100,

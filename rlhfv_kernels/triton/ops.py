@@ -21,7 +21,7 @@ def _check(logits: torch.Tensor, labels: torch.Tensor, temperature: float, softc
     """Guards the kernels' memory accesses; the public API has already given friendlier messages."""
     if logits.dtype not in _TRITON_DTYPES:
         raise TypeError(f"backend 'triton' takes float32, bfloat16 or float16 logits, got {logits.dtype}; "
-                        "use backend='cpp' or 'reference' for float64")
+                        "use backend='cpp' or 'eager' for float64")
     if logits.device.type == "cpu" and not kernels.INTERPRETING:
         raise RuntimeError("rlhfv_triton: CPU tensors need TRITON_INTERPRET=1 set before rlhfv_kernels.triton "
                            "is imported")

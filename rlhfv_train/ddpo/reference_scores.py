@@ -12,10 +12,8 @@ import os
 
 import torch
 
-import rlhfv_kernels as rk
-
 from ..data import PreferenceRecord
-from ..models import forward_logits
+from ..models import model_loss
 
 
 def _hash_records(records: list[PreferenceRecord], digest) -> None:
@@ -49,10 +47,10 @@ def score_pairs(model, batches, settings: dict, device, *, autocast_dtype=None, 
     try:
         for batch in batches:
             batch = batch.to(device)
-            logits = forward_logits(model, batch.model_inputs(), autocast_dtype)
             labels, weights = batch.next_token_targets()
-            seq = rk.sequence_logps(logits, labels, weights,
-                                    mode=settings["mode"], temperature=settings["temperature"], backend=backend)
+            seq = model_loss("sequence_logps", model, batch.model_inputs(), labels, weights,
+                             autocast_dtype=autocast_dtype, mode=settings["mode"], temperature=settings["temperature"],
+                             backend=backend)
             pairs = batch.indices.numel()
             for k, index in enumerate(batch.indices.tolist()):
                 scores[index] = (float(seq[k]), float(seq[pairs + k]))

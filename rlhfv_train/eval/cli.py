@@ -5,46 +5,52 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import dataclass
 
 import torch
 
 from ..data import load_records
 from ..models import load_processor_and_model, load_weights, read_weights, split_indices
 from ..models.lora import add_lora, lora_settings
+from ..run import flags
 from ..run.cli import USER_ERRORS, fail
+from ..run.flags import option
 from . import hallucination
 from .generation import GenerationSettings
 from .hallucination import evaluate_hallucination, load_parser
 
 
+@dataclass
+class EvalConfig:
+    """The command line's options (each field a flag, run/flags.py)."""
+    checkpoint: str | None = option(None, "a trainer checkpoint (checkpoint.pt, sft.pt): its model, data and held-out "
+                                    "split are reused")
+    model: str | None = option(None, "a local Hugging Face model folder, evaluated as it is (without --checkpoint), "
+                               "or the base the checkpoint's weights go into (default: the checkpoint's)")
+    data: str | None = option(None, "records with images, questions and 'objects' (default: the checkpoint's data)")
+    split: str | None = option(None, "records to evaluate (default: the checkpoint's held-out records, or all "
+                               "records of --data without a checkpoint)", choices=("heldout", "all"))
+    limit: int | None = option(None, "evaluate only the first N records of the split")
+    parser: str | None = option(None, "module:function turning an answer into its objects (default: the synthetic "
+                                "scenes' parser)")
+    max_new_tokens: int = option(48, "answer length limit")
+    sample: bool = option(False, "sample instead of greedy decoding")
+    temperature: float = option(1.0, "sampling temperature")
+    top_p: float = option(1.0, "nucleus sampling (1: off)")
+    num_samples: int = option(1, "answers per image with --sample")
+    batch_size: int = option(32, "images per generate() call")
+    chat_template: bool = option(True, "prompt with the plain '<image> question' even when the processor has a chat "
+                                 "template (default: the template, as the trainers do; with --checkpoint, what the "
+                                 "run used)")
+    seed: int = option(0, "sampling seed")
+    device: str = option("auto", "cpu, cuda, cuda:1, ...")
+    show: int = option(3, "print this many answers next to the truth")
+    json: str | None = option(None, "also write the rates (and every answer) to this file")
+    progress: bool = option(True, "no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m rlhfv_train.eval", description=hallucination.__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", help="a trainer checkpoint (checkpoint.pt, sft.pt): its model, data and held-out "
-                   "split are reused")
-    p.add_argument("--model", help="a local Hugging Face model folder, evaluated as it is (without --checkpoint), "
-                   "or the base the checkpoint's weights go into (default: the checkpoint's)")
-    p.add_argument("--data", help="records with images, questions and 'objects' (default: the checkpoint's data)")
-    p.add_argument("--split", choices=("heldout", "all"), help="records to evaluate (default: the checkpoint's "
-                   "held-out records, or all records of --data without a checkpoint)")
-    p.add_argument("--limit", type=int, help="evaluate only the first N records of the split")
-    p.add_argument("--parser", help="module:function turning an answer into its objects (default: the synthetic "
-                   "scenes' parser)")
-    p.add_argument("--max-new-tokens", type=int, default=48, help="answer length limit (default: 48)")
-    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default: 1.0, off)")
-    p.add_argument("--num-samples", type=int, default=1, help="answers per image with --sample (default: 1)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per generate() call (default: 32)")
-    p.add_argument("--no-chat-template", action="store_true", help="prompt with the plain '<image> question' even "
-                   "when the processor has a chat template (default: the template, as the trainers do; with "
-                   "--checkpoint, what the run used)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: auto)")
-    p.add_argument("--show", type=int, default=3, help="print this many answers next to the truth (default: 3)")
-    p.add_argument("--json", help="also write the rates (and every answer) to this file")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p
+    return flags.build_parser(EvalConfig, "python -m rlhfv_train.eval", hallucination.__doc__)
 
 
 def _records_and_model(args):
@@ -94,12 +100,12 @@ def main(argv=None) -> int:
         settings.check()
         parser = load_parser(args.parser)
         records, processor, model, config = _records_and_model(args)
-        settings.chat_template = config.get("chat_template", True) and not args.no_chat_template
+        settings.chat_template = config.get("chat_template", True) and args.chat_template
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" \
             else torch.device(args.device)
         model.to(device)
         from tqdm import tqdm
-        with tqdm(total=len(records), desc="generate", unit="img", disable=args.no_progress) as bar:
+        with tqdm(total=len(records), desc="generate", unit="img", disable=not args.progress) as bar:
             rates, answers = evaluate_hallucination(
                 model, processor, records, parser, settings, device=device,
                 autocast_dtype=torch.bfloat16 if device.type == "cuda" else None, progress=bar)

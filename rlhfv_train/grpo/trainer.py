@@ -71,6 +71,39 @@ def _loss_weight(loss_type: str, rows: slice, rollouts, local_tokens: int) -> fl
     return 1.0
 
 
+def micro_batch_loss(cfg: GRPOConfig, trained, model, rollouts, rows: slice, advantages, old, ref,
+                     tokens_per_process: float, autocast_dtype):
+    """(GRPOOutput, labels) of the rollouts' rows `rows` under `trained` (the wrapped policy; `model` the plain one),
+    packed when cfg.packing; old / ref: per-token log-probs of all rows, or None."""
+    inputs, labels, (old_rows, ref_rows), (advantage_rows,), packed, _ = rollout_ops.micro_batch_inputs(
+        rollouts, rows, [old, ref], [advantages], model, packing=cfg.packing,
+        max_tokens_per_row=cfg.max_tokens_per_row)
+    out = model_loss("grpo_loss", trained, inputs, labels, advantage_rows, fused_linear=cfg.fused_linear,
+                     autocast_dtype=autocast_dtype, inplace_backward=True, old_logps=old_rows, ref_logps=ref_rows,
+                     epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, beta_kl=cfg.beta_kl,
+                     loss_type=cfg.loss_type, temperature=cfg.temperature, backend=cfg.backend,
+                     num_items_in_batch=tokens_per_process if cfg.loss_type == "dapo" else None,
+                     # dr_grpo's constant: the generation budget (TRL's), whatever the rows' layout
+                     max_completion_length=cfg.max_new_tokens,
+                     world_size=1, **packed)  # tokens_per_process is already the global count / processes
+    return out, labels
+
+
+def rollout_metrics(records, rollouts, rewards, scene_truth: bool) -> dict:
+    """What a step records of its rollouts: the reward and its spread within groups, the groups without spread (no
+    gradient), answer length, empty answers and, with ground-truth objects, the rollouts' absolute scene reward (the
+    grouped-comparison mean is always 1/2)."""
+    k, group_std = rollouts.k, rewards.std(dim=1)
+    metrics = dict(reward=rewards.mean().item(), reward_std=group_std.mean().item(),
+                   zero_std_groups=(group_std == 0).float().mean().item(),
+                   answer_tokens=rollouts.answer_tokens.float().mean().item(),
+                   empty_answers=sum(not a for a in rollouts.answers) / len(rollouts.answers))
+    if scene_truth:
+        metrics["scene_reward"] = sum(scene_reward(records[i], a) for g, i in enumerate(rollouts.record_indices)
+                                      for a in rollouts.answers[g * k:(g + 1) * k]) / len(rollouts.answers)
+    return metrics
+
+
 def _check_scene_truth(cfg: GRPOConfig):
     """check_records for run.loop.start: the scene judge / reward needs every record's ground-truth objects."""
     def check(records, train_idx):
@@ -106,9 +139,9 @@ def train_grpo(cfg: GRPOConfig) -> dict:
                     max_new_tokens=cfg.max_new_tokens, batch_size=cfg.prompts_per_step, chat_template=cfg.chat_template)
     held_out = [records[i] for i in run.eval_idx]
     scene_truth = all(records[i].objects is not None for i in run.train_idx)
-    packing = dict(packing=cfg.packing, max_tokens_per_row=cfg.max_tokens_per_row)
     score = dict(temperature=cfg.temperature, autocast_dtype=autocast_dtype, backend=cfg.backend,
-                 micro_batch=cfg.micro_batch, fused_linear=cfg.fused_linear, **packing)
+                 micro_batch=cfg.micro_batch, fused_linear=cfg.fused_linear, packing=cfg.packing,
+                 max_tokens_per_row=cfg.max_tokens_per_row)
 
     def train_step(step: int) -> dict:
         # Rollouts: seeded by (seed, step, rank), so a resumed run samples exactly what it would have.
@@ -141,17 +174,8 @@ def train_grpo(cfg: GRPOConfig) -> dict:
                 rows = slice(first_row, first_row + cfg.micro_batch)
                 sync = n == len(starts) - 1  # gradients averaged across processes once per optimizer step
                 with dist.skip_grad_sync(trained) if not sync else contextlib.nullcontext():
-                    inputs, labels, (old_rows, ref_rows), (advantage_rows,), packed, _ = \
-                        rollout_ops.micro_batch_inputs(rollouts, rows, [old, ref], [advantages], model, **packing)
-                    out = model_loss(
-                        "grpo_loss", trained, inputs, labels, advantage_rows, fused_linear=cfg.fused_linear,
-                        autocast_dtype=autocast_dtype, inplace_backward=True, old_logps=old_rows, ref_logps=ref_rows,
-                        epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, beta_kl=cfg.beta_kl,
-                        loss_type=cfg.loss_type, temperature=cfg.temperature, backend=cfg.backend,
-                        num_items_in_batch=tokens_per_process if cfg.loss_type == "dapo" else None,
-                        # dr_grpo's constant: the generation budget (TRL's), whatever the rows' layout
-                        max_completion_length=cfg.max_new_tokens,
-                        world_size=1, **packed)  # tokens_per_process is already the global count / processes
+                    out, labels = micro_batch_loss(cfg, trained, model, rollouts, rows, advantages, old, ref,
+                                                   tokens_per_process, autocast_dtype)
                     loss_weight = _loss_weight(cfg.loss_type, rows, rollouts, local_tokens)
                     (out.loss * loss_weight).backward()
                 totals["tokens"] += labels.numel() / cfg.updates_per_rollout  # run by the model, padding included
@@ -160,14 +184,7 @@ def train_grpo(cfg: GRPOConfig) -> dict:
                 totals["kl"] += out.mean_kl.item() * share / cfg.updates_per_rollout
                 totals["clip_ratio"] += out.clip_ratio.item() * share / cfg.updates_per_rollout
             grad_norm = optimizer_step(model, optimizer, scheduler, cfg.max_grad_norm)
-        group_std = rewards.std(dim=1)
-        totals.update(reward=rewards.mean().item(), reward_std=group_std.mean().item(),
-                      zero_std_groups=(group_std == 0).float().mean().item(),
-                      answer_tokens=rollouts.answer_tokens.float().mean().item(),
-                      empty_answers=sum(not a for a in rollouts.answers) / len(rollouts.answers))
-        if scene_truth:  # the absolute reward of the rollouts (the grouped-comparison mean is always 1/2)
-            totals["scene_reward"] = sum(scene_reward(records[i], a) for g, i in enumerate(rollouts.record_indices)
-                                         for a in rollouts.answers[g * k:(g + 1) * k]) / len(rollouts.answers)
+        totals.update(rollout_metrics(records, rollouts, rewards, scene_truth))
         return {**dist.mean(totals), "grad_norm": grad_norm}
 
     def evaluate() -> dict:

@@ -46,7 +46,7 @@ class RunConfig:
     skip_bad: bool = option(False, "skip (and count) malformed records instead of failing")
     resume: bool = option(False, "continue from output-dir/checkpoint.pt")
     backend: str | None = option(None, "rlhfv_kernels backend (default: the best for the device). "
-                                 + rk.describe_backends(), choices=rk.BACKENDS)
+                                 + rk.describe_backends(), choices=(*rk.BACKENDS, *rk.RENAMED_BACKENDS))
     fused_linear: bool = option(False, "compute losses and log-probs from the last hidden states and the lm_head "
                                 "weight, never materializing the logits (single process)")
     packing: bool = option(False, "pack each micro-batch's sequences back to back into rows (no padding tokens run; "

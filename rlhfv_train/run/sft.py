@@ -12,19 +12,17 @@ import os
 
 import torch
 
-import rlhfv_kernels as rk
-
 from ..data import BatchStream
+from ..models import load_weights, model_loss
 from .checkpoint import save_atomically
-from ..models import forward_logits, load_weights
 
 
 def chosen_nll(model, batch, *, autocast_dtype=None, backend=None, inplace_backward=True) -> torch.Tensor:
     """Token-mean NLL of the chosen answers of a PairBatch (the rejected half is not run through the model)."""
     chosen = batch.chosen()
     labels = chosen.next_token_targets()[0]
-    logits = forward_logits(model, chosen.model_inputs(), autocast_dtype)
-    logps = rk.token_logprobs(logits, labels, inplace_backward=inplace_backward, backend=backend)
+    logps = model_loss("token_logprobs", model, chosen.model_inputs(), labels, autocast_dtype=autocast_dtype,
+                       inplace_backward=inplace_backward, backend=backend)
     mask = (labels != -100).to(logps.dtype)
     return -(logps * mask).sum() / mask.sum().clamp_min(1.0)
 

@@ -9,7 +9,7 @@ def batch(pairs=2, seq=5, vocab=11):
     return torch.randn(2 * pairs, seq, vocab), torch.randint(0, vocab, (2 * pairs, seq))
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton", "reference"])
+@pytest.mark.parametrize("backend", ["cpp", "triton", "eager"])
 @pytest.mark.parametrize("bad_label", [11, 12, -1, -99, 10**9])
 def test_label_out_of_range_names_position_and_value(backend, bad_label):
     logits, labels = batch()
@@ -141,8 +141,8 @@ def test_vocab_stride_must_be_one_for_fused_kernels():
     labels = torch.randint(0, 11, (6,))
     with pytest.raises(ValueError, match="stride 1 along the vocabulary .* got stride 6"):
         rk.token_logprobs(logits, labels, backend="cpp")
-    # The reference handles any layout, so it is the explicit way out.
-    assert rk.token_logprobs(logits, labels, backend="reference").shape == (6,)
+    # The eager backend handles any layout, so it is the explicit way out.
+    assert rk.token_logprobs(logits, labels, backend="eager").shape == (6,)
 
 
 def test_backend_selection_errors(monkeypatch):
@@ -154,10 +154,21 @@ def test_backend_selection_errors(monkeypatch):
     monkeypatch.setenv("RLHFV_BACKEND", "nope")
     with pytest.raises(ValueError, match="RLHFV_BACKEND must be one of"):
         rk.token_logprobs(logits, labels)
-    monkeypatch.setenv("RLHFV_BACKEND", "reference")
+    monkeypatch.setenv("RLHFV_BACKEND", "eager")
     assert rk.token_logprobs(logits, labels).shape == labels.shape
-    with pytest.raises(ValueError, match="always use the reference backend"):
+    with pytest.raises(ValueError, match="always run eagerly"):
         rk.reference.ddpo_loss(logits, labels, torch.zeros(4), backend="cpp")
+
+
+def test_the_old_name_of_the_eager_backend_still_works_with_a_warning(monkeypatch):
+    logits, labels = batch()
+    with pytest.warns(FutureWarning, match="backend='reference' is now 'eager'"):
+        old = rk.token_logprobs(logits, labels, backend="reference")
+    torch.testing.assert_close(old, rk.token_logprobs(logits, labels, backend="eager"), rtol=0, atol=0)
+    monkeypatch.setenv("RLHFV_BACKEND", "reference")
+    with pytest.warns(FutureWarning, match="RLHFV_BACKEND='reference' is now 'eager'"):
+        rk.ddpo_loss(logits, labels, torch.zeros(4))
+    assert "eager" in rk.BACKENDS and "reference" not in rk.BACKENDS
 
 
 def test_bad_labels_raise_before_any_kernel_runs(backend):

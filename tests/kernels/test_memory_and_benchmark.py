@@ -31,7 +31,7 @@ def test_fused_paths_allocate_no_logits_sized_temporaries(dtype):
     x = leaf.view_as(leaf)  # non-leaf, like a model's output logits
     inplace = peak_extra_bytes(lambda: step("cpp", True, x))
     fused = peak_extra_bytes(lambda: step("cpp", False, logits.requires_grad_(True)))
-    reference = peak_extra_bytes(lambda: step("reference", False, logits.requires_grad_(True)))
+    reference = peak_extra_bytes(lambda: step("eager", False, logits.requires_grad_(True)))
     assert inplace < 0.01 * nbytes, f"inplace backward allocated {inplace} bytes for {nbytes} bytes of logits"
     assert fused < 1.05 * nbytes, f"out-of-place fused step allocated {fused} bytes, more than one gradient buffer"
     assert reference > 2 * nbytes  # the baseline really does materialize log_softmax (checks the measurement)
@@ -53,7 +53,7 @@ def test_benchmark_quick_run_writes_complete_json(tmp_path):
         assert {"reference_compiled", "trl"} <= {impl for _, impl in seen}  # the CPU peers
         for r in case["records"]:
             assert r["fwd_bwd_median_ms"] > 0 and r["peak_extra_bytes"] is not None
-            assert r["backend"] == {"reference": "reference", "reference_compiled": "reference",
+            assert r["backend"] == {"reference": "eager", "reference_compiled": "eager",
                                     "trl": "trl"}.get(r["impl"], "cpp")
             if r["impl"] != "reference":  # fused gradients agree with the reference's to rounding
                 assert r["grad_max_abs_err"] < 1e-2

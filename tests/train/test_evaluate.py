@@ -17,11 +17,6 @@ pytest.importorskip("PIL")
 RED_LEFT, BLUE_RIGHT = ("red", "circle", "left"), ("blue", "square", "right")
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    return synthetic.generate(str(tmp_path_factory.mktemp("scenes")), 40, seed=5)
-
-
 def test_rates_count_responses_mentions_and_recall_by_hand():
     truths = [[RED_LEFT, BLUE_RIGHT], [RED_LEFT], [BLUE_RIGHT], [RED_LEFT]]
     answers = [

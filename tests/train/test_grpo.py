@@ -10,19 +10,14 @@ import pytest
 import torch
 
 import rlhfv_kernels as rk
-from rlhfv_train.grpo import rollouts as rollout_ops
-from rlhfv_train.data import load_records, synthetic
-from rlhfv_train.models import tiny
+from rlhfv_train.data import load_records
 from rlhfv_train.eval import GenerationSettings
 from rlhfv_train.grpo import GRPOConfig, build_parser, main, train_grpo
+from rlhfv_train.grpo import rollouts as rollout_ops
 from rlhfv_train.grpo.rewards import GenerativeJudge, grouped_comparison
+from rlhfv_train.models import tiny
 
 pytest.importorskip("PIL")
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    return synthetic.generate(str(tmp_path_factory.mktemp("scenes")), 40, seed=5)
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +122,15 @@ def test_fused_linear_matches_the_logits_path(tmp_path, dataset, warm, monkeypat
     for name, value in logits["model"].state_dict().items():
         torch.testing.assert_close(linear["model"].state_dict()[name], value, rtol=1e-4, atol=2e-5, msg=name)
     assert linear["metrics"]["kl"] == pytest.approx(logits["metrics"]["kl"], rel=1e-3, abs=1e-6)
+
+
+def test_gradient_checkpointing_takes_the_same_step(tmp_path, dataset, warm):
+    """--grad-checkpointing (a RunConfig option, so GRPO has it too) recomputes activations in backward: same step."""
+    options = dict(max_steps=1, init_weights=warm, beta_kl=0.1, updates_per_rollout=2, eval_every=5)
+    plain = train_grpo(small_config(tmp_path / "a", dataset, **options))
+    ckpt = train_grpo(small_config(tmp_path / "b", dataset, grad_checkpointing=True, **options))
+    for name, value in plain["model"].state_dict().items():
+        torch.testing.assert_close(ckpt["model"].state_dict()[name], value, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_training_writes_metrics_plot_and_resumes_exactly(tmp_path, dataset, warm):

@@ -23,11 +23,6 @@ from rlhfv_train.ddpo import TrainConfig, train
 pytest.importorskip("PIL")
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    return synthetic.generate(str(tmp_path_factory.mktemp("scenes")), 40, seed=5)
-
-
 def test_plan_rows_first_fit_longest_first():
     lengths = [5, 3, 9, 1, 2, 12]
     rows = plan_rows(lengths, 12, 10)
