@@ -35,8 +35,8 @@ and hands TRL the padded layout's per-token fields, so TRL's loss code is unchan
 against the padded one on the first batch and a model where they differ is refused (models/packing.py).
 
 Options no route can honour raise at construction, naming the option. Tested against TRL's own trainers on the same
-batches (tests/train/test_trl_dropin.py). Written against TRL's internals; SUPPORTED_TRL is the tested range, and another
-version fails at import of this module.
+batches (tests/train/test_trl_dropin.py). Written against TRL's internals; SUPPORTED_TRL is the tested range, and
+another version fails at import of this module.
 """
 from __future__ import annotations
 

@@ -360,11 +360,11 @@ def _describe_transform(model) -> str:
 
 
 def supported_models_markdown() -> str:
-    """README's "Supported models" table: every family of FAMILIES with the model inputs its processor gives a
-    collated preference batch and the logit transform the fused-linear route applies; tests/train/test_families.py runs
-    each family through both trainers and the fused-linear check (the ✓ columns) and --packing (✓, or refused by
-    models/packing.check_packing, which this table runs on the batch), tests/docs/test_readme.py keeps README's copy equal
-    to this."""
+    """docs/models.md's table: every family of FAMILIES with the model inputs its processor gives a collated
+    preference batch and the logit transform the fused-linear route applies; tests/train/test_families.py runs each
+    family through both trainers and the fused-linear check (the ✓ columns) and --packing (✓, or refused by
+    models/packing.check_packing, which this table runs on the batch); tests/docs/test_readme.py keeps the docs' copy
+    equal to this."""
     import io
     import random
 

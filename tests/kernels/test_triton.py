@@ -1,7 +1,7 @@
 """Triton-specific checks: vocabulary splits, the op schemas, guards (GPU runs: the suites' *-cuda targets).
 
-The shared correctness suite (tests/kernels/test_token_logprobs.py, tests/kernels/test_losses.py) already runs every case on the
-Triton kernels under the interpreter.
+The shared correctness suite (tests/kernels/test_token_logprobs.py, tests/kernels/test_losses.py) already runs every
+case on the Triton kernels under the interpreter.
 """
 import pytest
 import torch
