@@ -18,12 +18,15 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 
 from rlhfv_train.ddpo import PRESETS
 from rlhfv_train.eval import METRICS
+from rlhfv_train.run import flags
 from rlhfv_train.run.cli import USER_ERRORS, fail, machine
+from rlhfv_train.run.flags import option
 
 METHODS = {  # name: TrainConfig overrides
     "dpo": {"gamma": 1.0, "beta": 0.1, "mode": "sum"},
@@ -36,36 +39,37 @@ QUICK = {"seeds": 1, "examples": 384, "sft_steps": 40, "steps": 10}
 CONTROL = "sft-more"  # continued SFT on the chosen answers, no preference pairs
 
 
+@dataclass
+class AblationConfig:
+    """The ablation's options (each field a flag, rlhfv_train/run/flags.py); seeds, examples, sft_steps and steps
+    left unset come from FULL, or QUICK with --quick."""
+    seeds: int | None = option(None, "seeds per method (default: 3)", unset=True)
+    examples: int | None = option(None, "synthetic records (default: 1536)", unset=True)
+    partial: float = option(0.0, "share of two-error rejected answers whose correction fixes only one error "
+                            "(synthetic.make_example)")
+    per_side: int = option(1, "objects per column at most; 2: 3 to 6 objects per scene, long answers in which an "
+                           "error is a small part", choices=(1, 2))
+    pairs: str = option("offline", "offline: the dataset's synthetic (chosen, rejected) pairs; on-policy: the SFT "
+                        "model's own sampled answers on the training images, corrected against the ground truth, "
+                        "as RLHF-V collected its data", choices=("offline", "on-policy"))
+    samples: int = option(2, "on-policy answers per training image")
+    eval_fraction: float = option(0.2, "held-out share")
+    sft_steps: int | None = option(None, "SFT steps (default: 2000)", unset=True)
+    sft_lr: float = option(5e-4, "SFT learning rate")
+    steps: int | None = option(None, "preference steps per method (default: 300)", unset=True)
+    lr: float = option(1e-5, "preference learning rate (at 5e-5 the runs without SFT term stop naming objects at "
+                       "all)")
+    batch_size: int = option(8, "pairs per step")
+    sft_weights: str = option("0,1", "SFT-term weights to run every method with")
+    methods: str = option(",".join([*METHODS, CONTROL]), "comma-separated subset")
+    work_dir: str = option("runs/ablation", "runs and data")
+    out: str = option("benchmarks/results/ablation-cpu", "results prefix")
+    quick: bool = option(False, "1 seed, 384 records, 40 + 10 steps (unless given): a pipeline check")
+    progress: bool = option(True, "no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m experiments.ablation", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", type=int, help="seeds per method (default: 3)")
-    p.add_argument("--examples", type=int, help="synthetic records (default: 1536)")
-    p.add_argument("--partial", type=float, default=0.0, help="share of two-error rejected answers whose correction "
-                   "fixes only one error (synthetic.make_example; default: 0)")
-    p.add_argument("--per-side", type=int, default=1, choices=(1, 2), help="objects per column at most; 2: 3 to 6 "
-                   "objects per scene, long answers in which an error is a small part (default: 1)")
-    p.add_argument("--pairs", choices=("offline", "on-policy"), default="offline", help="offline: the dataset's "
-                   "synthetic (chosen, rejected) pairs; on-policy: the SFT model's own sampled answers on the training "
-                   "images, corrected against the ground truth, as RLHF-V collected its data (default: offline)")
-    p.add_argument("--samples", type=int, default=2, help="on-policy answers per training image (default: 2)")
-    p.add_argument("--eval-fraction", type=float, default=0.2, help="held-out share (default: 0.2)")
-    p.add_argument("--sft-steps", type=int, help="warm-up steps (default: 2000)")
-    p.add_argument("--sft-lr", type=float, default=5e-4, help="warm-up learning rate (default: 5e-4)")
-    p.add_argument("--steps", type=int, help="preference steps per method (default: 300)")
-    p.add_argument("--lr", type=float, default=1e-5, help="preference learning rate (default: 1e-5; at 5e-5 the "
-                   "runs without SFT term stop naming objects at all)")
-    p.add_argument("--batch-size", type=int, default=8, help="pairs per step (default: 8)")
-    p.add_argument("--sft-weights", default="0,1", help="SFT-term weights to run every method with (default: 0,1)")
-    p.add_argument("--methods", default=",".join([*METHODS, CONTROL]), help="comma-separated subset "
-                   "(default: all)")
-    p.add_argument("--work-dir", default="runs/ablation", help="runs and data (default: runs/ablation)")
-    p.add_argument("--out", default="benchmarks/results/ablation-cpu", help="results prefix (default: "
-                   "benchmarks/results/ablation-cpu)")
-    p.add_argument("--quick", action="store_true", help="1 seed, 384 records, 40 + 10 steps (unless given): a "
-                   "pipeline check")
-    p.add_argument("--no-progress", action="store_true")
-    return p
+    return flags.build_parser(AblationConfig, "python -m experiments.ablation", __doc__)
 
 
 def _supervised(model, processor, records, *, steps, lr, batch_size, order_seed, progress=None) -> list[float]:
@@ -76,7 +80,7 @@ def _supervised(model, processor, records, *, steps, lr, batch_size, order_seed,
     collate = PairCollator(processor, gamma=1.0)
     stream = BatchStream(list(range(len(records))), batch_size, order_seed)
     return fine_tune(model, lambda k: collate([(i, records[i]) for i in stream.batch(k)]), steps=steps, lr=lr,
-                  progress=progress)
+                     progress=progress)
 
 
 def _sft_start(data_path, seed, args, path):
@@ -87,7 +91,7 @@ def _sft_start(data_path, seed, args, path):
 
     train_records, _ = _records(data_path, None, seed, args)
     processor, model = load_processor_and_model(None, seed)
-    with tqdm(total=args.sft_steps, desc=f"seed {seed}: sft warm-up", unit="step", disable=args.no_progress) as bar:
+    with tqdm(total=args.sft_steps, desc=f"seed {seed}: sft warm-up", unit="step", disable=not args.progress) as bar:
         losses = _supervised(model, processor, train_records, steps=args.sft_steps, lr=args.sft_lr,
                              batch_size=args.batch_size, order_seed=seed + 7919, progress=bar)
     torch.save({"model": model.state_dict(), "sft_losses": losses}, path)
@@ -192,7 +196,7 @@ def run(args) -> dict:
     data_path = os.path.join(args.work_dir, name, "data.jsonl")
     if not os.path.isfile(data_path):
         synthetic.generate(os.path.dirname(data_path), args.examples, seed=0, partial=args.partial,
-                           per_side=args.per_side, progress=not args.no_progress)
+                           per_side=args.per_side, progress=args.progress)
     runs = []
     started = time.time()
     for seed in range(args.seeds):
@@ -215,13 +219,13 @@ def run(args) -> dict:
                                   init_weights=sft_path, sft_weight=weight, lr=args.lr, max_steps=args.steps,
                                   batch_size=args.batch_size, eval_fraction=args.eval_fraction,
                                   eval_every=args.steps, save_every=args.steps, seed=seed, device="cpu",
-                                  progress=not args.no_progress, **METHODS[method])
+                                  progress=args.progress, **METHODS[method])
                 summary = train(cfg)
                 start = start or summary["start_metrics"]
                 runs.append({"method": method, "sft_weight": weight, "seed": seed, **_pick(summary["metrics"]),
                              "eval_accuracy": summary["metrics"].get("eval_accuracy")})
         runs.append({"method": "start (sft warm-up)", "sft_weight": None, "seed": seed, **_pick(start or {})})
-    return {"settings": {k: v for k, v in vars(args).items() if k != "no_progress"}, "runs": runs,
+    return {"settings": {k: v for k, v in vars(args).items() if k != "progress"}, "runs": runs,
             "minutes": (time.time() - started) / 60}
 
 

@@ -14,35 +14,39 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 
 from rlhfv_train.eval import METRICS
 from rlhfv_train.grpo import SCENE_JUDGES, TINY_SFT_STEPS, GRPOConfig, train_grpo
+from rlhfv_train.run import flags
 from rlhfv_train.run.cli import USER_ERRORS, fail, machine
+from rlhfv_train.run.flags import option
 
 REPORTED = ("eval_scene_reward", *METRICS, "eval_win_rate")
 
 
+@dataclass
+class SweepConfig:
+    """The sweep's options (each field a flag, rlhfv_train/run/flags.py)."""
+    k: tuple[int, ...] = option((2, 4, 8), "group sizes")
+    seeds: int = option(3, "seeds per k")
+    steps: int = option(100, "GRPO steps per run")
+    prompts_per_step: int = option(8, "prompts per step")
+    lr: float = option(1e-4, "GRPO learning rate")
+    beta_kl: float = option(0.04, "KL weight")
+    sft_steps: int = option(TINY_SFT_STEPS, "SFT steps per seed (the runs' common start)")
+    judge: str = option("scene", "the exact judge's rule (scene: more correct-minus-hallucinated objects wins; "
+                        "scene-strict: fewer hallucinated wins)", choices=tuple(sorted(SCENE_JUDGES)))
+    examples: int = option(1024, "synthetic records")
+    eval_every: int = option(20, "steps between held-out evaluations")
+    work_dir: str = option("runs/grpo-sweep", "runs go here")
+    out: str = option("benchmarks/results/grpo-k-cpu", "output prefix")
+    quick: bool = option(False, "a few steps of everything (a smoke test, not a result)")
+    progress: bool = option(True, "no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m experiments.grpo_sweep", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--k", type=int, nargs="+", default=[2, 4, 8], help="group sizes (default: 2 4 8)")
-    p.add_argument("--seeds", type=int, default=3, help="seeds per k (default: 3)")
-    p.add_argument("--steps", type=int, default=100, help="GRPO steps per run (default: 100)")
-    p.add_argument("--prompts-per-step", type=int, default=8, help="prompts per step (default: 8)")
-    p.add_argument("--lr", type=float, default=1e-4, help="GRPO learning rate (default: 1e-4)")
-    p.add_argument("--beta-kl", type=float, default=0.04, help="KL weight (default: 0.04)")
-    p.add_argument("--sft-steps", type=int, default=TINY_SFT_STEPS,
-                   help=f"warm-up steps per seed (default: {TINY_SFT_STEPS})")
-    p.add_argument("--judge", choices=sorted(SCENE_JUDGES), default="scene", help="the exact judge's rule (default: "
-                   "scene: more correct-minus-hallucinated objects wins; scene-strict: fewer hallucinated wins)")
-    p.add_argument("--examples", type=int, default=1024, help="synthetic records (default: 1024)")
-    p.add_argument("--eval-every", type=int, default=20, help="steps between held-out evaluations (default: 20)")
-    p.add_argument("--work-dir", default="runs/grpo-sweep", help="runs go here (default: runs/grpo-sweep)")
-    p.add_argument("--out", default="benchmarks/results/grpo-k-cpu", help="output prefix (default: "
-                   "benchmarks/results/grpo-k-cpu)")
-    p.add_argument("--quick", action="store_true", help="a few steps of everything (a smoke test, not a result)")
-    p.add_argument("--no-progress", action="store_true")
-    return p
+    return flags.build_parser(SweepConfig, "python -m experiments.grpo_sweep", __doc__)
 
 
 def run(args) -> dict:
@@ -59,7 +63,7 @@ def run(args) -> dict:
                              max_steps=args.steps, lr=args.lr, beta_kl=args.beta_kl, eval_every=args.eval_every,
                              save_every=args.steps, synthetic_examples=args.examples, seed=seed, device="cpu",
                              sft_steps=args.sft_steps if warm is None else 0, init_weights=warm,
-                             progress=not args.no_progress,
+                             progress=args.progress,
                              # one data file per seed: the first run generates it, the others read it
                              data=None if warm is None else os.path.join(os.path.dirname(warm), "synthetic",
                                                                          "data.jsonl"),
@@ -75,7 +79,7 @@ def run(args) -> dict:
                          "eval": [{n: r[n] for n in ("step", *REPORTED) if n in r} for r in rows if "chair_s" in r
                                   or "eval_scene_reward" in r],
                          "rollout_scene_reward": [r["scene_reward"] for r in rows if "scene_reward" in r]})
-    return {"settings": {k: v for k, v in vars(args).items() if k != "no_progress"}, "runs": runs,
+    return {"settings": {k: v for k, v in vars(args).items() if k != "progress"}, "runs": runs,
             "minutes": (time.time() - started) / 60}
 
 

@@ -2,7 +2,7 @@
 
 A field declared with `option(default, help)` becomes `--field-name` (underscores as dashes) with the field's type
 and default; a bool that defaults to False becomes a switch `--field-name`, one that defaults to True the switch
-`--no-field-name`. Fields declared without `option` (e.g. `stop_after`, a test hook) have no flag. Metadata:
+`--no-field-name`; a `tuple[int, ...]` (or float, str) takes one or more values. Fields declared without `option` (e.g. `stop_after`, a test hook) have no flag. Metadata:
   flag      the flag's name when it is not the field's, e.g. "--judge-model"
   short     a one-letter alias, e.g. "-k"
   choices   the allowed values (argparse checks them)
@@ -26,16 +26,20 @@ def option(default: Any, help: str, **metadata) -> Any:
     return dataclasses.field(default=default, metadata={"help": help, **metadata})
 
 
-def _value_type(field: dataclasses.Field):
-    """int / float / str from the field's annotation (`x | None` included), or None for a bool."""
+def _value_type(field: dataclasses.Field) -> tuple[type | None, str | None]:
+    """(int / float / str from the field's annotation, `x | None` included, or None for a bool; "+" for a tuple of
+    them, else None)."""
     annotation = field.type.__name__ if isinstance(field.type, type) else str(field.type)
     names = [part.strip() for part in annotation.split("|") if part.strip() != "None"]
     if names == ["bool"]:
-        return None
+        return None, None
+    nargs = None
+    if len(names) == 1 and names[0].startswith("tuple[") and names[0].endswith(", ...]"):
+        names, nargs = [names[0][len("tuple["):-len(", ...]")]], "+"
     if len(names) != 1 or names[0] not in _TYPES:
-        raise TypeError(f"{field.name}: option() fields are int, float, str or bool (optionally | None), "
-                        f"got {field.type!r}")
-    return _TYPES[names[0]]
+        raise TypeError(f"{field.name}: option() fields are int, float, str or bool (optionally | None), or a "
+                        f"tuple[int, ...] of them, got {field.type!r}")
+    return _TYPES[names[0]], nargs
 
 
 def flag_fields(config_class) -> list[dataclasses.Field]:
@@ -46,7 +50,7 @@ def flag_name(field: dataclasses.Field) -> str:
     if "flag" in field.metadata:
         return field.metadata["flag"]
     name = field.name.replace("_", "-")
-    return f"--no-{name}" if _value_type(field) is None and field.default is True else f"--{name}"
+    return f"--no-{name}" if _value_type(field)[0] is None and field.default is True else f"--{name}"
 
 
 def add_flags(parser: argparse.ArgumentParser, config_class) -> None:
@@ -61,11 +65,13 @@ def add_flags(parser: argparse.ArgumentParser, config_class) -> None:
             target = groups[meta["exclusive"]]
         names = [meta["short"], flag_name(field)] if "short" in meta else [flag_name(field)]
         kwargs: dict[str, Any] = {"dest": field.name, "help": meta["help"]}
-        value_type = _value_type(field)
+        value_type, nargs = _value_type(field)
         if value_type is None:
             kwargs.update(action="store_false" if field.default is True else "store_true")
         else:
             kwargs.update(type=value_type, default=None if meta.get("unset") else field.default)
+            if nargs:
+                kwargs["nargs"] = nargs
             if "choices" in meta:
                 kwargs["choices"] = meta["choices"]
         target.add_argument(*names, **kwargs)

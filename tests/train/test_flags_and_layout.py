@@ -71,11 +71,14 @@ def test_a_new_option_is_one_field():
         new_knob: float = flags.option(0.5, "a knob")
         on_by_default: bool = flags.option(True, "turn it off")
         picked: str = flags.option("a", "one of two", choices=("a", "b"))
+        sizes: tuple[int, ...] = flags.option((2, 4), "one or more sizes")
 
     args = flags.build_parser(Config, "prog", "").parse_args(["--new-knob", "2", "--no-on-by-default", "--picked",
-                                                              "b"])
+                                                              "b", "--sizes", "3", "5", "7"])
     values = flags.given_values(Config, args)
     assert (values["new_knob"], values["on_by_default"], values["picked"]) == (2.0, False, "b")
+    assert values["sizes"] == [3, 5, 7]
+    assert flags.given_values(Config, flags.build_parser(Config, "prog", "").parse_args([]))["sizes"] == (2, 4)
     with pytest.raises(TypeError, match="int, float, str or bool"):
         @dataclasses.dataclass
         class Bad(RunConfig):
