@@ -80,16 +80,6 @@ class PackedRows:
         return self.pack(padded_positions) + self.offset.to(padded_positions.device).view(self.shape)
 
 
-def add_packing_arguments(parser, unit: str) -> None:
-    """--packing / --max-tokens-per-row, the same for both trainers' command lines (`unit`: what is packed)."""
-    parser.add_argument("--packing", action="store_true", help=f"pack each {unit}'s sequences back to back into "
-                        "rows (no padding tokens run; attention kept within each sequence; checked against the padded "
-                        "forward before training, and refused for a model where they differ)")
-    parser.add_argument("--max-tokens-per-row", type=int, default=None,
-                        help=f"packed row capacity in tokens (--packing; default: the {unit}'s longest sequence, which "
-                        "never costs sdpa/eager attention more than padding; raise it under flash attention)")
-
-
 def check_max_tokens_per_row(value, packing: bool = True) -> None:
     """A positive int or None; given without packing it would do nothing, so it is refused."""
     if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):

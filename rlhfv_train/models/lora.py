@@ -42,18 +42,6 @@ class LoraSettings:
                                                                          if t.strip()]
 
 
-def add_lora_arguments(parser) -> None:
-    """--lora-r / --lora-alpha / --lora-dropout / --lora-target, the same for both trainers' command lines."""
-    d = LoraSettings()
-    parser.add_argument("--lora-r", type=int, default=d.r, help="train LoRA adapters of this rank on the policy "
-                        "instead of all its weights (peft); the reference is the model with the adapters disabled "
-                        "(0: full fine-tuning)")
-    parser.add_argument("--lora-alpha", type=float, default=d.alpha, help="LoRA scaling alpha")
-    parser.add_argument("--lora-dropout", type=float, default=d.dropout, help="dropout on the LoRA inputs")
-    parser.add_argument("--lora-target", default=d.target, help="modules that get adapters: 'all-linear' (every "
-                        "linear layer but lm_head) or comma-separated module names, e.g. q_proj,v_proj")
-
-
 def lora_settings(cfg) -> LoraSettings:
     """The LoRA settings of a trainer config (TrainConfig, GRPOConfig, or a checkpoint's config dict)."""
     get = cfg.get if isinstance(cfg, dict) else (lambda name, default: getattr(cfg, name, default))
