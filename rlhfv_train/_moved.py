@@ -1,6 +1,7 @@
-"""The module names of before the package was laid out by concern keep working, with a FutureWarning saying where
-the module went: `import rlhfv_train.train` gives rlhfv_train.ddpo, `python -m rlhfv_train.evaluate` runs
-`python -m rlhfv_train.eval`. One table, one import hook (installed by rlhfv_train/__init__.py)."""
+"""The names of before the package was laid out by concern keep working, with a FutureWarning saying where they went:
+module names through one table and one import hook (installed by rlhfv_train/__init__.py): `import rlhfv_train.train`
+gives rlhfv_train.ddpo, `python -m rlhfv_train.evaluate` runs `python -m rlhfv_train.eval`; renamed functions through
+old_names(), a module __getattr__ (rlhfv_train.sft.warmup is rlhfv_train.run.sft.fine_tune)."""
 from __future__ import annotations
 
 import importlib
@@ -26,6 +27,19 @@ MOVED = {
     "rlhfv_train.ablation": "experiments.ablation",      # experiments/ of a clone (not installed)
     "rlhfv_train.grpo_sweep": "experiments.grpo_sweep",
 }
+
+def old_names(module: str, table: dict[str, str]):
+    """A module-level __getattr__ for `module`'s old names: table maps each to its new name in the module, or to
+    'other.module:name'."""
+    def __getattr__(name: str):
+        if name not in table:
+            raise AttributeError(f"module {module!r} has no attribute {name!r}")
+        where, _, new = table[name].rpartition(":")
+        where = where or module
+        warnings.warn(_message(f"{module}.{name}", f"{where}.{new}"), FutureWarning, stacklevel=2)
+        return getattr(importlib.import_module(where), new)
+    return __getattr__
+
 
 def _message(old: str, new: str) -> str:
     return f"{old} moved to {new}; the old name will be removed"

@@ -12,6 +12,7 @@ import os
 
 import torch
 
+from .._moved import old_names
 from ..data import BatchStream
 from ..models import load_weights, model_loss
 from .checkpoint import save_atomically
@@ -74,3 +75,6 @@ def sft_stage(model, collate, records, train_idx, *, dist, output_dir: str, step
     if not dist.is_main:
         losses = load_weights(model, path)["sft_losses"]
     return losses
+
+
+__getattr__ = old_names(__name__, {"warmup": "fine_tune", "warm_up_once": "sft_stage"})

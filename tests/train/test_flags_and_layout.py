@@ -101,6 +101,22 @@ def test_the_old_module_names_still_import_with_a_warning(old, new, name, monkey
         importlib.import_module(new)  # the new name: no warning
 
 
+@pytest.mark.parametrize("module, old, new", [("rlhfv_train.run.sft", "warmup", "fine_tune"),
+                                              ("rlhfv_train.run.sft", "warm_up_once", "sft_stage"),
+                                              ("rlhfv_train.ddpo", "evaluate", "held_out_metrics"),
+                                              ("rlhfv_train.grpo", "evaluate", "held_out_metrics")])
+def test_renamed_functions_still_answer_to_their_old_names(module, old, new):
+    import importlib
+    mod = importlib.import_module(module)
+    with pytest.warns(FutureWarning, match=f"{module}.{old} moved to {module}.{new}"):
+        assert getattr(mod, old) is getattr(mod, new)
+    from rlhfv_train.run.schedule import cosine_with_warmup
+    with pytest.warns(FutureWarning):
+        assert importlib.import_module("rlhfv_train.ddpo").cosine_with_warmup is cosine_with_warmup
+    with pytest.raises(AttributeError, match="has no attribute 'nope'"):
+        getattr(mod, "nope")
+
+
 def test_the_old_command_names_still_run(tmp_path):
     out = subprocess.run([sys.executable, "-m", "rlhfv_train.synthetic", "--help"], capture_output=True, text=True,
                          cwd=tmp_path)
