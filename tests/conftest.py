@@ -69,3 +69,12 @@ def pytest_runtest_makereport(item, call):
         seeds = [v for k, v in item.user_properties if k == "seed"]
         if seeds:
             report.sections.append(("seed", f"reproduce with RLHFV_TEST_SEED={seeds[0]}"))
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory):
+    """40 synthetic scene records (seed 5) as a JSONL file with its images: the trainers' tests' data, read only (a
+    module that needs other data defines its own `dataset`). Kept here, not in a tests/train/conftest.py: the kernel
+    tests import helpers `from conftest`, which a second conftest module would shadow."""
+    from rlhfv_train.data import synthetic
+    return synthetic.generate(str(tmp_path_factory.mktemp("scenes")), 40, seed=5)
