@@ -60,6 +60,29 @@ def save_training_state(path: str, model, optimizer, scheduler, step: int, *, fs
     dist.barrier()
 
 
+def metrics_lines_upto(path: str, step: int) -> list[str]:
+    """The lines of a metrics.jsonl whose step is at most `step`. A last line that does not parse is what a kill
+    during its append leaves: it is dropped, with a message. A damaged line before the last is an error naming the file
+    and the line."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.read().splitlines()
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+            row_step = row["step"]
+        except (json.JSONDecodeError, TypeError, KeyError):
+            if number == len(lines):
+                print(f"--resume: dropped the torn last line of {path} (line {number}: the run was stopped while "
+                      "writing it)")
+                break
+            raise ValueError(f"{path}, line {number}: not a metrics row ({line[:60]!r}); repair or delete that line, "
+                             "or remove the file to start its metrics over") from None
+        if row_step <= step:
+            kept.append(line + "\n")
+    return kept
+
+
 def start_or_resume(ckpt_path: str, metrics_path: str, model, optimizer, scheduler, *, resume: bool,
                     max_steps: int, fsdp: bool, dist) -> tuple[int, dict, dict]:
     """The trainers' start: with `resume` and a checkpoint, loads save_training_state's file and drops the metrics
@@ -75,7 +98,7 @@ def start_or_resume(ckpt_path: str, metrics_path: str, model, optimizer, schedul
         if dist.is_main:
             print(f"resumed from {ckpt_path} at step {step}")
             if os.path.isfile(metrics_path):
-                kept = [line for line in open(metrics_path) if json.loads(line)["step"] <= step]
+                kept = metrics_lines_upto(metrics_path, step)
                 with open(metrics_path, "w") as f:
                     f.writelines(kept)
                 if kept:

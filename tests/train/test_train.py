@@ -76,6 +76,22 @@ def test_resume_ends_with_the_same_weights(tmp_path, dataset):
     assert steps == [0, 1, 2, 3, 4, 5, 6]
 
 
+def test_resume_drops_a_torn_last_metrics_line_and_names_a_damaged_one(tmp_path, dataset, capsys):
+    """A kill during a metrics append leaves a torn last line: --resume drops it and goes on; a damaged line before
+    the last is a one-line error naming the file and the line."""
+    train(small_config(tmp_path, dataset, stop_after=3))
+    metrics = tmp_path / "metrics.jsonl"
+    with open(metrics, "a") as f:
+        f.write('{"step": 4, "loss": 0.6')  # torn
+    resumed = train(small_config(tmp_path, dataset, resume=True))
+    assert resumed["step"] == 6 and "dropped the torn last line" in capsys.readouterr().out
+    assert [json.loads(line)["step"] for line in open(metrics)] == [0, 1, 2, 3, 4, 5, 6]
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join([lines[0], "garbage", *lines[1:]]) + "\n")
+    with pytest.raises(ValueError, match=r"metrics.jsonl, line 2: not a metrics row"):
+        train(small_config(tmp_path, dataset, resume=True, max_steps=8))
+
+
 def test_reference_scores_are_cached(tmp_path, dataset, monkeypatch):
     train(small_config(tmp_path, dataset, max_steps=1))
     cached = os.listdir(tmp_path / "ref_cache")
