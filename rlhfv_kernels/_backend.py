@@ -7,7 +7,6 @@ plain PyTorch; its old name "reference" is still accepted, with a FutureWarning 
 """
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import os
 import sys
@@ -22,20 +21,19 @@ class Backend:
     name: str
     devices: tuple[str, ...]   # device types whose tensors it runs on
     paths: tuple[str, ...]     # "logits" (token_logprobs & co.) and/or "linear" (the fused-linear family)
-    namespace: str | None      # torch.ops namespace of its operators; None: plain PyTorch
-    module: str | None         # the module whose import registers that namespace
+    namespace: str | None      # torch.ops namespace of its operators (operators() below); None: plain PyTorch
     summary: str
 
 
 TABLE = {b.name: b for b in (
-    Backend("eager", ("cpu", "cuda"), ("logits", "linear"), None, None,
+    Backend("eager", ("cpu", "cuda"), ("logits", "linear"), None,
             "plain eager PyTorch (log_softmax + gather, rlhfv_kernels.reference); always available, materializes "
             "N x V"),
-    Backend("cpp", ("cpu",), ("logits", "linear"), "rlhfv", "rlhfv_kernels._C",
+    Backend("cpp", ("cpu",), ("logits", "linear"), "rlhfv",
             "the compiled extension's C++ CPU kernels"),
-    Backend("cuda", ("cuda",), ("logits",), "rlhfv", "rlhfv_kernels._C",
+    Backend("cuda", ("cuda",), ("logits",), "rlhfv",
             "the compiled extension's CUDA C++ kernels, where it was built with them"),
-    Backend("triton", ("cuda", "cpu"), ("logits", "linear"), "rlhfv_triton", "rlhfv_kernels.triton.ops",
+    Backend("triton", ("cuda", "cpu"), ("logits", "linear"), "rlhfv_triton",
             "Triton kernels: CUDA tensors, or CPU tensors under the interpreter (TRITON_INTERPRET=1 set before "
             "rlhfv_kernels.triton is first imported; for tests, slow)"),
 )}
@@ -60,19 +58,13 @@ def targets(path: str = "logits") -> list[tuple[str, str]]:
             if path in TABLE[name].paths]
 
 
-# backend -> its torch.ops namespace once its module is imported (a plain dict: torch.compile traces a lookup in it,
-# not importlib)
-_operators: dict = {}
-
-
 def operators(backend: str):
-    """torch.ops namespace of `backend`'s operators (importing its module registers them on first use)."""
-    ops = _operators.get(backend)
-    if ops is None:
-        spec = TABLE[backend]
-        importlib.import_module(spec.module)
-        ops = _operators[backend] = getattr(torch.ops, spec.namespace)
-    return ops
+    """torch.ops namespace of `backend`'s operators. The compiled extension registers rlhfv::* when this module is
+    imported; the Triton family registers itself on first use, through an import statement (torch.compile runs one
+    while tracing, so fullgraph=True works on a process's first call; importlib.import_module it refuses)."""
+    if backend == "triton":
+        from .triton import ops  # noqa: F401
+    return getattr(torch.ops, TABLE[backend].namespace)
 
 
 _extension_error: str | None = None
@@ -122,6 +114,10 @@ def why_unavailable(backend: str, device: torch.device, path: str = "logits") ->
 def _why_triton_unavailable(device: torch.device) -> str | None:
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed (pip install triton)"
+    if torch.compiler.is_compiling():
+        # Load the family before anything below reads whether it is loaded: torch.compile guards on what it read,
+        # and an import later in the same trace would fail that guard.
+        operators("triton")
     if device.type == "cuda":
         return None
     if device.type != "cpu":

@@ -1,11 +1,14 @@
 """Argument validation for the public API: every bad input becomes a Python exception that names the argument.
 
-Value checks that need the data (label range, negative weights) run eagerly only; under torch.compile they are
-skipped to avoid graph breaks, and the compiled kernels still refuse out-of-range labels themselves.
+Value checks that need the data (label range, token weights, nonnegative vectors) run at once in eager mode; under
+torch.compile the checked tensor goes through the opaque operator rlhfv_checks::checked instead (a copy of that small
+tensor, which the graph then uses, so the check cannot be dead-code eliminated), which runs the same check on the real
+values and raises the same error, without a graph break. The label range is also checked by the fused kernels.
 """
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
@@ -13,7 +16,13 @@ LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 LABEL_DTYPES = (torch.int64, torch.int32)
 
 
+# The kernels compute z / temperature in float32: below this, the division overflows for ordinary logits.
+MIN_TEMPERATURE = 1e-6
+INT64_RANGE = (-2**63, 2**63 - 1)
+
+
 def data_checks_enabled() -> bool:
+    """Whether a check may read tensor values here (eager), or must go through checked_values (torch.compile)."""
     return not torch.compiler.is_compiling()
 
 
@@ -68,8 +77,9 @@ def check_choice(value, name: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
-def check_logits_labels(logits, labels, ignore_index: int, temperature: float, *, min_dim: int = 1) -> None:
-    """Shapes, dtypes, devices, temperature and label range of a (logits [..., V], labels [...]) pair."""
+def check_logits_labels(logits, labels, ignore_index: int, temperature: float, *, min_dim: int = 1) -> torch.Tensor:
+    """Shapes, dtypes, devices, temperature and label range of a (logits [..., V], labels [...]) pair; returns the
+    labels to use (see checked_values)."""
     require_tensor(logits, "logits")
     require_tensor(labels, "labels")
     if logits.dtype not in LOGIT_DTYPES:
@@ -79,29 +89,30 @@ def check_logits_labels(logits, labels, ignore_index: int, temperature: float, *
     if logits.dim() < min_dim:
         raise ValueError(f"logits must have at least {min_dim} dimensions, got shape {tuple(logits.shape)}")
     check_ignore_and_temperature(ignore_index, temperature)
-    check_labels(labels, logits, vocab=logits.shape[-1], ignore_index=ignore_index, inputs_name="logits")
+    return check_labels(labels, logits, vocab=logits.shape[-1], ignore_index=ignore_index, inputs_name="logits")
 
 
 def check_ignore_and_temperature(ignore_index, temperature) -> None:
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if not INT64_RANGE[0] <= ignore_index <= INT64_RANGE[1]:
+        raise ValueError(f"ignore_index must fit in int64 (the labels' widest type), got {ignore_index}")
     check_positive_finite(temperature, "temperature")
+    if temperature < MIN_TEMPERATURE:
+        raise ValueError(f"temperature must be >= {MIN_TEMPERATURE:g} (the kernels divide by it in float32), got "
+                         f"{temperature!r}")
 
 
-def check_labels(labels, inputs: torch.Tensor, *, vocab: int, ignore_index: int, inputs_name: str) -> None:
-    """labels: shape inputs.shape[:-1], on inputs' device, every value in [0, vocab) or ignore_index."""
+def check_labels(labels, inputs: torch.Tensor, *, vocab: int, ignore_index: int, inputs_name: str) -> torch.Tensor:
+    """labels: shape inputs.shape[:-1], on inputs' device, every value in [0, vocab) or ignore_index. Returns the
+    labels to use (see checked_values)."""
     if tuple(labels.shape) != tuple(inputs.shape[:-1]):
         raise ValueError(f"labels shape {tuple(labels.shape)} must equal {inputs_name}.shape[:-1] = "
                          f"{tuple(inputs.shape[:-1])}")
     check_same_device(labels, "labels", inputs, inputs_name)
     if vocab == 0 and labels.numel() > 0:
         raise ValueError(f"the vocabulary is empty (V = 0) but there are {labels.numel()} labels")
-    if data_checks_enabled():
-        bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
-        where = _first_true(bad)
-        if where is not None:
-            raise ValueError(f"labels[{', '.join(map(str, where))}] = {int(labels[where])} is out of range "
-                             f"[0, {vocab}) and is not ignore_index ({ignore_index})")
+    return checked_values("labels", labels, "labels", vocab=vocab, ignore_index=ignore_index)
 
 
 def check_vocab_stride(logits: torch.Tensor, backend: str) -> None:
@@ -112,7 +123,22 @@ def check_vocab_stride(logits: torch.Tensor, backend: str) -> None:
                          "or use backend='eager'")
 
 
-def check_token_weights(token_weights, labels: torch.Tensor, logits: torch.Tensor) -> None:
+def check_rows_disjoint(logits: torch.Tensor) -> None:
+    """inplace_backward writes each row's gradient over its V values: rows that share memory (an expand()ed view)
+    would overwrite one another. A sufficient test on sizes and strides only (no data, traceable): ordered by stride,
+    each leading dimension must step past everything the faster ones span."""
+    span = logits.shape[-1]
+    for stride, size in sorted((st, s) for s, st in zip(logits.shape[:-1], logits.stride()[:-1]) if s > 1):
+        if stride < span:
+            raise ValueError(f"inplace_backward=True writes the gradient into the logits, but rows of logits (shape "
+                             f"{tuple(logits.shape)}, strides {tuple(logits.stride())}) share memory (an expand()ed "
+                             "view?); pass inplace_backward=False, or logits.contiguous()")
+        span = stride * (size - 1) + span
+
+
+def check_token_weights(token_weights, labels: torch.Tensor, logits: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Shape, dtype, device; finite and >= 0 wherever the label is not ignore_index (ignored tokens' weights are never
+    read). Returns the weights to use (see checked_values)."""
     require_tensor(token_weights, "token_weights")
     if not token_weights.dtype.is_floating_point:
         raise TypeError(f"token_weights must be a floating-point tensor, got {token_weights.dtype}")
@@ -120,25 +146,19 @@ def check_token_weights(token_weights, labels: torch.Tensor, logits: torch.Tenso
         raise ValueError(f"token_weights shape {tuple(token_weights.shape)} must equal labels shape "
                          f"{tuple(labels.shape)}")
     check_same_device(token_weights, "token_weights", logits)
-    if data_checks_enabled():
-        where = _first_true(~(token_weights >= 0) | ~torch.isfinite(token_weights))
-        if where is not None:
-            raise ValueError(f"token_weights[{', '.join(map(str, where))}] = {float(token_weights[where])}; "
-                             "weights must be finite and >= 0")
+    return checked_values("weights", token_weights, "token_weights", labels=labels, ignore_index=ignore_index)
 
 
-def check_vector(value, name: str, length: int, logits: torch.Tensor, *, nonnegative: bool = False) -> None:
-    """A per-sequence or per-pair float vector of the given length on logits' device."""
+def check_vector(value, name: str, length: int, logits: torch.Tensor, *, nonnegative: bool = False) -> torch.Tensor:
+    """A per-sequence or per-pair float vector of the given length on logits' device (nonnegative: every value >= 0,
+    NaN refused). Returns the vector to use (see checked_values)."""
     require_tensor(value, name)
     if not value.dtype.is_floating_point:
         raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
     if value.dim() != 1 or value.shape[0] != length:
         raise ValueError(f"{name} must have shape [{length}], got {tuple(value.shape)}")
     check_same_device(value, name, logits)
-    if nonnegative and data_checks_enabled():
-        where = _first_true(~(value >= 0))
-        if where is not None:
-            raise ValueError(f"{name}[{where[0]}] = {float(value[where])}; values must be >= 0")
+    return checked_values("nonnegative", value, name) if nonnegative else value
 
 
 def check_per_token(value, name: str, labels: torch.Tensor, logits: torch.Tensor) -> None:
@@ -149,3 +169,53 @@ def check_per_token(value, name: str, labels: torch.Tensor, logits: torch.Tensor
     if tuple(value.shape) != tuple(labels.shape):
         raise ValueError(f"{name} shape {tuple(value.shape)} must equal labels shape {tuple(labels.shape)}")
     check_same_device(value, name, logits)
+
+
+def _labels_in_range(labels, name, _labels, vocab, ignore_index):
+    where = _first_true((labels != ignore_index) & ((labels < 0) | (labels >= vocab)))
+    if where is not None:
+        raise ValueError(f"{name}[{', '.join(map(str, where))}] = {int(labels[where])} is out of range "
+                         f"[0, {vocab}) and is not ignore_index ({ignore_index})")
+
+
+def _weights_finite_nonnegative(weights, name, labels, _vocab, ignore_index):
+    bad = ~(weights >= 0) | ~torch.isfinite(weights)
+    where = _first_true(bad & (labels != ignore_index))
+    if where is not None:
+        raise ValueError(f"{name}[{', '.join(map(str, where))}] = {float(weights[where])}; weights must be finite and "
+                         ">= 0 (at ignored tokens they are not read)")
+
+
+def _nonnegative(values, name, _labels, _vocab, _ignore_index):
+    where = _first_true(~(values >= 0))
+    if where is not None:
+        raise ValueError(f"{name}[{', '.join(map(str, where))}] = {float(values[where])}; values must be >= 0")
+
+
+VALUE_RULES = {"labels": _labels_in_range, "weights": _weights_finite_nonnegative, "nonnegative": _nonnegative}
+
+
+def checked_values(rule: str, values: torch.Tensor, name: str, *, labels: torch.Tensor | None = None, vocab: int = 0,
+                   ignore_index: int = 0) -> torch.Tensor:
+    """Checks `values` by VALUE_RULES[rule] and returns the tensor to use: `values` itself in eager mode; under
+    torch.compile the output of rlhfv_checks::checked, which checks the real values when the graph runs."""
+    if data_checks_enabled():
+        VALUE_RULES[rule](values, name, labels, vocab, ignore_index)
+        return values
+    return _checked(values, labels, rule, name, vocab, ignore_index)
+
+
+@torch.library.custom_op("rlhfv_checks::checked", mutates_args=())
+def _checked(values: torch.Tensor, labels: Optional[torch.Tensor], rule: str, name: str, vocab: int,
+             ignore_index: int) -> torch.Tensor:
+    VALUE_RULES[rule](values, name, labels, vocab, ignore_index)
+    return values.clone()
+
+
+@_checked.register_fake
+def _checked_fake(values, labels, rule, name, vocab, ignore_index):
+    return torch.empty_like(values)
+
+
+_checked.register_autograd(lambda ctx, grad: (grad, None, None, None, None, None),
+                           setup_context=lambda ctx, inputs, output: None)

@@ -45,6 +45,16 @@ def refuse_double_backward(what: str) -> None:
                            "for higher-order gradients.")
 
 
+def _overwrite(logits: torch.Tensor, inplace_op, *args) -> torch.Tensor:
+    """Runs an in-place backward operator that writes d(loss)/d(logits) over `logits`, then bumps their version
+    counter (the kernel writes through a pointer autograd cannot see): any other node that saved these logits (a
+    z-loss on the same logits, a second backward with retain_graph=True) then raises autograd's "modified by an
+    inplace operation" error instead of reading the gradient as if it were the logits."""
+    inplace_op(logits, *args)
+    torch.autograd.graph.increment_version(logits)
+    return logits
+
+
 def register_glue(namespace: str) -> None:
     """Fake kernels and autograd for namespace::logprob_fwd / logprob_bwd / logprob_bwd_."""
     ops = getattr(torch.ops, namespace)
@@ -75,8 +85,7 @@ def register_glue(namespace: str) -> None:
         refuse_double_backward(f"{namespace}::logprob_fwd")
         logits, labels, lse = ctx.saved_tensors
         if ctx.inplace_backward:
-            ops.logprob_bwd_(logits, grad_logp, labels, lse, *ctx.args)
-            return logits, None, None, None, None, None
+            return _overwrite(logits, ops.logprob_bwd_, grad_logp, labels, lse, *ctx.args), None, None, None, None, None
         return ops.logprob_bwd(grad_logp, logits, labels, lse, *ctx.args), None, None, None, None, None
 
     torch.library.register_autograd(f"{namespace}::logprob_fwd", backward, setup_context=setup_context)
@@ -125,12 +134,11 @@ def _register_entropy_glue(namespace: str, ops) -> None:
         none = (None,) * 5
         if grad_entropy is None:
             if ctx.inplace_backward:
-                ops.logprob_bwd_(logits, grad_logp, labels, lse, *ctx.args)
-                return (logits,) + none
+                return (_overwrite(logits, ops.logprob_bwd_, grad_logp, labels, lse, *ctx.args),) + none
             return (ops.logprob_bwd(grad_logp, logits, labels, lse, *ctx.args),) + none
         if ctx.inplace_backward:
-            ops.logprob_entropy_bwd_(logits, grad_logp, grad_entropy, labels, lse, entropy, *ctx.args)
-            return (logits,) + none
+            return (_overwrite(logits, ops.logprob_entropy_bwd_, grad_logp, grad_entropy, labels, lse, entropy,
+                               *ctx.args),) + none
         return (ops.logprob_entropy_bwd(grad_logp, grad_entropy, logits, labels, lse, entropy, *ctx.args),) + none
 
     torch.library.register_autograd(f"{namespace}::logprob_entropy_fwd", backward, setup_context=setup_context)

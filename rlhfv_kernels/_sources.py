@@ -63,13 +63,15 @@ class LogitsSource:
 
     def _token_logps(self, labels, ignore_index, temperature, min_dim, with_entropy):
         logits = self.tensor
-        _checks.check_logits_labels(logits, labels, ignore_index, temperature, min_dim=min_dim)
+        labels = _checks.check_logits_labels(logits, labels, ignore_index, temperature, min_dim=min_dim)
         which = _backend.resolve_backend(self.backend, logits.device)
         if which == "eager":
             return reference.token_logprobs(logits, labels, ignore_index=ignore_index, temperature=temperature,
                                             softcap=self.softcap, logit_scale=self.logit_scale,
                                             return_entropy=with_entropy)
         _checks.check_vocab_stride(logits, which)
+        if self.inplace_backward and logits.requires_grad:
+            _checks.check_rows_disjoint(logits)
         if self.inplace_backward and logits.requires_grad and logits.is_leaf:
             warnings.warn("inplace_backward=True on a leaf tensor: backward overwrites its values with the gradient "
                           "and autograd then copies that into .grad (an N x V copy); pass the model's output logits, "
@@ -101,16 +103,17 @@ class LinearSource:
         self.softcap, self.logit_scale = softcap, logit_scale
 
     def _checked_backend(self, labels, ignore_index, temperature, min_dim):
-        _check_linear(self.tensor, self.weight, self.bias, labels, ignore_index, temperature, self.chunk_size,
-                      min_dim)
-        return _backend.resolve_backend(self.backend, self.tensor.device, path="linear")
+        """(the backend, the labels to use: _checks.checked_values)"""
+        labels = _check_linear(self.tensor, self.weight, self.bias, labels, ignore_index, temperature,
+                               self.chunk_size, min_dim)
+        return _backend.resolve_backend(self.backend, self.tensor.device, path="linear"), labels
 
     def logps(self, labels, ignore_index, temperature, min_dim=1):
-        which = self._checked_backend(labels, ignore_index, temperature, min_dim)
+        which, labels = self._checked_backend(labels, ignore_index, temperature, min_dim)
         return self._token_logps(labels, ignore_index, temperature, which)
 
     def logps_and_entropy(self, labels, ignore_index, temperature):
-        which = self._checked_backend(labels, ignore_index, temperature, 1)
+        which, labels = self._checked_backend(labels, ignore_index, temperature, 1)
         return self._token_logps(labels, ignore_index, temperature, which, with_entropy=True)
 
     def _token_logps(self, labels, ignore_index, temperature, which, with_entropy=False):
@@ -136,7 +139,7 @@ class LinearSource:
         return scattered if with_entropy else scattered[0]
 
     def loss(self, labels, ignore_index, temperature, build, constants=(), layout=None):
-        which = self._checked_backend(labels, ignore_index, temperature, 1)
+        which, labels = self._checked_backend(labels, ignore_index, temperature, 1)
         hidden, weight = self.tensor, self.weight
         spec = build(torch.float64 if hidden.dtype == torch.float64 else torch.float32)
         if which == "eager" or (torch.is_grad_enabled()
@@ -191,4 +194,5 @@ def _check_linear(hidden, weight, bias, labels, ignore_index, temperature, chunk
     if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     _checks.check_ignore_and_temperature(ignore_index, temperature)
-    _checks.check_labels(labels, hidden, vocab=weight.shape[0], ignore_index=ignore_index, inputs_name="hidden")
+    return _checks.check_labels(labels, hidden, vocab=weight.shape[0], ignore_index=ignore_index,
+                                inputs_name="hidden")

@@ -103,7 +103,7 @@ def compute(source, labels, ref_logps, *, token_weights, beta, mode, reward_marg
     _checks.check_nonnegative_finite(drs_k, "drs_k")
     _checks.check_vector(ref_logps, "ref_logps", rows, x)
     if reward_margin is not None:
-        _checks.check_vector(reward_margin, "reward_margin", rows // 2, x, nonnegative=True)
+        reward_margin = _checks.check_vector(reward_margin, "reward_margin", rows // 2, x, nonnegative=True)
     pairs = rows // 2
     ref_rows = ref_logps if layout is None else layout.sequences_to_rows(ref_logps)
     options = dict(beta=beta, mode=mode, drs_weight=drs_weight, drs_k=drs_k, sft_weight=sft_weight)

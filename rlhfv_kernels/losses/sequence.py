@@ -25,7 +25,7 @@ def masked_weights(labels, token_weights, ignore_index, dtype, inputs, layout=No
     """(mask of non-ignored tokens, token weights in `dtype` that are 0 at ignored tokens; 1 elsewhere if None), as
     the loss's rows (under a packed `layout`, labels and weights are the stream's, checked there)."""
     if token_weights is not None:
-        _checks.check_token_weights(token_weights, labels, inputs)
+        token_weights = _checks.check_token_weights(token_weights, labels, inputs, ignore_index)
     labels = _packing.as_rows(layout, labels, ignore_index)
     token_weights = None if token_weights is None else _packing.as_rows(layout, token_weights, 0)
     mask = labels != ignore_index
@@ -45,5 +45,5 @@ def compute(source, labels, token_weights, *, mode, ignore_index, temperature, p
         return sequence_scores(logps, weights, mode)
     logps = source.logps(labels, ignore_index, temperature, min_dim=2)
     _, weights = masked_weights(labels, token_weights, ignore_index, logps.dtype, source.tensor)
-    seq_len = labels.shape[-1]
-    return sequence_scores(logps.reshape(-1, seq_len), weights.reshape(-1, seq_len), mode)
+    rows = labels.shape[:-1].numel()  # not reshape(-1, T): T may be 0
+    return sequence_scores(logps.reshape(rows, labels.shape[-1]), weights.reshape(rows, labels.shape[-1]), mode)
