@@ -13,6 +13,7 @@ import os
 import torch
 
 from ..data import PreferenceRecord
+from ..files import DamagedFile, load_verified, save_verified
 from ..models import model_loss
 
 
@@ -62,15 +63,21 @@ def score_pairs(model, batches, settings: dict, device, *, autocast_dtype=None, 
 
 
 def load_or_compute(path_dir: str, key: str, compute) -> dict[int, tuple[float, float]]:
-    """Scores from path_dir/refs-<key>.pt, or compute() and store them there atomically."""
+    """Scores from path_dir/refs-<key>.pt, or compute() and store them there (written whole). A damaged cache file is
+    rebuilt, with a message: the scores can always be computed again."""
     os.makedirs(path_dir, exist_ok=True)
     path = os.path.join(path_dir, f"refs-{key}.pt")
     if os.path.isfile(path):
-        return torch.load(path)
+        try:
+            scores = load_verified(path, advice="computing the reference scores again")
+            if isinstance(scores, dict):
+                return scores
+            raise DamagedFile(path, f"holds a {type(scores).__name__}, not the scores",
+                              "computing the reference scores again")
+        except DamagedFile as exc:
+            print(f"note: {exc}")
     scores = compute()
-    tmp = path + ".tmp"
-    torch.save(scores, tmp)
-    os.replace(tmp, path)
+    save_verified(path, scores, what="reference scores")
     return scores
 
 

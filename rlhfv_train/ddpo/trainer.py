@@ -17,7 +17,7 @@ from ..eval import METRICS, GenerationSettings, evaluate_hallucination
 from ..models import model_loss
 from ..models.lora import add_lora, lora_settings
 from ..models.packing import mrope_index
-from ..run.loop import optimizer_and_schedule, optimizer_step, run_steps, start
+from ..run.loop import one_run_per_folder, optimizer_and_schedule, optimizer_step, run_steps, start
 from ..run.plots import plot_metrics
 from . import reference_scores
 from .config import TrainConfig
@@ -80,6 +80,7 @@ def held_out_metrics(cfg, model, processor, collate, records, indices, refs, dev
     return {"eval_accuracy": sum(wins) / len(wins), "eval_margin": sum(margins) / len(margins), **metrics}
 
 
+@one_run_per_folder
 def train(cfg: TrainConfig) -> dict:
     """Runs (or resumes) training; returns a summary with the last metrics and the paths written."""
     collate_of = lambda processor: PairCollator(processor, gamma=cfg.gamma, min_match=cfg.min_match,  # noqa: E731

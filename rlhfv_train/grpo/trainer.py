@@ -19,7 +19,7 @@ from ..eval import METRICS, GenerationSettings, generate_answers, hallucination_
 from ..models import load_processor_and_model, model_loss
 from ..models.lora import add_lora, lora_settings, reference_mode
 from ..run.cli import load_callable
-from ..run.loop import optimizer_and_schedule, optimizer_step, run_steps, start
+from ..run.loop import one_run_per_folder, optimizer_and_schedule, optimizer_step, run_steps, start
 from ..run.plots import plot_grpo_metrics
 from . import rollouts as rollout_ops
 from .config import SCENE_JUDGES, GRPOConfig
@@ -114,6 +114,7 @@ def _check_scene_truth(cfg: GRPOConfig):
     return check
 
 
+@one_run_per_folder
 def train_grpo(cfg: GRPOConfig) -> dict:
     """Runs (or resumes) GRPO; returns a summary with the last metrics and the paths written."""
     chosen_collate = lambda processor: PairCollator(processor, gamma=1.0,  # noqa: E731

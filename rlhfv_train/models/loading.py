@@ -7,6 +7,8 @@ import os
 
 import torch
 
+from ..files import load_verified
+
 
 def load_processor_and_model(model: str | None, seed: int):
     """(processor, model): the embedded tiny LLaVA with seeded random weights when `model` is None, else a local
@@ -55,17 +57,22 @@ def load_processor(folder: str):
         return without_video(cls).from_pretrained(folder, local_files_only=True)
 
 
-def read_weights(path: str):
-    """The contents of a weights file (a trainer checkpoint or a bare state dict), on the CPU."""
+USER_FILE = "replace it with a good copy"
+
+
+def read_weights(path: str, damaged_advice: str = USER_FILE):
+    """The contents of a weights file (a trainer checkpoint or a bare state dict), on the CPU, verified
+    (rlhfv_train/files.py: DamagedFile says what is wrong and `damaged_advice`). A file of a run (damaged_advice
+    given) must be a torch.save archive; a user's file may be in torch's legacy format."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such weights file: {path}")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return load_verified(path, advice=damaged_advice, legacy_ok=damaged_advice == USER_FILE)
 
 
-def load_weights(model, path: str, saved=None):
+def load_weights(model, path: str, saved=None, damaged_advice: str = USER_FILE):
     """Loads a trainer checkpoint (checkpoint.pt, sft.pt: a dict with "model") or a bare state dict into `model`, and
     returns what the file holds (pass `saved` when it was already read with read_weights: one read per file)."""
-    saved = read_weights(path) if saved is None else saved
+    saved = read_weights(path, damaged_advice) if saved is None else saved
     state = saved
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]

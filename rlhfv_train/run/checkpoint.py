@@ -1,4 +1,5 @@
-"""Checkpoints: unsharded model/optimizer state (under FSDP too), RNG state, atomic writes."""
+"""Checkpoints: unsharded model/optimizer state (under FSDP too), RNG state; written whole and verified when read
+(files.py); the metrics rows kept in step with them."""
 from __future__ import annotations
 
 import json
@@ -7,6 +8,9 @@ import random
 
 import torch
 
+from ..files import DamagedFile, SaveFailed, load_verified, save_verified
+
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "rng", "step")
 
 def full_state(model, optimizer, fsdp: bool) -> tuple[dict, dict]:
     """Unsharded model and optimizer state (a collective under FSDP: every process calls it)."""
@@ -30,12 +34,6 @@ def load_full_state(model, optimizer, model_state: dict, optimizer_state: dict, 
     set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
 
 
-def save_atomically(path: str, state: dict) -> None:
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a crash leaves the previous checkpoint intact
-
-
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -55,9 +53,19 @@ def save_training_state(path: str, model, optimizer, scheduler, step: int, *, fs
     path, ...). A collective under FSDP; the main process writes."""
     model_state, optimizer_state = full_state(model, optimizer, fsdp)
     if dist.is_main:
-        save_atomically(path, {"model": model_state, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
-                               "rng": rng_state(), "step": step, **extra})
+        save_verified(path, {"model": model_state, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
+                             "rng": rng_state(), "step": step, **extra}, what="checkpoint")
     dist.barrier()
+
+
+def append_row(metrics_file, row: dict) -> None:
+    """One metrics.jsonl row in one write() of the whole line (an O_APPEND file): a kill leaves it whole or absent;
+    only a full disk can cut it short, and --resume drops such a torn last line."""
+    line = (json.dumps(row) + "\n").encode()
+    written = os.write(metrics_file.fileno(), line)
+    if written != len(line):
+        raise SaveFailed(f"could not write a whole metrics row to {metrics_file.name} ({written} of {len(line)} "
+                         "bytes: is the disk full?); --resume drops the torn line")
 
 
 def metrics_lines_upto(path: str, step: int) -> list[str]:
@@ -83,6 +91,18 @@ def metrics_lines_upto(path: str, step: int) -> list[str]:
     return kept
 
 
+CHECKPOINT_ADVICE = "remove it to start over from step 0, or put back a good copy"
+
+
+def read_checkpoint(path: str) -> dict:
+    """save_training_state's file, verified (DamagedFile names the file and what to do)."""
+    state = load_verified(path, advice=CHECKPOINT_ADVICE)
+    missing = [key for key in CHECKPOINT_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise DamagedFile(path, f"not a trainer checkpoint: no {', '.join(map(repr, missing))}", CHECKPOINT_ADVICE)
+    return state
+
+
 def start_or_resume(ckpt_path: str, metrics_path: str, model, optimizer, scheduler, *, resume: bool,
                     max_steps: int, fsdp: bool, dist) -> tuple[int, dict, dict]:
     """The trainers' start: with `resume` and a checkpoint, loads save_training_state's file and drops the metrics
@@ -90,7 +110,7 @@ def start_or_resume(ckpt_path: str, metrics_path: str, model, optimizer, schedul
     (step, first metrics row kept, last row kept): what a summary reports when there is nothing left to run."""
     step, first, last = 0, {}, {}
     if resume and os.path.isfile(ckpt_path):
-        state = torch.load(ckpt_path, weights_only=False)
+        state = read_checkpoint(ckpt_path)
         load_full_state(model, optimizer, state["model"], state["optimizer"], fsdp)
         scheduler.load_state_dict(state["scheduler"])
         restore_rng(state["rng"])

@@ -10,7 +10,9 @@ import platform
 import sys
 from collections.abc import Callable
 
-USER_ERRORS = (ValueError, FileNotFoundError)  # bad data, flags or paths
+from ..files import SaveFailed
+
+USER_ERRORS = (ValueError, FileNotFoundError, SaveFailed)  # bad data, flags, paths or files; a full disk
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

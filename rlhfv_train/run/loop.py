@@ -12,7 +12,7 @@ with its grad_norm) and evaluate() -> the held-out metrics.
 """
 from __future__ import annotations
 
-import json
+import functools
 import os
 import random
 from collections.abc import Callable
@@ -20,13 +20,15 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..files import verify
 from ..models import check_fused_linear, load_processor_and_model, load_run_records, load_weights
 from ..models.packing import check_packing
-from .checkpoint import save_training_state, start_or_resume
+from . import output
+from .checkpoint import CHECKPOINT_ADVICE, append_row, save_training_state, start_or_resume
 from .config import RunConfig
 from .distributed import Distributed, process_device
 from .schedule import cosine_with_warmup
-from .sft import sft_stage
+from .sft import REDO_SFT, sft_stage
 
 
 @dataclass
@@ -51,6 +53,21 @@ class Run:
         return self.cfg.fsdp and self.dist.world > 1
 
 
+def one_run_per_folder(train: Callable) -> Callable:
+    """Decorates a trainer's train(cfg): its main process holds cfg.output_dir's lock (output.py) from before any work
+    to the end of the run, however it ends; a second run in the folder fails at once, naming the holder."""
+    @functools.wraps(train)
+    def locked(cfg, *args, **kwargs):
+        if int(os.environ.get("RANK", "0")) != 0:  # torchrun's other processes: the main one holds it
+            return train(cfg, *args, **kwargs)
+        lock = output.claim(cfg.output_dir)
+        try:
+            return train(cfg, *args, **kwargs)
+        finally:
+            lock.release()
+    return locked
+
+
 def start(cfg: RunConfig, *, sft_collate: Callable, sft_batch_size: int,
           check_records: Callable | None = None) -> Run:
     """Checks cfg, then sets up the run up to the end of the SFT stage. sft_collate(processor) makes the collator of
@@ -60,6 +77,8 @@ def start(cfg: RunConfig, *, sft_collate: Callable, sft_batch_size: int,
     dist = Distributed(device)
     cfg.check(dist.world)
     os.makedirs(cfg.output_dir, exist_ok=True)
+    if cfg.resume and dist.is_main:
+        _check_resumable(cfg.output_dir)
     autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -71,6 +90,8 @@ def start(cfg: RunConfig, *, sft_collate: Callable, sft_batch_size: int,
         check_records(records, train_idx)
     processor, model = load_processor_and_model(cfg.model, cfg.seed)
     model.to(device)
+    if dist.is_main:
+        _check_room(cfg, model)
     if cfg.grad_checkpointing:  # transformers 5 renamed the switch; older releases only have the first name
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
@@ -90,6 +111,24 @@ def start(cfg: RunConfig, *, sft_collate: Callable, sft_batch_size: int,
                            extra={"config": asdict(cfg), "data_path": data_path})
     return Run(cfg, device, dist, autocast_dtype, records, train_idx, eval_idx, data_path, processor, model, collate,
                sft_losses)
+
+
+def _check_resumable(folder: str) -> None:
+    """The files --resume will read, checked before any work (a damaged one would otherwise fail after the data, the
+    model and the SFT stage, or worse, train on)."""
+    for name, advice in (("checkpoint.pt", CHECKPOINT_ADVICE), ("sft.pt", REDO_SFT)):
+        if os.path.isfile(os.path.join(folder, name)):
+            verify(os.path.join(folder, name), advice=advice)
+
+
+def _check_room(cfg: RunConfig, model) -> None:
+    """Room for the next save of the files that exist, else for an estimate (weights and AdamW's two moments, plus
+    the SFT weights when a stage will write them)."""
+    names = ["checkpoint.pt"] + (["sft.pt"] if cfg.sft_steps else [])
+    known = {name: os.path.getsize(os.path.join(cfg.output_dir, name)) for name in names
+             if os.path.isfile(os.path.join(cfg.output_dir, name))}
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    output.check_room(cfg.output_dir, known=known, estimated=3 * weights + (weights if cfg.sft_steps else 0))
 
 
 def optimizer_and_schedule(cfg: RunConfig, model, total_updates: int):
@@ -132,15 +171,14 @@ def run_steps(run: Run, model, optimizer, scheduler, *, train_step: Callable[[in
             first = {"step": 0, **evaluate()}
             if run.sft_losses:
                 first["sft_loss"] = sum(run.sft_losses[-10:]) / len(run.sft_losses[-10:])
-            metrics_file.write(json.dumps(first) + "\n")
+            append_row(metrics_file, first)
         while step < cfg.max_steps:
             metrics = train_step(step)
             step += 1
             last = {"step": step, **metrics, "lr": scheduler.get_last_lr()[0]}
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
                 last.update(evaluate())
-            metrics_file.write(json.dumps(last) + "\n")
-            metrics_file.flush()
+            append_row(metrics_file, last)
             bar.update()
             bar.set_postfix(progress_postfix(last))
             if cfg.stop_after is not None and step >= cfg.stop_after:  # as if killed: no final save

@@ -15,7 +15,10 @@ import torch
 from .._moved import old_names
 from ..data import BatchStream
 from ..models import load_weights, model_loss
-from .checkpoint import save_atomically
+from ..files import save_verified
+
+
+REDO_SFT = "delete it and run again with --resume: the SFT stage runs again first"
 
 
 def chosen_nll(model, batch, *, autocast_dtype=None, backend=None, inplace_backward=True) -> torch.Tensor:
@@ -61,7 +64,7 @@ def sft_stage(model, collate, records, train_idx, *, dist, output_dir: str, step
         return []
     path = os.path.join(output_dir, "sft.pt")
     if resume and os.path.isfile(path):
-        return load_weights(model, path)["sft_losses"]
+        return load_weights(model, path, damaged_advice=REDO_SFT)["sft_losses"]
     losses = []
     if dist.is_main:
         from tqdm import tqdm
@@ -70,10 +73,11 @@ def sft_stage(model, collate, records, train_idx, *, dist, output_dir: str, step
             losses = fine_tune(model, lambda k: collate([(i, records[i]) for i in stream.batch(k)]).to(
                 next(model.parameters()).device), steps=steps, lr=lr, max_grad_norm=max_grad_norm,
                 autocast_dtype=autocast_dtype, backend=backend, progress=bar)
-        save_atomically(path, {"model": model.state_dict(), **(extra or {}), "sft_losses": losses, "step": 0})
+        save_verified(path, {"model": model.state_dict(), **(extra or {}), "sft_losses": losses, "step": 0},
+                      what="SFT weights")
     dist.barrier()
     if not dist.is_main:
-        losses = load_weights(model, path)["sft_losses"]
+        losses = load_weights(model, path, damaged_advice=REDO_SFT)["sft_losses"]
     return losses
 
 

@@ -92,11 +92,11 @@ def test_reference_is_self_contained():
             assert all(alias.name.split(".")[0] == "torch" for alias in node.names), ast.dump(node)
 
 
-LAYERS = {"data": 0, "models": 1, "run": 2, "eval": 3, "ddpo": 4, "grpo": 4}
+LAYERS = {"files": 0, "data": 0, "models": 1, "run": 2, "eval": 3, "ddpo": 4, "grpo": 4}
 
 
 def test_the_packages_import_one_way():
-    """data <- models <- run <- eval <- ddpo / grpo (the trainers never import each other); integrations use data and
+    """files, data <- models <- run <- eval <- ddpo / grpo (the trainers never import each other); integrations use data and
     models only; the library imports neither the experiments nor the kernels' private modules."""
     wrong = []
     for module, deps in graph().items():

@@ -1,0 +1,109 @@
+"""The files a run writes and reads back — checkpoint.pt, sft.pt, ref_cache/refs-*.pt — written whole or not at all,
+and verified when read.
+
+Writing (save_verified): torch.save into path + ".tmp", flushed to disk, read back and checked, then os.replace onto
+path. A kill, a crash or a full disk at any moment leaves the previous file at path as it was; a failed write raises
+SaveFailed, which names the file, the cause and what is still intact.
+
+Reading (load_verified): a torch.save file is a zip archive in which every entry carries the CRC-32 checksum of its
+bytes, computed when it was written; every entry is checked against it before torch.load, so a flipped byte, a
+truncated or empty file or a damaged header raises DamagedFile (a ValueError: the command-line tools print its one line
+and exit with status 2) naming the file, what is wrong and what to do — never a resume on garbage.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import pickle
+import shutil
+import zipfile
+
+import torch
+
+
+class DamagedFile(ValueError):
+    """A file of the run cannot be read back as written."""
+
+    def __init__(self, path: str, problem: str, advice: str):
+        super().__init__(f"{path} is damaged ({problem}); {advice}")
+        self.path, self.problem, self.advice = path, problem, advice
+
+
+class SaveFailed(OSError):
+    """A file of the run could not be written; what was at its path before is intact."""
+
+
+def archive_problem(path: str) -> str | None:
+    """None when `path` is a torch.save archive whose entries all match their recorded checksums, else what is wrong."""
+    size = os.path.getsize(path)
+    if size == 0:
+        return "the file is empty"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()  # reads every entry and compares its CRC-32 with the one recorded at write
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
+        return f"not a readable torch.save archive of {size} bytes: {exc}"
+    if bad is not None:
+        return f"the checksum of its entry {bad!r} does not match its bytes"
+    return None
+
+
+# what torch.load raises on a damaged file (an unpickler reading garbage can fail in many ways)
+LOAD_ERRORS = (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError, ImportError, IndexError,
+               pickle.UnpicklingError)
+
+
+def verify(path: str, *, advice: str, legacy_ok: bool = False) -> None:
+    """Raises DamagedFile(path, what is wrong, `advice`) unless every entry of the torch.save archive at `path`
+    matches its checksum (one read of the file, no unpickling). legacy_ok: a file that is no zip archive at all passes
+    (torch's legacy format, in a file the run did not write, e.g. --init-weights); every file a run writes is one."""
+    with open(path, "rb") as f:
+        archive = f.read(2) in (b"", b"PK")  # a zip archive (or an empty file) from its first bytes, even truncated
+    problem = archive_problem(path) if archive or not legacy_ok else None
+    if problem is not None:
+        raise DamagedFile(path, problem, advice)
+
+
+def load_verified(path: str, *, advice: str, legacy_ok: bool = False, map_location="cpu"):
+    """torch.load of a file written by save_verified (or any torch.save archive), after verify(); raises
+    DamagedFile(path, what is wrong, `advice`)."""
+    verify(path, advice=advice, legacy_ok=legacy_ok)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except LOAD_ERRORS as exc:
+        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DamagedFile(path, f"torch.load failed: {first_line}", advice) from None
+
+
+def save_verified(path: str, state, *, what: str) -> None:
+    """Writes `state` to `path` whole or not at all (see the module docstring); `what` names the file in errors
+    ("checkpoint", "SFT weights")."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        problem = archive_problem(tmp)
+        if problem is not None:
+            raise OSError(errno.EIO, f"it reads back wrong ({problem})")
+    except (OSError, RuntimeError) as exc:  # a full disk surfaces from torch.save as a RuntimeError
+        _remove_quietly(tmp)
+        kept = f"the previous {what} at {path} is intact" if os.path.exists(path) else f"nothing was at {path} before"
+        raise SaveFailed(f"could not write the {what} {path} ({_cause(exc, path)}); {kept}") from exc
+    os.replace(tmp, path)
+
+
+def _cause(exc: BaseException, path: str) -> str:
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC or "unexpected pos" in str(exc):
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+        return f"the disk is full: {free / 2**20:.1f} MiB free"
+    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
