@@ -22,7 +22,12 @@ import os
 
 
 class LayoutError(ValueError):
-    """A row whose layout is not one of the above (raised with the row's location by the caller)."""
+    """A row whose layout is not one of the above (raised with the row's location by the caller); `kind` names the
+    sort of problem for the load report's counts."""
+
+    def __init__(self, message: str, kind: str = "bad layout"):
+        super().__init__(message)
+        self.kind = kind
 
 
 def _message_text(messages, role: str, field: str) -> str:
@@ -153,12 +158,18 @@ def rows(path: str):
 
 
 def _jsonl_rows(path: str):
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:  # decoded line by line, so that a bad byte is reported with its line
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                yield where, LayoutError(f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at byte {exc.start + 1} of "
+                                         "the line)", kind="not UTF-8")
+                continue
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 yield where, json.loads(line)
             except json.JSONDecodeError as exc:  # exc.msg may end in "at"
-                yield where, LayoutError(f"invalid JSON ({exc.msg}: column {exc.colno})")
+                yield where, LayoutError(f"invalid JSON ({exc.msg}: column {exc.colno})", kind="invalid JSON")

@@ -8,21 +8,28 @@ reward-model margin for MM-DPO scaling. Our layout, per line / row:
 An optional "objects" list holds what the image really contains (any JSON values; the synthetic data writes
 [colour, shape, side] triples): rlhfv_train.evaluate checks generated answers against it.
 
-Nothing is silently dropped: a malformed record raises DataError naming the file and line (JSONL) or row (Parquet,
-dataset folder), unless skip_bad=True, in which case it is counted and its reason kept in the LoadReport.
+Nothing is silently dropped: a malformed record — bad bytes (not UTF-8), bad JSON, a missing or wrong field, an image
+that is missing or cannot be decoded (every image is checked on load, so a run never fails on one hours in), a
+text-only record among image records or the reverse — raises DataError naming the file and line (JSONL) or row
+(Parquet, dataset folder), unless skip_bad=True, in which case it is skipped and counted by kind in the LoadReport.
 """
 from __future__ import annotations
 
 import base64
 import io
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 
 from .formats import LayoutError, canonical, encoded_image, rows
 
 
 class DataError(ValueError):
-    """A record that cannot be used, with the file and line or row it came from."""
+    """A record that cannot be used, with the file and line or row it came from; `kind` sorts it in the load report."""
+
+    def __init__(self, message: str, kind: str = "bad field"):
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass
@@ -40,11 +47,17 @@ class PreferenceRecord:
 class LoadReport:
     loaded: int = 0
     skipped: list[str] = field(default_factory=list)  # one reason per skipped record
+    kinds: Counter = field(default_factory=Counter)    # skipped records by kind of problem
+
+    def skip(self, error: "DataError") -> None:
+        self.skipped.append(str(error))
+        self.kinds[error.kind] += 1
 
     def summary(self) -> str:
         text = f"loaded {self.loaded} records"
         if self.skipped:
-            text += f", skipped {len(self.skipped)} bad ones (first: {self.skipped[0]})"
+            counts = ", ".join(f"{n} {kind}" for kind, n in self.kinds.most_common())
+            text += f", skipped {len(self.skipped)} bad ones ({counts}; first: {self.skipped[0]})"
         return text
 
 
@@ -75,7 +88,7 @@ def _image_field(value, where: str, base_dir: str) -> bytes | str | None:
     if isinstance(value, str):
         path = value if os.path.isabs(value) else os.path.join(base_dir, value)
         if not os.path.isfile(path):
-            raise DataError(f"{where}: image file not found: {path}")
+            raise DataError(f"{where}: image file not found: {path}", kind="image not found")
         return path
     raise DataError(f"{where}: field 'image' must be a path, bytes or {{'bytes', 'path'}}, got {type(value).__name__}")
 
@@ -138,29 +151,61 @@ def load_records(path: str, *, skip_bad: bool = False) -> tuple[list[PreferenceR
         for where, obj in rows(path):
             try:
                 if isinstance(obj, LayoutError):
-                    raise DataError(f"{where}: {obj}")
-                records.append(parse_record(obj, where, base_dir))
-                report.loaded += 1
+                    raise DataError(f"{where}: {obj}", kind=obj.kind)
+                record = parse_record(obj, where, base_dir)
+                open_image(record, check_only=True)
+                records.append(record)
             except DataError as exc:
                 if not skip_bad:
                     raise
-                report.skipped.append(str(exc))
+                report.skip(exc)
     except LayoutError as exc:
-        raise DataError(str(exc)) from None
+        raise DataError(str(exc), kind=exc.kind) from None
+    records = _one_kind(records, report, skip_bad)
+    report.loaded = len(records)
     if not records:
         raise DataError(f"{path}: no usable records ({report.summary()})")
     return records, report
 
 
-def open_image(record: PreferenceRecord):
-    """The record's image as an RGB PIL image (None for text-only records)."""
+def _one_kind(records: list[PreferenceRecord], report: LoadReport, skip_bad: bool) -> list[PreferenceRecord]:
+    """A file's records all have an image or none has (a batch holds one kind); the fewer kind is the odd one out
+    (text-only ones on a tie)."""
+    with_image = sum(r.image is not None for r in records)
+    if with_image in (0, len(records)):
+        return records
+    odd_has_image = with_image < len(records) - with_image
+    kept = []
+    for r in records:
+        if (r.image is not None) != odd_has_image:
+            kept.append(r)
+            continue
+        what = "an image record among text-only records" if odd_has_image else "a text-only record among image records"
+        error = DataError(f"{r.source}: {what} ({with_image} of {len(records)} records have an image); every record "
+                          "of a file needs an image, or none does", kind="mixed image / text-only")
+        if not skip_bad:
+            raise error
+        report.skip(error)
+    return kept
+
+
+def open_image(record: PreferenceRecord, check_only: bool = False):
+    """The record's image as an RGB PIL image (None for text-only records); check_only: only check that it decodes
+    (the header and the data's integrity, without building the pixels; nothing to check without Pillow)."""
     if record.image is None:
         return None
-    from PIL import Image, UnidentifiedImageError
-
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError:
+        if check_only:
+            return None
+        raise
     try:
         source = io.BytesIO(record.image) if isinstance(record.image, bytes) else record.image
         with Image.open(source) as image:
+            if check_only:
+                image.verify()
+                return None
             return image.convert("RGB")
-    except (UnidentifiedImageError, OSError) as exc:
-        raise DataError(f"{record.source}: cannot decode the image ({exc})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:  # verify() raises SyntaxError too
+        raise DataError(f"{record.source}: cannot decode the image ({exc})", kind="undecodable image") from None

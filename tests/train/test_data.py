@@ -79,11 +79,51 @@ def test_bad_records_name_file_and_line(folder, bad, message):
     assert [r.question for r in records] == ["q0", "q2"]
 
 
-def test_undecodable_image_is_reported_with_its_source(folder):
-    (folder / "broken.png").write_bytes(b"not a png")
-    records, _ = load_records(write_jsonl(folder / "d.jsonl", [good(0, image="broken.png")]))
-    with pytest.raises(DataError, match=r"d.jsonl:1: cannot decode the image"):
-        open_image(records[0])
+@pytest.mark.parametrize("broken", [b"not a png", png_bytes()[:40], png_bytes()[:-20]])
+def test_an_undecodable_image_is_found_on_load_and_skipped_with_skip_bad(folder, broken):
+    (folder / "broken.png").write_bytes(broken)
+    path = write_jsonl(folder / "d.jsonl", [good(0), good(1, image="broken.png"), good(2)])
+    with pytest.raises(DataError, match=r"d.jsonl:2: cannot decode the image"):
+        load_records(path)
+    records, report = load_records(path, skip_bad=True)
+    assert [r.question for r in records] == ["q0", "q2"] and report.kinds == {"undecodable image": 1}
+
+
+def test_invalid_utf8_names_file_and_line(folder):
+    path = folder / "d.jsonl"
+    path.write_bytes(b"\n".join([json.dumps(good(0)).encode(), b'{"question": "caf\xe9", "chosen": "c"}',
+                                 json.dumps(good(2)).encode()]) + b"\n")
+    with pytest.raises(DataError, match=r"d.jsonl:2: not valid UTF-8 \(byte 0xe9 at byte 18 of the line\)"):
+        load_records(str(path))
+    records, report = load_records(str(path), skip_bad=True)
+    assert len(records) == 2 and report.kinds == {"not UTF-8": 1}
+
+
+def test_a_utf8_byte_order_mark_is_not_an_error(folder):
+    path = folder / "d.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(good(0)).encode() + b"\n")
+    assert load_records(str(path))[0][0].question == "q0"
+
+
+def test_text_only_records_among_image_records_are_named(folder):
+    text_only = {"question": "q", "chosen": "c", "rejected": "r"}
+    path = write_jsonl(folder / "d.jsonl", [good(0), text_only, good(2)])
+    with pytest.raises(DataError, match=r"d.jsonl:2: a text-only record among image records \(2 of 3"):
+        load_records(path)
+    records, report = load_records(path, skip_bad=True)
+    assert len(records) == 2 and report.kinds == {"mixed image / text-only": 1}
+    path = write_jsonl(folder / "e.jsonl", [text_only, good(1), text_only])
+    with pytest.raises(DataError, match=r"e.jsonl:2: an image record among text-only records \(1 of 3"):
+        load_records(path)
+
+
+def test_the_load_report_counts_each_kind(folder):
+    rows = [good(0), "{bad", json.dumps({"image": "gone.png", "question": "q", "chosen": "c", "rejected": "r"}),
+            "[1]", "{also bad", good(5)]
+    records, report = load_records(write_jsonl(folder / "d.jsonl", rows), skip_bad=True)
+    assert len(records) == 2 and report.loaded == 2
+    assert report.kinds == {"invalid JSON": 2, "image not found": 1, "bad field": 1}
+    assert "skipped 4 bad ones (2 invalid JSON, 1 image not found, 1 bad field; first: " in report.summary()
 
 
 def test_missing_file_unknown_format_and_nothing_usable(tmp_path):
@@ -114,3 +154,14 @@ def test_parquet_rows(folder):
     assert report.loaded == 2
     assert isinstance(records[0].image, bytes) and records[1].image == str(folder / "img.png")
     assert records[0].reward_margin == pytest.approx(0.1) and records[1].reward_margin is None
+
+
+def test_held_out_records_of_another_kind_are_refused(folder):
+    from types import SimpleNamespace
+    from rlhfv_train.models.loading import load_run_records
+    train = write_jsonl(folder / "train.jsonl", [good(0), good(1)])
+    held = write_jsonl(folder / "held.jsonl", [{"question": "q", "chosen": "c", "rejected": "r"}])
+    dist = SimpleNamespace(is_main=True, barrier=lambda: None)
+    with pytest.raises(ValueError, match=r"--eval-data .*held.jsonl holds text-only records but .*train.jsonl image"):
+        load_run_records(train, eval_data=held, eval_fraction=0.0, seed=0, skip_bad=False, output_dir=str(folder),
+                         synthetic_examples=0, dist=dist)
