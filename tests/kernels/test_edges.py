@@ -71,7 +71,7 @@ def test_inplace_backward_refuses_logits_whose_rows_share_memory(backend):
     rk.token_logprobs(model_logits(wide)[:, :-1], labels, inplace_backward=True, backend=backend).sum().backward()
 
 
-@pytest.mark.parametrize("backend_name", ["cpp", "eager"])
+@pytest.mark.parametrize("backend_name", ["cpp", "eager", "triton"])
 def test_value_checks_hold_under_torch_compile(backend_name):
     """Under torch.compile the data checks run inside the graph (rlhfv_checks::checked): the same errors as eager."""
     skip_unless_backend_runs(backend_name)

@@ -145,12 +145,14 @@ def test_a_damaged_file_is_found_on_read_whatever_the_damage(tmp_path, how):
         load_verified(path, advice="remove it")
 
 
-@pytest.mark.parametrize("name,how", [("checkpoint.pt", "flip"), ("checkpoint.pt", "header"), ("sft.pt", "truncate")])
-def test_resume_with_a_damaged_file_stops_with_one_line_and_status_2(finished, tmp_path, dataset, name, how):
+@pytest.mark.parametrize("trainer,name,how", [("ddpo", "checkpoint.pt", "flip"), ("ddpo", "checkpoint.pt", "header"),
+                                              ("ddpo", "sft.pt", "truncate"), ("grpo", "checkpoint.pt", "empty")])
+def test_resume_with_a_damaged_file_stops_with_one_line_and_status_2(finished, tmp_path, dataset, trainer, name, how):
+    """(GRPO shares the checks of the run's start: a damaged file is refused there before its kind is looked at.)"""
     out = tmp_path / "run"
     shutil.copytree(finished, out)
     damage(out / name, how)
-    done = run("ddpo", "none", out, dataset, "--max-steps", "8")
+    done = run(trainer, "none", out, dataset, "--max-steps", "8")
     assert done.returncode == 2, done.stderr[-2000:]
     lines = [line for line in done.stderr.splitlines() if "error" in line]
     advice = "remove it to start over" if name == "checkpoint.pt" else "the SFT stage runs again"
