@@ -59,9 +59,9 @@ def sequence_logps(logits, labels, token_weights=None, *, mode: str = "sum", ign
     logp = token_logprobs(logits, labels, ignore_index=ignore_index, temperature=temperature, softcap=softcap,
                           logit_scale=logit_scale)
     mask = labels != ignore_index
-    weights = mask.to(logp.dtype) if token_weights is None else token_weights.to(logp.dtype) * mask
-    seq_len = labels.shape[-1]
-    logp, weights = logp.reshape(-1, seq_len), weights.reshape(-1, seq_len)
+    weights = mask.to(logp.dtype) if token_weights is None else torch.where(mask, token_weights.to(logp.dtype), 0.0)
+    rows, seq_len = labels.shape[:-1].numel(), labels.shape[-1]
+    logp, weights = logp.reshape(rows, seq_len), weights.reshape(rows, seq_len)
     total = (weights * logp).sum(-1)
     if mode == "sum":
         return total

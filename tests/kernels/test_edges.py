@@ -195,3 +195,22 @@ def test_a_nan_in_the_head_makes_every_token_nan(linear_backend, where):
     for f, e in zip(fused, eager):
         assert torch.equal(f.isnan().cpu(), (labels != -100).cpu()) and torch.equal(f.isnan(), e.isnan())
     assert bool(rk.linear_ddpo_loss(hidden, weight, labels, ref, bias=bias, backend=linear_backend).loss.isnan())
+
+
+def test_nan_logits_give_nan_gradients_where_eager_does_except_at_ignored_tokens(backend):
+    """The gradient side of the NaN contract: NaN exactly where the eager reference has it — the rows of a pair whose
+    loss is NaN — except at ignored tokens, whose gradient the fused kernels leave at exactly 0 (eager's
+    log_softmax backward spreads a NaN row's NaN there even though nothing reads that token)."""
+    logits, labels, ref = pairs_batch()
+    logits[0, 0, 3] = float("nan")  # an ignored token of pair 0
+    logits[1, 2, 5] = float("nan")  # pair 1's chosen row
+    grads = {}
+    for which in ("eager", backend):
+        for inplace in (False, True):
+            leaf = logits.clone().requires_grad_(True)
+            rk.ddpo_loss(model_logits(leaf), labels, ref, inplace_backward=inplace, backend=which).loss.backward()
+            grads[which, inplace] = leaf.grad.isnan().any(-1).cpu()
+    ignored = (labels == -100).cpu()
+    for inplace in (False, True):
+        assert torch.equal(grads[backend, inplace], grads["eager", False] & ~ignored)
+    assert bool(grads["eager", False][0, 0]) and bool(grads[backend, False][1].all())
