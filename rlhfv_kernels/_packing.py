@@ -100,7 +100,7 @@ def layout(packing: Packing | None, labels: torch.Tensor, pairs=None) -> RowsLay
     lengths = offsets[1:] - offsets[:-1]
     sequences = lengths.numel()
     # the longest sequence from the host copy; without one (checks off, under torch.compile) max_seqlen or a sync
-    longest = max((b - a for a, b in zip(host, host[1:])), default=0) if host is not None else None
+    longest = max([b - a for a, b in zip(host, host[1:])] or [0]) if host is not None else None
     if longest is not None and packing.max_seqlen is not None and longest > packing.max_seqlen:
         raise ValueError(f"max_seqlen = {packing.max_seqlen} but the longest sequence has {longest} tokens")
     width = packing.max_seqlen or longest
@@ -126,13 +126,17 @@ def _as_index_tensor(value, name):
 
 
 def _offsets_from_cu_seqlens(cu_seqlens, total, check):
-    """(offsets [S + 1] int64, their host copy or None when the checks are off)."""
+    """(offsets [S + 1] int64, their host copy or None when the checks are off: under torch.compile a tensor's
+    values are not read, a list's are, being constants of the trace)."""
     offsets = _as_index_tensor(cu_seqlens, "cu_seqlens")
     if offsets.dim() != 1 or offsets.numel() < 1:
         raise ValueError(f"cu_seqlens must be 1-D with S + 1 >= 1 offsets, got shape {tuple(offsets.shape)}")
-    if not check:
+    if isinstance(cu_seqlens, (list, tuple)):
+        host = list(cu_seqlens)
+    elif not check:
         return offsets, None
-    host = offsets.tolist()  # the one host sync (none for a CPU tensor or a list)
+    else:
+        host = offsets.tolist()  # the one host sync (none for a CPU tensor)
     if host[0] != 0 or host[-1] != total:
         raise ValueError(f"cu_seqlens must start at 0 and end at the number of tokens ({total}), got "
                          f"{host[0]} ... {host[-1]}")

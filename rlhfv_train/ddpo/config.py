@@ -39,6 +39,6 @@ class TrainConfig(RunConfig):
     def check(self, world: int = 1) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be 'sum' or 'mean', got {self.mode!r}")
-        if self.grad_accum < 1 or self.batch_size < 1 or self.max_steps < 1:
-            raise ValueError("grad_accum, batch_size and max_steps must be >= 1")
+        if self.grad_accum < 1 or self.batch_size < 1:
+            raise ValueError("grad_accum and batch_size must be >= 1")
         super().check(world)

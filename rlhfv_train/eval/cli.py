@@ -14,6 +14,7 @@ from ..models import load_processor_and_model, load_weights, read_weights, split
 from ..models.lora import add_lora, lora_settings
 from ..run import flags
 from ..run.cli import USER_ERRORS, fail
+from ..run.distributed import process_device
 from ..run.flags import option
 from . import hallucination
 from .generation import GenerationSettings
@@ -101,8 +102,7 @@ def main(argv=None) -> int:
         parser = load_parser(args.parser)
         records, processor, model, config = _records_and_model(args)
         settings.chat_template = config.get("chat_template", True) and args.chat_template
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" \
-            else torch.device(args.device)
+        device = process_device(args.device)
         model.to(device)
         from tqdm import tqdm
         with tqdm(total=len(records), desc="generate", unit="img", disable=not args.progress) as bar:

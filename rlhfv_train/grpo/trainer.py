@@ -107,8 +107,10 @@ def rollout_metrics(records, rollouts, rewards, scene_truth: bool) -> dict:
 def _check_scene_truth(cfg: GRPOConfig):
     """check_records for run.loop.start: the scene judge / reward needs every record's ground-truth objects."""
     def check(records, train_idx):
+        if not cfg.uses_scene_truth():
+            return
         missing = [records[i].source for i in train_idx if records[i].objects is None]
-        if missing and cfg.uses_scene_truth():
+        if missing:
             raise ValueError(f"the scene judge / reward needs ground-truth 'objects' on every record; {len(missing)} "
                              f"have none, e.g. {missing[0]}")
     return check

@@ -214,3 +214,11 @@ def test_nan_logits_give_nan_gradients_where_eager_does_except_at_ignored_tokens
     for inplace in (False, True):
         assert torch.equal(grads[backend, inplace], grads["eager", False] & ~ignored)
     assert bool(grads["eager", False][0, 0]) and bool(grads[backend, False][1].all())
+
+
+def test_cu_seqlens_given_as_a_list_are_checked_under_torch_compile():
+    logits, labels = torch.randn(1, 8, 11), torch.randint(0, 11, (1, 8))
+    compiled = torch.compile(lambda x, cu: rk.sequence_logps(x, labels, cu_seqlens=cu, backend="cpp"), fullgraph=True)
+    torch.testing.assert_close(compiled(logits, [0, 3, 8]), rk.sequence_logps(logits, labels, cu_seqlens=[0, 3, 8]))
+    with pytest.raises(Exception, match="cu_seqlens must not decrease"):
+        compiled(logits, [0, 5, 3, 8])
