@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from rlhfv_train.ddpo import PRESETS
+from rlhfv_train.files import save_verified
 from rlhfv_train.eval import METRICS
 from rlhfv_train.run import flags
 from rlhfv_train.run.cli import USER_ERRORS, fail, machine
@@ -94,7 +95,7 @@ def _sft_start(data_path, seed, args, path):
     with tqdm(total=args.sft_steps, desc=f"seed {seed}: sft warm-up", unit="step", disable=not args.progress) as bar:
         losses = _supervised(model, processor, train_records, steps=args.sft_steps, lr=args.sft_lr,
                              batch_size=args.batch_size, order_seed=seed + 7919, progress=bar)
-    torch.save({"model": model.state_dict(), "sft_losses": losses}, path)
+    save_verified(path, {"model": model.state_dict(), "sft_losses": losses}, what="SFT weights")
 
 
 def _control(train_path, held_path, seed, args, sft_path) -> dict:

@@ -7,6 +7,7 @@ plain PyTorch; its old name "reference" is still accepted, with a FutureWarning 
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 import sys
@@ -58,12 +59,16 @@ def targets(path: str = "logits") -> list[tuple[str, str]]:
             if path in TABLE[name].paths]
 
 
+TRITON_FAMILY = "rlhfv_kernels.triton.ops"  # importing it registers torch.ops.rlhfv_triton.*
+
+
 def operators(backend: str):
     """torch.ops namespace of `backend`'s operators. The compiled extension registers rlhfv::* when this module is
-    imported; the Triton family registers itself on first use, through an import statement (torch.compile runs one
-    while tracing, so fullgraph=True works on a process's first call; importlib.import_module it refuses)."""
-    if backend == "triton":
-        from .triton import ops  # noqa: F401
+    imported; the Triton family when TRITON_FAMILY is: the dispatch point (_sources.resolved) imports it with an import
+    statement, which torch.compile runs while tracing (fullgraph=True works on a process's first call), and other
+    callers get it here."""
+    if backend == "triton" and TRITON_FAMILY not in sys.modules:
+        importlib.import_module(TRITON_FAMILY)
     return getattr(torch.ops, TABLE[backend].namespace)
 
 
@@ -114,15 +119,13 @@ def why_unavailable(backend: str, device: torch.device, path: str = "logits") ->
 def _why_triton_unavailable(device: torch.device) -> str | None:
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed (pip install triton)"
-    if torch.compiler.is_compiling():
-        # Load the family before anything below reads whether it is loaded: torch.compile guards on what it read,
-        # and an import later in the same trace would fail that guard.
-        operators("triton")
     if device.type == "cuda":
         return None
     if device.type != "cpu":
         return f"Triton kernels run on CUDA tensors (and CPU tensors under the interpreter), not {device.type}"
-    loaded = sys.modules.get("rlhfv_kernels.triton.kernels")
+    # Under torch.compile, not whether the kernels module is loaded: the trace may load it next, and torch.compile
+    # guards on what it read.
+    loaded = None if torch.compiler.is_compiling() else sys.modules.get("rlhfv_kernels.triton.kernels")
     interpreting = loaded.INTERPRETING if loaded is not None else os.environ.get("TRITON_INTERPRET") == "1"
     if not interpreting:
         return ("on CPU tensors the Triton kernels need the interpreter: set TRITON_INTERPRET=1 before "

@@ -26,6 +26,14 @@ from ._packing import as_rows
 from ._linear_engine import fused_linear_loss
 
 
+def resolved(backend: str | None, device: torch.device, path: str = "logits") -> str:
+    """_backend.resolve_backend, with the chosen family's operators registered (the Triton family on first use)."""
+    which = _backend.resolve_backend(backend, device, path)
+    if which == "triton":
+        from .triton import ops  # noqa: F401  (an import statement: torch.compile runs it; see _backend.operators)
+    return which
+
+
 def kernel_transform(temperature: float, softcap: float | None, logit_scale: float) -> tuple[float, float]:
     """(temperature, softcap) of the operators (csrc/ops.cpp), whose z is x / t or c * tanh(x / c) / t, for the
     public z = softcap * tanh(s * x / softcap) / temperature: the scale s folds into both, since
@@ -64,7 +72,7 @@ class LogitsSource:
     def _token_logps(self, labels, ignore_index, temperature, min_dim, with_entropy):
         logits = self.tensor
         labels = _checks.check_logits_labels(logits, labels, ignore_index, temperature, min_dim=min_dim)
-        which = _backend.resolve_backend(self.backend, logits.device)
+        which = resolved(self.backend, logits.device)
         if which == "eager":
             return reference.token_logprobs(logits, labels, ignore_index=ignore_index, temperature=temperature,
                                             softcap=self.softcap, logit_scale=self.logit_scale,
@@ -106,7 +114,7 @@ class LinearSource:
         """(the backend, the labels to use: _checks.checked_values)"""
         labels = _check_linear(self.tensor, self.weight, self.bias, labels, ignore_index, temperature,
                                self.chunk_size, min_dim)
-        return _backend.resolve_backend(self.backend, self.tensor.device, path="linear"), labels
+        return resolved(self.backend, self.tensor.device, path="linear"), labels
 
     def logps(self, labels, ignore_index, temperature, min_dim=1):
         which, labels = self._checked_backend(labels, ignore_index, temperature, min_dim)
