@@ -9,6 +9,8 @@ cannot run on this machine skips with the reason.
 """
 import os
 import random
+import signal
+import threading
 
 import pytest
 import torch
@@ -59,6 +61,26 @@ def fresh_seed(request):
     torch.manual_seed(seed)
     request.node.user_properties.append(("seed", seed))
     yield seed
+
+
+@pytest.fixture(autouse=True)
+def per_test_timeout():
+    """RLHFV_TEST_TIMEOUT_S (scripts/gpu_session.sh sets it): a test running longer fails with TimeoutError instead of
+    eating a GPU lease (checked between Python bytecodes: a kernel that never returns is left to the step's limit)."""
+    seconds = int(os.environ.get("RLHFV_TEST_TIMEOUT_S", "0"))
+    if seconds <= 0 or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expired(signum, frame):
+        raise TimeoutError(f"the test ran past RLHFV_TEST_TIMEOUT_S = {seconds} s")
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.hookimpl(hookwrapper=True)
