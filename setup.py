@@ -38,6 +38,9 @@ def cuda_build_reason():
     from torch.utils.cpp_extension import CUDA_HOME
     if CUDA_HOME is None:
         return "nvcc not found (set CUDA_HOME)"
+    if not os.path.isfile(os.path.join(CUDA_HOME, "include", "cuda_runtime.h")):
+        # torch guesses CUDA_HOME from nvcc's folder: a wrapper in /usr/local/bin gives /usr/local, without headers
+        return f"CUDA_HOME={CUDA_HOME} has no include/cuda_runtime.h (set CUDA_HOME to the CUDA toolkit's folder)"
     return None
 
 

@@ -79,6 +79,12 @@ if [ "$REHEARSAL" = 1 ]; then
   REST_BENCH="$PY benchmarks/packing.py --device cpu --pairs 2 --repeats 1 --json $OUT/bench-packing.json"
 else
   export RLHFV_CUDA_ARCHS=${RLHFV_CUDA_ARCHS:-90a}  # the lent machines are Hopper; one target builds faster
+  # torch guesses CUDA_HOME from nvcc's folder; a wrapper in /usr/local/bin has no headers beside it (seen here)
+  if [ -z "${CUDA_HOME:-}" ]; then
+    for home in /usr/local/cuda /usr/local/cuda-*; do
+      [ -f "$home/include/cuda_runtime.h" ] && export CUDA_HOME=$home && break
+    done
+  fi
   DEVICE=cuda
   BUILD="$PY setup.py -q build_ext --inplace"
   KERNEL_TESTS="tests/kernels -k 'triton-cuda or cuda-cuda'"
@@ -92,7 +98,7 @@ else echo 'trl is not installed: benchmarks/trl_step.py skipped (bring it in .wh
 fi
 
 step env 30 "{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 || echo 'no nvidia-smi'; \
-  nvcc --version 2>&1 | tail -1 || true; uname -a; nproc; \
+  nvcc --version 2>&1 | tail -1 || true; echo CUDA_HOME=${CUDA_HOME:-unset}; uname -a; nproc; \
   $PY -c 'import sys, torch, triton, transformers; print(\"python\", sys.version.split()[0], \"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, \"transformers\", transformers.__version__, \"gpu\", torch.cuda.get_device_name() if torch.cuda.is_available() else None)'; \
   $PY -m pip list 2>/dev/null; } > $OUT/env.txt 2>&1; head -3 $OUT/env.txt"
 

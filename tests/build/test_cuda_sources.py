@@ -97,3 +97,19 @@ def test_setup_chooses_the_build_for_this_torch():
             assert "building the CPU kernels only" in out.stdout and "logprob_kernels.cu" not in out.stdout
         else:
             assert "logprob_kernels.cu" in out.stdout
+
+
+def test_a_cuda_home_without_headers_is_named_not_compiled_against(tmp_path, monkeypatch):
+    """torch guesses CUDA_HOME from nvcc's folder; an nvcc wrapper in /usr/local/bin (this machine's) gives a folder
+    without include/cuda_runtime.h, which used to fail deep in the compile ("cuda_runtime.h: No such file")."""
+    import torch.utils.cpp_extension as cpp_extension
+    monkeypatch.syspath_prepend(ROOT)
+    import setup
+    monkeypatch.delenv("RLHFV_FORCE_CPU", raising=False)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(tmp_path))
+    assert setup.cuda_build_reason() == (f"CUDA_HOME={tmp_path} has no include/cuda_runtime.h (set CUDA_HOME to the "
+                                         "CUDA toolkit's folder)")
+    (tmp_path / "include").mkdir()
+    (tmp_path / "include" / "cuda_runtime.h").write_text("")
+    assert setup.cuda_build_reason() is None
