@@ -116,8 +116,12 @@ def why_unavailable(backend: str, device: torch.device, path: str = "logits") ->
     return None
 
 
+# Looked up once: torch.compile (torch 2.11's dynamo) refuses to trace importlib.util.find_spec
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def _why_triton_unavailable(device: torch.device) -> str | None:
-    if importlib.util.find_spec("triton") is None:
+    if not TRITON_INSTALLED:
         return "triton is not installed (pip install triton)"
     if device.type == "cuda":
         return None
