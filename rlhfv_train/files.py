@@ -16,6 +16,7 @@ import errno
 import os
 import pickle
 import shutil
+import time
 import zipfile
 
 import torch
@@ -53,15 +54,36 @@ LOAD_ERRORS = (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeE
                pickle.UnpicklingError)
 
 
+# the files this process verified, with what identified them then: a run checks what --resume will read before any
+# work, and reads it much later; one CRC pass over a multi-GB checkpoint is enough while the file stays as it was.
+# Only a file last modified over a second before its check is remembered: a write after the check then gives it a
+# later modification time even where the file system's clock is coarse
+_SETTLED_NS = 10**9
+_VERIFIED: dict[str, tuple[int, int, int, int]] = {}
+
+
+def _identity(path: str) -> tuple[int, int, int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def verify(path: str, *, advice: str, legacy_ok: bool = False) -> None:
     """Raises DamagedFile(path, what is wrong, `advice`) unless every entry of the torch.save archive at `path`
-    matches its checksum (one read of the file, no unpickling). legacy_ok: a file that is no zip archive at all passes
-    (torch's legacy format, in a file the run did not write, e.g. --init-weights); every file a run writes is one."""
+    matches its checksum (one read of the file, no unpickling; none when this process verified the same file, unchanged
+    since: same inode, size and modification time). legacy_ok: a file that is no zip archive at all passes (torch's
+    legacy format, in a file the run did not write, e.g. --init-weights); every file a run writes is one."""
+    key = os.path.abspath(path)
+    identity = _identity(path)
+    if _VERIFIED.get(key) == identity:
+        return
     with open(path, "rb") as f:
         archive = f.read(2) in (b"", b"PK")  # a zip archive (or an empty file) from its first bytes, even truncated
     problem = archive_problem(path) if archive or not legacy_ok else None
     if problem is not None:
+        _VERIFIED.pop(key, None)
         raise DamagedFile(path, problem, advice)
+    if time.time_ns() - identity[3] > _SETTLED_NS:
+        _VERIFIED[key] = identity
 
 
 def load_verified(path: str, *, advice: str, legacy_ok: bool = False, map_location="cpu"):

@@ -145,6 +145,25 @@ def test_a_damaged_file_is_found_on_read_whatever_the_damage(tmp_path, how):
         load_verified(path, advice="remove it")
 
 
+def test_a_file_checked_before_the_work_is_read_once_and_a_later_write_is_seen(tmp_path, monkeypatch):
+    """--resume checks checkpoint.pt and sft.pt before any work and loads them later: one CRC pass per file, unless
+    the file changed in between (a flip keeps the size; the write gives it a new modification time)."""
+    from rlhfv_train import files
+    path = str(tmp_path / "checkpoint.pt")
+    save_verified(path, {"w": torch.randn(300, 300), "step": 3}, what="test state")
+    old = os.stat(path).st_mtime - 60
+    os.utime(path, (old, old))  # settled: written a minute ago
+    passes = []
+    real = files.archive_problem
+    monkeypatch.setattr(files, "archive_problem", lambda p: passes.append(p) or real(p))
+    files.verify(path, advice="-")
+    assert load_verified(path, advice="-")["step"] == 3 and len(passes) == 1
+    damage(path, "flip")
+    with pytest.raises(DamagedFile, match="checksum"):
+        load_verified(path, advice="-")
+    assert len(passes) == 2
+
+
 @pytest.mark.parametrize("trainer,name,how", [("ddpo", "checkpoint.pt", "flip"), ("ddpo", "checkpoint.pt", "header"),
                                               ("ddpo", "sft.pt", "truncate"), ("grpo", "checkpoint.pt", "empty")])
 def test_resume_with_a_damaged_file_stops_with_one_line_and_status_2(finished, tmp_path, dataset, trainer, name, how):
