@@ -134,7 +134,7 @@ def _why_triton_unavailable(device: torch.device) -> str | None:
     if not interpreting:
         return ("on CPU tensors the Triton kernels need the interpreter: set TRITON_INTERPRET=1 before "
                 "rlhfv_kernels.triton is first imported")
-    return None
+    return getattr(loaded, "INTERPRETER_PROBLEM", None)
 
 
 _warned_fallback: set[tuple[str, str]] = set()

@@ -24,6 +24,34 @@ import triton.language as tl
 
 INTERPRETING = bool(triton.knobs.runtime.interpret)
 
+
+@triton.jit
+def _computed_bound_probe(out_ptr, n):
+    count = tl.zeros((), tl.int32)
+    for _ in range(0, tl.cdiv(n, 1)):
+        count += 1
+    tl.store(out_ptr, count)
+
+
+def _interpreter_problem() -> str | None:
+    """Why this Triton's interpreter cannot run these kernels, else None. Every kernel loops to a bound it computes;
+    triton 3.6's interpreter turns that bound into a Python int with int() of a shape-(1,) array, which NumPy >= 2.4
+    refuses (triton 3.7 squeezes it first)."""
+    out = torch.zeros(1, dtype=torch.int32)
+    try:
+        _computed_bound_probe[(1,)](out, 3)
+    except triton.runtime.errors.InterpreterError as exc:
+        import numpy
+        return (f"triton {triton.__version__}'s interpreter cannot run a loop to a bound the kernel computes beside "
+                f"NumPy {numpy.__version__} ({exc}); use triton >= 3.7 (or NumPy < 2.4) for the CPU interpreter")
+    if int(out.item()) != 3:
+        return f"triton {triton.__version__}'s interpreter ran a 3-step loop {int(out.item())} times"
+    return None
+
+
+# None, or why the CPU interpreter cannot run these kernels (CUDA launches are not concerned)
+INTERPRETER_PROBLEM = _interpreter_problem() if INTERPRETING else None
+
 # The interpreter costs ~10 ms per program x loop iteration whatever the block size, so it gets one big block.
 _INTERPRETER_BLOCK = 32768
 

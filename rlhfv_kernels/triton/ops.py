@@ -25,6 +25,8 @@ def _check(logits: torch.Tensor, labels: torch.Tensor, temperature: float, softc
     if logits.device.type == "cpu" and not kernels.INTERPRETING:
         raise RuntimeError("rlhfv_triton: CPU tensors need TRITON_INTERPRET=1 set before rlhfv_kernels.triton "
                            "is imported")
+    if logits.device.type == "cpu" and kernels.INTERPRETER_PROBLEM is not None:
+        raise RuntimeError(f"rlhfv_triton: {kernels.INTERPRETER_PROBLEM}")
     if tuple(labels.shape) != tuple(logits.shape[:-1]):
         raise ValueError(f"rlhfv_triton: labels shape {tuple(labels.shape)} must equal logits.shape[:-1]")
     if logits.shape[-1] > 1 and logits.stride(-1) != 1:

@@ -88,6 +88,19 @@ def test_backend_triton_on_cpu_needs_the_interpreter(monkeypatch):
     assert _backend.resolve_backend(None, torch.device("cpu")) == "cpp"
 
 
+def test_an_interpreter_that_cannot_run_the_kernels_is_named(monkeypatch):
+    """triton 3.6's interpreter beside NumPy >= 2.4 (the GPU machine's versions) cannot run a loop to a computed
+    bound: the backend is then unavailable on CPU with that reason, never a TypeError from inside a kernel."""
+    from rlhfv_kernels import _backend
+    assert kernels._interpreter_problem() is None  # the probe itself, on this interpreter (this module runs here)
+    monkeypatch.setattr(kernels, "INTERPRETER_PROBLEM", "triton 3.6.0's interpreter cannot run a loop")
+    with pytest.raises(rk.BackendUnavailableError, match="triton 3.6.0's interpreter cannot run a loop"):
+        rk.token_logprobs(torch.randn(2, 5), torch.tensor([0, 1]), backend="triton")
+    with pytest.raises(RuntimeError, match="triton 3.6.0's interpreter cannot run a loop"):
+        torch.ops.rlhfv_triton.logprob_fwd(torch.randn(2, 5), torch.tensor([0, 1]), -100, 1.0, 0.0, False)
+    assert _backend.resolve_backend(None, torch.device("cpu")) == "cpp"
+
+
 def test_torch_compile_through_the_triton_ops():
     torch._dynamo.reset()
     logits = torch.randn(4, 6, 97)
