@@ -35,13 +35,28 @@ def cuda_build_reason():
         return "RLHFV_FORCE_CPU=1"
     if torch.version.cuda is None:
         return "this torch has no CUDA"
-    from torch.utils.cpp_extension import CUDA_HOME
-    if CUDA_HOME is None:
+    from torch.utils import cpp_extension
+    if cpp_extension.CUDA_HOME is None:
         return "nvcc not found (set CUDA_HOME)"
-    if not os.path.isfile(os.path.join(CUDA_HOME, "include", "cuda_runtime.h")):
+    if not _has_headers(cpp_extension.CUDA_HOME):
         # torch guesses CUDA_HOME from nvcc's folder: a wrapper in /usr/local/bin gives /usr/local, without headers
-        return f"CUDA_HOME={CUDA_HOME} has no include/cuda_runtime.h (set CUDA_HOME to the CUDA toolkit's folder)"
+        # (the GPU machine's and this one's). Unless the user named that folder, a toolkit folder beside it will do.
+        guess = cpp_extension.CUDA_HOME
+        found = None if "CUDA_HOME" in os.environ else next(filter(_has_headers, _toolkit_folders()), None)
+        if found is None:
+            return f"CUDA_HOME={guess} has no include/cuda_runtime.h (set CUDA_HOME to the CUDA toolkit's folder)"
+        print(f"rlhfv: CUDA toolkit at {found} (torch's guess {guess} has no include/cuda_runtime.h)")
+        cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"] = found  # what CUDAExtension and BuildExtension read
     return None
+
+
+def _toolkit_folders():
+    """The usual homes of a CUDA toolkit, the one of torch's CUDA version first."""
+    return [f"/usr/local/cuda-{torch.version.cuda}", "/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"))
+
+
+def _has_headers(folder):
+    return os.path.isfile(os.path.join(folder, "include", "cuda_runtime.h"))
 
 
 def cuda_arch_flags():

@@ -129,11 +129,14 @@ def _why_triton_unavailable(device: torch.device) -> str | None:
         return f"Triton kernels run on CUDA tensors (and CPU tensors under the interpreter), not {device.type}"
     # Under torch.compile, not whether the kernels module is loaded: the trace may load it next, and torch.compile
     # guards on what it read.
-    loaded = None if torch.compiler.is_compiling() else sys.modules.get("rlhfv_kernels.triton.kernels")
+    compiling = torch.compiler.is_compiling()
+    loaded = None if compiling else sys.modules.get("rlhfv_kernels.triton.kernels")
     interpreting = loaded.INTERPRETING if loaded is not None else os.environ.get("TRITON_INTERPRET") == "1"
     if not interpreting:
         return ("on CPU tensors the Triton kernels need the interpreter: set TRITON_INTERPRET=1 before "
                 "rlhfv_kernels.triton is first imported")
+    if loaded is None and not compiling:  # whether this interpreter runs them is known once they are loaded
+        loaded = importlib.import_module("rlhfv_kernels.triton.kernels")
     return getattr(loaded, "INTERPRETER_PROBLEM", None)
 
 

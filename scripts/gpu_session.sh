@@ -79,12 +79,6 @@ if [ "$REHEARSAL" = 1 ]; then
   REST_BENCH="$PY benchmarks/packing.py --device cpu --pairs 2 --repeats 1 --json $OUT/bench-packing.json"
 else
   export RLHFV_CUDA_ARCHS=${RLHFV_CUDA_ARCHS:-90a}  # the lent machines are Hopper; one target builds faster
-  # torch guesses CUDA_HOME from nvcc's folder; a wrapper in /usr/local/bin has no headers beside it (seen here)
-  if [ -z "${CUDA_HOME:-}" ]; then
-    for home in /usr/local/cuda /usr/local/cuda-*; do
-      [ -f "$home/include/cuda_runtime.h" ] && export CUDA_HOME=$home && break
-    done
-  fi
   DEVICE=cuda
   BUILD="$PY setup.py -q build_ext --inplace"
   KERNEL_TESTS="tests/kernels -k 'triton-cuda or cuda-cuda'"

@@ -4,6 +4,7 @@ image tokens, and DDPO token weights from the correction (weights.correction_wei
 from __future__ import annotations
 
 import inspect
+import typing
 from dataclasses import dataclass
 
 import torch
@@ -62,8 +63,16 @@ class PairBatch:
 
 def takes_suffix(processor) -> bool:
     """A prefix-LM processor (PaliGemma): the answer goes in as suffix=, after the separator the processor adds,
-    with its end-of-sequence token, marked by token_type_ids 1."""
-    return hasattr(processor, "image_processor") and "suffix" in inspect.signature(type(processor).__call__).parameters
+    with its end-of-sequence token, marked by token_type_ids 1. Without it such a model sees every token
+    bidirectionally (token_type_ids 0: all prefix), its own future included."""
+    if not hasattr(processor, "image_processor"):
+        return False
+    if "suffix" in inspect.signature(type(processor).__call__).parameters:  # transformers 5.24: a named argument
+        return True
+    # earlier releases (5.17) take it in **kwargs: the processor's kwargs TypedDict lists it among its text kwargs
+    kwargs_class = getattr(type(processor), "valid_processor_kwargs", None)
+    text_kwargs = typing.get_type_hints(kwargs_class).get("text_kwargs") if kwargs_class is not None else None
+    return text_kwargs is not None and "suffix" in typing.get_type_hints(text_kwargs)
 
 
 def encode(processor, texts: list[str], images, *, padding_side: str, suffix: list[str] | None = None) -> dict:

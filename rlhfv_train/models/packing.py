@@ -11,11 +11,24 @@ from ..data.packing import pack_batch, padded_lengths
 from .adapter import UnsupportedModelError, unwrap
 from .forward import forward_logits
 
-# Families (config.model_type) whose packed forward is wrong in a way one batch may not show (transformers 5.24).
+# Families (config.model_type) whose packed forward is wrong in a way one batch may not show, from the transformers
+# release named (seen on 5.23.0 and 5.24.0; on 5.17.0-5.22.2 gemma3's packed training equals the padded one, and the
+# comparison below still guards those releases).
 KNOWN_UNSUPPORTED = {
-    "gemma3": "its bidirectional image-token mask reads token_type_ids at each sequence's own positions instead of "
-              "the row's, so a sequence placed after another in a row can attend to some of its own future tokens",
+    "gemma3": ("5.23", "its bidirectional image-token mask reads token_type_ids at each sequence's own positions "
+               "instead of the row's, so a sequence placed after another in a row can attend to some of its own "
+               "future tokens"),
 }
+
+
+def known_unsupported(model_type: str | None) -> str | None:
+    """Why the installed transformers packs this family wrongly (KNOWN_UNSUPPORTED), or None."""
+    from packaging.version import Version
+
+    since, problem = KNOWN_UNSUPPORTED.get(model_type, (None, None))
+    if since is None or Version(_transformers_version()) < Version(since):
+        return None
+    return problem
 
 
 def mrope_index(model):
@@ -38,7 +51,7 @@ def check_packing(model, inputs: dict, autocast_dtype=None) -> float:
     when packed sequences (or tails) change what a sequence sees, the packed forward fails, or the family is known to
     pack wrongly (KNOWN_UNSUPPORTED)."""
     family = type(unwrap(model)).__name__
-    known = KNOWN_UNSUPPORTED.get(getattr(unwrap(model).config, "model_type", None))
+    known = known_unsupported(getattr(unwrap(model).config, "model_type", None))
     if known is not None:
         raise UnsupportedModelError(f"{family}: {known} (transformers {_transformers_version()}). Train without "
                                     "packing (--packing, padding_free)")

@@ -99,17 +99,28 @@ def test_setup_chooses_the_build_for_this_torch():
             assert "logprob_kernels.cu" in out.stdout
 
 
-def test_a_cuda_home_without_headers_is_named_not_compiled_against(tmp_path, monkeypatch):
-    """torch guesses CUDA_HOME from nvcc's folder; an nvcc wrapper in /usr/local/bin (this machine's) gives a folder
-    without include/cuda_runtime.h, which used to fail deep in the compile ("cuda_runtime.h: No such file")."""
+def test_a_cuda_home_without_headers_is_replaced_or_named_not_compiled_against(tmp_path, monkeypatch):
+    """torch guesses CUDA_HOME from nvcc's folder; an nvcc wrapper in /usr/local/bin (the GPU machine's and this
+    one's) gives a folder without include/cuda_runtime.h, which used to fail deep in the compile ("cuda_runtime.h: No
+    such file"). A toolkit folder with the headers is used instead, unless CUDA_HOME was set: then it is named."""
     import torch.utils.cpp_extension as cpp_extension
     monkeypatch.syspath_prepend(ROOT)
     import setup
+    guess, toolkit = tmp_path / "usr-local", tmp_path / "cuda-13.0"
+    guess.mkdir()
     monkeypatch.delenv("RLHFV_FORCE_CPU", raising=False)
+    monkeypatch.delenv("CUDA_HOME", raising=False)
     monkeypatch.setattr(torch.version, "cuda", "13.0")
-    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(tmp_path))
-    assert setup.cuda_build_reason() == (f"CUDA_HOME={tmp_path} has no include/cuda_runtime.h (set CUDA_HOME to the "
-                                         "CUDA toolkit's folder)")
-    (tmp_path / "include").mkdir()
-    (tmp_path / "include" / "cuda_runtime.h").write_text("")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(guess))
+    monkeypatch.setattr(setup, "_toolkit_folders", lambda: [str(toolkit)])
+    no_headers = f"CUDA_HOME={guess} has no include/cuda_runtime.h (set CUDA_HOME to the CUDA toolkit's folder)"
+    assert setup.cuda_build_reason() == no_headers  # no toolkit anywhere
+    (toolkit / "include").mkdir(parents=True)
+    (toolkit / "include" / "cuda_runtime.h").write_text("")
+    monkeypatch.setenv("CUDA_HOME", str(guess))
+    assert setup.cuda_build_reason() == no_headers  # the user's choice is not overridden
+    monkeypatch.delenv("CUDA_HOME")
+    assert setup.cuda_build_reason() is None
+    assert cpp_extension.CUDA_HOME == os.environ["CUDA_HOME"] == str(toolkit)
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(toolkit))
     assert setup.cuda_build_reason() is None

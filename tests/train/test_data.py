@@ -138,6 +138,7 @@ def test_missing_file_unknown_format_and_nothing_usable(tmp_path):
 
 def test_parquet_rows(folder):
     pa = pytest.importorskip("pyarrow")
+    pytest.importorskip("datasets", reason="Parquet files are read through the datasets package")
     import pyarrow.parquet as pq
     table = pa.table({
         "image": [{"bytes": png_bytes(), "path": None}, {"bytes": None, "path": "img.png"}, None],
