@@ -63,20 +63,21 @@ def _forward_configs():
             for block, warps in ((2048, 8), (4096, 8), (4096, 16), (8192, 16))]
 
 
-# (BLOCK_V, num_warps) of forward configs that spill under a soft cap (tests/gpu_verify/triton_aot.py, triton 3.9):
-# not offered to CAPPED launches.
+# (BLOCK_V, num_warps) of forward configs that spill under a soft cap (tests/gpu_verify/triton_aot.py: triton 3.9), and
+# under a soft cap with the entropy (triton 3.6, sm_80): not offered to those launches.
 FORWARD_SPILL_WITH_SOFTCAP = ((8192, 16),)
+FORWARD_SPILL_WITH_SOFTCAP_AND_ENTROPY = FORWARD_SPILL_WITH_SOFTCAP + ((4096, 16),)
 
 
-def forward_configs(capped: bool = False) -> list:
+def forward_configs(capped: bool = False, entropy: bool = False) -> list:
     """The forward configs a launch may be tuned among."""
-    return [c for c in _forward_configs()
-            if not (capped and (c.kwargs["BLOCK_V"], c.num_warps) in FORWARD_SPILL_WITH_SOFTCAP)]
+    spilling = (FORWARD_SPILL_WITH_SOFTCAP_AND_ENTROPY if entropy else FORWARD_SPILL_WITH_SOFTCAP) if capped else ()
+    return [c for c in _forward_configs() if (c.kwargs["BLOCK_V"], c.num_warps) not in spilling]
 
 
 def _prune_forward(configs, named_args, **kwargs):
-    """early_config_prune of the forward: forward_configs of the launch's soft cap."""
-    return forward_configs(kwargs.get("CAPPED", False))
+    """early_config_prune of the forward: forward_configs of the launch's soft cap and entropy."""
+    return forward_configs(kwargs.get("CAPPED", False), kwargs.get("ENTROPY", False))
 
 
 # (BLOCK_V, num_warps) of the backward, by split size (a heuristic, not autotuned: autotuning an in-place kernel

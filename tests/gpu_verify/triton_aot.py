@@ -86,7 +86,7 @@ def logits_cases(dtypes):
                     continue
                 tag = (f"VEC={vec} {'t!=1' if scaled else 't=1'}" + (" cap" if capped else "")
                        + (" entropy" if entropy else ""))
-                for cfg in kernels.forward_configs(capped):
+                for cfg in kernels.forward_configs(capped, entropy):
                     for want_splits in (1, 4):
                         splits, split_size = kernels.plan_splits(rows, vocab, cpu, want_splits, multiple=vec)
                         args = (T(dt), T(i64), T(i64), T(f32), T(f32), T(f32), T(f32), vocab, split_size, splits,
