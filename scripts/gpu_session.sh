@@ -23,7 +23,11 @@
 # Bring the peers as wheels first (git-ignored; on the development machine, in the repo root):
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl liger-kernel cut-cross-entropy trl
+#       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl liger-kernel cut-cross-entropy \
+#       "trl>=1.16,<1.17" datasets dill multiprocess num2words
+#   python3 -m pip wheel --no-deps -w .whl docopt          (num2words needs it and it has no wheel on PyPI)
+# (about 3 MB; the GPU image has none of them: TRL needs datasets, which needs dill and multiprocess; SmolVLM's
+# processor needs num2words. peers.txt says which import there.)
 #
 # RLHFV_GPU_REHEARSAL=1 runs the same steps on the CPU (CPU targets, tiny cases, a 170 s budget): CI does, through
 # tests/build/test_gpu_session.py, so that this script cannot rot before a GPU ever runs it.
