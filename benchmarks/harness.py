@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 import subprocess
 import time
 
@@ -127,6 +128,31 @@ def time_call(fn, device, warmup: int, repeats: int) -> list[float]:
         sync(device)
         times.append((time.perf_counter() - start) * 1e3)
     return times
+
+
+def spread(times: list[float]) -> float:
+    """(max - min) / median of repeated timings: how far this machine's noise reaches into one row."""
+    if len(times) < 2:
+        return 0.0
+    middle = statistics.median(times)
+    return (max(times) - min(times)) / middle if middle > 0 else 0.0
+
+
+# A run is flagged when the machine was busy: the 1-minute load over this share of the cores
+BUSY_LOAD_PER_CORE = 0.5
+
+
+def machine_load() -> dict:
+    """The 1- and 5-minute load averages and the core count, to put beside a run's numbers (None where unknown)."""
+    try:
+        one, five, _ = os.getloadavg()
+    except OSError:
+        one = five = None
+    return {"load1": one, "load5": five, "cores": os.cpu_count()}
+
+
+def busy(load: dict) -> bool:
+    return load["load1"] is not None and load["load1"] > BUSY_LOAD_PER_CORE * (load["cores"] or 1)
 
 
 def write_json(path: str, data) -> None:

@@ -32,8 +32,9 @@ os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # keep the CPU memory profiler f
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.harness import (PeakMemory, device_name, fmt_mb, fmt_ms, max_abs_diff, mem_ratio,  # noqa: E402
-                                pick_device, plot_bars, time_call, versions, write_json)
+from benchmarks.harness import (PeakMemory, busy, device_name, fmt_mb, fmt_ms, machine_load,  # noqa: E402
+                                max_abs_diff, mem_ratio, pick_device, plot_bars, spread, time_call, versions,
+                                write_json)
 import rlhfv_kernels as rk  # noqa: E402
 from rlhfv_kernels import _backend  # noqa: E402
 from rlhfv_kernels import losses  # noqa: E402
@@ -101,6 +102,8 @@ class Record:
     peak_extra_bytes: int | None = None
     logits_bytes: int = 0
     grad_max_abs_err: float | None = None  # max |dlogits - reference dlogits| of the first run
+    fwd_bwd_spread: float | None = None  # (max - min) / median of the forward+backward repeats
+    suspect: list = field(default_factory=list)  # why this row contradicts itself or is too noisy to read
 
 
 def make_inputs(case: Case, device: torch.device) -> dict:
@@ -322,12 +325,34 @@ def bench_one(op, impl: Impl, case, inputs, device, args, reference_grad) -> tup
         rec.fwd_median_ms = statistics.median(rec.fwd_times_ms)
     rec.fwd_bwd_times_ms = time_call(forward_backward, device, args.warmup, args.repeats)
     rec.fwd_bwd_median_ms = statistics.median(rec.fwd_bwd_times_ms)
+    rec.fwd_bwd_spread = spread(rec.fwd_bwd_times_ms)
+    rec.suspect = suspicions(rec)
     with PeakMemory(device) as mem:
         grad = forward_backward()
         del grad
     rec.peak_extra_bytes = mem.peak
     leaf.requires_grad_(False)
     return rec, first_grad
+
+
+# A row whose repeats spread wider than this (max - min over the median) is flagged as noise
+NOISY_SPREAD = 0.5
+
+
+def suspicions(rec: Record) -> list[str]:
+    """What makes a row unreadable: a forward+backward faster than its forward alone (the machine changed speed
+    between the two), or repeats spread over NOISY_SPREAD of their median."""
+    found = []
+    if rec.fwd_median_ms is not None and rec.fwd_bwd_median_ms < rec.fwd_median_ms:
+        found.append(f"fwd+bwd {rec.fwd_bwd_median_ms:.2f} ms < fwd alone {rec.fwd_median_ms:.2f} ms")
+    for what, times in (("fwd", rec.fwd_times_ms), ("fwd+bwd", rec.fwd_bwd_times_ms)):
+        if spread(times) > NOISY_SPREAD:
+            found.append(f"{what} repeats spread {spread(times):.0%} of their median")
+    return found
+
+
+# The copy bandwidth before and after a case's rows may differ by this much before the case is flagged
+FLOOR_DRIFT = 0.25
 
 
 def copy_floor(inputs: dict, device, args) -> dict:
@@ -347,8 +372,8 @@ def print_table(case: Case, records: list[Record], floor: dict) -> None:
            and not IMPL_TABLE[r.impl].compiled}
     print(f"\n{case.label}  logits {floor['logits_bytes'] / 2**20:.0f} MiB, copy bandwidth "
           f"{floor['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, 3-pass floor {floor['floor_fwd_bwd_ms']:.2f} ms")
-    header = (f"{'op':<18}{'impl':<19}{'fwd ms':>10}{'fwd+bwd ms':>12}{'peak MiB':>10}"
-              f"{'speedup f+b':>13}{'mem ratio':>11}{'x floor':>9}{'grad err':>10}")
+    header = (f"{'op':<18}{'impl':<19}{'fwd ms':>10}{'fwd+bwd ms':>12}{'spread':>8}{'peak MiB':>10}"
+              f"{'speedup f+b':>13}{'mem ratio':>11}{'x floor':>9}{'grad err':>10}  !")
     print(header)
     print("-" * len(header))
     for r in records:
@@ -358,9 +383,15 @@ def print_table(case: Case, records: list[Record], floor: dict) -> None:
                if base and base.peak_extra_bytes is not None and r.peak_extra_bytes is not None else None)
         err = "" if r.grad_max_abs_err is None else f"{r.grad_max_abs_err:.1e}"
         print(f"{r.op:<18}{r.impl:<19}{fmt_ms(r.fwd_median_ms):>10}{fmt_ms(r.fwd_bwd_median_ms):>12}"
-              f"{fmt_mb(r.peak_extra_bytes):>10}{'' if speed is None else f'{speed:.2f}x':>13}"
+              f"{r.fwd_bwd_spread:>7.0%} {fmt_mb(r.peak_extra_bytes):>10}{'' if speed is None else f'{speed:.2f}x':>13}"
               f"{mem_ratio(mem, r.peak_extra_bytes):>11}{r.fwd_bwd_median_ms / floor['floor_fwd_bwd_ms']:>8.2f}x"
-              f"{err:>10}")
+              f"{err:>10}  {'!' if r.suspect else ''}")
+    for r in records:
+        for why in r.suspect:
+            print(f"warning: {r.op} {r.impl}: {why}; rerun on a quieter machine", file=sys.stderr)
+    if floor.get("drift") is not None and floor["drift"] > FLOOR_DRIFT:
+        print(f"warning: {case.label}: the copy bandwidth moved {floor['drift']:.0%} between the start and the end of "
+              "this case (the machine's speed changed under it); its ratios are unreliable", file=sys.stderr)
 
 
 def print_summary(results: dict) -> None:
@@ -395,6 +426,55 @@ def print_summary(results: dict) -> None:
                   f"{eager['fwd_bwd_median_ms'] / fast['fwd_bwd_median_ms']:>8.2f}x"
                   f"{fmt_mb(eager['peak_extra_bytes']):>10}{fmt_mb(lean_bytes):>9}{mem_ratio(mem, lean_bytes):>10}  "
                   f"{peer_text:<24}{versus:>13}{fast['fwd_bwd_median_ms'] / case['floor']['floor_fwd_bwd_ms']:>8.2f}x")
+
+
+def _load_text(load: dict) -> str:
+    return "unknown" if load["load1"] is None else f"{load['load1']:.2f}"
+
+
+def run_ratios(results: dict) -> dict:
+    """(case label, op, impl) -> the ratios of one row inside its own run: speedup over the eager reference (its
+    forward+backward time / this one) and x floor (this time / the 3-pass copy floor). Never absolute times: those
+    belong to one machine, the ratios travel."""
+    out = {}
+    for case in results["cases"]:
+        label = Case(**case["case"]).label
+        eager = {r["op"]: r for r in case["records"] if r["impl"] == "reference"}
+        for r in case["records"]:
+            if r["impl"] != "reference" and r["op"] in eager:
+                out[(label, r["op"], r["impl"])] = {
+                    "speedup": eager[r["op"]]["fwd_bwd_median_ms"] / r["fwd_bwd_median_ms"],
+                    "x_floor": r["fwd_bwd_median_ms"] / case["floor"]["floor_fwd_bwd_ms"],
+                    "noisy": bool(r.get("suspect") or eager[r["op"]].get("suspect"))
+                    or case["floor"].get("drift", 0) > FLOOR_DRIFT}
+    return out
+
+
+def check_against(results: dict, recorded: dict, tolerance: float) -> int:
+    """--check: this run's ratios against a recorded run's (its --json); prints each row both have and returns the
+    number of rows that lost more than `tolerance` of their speedup or got that much further from the floor. A row
+    this run flagged (!, or its case's floor drifted) is reported as noisy and not counted: rerun it."""
+    now, then = run_ratios(results), run_ratios(recorded)
+    common = [key for key in now if key in then]
+    if not common:
+        raise SystemExit("--check: no (case, op, impl) row of this run is in the recorded one; run the same --case, "
+                         "--ops and --impls")
+    print(f"\ncheck against the recorded run ({recorded.get('device_name')}, git "
+          f"{recorded.get('versions', {}).get('git_commit')}): ratios only, tolerance {tolerance:.0%}")
+    print(f"{'case':<26}{'op':<17}{'impl':<19}{'speedup now':>12}{'recorded':>10}{'x floor now':>12}"
+          f"{'recorded':>10}  verdict")
+    worse = noisy = 0
+    for key in common:
+        a, b = now[key], then[key]
+        slower = a["speedup"] < b["speedup"] * (1 - tolerance) or a["x_floor"] > b["x_floor"] * (1 + tolerance)
+        verdict = "noisy: rerun" if a["noisy"] else "WORSE" if slower else "ok"
+        worse += slower and not a["noisy"]
+        noisy += a["noisy"]
+        print(f"{key[0]:<26}{key[1]:<17}{key[2]:<19}{a['speedup']:>11.2f}x{b['speedup']:>9.2f}x"
+              f"{a['x_floor']:>11.2f}x{b['x_floor']:>9.2f}x  {verdict}")
+    print(f"check: {worse} of {len(common)} rows worse than recorded by more than {tolerance:.0%}, {noisy} too noisy "
+          "to tell")
+    return worse
 
 
 def plot_results(results: dict, path: str) -> str | None:
@@ -439,7 +519,22 @@ def main(argv=None) -> int:
                         f"impl (default: {DEFAULT_PLOT})")
     parser.add_argument("--no-plot", action="store_true", help="no plot")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--check", metavar="JSON", help="compare this run's ratios (speedup over eager, x floor; "
+                        "never absolute times) with a recorded run's --json; exit status 1 if a row got worse by "
+                        "more than --check-tolerance")
+    parser.add_argument("--check-tolerance", type=float, default=0.3, metavar="F",
+                        help="the share of a ratio a row may lose before --check calls it worse (default 0.3)")
     args = parser.parse_args(argv)
+    recorded = None
+    if args.check:
+        import json
+        try:
+            with open(args.check) as f:
+                recorded = json.load(f)
+        except (OSError, ValueError) as exc:
+            parser.error(f"--check: cannot read {args.check}: {exc}")
+    if not 0 < args.check_tolerance < 1:
+        parser.error(f"--check-tolerance must be between 0 and 1, got {args.check_tolerance}")
 
     device = pick_device(args.device)
     if args.quick:
@@ -475,8 +570,12 @@ def main(argv=None) -> int:
           f"{args.repeats} repeats after {args.warmup} warm-up")
     if device.type == "cpu" and not rk.extension_available():
         print("warning: the compiled extension is not built; 'fused' runs the reference", file=sys.stderr)
+    load_before = machine_load()
+    if busy(load_before):
+        print(f"warning: the machine is busy (load {load_before['load1']:.1f} on {load_before['cores']} cores): "
+              "times will be noisy", file=sys.stderr)
     results = {"versions": info, "device": device.type, "device_name": device_name(device), "skipped": skipped,
-               "softcap": args.softcap, "cases": []}
+               "softcap": args.softcap, "load": {"before": load_before}, "cases": []}
     runs = [(op, IMPL_TABLE[name]) for op in ops for name in impls if op in IMPL_TABLE[name].ops]
     total = len(cases) * len(runs)
     bar = tqdm(total=total, desc="benchmark", disable=args.no_progress or tqdm is None, file=sys.stderr) \
@@ -495,6 +594,9 @@ def main(argv=None) -> int:
             if bar is not None:
                 bar.update()
         del reference_grads
+        after = copy_floor(inputs, device, args)
+        floor["bandwidth_after_bytes_per_s"] = after["bandwidth_bytes_per_s"]
+        floor["drift"] = abs(after["bandwidth_bytes_per_s"] / floor["bandwidth_bytes_per_s"] - 1)
         if bar is not None:
             bar.clear()
         print_table(case, records, floor)
@@ -511,12 +613,20 @@ def main(argv=None) -> int:
               "only checks that the script works")
     for name, reason in skipped.items():
         print(f"not run: {name}: {reason}")
+    results["load"]["after"] = load_after = machine_load()
+    results["suspect_rows"] = sum(bool(r["suspect"]) for case in results["cases"] for r in case["records"])
+    results["drifting_cases"] = sum(case["floor"]["drift"] > FLOOR_DRIFT for case in results["cases"])
+    print(f"machine load before / after: {_load_text(load_before)} / {_load_text(load_after)} on "
+          f"{load_after['cores']} cores; {results['suspect_rows']} rows flagged (!), {results['drifting_cases']} cases with a drifting "
+          "floor" + (" (their warnings above)" if results["suspect_rows"] or results["drifting_cases"] else ""))
     print_summary(results)
     if not args.no_plot:
         plot = plot_results(results, args.plot or DEFAULT_PLOT)
         print(f"wrote {plot}" if plot else "no plot: matplotlib is not installed")
     if args.json:
         write_json(args.json, results)
+    if recorded is not None:
+        return 1 if check_against(results, recorded, args.check_tolerance) else 0
     return 0
 
 

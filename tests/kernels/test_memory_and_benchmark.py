@@ -1,6 +1,7 @@
 """No hidden N x V copies (allocation counts, not timings) and a smoke run of benchmarks/run.py."""
 import importlib.util
 import json
+import os
 
 import pytest
 import torch
@@ -46,6 +47,12 @@ def test_benchmark_quick_run_writes_complete_json(tmp_path):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
     data = json.loads(path.read_text())
     assert data["versions"]["torch"] == torch.__version__
+    assert set(data["load"]) == {"before", "after"} and data["load"]["after"]["cores"] == os.cpu_count()
+    assert data["suspect_rows"] == sum(bool(r["suspect"]) for c in data["cases"] for r in c["records"])
+    for case in data["cases"]:
+        assert case["floor"]["bandwidth_after_bytes_per_s"] > 0 and case["floor"]["drift"] >= 0
+        for r in case["records"]:
+            assert r["fwd_bwd_spread"] == pytest.approx(bench.spread(r["fwd_bwd_times_ms"]))
     assert [c["case"]["vocab"] for c in data["cases"]] == [777, 501]
     # TRL is a CPU peer where it is installed (not on the GPU machine: its row is skipped there, and says why)
     trl_here = importlib.util.find_spec("trl") is not None
@@ -96,6 +103,53 @@ def test_benchmark_default_is_the_headline_and_ends_in_a_summary(tmp_path, monke
     data = json.loads(path.read_text())
     assert [c["case"]["vocab"] for c in data["cases"]] == [200]
     assert {r["op"] for r in data["cases"][0]["records"]} == set(bench.OPS)
+
+
+def test_benchmark_flags_rows_that_contradict_themselves():
+    """A forward+backward faster than its forward alone, or repeats spread over half their median: the machine changed
+    speed under the row (seen under load: fwd+bwd < fwd, the copy bandwidth drifting 13 -> 6 GB/s in one run)."""
+    row = bench.Record(op="ddpo_loss", impl="fused", backend="cpp", tokens=4, vocab=8, shape=[4, 8], dtype="float32",
+                       device="cpu", device_name="cpu", fwd_median_ms=2.0, fwd_bwd_median_ms=3.0,
+                       fwd_times_ms=[2.0, 2.1, 1.9], fwd_bwd_times_ms=[3.0, 3.1, 2.9])
+    assert bench.suspicions(row) == []
+    row.fwd_bwd_median_ms = 1.5
+    assert bench.suspicions(row) == ["fwd+bwd 1.50 ms < fwd alone 2.00 ms"]
+    row.fwd_bwd_median_ms, row.fwd_bwd_times_ms = 3.0, [3.0, 1.0, 4.0]
+    assert bench.suspicions(row) == ["fwd+bwd repeats spread 100% of their median"]
+    assert bench.spread([5.0]) == 0.0
+
+
+def _recorded_run(fused_ms, *, suspect=(), drift=0.0):
+    record = lambda impl, ms, flagged=(): {"op": "ddpo_loss", "impl": impl, "fwd_bwd_median_ms": ms,
+                                           "suspect": list(flagged)}
+    return {"device_name": "test", "versions": {"git_commit": "abc"}, "cases": [{
+        "case": {"tokens": 4096, "vocab": 32000, "dtype_name": "float32"},
+        "floor": {"floor_fwd_bwd_ms": 100.0, "drift": drift},
+        "records": [record("reference", 1000.0), record("fused", fused_ms, suspect)]}]}
+
+
+def test_benchmark_check_compares_ratios_not_times(capsys):
+    """--check: a row is worse when its speedup over eager fell (or its distance to the floor grew) by more than the
+    tolerance; a row this run flagged is noisy, not worse; absolute times never enter."""
+    recorded = _recorded_run(200.0)  # 5x eager, 2x floor
+    assert bench.check_against(_recorded_run(210.0), recorded, 0.3) == 0
+    assert bench.check_against(_recorded_run(400.0), recorded, 0.3) == 1  # 2.5x eager: half the speedup lost
+    assert "WORSE" in capsys.readouterr().out
+    assert bench.check_against(_recorded_run(400.0, suspect=["spread"]), recorded, 0.3) == 0
+    assert bench.check_against(_recorded_run(400.0, drift=0.6), recorded, 0.3) == 0
+    assert "noisy: rerun" in capsys.readouterr().out
+    other = _recorded_run(200.0)
+    other["cases"][0]["case"]["vocab"] = 128256
+    with pytest.raises(SystemExit, match="no \\(case, op, impl\\) row of this run is in the recorded one"):
+        bench.check_against(other, recorded, 0.3)
+
+
+def test_benchmark_check_refuses_an_unreadable_record(tmp_path, capsys):
+    (tmp_path / "bad.json").write_text("{not json")
+    for path in (tmp_path / "bad.json", tmp_path / "missing.json"):
+        with pytest.raises(SystemExit):
+            bench.main(["--quick", "--no-progress", "--no-plot", "--check", str(path)])
+        assert f"--check: cannot read {path}" in capsys.readouterr().err
 
 
 def test_benchmark_rejects_bad_case():
