@@ -26,13 +26,14 @@ def device_name(device: torch.device) -> str:
                     break
     except OSError:
         pass
-    return f"{name} ({torch.get_num_threads()} threads)"
+    variant = rk.cpu_kernel_variant()  # which SIMD clone of our CPU kernels runs: the numbers depend on it
+    return f"{name} ({torch.get_num_threads()} threads" + (f", {variant} kernels)" if variant else ")")
 
 
 def versions() -> dict:
     info = {"torch": torch.__version__, "python": platform.python_version(), "rlhfv": rk.__version__,
             "platform": platform.platform(), "torch_threads": torch.get_num_threads(),
-            "cuda": torch.version.cuda}
+            "cuda": torch.version.cuda, "cpu_kernels": rk.cpu_kernel_variant()}
     try:
         import triton
         info["triton"] = triton.__version__

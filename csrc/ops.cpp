@@ -7,10 +7,18 @@
 #include <torch/library.h>
 
 extern "C" {
-// `import rlhfv_kernels._C` runs the static TORCH_LIBRARY initializers below; the module itself holds nothing.
+const char* rlhfv_cpu_variant();  // csrc/cpu/logprob_cpu.cpp
+
+static PyObject* cpu_variant(PyObject*, PyObject*) { return PyUnicode_FromString(rlhfv_cpu_variant()); }
+
+static PyMethodDef methods[] = {
+    {"cpu_variant", cpu_variant, METH_NOARGS, "the SIMD variant of the CPU kernels this CPU runs"},
+    {nullptr, nullptr, 0, nullptr}};
+
+// `import rlhfv_kernels._C` runs the static TORCH_LIBRARY initializers below; the module holds one function.
 PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {
-      PyModuleDef_HEAD_INIT, "_C", "rlhfv compiled kernels (operators live in torch.ops.rlhfv)", -1, nullptr};
+      PyModuleDef_HEAD_INIT, "_C", "rlhfv compiled kernels (operators live in torch.ops.rlhfv)", -1, methods};
   return PyModule_Create(&module_def);
 }
 }

@@ -7,7 +7,7 @@
 See README.md for the API table and rlhfv_kernels.reference for the eager implementation of every function.
 """
 from . import reference
-from ._backend import BACKENDS, BackendUnavailableError, extension_available
+from ._backend import BACKENDS, BackendUnavailableError, cpu_kernel_variant, extension_available
 from ._backend import RENAMED as RENAMED_BACKENDS
 from ._backend import describe as describe_backends
 from .api import GRPO_LOSS_TYPES, ddpo_loss, dpo_loss, grpo_loss, sequence_logps, token_logprobs
@@ -24,6 +24,7 @@ __all__ = [
     "GRPO_LOSS_TYPES",
     "GRPOOutput",
     "RENAMED_BACKENDS",
+    "cpu_kernel_variant",
     "ddpo_loss",
     "describe_backends",
     "dpo_loss",

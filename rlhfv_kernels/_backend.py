@@ -87,6 +87,13 @@ def extension_available() -> bool:
     return _extension_error is None
 
 
+def cpu_kernel_variant() -> str | None:
+    """The SIMD variant of the compiled CPU kernels that this CPU runs ("x86-64-v4 (AVX-512)", "x86-64-v3 (AVX2,
+    FMA)", "x86-64 baseline (SSE2)", ...: one build carries them all and picks at load time), None without the
+    extension."""
+    return _C.cpu_variant() if _extension_error is None else None
+
+
 def why_unavailable(backend: str, device: torch.device, path: str = "logits") -> str | None:
     """None if `backend` can run `path` ("logits" or "linear", the fused-linear family) on `device`, else why."""
     if backend == "eager":

@@ -736,6 +736,21 @@ void logprob_rows_backward(const at::Tensor& logits, const at::Tensor& labels, c
 }  // namespace cpu
 }  // namespace rlhfv
 
+// Which RLHFV_MULTIVERSION clone this CPU runs: the resolver's own test (the ISA levels of target_clones), made
+// again so that benchmarks can say which code they timed (rlhfv_kernels.cpu_kernel_variant()).
+extern "C" const char* rlhfv_cpu_variant() {
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("x86-64-v4")) return "x86-64-v4 (AVX-512)";
+  if (__builtin_cpu_supports("x86-64-v3")) return "x86-64-v3 (AVX2, FMA)";
+  return "x86-64 baseline (SSE2)";
+#elif defined(__aarch64__)
+  return "aarch64 (NEON)";
+#else
+  return "one build for this target (no clones)";
+#endif
+}
+
 TORCH_LIBRARY_IMPL(rlhfv, CPU, m) {
   m.impl("logprob_fwd", &rlhfv::logprob_fwd_cpu);
   m.impl("logprob_bwd", &rlhfv::logprob_bwd_cpu);
