@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -33,42 +34,85 @@
 namespace rlhfv {
 namespace {
 
-// The hot loops use GCC/Clang vector extensions (16 floats per value): the compiler maps them onto the widest SIMD
-// of each clone below. On x86-64 GCC emits AVX-512, AVX2 and baseline clones and picks one at load time, so one
-// build is fast on every machine. (Plain loops with reductions do not vectorize without -ffast-math.)
+// The hot loops use GCC/Clang vector extensions of W floats, W the native width of each x86-64 level: 16 on AVX-512
+// (x86-64-v4), 8 on AVX2 (v3), 4 on the baseline. Each kernel is a template on W, compiled once per level (target
+// attributes) and picked once at run time by the test GCC's target_clones resolver makes (cpu_level), so one build is
+// fast on every machine. (A 16-float vector under AVX2 was split lane by lane through memory: 5x slower than 8
+// floats. Plain loops with reductions do not vectorize without -ffast-math.) bf16 conversions, plain loops that
+// vectorize on their own, keep target_clones.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define RLHFV_X86_LEVELS 1
 #define RLHFV_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
+#define RLHFV_X86_LEVELS 0
 #define RLHFV_MULTIVERSION
 #endif
 #define RLHFV_INLINE __attribute__((always_inline)) inline
 
 constexpr int64_t kChunk = 2048;  // floats per chunk: 8 KiB, stays in L1 between the max and the exp sweep
-constexpr int kLanes = 16;
-typedef float vfloat __attribute__((vector_size(kLanes * sizeof(float))));
-typedef int32_t vint __attribute__((vector_size(kLanes * sizeof(int32_t))));
+
+template <int W>
+struct Vec {
+  typedef float F __attribute__((vector_size(W * sizeof(float))));
+};
+
+// RLHFV_LEVELS(ret, name, (params), (args)) defines `ret name(params)`, which runs name_body<W>(args) compiled for the
+// widest x86-64 level this CPU has: W = 16 under AVX-512, 8 under AVX2 and FMA, 4 on the baseline. The environment
+// variable RLHFV_CPU_LEVEL=v3|baseline, read once, picks a lower one (tests run every level on one machine; a level
+// above the CPU's is never picked).
+#if RLHFV_X86_LEVELS
+enum class CpuLevel { kV4, kV3, kBaseline };
+inline CpuLevel cpu_level() {
+  static const CpuLevel level = [] {
+    __builtin_cpu_init();
+    CpuLevel have = __builtin_cpu_supports("x86-64-v4")   ? CpuLevel::kV4
+                    : __builtin_cpu_supports("x86-64-v3") ? CpuLevel::kV3
+                                                          : CpuLevel::kBaseline;
+    const char* asked = std::getenv("RLHFV_CPU_LEVEL");
+    CpuLevel want = CpuLevel::kV4;
+    if (asked != nullptr && std::strcmp(asked, "v3") == 0) want = CpuLevel::kV3;
+    if (asked != nullptr && std::strcmp(asked, "baseline") == 0) want = CpuLevel::kBaseline;
+    return static_cast<int>(want) > static_cast<int>(have) ? want : have;
+  }();
+  return level;
+}
+#define RLHFV_LEVELS(ret, name, params, args)                                                    \
+  __attribute__((target("arch=x86-64-v4"))) ret name##_v4 params { return name##_body<16> args; } \
+  __attribute__((target("arch=x86-64-v3"))) ret name##_v3 params { return name##_body<8> args; }  \
+  ret name##_baseline params { return name##_body<4> args; }                                      \
+  ret name params {                                                                               \
+    switch (cpu_level()) {                                                                        \
+      case CpuLevel::kV4: return name##_v4 args;                                                  \
+      case CpuLevel::kV3: return name##_v3 args;                                                  \
+      default: return name##_baseline args;                                                       \
+    }                                                                                             \
+  }
+#else
+#define RLHFV_LEVELS(ret, name, params, args) \
+  ret name params { return name##_body<8> args; }  // aarch64: two NEON registers per vector
+#endif
 
 // The same source serves one float and a vector of them.
 template <typename F>
-struct Lanes;
+struct Lanes {
+  typedef int32_t Int __attribute__((vector_size(sizeof(F))));
+  static RLHFV_INLINE F splat(float x) { return F{} + x; }
+};
 template <>
 struct Lanes<float> {
   using Int = int32_t;
   static RLHFV_INLINE float splat(float x) { return x; }
 };
-template <>
-struct Lanes<vfloat> {
-  using Int = vint;
-  static RLHFV_INLINE vfloat splat(float x) { return vfloat{} + x; }
-};
 
-RLHFV_INLINE vfloat load_lanes(const float* p) {
-  vfloat v;
+template <typename F>
+RLHFV_INLINE F load_lanes(const float* p) {
+  F v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
 
-RLHFV_INLINE void store_lanes(float* p, vfloat v) { std::memcpy(p, &v, sizeof(v)); }
+template <typename F>
+RLHFV_INLINE void store_lanes(float* p, F v) { std::memcpy(p, &v, sizeof(v)); }
 
 // exp(x) for x <= ~0 without libm: x = n*ln2 + r with |r| <= ln2/2, exp(r) by a degree-7 Taylor polynomial
 // (relative error < 1e-8), 2^n by building the float's exponent bits. NaN propagates; x below -87 is clamped (the
@@ -101,12 +145,15 @@ RLHFV_INLINE F exp_nonpositive(F x) {
 }
 
 // Maximum of a chunk, ignoring NaN (a NaN still poisons the row through the exp sum; see forward_rows).
-RLHFV_MULTIVERSION float chunk_max(const float* x, int64_t n) {
+template <int W>
+RLHFV_INLINE float chunk_max_body(const float* x, int64_t n) {
+  using vfloat = typename Vec<W>::F;
+  constexpr int kLanes = W;
   const float neg_inf = -std::numeric_limits<float>::infinity();
   vfloat acc = Lanes<vfloat>::splat(neg_inf);
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
-    const vfloat v = load_lanes(x + i);
+    const vfloat v = load_lanes<vfloat>(x + i);
     acc = v > acc ? v : acc;
   }
   float m = neg_inf;
@@ -114,6 +161,7 @@ RLHFV_MULTIVERSION float chunk_max(const float* x, int64_t n) {
   for (; i < n; ++i) m = x[i] > m ? x[i] : m;
   return m;
 }
+RLHFV_LEVELS(float, chunk_max, (const float* x, int64_t n), (x, n))
 
 template <typename Acc>
 bool chunk_has_nan(const Acc* x, int64_t n) {
@@ -123,24 +171,34 @@ bool chunk_has_nan(const Acc* x, int64_t n) {
 }
 
 // sum_i exp(x_i / temp - shift)
-RLHFV_MULTIVERSION float chunk_sum_exp(const float* x, int64_t n, float temp, float shift) {
+template <int W>
+RLHFV_INLINE float chunk_sum_exp_body(const float* x, int64_t n, float temp, float shift) {
+  using vfloat = typename Vec<W>::F;
+  constexpr int kLanes = W;
   vfloat acc = {};
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) acc += exp_nonpositive(load_lanes(x + i) / temp - shift);
+  for (; i + kLanes <= n; i += kLanes) acc += exp_nonpositive(load_lanes<vfloat>(x + i) / temp - shift);
   float s = 0.0f;
   for (int j = 0; j < kLanes; ++j) s += acc[j];
   for (; i < n; ++i) s += exp_nonpositive(x[i] / temp - shift);
   return s;
 }
+RLHFV_LEVELS(float, chunk_sum_exp, (const float* x, int64_t n, float temp, float shift), (x, n, temp, shift))
 
 // out_i = scale * exp((x_i / temp - lse_hi) - lse_lo); `out` may alias `x`.
-RLHFV_MULTIVERSION void chunk_scaled_softmax(const float* x, float* out, int64_t n, float temp, float lse_hi,
+template <int W>
+RLHFV_INLINE void chunk_scaled_softmax_body(const float* x, float* out, int64_t n, float temp, float lse_hi,
                                              float lse_lo, float scale) {
+  using vfloat = typename Vec<W>::F;
+  constexpr int kLanes = W;
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes)
-    store_lanes(out + i, scale * exp_nonpositive((load_lanes(x + i) / temp - lse_hi) - lse_lo));
+    store_lanes(out + i, scale * exp_nonpositive((load_lanes<vfloat>(x + i) / temp - lse_hi) - lse_lo));
   for (; i < n; ++i) out[i] = scale * exp_nonpositive((x[i] / temp - lse_hi) - lse_lo);
 }
+RLHFV_LEVELS(void, chunk_scaled_softmax,
+             (const float* x, float* out, int64_t n, float temp, float lse_hi, float lse_lo, float scale),
+             (x, out, n, temp, lse_hi, lse_lo, scale))
 
 // The soft cap (Gemma-style final_logit_softcapping): z = cap * tanh(x / cap), then / temp when `scaled`, and
 // dz/dx = sech^2(x / cap) / temp. Both come from e = exp(-2|u|), u = x / cap: tanh|u| = (1 - e) / (1 + e) and
@@ -162,23 +220,32 @@ RLHFV_INLINE F softcapped(F x, float cap, float temp, bool scaled, F* sech2) {
 }
 
 // out_i = softcapped(x_i); `out` may alias `x`.
-RLHFV_MULTIVERSION void chunk_softcap(const float* x, float* out, int64_t n, float cap, float temp) {
+template <int W>
+RLHFV_INLINE void chunk_softcap_body(const float* x, float* out, int64_t n, float cap, float temp) {
+  using vfloat = typename Vec<W>::F;
+  constexpr int kLanes = W;
   const bool scaled = temp != 1.0f;
   int64_t i = 0;
   vfloat unused;
-  for (; i + kLanes <= n; i += kLanes) store_lanes(out + i, softcapped(load_lanes(x + i), cap, temp, scaled, &unused));
+  for (; i + kLanes <= n; i += kLanes)
+    store_lanes(out + i, softcapped(load_lanes<vfloat>(x + i), cap, temp, scaled, &unused));
   float unused_one;
   for (; i < n; ++i) out[i] = softcapped(x[i], cap, temp, scaled, &unused_one);
 }
+RLHFV_LEVELS(void, chunk_softcap, (const float* x, float* out, int64_t n, float cap, float temp),
+             (x, out, n, cap, temp))
 
 // out_i = scale * softmax_i * dz_i/dx_i with softmax_i = exp((z_i - lse_hi) - lse_lo); `out` may alias `x`.
-RLHFV_MULTIVERSION void chunk_softcap_grad(const float* x, float* out, int64_t n, float cap, float temp, float lse_hi,
+template <int W>
+RLHFV_INLINE void chunk_softcap_grad_body(const float* x, float* out, int64_t n, float cap, float temp, float lse_hi,
                                            float lse_lo, float scale) {
+  using vfloat = typename Vec<W>::F;
+  constexpr int kLanes = W;
   const bool scaled = temp != 1.0f;
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
     vfloat sech2;
-    const vfloat z = softcapped(load_lanes(x + i), cap, temp, scaled, &sech2);
+    const vfloat z = softcapped(load_lanes<vfloat>(x + i), cap, temp, scaled, &sech2);
     store_lanes(out + i, scale * exp_nonpositive((z - lse_hi) - lse_lo) * sech2);
   }
   for (; i < n; ++i) {
@@ -187,18 +254,23 @@ RLHFV_MULTIVERSION void chunk_softcap_grad(const float* x, float* out, int64_t n
     out[i] = scale * exp_nonpositive((z - lse_hi) - lse_lo) * sech2;
   }
 }
+RLHFV_LEVELS(void, chunk_softcap_grad,
+             (const float* x, float* out, int64_t n, float cap, float temp, float lse_hi, float lse_lo, float scale),
+             (x, out, n, cap, temp, lse_hi, lse_lo, scale))
 
 // The entropy's running sums: s1 += sum_i exp(t_i), s2 += sum_i exp(t_i) * t_i with t_i = x_i / temp - shift <= 0.
 // Unclamped t makes a masked (-inf) logit add ~1e-38 * -inf = -inf to s2; the caller then redoes that chunk with
 // kClampMoment (t clamped at -87 like the exp's argument: it adds ~1e-36): the clamp costs a fifth of this loop, and
 // masked vocabulary entries are rare.
-template <bool kClampMoment>
+template <int W, bool kClampMoment>
 RLHFV_INLINE void sum_exp_and_moment_body(const float* x, int64_t n, float temp, float shift, float* s1, float* s2) {
+  using vfloat = typename Vec<W>::F;
+  constexpr int kLanes = W;
   vfloat acc1 = {}, acc2 = {};
   const vfloat lowest = Lanes<vfloat>::splat(-87.0f);
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
-    vfloat t = load_lanes(x + i) / temp - shift;
+    vfloat t = load_lanes<vfloat>(x + i) / temp - shift;
     if (kClampMoment) t = t < lowest ? lowest : t;
     const vfloat e = exp_nonpositive(t);
     acc1 += e;
@@ -219,14 +291,20 @@ RLHFV_INLINE void sum_exp_and_moment_body(const float* x, int64_t n, float temp,
   *s1 = a;
   *s2 = b;
 }
-RLHFV_MULTIVERSION void chunk_sum_exp_and_moment_fast(const float* x, int64_t n, float temp, float shift, float* s1,
-                                                      float* s2) {
-  sum_exp_and_moment_body<false>(x, n, temp, shift, s1, s2);
+template <int W>
+RLHFV_INLINE void chunk_sum_exp_and_moment_fast_body(const float* x, int64_t n, float temp, float shift, float* s1,
+                                                     float* s2) {
+  sum_exp_and_moment_body<W, false>(x, n, temp, shift, s1, s2);
 }
-RLHFV_MULTIVERSION void chunk_sum_exp_and_moment_clamped(const float* x, int64_t n, float temp, float shift,
-                                                         float* s1, float* s2) {
-  sum_exp_and_moment_body<true>(x, n, temp, shift, s1, s2);
+template <int W>
+RLHFV_INLINE void chunk_sum_exp_and_moment_clamped_body(const float* x, int64_t n, float temp, float shift,
+                                                        float* s1, float* s2) {
+  sum_exp_and_moment_body<W, true>(x, n, temp, shift, s1, s2);
 }
+RLHFV_LEVELS(void, chunk_sum_exp_and_moment_fast,
+             (const float* x, int64_t n, float temp, float shift, float* s1, float* s2), (x, n, temp, shift, s1, s2))
+RLHFV_LEVELS(void, chunk_sum_exp_and_moment_clamped,
+             (const float* x, int64_t n, float temp, float shift, float* s1, float* s2), (x, n, temp, shift, s1, s2))
 void chunk_sum_exp_and_moment(const float* x, int64_t n, float temp, float shift, float* s1, float* s2) {
   float a, b;
   chunk_sum_exp_and_moment_fast(x, n, temp, shift, &a, &b);
@@ -239,14 +317,16 @@ void chunk_sum_exp_and_moment(const float* x, int64_t n, float temp, float shift
 // slope_i = dz_i/dx_i * temp (sech^2(x_i / cap) under a cap, else 1; z already divided by temp). With the caller's
 // a = -(g + g_H * H) / temp and b = -g_H / temp this is d(g * logp + g_H * H)/dx off the label (DESIGN.md §2).
 // log p is clamped at -87 (masked logits: ~1e-36, not 0 * -inf). `out` may alias `x`.
-template <bool Capped>
+template <int W, bool Capped>
 RLHFV_INLINE void entropy_grad_body(const float* x, float* out, int64_t n, float cap, float temp, float lse_hi,
                                     float lse_lo, float a, float b) {
+  using vfloat = typename Vec<W>::F;
+  constexpr int kLanes = W;
   const bool scaled = temp != 1.0f;
   const vfloat lowest = Lanes<vfloat>::splat(-87.0f);
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
-    vfloat slope = Lanes<vfloat>::splat(1.0f), z = load_lanes(x + i);
+    vfloat slope = Lanes<vfloat>::splat(1.0f), z = load_lanes<vfloat>(x + i);
     if (Capped) {
       z = softcapped(z, cap, temp, scaled, &slope);
     } else {
@@ -268,15 +348,21 @@ RLHFV_INLINE void entropy_grad_body(const float* x, float* out, int64_t n, float
     out[i] = slope * exp_nonpositive(d) * (a + b * d);
   }
 }
-// (target_clones does not take templates: one clone set per variant.)
-RLHFV_MULTIVERSION void chunk_entropy_grad(const float* x, float* out, int64_t n, float cap, float temp,
-                                           float lse_hi, float lse_lo, float a, float b) {
-  entropy_grad_body<false>(x, out, n, cap, temp, lse_hi, lse_lo, a, b);
+template <int W>
+RLHFV_INLINE void chunk_entropy_grad_body(const float* x, float* out, int64_t n, float cap, float temp, float lse_hi,
+                                          float lse_lo, float a, float b) {
+  entropy_grad_body<W, false>(x, out, n, cap, temp, lse_hi, lse_lo, a, b);
 }
-RLHFV_MULTIVERSION void chunk_softcap_entropy_grad(const float* x, float* out, int64_t n, float cap, float temp,
-                                                   float lse_hi, float lse_lo, float a, float b) {
-  entropy_grad_body<true>(x, out, n, cap, temp, lse_hi, lse_lo, a, b);
+template <int W>
+RLHFV_INLINE void chunk_softcap_entropy_grad_body(const float* x, float* out, int64_t n, float cap, float temp,
+                                                  float lse_hi, float lse_lo, float a, float b) {
+  entropy_grad_body<W, true>(x, out, n, cap, temp, lse_hi, lse_lo, a, b);
 }
+#define RLHFV_GRAD_PARAMS \
+  (const float* x, float* out, int64_t n, float cap, float temp, float lse_hi, float lse_lo, float a, float b)
+RLHFV_LEVELS(void, chunk_entropy_grad, RLHFV_GRAD_PARAMS, (x, out, n, cap, temp, lse_hi, lse_lo, a, b))
+RLHFV_LEVELS(void, chunk_softcap_entropy_grad, RLHFV_GRAD_PARAMS, (x, out, n, cap, temp, lse_hi, lse_lo, a, b))
+#undef RLHFV_GRAD_PARAMS
 
 // float64 logits (used by gradcheck and as a precise CPU path): plain libm, no speed ambitions.
 double chunk_max(const double* x, int64_t n) {
@@ -736,18 +822,19 @@ void logprob_rows_backward(const at::Tensor& logits, const at::Tensor& labels, c
 }  // namespace cpu
 }  // namespace rlhfv
 
-// Which RLHFV_MULTIVERSION clone this CPU runs: the resolver's own test (the ISA levels of target_clones), made
-// again so that benchmarks can say which code they timed (rlhfv_kernels.cpu_kernel_variant()).
+// Which level's kernels this CPU runs (RLHFV_LEVELS), so that benchmarks can say which code they timed
+// (rlhfv_kernels.cpu_kernel_variant()).
 extern "C" const char* rlhfv_cpu_variant() {
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("x86-64-v4")) return "x86-64-v4 (AVX-512)";
-  if (__builtin_cpu_supports("x86-64-v3")) return "x86-64-v3 (AVX2, FMA)";
-  return "x86-64 baseline (SSE2)";
+#if RLHFV_X86_LEVELS
+  switch (rlhfv::cpu_level()) {
+    case rlhfv::CpuLevel::kV4: return "x86-64-v4 (AVX-512)";
+    case rlhfv::CpuLevel::kV3: return "x86-64-v3 (AVX2, FMA)";
+    default: return "x86-64 baseline (SSE2)";
+  }
 #elif defined(__aarch64__)
   return "aarch64 (NEON)";
 #else
-  return "one build for this target (no clones)";
+  return "one build for this target (no per-level variants)";
 #endif
 }
 

@@ -1,0 +1,32 @@
+"""The compiled CPU kernels are built once per x86-64 level (16-float vectors under AVX-512, 8 under AVX2, 4 on the
+baseline: csrc/cpu/logprob_cpu.cpp, RLHFV_LEVELS) and this CPU runs the widest it has. RLHFV_CPU_LEVEL picks a lower
+one, so the kernel suite checks every level's code against the float64 reference here, in a fresh process each (the
+level is read once)."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+import rlhfv_kernels as rk
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+LEVELS = {"v3": "x86-64-v3 (AVX2, FMA)", "baseline": "x86-64 baseline (SSE2)"}
+
+pytestmark = pytest.mark.skipif(not (rk.extension_available() and rk.cpu_kernel_variant().startswith("x86-64")),
+                                reason="the per-level kernels are x86-64's (and need the compiled extension)")
+
+
+@pytest.mark.parametrize("level", list(LEVELS))
+def test_every_level_meets_the_criterion(level):
+    env = {**os.environ, "RLHFV_CPU_LEVEL": level}
+    named = subprocess.run([sys.executable, "-c", "import rlhfv_kernels as rk; print(rk.cpu_kernel_variant())"],
+                           capture_output=True, text=True, env=env, cwd=ROOT)
+    assert named.stdout.strip() == LEVELS[level], named.stderr[-2000:]
+    suite = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
+                            "tests/kernels/test_token_logprobs.py", "tests/kernels/test_losses.py",
+                            "tests/kernels/test_edges.py", "tests/kernels/test_entropy.py", "tests/kernels/test_linear.py",
+                            "tests/kernels/test_logit_transform.py", "-k", "cpp-cpu"],
+                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    assert suite.returncode == 0, suite.stdout[-3000:] + suite.stderr[-2000:]
+    assert " passed" in suite.stdout.splitlines()[-1]
