@@ -346,8 +346,9 @@ def suspicions(rec: Record) -> list[str]:
     if rec.fwd_median_ms is not None and rec.fwd_bwd_median_ms < rec.fwd_median_ms:
         found.append(f"fwd+bwd {rec.fwd_bwd_median_ms:.2f} ms < fwd alone {rec.fwd_median_ms:.2f} ms")
     for what, times in (("fwd", rec.fwd_times_ms), ("fwd+bwd", rec.fwd_bwd_times_ms)):
-        if spread(times) > NOISY_SPREAD:
-            found.append(f"{what} repeats spread {spread(times):.0%} of their median")
+        width = spread(times)
+        if width > NOISY_SPREAD:
+            found.append(f"{what} repeats spread {width:.0%} of their median")
     return found
 
 
@@ -617,8 +618,9 @@ def main(argv=None) -> int:
     results["suspect_rows"] = sum(bool(r["suspect"]) for case in results["cases"] for r in case["records"])
     results["drifting_cases"] = sum(case["floor"]["drift"] > FLOOR_DRIFT for case in results["cases"])
     print(f"machine load before / after: {_load_text(load_before)} / {_load_text(load_after)} on "
-          f"{load_after['cores']} cores; {results['suspect_rows']} rows flagged (!), {results['drifting_cases']} cases with a drifting "
-          "floor" + (" (their warnings above)" if results["suspect_rows"] or results["drifting_cases"] else ""))
+          f"{load_after['cores']} cores; {results['suspect_rows']} rows flagged (!), {results['drifting_cases']} "
+          "cases with a drifting floor"
+          + (" (their warnings above)" if results["suspect_rows"] or results["drifting_cases"] else ""))
     print_summary(results)
     if not args.no_plot:
         plot = plot_results(results, args.plot or DEFAULT_PLOT)

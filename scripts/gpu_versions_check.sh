@@ -37,8 +37,9 @@ echo "versions: HEAD $(git log --oneline -1)"
 export RLHFV_CUDA_ARCHS=${RLHFV_CUDA_ARCHS:-90a}
 start=$(date +%s)
 if "$PY" -m pip install -q --no-build-isolation -e . > "$WORK/build.log" 2>&1; then
-  echo "versions: built in $(( $(date +%s) - start )) s; $("$PY" -c \
-'import torch, rlhfv_kernels; print("CUDA kernels", torch._C._dispatch_has_kernel_for_dispatch_key("rlhfv::logprob_fwd", "CUDA"))')"
+  cuda=$("$PY" -c 'import torch, rlhfv_kernels
+print(torch._C._dispatch_has_kernel_for_dispatch_key("rlhfv::logprob_fwd", "CUDA"))')
+  echo "versions: built in $(( $(date +%s) - start )) s; CUDA kernels $cuda"
 else
   echo "versions: the build failed, see $WORK/build.log"; tail -n 20 "$WORK/build.log"; exit 1
 fi

@@ -25,8 +25,8 @@ def test_every_level_meets_the_criterion(level):
     assert named.stdout.strip() == LEVELS[level], named.stderr[-2000:]
     suite = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
                             "tests/kernels/test_token_logprobs.py", "tests/kernels/test_losses.py",
-                            "tests/kernels/test_edges.py", "tests/kernels/test_entropy.py", "tests/kernels/test_linear.py",
-                            "tests/kernels/test_logit_transform.py", "-k", "cpp-cpu"],
+                            "tests/kernels/test_edges.py", "tests/kernels/test_entropy.py",
+                            "tests/kernels/test_linear.py", "tests/kernels/test_logit_transform.py", "-k", "cpp-cpu"],
                            capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
     assert suite.returncode == 0, suite.stdout[-3000:] + suite.stderr[-2000:]
     assert " passed" in suite.stdout.splitlines()[-1]
