@@ -30,3 +30,10 @@ def test_every_level_meets_the_criterion(level):
                            capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
     assert suite.returncode == 0, suite.stdout[-3000:] + suite.stderr[-2000:]
     assert " passed" in suite.stdout.splitlines()[-1]
+
+
+def test_an_unknown_level_is_refused_not_ignored():
+    env = {**os.environ, "RLHFV_CPU_LEVEL": "avx2"}
+    out = subprocess.run([sys.executable, "-c", "import rlhfv_kernels"], capture_output=True, text=True, env=env,
+                         cwd=ROOT)
+    assert out.returncode != 0 and "RLHFV_CPU_LEVEL must be one of v4, v3, baseline (or unset), got 'avx2'" in out.stderr
