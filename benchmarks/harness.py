@@ -6,6 +6,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 
 os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # keep the CPU memory profiler from printing on every use
@@ -139,6 +140,22 @@ def spread(times: list[float]) -> float:
     return (max(times) - min(times)) / middle if middle > 0 else 0.0
 
 
+# A row whose repeats spread wider than this (max - min over the median) is flagged as noise
+NOISY_SPREAD = 0.5
+
+
+def row_suspicions(fwd_times: list, fwd_bwd_times: list, fwd_median=None, fwd_bwd_median=None) -> list[str]:
+    """What makes a timed row unreadable: a forward+backward faster than its forward alone (the machine changed speed
+    between the two), or repeats spread over NOISY_SPREAD of their median. Medians default to the times' own."""
+    fwd_median = fwd_median if fwd_median is not None or not fwd_times else statistics.median(fwd_times)
+    fwd_bwd_median = fwd_bwd_median if fwd_bwd_median is not None else statistics.median(fwd_bwd_times)
+    found = []
+    if fwd_median is not None and fwd_bwd_median < fwd_median:
+        found.append(f"fwd+bwd {fwd_bwd_median:.2f} ms < fwd alone {fwd_median:.2f} ms")
+    return found + [f"{name} repeats spread {spread(times):.0%} of their median"
+                    for name, times in (("fwd", fwd_times), ("fwd+bwd", fwd_bwd_times)) if spread(times) > NOISY_SPREAD]
+
+
 # A run is flagged when the machine was busy: the 1-minute load over this share of the cores
 BUSY_LOAD_PER_CORE = 0.5
 
@@ -154,6 +171,74 @@ def machine_load() -> dict:
 
 def busy(load: dict) -> bool:
     return load["load1"] is not None and load["load1"] > BUSY_LOAD_PER_CORE * (load["cores"] or 1)
+
+
+def load_text(load: dict) -> str:
+    return "unknown" if load["load1"] is None else f"{load['load1']:.2f}"
+
+
+def print_load(before: dict, after: dict, flagged: int) -> None:
+    """The machine's load around a run and how many of its rows were flagged (!), the line every script ends with."""
+    print(f"machine load before / after: {load_text(before)} / {load_text(after)} on {after['cores']} cores; "
+          f"{flagged} rows flagged (!)" + (" (their warnings above)" if flagged else ""))
+
+
+def warn_if_busy(load: dict) -> None:
+    if busy(load):
+        print(f"warning: the machine is busy (load {load['load1']:.1f} on {load['cores']} cores): times will be noisy",
+              file=sys.stderr)
+
+
+# --check: a benchmark's ratios (never its absolute times: those belong to one machine) against a recorded run's.
+def add_check_arguments(parser, ratios: str) -> None:
+    parser.add_argument("--check", metavar="JSON", help=f"compare this run's ratios ({ratios}; never absolute "
+                        "times) with a recorded run (its --json); exit 1 when a row lost more than --check-tolerance")
+    parser.add_argument("--check-tolerance", type=float, default=0.3, metavar="F",
+                        help="the share of a ratio a row may lose before --check calls it worse (default 0.3)")
+
+
+def read_recorded(parser, args) -> dict | None:
+    """The --check run, read before anything is measured (parser.error on an unreadable file or a bad tolerance)."""
+    import json
+
+    if not 0 < args.check_tolerance < 1:
+        parser.error(f"--check-tolerance must be between 0 and 1, got {args.check_tolerance}")
+    if not args.check:
+        return None
+    try:
+        with open(args.check) as f:
+            return json.load(f)
+    except (OSError, ValueError) as exc:
+        parser.error(f"--check: cannot read {args.check}: {exc}")
+
+
+def compare_ratios(now: dict, then: dict, tolerance: float, recorded: dict, key_names: tuple, hint: str) -> int:
+    """Prints each row both runs have and returns how many lost more than `tolerance` of their speedup or got that
+    much further from their floor. now / then: key tuple (named by key_names) -> {"speedup": x, "x_floor": x or None,
+    "noisy": bool}; a row this run flagged is reported as noisy and not counted: rerun it."""
+    common = [key for key in now if key in then]
+    if not common:
+        raise SystemExit(f"--check: no ({', '.join(key_names)}) row of this run is in the recorded one; {hint}")
+    widths = [max(len(name), *(len(str(key[i])) for key in common)) + 2 for i, name in enumerate(key_names)]
+    print(f"\ncheck against the recorded run ({recorded.get('device_name')}, git "
+          f"{recorded.get('versions', {}).get('git_commit')}): ratios only, tolerance {tolerance:.0%}")
+    print("".join(f"{name:<{w}}" for name, w in zip(key_names, widths))
+          + f"{'speedup now':>12}{'recorded':>10}{'x floor now':>12}{'recorded':>10}  verdict")
+    worse = noisy = 0
+    floor_text = lambda v: "-" if v is None else f"{v:.2f}x"
+    for key in common:
+        a, b = now[key], then[key]
+        further = a["x_floor"] is not None and b["x_floor"] is not None and a["x_floor"] > b["x_floor"] * (1 + tolerance)
+        slower = a["speedup"] < b["speedup"] * (1 - tolerance) or further
+        verdict = "noisy: rerun" if a["noisy"] else "WORSE" if slower else "ok"
+        worse += slower and not a["noisy"]
+        noisy += a["noisy"]
+        print("".join(f"{str(part):<{w}}" for part, w in zip(key, widths))
+              + f"{a['speedup']:>11.2f}x{b['speedup']:>9.2f}x{floor_text(a['x_floor']):>12}"
+              f"{floor_text(b['x_floor']):>10}  {verdict}")
+    print(f"check: {worse} of {len(common)} rows worse than recorded by more than {tolerance:.0%}, {noisy} too noisy "
+          "to tell")
+    return worse
 
 
 def write_json(path: str, data) -> None:

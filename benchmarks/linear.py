@@ -17,7 +17,6 @@ for the losses; one more logits GEMM for linear_token_logprobs, whose coefficien
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -28,8 +27,9 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import rlhfv_kernels as rk  # noqa: E402
-from benchmarks.harness import (PeakMemory, device_name, max_abs_diff, pick_device, plot_bars, time_call,  # noqa: E402
-                                versions)
+from benchmarks.harness import (PeakMemory, add_check_arguments, compare_ratios, device_name,  # noqa: E402
+                                machine_load, max_abs_diff, pick_device, plot_bars, print_load, read_recorded,
+                                row_suspicions, spread, time_call, versions, warn_if_busy, write_json)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 OPS = ("linear_token_logprobs", "linear_dpo_loss", "linear_ddpo_loss", "linear_grpo_loss")
@@ -163,7 +163,9 @@ def main(argv=None) -> int:
     parser.add_argument("--json", metavar="PATH")
     parser.add_argument("--plot", metavar="PNG", help="also draw fwd+bwd time and peak extra memory per op and impl")
     parser.add_argument("--no-floor", action="store_true", help="skip timing the bare GEMMs")
+    add_check_arguments(parser, "speedup over the reference, x floor")
     args = parser.parse_args(argv)
+    recorded = read_recorded(parser, args)
     if not 0.0 <= args.ignored < 1.0:
         raise SystemExit(f"--ignored must be in [0, 1), got {args.ignored}")
     ops = [o for o in args.ops.split(",") if o]
@@ -176,6 +178,8 @@ def main(argv=None) -> int:
     records = []
     print(f"fused-linear benchmark on {device_name(device)}, torch {torch.__version__}; x floor: fwd+bwd time / the "
           "bare GEMMs of the op on all N tokens (3 for the losses, 4 for linear_token_logprobs)")
+    load_before = machine_load()
+    warn_if_busy(load_before)
     for text in args.case or ["4096x1024x32000:float32"]:
         tokens, hdim, vocab, dtype = parse_case(text)
         inputs = make_inputs(tokens, hdim, vocab, dtype, args.ignored, device)
@@ -183,8 +187,8 @@ def main(argv=None) -> int:
         print(f"\nN={tokens} H={hdim} V={vocab} {text.split(':')[1]}, {args.ignored:.0%} of tokens ignored: logits "
               f"would be {tokens * vocab * 4 / 2**20:.0f} MiB in fp32; bare GEMMs (ms) "
               f"{'-' if gemms is None else ', '.join(f'{k} {v:.1f}' for k, v in gemms.items())}")
-        print(f"{'op':<24}{'impl':<11}{'fwd ms':>10}{'fwd+bwd ms':>12}{'peak MiB':>10}{'speedup':>9}{'mem ratio':>11}"
-              f"{'x floor':>9}{'dW err':>10}")
+        print(f"{'op':<24}{'impl':<11}{'fwd ms':>10}{'fwd+bwd ms':>12}{'spread':>8}{'peak MiB':>10}{'speedup':>9}"
+              f"{'mem ratio':>11}{'x floor':>9}{'dW err':>10}  !")
         for op in ops:
             base, base_grad = None, None
             for impl in impls:
@@ -203,10 +207,12 @@ def main(argv=None) -> int:
                 err = rec.get("dweight_max_abs_err")
                 x_floor = "" if gemms is None else f"{rec['fwd_bwd_median_ms'] / rec['gemm_floor_ms']:.2f}x"
                 print(f"{op:<24}{impl:<11}{rec['fwd_median_ms']:>10.1f}{rec['fwd_bwd_median_ms']:>12.1f}"
-                      f"{rec['peak_extra_bytes'] / 2**20:>10.1f}"
+                      f"{spread(rec['fwd_bwd_times_ms']):>7.0%} {rec['peak_extra_bytes'] / 2**20:>10.1f}"
                       f"{base['fwd_bwd_median_ms'] / rec['fwd_bwd_median_ms']:>8.2f}x"
                       f"{base['peak_extra_bytes'] / max(rec['peak_extra_bytes'], 1):>10.2f}x"
-                      f"{x_floor:>9}{'' if err is None else f'{err:.1e}':>10}")
+                      f"{x_floor:>9}{'' if err is None else f'{err:.1e}':>10}  {'!' if rec['suspect'] else ''}")
+                for why in rec["suspect"]:
+                    print(f"warning: {op} {impl}: {why}; rerun on a quieter machine", file=sys.stderr)
     print("\nx floor below 1: the fused losses skip ignored tokens, while the floor's GEMMs span all N (or, near 1, "
           "timing noise: the floor is measured separately)")
     if args.plot:
@@ -219,11 +225,38 @@ def main(argv=None) -> int:
         print("wrote", plot_bars([("forward+backward ms", times), ("peak extra MiB", peaks)],
                                  f"rlhfv benchmarks/linear.py on {device_name(device)}, {args.ignored:.0%} ignored "
                                  "(lower is better)", args.plot))
+    load_after = machine_load()
+    print_load(load_before, load_after, sum(bool(r.get("suspect")) for r in records))
+    results = {"versions": versions(), "device_name": device_name(device), "ignored_fraction": args.ignored,
+               "load": {"before": load_before, "after": load_after}, "records": records}
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"versions": versions(), "ignored_fraction": args.ignored, "records": records}, f, indent=1)
-        print(f"wrote {args.json}")
+        write_json(args.json, results)
+    if recorded is not None:
+        return 1 if check_against(results, recorded, args.check_tolerance) else 0
     return 0
+
+
+def run_ratios(results: dict) -> dict:
+    """(case, op, impl) -> speedup over the reference's fwd+bwd and x floor (None without the GEMM floor) of each
+    measured row of a run (its --json); noisy where this row or the reference's was flagged."""
+    out = {}
+    rows = [r for r in results["records"] if "skipped" not in r]
+    case = lambda r: f"{r['tokens']}x{r['hidden']}x{r['vocab']}:{r['dtype'].removeprefix('torch.')}"
+    eager = {(case(r), r["op"]): r for r in rows if r["impl"] == "reference"}
+    for r in rows:
+        base = eager.get((case(r), r["op"]))
+        if r["impl"] != "reference" and base is not None:
+            out[(case(r), r["op"], r["impl"])] = {
+                "speedup": base["fwd_bwd_median_ms"] / r["fwd_bwd_median_ms"],
+                "x_floor": None if r.get("gemm_floor_ms") is None else r["fwd_bwd_median_ms"] / r["gemm_floor_ms"],
+                "noisy": bool(r.get("suspect") or base.get("suspect"))}
+    return out
+
+
+def check_against(results: dict, recorded: dict, tolerance: float) -> int:
+    """--check: this run's ratios against a recorded run's; the number of rows worse by more than `tolerance`."""
+    return compare_ratios(run_ratios(results), run_ratios(recorded), tolerance, recorded, ("case", "op", "impl"),
+                          "run the same --case, --ops, --impls and --ignored")
 
 
 def bench(op, impl, inputs, device, args, gemms) -> dict:
@@ -256,8 +289,9 @@ def bench(op, impl, inputs, device, args, gemms) -> dict:
     fwd_bwd = time_call(forward_backward, device, args.warmup, args.repeats)
     with PeakMemory(device) as mem:
         forward_backward()
+    suspect = row_suspicions(fwd, fwd_bwd)
     return {**rec, "fwd_median_ms": statistics.median(fwd), "fwd_bwd_median_ms": statistics.median(fwd_bwd),
-            "peak_extra_bytes": mem.peak, "fwd_times_ms": fwd, "fwd_bwd_times_ms": fwd_bwd,
+            "peak_extra_bytes": mem.peak, "fwd_times_ms": fwd, "fwd_bwd_times_ms": fwd_bwd, "suspect": suspect,
             "gemm_ms": gemms, "gemm_floor_ms": None if gemms is None else floor_of(op, gemms), "grads": grads}
 
 

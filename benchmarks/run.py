@@ -32,9 +32,9 @@ os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # keep the CPU memory profiler f
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.harness import (PeakMemory, busy, device_name, fmt_mb, fmt_ms, machine_load,  # noqa: E402
-                                max_abs_diff, mem_ratio, pick_device, plot_bars, spread, time_call, versions,
-                                write_json)
+from benchmarks.harness import (PeakMemory, add_check_arguments, compare_ratios, device_name, fmt_mb,  # noqa: E402
+                                fmt_ms, load_text, machine_load, max_abs_diff, mem_ratio, pick_device, plot_bars,
+                                read_recorded, row_suspicions, spread, time_call, versions, warn_if_busy, write_json)
 import rlhfv_kernels as rk  # noqa: E402
 from rlhfv_kernels import _backend  # noqa: E402
 from rlhfv_kernels import losses  # noqa: E402
@@ -335,21 +335,10 @@ def bench_one(op, impl: Impl, case, inputs, device, args, reference_grad) -> tup
     return rec, first_grad
 
 
-# A row whose repeats spread wider than this (max - min over the median) is flagged as noise
-NOISY_SPREAD = 0.5
-
 
 def suspicions(rec: Record) -> list[str]:
-    """What makes a row unreadable: a forward+backward faster than its forward alone (the machine changed speed
-    between the two), or repeats spread over NOISY_SPREAD of their median."""
-    found = []
-    if rec.fwd_median_ms is not None and rec.fwd_bwd_median_ms < rec.fwd_median_ms:
-        found.append(f"fwd+bwd {rec.fwd_bwd_median_ms:.2f} ms < fwd alone {rec.fwd_median_ms:.2f} ms")
-    for what, times in (("fwd", rec.fwd_times_ms), ("fwd+bwd", rec.fwd_bwd_times_ms)):
-        width = spread(times)
-        if width > NOISY_SPREAD:
-            found.append(f"{what} repeats spread {width:.0%} of their median")
-    return found
+    """Why a row contradicts itself or is too noisy to read (harness.row_suspicions)."""
+    return row_suspicions(rec.fwd_times_ms, rec.fwd_bwd_times_ms, rec.fwd_median_ms, rec.fwd_bwd_median_ms)
 
 
 # The copy bandwidth before and after a case's rows may differ by this much before the case is flagged
@@ -429,10 +418,6 @@ def print_summary(results: dict) -> None:
                   f"{peer_text:<24}{versus:>13}{fast['fwd_bwd_median_ms'] / case['floor']['floor_fwd_bwd_ms']:>8.2f}x")
 
 
-def _load_text(load: dict) -> str:
-    return "unknown" if load["load1"] is None else f"{load['load1']:.2f}"
-
-
 def run_ratios(results: dict) -> dict:
     """(case label, op, impl) -> the ratios of one row inside its own run: speedup over the eager reference (its
     forward+backward time / this one) and x floor (this time / the 3-pass copy floor). Never absolute times: those
@@ -452,30 +437,10 @@ def run_ratios(results: dict) -> dict:
 
 
 def check_against(results: dict, recorded: dict, tolerance: float) -> int:
-    """--check: this run's ratios against a recorded run's (its --json); prints each row both have and returns the
-    number of rows that lost more than `tolerance` of their speedup or got that much further from the floor. A row
-    this run flagged (!, or its case's floor drifted) is reported as noisy and not counted: rerun it."""
-    now, then = run_ratios(results), run_ratios(recorded)
-    common = [key for key in now if key in then]
-    if not common:
-        raise SystemExit("--check: no (case, op, impl) row of this run is in the recorded one; run the same --case, "
-                         "--ops and --impls")
-    print(f"\ncheck against the recorded run ({recorded.get('device_name')}, git "
-          f"{recorded.get('versions', {}).get('git_commit')}): ratios only, tolerance {tolerance:.0%}")
-    print(f"{'case':<26}{'op':<17}{'impl':<19}{'speedup now':>12}{'recorded':>10}{'x floor now':>12}"
-          f"{'recorded':>10}  verdict")
-    worse = noisy = 0
-    for key in common:
-        a, b = now[key], then[key]
-        slower = a["speedup"] < b["speedup"] * (1 - tolerance) or a["x_floor"] > b["x_floor"] * (1 + tolerance)
-        verdict = "noisy: rerun" if a["noisy"] else "WORSE" if slower else "ok"
-        worse += slower and not a["noisy"]
-        noisy += a["noisy"]
-        print(f"{key[0]:<26}{key[1]:<17}{key[2]:<19}{a['speedup']:>11.2f}x{b['speedup']:>9.2f}x"
-              f"{a['x_floor']:>11.2f}x{b['x_floor']:>9.2f}x  {verdict}")
-    print(f"check: {worse} of {len(common)} rows worse than recorded by more than {tolerance:.0%}, {noisy} too noisy "
-          "to tell")
-    return worse
+    """--check: this run's ratios against a recorded run's (its --json); returns the number of rows worse by more than
+    `tolerance` (harness.compare_ratios). A row whose case's floor drifted counts as noisy, like a flagged one."""
+    return compare_ratios(run_ratios(results), run_ratios(recorded), tolerance, recorded, ("case", "op", "impl"),
+                          "run the same --case, --ops and --impls")
 
 
 def plot_results(results: dict, path: str) -> str | None:
@@ -520,22 +485,9 @@ def main(argv=None) -> int:
                         f"impl (default: {DEFAULT_PLOT})")
     parser.add_argument("--no-plot", action="store_true", help="no plot")
     parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--check", metavar="JSON", help="compare this run's ratios (speedup over eager, x floor; "
-                        "never absolute times) with a recorded run's --json; exit status 1 if a row got worse by "
-                        "more than --check-tolerance")
-    parser.add_argument("--check-tolerance", type=float, default=0.3, metavar="F",
-                        help="the share of a ratio a row may lose before --check calls it worse (default 0.3)")
+    add_check_arguments(parser, "speedup over eager, x floor")
     args = parser.parse_args(argv)
-    recorded = None
-    if args.check:
-        import json
-        try:
-            with open(args.check) as f:
-                recorded = json.load(f)
-        except (OSError, ValueError) as exc:
-            parser.error(f"--check: cannot read {args.check}: {exc}")
-    if not 0 < args.check_tolerance < 1:
-        parser.error(f"--check-tolerance must be between 0 and 1, got {args.check_tolerance}")
+    recorded = read_recorded(parser, args)
 
     device = pick_device(args.device)
     if args.quick:
@@ -572,9 +524,7 @@ def main(argv=None) -> int:
     if device.type == "cpu" and not rk.extension_available():
         print("warning: the compiled extension is not built; 'fused' runs the reference", file=sys.stderr)
     load_before = machine_load()
-    if busy(load_before):
-        print(f"warning: the machine is busy (load {load_before['load1']:.1f} on {load_before['cores']} cores): "
-              "times will be noisy", file=sys.stderr)
+    warn_if_busy(load_before)
     results = {"versions": info, "device": device.type, "device_name": device_name(device), "skipped": skipped,
                "softcap": args.softcap, "load": {"before": load_before}, "cases": []}
     runs = [(op, IMPL_TABLE[name]) for op in ops for name in impls if op in IMPL_TABLE[name].ops]
@@ -617,7 +567,7 @@ def main(argv=None) -> int:
     results["load"]["after"] = load_after = machine_load()
     results["suspect_rows"] = sum(bool(r["suspect"]) for case in results["cases"] for r in case["records"])
     results["drifting_cases"] = sum(case["floor"]["drift"] > FLOOR_DRIFT for case in results["cases"])
-    print(f"machine load before / after: {_load_text(load_before)} / {_load_text(load_after)} on "
+    print(f"machine load before / after: {load_text(load_before)} / {load_text(load_after)} on "
           f"{load_after['cores']} cores; {results['suspect_rows']} rows flagged (!), {results['drifting_cases']} "
           "cases with a drifting floor"
           + (" (their warnings above)" if results["suspect_rows"] or results["drifting_cases"] else ""))

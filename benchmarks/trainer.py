@@ -23,8 +23,9 @@ os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.harness import (PeakMemory, device_name, time_call, training_step_setup, versions,  # noqa: E402
-                                write_json)
+from benchmarks.harness import (PeakMemory, add_check_arguments, compare_ratios, device_name,  # noqa: E402
+                                machine_load, print_load, read_recorded, row_suspicions, spread, time_call,
+                                training_step_setup, versions, warn_if_busy, write_json)
 from rlhfv_train.data import synthetic  # noqa: E402
 from rlhfv_train.models.families import FAMILIES, build_family  # noqa: E402
 from rlhfv_train.data import PairCollator  # noqa: E402
@@ -45,7 +46,9 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", metavar="PATH")
+    add_check_arguments(parser, "step speedup over the reference loss")
     args = parser.parse_args(argv)
+    recorded = read_recorded(parser, args)
     device, vocab, autocast = training_step_setup(args)
 
     folder = tempfile.mkdtemp(prefix="rlhfv-trainer-bench-")
@@ -56,6 +59,8 @@ def main(argv=None) -> int:
     tokens = int(batch.attention_mask.sum())
     print(f"trainer step on {device_name(device)}, {args.family}: {args.pairs} pairs, {tuple(batch.input_ids.shape)} "
           f"tokens ({tokens} real), V={vocab}, logits {batch.input_ids.numel() * vocab * 4 / 2**20:.0f} MiB in fp32")
+    load_before = machine_load()
+    warn_if_busy(load_before)
     results = []
     for name, options in IMPLS.items():
         cfg = TrainConfig(beta=0.5, mode="mean", sft_weight=0.0, **options)
@@ -72,19 +77,43 @@ def main(argv=None) -> int:
         with PeakMemory(device) as mem:
             step()
         results.append({"impl": name, "step_median_ms": statistics.median(times), "step_times_ms": times,
-                        "peak_extra_bytes": mem.peak})
+                        "peak_extra_bytes": mem.peak,
+                        "suspect": [why.replace("fwd+bwd", "step") for why in row_suspicions([], times)]})
         del model, optimizer
     base = results[0]
-    print(f"{'impl':<15}{'step ms':>10}{'peak MiB':>11}{'speedup':>9}{'mem ratio':>11}")
+    print(f"{'impl':<15}{'step ms':>10}{'spread':>8}{'peak MiB':>11}{'speedup':>9}{'mem ratio':>11}  !")
     for r in results:
-        print(f"{r['impl']:<15}{r['step_median_ms']:>10.1f}{r['peak_extra_bytes'] / 2**20:>11.1f}"
-              f"{base['step_median_ms'] / r['step_median_ms']:>8.2f}x"
-              f"{base['peak_extra_bytes'] / max(r['peak_extra_bytes'], 1):>10.2f}x")
+        print(f"{r['impl']:<15}{r['step_median_ms']:>10.1f}{spread(r['step_times_ms']):>7.0%} "
+              f"{r['peak_extra_bytes'] / 2**20:>11.1f}{base['step_median_ms'] / r['step_median_ms']:>8.2f}x"
+              f"{base['peak_extra_bytes'] / max(r['peak_extra_bytes'], 1):>10.2f}x  {'!' if r['suspect'] else ''}")
+        for why in r["suspect"]:
+            print(f"warning: {r['impl']}: {why}; rerun on a quieter machine", file=sys.stderr)
+    load_after = machine_load()
+    print_load(load_before, load_after, sum(bool(r["suspect"]) for r in results))
+    run = {"versions": versions(), "device_name": device_name(device), "family": args.family, "vocab": vocab,
+           "pairs": args.pairs, "shape": list(batch.input_ids.shape),
+           "load": {"before": load_before, "after": load_after}, "results": results}
     if args.json:
-        write_json(args.json, {"versions": versions(), "device_name": device_name(device), "family": args.family,
-                               "vocab": vocab, "pairs": args.pairs, "shape": list(batch.input_ids.shape),
-                               "results": results})
+        write_json(args.json, run)
+    if recorded is not None:
+        return 1 if check_against(run, recorded, args.check_tolerance) else 0
     return 0
+
+
+def run_ratios(run: dict) -> dict:
+    """(family and size, impl) -> the step's speedup over the reference loss's step (no floor: a whole step has
+    none we can measure); noisy where this row or the reference's was flagged."""
+    case = f"{run['family']} V={run['vocab']} {run['pairs']} pairs"
+    base = next(r for r in run["results"] if r["impl"] == "reference")
+    return {(case, r["impl"]): {"speedup": base["step_median_ms"] / r["step_median_ms"], "x_floor": None,
+                                "noisy": bool(r.get("suspect") or base.get("suspect"))}
+            for r in run["results"] if r["impl"] != "reference"}
+
+
+def check_against(run: dict, recorded: dict, tolerance: float) -> int:
+    """--check: this run's step speedups against a recorded run's; the number of rows worse by more than `tolerance`."""
+    return compare_ratios(run_ratios(run), run_ratios(recorded), tolerance, recorded, ("case", "impl"),
+                          "run the same --family, --vocab and --pairs")
 
 
 if __name__ == "__main__":

@@ -202,10 +202,11 @@ bool chunk_has_nan(const Acc* x, int64_t n) {
   return false;
 }
 
-// The forward's next chunk of logits, fetched from memory while the sum sweep computes on this one (in L1). Without it
-// the hardware prefetchers stop at the end of the max sweep (the sum sweep misses nothing), so the sweep's compute and
-// the next chunk's memory time add up instead of overlapping: the forward took 66 ms where it now takes 46 (AVX2,
-// N = 4096, V = 32000 fp32, 2 threads). `bytes` <= 0: nothing to fetch.
+// The next chunk of logits, fetched from memory while a sweep computes on this one from L1 (the forward's sum sweep;
+// the backward's, on a bf16 row's fp32 copy). Without it the hardware prefetchers idle during such sweeps (they miss
+// nothing), so compute and the next chunk's memory time add up instead of overlapping: the fp32 forward took 50-65 ms
+// where it takes 47-52 with it, the bf16 in-place backward 72-75 where it takes 50-70 (AVX2, N = 4096, V = 32000,
+// 2 threads, a noisy shared machine). `bytes` <= 0: nothing to fetch.
 struct Ahead {
   const char* at = nullptr;
   int64_t bytes = 0;
@@ -248,18 +249,20 @@ RLHFV_LEVELS(float, chunk_sum_exp, (const float* x, int64_t n, float temp, float
 // out_i = scale * exp((x_i / temp - lse_hi) - lse_lo); `out` may alias `x`.
 template <int W>
 RLHFV_INLINE void chunk_scaled_softmax_body(const float* x, float* out, int64_t n, float temp, float lse_hi,
-                                             float lse_lo, float scale) {
+                                             float lse_lo, float scale, Ahead ahead) {
   using vfloat = typename Vec<W>::F;
   constexpr int kLanes = W;
   const bool scaled = temp != 1.0f;
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
+  for (; i + kLanes <= n; i += kLanes) {
+    if (i % (2 * kLanes) == 0) fetch_ahead(&ahead, kLinesPerStep<W>);
     store_lanes(out + i, scale * exp_nonpositive((over_temp(load_lanes<vfloat>(x + i), temp, scaled) - lse_hi) - lse_lo));
+  }
   for (; i < n; ++i) out[i] = scale * exp_nonpositive((over_temp(x[i], temp, scaled) - lse_hi) - lse_lo);
 }
 RLHFV_LEVELS(void, chunk_scaled_softmax,
-             (const float* x, float* out, int64_t n, float temp, float lse_hi, float lse_lo, float scale),
-             (x, out, n, temp, lse_hi, lse_lo, scale))
+             (const float* x, float* out, int64_t n, float temp, float lse_hi, float lse_lo, float scale, Ahead ahead),
+             (x, out, n, temp, lse_hi, lse_lo, scale, ahead))
 
 // The soft cap (Gemma-style final_logit_softcapping): z = cap * tanh(x / cap), then / temp when `scaled`, and
 // dz/dx = sech^2(x / cap) / temp. Both come from e = exp(-2|u|), u = x / cap: tanh|u| = (1 - e) / (1 + e) and
@@ -299,12 +302,13 @@ RLHFV_LEVELS(void, chunk_softcap, (const float* x, float* out, int64_t n, float 
 // out_i = scale * softmax_i * dz_i/dx_i with softmax_i = exp((z_i - lse_hi) - lse_lo); `out` may alias `x`.
 template <int W>
 RLHFV_INLINE void chunk_softcap_grad_body(const float* x, float* out, int64_t n, float cap, float temp, float lse_hi,
-                                           float lse_lo, float scale) {
+                                           float lse_lo, float scale, Ahead ahead) {
   using vfloat = typename Vec<W>::F;
   constexpr int kLanes = W;
   const bool scaled = temp != 1.0f;
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
+    if (i % (2 * kLanes) == 0) fetch_ahead(&ahead, kLinesPerStep<W>);
     vfloat sech2;
     const vfloat z = softcapped(load_lanes<vfloat>(x + i), cap, temp, scaled, &sech2);
     store_lanes(out + i, scale * exp_nonpositive((z - lse_hi) - lse_lo) * sech2);
@@ -316,8 +320,9 @@ RLHFV_INLINE void chunk_softcap_grad_body(const float* x, float* out, int64_t n,
   }
 }
 RLHFV_LEVELS(void, chunk_softcap_grad,
-             (const float* x, float* out, int64_t n, float cap, float temp, float lse_hi, float lse_lo, float scale),
-             (x, out, n, cap, temp, lse_hi, lse_lo, scale))
+             (const float* x, float* out, int64_t n, float cap, float temp, float lse_hi, float lse_lo, float scale,
+              Ahead ahead),
+             (x, out, n, cap, temp, lse_hi, lse_lo, scale, ahead))
 
 // The entropy's running sums: s1 += sum_i exp(t_i), s2 += sum_i exp(t_i) * t_i with t_i = x_i / temp - shift <= 0.
 // t is clamped at -87 like the exp's argument: a masked (-inf) logit then adds ~1e-36 to s2, not 1e-38 * -inf = -inf
@@ -364,12 +369,13 @@ RLHFV_LEVELS(void, chunk_sum_exp_and_moment,
 // log p is clamped at -87 (masked logits: ~1e-36, not 0 * -inf). `out` may alias `x`.
 template <int W, bool Capped>
 RLHFV_INLINE void entropy_grad_body(const float* x, float* out, int64_t n, float cap, float temp, float lse_hi,
-                                    float lse_lo, float a, float b) {
+                                    float lse_lo, float a, float b, Ahead ahead) {
   using vfloat = typename Vec<W>::F;
   constexpr int kLanes = W;
   const bool scaled = temp != 1.0f;
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
+    if (i % (2 * kLanes) == 0) fetch_ahead(&ahead, kLinesPerStep<W>);
     vfloat slope = Lanes<vfloat>::splat(1.0f), z = load_lanes<vfloat>(x + i);
     if (Capped) {
       z = softcapped(z, cap, temp, scaled, &slope);
@@ -392,18 +398,21 @@ RLHFV_INLINE void entropy_grad_body(const float* x, float* out, int64_t n, float
 }
 template <int W>
 RLHFV_INLINE void chunk_entropy_grad_body(const float* x, float* out, int64_t n, float cap, float temp, float lse_hi,
-                                          float lse_lo, float a, float b) {
-  entropy_grad_body<W, false>(x, out, n, cap, temp, lse_hi, lse_lo, a, b);
+                                          float lse_lo, float a, float b, Ahead ahead) {
+  entropy_grad_body<W, false>(x, out, n, cap, temp, lse_hi, lse_lo, a, b, ahead);
 }
 template <int W>
 RLHFV_INLINE void chunk_softcap_entropy_grad_body(const float* x, float* out, int64_t n, float cap, float temp,
-                                                  float lse_hi, float lse_lo, float a, float b) {
-  entropy_grad_body<W, true>(x, out, n, cap, temp, lse_hi, lse_lo, a, b);
+                                                  float lse_hi, float lse_lo, float a, float b, Ahead ahead) {
+  entropy_grad_body<W, true>(x, out, n, cap, temp, lse_hi, lse_lo, a, b, ahead);
 }
 #define RLHFV_GRAD_PARAMS \
-  (const float* x, float* out, int64_t n, float cap, float temp, float lse_hi, float lse_lo, float a, float b)
-RLHFV_LEVELS(void, chunk_entropy_grad, RLHFV_GRAD_PARAMS, (x, out, n, cap, temp, lse_hi, lse_lo, a, b))
-RLHFV_LEVELS(void, chunk_softcap_entropy_grad, RLHFV_GRAD_PARAMS, (x, out, n, cap, temp, lse_hi, lse_lo, a, b))
+  (const float* x, float* out, int64_t n, float cap, float temp, float lse_hi, float lse_lo, float a, float b, \
+   Ahead ahead)
+#define RLHFV_GRAD_ARGS (x, out, n, cap, temp, lse_hi, lse_lo, a, b, ahead)
+RLHFV_LEVELS(void, chunk_entropy_grad, RLHFV_GRAD_PARAMS, RLHFV_GRAD_ARGS)
+RLHFV_LEVELS(void, chunk_softcap_entropy_grad, RLHFV_GRAD_PARAMS, RLHFV_GRAD_ARGS)
+#undef RLHFV_GRAD_ARGS
 #undef RLHFV_GRAD_PARAMS
 
 // float64 logits (used by gradcheck and as a precise CPU path): plain libm, no speed ambitions.
@@ -418,7 +427,7 @@ double chunk_sum_exp(const double* x, int64_t n, double temp, double shift, Ahea
   return s;
 }
 void chunk_scaled_softmax(const double* x, double* out, int64_t n, double temp, double lse_hi, double lse_lo,
-                          double scale) {
+                          double scale, Ahead /*unused*/) {
   for (int64_t i = 0; i < n; ++i) out[i] = scale * std::exp((x[i] / temp - lse_hi) - lse_lo);
 }
 double softcapped(double x, double cap, double temp, bool scaled, double* sech2) {
@@ -432,7 +441,7 @@ void chunk_softcap(const double* x, double* out, int64_t n, double cap, double t
   for (int64_t i = 0; i < n; ++i) out[i] = softcapped(x[i], cap, temp, temp != 1.0, &unused);
 }
 void chunk_softcap_grad(const double* x, double* out, int64_t n, double cap, double temp, double lse_hi,
-                        double lse_lo, double scale) {
+                        double lse_lo, double scale, Ahead /*unused*/) {
   for (int64_t i = 0; i < n; ++i) {
     double sech2;
     const double z = softcapped(x[i], cap, temp, temp != 1.0, &sech2);
@@ -459,11 +468,11 @@ void entropy_grad_double(const double* x, double* out, int64_t n, double cap, do
   }
 }
 void chunk_entropy_grad(const double* x, double* out, int64_t n, double cap, double temp, double lse_hi,
-                        double lse_lo, double a, double b) {
+                        double lse_lo, double a, double b, Ahead /*unused*/) {
   entropy_grad_double(x, out, n, cap, temp, lse_hi, lse_lo, a, b, false);
 }
 void chunk_softcap_entropy_grad(const double* x, double* out, int64_t n, double cap, double temp, double lse_hi,
-                                double lse_lo, double a, double b) {
+                                double lse_lo, double a, double b, Ahead /*unused*/) {
   entropy_grad_double(x, out, n, cap, temp, lse_hi, lse_lo, a, b, true);
 }
 inline float exp_nonpositive_any(float x) { return exp_nonpositive<float>(x); }
@@ -584,6 +593,17 @@ void parallel_rows(const at::Tensor& logits, bool capped, const Body& body) {
   });
 }
 
+// What to fetch while the chunk of `row` at `off` is swept: its next chunk, else the first of `next_row` (nullptr:
+// none, or a row that will not be read).
+template <typename T>
+Ahead next_chunk(const T* row, const T* next_row, int64_t off, int64_t vocab) {
+  if (off + kChunk < vocab)
+    return Ahead{reinterpret_cast<const char*>(row + off + kChunk),
+                 std::min(kChunk, vocab - off - kChunk) * int64_t(sizeof(T))};
+  if (next_row == nullptr) return Ahead{};
+  return Ahead{reinterpret_cast<const char*>(next_row), std::min(kChunk, vocab) * int64_t(sizeof(T))};
+}
+
 // z = x / temp, or softcapped(x) when softcap > 0 (then each chunk is transformed into `buf` first and the sweeps
 // below run on z with temperature 1; the transform is increasing, so z's maximum is still the running shift).
 // With `entropy` (else nullptr) each row also keeps s2 = sum exp(z - max) * (z - max) beside s1 = sum exp(z - max),
@@ -597,13 +617,8 @@ void forward_rows(const at::Tensor& logits, const int64_t* labels, acc_t<T>* log
   const bool capped = softcap > 0.0;
   const Acc sweep_temp = capped ? Acc(1) : temp;
   const int64_t vocab = logits.size(-1);
-  // What to fetch while the chunk at `off` is summed: the next chunk, or the next row's first (if it has a label).
   const auto ahead_of = [&](int64_t r, const T* row, const T* next_row, int64_t off) {
-    if (off + kChunk < vocab)
-      return Ahead{reinterpret_cast<const char*>(row + off + kChunk),
-                   std::min(kChunk, vocab - off - kChunk) * int64_t(sizeof(T))};
-    if (next_row == nullptr || labels[r + 1] == ignore_index) return Ahead{};
-    return Ahead{reinterpret_cast<const char*>(next_row), std::min(kChunk, vocab) * int64_t(sizeof(T))};
+    return next_chunk(row, next_row != nullptr && labels[r + 1] != ignore_index ? next_row : nullptr, off, vocab);
   };
   parallel_rows<T>(logits, capped, [&](int64_t r, const T* row, const T* next_row, Acc* buf) {
     const int64_t label = labels[r];
@@ -678,12 +693,15 @@ void backward_rows(const at::Tensor& logits, const int64_t* labels, const acc_t<
   const Acc cap = static_cast<Acc>(softcap);
   const bool capped = softcap > 0.0;
   const int64_t vocab = logits.size(-1);
-  parallel_rows<T>(logits, capped, [&](int64_t r, const T* row, const T* /*next_row*/, Acc* buf) {
+  const auto gets_gradient = [&](int64_t r) {
+    return labels[r] != ignore_index && (grad_logp[r] != 0 || (grad_entropy != nullptr && grad_entropy[r] != 0));
+  };
+  parallel_rows<T>(logits, capped, [&](int64_t r, const T* row, const T* next_row, Acc* buf) {
     T* out = out_base + out_layout.offset(r);
     const int64_t label = labels[r];
     const Acc coef = grad_logp[r];
     const Acc coef_h = grad_entropy ? grad_entropy[r] : Acc(0);
-    if (label == ignore_index || (coef == 0 && coef_h == 0)) {
+    if (!gets_gradient(r)) {
       std::fill(out, out + vocab, T(0));  // no need to read the logits of a row that gets no gradient
       return;
     }
@@ -702,26 +720,28 @@ void backward_rows(const at::Tensor& logits, const int64_t* labels, const acc_t<
     const Acc scale = -coef / temp;
     const Acc row_entropy = coef_h != 0 ? entropy[r] : Acc(0);
     const Acc a = -(coef + coef_h * row_entropy) / temp, b = -coef_h / temp;
-    // One chunk [from, from + n) of `src` (the row, or its fp32 copy) into `dst`.
-    const auto sweep = [&](const Acc* src, Acc* dst, int64_t n) {
+    const T* next_read = next_row != nullptr && gets_gradient(r + 1) ? next_row : nullptr;
+    // One chunk [from, from + n) of `src` (the row, or its fp32 copy) into `dst`, fetching `ahead` meanwhile.
+    const auto sweep = [&](const Acc* src, Acc* dst, int64_t n, Ahead ahead) {
       if (coef_h != 0) {
         if (capped) {
-          chunk_softcap_entropy_grad(src, dst, n, cap, temp, lse_hi, lse_lo, a, b);
+          chunk_softcap_entropy_grad(src, dst, n, cap, temp, lse_hi, lse_lo, a, b, ahead);
         } else {
-          chunk_entropy_grad(src, dst, n, cap, temp, lse_hi, lse_lo, a, b);
+          chunk_entropy_grad(src, dst, n, cap, temp, lse_hi, lse_lo, a, b, ahead);
         }
       } else if (capped) {
-        chunk_softcap_grad(src, dst, n, cap, temp, lse_hi, lse_lo, scale);
+        chunk_softcap_grad(src, dst, n, cap, temp, lse_hi, lse_lo, scale, ahead);
       } else {
-        chunk_scaled_softmax(src, dst, n, temp, lse_hi, lse_lo, scale);
+        chunk_scaled_softmax(src, dst, n, temp, lse_hi, lse_lo, scale, ahead);
       }
     };
     for (int64_t off = 0; off < vocab; off += kChunk) {
       const int64_t n = std::min(kChunk, vocab - off);
+      const Ahead ahead = next_chunk(row, next_read, off, vocab);
       if constexpr (std::is_same_v<T, Acc>) {
-        sweep(row + off, out + off, n);
+        sweep(row + off, out + off, n, ahead);
       } else {
-        sweep(chunk_as_acc(row + off, buf, n), buf, n);
+        sweep(chunk_as_acc(row + off, buf, n), buf, n, ahead);
         store_chunk(buf, out + off, n);
       }
     }

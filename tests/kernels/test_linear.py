@@ -189,6 +189,18 @@ def test_linear_benchmark_runs(tmp_path):
     liger = [r for r in records if r["impl"] == "liger"]
     assert [r["op"] for r in liger] == ["linear_dpo_loss"]
     assert "skipped" in liger[0] or liger[0]["dweight_max_abs_err"] < 1e-4, liger[0]
+    # --check: the same run against itself is never worse; a recorded run whose fused rows were twice as fast is.
+    assert linear.main(["--case", "64x16x300:float32", "--repeats", "1", "--device", "cpu", "--ignored", "0.25",
+                        "--impls", "reference,fused", "--no-floor", "--check", str(path)]) in (0, 1)
+    run = json.loads(path.read_text())
+    assert linear.check_against(run, run, 0.3) == 0
+    faster = json.loads(path.read_text())
+    for r in faster["records"]:
+        if r["impl"] == "fused":
+            r["fwd_bwd_median_ms"] /= 2
+    for r in run["records"]:
+        r["suspect"] = []
+    assert linear.check_against(run, faster, 0.3) == len(linear.OPS)
 
 
 def test_ignored_tokens_are_not_multiplied(backend):

@@ -222,6 +222,18 @@ def test_trainer_benchmark_runs(tmp_path):
         assert data["family"] == family
         assert [r["impl"] for r in data["results"]] == ["reference", "fused", "fused_inplace", "fused_linear"]
         assert all(r["step_median_ms"] > 0 and r["peak_extra_bytes"] > 0 for r in data["results"])
+    # --check compares step speedups with a recorded run's: itself is never worse, a run twice as fast is.
+    run = json.loads(path.read_text())
+    for r in run["results"]:
+        r["suspect"] = []
+    assert trainer.check_against(run, run, 0.3) == 0
+    faster = json.loads(path.read_text())
+    for r in faster["results"][1:]:
+        r["step_median_ms"] /= 2
+    assert trainer.check_against(run, faster, 0.3) == 3
+    other = {**run, "family": "llava"}
+    with pytest.raises(SystemExit, match="no \\(case, impl\\) row"):
+        trainer.check_against(other, run, 0.3)
 
 
 def test_reward_margins_reach_the_loss(tmp_path, dataset):
