@@ -228,7 +228,8 @@ def compare_ratios(now: dict, then: dict, tolerance: float, recorded: dict, key_
     floor_text = lambda v: "-" if v is None else f"{v:.2f}x"
     for key in common:
         a, b = now[key], then[key]
-        further = a["x_floor"] is not None and b["x_floor"] is not None and a["x_floor"] > b["x_floor"] * (1 + tolerance)
+        both_floors = a["x_floor"] is not None and b["x_floor"] is not None
+        further = both_floors and a["x_floor"] > b["x_floor"] * (1 + tolerance)
         slower = a["speedup"] < b["speedup"] * (1 - tolerance) or further
         verdict = "noisy: rerun" if a["noisy"] else "WORSE" if slower else "ok"
         worse += slower and not a["noisy"]

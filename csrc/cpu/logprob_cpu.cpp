@@ -236,7 +236,8 @@ RLHFV_INLINE float chunk_sum_exp_body(const float* x, int64_t n, float temp, flo
     acc += exp_nonpositive(over_temp(load_lanes<vfloat>(x + i), temp, scaled) - shift);
     acc2 += exp_nonpositive(over_temp(load_lanes<vfloat>(x + i + kLanes), temp, scaled) - shift);
   }
-  for (; i + kLanes <= n; i += kLanes) acc += exp_nonpositive(over_temp(load_lanes<vfloat>(x + i), temp, scaled) - shift);
+  for (; i + kLanes <= n; i += kLanes)
+    acc += exp_nonpositive(over_temp(load_lanes<vfloat>(x + i), temp, scaled) - shift);
   acc += acc2;
   float s = 0.0f;
   for (int j = 0; j < kLanes; ++j) s += acc[j];
@@ -256,7 +257,8 @@ RLHFV_INLINE void chunk_scaled_softmax_body(const float* x, float* out, int64_t 
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
     if (i % (2 * kLanes) == 0) fetch_ahead(&ahead, kLinesPerStep<W>);
-    store_lanes(out + i, scale * exp_nonpositive((over_temp(load_lanes<vfloat>(x + i), temp, scaled) - lse_hi) - lse_lo));
+    const vfloat z = over_temp(load_lanes<vfloat>(x + i), temp, scaled);
+    store_lanes(out + i, scale * exp_nonpositive((z - lse_hi) - lse_lo));
   }
   for (; i < n; ++i) out[i] = scale * exp_nonpositive((over_temp(x[i], temp, scaled) - lse_hi) - lse_lo);
 }
@@ -347,7 +349,8 @@ RLHFV_INLINE void chunk_sum_exp_and_moment_body(const float* x, int64_t n, float
     add_exp_and_moment(load_lanes<vfloat>(x + i), temp, scaled, shift, &sum, &moment);
     add_exp_and_moment(load_lanes<vfloat>(x + i + kLanes), temp, scaled, shift, &sum2, &moment2);
   }
-  for (; i + kLanes <= n; i += kLanes) add_exp_and_moment(load_lanes<vfloat>(x + i), temp, scaled, shift, &sum, &moment);
+  for (; i + kLanes <= n; i += kLanes)
+    add_exp_and_moment(load_lanes<vfloat>(x + i), temp, scaled, shift, &sum, &moment);
   sum += sum2;
   moment += moment2;
   float a = 0.0f, b = 0.0f;
