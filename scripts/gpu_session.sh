@@ -29,7 +29,7 @@
 # (about 3 MB; the GPU image has none of them: TRL needs datasets, which needs dill and multiprocess; SmolVLM's
 # processor needs num2words. peers.txt says which import there.)
 #
-# RLHFV_GPU_REHEARSAL=1 runs the same steps on the CPU (CPU targets, tiny cases, a 170 s budget): CI does, through
+# RLHFV_GPU_REHEARSAL=1 runs the same steps on the CPU (CPU targets, tiny cases, a 400 s budget): CI does, through
 # tests/build/test_gpu_session.py, so that this script cannot rot before a GPU ever runs it.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -38,7 +38,7 @@ OUT=${OUT:-/tmp/rlhfv-out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 REHEARSAL=${RLHFV_GPU_REHEARSAL:-0}
-if [ "$REHEARSAL" = 1 ]; then BUDGET=${RLHFV_GPU_BUDGET_S:-170}; else BUDGET=${RLHFV_GPU_BUDGET_S:-540}; fi
+if [ "$REHEARSAL" = 1 ]; then BUDGET=${RLHFV_GPU_BUDGET_S:-400}; else BUDGET=${RLHFV_GPU_BUDGET_S:-540}; fi
 DEADLINE=$(( $(date +%s) + BUDGET ))
 STEPS="$OUT/steps.tsv"
 printf 'step\tstatus\tseconds\n' > "$STEPS"
