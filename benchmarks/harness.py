@@ -177,10 +177,12 @@ def load_text(load: dict) -> str:
     return "unknown" if load["load1"] is None else f"{load['load1']:.2f}"
 
 
-def print_load(before: dict, after: dict, flagged: int) -> None:
-    """The machine's load around a run and how many of its rows were flagged (!), the line every script ends with."""
+def print_load(before: dict, after: dict, flagged: int, drifting: int | None = None) -> None:
+    """The machine's load around a run and how many of its rows were flagged (!) (and, where a script measures a floor
+    before and after each case, how many cases drifted): the line every script ends with."""
+    drift = "" if drifting is None else f", {drifting} cases with a drifting floor"
     print(f"machine load before / after: {load_text(before)} / {load_text(after)} on {after['cores']} cores; "
-          f"{flagged} rows flagged (!)" + (" (their warnings above)" if flagged else ""))
+          f"{flagged} rows flagged (!){drift}" + (" (their warnings above)" if flagged or drifting else ""))
 
 
 def warn_if_busy(load: dict) -> None:

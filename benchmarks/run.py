@@ -33,7 +33,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.harness import (PeakMemory, add_check_arguments, compare_ratios, device_name, fmt_mb,  # noqa: E402
-                                fmt_ms, load_text, machine_load, max_abs_diff, mem_ratio, pick_device, plot_bars,
+                                fmt_ms, machine_load, max_abs_diff, mem_ratio, pick_device, plot_bars, print_load,
                                 read_recorded, row_suspicions, spread, time_call, versions, warn_if_busy, write_json)
 import rlhfv_kernels as rk  # noqa: E402
 from rlhfv_kernels import _backend  # noqa: E402
@@ -567,10 +567,7 @@ def main(argv=None) -> int:
     results["load"]["after"] = load_after = machine_load()
     results["suspect_rows"] = sum(bool(r["suspect"]) for case in results["cases"] for r in case["records"])
     results["drifting_cases"] = sum(case["floor"]["drift"] > FLOOR_DRIFT for case in results["cases"])
-    print(f"machine load before / after: {load_text(load_before)} / {load_text(load_after)} on "
-          f"{load_after['cores']} cores; {results['suspect_rows']} rows flagged (!), {results['drifting_cases']} "
-          "cases with a drifting floor"
-          + (" (their warnings above)" if results["suspect_rows"] or results["drifting_cases"] else ""))
+    print_load(load_before, load_after, results["suspect_rows"], results["drifting_cases"])
     print_summary(results)
     if not args.no_plot:
         plot = plot_results(results, args.plot or DEFAULT_PLOT)

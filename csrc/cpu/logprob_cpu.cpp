@@ -620,9 +620,6 @@ void forward_rows(const at::Tensor& logits, const int64_t* labels, acc_t<T>* log
   const bool capped = softcap > 0.0;
   const Acc sweep_temp = capped ? Acc(1) : temp;
   const int64_t vocab = logits.size(-1);
-  const auto ahead_of = [&](int64_t r, const T* row, const T* next_row, int64_t off) {
-    return next_chunk(row, next_row != nullptr && labels[r + 1] != ignore_index ? next_row : nullptr, off, vocab);
-  };
   parallel_rows<T>(logits, capped, [&](int64_t r, const T* row, const T* next_row, Acc* buf) {
     const int64_t label = labels[r];
     if (label == ignore_index) {
@@ -632,6 +629,7 @@ void forward_rows(const at::Tensor& logits, const int64_t* labels, acc_t<T>* log
       return;
     }
     check_label(label, vocab, ignore_index, r);
+    const T* next_read = next_row != nullptr && labels[r + 1] != ignore_index ? next_row : nullptr;
     Acc running_max = -std::numeric_limits<Acc>::infinity();
     Acc running_sum = 0, running_moment = 0;
     for (int64_t off = 0; off < vocab; off += kChunk) {
@@ -657,11 +655,11 @@ void forward_rows(const at::Tensor& logits, const int64_t* labels, acc_t<T>* log
         continue;
       }
       // A NaN elsewhere reaches the sum through exp(NaN - max) = NaN.
+      const Ahead ahead = next_chunk(row, next_read, off, vocab);
       if (entropy) {
-        chunk_sum_exp_and_moment(xs, n, sweep_temp, running_max, ahead_of(r, row, next_row, off), &running_sum,
-                                 &running_moment);
+        chunk_sum_exp_and_moment(xs, n, sweep_temp, running_max, ahead, &running_sum, &running_moment);
       } else {
-        running_sum += chunk_sum_exp(xs, n, sweep_temp, running_max, ahead_of(r, row, next_row, off));
+        running_sum += chunk_sum_exp(xs, n, sweep_temp, running_max, ahead);
       }
     }
     // (z_target - lse) in float64: both terms can be ~1e4 while their difference is small.
