@@ -33,7 +33,9 @@ def run_contestants(backend, make_logits, dtype, inplace_backward, run):
         ("reference", dtype, reference.token_logprobs, {}),
         ("truth", torch.float64, truth_token_logprobs, {}),
     ]:
-        leaf = base.detach().to(leaf_dtype).clone().requires_grad_(True)
+        # the truth starts from the inputs rounded to dtype, as ours and the reference do (DESIGN.md §4): its
+        # distance to them is then the computation's error alone, never the inputs' rounding
+        leaf = base.detach().to(dtype).to(leaf_dtype).clone().requires_grad_(True)
         # A non-leaf copy, so inplace_backward may consume it without touching the leaf's own storage.
         outputs, loss = run(fn, make_logits(leaf * 1), kwargs)
         loss.backward()
