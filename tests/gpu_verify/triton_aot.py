@@ -4,8 +4,8 @@ without one, and checks the resources each would use.
 
 For each (kernel, config, dtype, target) it runs Triton's whole pipeline (TTIR -> TTGIR -> LLIR -> PTX -> cubin, with
 Triton's bundled ptxas) under the argument specialization the JIT derives at launch time, then reads registers,
-stack and local memory (cuobjdump on the cubin), spills (ptxas -v on the same PTX) and shared memory (Triton's
-metadata). A case fails on: a compile error, any spill or local memory, shared memory over the target's per-block
+stack and local memory (cuobjdump on the cubin), spills (the log of Triton's own ptxas -v run) and shared memory
+(Triton's metadata). A case fails on: a compile error, any spill or local memory, shared memory over the target's per-block
 limit, registers x threads over the 64K register file, or, for the logits kernels' aligned variants (VEC > 1), PTX
 without 16-byte global loads (and stores, for the backward).
 
@@ -13,13 +13,17 @@ The configurations come from the kernel modules themselves (kernels.forward_conf
 linear_kernels.configs_for), so a config added there is checked here without editing this file.
 
     python tests/gpu_verify/triton_aot.py [--targets 80,90] [--dtypes bf16,fp16,fp32] [--json FILE] [--out DIR]
-        [--only REGEX] [--add-linear-config fwd|bwd:BNxBVxBH:wW:sS]
+        [--only REGEX] [--add-linear-config fwd|bwd:BNxBVxBH:wW:sS] [--jobs N]
 TRITON_INTERPRET is cleared before Triton is imported. Exit status 1 when any case fails.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import io
 import json
+import multiprocessing
 import os
 import re
 import subprocess
@@ -149,16 +153,24 @@ def _linear_case(which, dn, operand, cfg, bias, capped, entropy=False):
 
 
 def compile_like_jit(fn, args, kwargs, target):
-    """What JITFunction.run does before a launch, minus the driver: bind, specialize, pack, compile."""
+    """What JITFunction.run does before a launch, minus the driver: bind, specialize, pack, compile. Returns the
+    compiled kernel and the log of Triton's own ptxas run (-v: registers, stack frame, spills)."""
     backend = make_backend(target)
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound_args, specialization, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
-    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+    log = io.StringIO()
+    with triton.knobs.nvidia.scope(), triton.knobs.compilation.scope(), contextlib.redirect_stdout(log):
+        triton.knobs.nvidia.dump_ptxas_log = True  # Triton prints its ptxas -v log (it always passes -v) ...
+        triton.knobs.compilation.always_compile = True  # ... which a kernel from Triton's cache would not have
+        compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
+                                  options=options.__dict__)
+    return compiled, log.getvalue()
 
 
-def resource_usage(cubin: bytes, ptx: str, cap: int, workdir: str) -> dict:
-    """Registers / stack / local bytes from cuobjdump on Triton's cubin; spills from ptxas -v on the same PTX."""
+def resource_usage(cubin: bytes, ptxas_log: str, workdir: str) -> dict:
+    """Registers / stack / local bytes from cuobjdump on Triton's cubin; spills from the log of the ptxas run that
+    built it (a second ptxas run would cost as much again and need Triton's exact flags)."""
     path = os.path.join(workdir, "k.cubin")
     with open(path, "wb") as f:
         f.write(cubin)
@@ -168,19 +180,9 @@ def resource_usage(cubin: bytes, ptx: str, cap: int, workdir: str) -> dict:
     if not m:
         raise RuntimeError(f"cuobjdump printed no resource usage: {dump[-500:]}")
     out = dict(zip(("regs", "stack", "static_smem", "local"), map(int, m.groups())))
-    try:  # the ptxas Triton itself used for this target (the bundled one differs between releases)
-        from triton.backends.nvidia.compiler import get_ptxas
-        ptxas = get_ptxas(cap).path
-    except Exception:  # noqa: BLE001  (older releases: one bundled binary)
-        ptxas = os.path.join(NV_BIN, "ptxas")
-    path = os.path.join(workdir, "k.ptx")
-    with open(path, "w") as f:
-        f.write(ptx)
-    log = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{cap}a" if cap >= 90 else f"--gpu-name=sm_{cap}", path,
-                          "-o", os.devnull], capture_output=True, text=True).stderr
-    m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", ptxas_log)
     if not m:
-        raise RuntimeError(f"ptxas -v printed no spill line: {log[-500:]}")
+        raise RuntimeError(f"Triton's ptxas log has no spill line: {ptxas_log[-500:]!r}")
     out["spill_stores"], out["spill_loads"] = int(m.group(1)), int(m.group(2))
     return out
 
@@ -189,8 +191,8 @@ def check_case(case: Case, cap: int, workdir: str, out_dir: str | None = None) -
     row = dict(kernel=case.kernel, config=case.label, dtype=case.dtype, sm=cap)
     t0 = time.time()
     try:
-        ck = compile_like_jit(case.fn, case.args, case.meta, GPUTarget("cuda", cap, 32))
-        row.update(resource_usage(ck.asm["cubin"], ck.asm["ptx"], cap, workdir))
+        ck, ptxas_log = compile_like_jit(case.fn, case.args, case.meta, GPUTarget("cuda", cap, 32))
+        row.update(resource_usage(ck.asm["cubin"], ptxas_log, workdir))
     except Exception as e:  # noqa: BLE001
         message = str(e).strip().splitlines()
         row.update(ok=False, problems=[f"COMPILE: {type(e).__name__}: {message[-1] if message else ''}"[:400]])
@@ -228,6 +230,16 @@ def parse_linear_config(text: str):
     return m.group(1), triton.Config(dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh), num_warps=w, num_stages=s)
 
 
+_WORK: list = []  # (case, target) to check, filled by main before the workers fork
+
+
+def _check_one(index: int, work: str, out_dir: str | None) -> dict:
+    case, cap = _WORK[index]
+    workdir = os.path.join(work, str(os.getpid()))  # one scratch folder per worker process
+    os.makedirs(workdir, exist_ok=True)
+    return check_case(case, cap, workdir, out_dir)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--targets", default="80,90", help="compute capabilities, e.g. 80,90")
@@ -237,27 +249,31 @@ def main(argv=None) -> int:
                     help="also check this fused-linear tile (to try one before adding it to LINEAR_CONFIGS)")
     ap.add_argument("--json", default=None, help="write every row here")
     ap.add_argument("--out", default=None, help="write each case's TTGIR and PTX here")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="cases compiled at once (default: one per "
+                    "core)")
     a = ap.parse_args(argv)
     dtypes = a.dtypes.split(",")
     print(f"triton {triton.__version__}, torch {torch.__version__}")
     print(f"{'kernel':12s} {'config':44s} {'dt':4s} {'sm':>3s} {'regs':>4s} {'spill':>9s} {'smem':>7s} "
           f"{'ld16':>4s} {'st16':>4s} {'s':>4s}  verdict", flush=True)
-    rows, work = [], tempfile.mkdtemp(prefix="rlhfv_aot_")
     for cap in map(int, a.targets.split(",")):
         if cap not in SMEM_LIMIT:
             ap.error(f"--targets: no limits recorded for sm_{cap} (known: {sorted(SMEM_LIMIT)})")
-        for case in (*logits_cases(dtypes), *linear_cases(dtypes, cap, a.add_linear_config)):
-            if a.only and not re.search(a.only, f"{case.kernel} {case.label} {case.dtype}"):
-                continue
-            row = check_case(case, cap, work, a.out)
+        _WORK.extend((case, cap) for case in (*logits_cases(dtypes), *linear_cases(dtypes, cap, a.add_linear_config))
+                     if not a.only or re.search(a.only, f"{case.kernel} {case.label} {case.dtype}"))
+    rows, work = [], tempfile.mkdtemp(prefix="rlhfv_aot_")
+    # Each case compiles in one process (LLVM and ptxas are single-threaded); forked workers inherit _WORK, so only
+    # an index and a result row cross between processes.
+    with multiprocessing.get_context("fork").Pool(max(1, min(a.jobs, len(_WORK)))) as pool:
+        for row in pool.imap(functools.partial(_check_one, work=work, out_dir=a.out), range(len(_WORK))):
             rows.append(row)
             if "regs" in row and "smem" in row:
-                print(f"{row['kernel']:12s} {row['config']:44s} {row['dtype']:4s} {cap:3d} {row['regs']:4d} "
+                print(f"{row['kernel']:12s} {row['config']:44s} {row['dtype']:4s} {row['sm']:3d} {row['regs']:4d} "
                       f"{row['spill_stores']:4d}/{row['spill_loads']:<4d} {row['smem']:7d} {row['vector_loads']:4d} "
                       f"{row['vector_stores']:4d} {row['seconds']:4.1f}  {' '.join(row['problems']) or 'ok'}",
                       flush=True)
             else:
-                print(f"{row['kernel']:12s} {row['config']:44s} {row['dtype']:4s} {cap:3d} {row['problems'][0]}",
+                print(f"{row['kernel']:12s} {row['config']:44s} {row['dtype']:4s} {row['sm']:3d} {row['problems'][0]}",
                       flush=True)
     failed = sum(not r["ok"] for r in rows)
     if a.json:
