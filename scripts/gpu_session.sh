@@ -76,7 +76,8 @@ if [ "$REHEARSAL" = 1 ]; then
   # the same compile, beside the tree: CI's own build stays loaded in its test process while this one runs
   BUILD="$PY setup.py -q build_ext --build-lib $OUT/rehearsal-build/lib --build-temp $OUT/rehearsal-build/temp"
   KERNEL_TESTS="tests/kernels/test_edges.py tests/kernels/test_token_logprobs.py -k cpp-cpu"
-  LOGITS_CASES="--quick --ops token_logprobs,ddpo_loss"
+  # (no torch.compile or TRL rows: compiling the reference takes a minute of CI here; the benchmark's own tests run them)
+  LOGITS_CASES="--quick --ops token_logprobs,ddpo_loss --impls reference,fused,fused_inplace"
   LINEAR_CASE="--case 64x32x256:float32 --repeats 1 --warmup 0"
   TRAINER_ARGS="--vocab 512 --pairs 2 --repeats 1"
   REST_TESTS="tests/docs"

@@ -18,6 +18,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede any @triton.jit (DESIGN.md §5)
 
+# Under pytest-xdist (the README's -n logical), the workers share the cores: each gets its share of torch's threads,
+# never fewer than 2, so the CPU kernels' parallel paths still run split across threads.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(2, (os.cpu_count() or 2) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 
 from rlhfv_kernels import _backend  # noqa: E402  (after TRITON_INTERPRET is set)
 
@@ -100,3 +105,10 @@ def dataset(tmp_path_factory):
     tests import helpers `from conftest`, which a second conftest module would shadow."""
     from rlhfv_train.data import synthetic
     return synthetic.generate(str(tmp_path_factory.mktemp("scenes")), 40, seed=5)
+
+
+def pytest_collection_modifyitems(items):
+    """The files holding slow tests run first: under pytest-xdist (--dist loadfile) a file runs whole on one worker,
+    and a long one started last would keep the run going while the other cores idle."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: each file keeps its own order

@@ -43,6 +43,9 @@ def test_readme_has_the_two_commands_first_and_stays_short():
     lines = README.read_text().splitlines()
     commands = [line for line in lines[:8] if line.startswith("bash scripts/setup.sh")]
     assert len(commands) == 2 and "benchmarks/run.py" in commands[0] and "pytest" in commands[1]
+    # CI runs the README's test command as written (.ci/run: setup, then that pytest line)
+    test_command = commands[1].split("#")[0].split("&&")[1].strip()
+    assert test_command in (ROOT / ".ci" / "run").read_text().splitlines()[5], test_command
     assert len(lines) <= 150
 
 

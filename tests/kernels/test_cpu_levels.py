@@ -17,19 +17,37 @@ pytestmark = pytest.mark.skipif(not (rk.extension_available() and rk.cpu_kernel_
                                 reason="the per-level kernels are x86-64's (and need the compiled extension)")
 
 
+# (not test_losses.py: the losses run the same logprob ops, whose every variant the files below check per level)
+SUITE = ["tests/kernels/test_token_logprobs.py", "tests/kernels/test_edges.py", "tests/kernels/test_entropy.py",
+         "tests/kernels/test_linear.py", "tests/kernels/test_logit_transform.py", "-k", "cpp-cpu"]
+
+
+@pytest.fixture(scope="module")
+def suites():
+    """{level: (the variant it names, the kernel suite's exit status, output)}; every level's suite at once, one
+    process each (a level is read once per process)."""
+    running = {}
+    for level in LEVELS:
+        env = {**os.environ, "RLHFV_CPU_LEVEL": level}
+        named = subprocess.run([sys.executable, "-c", "import rlhfv_kernels as rk; print(rk.cpu_kernel_variant())"],
+                               capture_output=True, text=True, env=env, cwd=ROOT)
+        suite = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", *SUITE],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+        running[level] = (named.stdout.strip() or named.stderr[-2000:], suite)
+    results = {}
+    for level, (named, suite) in running.items():  # (communicate: a failing suite's long report cannot fill a pipe)
+        output = suite.communicate(timeout=900)[0]
+        results[level] = (named, suite.returncode, output)
+    return results
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("level", list(LEVELS))
-def test_every_level_meets_the_criterion(level):
-    env = {**os.environ, "RLHFV_CPU_LEVEL": level}
-    named = subprocess.run([sys.executable, "-c", "import rlhfv_kernels as rk; print(rk.cpu_kernel_variant())"],
-                           capture_output=True, text=True, env=env, cwd=ROOT)
-    assert named.stdout.strip() == LEVELS[level], named.stderr[-2000:]
-    suite = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
-                            "tests/kernels/test_token_logprobs.py", "tests/kernels/test_losses.py",
-                            "tests/kernels/test_edges.py", "tests/kernels/test_entropy.py",
-                            "tests/kernels/test_linear.py", "tests/kernels/test_logit_transform.py", "-k", "cpp-cpu"],
-                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
-    assert suite.returncode == 0, suite.stdout[-3000:] + suite.stderr[-2000:]
-    assert " passed" in suite.stdout.splitlines()[-1]
+def test_every_level_meets_the_criterion(suites, level):
+    named, status, output = suites[level]
+    assert named == LEVELS[level]
+    assert status == 0, output[-5000:]
+    assert " passed" in output.splitlines()[-1]
 
 
 def test_an_unknown_level_is_refused_not_ignored():
