@@ -224,11 +224,10 @@ constexpr int kLinesPerStep = W >= 16 ? 2 : 1;  // 2W fp32 = 2 cache lines at W 
 
 // sum_i exp(x_i / temp - shift). Two accumulators: the exp is one long dependency chain, and two independent ones per
 // iteration keep the FMA ports busier (10-25% on AVX2).
-template <int W>
-RLHFV_INLINE float chunk_sum_exp_body(const float* x, int64_t n, float temp, float shift, Ahead ahead) {
+template <int W, bool scaled>
+RLHFV_INLINE float chunk_sum_exp_sweep(const float* x, int64_t n, float temp, float shift, Ahead ahead) {
   using vfloat = typename Vec<W>::F;
   constexpr int kLanes = W;
-  const bool scaled = temp != 1.0f;
   vfloat acc = {}, acc2 = {};
   int64_t i = 0;
   for (; i + 2 * kLanes <= n; i += 2 * kLanes) {
@@ -243,6 +242,13 @@ RLHFV_INLINE float chunk_sum_exp_body(const float* x, int64_t n, float temp, flo
   for (int j = 0; j < kLanes; ++j) s += acc[j];
   for (; i < n; ++i) s += exp_nonpositive(over_temp(x[i], temp, scaled) - shift);
   return s;
+}
+// (the loop is instantiated per `scaled`: GCC left the temperature test inside it, a reload and two branches per
+// vector, which also cost the registers that kept the accumulators and constants out of memory)
+template <int W>
+RLHFV_INLINE float chunk_sum_exp_body(const float* x, int64_t n, float temp, float shift, Ahead ahead) {
+  return temp != 1.0f ? chunk_sum_exp_sweep<W, true>(x, n, temp, shift, ahead)
+                      : chunk_sum_exp_sweep<W, false>(x, n, temp, shift, ahead);
 }
 RLHFV_LEVELS(float, chunk_sum_exp, (const float* x, int64_t n, float temp, float shift, Ahead ahead),
              (x, n, temp, shift, ahead))
