@@ -10,6 +10,7 @@ cannot run on this machine skips with the reason.
 import os
 import random
 import signal
+import subprocess
 import threading
 
 import pytest
@@ -38,6 +39,18 @@ def _on_target(request, path):
     skip_unless_backend_runs(backend, device, path=path)
     with torch.device(device):
         yield backend
+
+
+def run_at_once(commands: dict, timeout: float, **popen) -> dict:
+    """{name: (argv, env)} -> {name: (exit status, stdout and stderr)}: every command started before any is waited
+    for, so they share the cores (communicate, in turn: a long report cannot fill a pipe and stall its process)."""
+    running = {name: subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      **popen) for name, (argv, env) in commands.items()}
+    results = {}
+    for name, proc in running.items():
+        output = proc.communicate(timeout=timeout)[0]
+        results[name] = (proc.returncode, output)
+    return results
 
 
 def gpu_sizes_only() -> None:

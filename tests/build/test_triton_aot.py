@@ -12,6 +12,7 @@ import sys
 
 import pytest
 import torch
+from conftest import run_at_once
 
 from rlhfv_kernels.triton import linear_kernels
 
@@ -32,20 +33,15 @@ def _env(site):
 
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory):
-    """{release: (exit status, output, report)}; both releases compile at once (one per core)."""
+    """{release: (exit status, output, report)}; both releases compile at once."""
     out = tmp_path_factory.mktemp("aot")
-    running = {}
-    for release, (site, dtypes) in RELEASES.items():
-        if site and not os.path.isdir(site):
-            continue
-        path = out / f"{release}.json"
-        command = [sys.executable, CHECKER, "--json", str(path), "--dtypes", ",".join(dtypes)]
-        running[release] = (subprocess.Popen(command, env=_env(site), stdout=subprocess.PIPE,
-                                             stderr=subprocess.STDOUT, text=True), path)
+    commands = {release: ([sys.executable, CHECKER, "--json", str(out / f"{release}.json"), "--dtypes",
+                           ",".join(dtypes)], _env(site))
+                for release, (site, dtypes) in RELEASES.items() if not site or os.path.isdir(site)}
     results = {}
-    for release, (proc, path) in running.items():
-        output, _ = proc.communicate(timeout=1200)
-        results[release] = (proc.returncode, output, json.loads(path.read_text()) if path.exists() else None)
+    for release, (status, output) in run_at_once(commands, timeout=1200).items():
+        path = out / f"{release}.json"
+        results[release] = (status, output, json.loads(path.read_text()) if path.exists() else None)
     return results
 
 

@@ -45,7 +45,8 @@ def test_readme_has_the_two_commands_first_and_stays_short():
     assert len(commands) == 2 and "benchmarks/run.py" in commands[0] and "pytest" in commands[1]
     # CI runs the README's test command as written (.ci/run: setup, then that pytest line)
     test_command = commands[1].split("#")[0].split("&&")[1].strip()
-    assert test_command in (ROOT / ".ci" / "run").read_text().splitlines()[5], test_command
+    assert any(line.startswith(test_command + " ") or line == test_command
+               for line in (ROOT / ".ci" / "run").read_text().splitlines()), test_command
     assert len(lines) <= 150
 
 

@@ -5,9 +5,9 @@ without one, and checks the resources each would use.
 For each (kernel, config, dtype, target) it runs Triton's whole pipeline (TTIR -> TTGIR -> LLIR -> PTX -> cubin, with
 Triton's bundled ptxas) under the argument specialization the JIT derives at launch time, then reads registers,
 stack and local memory (cuobjdump on the cubin), spills (the log of Triton's own ptxas -v run) and shared memory
-(Triton's metadata). A case fails on: a compile error, any spill or local memory, shared memory over the target's per-block
-limit, registers x threads over the 64K register file, or, for the logits kernels' aligned variants (VEC > 1), PTX
-without 16-byte global loads (and stores, for the backward).
+(Triton's metadata). A case fails on: a compile error, any spill or local memory, shared memory over the target's
+per-block limit, registers x threads over the 64K register file, or, for the logits kernels' aligned variants
+(VEC > 1), PTX without 16-byte global loads (and stores, for the backward).
 
 The configurations come from the kernel modules themselves (kernels.forward_configs / BACKWARD_CONFIGS,
 linear_kernels.configs_for), so a config added there is checked here without editing this file.
@@ -256,6 +256,7 @@ def main(argv=None) -> int:
     print(f"triton {triton.__version__}, torch {torch.__version__}")
     print(f"{'kernel':12s} {'config':44s} {'dt':4s} {'sm':>3s} {'regs':>4s} {'spill':>9s} {'smem':>7s} "
           f"{'ld16':>4s} {'st16':>4s} {'s':>4s}  verdict", flush=True)
+    _WORK.clear()
     for cap in map(int, a.targets.split(",")):
         if cap not in SMEM_LIMIT:
             ap.error(f"--targets: no limits recorded for sm_{cap} (known: {sorted(SMEM_LIMIT)})")

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import run_at_once
 
 import rlhfv_kernels as rk
 
@@ -26,19 +27,12 @@ SUITE = ["tests/kernels/test_token_logprobs.py", "tests/kernels/test_edges.py", 
 def suites():
     """{level: (the variant it names, the kernel suite's exit status, output)}; every level's suite at once, one
     process each (a level is read once per process)."""
-    running = {}
-    for level in LEVELS:
-        env = {**os.environ, "RLHFV_CPU_LEVEL": level}
-        named = subprocess.run([sys.executable, "-c", "import rlhfv_kernels as rk; print(rk.cpu_kernel_variant())"],
-                               capture_output=True, text=True, env=env, cwd=ROOT)
-        suite = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", *SUITE],
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
-        running[level] = (named.stdout.strip() or named.stderr[-2000:], suite)
-    results = {}
-    for level, (named, suite) in running.items():  # (communicate: a failing suite's long report cannot fill a pipe)
-        output = suite.communicate(timeout=900)[0]
-        results[level] = (named, suite.returncode, output)
-    return results
+    envs = {level: {**os.environ, "RLHFV_CPU_LEVEL": level} for level in LEVELS}
+    variant = [sys.executable, "-c", "import rlhfv_kernels as rk; print(rk.cpu_kernel_variant())"]
+    named = run_at_once({level: (variant, env) for level, env in envs.items()}, timeout=120, cwd=ROOT)
+    suites = run_at_once({level: ([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", *SUITE], env)
+                          for level, env in envs.items()}, timeout=900, cwd=ROOT)
+    return {level: (named[level][1].strip(), *suites[level]) for level in LEVELS}
 
 
 @pytest.mark.slow
