@@ -18,17 +18,19 @@ import rlhfv_kernels as rk  # noqa: E402
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
+    name, generation = platform.processor() or platform.machine(), ""
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
+            fields = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        name = fields.get("model name", name)
+        # A VM may show only "AMD EPYC": family and model say which generation (AMD family 23 model 49: Zen 2, Rome)
+        if "cpu family" in fields and "model" in fields:
+            generation = f"family {fields['cpu family']} model {fields['model']}, "
     except OSError:
         pass
     variant = rk.cpu_kernel_variant()  # which SIMD clone of our CPU kernels runs: the numbers depend on it
-    return f"{name} ({torch.get_num_threads()} threads" + (f", {variant} kernels)" if variant else ")")
+    return f"{name} ({generation}{torch.get_num_threads()} threads" + (f", {variant} kernels)" if variant else ")")
 
 
 def versions() -> dict:

@@ -118,16 +118,11 @@ RLHFV_INLINE F opaque_splat(float x) {
   return v;
 }
 
-// max(x, lo) and min(x, hi) that keep NaN.
+// max(x, lo) that keeps NaN.
 template <typename F>
 RLHFV_INLINE F clamp_below(F x, float lo) {
   const F bound = opaque_splat<F>(lo);
   return x < bound ? bound : x;
-}
-template <typename F>
-RLHFV_INLINE F clamp_above(F x, float hi) {
-  const F bound = opaque_splat<F>(hi);
-  return x > bound ? bound : x;
 }
 
 // x / temp, skipped when temp is 1 (`scaled` false): a vector division per logit costs as much as the exp's
@@ -151,16 +146,36 @@ RLHFV_INLINE void store_lanes(float* p, F v) { std::memcpy(p, &v, sizeof(v)); }
 // least maximum relative error on that interval (1 and 1 kept as its first two coefficients, so exp(0) = 1 exactly;
 // 2e-9 in exact arithmetic, below 1e-7 evaluated in fp32, like a degree-7 Taylor polynomial with one FMA more in the
 // latency chain that bounds these loops), 2^n by building the float's exponent bits. NaN propagates; x below -87 is
-// clamped (the result, ~1e-38, is negligible next to the row's largest term, 1).
+// clamped (the result, ~1e-38, is negligible next to the row's largest term, 1). Every caller passes x <= ~0 by
+// construction (a logit minus the row's max or LSE, -2|u|), so there is no upper clamp (it cost 6% of the sweep):
+// x > 88 would give garbage, not inf.
+// In two halves (exp_reduce, then exp_finish) so that a loop can reduce the next vectors while it finishes these:
+// on Zen 2 the sweeps are bound by how many of the chain's ~15 dependent operations wait in the FP scheduler, not by
+// the FMA ports (see DESIGN.md §5), and the pipelined loops below are 10% faster for the same results, bit for bit.
 template <typename F>
-RLHFV_INLINE F exp_nonpositive(F x) {
+struct ExpReduced {
+  F r, scale;  // exp(x) = p(r) * scale, scale = 2^n
+};
+template <typename F>
+RLHFV_INLINE ExpReduced<F> exp_reduce(F x) {
   using L = Lanes<F>;
-  x = clamp_above(clamp_below(x, -87.0f), 88.0f);
+  x = clamp_below(x, -87.0f);
   const F round = L::splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer held in the low mantissa
   const F t = x * L::splat(1.44269504088896341f) + round;
   const F n = t - round;
   F r = x - n * L::splat(0.693145751953125f);  // ln2 split in two so n*ln2_hi is exact
   r = r - n * L::splat(1.428606765330187e-06f);
+  typename L::Int bits;
+  std::memcpy(&bits, &t, sizeof(bits));
+  bits = (bits - 0x4B400000 + 127) << 23;
+  F scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return {r, scale};
+}
+template <typename F>
+RLHFV_INLINE F exp_finish(ExpReduced<F> e) {
+  using L = Lanes<F>;
+  const F r = e.r;
   F p = L::splat(1.3843652559444308e-3f);
   p = p * r + L::splat(8.37415549904108e-3f);
   p = p * r + L::splat(4.166800156235695e-2f);
@@ -168,12 +183,27 @@ RLHFV_INLINE F exp_nonpositive(F x) {
   p = p * r + L::splat(0.4999999403953552f);
   p = p * r + L::splat(1.0f);
   p = p * r + L::splat(1.0f);
-  typename L::Int bits;
-  std::memcpy(&bits, &t, sizeof(bits));
-  bits = (bits - 0x4B400000 + 127) << 23;
-  F scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+  return p * e.scale;
+}
+template <typename F>
+RLHFV_INLINE F exp_nonpositive(F x) {
+  return exp_finish(exp_reduce(x));
+}
+// exp_finish for results that are rounded to bf16 next (the backward's gradient in the logits' dtype): a degree-4
+// polynomial fitted the same way, 5.4e-6 relative error, 1/360 of bf16's half-ulp, two FMAs fewer in the chain
+// (bf16 fwd+bwd -8%). It rounds to the same bf16 as the degree-6 one but for ~0.05% of values, which then differ by
+// one ulp. Not for fp16: its ulp is 8x finer, and the extra flips, summed by the fused-linear path's weight
+// gradient, pushed one of 7224 entries past the fp16 criterion (RLHFV_TEST_SEED=1395408827).
+template <typename F>
+RLHFV_INLINE F exp_finish_coarse(ExpReduced<F> e) {
+  using L = Lanes<F>;
+  const F r = e.r;
+  F p = L::splat(0.041277289390563965f);
+  p = p * r + L::splat(0.16753435134887695f);
+  p = p * r + L::splat(0.5000511407852173f);
+  p = p * r + L::splat(1.0f);
+  p = p * r + L::splat(1.0f);
+  return p * e.scale;
 }
 
 // Maximum of a chunk, ignoring NaN (a NaN still poisons the row through the exp sum; see forward_rows).
@@ -222,21 +252,68 @@ RLHFV_INLINE void fetch_ahead(Ahead* ahead, int lines) {
 template <int W>
 constexpr int kLinesPerStep = W >= 16 ? 2 : 1;  // 2W fp32 = 2 cache lines at W = 16, 1 at W = 8 (W = 4: 1, early)
 
+// A software-pipelined loop over the blocks [i, i + step) that fit in [0, n): begin(i) starts the work of a block
+// (loads, the exp's reduction) and returns its state, finish(state, i) completes it; each iteration begins the next
+// block before it finishes the one before, so the scheduler sees two blocks' independent chains (exp_reduce).
+// Returns the first index not covered. The result is what begin-then-finish per block gives, bit for bit.
+template <typename Begin, typename Finish>
+RLHFV_INLINE int64_t pipelined_blocks(int64_t n, int64_t step, const Begin& begin, const Finish& finish) {
+  if (n < step) return 0;
+  auto state = begin(int64_t(0));
+  int64_t i = step;
+  for (; i + step <= n; i += step) {
+    const auto next = begin(i);
+    finish(state, i - step);
+    state = next;
+  }
+  finish(state, i - step);
+  return i;
+}
+// The same with three stages, for chains too long for two (the soft cap's gradient: an exp, a division, an exp):
+// middle(state, i) -> the state finish takes.
+template <typename Begin, typename Middle, typename Finish>
+RLHFV_INLINE int64_t pipelined_blocks(int64_t n, int64_t step, const Begin& begin, const Middle& middle,
+                                      const Finish& finish) {
+  if (n < 2 * step) return 0;
+  auto middled = middle(begin(int64_t(0)), int64_t(0));
+  auto begun = begin(step);
+  int64_t i = 2 * step;
+  for (; i + step <= n; i += step) {
+    const auto next = begin(i);
+    const auto next_middled = middle(begun, i - step);
+    finish(middled, i - 2 * step);
+    begun = next;
+    middled = next_middled;
+  }
+  finish(middled, i - 2 * step);
+  finish(middle(begun, i - step), i - step);
+  return i;
+}
+
 // sum_i exp(x_i / temp - shift). Two accumulators: the exp is one long dependency chain, and two independent ones per
-// iteration keep the FMA ports busier (10-25% on AVX2).
+// iteration keep the FMA ports busier (10-25% on AVX2). Pipelined in blocks of two vectors (pipelined_blocks).
 template <int W, bool scaled>
 RLHFV_INLINE float chunk_sum_exp_sweep(const float* x, int64_t n, float temp, float shift, Ahead ahead) {
   using vfloat = typename Vec<W>::F;
   constexpr int kLanes = W;
+  const auto reduced_at = [&](int64_t i) {
+    return exp_reduce(over_temp(load_lanes<vfloat>(x + i), temp, scaled) - shift);
+  };
   vfloat acc = {}, acc2 = {};
-  int64_t i = 0;
-  for (; i + 2 * kLanes <= n; i += 2 * kLanes) {
-    fetch_ahead(&ahead, kLinesPerStep<W>);
-    acc += exp_nonpositive(over_temp(load_lanes<vfloat>(x + i), temp, scaled) - shift);
-    acc2 += exp_nonpositive(over_temp(load_lanes<vfloat>(x + i + kLanes), temp, scaled) - shift);
-  }
-  for (; i + kLanes <= n; i += kLanes)
-    acc += exp_nonpositive(over_temp(load_lanes<vfloat>(x + i), temp, scaled) - shift);
+  struct Pair {
+    ExpReduced<vfloat> a, b;
+  };
+  int64_t i = pipelined_blocks(
+      n, 2 * kLanes,
+      [&](int64_t at) {
+        fetch_ahead(&ahead, kLinesPerStep<W>);
+        return Pair{reduced_at(at), reduced_at(at + kLanes)};
+      },
+      [&](const Pair& e, int64_t) {
+        acc += exp_finish(e.a);
+        acc2 += exp_finish(e.b);
+      });
+  for (; i + kLanes <= n; i += kLanes) acc += exp_finish(reduced_at(i));
   acc += acc2;
   float s = 0.0f;
   for (int j = 0; j < kLanes; ++j) s += acc[j];
@@ -253,54 +330,110 @@ RLHFV_INLINE float chunk_sum_exp_body(const float* x, int64_t n, float temp, flo
 RLHFV_LEVELS(float, chunk_sum_exp, (const float* x, int64_t n, float temp, float shift, Ahead ahead),
              (x, n, temp, shift, ahead))
 
-// out_i = scale * exp((x_i / temp - lse_hi) - lse_lo); `out` may alias `x`.
-template <int W>
-RLHFV_INLINE void chunk_scaled_softmax_body(const float* x, float* out, int64_t n, float temp, float lse_hi,
-                                             float lse_lo, float scale, Ahead ahead) {
+// out_i = scale * exp((x_i / temp - lse_hi) - lse_lo); `out` may alias `x` (a vector is loaded before it is stored,
+// and the next one before that). Pipelined (pipelined_blocks). `coarse`: out is rounded to bf16 next
+// (exp_finish_coarse).
+template <int W, bool coarse>
+RLHFV_INLINE void scaled_softmax_sweep(const float* x, float* out, int64_t n, float temp, float lse_hi, float lse_lo,
+                                       float scale, Ahead ahead) {
   using vfloat = typename Vec<W>::F;
   constexpr int kLanes = W;
   const bool scaled = temp != 1.0f;
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    if (i % (2 * kLanes) == 0) fetch_ahead(&ahead, kLinesPerStep<W>);
-    const vfloat z = over_temp(load_lanes<vfloat>(x + i), temp, scaled);
-    store_lanes(out + i, scale * exp_nonpositive((z - lse_hi) - lse_lo));
-  }
+  const auto reduced_at = [&](int64_t i) {
+    return exp_reduce((over_temp(load_lanes<vfloat>(x + i), temp, scaled) - lse_hi) - lse_lo);
+  };
+  int64_t i = pipelined_blocks(
+      n, kLanes,
+      [&](int64_t at) {
+        if (at % (2 * kLanes) == 0) fetch_ahead(&ahead, kLinesPerStep<W>);
+        return reduced_at(at);
+      },
+      [&](const ExpReduced<vfloat>& e, int64_t at) {
+        store_lanes(out + at, scale * (coarse ? exp_finish_coarse(e) : exp_finish(e)));
+      });
   for (; i < n; ++i) out[i] = scale * exp_nonpositive((over_temp(x[i], temp, scaled) - lse_hi) - lse_lo);
 }
-RLHFV_LEVELS(void, chunk_scaled_softmax,
-             (const float* x, float* out, int64_t n, float temp, float lse_hi, float lse_lo, float scale, Ahead ahead),
-             (x, out, n, temp, lse_hi, lse_lo, scale, ahead))
+template <int W>
+RLHFV_INLINE void chunk_scaled_softmax_body(const float* x, float* out, int64_t n, float temp, float lse_hi,
+                                             float lse_lo, float scale, Ahead ahead) {
+  scaled_softmax_sweep<W, false>(x, out, n, temp, lse_hi, lse_lo, scale, ahead);
+}
+template <int W>
+RLHFV_INLINE void chunk_scaled_softmax_coarse_body(const float* x, float* out, int64_t n, float temp, float lse_hi,
+                                                    float lse_lo, float scale, Ahead ahead) {
+  scaled_softmax_sweep<W, true>(x, out, n, temp, lse_hi, lse_lo, scale, ahead);
+}
+#define RLHFV_SOFTMAX_PARAMS \
+  (const float* x, float* out, int64_t n, float temp, float lse_hi, float lse_lo, float scale, Ahead ahead)
+#define RLHFV_SOFTMAX_ARGS (x, out, n, temp, lse_hi, lse_lo, scale, ahead)
+RLHFV_LEVELS(void, chunk_scaled_softmax, RLHFV_SOFTMAX_PARAMS, RLHFV_SOFTMAX_ARGS)
+RLHFV_LEVELS(void, chunk_scaled_softmax_coarse, RLHFV_SOFTMAX_PARAMS, RLHFV_SOFTMAX_ARGS)
+#undef RLHFV_SOFTMAX_ARGS
+#undef RLHFV_SOFTMAX_PARAMS
 
 // The soft cap (Gemma-style final_logit_softcapping): z = cap * tanh(x / cap), then / temp when `scaled`, and
 // dz/dx = sech^2(x / cap) / temp. Both come from e = exp(-2|u|), u = x / cap: tanh|u| = (1 - e) / (1 + e) and
 // sech^2 u = 4e / (1 + e)^2, which has no cancellation where tanh is near +-1. One vector division per value
-// (1 / (1 + e); u by the reciprocal of the cap): divisions, not the exp, bound this loop. +-inf logits become
-// +-cap / temp, as in eager PyTorch; NaN stays NaN.
+// (1 / (1 + e); u by the reciprocal of the cap). +-inf logits become +-cap / temp, as in eager PyTorch; NaN stays NaN.
+// |u| and th with u's sign (th >= 0) by their bits: `u < 0 ? -u : u` compiled to a compare, a xor and a blend, two
+// of them on the FMA pipes that bound these loops; an and / xor runs on any of the four.
 template <typename F>
-RLHFV_INLINE F softcapped(F x, float cap, float temp, bool scaled, F* sech2) {
+RLHFV_INLINE F magnitude_of(F u) {
+  typename Lanes<F>::Int bits;
+  std::memcpy(&bits, &u, sizeof(bits));
+  bits &= 0x7FFFFFFF;
+  std::memcpy(&u, &bits, sizeof(u));
+  return u;
+}
+template <typename F>
+RLHFV_INLINE F with_sign_of(F th, F u) {
+  typename Lanes<F>::Int bits, sign;
+  std::memcpy(&bits, &th, sizeof(bits));
+  std::memcpy(&sign, &u, sizeof(sign));
+  bits ^= sign & static_cast<int32_t>(0x80000000u);
+  std::memcpy(&th, &bits, sizeof(th));
+  return th;
+}
+// In two halves like the exp (softcap_begin, then softcap_finish) for the pipelined loops.
+template <typename F>
+struct SoftcapBegun {
+  F u;
+  ExpReduced<F> e;  // of -2|u|
+};
+template <typename F>
+RLHFV_INLINE SoftcapBegun<F> softcap_begin(F x, float cap) {
   using L = Lanes<F>;
   const F u = x * L::splat(1.0f / cap);
-  const F magnitude = u < L::splat(0.0f) ? -u : u;
-  const F e = exp_nonpositive(L::splat(-2.0f) * magnitude);
+  return {u, exp_reduce(L::splat(-2.0f) * magnitude_of(u))};
+}
+template <typename F>
+RLHFV_INLINE F softcap_finish(const SoftcapBegun<F>& begun, float cap, float temp, bool scaled, F* sech2) {
+  using L = Lanes<F>;
+  const F u = begun.u, e = exp_finish(begun.e);
   const F one = L::splat(1.0f), inv = one / (one + e);
   const F th = (one - e) * inv;
   *sech2 = L::splat(4.0f) * e * inv * inv;
-  F z = (u < L::splat(0.0f) ? -th : th) * L::splat(cap);
+  F z = with_sign_of(th, u) * L::splat(cap);
   if (scaled) z = z / L::splat(temp);
   return z;
 }
+template <typename F>
+RLHFV_INLINE F softcapped(F x, float cap, float temp, bool scaled, F* sech2) {
+  return softcap_finish(softcap_begin(x, cap), cap, temp, scaled, sech2);
+}
 
-// out_i = softcapped(x_i); `out` may alias `x`.
+// out_i = softcapped(x_i); `out` may alias `x`. Pipelined (pipelined_blocks).
 template <int W>
 RLHFV_INLINE void chunk_softcap_body(const float* x, float* out, int64_t n, float cap, float temp) {
   using vfloat = typename Vec<W>::F;
   constexpr int kLanes = W;
   const bool scaled = temp != 1.0f;
-  int64_t i = 0;
-  vfloat unused;
-  for (; i + kLanes <= n; i += kLanes)
-    store_lanes(out + i, softcapped(load_lanes<vfloat>(x + i), cap, temp, scaled, &unused));
+  int64_t i = pipelined_blocks(
+      n, kLanes, [&](int64_t at) { return softcap_begin(load_lanes<vfloat>(x + at), cap); },
+      [&](const SoftcapBegun<vfloat>& b, int64_t at) {
+        vfloat unused;
+        store_lanes(out + at, softcap_finish(b, cap, temp, scaled, &unused));
+      });
   float unused_one;
   for (; i < n; ++i) out[i] = softcapped(x[i], cap, temp, scaled, &unused_one);
 }
@@ -308,19 +441,30 @@ RLHFV_LEVELS(void, chunk_softcap, (const float* x, float* out, int64_t n, float 
              (x, out, n, cap, temp))
 
 // out_i = scale * softmax_i * dz_i/dx_i with softmax_i = exp((z_i - lse_hi) - lse_lo); `out` may alias `x`.
+// Pipelined (pipelined_blocks).
 template <int W>
 RLHFV_INLINE void chunk_softcap_grad_body(const float* x, float* out, int64_t n, float cap, float temp, float lse_hi,
                                            float lse_lo, float scale, Ahead ahead) {
   using vfloat = typename Vec<W>::F;
   constexpr int kLanes = W;
   const bool scaled = temp != 1.0f;
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    if (i % (2 * kLanes) == 0) fetch_ahead(&ahead, kLinesPerStep<W>);
+  struct Middled {
+    ExpReduced<vfloat> e;
     vfloat sech2;
-    const vfloat z = softcapped(load_lanes<vfloat>(x + i), cap, temp, scaled, &sech2);
-    store_lanes(out + i, scale * exp_nonpositive((z - lse_hi) - lse_lo) * sech2);
-  }
+  };
+  int64_t i = pipelined_blocks(
+      n, kLanes,
+      [&](int64_t at) {
+        if (at % (2 * kLanes) == 0) fetch_ahead(&ahead, kLinesPerStep<W>);
+        return softcap_begin(load_lanes<vfloat>(x + at), cap);
+      },
+      [&](const SoftcapBegun<vfloat>& b, int64_t) {
+        Middled m;
+        const vfloat z = softcap_finish(b, cap, temp, scaled, &m.sech2);
+        m.e = exp_reduce((z - lse_hi) - lse_lo);
+        return m;
+      },
+      [&](const Middled& m, int64_t at) { store_lanes(out + at, scale * exp_finish(m.e) * m.sech2); });
   for (; i < n; ++i) {
     float sech2;
     const float z = softcapped(x[i], cap, temp, scaled, &sech2);
@@ -348,13 +492,32 @@ RLHFV_INLINE void chunk_sum_exp_and_moment_body(const float* x, int64_t n, float
   using vfloat = typename Vec<W>::F;
   constexpr int kLanes = W;
   const bool scaled = temp != 1.0f;
-  vfloat sum = {}, moment = {}, sum2 = {}, moment2 = {};  // two of each, as in chunk_sum_exp
-  int64_t i = 0;
-  for (; i + 2 * kLanes <= n; i += 2 * kLanes) {
-    fetch_ahead(&ahead, kLinesPerStep<W>);
-    add_exp_and_moment(load_lanes<vfloat>(x + i), temp, scaled, shift, &sum, &moment);
-    add_exp_and_moment(load_lanes<vfloat>(x + i + kLanes), temp, scaled, shift, &sum2, &moment2);
-  }
+  vfloat sum = {}, moment = {}, sum2 = {}, moment2 = {};  // two of each, as in chunk_sum_exp, pipelined as it is
+  struct Begun {
+    vfloat t, t2;
+    ExpReduced<vfloat> e, e2;
+  };
+  const auto exponent_at = [&](int64_t at) {
+    return clamp_below(over_temp(load_lanes<vfloat>(x + at), temp, scaled) - shift, -87.0f);
+  };
+  int64_t i = pipelined_blocks(
+      n, 2 * kLanes,
+      [&](int64_t at) {
+        fetch_ahead(&ahead, kLinesPerStep<W>);
+        Begun b;
+        b.t = exponent_at(at);
+        b.t2 = exponent_at(at + kLanes);
+        b.e = exp_reduce(b.t);
+        b.e2 = exp_reduce(b.t2);
+        return b;
+      },
+      [&](const Begun& b, int64_t) {
+        const vfloat e = exp_finish(b.e), e2 = exp_finish(b.e2);
+        sum += e;
+        moment += e * b.t;
+        sum2 += e2;
+        moment2 += e2 * b.t2;
+      });
   for (; i + kLanes <= n; i += kLanes)
     add_exp_and_moment(load_lanes<vfloat>(x + i), temp, scaled, shift, &sum, &moment);
   sum += sum2;
@@ -375,25 +538,34 @@ RLHFV_LEVELS(void, chunk_sum_exp_and_moment,
 // The entropy-carrying gradient: out_i = slope_i * p_i * (a + b * log p_i), log p_i = (z_i - lse_hi) - lse_lo,
 // slope_i = dz_i/dx_i * temp (sech^2(x_i / cap) under a cap, else 1; z already divided by temp). With the caller's
 // a = -(g + g_H * H) / temp and b = -g_H / temp this is d(g * logp + g_H * H)/dx off the label (DESIGN.md §2).
-// log p is clamped at -87 (masked logits: ~1e-36, not 0 * -inf). `out` may alias `x`.
+// log p is clamped at -87 (masked logits: ~1e-36, not 0 * -inf). `out` may alias `x`. Pipelined (pipelined_blocks).
 template <int W, bool Capped>
 RLHFV_INLINE void entropy_grad_body(const float* x, float* out, int64_t n, float cap, float temp, float lse_hi,
                                     float lse_lo, float a, float b, Ahead ahead) {
   using vfloat = typename Vec<W>::F;
   constexpr int kLanes = W;
   const bool scaled = temp != 1.0f;
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    if (i % (2 * kLanes) == 0) fetch_ahead(&ahead, kLinesPerStep<W>);
-    vfloat slope = Lanes<vfloat>::splat(1.0f), z = load_lanes<vfloat>(x + i);
-    if (Capped) {
-      z = softcapped(z, cap, temp, scaled, &slope);
-    } else {
-      z = over_temp(z, temp, scaled);
-    }
-    const vfloat d = clamp_below((z - lse_hi) - lse_lo, -87.0f);
-    store_lanes(out + i, slope * exp_nonpositive(d) * (a + b * d));
-  }
+  struct Begun {
+    vfloat slope, d;
+    ExpReduced<vfloat> e;
+  };
+  int64_t i = pipelined_blocks(
+      n, kLanes,
+      [&](int64_t at) {
+        if (at % (2 * kLanes) == 0) fetch_ahead(&ahead, kLinesPerStep<W>);
+        Begun g;
+        g.slope = Lanes<vfloat>::splat(1.0f);
+        vfloat z = load_lanes<vfloat>(x + at);
+        if (Capped) {
+          z = softcapped(z, cap, temp, scaled, &g.slope);
+        } else {
+          z = over_temp(z, temp, scaled);
+        }
+        g.d = clamp_below((z - lse_hi) - lse_lo, -87.0f);
+        g.e = exp_reduce(g.d);
+        return g;
+      },
+      [&](const Begun& g, int64_t at) { store_lanes(out + at, g.slope * exp_finish(g.e) * (a + b * g.d)); });
   for (; i < n; ++i) {
     float slope = 1.0f, z = x[i];
     if (Capped) {
@@ -738,6 +910,8 @@ void backward_rows(const at::Tensor& logits, const int64_t* labels, const acc_t<
         }
       } else if (capped) {
         chunk_softcap_grad(src, dst, n, cap, temp, lse_hi, lse_lo, scale, ahead);
+      } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+        chunk_scaled_softmax_coarse(src, dst, n, temp, lse_hi, lse_lo, scale, ahead);  // rounded to bf16 next
       } else {
         chunk_scaled_softmax(src, dst, n, temp, lse_hi, lse_lo, scale, ahead);
       }

@@ -228,6 +228,34 @@ def test_inplace_backward_consumes_logits_and_matches(dtype, backend):
     assert torch.equal(grads[False][1], (leaf * 1.0).detach())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_half_precision_gradient_is_the_rounded_truth(dtype, temperature):
+    """A bf16/fp16 gradient is rounded to its dtype (and the CPU backward's exp for bf16 is a cheaper degree-4
+    polynomial, exp_finish_coarse, 5.4e-6 relative): every entry must be the float64 truth rounded to the dtype or,
+    where the truth lies that close to a rounding boundary, its neighbour, and that must stay rare: 0.07% of bf16
+    entries with the degree-4 polynomial, 0.002% of fp16 ones (degree 6); a degree-3 polynomial (1.2e-4) makes it
+    ~1% of bf16 entries and fails here."""
+    torch.manual_seed(11)
+    vocab = 32003
+    base = (torch.randn(29, vocab) * 3).to(dtype)
+    labels = random_labels((29,), vocab)
+    seed_grad = torch.randn(29, dtype=torch.float64)
+    grads = {}
+    for name, fn, leaf_dtype in [("ours", rk.token_logprobs, dtype), ("truth", truth_token_logprobs, torch.float64)]:
+        leaf = base.to(leaf_dtype).clone().requires_grad_(True)
+        kwargs = {"backend": "cpp", "inplace_backward": True} if name == "ours" else {}
+        out = fn(leaf * 1, labels, temperature=temperature, **kwargs)
+        (out.double() * seed_grad).sum().backward()
+        grads[name] = leaf.grad
+    ours, truth = grads["ours"].double(), grads["truth"]
+    rounded = truth.to(dtype).double()
+    ulp = torch.finfo(dtype).eps * rounded.abs() + torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps
+    off = ours != rounded
+    assert ((ours - rounded).abs() <= ulp + 1e-30)[off].all(), "an entry is more than one ulp from the rounded truth"
+    assert off.double().mean().item() < 0.0025, f"{off.double().mean().item():.3%} of entries are not the rounded truth"
+
+
 def test_float64_gradcheck():
     """The compiled CPU kernels compute in float64 for float64 logits, so finite differences can check them."""
     logits = torch.randn(3, 4, 9, dtype=torch.float64, requires_grad=True)
