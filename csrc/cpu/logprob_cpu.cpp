@@ -480,9 +480,11 @@ RLHFV_LEVELS(void, chunk_softcap_grad,
 // t is clamped at -87 like the exp's argument: a masked (-inf) logit then adds ~1e-36 to s2, not 1e-38 * -inf = -inf
 // (one max instruction per vector; NaN still propagates).
 template <typename F>
-RLHFV_INLINE void add_exp_and_moment(F x, float temp, bool scaled, float shift, F* sum, F* moment) {
-  const F t = clamp_below(over_temp(x, temp, scaled) - shift, -87.0f);
-  const F e = exp_nonpositive(t);
+RLHFV_INLINE F moment_exponent(F x, float temp, bool scaled, float shift) {
+  return clamp_below(over_temp(x, temp, scaled) - shift, -87.0f);
+}
+template <typename F>
+RLHFV_INLINE void add_exp_and_moment(F t, F e, F* sum, F* moment) {  // e = exp(t)
   *sum += e;
   *moment += e * t;
 }
@@ -497,9 +499,7 @@ RLHFV_INLINE void chunk_sum_exp_and_moment_body(const float* x, int64_t n, float
     vfloat t, t2;
     ExpReduced<vfloat> e, e2;
   };
-  const auto exponent_at = [&](int64_t at) {
-    return clamp_below(over_temp(load_lanes<vfloat>(x + at), temp, scaled) - shift, -87.0f);
-  };
+  const auto exponent_at = [&](int64_t at) { return moment_exponent(load_lanes<vfloat>(x + at), temp, scaled, shift); };
   int64_t i = pipelined_blocks(
       n, 2 * kLanes,
       [&](int64_t at) {
@@ -512,14 +512,13 @@ RLHFV_INLINE void chunk_sum_exp_and_moment_body(const float* x, int64_t n, float
         return b;
       },
       [&](const Begun& b, int64_t) {
-        const vfloat e = exp_finish(b.e), e2 = exp_finish(b.e2);
-        sum += e;
-        moment += e * b.t;
-        sum2 += e2;
-        moment2 += e2 * b.t2;
+        add_exp_and_moment(b.t, exp_finish(b.e), &sum, &moment);
+        add_exp_and_moment(b.t2, exp_finish(b.e2), &sum2, &moment2);
       });
-  for (; i + kLanes <= n; i += kLanes)
-    add_exp_and_moment(load_lanes<vfloat>(x + i), temp, scaled, shift, &sum, &moment);
+  for (; i + kLanes <= n; i += kLanes) {
+    const vfloat t = exponent_at(i);
+    add_exp_and_moment(t, exp_nonpositive(t), &sum, &moment);
+  }
   sum += sum2;
   moment += moment2;
   float a = 0.0f, b = 0.0f;
@@ -527,7 +526,10 @@ RLHFV_INLINE void chunk_sum_exp_and_moment_body(const float* x, int64_t n, float
     a += sum[j];
     b += moment[j];
   }
-  for (; i < n; ++i) add_exp_and_moment(x[i], temp, scaled, shift, &a, &b);
+  for (; i < n; ++i) {
+    const float t = moment_exponent(x[i], temp, scaled, shift);
+    add_exp_and_moment(t, exp_nonpositive(t), &a, &b);
+  }
   *s1 += a;
   *s2 += b;
 }
