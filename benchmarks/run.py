@@ -10,8 +10,8 @@
 For every case (N tokens x V vocab, dtype) and op it times the forward and forward+backward (median of --repeats
 runs after --warmup) of: the eager reference (fp32 log_softmax + gather), the fused default backend, and the fused
 backend with inplace_backward=True; then measures the peak extra memory of one forward+backward of each (CUDA: the
-caching allocator's peak; CPU: torch's allocation events from the profiler). It also times a
-device copy of the logits to give the bandwidth floor of the logits path: 3 passes (read, read, write) over them.
+caching allocator's peak; CPU: torch's allocation events from the profiler). It also times one in-place pass over
+the logits' bytes to give the bandwidth floor of the logits path: 3 passes (read, read, write) over them.
 With --softcap C two more contestants run beside the others: the eager reference and the fused default, both with
 the soft cap C (z = C tanh(x / C)) applied to the logits, so the table shows what the cap costs each.
 
@@ -341,26 +341,39 @@ def suspicions(rec: Record) -> list[str]:
     return row_suspicions(rec.fwd_times_ms, rec.fwd_bwd_times_ms, rec.fwd_median_ms, rec.fwd_bwd_median_ms)
 
 
-# The copy bandwidth before and after a case's rows may differ by this much before the case is flagged
+# The bandwidth before and after a case's rows may differ by this much before the case is flagged
 FLOOR_DRIFT = 0.25
+# How the floor's bandwidth is measured; a recorded run measured another way has no comparable x floor (--check).
+# One pass over the logits in place (each line read, then written back, as the in-place kernels do), on their bytes
+# (an integer op: exact, and memory-bound in every dtype, where torch's own bf16 arithmetic is not). Runs before
+# 2026-12-05 timed a copy into a second buffer, which also reads every destination line before writing it on x86
+# (write-allocate): 3 transfers counted as 2, so their floor was up to 1.5x too slow (the in-place kernels ran at
+# 0.64x "the floor" on a Xeon with AVX-512).
+# The fastest of at least FLOOR_REPEATS passes: a floor is what the memory system can do, and a busy neighbour only
+# ever slows a pass (the median of 5 moved 27-42% within a case on a shared Xeon whose 300 MiB L3 holds most of the
+# logits; the fastest of 10 moved less).
+FLOOR_METHOD = "in-place byte pass, fastest of the repeats"
+FLOOR_REPEATS = 10
 
 
-def copy_floor(inputs: dict, device, args) -> dict:
-    """Device copy bandwidth on the logits, and the 3-pass floor of a forward+backward over them."""
-    src = inputs["logits"]
-    dst = torch.empty_like(src)
-    times = time_call(lambda: dst.copy_(src), device, args.warmup, args.repeats)
-    nbytes = src.numel() * src.element_size()
-    seconds = statistics.median(times) / 1e3
-    bandwidth = 2 * nbytes / seconds  # one read and one write
-    return {"copy_median_ms": statistics.median(times), "bandwidth_bytes_per_s": bandwidth,
-            "floor_fwd_bwd_ms": 3 * nbytes / bandwidth * 1e3, "logits_bytes": nbytes}
+def bandwidth_floor(inputs: dict, device, args) -> dict:
+    """Memory bandwidth of an in-place pass over the logits, and the 3-pass floor (read, read, write) of a
+    forward+backward over them."""
+    logits = inputs["logits"]
+    with torch.no_grad():
+        data = logits.detach().view(torch.uint8)  # contiguous (make_inputs); x | 0 leaves every byte as it was
+        times = time_call(lambda: data.bitwise_or_(0), device, max(args.warmup, 1), max(args.repeats, FLOOR_REPEATS))
+    nbytes = logits.numel() * logits.element_size()
+    bandwidth = 2 * nbytes / (min(times) / 1e3)  # one read and one write
+    return {"method": FLOOR_METHOD, "pass_min_ms": min(times), "pass_times_ms": times,
+            "bandwidth_bytes_per_s": bandwidth, "floor_fwd_bwd_ms": 3 * nbytes / bandwidth * 1e3,
+            "logits_bytes": nbytes}
 
 
 def print_table(case: Case, records: list[Record], floor: dict) -> None:
     ref = {(r.op, IMPL_TABLE[r.impl].softcap): r for r in records if IMPL_TABLE[r.impl].backend == "eager"
            and not IMPL_TABLE[r.impl].compiled}
-    print(f"\n{case.label}  logits {floor['logits_bytes'] / 2**20:.0f} MiB, copy bandwidth "
+    print(f"\n{case.label}  logits {floor['logits_bytes'] / 2**20:.0f} MiB, in-place bandwidth "
           f"{floor['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, 3-pass floor {floor['floor_fwd_bwd_ms']:.2f} ms")
     header = (f"{'op':<18}{'impl':<19}{'fwd ms':>10}{'fwd+bwd ms':>12}{'spread':>8}{'peak MiB':>10}"
               f"{'speedup f+b':>13}{'mem ratio':>11}{'x floor':>9}{'grad err':>10}  !")
@@ -380,15 +393,15 @@ def print_table(case: Case, records: list[Record], floor: dict) -> None:
         for why in r.suspect:
             print(f"warning: {r.op} {r.impl}: {why}; rerun on a quieter machine", file=sys.stderr)
     if floor.get("drift") is not None and floor["drift"] > FLOOR_DRIFT:
-        print(f"warning: {case.label}: the copy bandwidth moved {floor['drift']:.0%} between the start and the end of "
-              "this case (the machine's speed changed under it); its ratios are unreliable", file=sys.stderr)
+        print(f"warning: {case.label}: the in-place bandwidth moved {floor['drift']:.0%} between the start and the end "
+              "of this case (the machine's speed changed under it); its ratios are unreliable", file=sys.stderr)
 
 
 def print_summary(results: dict) -> None:
     """One row per (case, op): ours (the fastest and the leanest of the rlhfv impls) against the eager reference and
     against the fastest peer (torch.compile of the reference, TRL, Liger, flash-attention: whichever ran)."""
     print("\nsummary: ours vs the eager reference and the fastest peer (forward+backward; x floor: ours / the 3-pass "
-          "copy floor)")
+          "bandwidth floor)")
     header = (f"{'case':<26}{'op':<17}{'eager ms':>9}{'ours ms':>9}{'speedup':>9}{'eager MiB':>10}{'ours MiB':>9}"
               f"{'mem ratio':>10}  {'fastest peer':<24}{'ours vs peer':>13}{'x floor':>9}")
     print(header)
@@ -420,8 +433,8 @@ def print_summary(results: dict) -> None:
 
 def run_ratios(results: dict) -> dict:
     """(case label, op, impl) -> the ratios of one row inside its own run: speedup over the eager reference (its
-    forward+backward time / this one) and x floor (this time / the 3-pass copy floor). Never absolute times: those
-    belong to one machine, the ratios travel."""
+    forward+backward time / this one) and x floor (this time / the 3-pass bandwidth floor; None where the floor was
+    measured another way than FLOOR_METHOD). Never absolute times: those belong to one machine, the ratios travel."""
     out = {}
     for case in results["cases"]:
         label = Case(**case["case"]).label
@@ -430,7 +443,8 @@ def run_ratios(results: dict) -> dict:
             if r["impl"] != "reference" and r["op"] in eager:
                 out[(label, r["op"], r["impl"])] = {
                     "speedup": eager[r["op"]]["fwd_bwd_median_ms"] / r["fwd_bwd_median_ms"],
-                    "x_floor": r["fwd_bwd_median_ms"] / case["floor"]["floor_fwd_bwd_ms"],
+                    "x_floor": r["fwd_bwd_median_ms"] / case["floor"]["floor_fwd_bwd_ms"]
+                    if case["floor"].get("method") == FLOOR_METHOD else None,
                     "noisy": bool(r.get("suspect") or eager[r["op"]].get("suspect"))
                     or case["floor"].get("drift", 0) > FLOOR_DRIFT}
     return out
@@ -533,7 +547,7 @@ def main(argv=None) -> int:
         if tqdm is not None else None
     for case in cases:
         inputs = make_inputs(case, device)
-        floor = copy_floor(inputs, device, args)
+        floor = bandwidth_floor(inputs, device, args)
         records, reference_grads = [], {}
         for op, impl in runs:
             if bar is not None:
@@ -545,7 +559,7 @@ def main(argv=None) -> int:
             if bar is not None:
                 bar.update()
         del reference_grads
-        after = copy_floor(inputs, device, args)
+        after = bandwidth_floor(inputs, device, args)
         floor["bandwidth_after_bytes_per_s"] = after["bandwidth_bytes_per_s"]
         floor["drift"] = abs(after["bandwidth_bytes_per_s"] / floor["bandwidth_bytes_per_s"] - 1)
         if bar is not None:
@@ -556,8 +570,8 @@ def main(argv=None) -> int:
     if bar is not None:
         bar.close()
     print("\nspeedup f+b: reference forward+backward time / this one; mem ratio: reference peak extra memory / this "
-          "one; x floor: forward+backward time / (3 passes over the logits at the measured copy bandwidth); grad err: "
-          "max |dlogits - reference dlogits| (the reference rounds too: compare orders of magnitude)"
+          "one; x floor: forward+backward time / (3 passes over the logits at the bandwidth of an in-place pass); grad "
+          "err: max |dlogits - reference dlogits| (the reference rounds too: compare orders of magnitude)"
           + ("; *_softcap rows: with the soft cap, against reference_softcap" if args.softcap is not None else ""))
     if args.quick:
         print("--quick: tiny sizes where launch and Python overheads dominate; the ratios above are noise, this run "

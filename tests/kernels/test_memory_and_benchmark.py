@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import os
+import types
 
 import pytest
 import torch
@@ -51,6 +52,7 @@ def test_benchmark_quick_run_writes_complete_json(tmp_path):
     assert data["suspect_rows"] == sum(bool(r["suspect"]) for c in data["cases"] for r in c["records"])
     for case in data["cases"]:
         assert case["floor"]["bandwidth_after_bytes_per_s"] > 0 and case["floor"]["drift"] >= 0
+        assert case["floor"]["method"] == bench.FLOOR_METHOD
         for r in case["records"]:
             assert r["fwd_bwd_spread"] == pytest.approx(bench.spread(r["fwd_bwd_times_ms"]))
     assert [c["case"]["vocab"] for c in data["cases"]] == [777, 501]
@@ -138,12 +140,15 @@ def test_benchmark_flags_rows_that_contradict_themselves():
     assert bench.spread([5.0]) == 0.0
 
 
-def _recorded_run(fused_ms, *, suspect=(), drift=0.0):
+def _recorded_run(fused_ms, *, suspect=(), drift=0.0, floor_ms=100.0, floor_method=bench.FLOOR_METHOD):
     record = lambda impl, ms, flagged=(): {"op": "ddpo_loss", "impl": impl, "fwd_bwd_median_ms": ms,
                                            "suspect": list(flagged)}
+    floor = {"floor_fwd_bwd_ms": floor_ms, "drift": drift}
+    if floor_method is not None:
+        floor["method"] = floor_method
     return {"device_name": "test", "versions": {"git_commit": "abc"}, "cases": [{
         "case": {"tokens": 4096, "vocab": 32000, "dtype_name": "float32"},
-        "floor": {"floor_fwd_bwd_ms": 100.0, "drift": drift},
+        "floor": floor,
         "records": [record("reference", 1000.0), record("fused", fused_ms, suspect)]}]}
 
 
@@ -157,10 +162,29 @@ def test_benchmark_check_compares_ratios_not_times(capsys):
     assert bench.check_against(_recorded_run(400.0, suspect=["spread"]), recorded, 0.3) == 0
     assert bench.check_against(_recorded_run(400.0, drift=0.6), recorded, 0.3) == 0
     assert "noisy: rerun" in capsys.readouterr().out
+    # the same speedup at twice the distance to the floor (4x): worse, unless the recorded floor was measured another
+    # way (the copy before FLOOR_METHOD), whose x floor is not comparable and is left out
+    assert bench.check_against(_recorded_run(200.0, floor_ms=50.0), recorded, 0.3) == 1
+    assert bench.check_against(_recorded_run(200.0, floor_ms=50.0), _recorded_run(200.0, floor_method=None), 0.3) == 0
     other = _recorded_run(200.0)
     other["cases"][0]["case"]["vocab"] = 128256
     with pytest.raises(SystemExit, match="no \\(case, op, impl\\) row of this run is in the recorded one"):
         bench.check_against(other, recorded, 0.3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_benchmark_floor_pass_leaves_the_logits_as_they_were(dtype):
+    """The floor's in-place pass runs on the benchmark's own logits: every bit, NaN payloads and -0.0 included, must
+    be as before, and it measures a bandwidth."""
+    logits = torch.randn(3, 5, 257).to(dtype)
+    logits[0, 0, :4] = torch.tensor([float("nan"), -0.0, float("inf"), -float("inf")])
+    before = logits.clone()
+    args = types.SimpleNamespace(warmup=1, repeats=2)
+    floor = bench.bandwidth_floor({"logits": logits}, torch.device("cpu"), args)
+    assert torch.equal(logits.view(torch.uint8), before.view(torch.uint8))
+    assert floor["method"] == bench.FLOOR_METHOD and floor["bandwidth_bytes_per_s"] > 0
+    assert len(floor["pass_times_ms"]) == bench.FLOOR_REPEATS and floor["pass_min_ms"] == min(floor["pass_times_ms"])
+    assert floor["floor_fwd_bwd_ms"] == pytest.approx(1.5 * floor["pass_min_ms"])
 
 
 def test_benchmark_check_refuses_an_unreadable_record(tmp_path, capsys):
