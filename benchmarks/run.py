@@ -345,13 +345,12 @@ def suspicions(rec: Record) -> list[str]:
 FLOOR_DRIFT = 0.25
 # How the floor's bandwidth is measured; a recorded run measured another way has no comparable x floor (--check).
 # One pass over the logits in place (each line read, then written back, as the in-place kernels do), on their bytes
-# (an integer op: exact, and memory-bound in every dtype, where torch's own bf16 arithmetic is not). Runs before
-# 2026-12-05 timed a copy into a second buffer, which also reads every destination line before writing it on x86
-# (write-allocate): 3 transfers counted as 2, so their floor was up to 1.5x too slow (the in-place kernels ran at
-# 0.64x "the floor" on a Xeon with AVX-512).
-# The fastest of at least FLOOR_REPEATS passes: a floor is what the memory system can do, and a busy neighbour only
-# ever slows a pass (the median of 5 moved 27-42% within a case on a shared Xeon whose 300 MiB L3 holds most of the
-# logits; the fastest of 10 moved less).
+# (an integer op: exact, and memory-bound in every dtype, where torch's own bf16 arithmetic is not), the fastest of at
+# least FLOOR_REPEATS: a floor is what the memory system can do, and a busy neighbour only slows a pass. Runs before
+# 2026-12-05 timed the median copy into a second buffer, which also reads every destination line before writing it on
+# x86 (write-allocate): 3 transfers counted as 2, so their floor was up to 1.5x too slow (the in-place kernels ran at
+# 0.64x "the floor" on a Xeon with AVX-512). On that shared Xeon, whose 300 MiB L3 holds much of the logits, the
+# floor still moves by up to ~30% within a case (the fastest pass as much as the median): the drift check flags it.
 FLOOR_METHOD = "in-place byte pass, fastest of the repeats"
 FLOOR_REPEATS = 10
 
