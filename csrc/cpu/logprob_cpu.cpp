@@ -4,14 +4,18 @@
 // temporary is ever allocated. Arithmetic is fp32 whatever the input dtype; the row LSE is kept in float64 so that the
 // backward's exp(x - lse) stays accurate when |logits| is large (an fp32 LSE of 1e4 is off by 5e-4).
 // Only light headers are included (see DESIGN.md §5): this file compiles in seconds.
+// RLHFV_SWEEPS_ONLY compiles the chunk sweeps alone, without ATen or torch (the part above RowLayout: c10's header-only
+// bf16/half types are all it needs), for tests/build/sweeps_check.cpp, which runs them on aarch64 under an emulator.
+#ifndef RLHFV_SWEEPS_ONLY
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
+#include <torch/library.h>
+#endif
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -28,8 +32,10 @@
 #include <immintrin.h>
 #endif
 
+#ifndef RLHFV_SWEEPS_ONLY
 #include "../rlhfv_common.h"
 #include "logprob_rows.h"
+#endif
 
 namespace rlhfv {
 namespace {
@@ -719,6 +725,10 @@ void store_chunk(const float* src, c10::Half* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<c10::Half>(src[i]);
 }
 
+#ifdef RLHFV_SWEEPS_ONLY
+}  // namespace
+}  // namespace rlhfv
+#else
 // Offsets of rows of a [..., V] tensor with arbitrary leading strides (e.g. logits[:, :-1]).
 struct RowLayout {
   std::vector<int64_t> sizes, strides;
@@ -1082,6 +1092,7 @@ void logprob_rows_backward(const at::Tensor& logits, const at::Tensor& labels, c
 
 }  // namespace cpu
 }  // namespace rlhfv
+#endif  // RLHFV_SWEEPS_ONLY
 
 // Which level's kernels this CPU runs (RLHFV_LEVELS), so that benchmarks can say which code they timed
 // (rlhfv_kernels.cpu_kernel_variant()).
@@ -1099,6 +1110,7 @@ extern "C" const char* rlhfv_cpu_variant() {
 #endif
 }
 
+#ifndef RLHFV_SWEEPS_ONLY
 TORCH_LIBRARY_IMPL(rlhfv, CPU, m) {
   m.impl("logprob_fwd", &rlhfv::logprob_fwd_cpu);
   m.impl("logprob_bwd", &rlhfv::logprob_bwd_cpu);
@@ -1107,3 +1119,4 @@ TORCH_LIBRARY_IMPL(rlhfv, CPU, m) {
   m.impl("logprob_entropy_bwd", &rlhfv::logprob_entropy_bwd_cpu);
   m.impl("logprob_entropy_bwd_", &rlhfv::logprob_entropy_bwd_inplace_cpu);
 }
+#endif  // RLHFV_SWEEPS_ONLY

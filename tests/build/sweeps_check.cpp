@@ -1,0 +1,158 @@
+// The CPU kernels' chunk sweeps (csrc/cpu/logprob_cpu.cpp built with RLHFV_SWEEPS_ONLY: no ATen, no torch) against
+// float64 on one target, for targets whose torch this machine cannot run: test_sweeps_on_aarch64.py builds it for
+// aarch64 (NEON: the generic 8-wide body) and runs it under qemu. Odd lengths reach every vector loop's scalar tail;
+// temperatures 1 and 0.7 take both instantiations of each sweep. Prints one line per check; exits 1 if any fails.
+#define RLHFV_SWEEPS_ONLY 1
+#include "../../csrc/cpu/logprob_cpu.cpp"
+
+#include <cstdio>
+#include <random>
+
+namespace {
+
+int failures = 0;
+
+void report(const char* what, int64_t n, float temp, double err, double tol) {
+  const bool ok = err <= tol;  // NaN fails
+  if (!ok) ++failures;
+  std::printf("%-4s %-28s n=%-5lld t=%.1f  error %.3g (allowed %.3g)\n", ok ? "ok" : "FAIL", what,
+              static_cast<long long>(n), temp, err, tol);
+}
+
+double rel(double ours, double truth) { return std::fabs(ours - truth) / std::fmax(std::fabs(truth), 1e-300); }
+
+// A row of logits like a model's: normal with scale 3, and a few far below the rest (masked-like, -1e4).
+std::vector<float> random_row(std::mt19937& gen, int64_t n) {
+  std::normal_distribution<float> normal(0.0f, 3.0f);
+  std::vector<float> x(n);
+  for (auto& v : x) v = normal(gen);
+  for (int64_t i = 5; i < n; i += 97) x[i] = -1e4f;
+  return x;
+}
+
+void check_row(std::mt19937& gen, int64_t n, float temp) {
+  using rlhfv::Ahead;
+  const std::vector<float> x = random_row(gen, n);
+  std::vector<float> out(n);
+  double max_truth = -INFINITY;
+  for (float v : x) max_truth = std::fmax(max_truth, v);
+  report("chunk_max", n, temp, std::fabs(rlhfv::chunk_max(x.data(), n) - max_truth), 0.0);
+
+  // log-sum-exp of x / temp, shifted by the max as the forward does
+  const float shift = static_cast<float>(max_truth / temp);
+  double sum_truth = 0.0, moment_truth = 0.0;
+  for (float v : x) {
+    const double t = static_cast<double>(v) / temp - shift, e = std::exp(t);
+    sum_truth += e;
+    if (e > 0) moment_truth += e * t;
+  }
+  report("chunk_sum_exp", n, temp, rel(rlhfv::chunk_sum_exp(x.data(), n, temp, shift, Ahead{}), sum_truth), 1e-6);
+  float s1 = 0.0f, s2 = 0.0f;
+  rlhfv::chunk_sum_exp_and_moment(x.data(), n, temp, shift, Ahead{}, &s1, &s2);
+  report("chunk_sum_exp_and_moment s1", n, temp, rel(s1, sum_truth), 1e-6);
+  report("chunk_sum_exp_and_moment s2", n, temp, std::fabs(s2 - moment_truth) / std::fmax(sum_truth, 1.0), 1e-6);
+
+  // softmax * scale, as the backward writes it (full and coarse exps)
+  const double lse = shift + std::log(sum_truth);
+  const float lse_hi = static_cast<float>(lse), lse_lo = static_cast<float>(lse - lse_hi), scale = -0.75f;
+  double worst = 0.0, worst_coarse = 0.0;
+  rlhfv::chunk_scaled_softmax(x.data(), out.data(), n, temp, lse_hi, lse_lo, scale, Ahead{});
+  std::vector<float> coarse(n);
+  rlhfv::chunk_scaled_softmax_coarse(x.data(), coarse.data(), n, temp, lse_hi, lse_lo, scale, Ahead{});
+  for (int64_t i = 0; i < n; ++i) {
+    const double d = static_cast<double>(x[i]) / temp - lse, truth = scale * std::exp(d);
+    // the exponent is formed in fp32 (x / temp, then - lse): up to an ulp of each of it is the input's, not the exp's
+    const double argument = 6e-8 * (std::fabs(x[i] / temp) + std::fabs(d));
+    if (truth < -1e-30) {
+      worst = std::fmax(worst, rel(out[i], truth) - argument);
+      worst_coarse = std::fmax(worst_coarse, rel(coarse[i], truth) - argument);
+    }
+  }
+  report("chunk_scaled_softmax", n, temp, worst, 3e-7);
+  report("chunk_scaled_softmax_coarse", n, temp, worst_coarse, 6e-6);
+
+  // the soft cap and its gradient: z = cap tanh(x / cap) / temp, softmax(z) sech^2(x / cap) scale
+  const float cap = 30.0f;
+  rlhfv::chunk_softcap(x.data(), out.data(), n, cap, temp);
+  std::vector<double> z(n);
+  double zmax = -INFINITY, zsum = 0.0;
+  worst = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    z[i] = cap * std::tanh(static_cast<double>(x[i]) / cap) / temp;
+    zmax = std::fmax(zmax, z[i]);
+    worst = std::fmax(worst, std::fabs(out[i] - z[i]));
+  }
+  report("chunk_softcap", n, temp, worst, 4e-7 * cap / temp);
+  for (int64_t i = 0; i < n; ++i) zsum += std::exp(z[i] - zmax);
+  const double zlse = zmax + std::log(zsum);
+  const float zlse_hi = static_cast<float>(zlse), zlse_lo = static_cast<float>(zlse - zlse_hi);
+  rlhfv::chunk_softcap_grad(x.data(), out.data(), n, cap, temp, zlse_hi, zlse_lo, scale, Ahead{});
+  worst = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double th = std::tanh(static_cast<double>(x[i]) / cap);
+    const double truth = scale * std::exp(z[i] - zlse) * (1.0 - th * th);
+    worst = std::fmax(worst, std::fabs(out[i] - truth) / std::fabs(scale));
+  }
+  report("chunk_softcap_grad", n, temp, worst, 4e-6);
+
+  // the entropy-carrying gradient: slope p (a + b log p), with and without the cap
+  const float a = 0.3f, b = -0.2f;
+  for (const bool capped : {false, true}) {
+    const double row_lse = capped ? zlse : lse;
+    const float hi = static_cast<float>(row_lse), lo = static_cast<float>(row_lse - hi);
+    if (capped) {
+      rlhfv::chunk_softcap_entropy_grad(x.data(), out.data(), n, cap, temp, hi, lo, a, b, Ahead{});
+    } else {
+      rlhfv::chunk_entropy_grad(x.data(), out.data(), n, cap, temp, hi, lo, a, b, Ahead{});
+    }
+    worst = 0.0;
+    for (int64_t i = 0; i < n; ++i) {
+      double slope = 1.0, zi = static_cast<double>(x[i]) / temp;
+      if (capped) {
+        const double th = std::tanh(static_cast<double>(x[i]) / cap);
+        slope = 1.0 - th * th;
+        zi = z[i];
+      }
+      const double d = zi - row_lse, p = std::exp(d);
+      const double truth = p > 0 ? slope * p * (a + b * d) : 0.0;
+      worst = std::fmax(worst, std::fabs(out[i] - truth));
+    }
+    report(capped ? "chunk_softcap_entropy_grad" : "chunk_entropy_grad", n, temp, worst, 2e-6);
+  }
+}
+
+// bf16 and half conversions: round to nearest even like c10, NaN stays NaN, widening exact
+template <typename Half>
+void check_conversions(std::mt19937& gen, int64_t n, const char* name) {
+  std::vector<float> x = random_row(gen, n), back(n);
+  x[0] = NAN;
+  // exact ties of both formats (bf16 keeps 7 mantissa bits, half 10) between an even and an odd neighbour: round to
+  // nearest even goes down, where rounding half up would go up
+  for (int64_t i = 1; i < n && i < 9; ++i) {
+    const uint32_t even = static_cast<uint32_t>(2 * (i / 2)), bf16 = i % 2;
+    const uint32_t tie = 0x3F800000u + (bf16 ? (even << 16) + 0x8000u : (even << 13) + 0x1000u);
+    std::memcpy(&x[i], &tie, sizeof(float));
+  }
+  std::vector<Half> h(n);
+  rlhfv::store_chunk(x.data(), h.data(), n);
+  rlhfv::load_chunk(h.data(), back.data(), n);
+  int64_t wrong = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const float truth = static_cast<float>(static_cast<Half>(x[i]));
+    wrong += !(back[i] == truth || (std::isnan(back[i]) && std::isnan(truth)));
+  }
+  report(name, n, 1.0f, static_cast<double>(wrong), 0.0);
+}
+
+}  // namespace
+
+int main() {
+  std::mt19937 gen(1234);
+  for (const int64_t n : {1, 7, 37, 2048, 2053}) {
+    for (const float temp : {1.0f, 0.7f}) check_row(gen, n, temp);
+    check_conversions<c10::BFloat16>(gen, n, "bf16 store/load");
+    check_conversions<c10::Half>(gen, n, "half store/load");
+  }
+  std::printf("%s: %d failed\n", rlhfv_cpu_variant(), failures);
+  return failures == 0 ? 0 : 1;
+}
