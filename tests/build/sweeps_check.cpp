@@ -1,5 +1,5 @@
 // The CPU kernels' chunk sweeps (csrc/cpu/logprob_cpu.cpp built with RLHFV_SWEEPS_ONLY: no ATen, no torch) against
-// float64 on one target, for targets whose torch this machine cannot run: test_sweeps_on_aarch64.py builds it for
+// float64 on one target, for targets whose torch this machine cannot run: test_cpu_cross_compile.py builds it for
 // aarch64 (NEON: the generic 8-wide body) and runs it under qemu. Odd lengths reach every vector loop's scalar tail;
 // temperatures 1 and 0.7 take both instantiations of each sweep. Prints one line per check; exits 1 if any fails.
 #define RLHFV_SWEEPS_ONLY 1

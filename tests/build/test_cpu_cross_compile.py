@@ -77,13 +77,19 @@ def test_cpu_sweeps_run_correctly_on_aarch64(tmp_path):
     assert "aarch64 (NEON): 0 failed" in run.stdout
 
 
-@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
-@pytest.mark.parametrize("level", ["", "v3", "baseline"])
-def test_cpu_sweeps_check_passes_natively(level, tmp_path):
-    """The same check built for this machine and run at each x86-64 level it has (RLHFV_CPU_LEVEL): the check's own
-    tolerances hold where the kernel suites already prove the sweeps right."""
-    binary = tmp_path / "sweeps_check"
+@pytest.fixture(scope="module")
+def native_sweeps_check(tmp_path_factory):
+    if shutil.which("c++") is None:
+        pytest.skip("no C++ compiler")
+    binary = tmp_path_factory.mktemp("native") / "sweeps_check"
     built = subprocess.run(_sweeps_check_command(["c++"], binary), capture_output=True, text=True, timeout=600)
     assert built.returncode == 0, built.stderr[-4000:]
-    _passes(subprocess.run([str(binary)], capture_output=True, text=True, timeout=300,
+    return binary
+
+
+@pytest.mark.parametrize("level", ["", "v3", "baseline"])
+def test_cpu_sweeps_check_passes_natively(level, native_sweeps_check):
+    """The same check built for this machine and run at each x86-64 level it has (RLHFV_CPU_LEVEL): the check's own
+    tolerances hold where the kernel suites already prove the sweeps right."""
+    _passes(subprocess.run([str(native_sweeps_check)], capture_output=True, text=True, timeout=300,
                            env={**os.environ, "RLHFV_CPU_LEVEL": level}))
