@@ -30,6 +30,7 @@ try:
 except ImportError:
     HAVE_ZIG = False
 needs_zig = pytest.mark.skipif(not HAVE_ZIG, reason="ziglang not installed (requirements.txt)")
+FLAGS = [f for f in BUILD["cxx_flags"] if f != "-Wno-psabi"]  # the build's own, less a GCC-only warning name
 
 
 @needs_zig
@@ -38,8 +39,7 @@ needs_zig = pytest.mark.skipif(not HAVE_ZIG, reason="ziglang not installed (requ
 def test_cpu_source_compiles_for(source, target, tmp_path):
     # This Python's own headers (ops.cpp includes Python.h): pyconfig.h's sizes are those of any LP64 Linux.
     includes = [f"-I{p}" for p in [*cpp_extension.include_paths(), sysconfig.get_paths()["include"]]]
-    flags = [f for f in BUILD["cxx_flags"] if f != "-Wno-psabi"]  # a GCC-only warning name
-    command = [sys.executable, "-m", "ziglang", "c++", "-target", target, "-std=c++17", *flags, "-w", "-c", source,
+    command = [sys.executable, "-m", "ziglang", "c++", "-target", target, "-std=c++17", *FLAGS, "-w", "-c", source,
                "-o", str(tmp_path / "k.o"), *includes]
     out = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
@@ -53,9 +53,8 @@ def _sweeps_check_command(compiler: list, output) -> list:
     """sweeps_check.cpp (csrc/cpu/logprob_cpu.cpp's chunk sweeps without torch) at the build's own flags; c10's
     header-only bf16/half types come from the installed torch's headers. -UNDEBUG: zig's clang defines NDEBUG at -O3,
     and c10's declaration of glibc's __assert_fail under NDEBUG clashes with musl's."""
-    flags = [f for f in BUILD["cxx_flags"] if f != "-Wno-psabi"]
     includes = [f"-I{p}" for p in cpp_extension.include_paths()]
-    return [*compiler, "-std=c++17", *flags, "-UNDEBUG", "-w", SWEEPS_CHECK, "-o", str(output), *includes]
+    return [*compiler, "-std=c++17", *FLAGS, "-UNDEBUG", "-w", SWEEPS_CHECK, "-o", str(output), *includes]
 
 
 def _passes(run) -> None:
