@@ -95,9 +95,9 @@ def extension_available() -> bool:
 
 
 def cpu_kernel_variant() -> str | None:
-    """The SIMD variant of the compiled CPU kernels that this CPU runs ("x86-64-v4 (AVX-512)", "x86-64-v3 (AVX2,
-    FMA)", "x86-64 baseline (SSE2)", ...: one build carries them all and picks at load time), None without the
-    extension."""
+    """The SIMD variant of the compiled CPU kernels that this CPU runs ("x86-64-v4 (AVX-512) + AVX512-BF16",
+    "x86-64-v4 (AVX-512)", "x86-64-v3 (AVX2, FMA)", "x86-64 baseline (SSE2)", ...: one build carries them all and
+    picks at load time), None without the extension."""
     return _C.cpu_variant() if _extension_error is None else None
 
 

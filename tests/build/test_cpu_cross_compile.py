@@ -86,7 +86,7 @@ def native_sweeps_check(tmp_path_factory):
     return binary
 
 
-@pytest.mark.parametrize("level", ["", "v3", "baseline"])
+@pytest.mark.parametrize("level", ["", "v4", "v3", "baseline"])
 def test_cpu_sweeps_check_passes_natively(level, native_sweeps_check):
     """The same check built for this machine and run at each x86-64 level it has (RLHFV_CPU_LEVEL): the check's own
     tolerances hold where the kernel suites already prove the sweeps right."""

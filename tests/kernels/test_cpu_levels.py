@@ -1,7 +1,8 @@
-"""The compiled CPU kernels are built once per x86-64 level (16-float vectors under AVX-512, 8 under AVX2, 4 on the
-baseline: csrc/cpu/logprob_cpu.cpp, RLHFV_LEVELS) and this CPU runs the widest it has. RLHFV_CPU_LEVEL picks a lower
-one, so the kernel suite checks every level's code against the float64 reference here, in a fresh process each (the
-level is read once)."""
+"""The compiled CPU kernels are built once per x86-64 level (16-float vectors under AVX-512, with AVX512-BF16's
+rounding instruction for the bf16 stores where the CPU has it, 8 under AVX2, 4 on the baseline:
+csrc/cpu/logprob_cpu.cpp, RLHFV_LEVELS) and this CPU runs the widest it has. RLHFV_CPU_LEVEL picks a lower one, so
+the kernel suite checks every level's code against the float64 reference here, in a fresh process each (the level is
+read once)."""
 import os
 import subprocess
 import sys
@@ -13,6 +14,8 @@ import rlhfv_kernels as rk
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LEVELS = {"v3": "x86-64-v3 (AVX2, FMA)", "baseline": "x86-64 baseline (SSE2)"}
+if (rk.cpu_kernel_variant() or "").endswith("+ AVX512-BF16"):  # then v4 without it (its bf16 stores) is a level too
+    LEVELS["v4"] = "x86-64-v4 (AVX-512)"
 
 pytestmark = pytest.mark.skipif(not (rk.extension_available() and rk.cpu_kernel_variant().startswith("x86-64")),
                                 reason="the per-level kernels are x86-64's (and need the compiled extension)")

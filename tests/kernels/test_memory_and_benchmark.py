@@ -108,8 +108,9 @@ def test_benchmark_default_is_the_headline_and_ends_in_a_summary(tmp_path, monke
 
 
 def test_the_cpu_kernel_variant_is_the_one_this_cpu_runs_and_every_result_names_it():
-    """One build carries AVX-512, AVX2 and baseline clones of the CPU kernels (target_clones); which one ran decides
-    the speed, so every benchmark result names it (issue 27: 4x less speed on an EPYC without AVX-512)."""
+    """One build carries AVX-512 (with and without AVX512-BF16), AVX2 and baseline variants of the CPU kernels; which
+    one ran decides the speed, so every benchmark result names it (issue 27: 4x less speed on an EPYC without
+    AVX-512)."""
     import platform
     from benchmarks import harness
     variant = rk.cpu_kernel_variant()
@@ -120,8 +121,9 @@ def test_the_cpu_kernel_variant_is_the_one_this_cpu_runs_and_every_result_names_
         flags = set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split(":")[1].split())
         v4 = {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"} <= flags
         v3 = {"avx2", "fma", "bmi1", "bmi2", "f16c", "movbe"} <= flags
-        assert variant == ("x86-64-v4 (AVX-512)" if v4 and v3 else "x86-64-v3 (AVX2, FMA)" if v3
-                           else "x86-64 baseline (SSE2)")
+        v4_bf16 = v4 and v3 and "avx512_bf16" in flags
+        assert variant == ("x86-64-v4 (AVX-512) + AVX512-BF16" if v4_bf16 else "x86-64-v4 (AVX-512)" if v4 and v3
+                           else "x86-64-v3 (AVX2, FMA)" if v3 else "x86-64 baseline (SSE2)")
     assert f"{variant} kernels" in harness.device_name(torch.device("cpu"))
     assert harness.versions()["cpu_kernels"] == variant
 
