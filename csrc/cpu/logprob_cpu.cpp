@@ -148,6 +148,36 @@ RLHFV_INLINE F opaque_splat(float x) {
   return v;
 }
 
+// The max and the sum of a vector's lanes by halves (16 -> 8 -> 4 -> 2 -> 1): four dependent steps where a lane-by-lane
+// loop took sixteen, each waiting ~4 cycles for the last; at the end of every 2048-logit chunk sweep that wait was
+// most of the max sweep's time (256 of its ~350 cycles with four accumulators).
+template <typename F>
+RLHFV_INLINE float lanes_max(F v) {
+  constexpr int kLanes = sizeof(F) / sizeof(float);
+  if constexpr (kLanes == 2) {
+    return v[1] > v[0] ? v[1] : v[0];
+  } else {
+    using Half = typename Vec<kLanes / 2>::F;
+    Half lo, hi;
+    std::memcpy(&lo, &v, sizeof(Half));
+    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(Half), sizeof(Half));
+    return lanes_max(hi > lo ? hi : lo);
+  }
+}
+template <typename F>
+RLHFV_INLINE float lanes_sum(F v) {
+  constexpr int kLanes = sizeof(F) / sizeof(float);
+  if constexpr (kLanes == 2) {
+    return v[0] + v[1];
+  } else {
+    using Half = typename Vec<kLanes / 2>::F;
+    Half lo, hi;
+    std::memcpy(&lo, &v, sizeof(Half));
+    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(Half), sizeof(Half));
+    return lanes_sum(lo + hi);
+  }
+}
+
 // max(x, lo) that keeps NaN.
 template <typename F>
 RLHFV_INLINE F clamp_below(F x, float lo) {
@@ -303,9 +333,8 @@ RLHFV_INLINE float chunk_max_body(const float* x, int64_t n) {
   for (; i + 4 * kLanes <= n; i += 4 * kLanes)
     for (int k = 0; k < 4; ++k) take(acc[k], i + k * kLanes);
   for (; i + kLanes <= n; i += kLanes) take(acc[0], i);
-  float m = neg_inf;
-  for (const vfloat& a : acc)
-    for (int j = 0; j < kLanes; ++j) m = a[j] > m ? a[j] : m;
+  const vfloat pair0 = acc[1] > acc[0] ? acc[1] : acc[0], pair1 = acc[3] > acc[2] ? acc[3] : acc[2];
+  float m = lanes_max(pair1 > pair0 ? pair1 : pair0);
   for (; i < n; ++i) m = x[i] > m ? x[i] : m;
   return m;
 }
@@ -401,9 +430,7 @@ RLHFV_INLINE float chunk_sum_exp_sweep(const float* x, int64_t n, float temp, fl
         acc2 += exp_finish(e.b);
       });
   for (; i + kLanes <= n; i += kLanes) acc += exp_finish(reduced_at(i));
-  acc += acc2;
-  float s = 0.0f;
-  for (int j = 0; j < kLanes; ++j) s += acc[j];
+  float s = lanes_sum(acc + acc2);
   for (; i < n; ++i) s += exp_nonpositive(over_temp(x[i], temp, scaled) - shift);
   return s;
 }
@@ -619,13 +646,7 @@ RLHFV_INLINE void chunk_sum_exp_and_moment_body(const float* x, int64_t n, float
     const vfloat t = exponent_at(i);
     add_exp_and_moment(t, exp_nonpositive(t), &sum, &moment);
   }
-  sum += sum2;
-  moment += moment2;
-  float a = 0.0f, b = 0.0f;
-  for (int j = 0; j < kLanes; ++j) {
-    a += sum[j];
-    b += moment[j];
-  }
+  float a = lanes_sum(sum + sum2), b = lanes_sum(moment + moment2);
   for (; i < n; ++i) {
     const float t = moment_exponent(x[i], temp, scaled, shift);
     add_exp_and_moment(t, exp_nonpositive(t), &a, &b);
