@@ -1,7 +1,9 @@
-"""No hidden N x V copies (allocation counts, not timings) and a smoke run of benchmarks/run.py."""
+"""No hidden N x V copies (allocation counts, not timings) and smoke runs of the benchmark scripts (run.py,
+sweeps.py)."""
 import importlib.util
 import json
 import os
+import shutil
 import types
 
 import pytest
@@ -237,3 +239,28 @@ def test_trl_step_benchmark_runs_every_contestant(tmp_path):
     for trainer in ("dpo", "grpo"):
         assert set(data[trainer]) == set(trl_step.CONTESTANTS)
         assert all(r["step_median_ms"] > 0 and r["peak_extra_bytes"] > 0 for r in data[trainer].values())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
+def test_sweeps_benchmark_times_every_sweep_at_every_level(tmp_path, capsys):
+    """benchmarks/sweeps.py builds the chunk sweeps alone and times each at every level this CPU runs: every sweep a
+    forward+backward path names has a time, and each path's per-logit sum is the sum of its sweeps."""
+    from benchmarks import sweeps
+    path = tmp_path / "sweeps.json"
+    assert sweeps.main(["--reps", "20", "--case", "8x1000", "--threads", "2", "--json", str(path)]) == 0
+    data = json.loads(path.read_text())
+    variants = list(data["ns_per_logit"])
+    if rk.extension_available():
+        assert variants[0] == rk.cpu_kernel_variant()  # the first column is what this CPU runs by default
+    if variants[0].startswith("x86-64-v4"):  # then every lower x86-64 level runs here too
+        assert variants[-2:] == ["x86-64-v3 (AVX2, FMA)", "x86-64 baseline (SSE2)"]
+    for variant in variants:
+        times = data["ns_per_logit"][variant]
+        assert all(times[s] > 0 for sweeps_of_path in sweeps.PATHS.values() for s in sweeps_of_path)
+        for name, sweeps_of_path in sweeps.PATHS.items():
+            assert data["fwd_bwd_ns_per_logit"][variant][name] == pytest.approx(sum(times[s] for s in sweeps_of_path))
+    out = capsys.readouterr().out
+    assert "ms at N=8 V=1000 on 2 threads" in out and all(f"\n{name} " in out for name in sweeps.PATHS)
+    with pytest.raises(SystemExit):
+        sweeps.main(["--case", "8by1000"])
