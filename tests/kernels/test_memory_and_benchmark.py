@@ -42,6 +42,28 @@ def test_fused_paths_allocate_no_logits_sized_temporaries(dtype):
     assert reference > 2 * nbytes  # the baseline really does materialize log_softmax (checks the measurement)
 
 
+
+def test_slicing_the_logits_costs_a_logits_sized_gradient_shifting_the_labels_does_not():
+    """The README's advice, measured (allocation bytes, not time): the in-place loss on logits[:, :-1] against
+    labels[:, 1:] makes autograd build a full-size gradient for the slice's backward (zeros, then the slice copied in),
+    the N x V buffer inplace_backward exists to save; the same loss on all the logits against labels shifted left by
+    one (the last position ignored) allocates nothing of that size."""
+    batch, length, vocab = 4, 33, 3001
+    labels = torch.randint(0, vocab, (batch, length))
+    ref = torch.randn(batch)
+    leaf = torch.randn(batch, length, vocab).requires_grad_(True)
+    logits = leaf.view_as(leaf)  # non-leaf, like a model's output
+    nbytes = logits.numel() * logits.element_size()
+
+    def step(scored, targets):
+        out = rk.ddpo_loss(scored, targets, ref, beta=0.5, backend="cpp", inplace_backward=True)
+        return torch.autograd.grad(out.loss, logits)[0]
+    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+    sliced_peak = peak_extra_bytes(lambda: step(logits[:, :-1], labels[:, 1:]))
+    shifted_peak = peak_extra_bytes(lambda: step(logits, shifted))
+    assert sliced_peak >= nbytes, f"slicing allocated {sliced_peak} bytes, expected a {nbytes}-byte gradient"
+    assert shifted_peak < 0.01 * nbytes, f"shifting the labels allocated {shifted_peak} bytes"
+
 def test_benchmark_quick_run_writes_complete_json(tmp_path):
     path = tmp_path / "bench.json"
     plot = tmp_path / "bench.png"
