@@ -150,32 +150,28 @@ RLHFV_INLINE F opaque_splat(float x) {
 
 // The max and the sum of a vector's lanes by halves (16 -> 8 -> 4 -> 2 -> 1): four dependent steps where a lane-by-lane
 // loop took sixteen, each waiting ~4 cycles for the last; at the end of every 2048-logit chunk sweep that wait was
-// most of the max sweep's time (256 of its ~350 cycles with four accumulators).
-template <typename F>
-RLHFV_INLINE float lanes_max(F v) {
+// most of the max sweep's time (256 of its ~350 cycles with four accumulators). combine(a, b) works on halves and on
+// single floats alike.
+template <typename F, typename Combine>
+RLHFV_INLINE float lanes_reduce(F v, const Combine& combine) {
   constexpr int kLanes = sizeof(F) / sizeof(float);
   if constexpr (kLanes == 2) {
-    return v[1] > v[0] ? v[1] : v[0];
+    return combine(v[0], v[1]);
   } else {
     using Half = typename Vec<kLanes / 2>::F;
     Half lo, hi;
     std::memcpy(&lo, &v, sizeof(Half));
     std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(Half), sizeof(Half));
-    return lanes_max(hi > lo ? hi : lo);
+    return lanes_reduce(combine(lo, hi), combine);
   }
 }
 template <typename F>
+RLHFV_INLINE float lanes_max(F v) {
+  return lanes_reduce(v, [](auto a, auto b) { return b > a ? b : a; });
+}
+template <typename F>
 RLHFV_INLINE float lanes_sum(F v) {
-  constexpr int kLanes = sizeof(F) / sizeof(float);
-  if constexpr (kLanes == 2) {
-    return v[0] + v[1];
-  } else {
-    using Half = typename Vec<kLanes / 2>::F;
-    Half lo, hi;
-    std::memcpy(&lo, &v, sizeof(Half));
-    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(Half), sizeof(Half));
-    return lanes_sum(lo + hi);
-  }
+  return lanes_reduce(v, [](auto a, auto b) { return a + b; });
 }
 
 // max(x, lo) that keeps NaN.
