@@ -55,7 +55,7 @@ int main(int argc, char** argv) {
     return out[n / 2];
   });
   time_sweep("chunk_scaled_softmax_bf16", n, reps, [&] {
-    chunk_scaled_softmax_bf16(xb.data(), outb.data(), n, temp, lse_hi, lse_lo, scale, Ahead{});
+    chunk_scaled_softmax_bf16(xb.data(), outb.data(), out.data(), n, temp, lse_hi, lse_lo, scale, Ahead{});
     return static_cast<float>(outb[n / 2]);
   });
   time_sweep("chunk_entropy_grad", n, reps, [&] {

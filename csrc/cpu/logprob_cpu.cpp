@@ -481,16 +481,6 @@ RLHFV_INLINE void chunk_scaled_softmax_body(const float* x, float* out, int64_t 
   (const float* x, float* out, int64_t n, float temp, float lse_hi, float lse_lo, float scale, Ahead ahead)
 #define RLHFV_SOFTMAX_ARGS (x, out, n, temp, lse_hi, lse_lo, scale, ahead)
 RLHFV_LEVELS(void, chunk_scaled_softmax, RLHFV_SOFTMAX_PARAMS, RLHFV_SOFTMAX_ARGS)
-// The same from bf16 logits to their bf16 gradient, with the coarse exp, in one sweep (out may alias x).
-template <int W, bool native>
-RLHFV_INLINE void chunk_scaled_softmax_bf16_body(const c10::BFloat16* x, c10::BFloat16* out, int64_t n, float temp,
-                                                  float lse_hi, float lse_lo, float scale, Ahead ahead) {
-  scaled_softmax_sweep<W, true, c10::BFloat16, c10::BFloat16, native>(x, out, n, temp, lse_hi, lse_lo, scale, ahead);
-}
-RLHFV_BF16_LEVELS(void, chunk_scaled_softmax_bf16,
-                  (const c10::BFloat16* x, c10::BFloat16* out, int64_t n, float temp, float lse_hi, float lse_lo,
-                   float scale, Ahead ahead),
-                  (x, out, n, temp, lse_hi, lse_lo, scale, ahead))
 #undef RLHFV_SOFTMAX_ARGS
 #undef RLHFV_SOFTMAX_PARAMS
 
@@ -802,6 +792,29 @@ RLHFV_INLINE void store_chunk_body(const float* src, c10::BFloat16* dst, int64_t
 }
 RLHFV_BF16_LEVELS(void, store_chunk, (const float* src, c10::BFloat16* dst, int64_t n), (src, dst, n))
 
+// scaled_softmax from bf16 logits to their bf16 gradient, with the coarse exp (out may alias x). With 32 vector
+// registers (AVX-512) in one sweep over the logits' own bytes; with 16 (AVX2, SSE, NEON) that loop spills, so there
+// the chunk is widened into `scratch` (n floats, in L1), swept there, and rounded back (AVX2 on the Xeon: 0.43-0.45
+// ns per logit against 0.51-0.59 for the one sweep, benchmarks/sweeps.py).
+template <int W, bool native>
+RLHFV_INLINE void chunk_scaled_softmax_bf16_body(const c10::BFloat16* x, c10::BFloat16* out, float* scratch, int64_t n,
+                                                  float temp, float lse_hi, float lse_lo, float scale, Ahead ahead) {
+  if constexpr (W >= 16) {
+    scaled_softmax_sweep<W, true, c10::BFloat16, c10::BFloat16, native>(x, out, n, temp, lse_hi, lse_lo, scale, ahead);
+  } else {
+    using vfloat = typename Vec<W>::F;
+    int64_t i = 0;
+    for (; i + W <= n; i += W) store_lanes(scratch + i, load_lanes<vfloat>(x + i));
+    for (; i < n; ++i) scratch[i] = load_lanes<float>(x + i);
+    scaled_softmax_sweep<W, true>(scratch, scratch, n, temp, lse_hi, lse_lo, scale, ahead);
+    store_chunk_body<W, native>(scratch, out, n);
+  }
+}
+RLHFV_BF16_LEVELS(void, chunk_scaled_softmax_bf16,
+                  (const c10::BFloat16* x, c10::BFloat16* out, float* scratch, int64_t n, float temp, float lse_hi,
+                   float lse_lo, float scale, Ahead ahead),
+                  (x, out, scratch, n, temp, lse_hi, lse_lo, scale, ahead))
+
 // IEEE half: the compiler does not vectorize half conversions by itself, so on x86 use F16C when the CPU has it.
 #if defined(__GNUC__) && defined(__x86_64__)
 __attribute__((target("avx,f16c"))) void load_half_f16c(const uint16_t* src, float* dst, int64_t n) {
@@ -1043,9 +1056,10 @@ void backward_rows(const at::Tensor& logits, const int64_t* labels, const acc_t<
       if constexpr (std::is_same_v<T, Acc>) {
         sweep(row + off, out + off, n, ahead);
       } else if (std::is_same_v<T, c10::BFloat16> && coef_h == 0 && !capped) {
-        // the plain gradient of bf16 logits: read, computed and rounded in one sweep, no fp32 copy of the chunk
+        // the plain gradient of bf16 logits: one sweep over their bytes at AVX-512, through buf below it
         chunk_scaled_softmax_bf16(reinterpret_cast<const c10::BFloat16*>(row + off),
-                                  reinterpret_cast<c10::BFloat16*>(out + off), n, temp, lse_hi, lse_lo, scale, ahead);
+                                  reinterpret_cast<c10::BFloat16*>(out + off), buf, n, temp, lse_hi, lse_lo, scale,
+                                  ahead);
       } else {
         sweep(chunk_as_acc(row + off, buf, n), buf, n, ahead);
         store_chunk(buf, out + off, n);

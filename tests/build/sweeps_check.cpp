@@ -61,9 +61,11 @@ void check_row(std::mt19937& gen, int64_t n, float temp) {
   rlhfv::chunk_scaled_softmax(x.data(), out.data(), n, temp, lse_hi, lse_lo, scale, Ahead{});
   std::vector<c10::BFloat16> xb(n), grad_b(n);
   for (int64_t i = 0; i < n; ++i) xb[i] = static_cast<c10::BFloat16>(x[i]);
-  rlhfv::chunk_scaled_softmax_bf16(xb.data(), grad_b.data(), n, temp, lse_hi, lse_lo, scale, Ahead{});
+  std::vector<float> scratch(n);
+  rlhfv::chunk_scaled_softmax_bf16(xb.data(), grad_b.data(), scratch.data(), n, temp, lse_hi, lse_lo, scale, Ahead{});
   std::vector<c10::BFloat16> in_place = xb;
-  rlhfv::chunk_scaled_softmax_bf16(in_place.data(), in_place.data(), n, temp, lse_hi, lse_lo, scale, Ahead{});
+  rlhfv::chunk_scaled_softmax_bf16(in_place.data(), in_place.data(), scratch.data(), n, temp, lse_hi, lse_lo, scale,
+                                   Ahead{});
   report("chunk_scaled_softmax_bf16 in place", n, temp,
          static_cast<double>(std::memcmp(in_place.data(), grad_b.data(), n * sizeof(c10::BFloat16)) != 0), 0.0);
   double worst = 0.0, worst_bf16 = 0.0;
