@@ -372,8 +372,8 @@ def bandwidth_floor(inputs: dict, device, args) -> dict:
 # The compute floor of a forward+backward on CPU: each logit takes an exp in the forward (the sum) and one in the
 # backward (the softmax), so a CPU that computes exps slower than it streams the logits (bf16 on few cores: 2 bytes a
 # logit) cannot reach the bandwidth floor whatever the kernel. Measured with torch's own vectorized exp over N x V
-# fp32 values held in cache (a block of EXP_BLOCK, repeated; less the same number of calls on one value, the
-# Python and dispatch overhead), fastest of EXP_REPEATS, times two.
+# fp32 values held in cache (a block of EXP_BLOCK, repeated, and the remainder; less the same number of calls on one
+# value, the Python and dispatch overhead), fastest of EXP_REPEATS, times two.
 EXP_METHOD = "torch.exp over N x V fp32 values from cache, twice, less the call overhead"
 EXP_BLOCK = 1 << 18  # 1 MiB of fp32: in L2 beside the thread's share on every x86 CPU we have seen, and 500 calls
 EXP_REPEATS = 3
@@ -384,15 +384,20 @@ def exp_floor(inputs: dict, device) -> dict | None:
     GPU's exp throughput is far above its memory bandwidth's worth)."""
     if device.type != "cpu":
         return None
-    calls = -(-inputs["logits"].numel() // EXP_BLOCK)
+    whole, rest = divmod(inputs["logits"].numel(), EXP_BLOCK)
     block, one = torch.full((EXP_BLOCK,), -1.0), torch.full((1,), -1.0)
     out, out_one = torch.empty_like(block), torch.empty_like(one)
+    # exactly N x V values: the whole blocks, then the rest (a floor must not count more exps than there are logits)
+    sizes = [EXP_BLOCK] * whole + ([rest] if rest else [])
 
-    def run(values, into):
-        for _ in range(calls):
-            torch.exp(values, out=into)
-    full = min(time_call(lambda: run(block, out), device, 1, EXP_REPEATS))
-    overhead = min(time_call(lambda: run(one, out_one), device, 1, EXP_REPEATS))
+    def run(ones_only):
+        for size in sizes:
+            if ones_only:
+                torch.exp(one, out=out_one)
+            else:
+                torch.exp(block[:size], out=out[:size])
+    full = min(time_call(lambda: run(False), device, 1, EXP_REPEATS))
+    overhead = min(time_call(lambda: run(True), device, 1, EXP_REPEATS))
     return {"method": EXP_METHOD, "exp_floor_fwd_bwd_ms": 2 * max(full - overhead, 0.0)}
 
 

@@ -215,8 +215,8 @@ def test_benchmark_floor_pass_leaves_the_logits_as_they_were(dtype):
 
 
 def test_benchmark_exp_floor_times_two_exps_per_logit_on_cpu_only(monkeypatch):
-    """The compute floor times torch.exp over as many values as there are logits (whole blocks from cache), twice;
-    none on CUDA, and the summary shows "-" for a case without one."""
+    """The compute floor times torch.exp over exactly as many values as there are logits (whole blocks from cache, then
+    the rest), twice; none on CUDA, and the summary shows "-" for a case without one."""
     calls = []
     real_exp = torch.exp
 
@@ -224,11 +224,11 @@ def test_benchmark_exp_floor_times_two_exps_per_logit_on_cpu_only(monkeypatch):
         calls.append(values.numel())
         return real_exp(values, out=out)
     monkeypatch.setattr(bench.torch, "exp", counting_exp)
-    logits = torch.zeros(3, bench.EXP_BLOCK + 1)  # 3 blocks and 3 values: 4 calls of a block per timed run
+    logits = torch.zeros(3, bench.EXP_BLOCK + 1)  # 3 blocks and 3 values: 4 calls per timed run
     floor = bench.exp_floor({"logits": logits}, torch.device("cpu"))
     assert floor["method"] == bench.EXP_METHOD and floor["exp_floor_fwd_bwd_ms"] >= 0
-    runs = 1 + bench.EXP_REPEATS  # a warmup, then the repeats, of the block and then of one value
-    assert calls == [bench.EXP_BLOCK] * (4 * runs) + [1] * (4 * runs)
+    runs = 1 + bench.EXP_REPEATS  # a warmup, then the repeats, of the values and then of one value a call
+    assert calls == [bench.EXP_BLOCK, bench.EXP_BLOCK, bench.EXP_BLOCK, 3] * runs + [1] * (4 * runs)
     assert bench.exp_floor({"logits": logits}, torch.device("cuda")) is None
     assert bench.times_exp_floor({"fwd_bwd_median_ms": 3.0}, {"exp": {"exp_floor_fwd_bwd_ms": 2.0}}) == "1.50x"
     assert bench.times_exp_floor({"fwd_bwd_median_ms": 3.0}, {"exp": None}) == "-"
