@@ -440,7 +440,9 @@ RLHFV_INLINE float chunk_sum_exp_body(const float* x, int64_t n, float temp, flo
 RLHFV_LEVELS(float, chunk_sum_exp, (const float* x, int64_t n, float temp, float shift, Ahead ahead),
              (x, n, temp, shift, ahead))
 
-// out_i = scale * exp((x_i / temp - lse_hi) - lse_lo); `out` may alias `x` (a vector is loaded before it is stored,
+// out_i = scale * exp((x_i / temp - lse_hi) - lse_lo), as scale * exp(-lse_lo) * exp(x_i / temp - lse_hi): one vector
+// subtraction fewer (the fp32 and bf16 softmax sweeps -4-8% at AVX-512, neutral at AVX2; interleaved A/B in L1) for
+// one more rounding of a ~1e-7-accurate exp; `out` may alias `x` (a vector is loaded before it is stored,
 // and the next one before that). Pipelined (pipelined_blocks). `coarse`: out is rounded to bf16 next
 // (exp_finish_coarse). In and Out float, or both bf16 (the bf16 backward reads and writes the logits' own bytes:
 // store_lanes rounds, natively where `native_bf16`).
@@ -450,8 +452,9 @@ RLHFV_INLINE void scaled_softmax_sweep(const In* x, Out* out, int64_t n, float t
   using vfloat = typename Vec<W>::F;
   constexpr int kLanes = W;
   const bool scaled = temp != 1.0f;
+  const float scale_lo = scale * std::exp(-lse_lo);  // exp(-lse_lo) folded into the scale: one subtraction fewer
   const auto reduced_at = [&](int64_t i) {
-    return exp_reduce((over_temp(load_lanes<vfloat>(x + i), temp, scaled) - lse_hi) - lse_lo);
+    return exp_reduce(over_temp(load_lanes<vfloat>(x + i), temp, scaled) - lse_hi);
   };
   int64_t i = pipelined_blocks(
       n, kLanes,
@@ -460,7 +463,7 @@ RLHFV_INLINE void scaled_softmax_sweep(const In* x, Out* out, int64_t n, float t
         return reduced_at(at);
       },
       [&](const ExpReduced<vfloat>& e, int64_t at) {
-        const vfloat v = scale * (coarse ? exp_finish_coarse(e) : exp_finish(e));
+        const vfloat v = scale_lo * (coarse ? exp_finish_coarse(e) : exp_finish(e));
         if constexpr (std::is_same_v<Out, float>) {
           store_lanes(out + at, v);
         } else {
@@ -469,7 +472,7 @@ RLHFV_INLINE void scaled_softmax_sweep(const In* x, Out* out, int64_t n, float t
       });
   for (; i < n; ++i) {
     const float z = over_temp(load_lanes<float>(x + i), temp, scaled);
-    store_lanes(out + i, scale * exp_nonpositive((z - lse_hi) - lse_lo));
+    store_lanes(out + i, scale_lo * exp_nonpositive(z - lse_hi));
   }
 }
 template <int W>
@@ -558,6 +561,7 @@ RLHFV_INLINE void chunk_softcap_grad_body(const float* x, float* out, int64_t n,
                                            float lse_lo, float scale, Ahead ahead) {
   using vfloat = typename Vec<W>::F;
   constexpr int kLanes = W;
+  const float scale_lo = scale * std::exp(-lse_lo);  // as in scaled_softmax_sweep
   struct Middled {
     ExpReduced<vfloat> e;
     vfloat sech2;
@@ -571,14 +575,14 @@ RLHFV_INLINE void chunk_softcap_grad_body(const float* x, float* out, int64_t n,
       [&](const SoftcapBegun<vfloat>& b, int64_t) {
         Middled m;
         const vfloat z = softcap_finish(b, cap, temp, &m.sech2);
-        m.e = exp_reduce((z - lse_hi) - lse_lo);
+        m.e = exp_reduce(z - lse_hi);
         return m;
       },
-      [&](const Middled& m, int64_t at) { store_lanes(out + at, scale * exp_finish(m.e) * m.sech2); });
+      [&](const Middled& m, int64_t at) { store_lanes(out + at, scale_lo * exp_finish(m.e) * m.sech2); });
   for (; i < n; ++i) {
     float sech2;
     const float z = softcapped(x[i], cap, temp, &sech2);
-    out[i] = scale * exp_nonpositive((z - lse_hi) - lse_lo) * sech2;
+    out[i] = scale_lo * exp_nonpositive(z - lse_hi) * sech2;
   }
 }
 RLHFV_LEVELS(void, chunk_softcap_grad,
