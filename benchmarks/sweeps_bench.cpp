@@ -51,11 +51,11 @@ int main(int argc, char** argv) {
     return s1 + s2;
   });
   time_sweep("chunk_scaled_softmax", n, reps, [&] {
-    chunk_scaled_softmax(x.data(), out.data(), n, temp, lse_hi, lse_lo, scale, Ahead{});
+    chunk_scaled_softmax(x.data(), out.data(), n, temp, lse_hi, scale, Ahead{});
     return out[n / 2];
   });
   time_sweep("chunk_scaled_softmax_bf16", n, reps, [&] {
-    chunk_scaled_softmax_bf16(xb.data(), outb.data(), out.data(), n, temp, lse_hi, lse_lo, scale, Ahead{});
+    chunk_scaled_softmax_bf16(xb.data(), outb.data(), out.data(), n, temp, lse_hi, scale, Ahead{});
     return static_cast<float>(outb[n / 2]);
   });
   time_sweep("chunk_entropy_grad", n, reps, [&] {
@@ -75,7 +75,7 @@ int main(int argc, char** argv) {
     return out[n / 2];
   });
   time_sweep("chunk_softcap_grad", n, reps, [&] {
-    chunk_softcap_grad(x.data(), out.data(), n, cap, temp, lse_hi, lse_lo, scale, Ahead{});
+    chunk_softcap_grad(x.data(), out.data(), n, cap, temp, lse_hi, scale, Ahead{});
     return out[n / 2];
   });
   std::printf("variant %s\nchunk %lld\n", rlhfv_cpu_variant(), static_cast<long long>(n));

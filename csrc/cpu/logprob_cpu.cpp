@@ -440,19 +440,19 @@ RLHFV_INLINE float chunk_sum_exp_body(const float* x, int64_t n, float temp, flo
 RLHFV_LEVELS(float, chunk_sum_exp, (const float* x, int64_t n, float temp, float shift, Ahead ahead),
              (x, n, temp, shift, ahead))
 
-// out_i = scale * exp((x_i / temp - lse_hi) - lse_lo), as scale * exp(-lse_lo) * exp(x_i / temp - lse_hi): one vector
-// subtraction fewer (the fp32 and bf16 softmax sweeps -4-8% at AVX-512, neutral at AVX2; interleaved A/B in L1) for
-// one more rounding of a ~1e-7-accurate exp; `out` may alias `x` (a vector is loaded before it is stored,
+// out_i = scale * exp(x_i / temp - lse_hi), the caller's scale carrying the LSE's low part: scale * exp(-lse_lo) once
+// per row (backward_rows) instead of a vector subtraction per logit (the fp32 and bf16 softmax sweeps -4-8% at
+// AVX-512, neutral at AVX2; interleaved A/B in L1) for one more rounding of a ~1e-7-accurate exp; `out` may alias `x`
+// (a vector is loaded before it is stored,
 // and the next one before that). Pipelined (pipelined_blocks). `coarse`: out is rounded to bf16 next
 // (exp_finish_coarse). In and Out float, or both bf16 (the bf16 backward reads and writes the logits' own bytes:
 // store_lanes rounds, natively where `native_bf16`).
 template <int W, bool coarse, typename In = float, typename Out = float, bool native_bf16 = false>
-RLHFV_INLINE void scaled_softmax_sweep(const In* x, Out* out, int64_t n, float temp, float lse_hi, float lse_lo,
-                                       float scale, Ahead ahead) {
+RLHFV_INLINE void scaled_softmax_sweep(const In* x, Out* out, int64_t n, float temp, float lse_hi, float scale,
+                                       Ahead ahead) {
   using vfloat = typename Vec<W>::F;
   constexpr int kLanes = W;
   const bool scaled = temp != 1.0f;
-  const float scale_lo = scale * std::exp(-lse_lo);  // exp(-lse_lo) folded into the scale: one subtraction fewer
   const auto reduced_at = [&](int64_t i) {
     return exp_reduce(over_temp(load_lanes<vfloat>(x + i), temp, scaled) - lse_hi);
   };
@@ -463,7 +463,7 @@ RLHFV_INLINE void scaled_softmax_sweep(const In* x, Out* out, int64_t n, float t
         return reduced_at(at);
       },
       [&](const ExpReduced<vfloat>& e, int64_t at) {
-        const vfloat v = scale_lo * (coarse ? exp_finish_coarse(e) : exp_finish(e));
+        const vfloat v = scale * (coarse ? exp_finish_coarse(e) : exp_finish(e));
         if constexpr (std::is_same_v<Out, float>) {
           store_lanes(out + at, v);
         } else {
@@ -472,17 +472,17 @@ RLHFV_INLINE void scaled_softmax_sweep(const In* x, Out* out, int64_t n, float t
       });
   for (; i < n; ++i) {
     const float z = over_temp(load_lanes<float>(x + i), temp, scaled);
-    store_lanes(out + i, scale_lo * exp_nonpositive(z - lse_hi));
+    store_lanes(out + i, scale * exp_nonpositive(z - lse_hi));
   }
 }
 template <int W>
 RLHFV_INLINE void chunk_scaled_softmax_body(const float* x, float* out, int64_t n, float temp, float lse_hi,
-                                             float lse_lo, float scale, Ahead ahead) {
-  scaled_softmax_sweep<W, false>(x, out, n, temp, lse_hi, lse_lo, scale, ahead);
+                                             float scale, Ahead ahead) {
+  scaled_softmax_sweep<W, false>(x, out, n, temp, lse_hi, scale, ahead);
 }
 #define RLHFV_SOFTMAX_PARAMS \
-  (const float* x, float* out, int64_t n, float temp, float lse_hi, float lse_lo, float scale, Ahead ahead)
-#define RLHFV_SOFTMAX_ARGS (x, out, n, temp, lse_hi, lse_lo, scale, ahead)
+  (const float* x, float* out, int64_t n, float temp, float lse_hi, float scale, Ahead ahead)
+#define RLHFV_SOFTMAX_ARGS (x, out, n, temp, lse_hi, scale, ahead)
 RLHFV_LEVELS(void, chunk_scaled_softmax, RLHFV_SOFTMAX_PARAMS, RLHFV_SOFTMAX_ARGS)
 #undef RLHFV_SOFTMAX_ARGS
 #undef RLHFV_SOFTMAX_PARAMS
@@ -554,14 +554,14 @@ RLHFV_INLINE void chunk_softcap_body(const float* x, float* out, int64_t n, floa
 RLHFV_LEVELS(void, chunk_softcap, (const float* x, float* out, int64_t n, float cap, float temp),
              (x, out, n, cap, temp))
 
-// out_i = scale * softmax_i * dz_i/dx_i with softmax_i = exp((z_i - lse_hi) - lse_lo); `out` may alias `x`.
+// out_i = scale * exp(z_i - lse_hi) * dz_i/dx_i, the softmax times the caller's scale, which carries the LSE's low
+// part as in scaled_softmax_sweep; `out` may alias `x`.
 // Pipelined (pipelined_blocks).
 template <int W>
 RLHFV_INLINE void chunk_softcap_grad_body(const float* x, float* out, int64_t n, float cap, float temp, float lse_hi,
-                                           float lse_lo, float scale, Ahead ahead) {
+                                           float scale, Ahead ahead) {
   using vfloat = typename Vec<W>::F;
   constexpr int kLanes = W;
-  const float scale_lo = scale * std::exp(-lse_lo);  // as in scaled_softmax_sweep
   struct Middled {
     ExpReduced<vfloat> e;
     vfloat sech2;
@@ -578,17 +578,16 @@ RLHFV_INLINE void chunk_softcap_grad_body(const float* x, float* out, int64_t n,
         m.e = exp_reduce(z - lse_hi);
         return m;
       },
-      [&](const Middled& m, int64_t at) { store_lanes(out + at, scale_lo * exp_finish(m.e) * m.sech2); });
+      [&](const Middled& m, int64_t at) { store_lanes(out + at, scale * exp_finish(m.e) * m.sech2); });
   for (; i < n; ++i) {
     float sech2;
     const float z = softcapped(x[i], cap, temp, &sech2);
-    out[i] = scale_lo * exp_nonpositive(z - lse_hi) * sech2;
+    out[i] = scale * exp_nonpositive(z - lse_hi) * sech2;
   }
 }
 RLHFV_LEVELS(void, chunk_softcap_grad,
-             (const float* x, float* out, int64_t n, float cap, float temp, float lse_hi, float lse_lo, float scale,
-              Ahead ahead),
-             (x, out, n, cap, temp, lse_hi, lse_lo, scale, ahead))
+             (const float* x, float* out, int64_t n, float cap, float temp, float lse_hi, float scale, Ahead ahead),
+             (x, out, n, cap, temp, lse_hi, scale, ahead))
 
 // The entropy's running sums: s1 += sum_i exp(t_i), s2 += sum_i exp(t_i) * t_i with t_i = x_i / temp - shift <= 0.
 // t is clamped at -87 like the exp's argument: a masked (-inf) logit then adds ~1e-36 to s2, not 1e-38 * -inf = -inf
@@ -717,9 +716,9 @@ double chunk_sum_exp(const double* x, int64_t n, double temp, double shift, Ahea
   for (int64_t i = 0; i < n; ++i) s += std::exp(x[i] / temp - shift);
   return s;
 }
-void chunk_scaled_softmax(const double* x, double* out, int64_t n, double temp, double lse_hi, double lse_lo,
-                          double scale, Ahead /*unused*/) {
-  for (int64_t i = 0; i < n; ++i) out[i] = scale * std::exp((x[i] / temp - lse_hi) - lse_lo);
+void chunk_scaled_softmax(const double* x, double* out, int64_t n, double temp, double lse_hi, double scale,
+                          Ahead /*unused*/) {
+  for (int64_t i = 0; i < n; ++i) out[i] = scale * std::exp(x[i] / temp - lse_hi);
 }
 double softcapped(double x, double cap, double temp, double* sech2) {
   const double th = std::tanh(x / cap);
@@ -730,12 +729,12 @@ void chunk_softcap(const double* x, double* out, int64_t n, double cap, double t
   double unused;
   for (int64_t i = 0; i < n; ++i) out[i] = softcapped(x[i], cap, temp, &unused);
 }
-void chunk_softcap_grad(const double* x, double* out, int64_t n, double cap, double temp, double lse_hi,
-                        double lse_lo, double scale, Ahead /*unused*/) {
+void chunk_softcap_grad(const double* x, double* out, int64_t n, double cap, double temp, double lse_hi, double scale,
+                        Ahead /*unused*/) {
   for (int64_t i = 0; i < n; ++i) {
     double sech2;
     const double z = softcapped(x[i], cap, temp, &sech2);
-    out[i] = scale * std::exp((z - lse_hi) - lse_lo) * sech2;
+    out[i] = scale * std::exp(z - lse_hi) * sech2;
   }
 }
 void chunk_sum_exp_and_moment(const double* x, int64_t n, double temp, double shift, Ahead /*unused*/, double* s1,
@@ -800,19 +799,19 @@ RLHFV_BF16_LEVELS(void, store_chunk, (const float* src, c10::BFloat16* dst, int6
 // ns per logit against 0.51-0.59 for the one sweep, benchmarks/sweeps.py).
 template <int W, bool native>
 RLHFV_INLINE void chunk_scaled_softmax_bf16_body(const c10::BFloat16* x, c10::BFloat16* out, float* scratch, int64_t n,
-                                                  float temp, float lse_hi, float lse_lo, float scale, Ahead ahead) {
+                                                  float temp, float lse_hi, float scale, Ahead ahead) {
   if constexpr (W >= 16) {
-    scaled_softmax_sweep<W, true, c10::BFloat16, c10::BFloat16, native>(x, out, n, temp, lse_hi, lse_lo, scale, ahead);
+    scaled_softmax_sweep<W, true, c10::BFloat16, c10::BFloat16, native>(x, out, n, temp, lse_hi, scale, ahead);
   } else {
     load_chunk(x, scratch, n);
-    scaled_softmax_sweep<W, true>(scratch, scratch, n, temp, lse_hi, lse_lo, scale, ahead);
+    scaled_softmax_sweep<W, true>(scratch, scratch, n, temp, lse_hi, scale, ahead);
     store_chunk_body<W, native>(scratch, out, n);
   }
 }
 RLHFV_BF16_LEVELS(void, chunk_scaled_softmax_bf16,
                   (const c10::BFloat16* x, c10::BFloat16* out, float* scratch, int64_t n, float temp, float lse_hi,
-                   float lse_lo, float scale, Ahead ahead),
-                  (x, out, scratch, n, temp, lse_hi, lse_lo, scale, ahead))
+                   float scale, Ahead ahead),
+                  (x, out, scratch, n, temp, lse_hi, scale, ahead))
 
 // IEEE half: the compiler does not vectorize half conversions by itself, so on x86 use F16C when the CPU has it.
 #if defined(__GNUC__) && defined(__x86_64__)
@@ -1031,7 +1030,9 @@ void backward_rows(const at::Tensor& logits, const int64_t* labels, const acc_t<
     }
     const Acc target_logp = (target_z - lse_hi) - lse_lo;
     const Acc target_prob = exp_nonpositive_any(target_logp);
-    const Acc scale = -coef / temp;
+    // -coef / temp times exp(-lse_lo): the softmax sweeps then exponentiate x / temp - lse_hi alone (one vector
+    // subtraction fewer per logit; scaled_softmax_sweep)
+    const Acc softmax_scale = -coef / temp * std::exp(-lse_lo);
     const Acc row_entropy = coef_h != 0 ? entropy[r] : Acc(0);
     const Acc a = -(coef + coef_h * row_entropy) / temp, b = -coef_h / temp;
     const T* next_read = next_row != nullptr && gets_gradient(r + 1) ? next_row : nullptr;
@@ -1044,9 +1045,9 @@ void backward_rows(const at::Tensor& logits, const int64_t* labels, const acc_t<
           chunk_entropy_grad(src, dst, n, cap, temp, lse_hi, lse_lo, a, b, ahead);
         }
       } else if (capped) {
-        chunk_softcap_grad(src, dst, n, cap, temp, lse_hi, lse_lo, scale, ahead);
+        chunk_softcap_grad(src, dst, n, cap, temp, lse_hi, softmax_scale, ahead);
       } else {
-        chunk_scaled_softmax(src, dst, n, temp, lse_hi, lse_lo, scale, ahead);
+        chunk_scaled_softmax(src, dst, n, temp, lse_hi, softmax_scale, ahead);
       }
     };
     for (int64_t off = 0; off < vocab; off += kChunk) {
@@ -1054,7 +1055,7 @@ void backward_rows(const at::Tensor& logits, const int64_t* labels, const acc_t<
       const Ahead ahead = next_chunk(row, next_read, off, vocab);
       if constexpr (std::is_same_v<T, c10::BFloat16>) {
         if (coef_h == 0 && !capped) {  // the plain gradient: one sweep over the bytes at AVX-512, through buf below
-          chunk_scaled_softmax_bf16(row + off, out + off, buf, n, temp, lse_hi, lse_lo, scale, ahead);
+          chunk_scaled_softmax_bf16(row + off, out + off, buf, n, temp, lse_hi, softmax_scale, ahead);
           continue;
         }
       }

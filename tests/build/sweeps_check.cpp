@@ -58,14 +58,14 @@ void check_row(std::mt19937& gen, int64_t n, float temp) {
   // floor, exp(-87) = 1.6e-38.
   const double lse = shift + std::log(sum_truth);
   const float lse_hi = static_cast<float>(lse), lse_lo = static_cast<float>(lse - lse_hi), scale = -0.75f;
-  rlhfv::chunk_scaled_softmax(x.data(), out.data(), n, temp, lse_hi, lse_lo, scale, Ahead{});
+  const float folded = scale * std::exp(-lse_lo);  // the scale as backward_rows passes it, carrying lse_lo
+  rlhfv::chunk_scaled_softmax(x.data(), out.data(), n, temp, lse_hi, folded, Ahead{});
   std::vector<c10::BFloat16> xb(n), grad_b(n);
   for (int64_t i = 0; i < n; ++i) xb[i] = static_cast<c10::BFloat16>(x[i]);
   std::vector<float> scratch(n);
-  rlhfv::chunk_scaled_softmax_bf16(xb.data(), grad_b.data(), scratch.data(), n, temp, lse_hi, lse_lo, scale, Ahead{});
+  rlhfv::chunk_scaled_softmax_bf16(xb.data(), grad_b.data(), scratch.data(), n, temp, lse_hi, folded, Ahead{});
   std::vector<c10::BFloat16> in_place = xb;
-  rlhfv::chunk_scaled_softmax_bf16(in_place.data(), in_place.data(), scratch.data(), n, temp, lse_hi, lse_lo, scale,
-                                   Ahead{});
+  rlhfv::chunk_scaled_softmax_bf16(in_place.data(), in_place.data(), scratch.data(), n, temp, lse_hi, folded, Ahead{});
   report("chunk_scaled_softmax_bf16 in place", n, temp,
          static_cast<double>(std::memcmp(in_place.data(), grad_b.data(), n * sizeof(c10::BFloat16)) != 0), 0.0);
   double worst = 0.0, worst_bf16 = 0.0;
@@ -100,7 +100,7 @@ void check_row(std::mt19937& gen, int64_t n, float temp) {
   for (int64_t i = 0; i < n; ++i) zsum += std::exp(z[i] - zmax);
   const double zlse = zmax + std::log(zsum);
   const float zlse_hi = static_cast<float>(zlse), zlse_lo = static_cast<float>(zlse - zlse_hi);
-  rlhfv::chunk_softcap_grad(x.data(), out.data(), n, cap, temp, zlse_hi, zlse_lo, scale, Ahead{});
+  rlhfv::chunk_softcap_grad(x.data(), out.data(), n, cap, temp, zlse_hi, scale * std::exp(-zlse_lo), Ahead{});
   worst = 0.0;
   for (int64_t i = 0; i < n; ++i) {
     const double truth = scale * std::exp(z[i] - zlse) * sech2[i];
