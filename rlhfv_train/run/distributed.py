@@ -20,6 +20,58 @@ def _destroy_process_group() -> None:
     import torch.distributed as dist
     if dist.is_initialized():
         dist.destroy_process_group()
+    wait_for_idle_threads(GLOO_WORKER_THREAD)
+
+
+# torch names gloo's worker threads so; they outlive destroy_process_group() while anything (FSDP2's DTensor caches,
+# a user's model) still holds the group.
+GLOO_WORKER_THREAD = "pt_gloo_runloop"
+
+
+def wait_for_idle_threads(name: str, *, quiet_s: float = 0.05, limit_s: float = 5.0) -> bool:
+    """Waits, with the GIL released, until every thread of this process named `name` has slept through `quiet_s`
+    without a context switch; gives up after `limit_s`. Returns whether they all went quiet (True when there are none,
+    or no /proc to read them from).
+
+    Why: a gloo worker frees a finished collective (and the tensors it held) after the caller's wait() returned, and
+    freeing a tensor that has a Python object takes the GIL. Once interpreter finalization has begun, a thread that
+    asks for the GIL is ended inside that destructor: "terminate called without an active exception", SIGABRT, after
+    a finished run (pytorch/pytorch#190489; 3 of ~100 two-process FSDP runs on a loaded 2-core machine). So this runs
+    from atexit, before finalization. A thread waiting for the GIL wakes every switch interval (5 ms), a preempted
+    one is runnable ('R'), and an idle worker sleeps on its queue without waking: quiet and sleeping means idle."""
+    import time
+
+    def workers():
+        try:
+            tids = os.listdir("/proc/self/task")
+        except OSError:
+            return {}
+        found = {}
+        for tid in tids:
+            try:
+                with open(f"/proc/self/task/{tid}/comm") as f:
+                    if f.read().strip() != name:
+                        continue
+                with open(f"/proc/self/task/{tid}/status") as f:
+                    fields = dict(line.split(":", 1) for line in f if ":" in line)
+            except OSError:  # the thread ended meanwhile
+                continue
+            found[tid] = (fields["State"].split()[0], fields["voluntary_ctxt_switches"].strip(),
+                          fields["nonvoluntary_ctxt_switches"].strip())
+        return found
+
+    deadline = time.monotonic() + limit_s
+    last, quiet_since = workers(), time.monotonic()
+    while last:
+        time.sleep(0.005)
+        now, seen = time.monotonic(), workers()
+        if seen != last or any(state != "S" for state, *_ in seen.values()):
+            last, quiet_since = seen, now
+        elif now - quiet_since >= quiet_s:
+            return True
+        if now > deadline:
+            return False
+    return True
 
 
 class Distributed:
@@ -32,8 +84,8 @@ class Distributed:
             import torch.distributed as dist
             if not dist.is_initialized():
                 dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-                # Tear the group down before interpreter shutdown: left to exit, gloo's threads can die joinable
-                # ("terminate called without an active exception", SIGABRT after a finished run; seen once in CI).
+                # Tear the group down, and let gloo's workers finish freeing their last collectives, before the
+                # interpreter's finalization (see wait_for_idle_threads).
                 atexit.register(_destroy_process_group)
             self.rank = dist.get_rank()
         self.is_main = self.rank == 0
