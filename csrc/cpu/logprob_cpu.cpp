@@ -504,14 +504,15 @@ RLHFV_INLINE F magnitude_of(F u) {
   std::memcpy(&u, &bits, sizeof(u));
   return u;
 }
+// A non-negative `magnitude` with the sign of `signed_like` (xor: the magnitude's own sign bit is 0).
 template <typename F>
-RLHFV_INLINE F with_sign_of(F th, F u) {
+RLHFV_INLINE F with_sign_of(F magnitude, F signed_like) {
   typename Lanes<F>::Int bits, sign;
-  std::memcpy(&bits, &th, sizeof(bits));
-  std::memcpy(&sign, &u, sizeof(sign));
+  std::memcpy(&bits, &magnitude, sizeof(bits));
+  std::memcpy(&sign, &signed_like, sizeof(sign));
   bits ^= sign & static_cast<int32_t>(0x80000000u);
-  std::memcpy(&th, &bits, sizeof(th));
-  return th;
+  std::memcpy(&magnitude, &bits, sizeof(magnitude));
+  return magnitude;
 }
 // In two halves like the exp (softcap_begin, then softcap_finish) for the pipelined loops.
 template <typename F>
