@@ -443,10 +443,9 @@ RLHFV_LEVELS(float, chunk_sum_exp, (const float* x, int64_t n, float temp, float
 // out_i = scale * exp(x_i / temp - lse_hi), the caller's scale carrying the LSE's low part: scale * exp(-lse_lo) once
 // per row (backward_rows) instead of a vector subtraction per logit (the fp32 and bf16 softmax sweeps -4-8% at
 // AVX-512, neutral at AVX2; interleaved A/B in L1) for one more rounding of a ~1e-7-accurate exp; `out` may alias `x`
-// (a vector is loaded before it is stored,
-// and the next one before that). Pipelined (pipelined_blocks). `coarse`: out is rounded to bf16 next
-// (exp_finish_coarse). In and Out float, or both bf16 (the bf16 backward reads and writes the logits' own bytes:
-// store_lanes rounds, natively where `native_bf16`).
+// (a vector is loaded before it is stored, and the next one before that). Pipelined (pipelined_blocks). `coarse`: out
+// is rounded to bf16 next (exp_finish_coarse). In and Out float, or both bf16 (the bf16 backward reads and writes the
+// logits' own bytes: store_lanes rounds, natively where `native_bf16`).
 template <int W, bool coarse, typename In = float, typename Out = float, bool native_bf16 = false>
 RLHFV_INLINE void scaled_softmax_sweep(const In* x, Out* out, int64_t n, float temp, float lse_hi, float scale,
                                        Ahead ahead) {
