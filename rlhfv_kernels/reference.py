@@ -117,17 +117,19 @@ def grpo_loss(logits, labels, advantages, *, old_logps=None, ref_logps=None, eps
     _only_reference(backend)
     logp = token_logprobs(logits, labels, ignore_index=ignore_index, temperature=temperature, softcap=softcap,
                           logit_scale=logit_scale)
-    mask = (labels != ignore_index).to(logp.dtype)
-    old = logp.detach() if old_logps is None else old_logps.to(logp.dtype)
+    active = labels != ignore_index
+    mask = active.to(logp.dtype)
+    # values at ignored tokens are never read (an old log-prob of -100 there would overflow exp(0 - old))
+    old = logp.detach() if old_logps is None else torch.where(active, old_logps.to(logp.dtype), 0.0)
     ratio = torch.exp(logp - old)
-    adv = advantages.to(logp.dtype)[:, None]
+    adv = torch.where(active, advantages.to(logp.dtype)[:, None], 0.0)
     high = epsilon if epsilon_high is None else epsilon_high
     unclipped, clipped = ratio * adv, ratio.clamp(1.0 - epsilon, 1.0 + high) * adv
     per_token = -torch.minimum(unclipped, clipped)
     tokens = mask.sum().clamp_min(1.0)
     mean_kl = torch.zeros((), dtype=logp.dtype, device=logp.device)
     if beta_kl != 0.0:
-        log_ratio = ref_logps.to(logp.dtype) - logp
+        log_ratio = torch.where(active, ref_logps.to(logp.dtype) - logp, 0.0)
         kl = log_ratio.exp() - log_ratio - 1.0
         if use_bias_correction_kl:
             kl = kl * ratio

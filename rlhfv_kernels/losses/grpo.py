@@ -37,14 +37,18 @@ def grpo_from_token_logps(token_logps: torch.Tensor, mask: torch.Tensor, advanta
     a sub-batch of rows is its exact share of the whole batch's loss (rlhfv_kernels/_linear_engine.py relies on this).
     """
     maskf = mask.to(token_logps.dtype)
-    old = token_logps.detach() if old_logps is None else old_logps.to(token_logps.dtype)
+    # Nothing at an ignored token is read: old / ref log-probs and the advantage of a row are replaced by 0 there
+    # (real padding's old log-probs are often below -88.7, where exp(0 - old) overflows to inf, and inf * 0 is NaN).
+    mask = mask.bool()
+    zero = torch.zeros((), dtype=token_logps.dtype, device=token_logps.device)
+    old = token_logps.detach() if old_logps is None else torch.where(mask, old_logps.to(token_logps.dtype), zero)
     ratio = torch.exp(token_logps - old)
-    adv = advantages.to(token_logps.dtype).unsqueeze(-1)
+    adv = torch.where(mask, advantages.to(token_logps.dtype).unsqueeze(-1), zero)
     unclipped = ratio * adv
     clipped = torch.clamp(ratio, 1.0 - epsilon, 1.0 + epsilon_high) * adv
     per_token = -torch.minimum(unclipped, clipped)
     if beta_kl != 0.0:
-        diff = ref_logps.to(token_logps.dtype) - token_logps
+        diff = torch.where(mask, ref_logps.to(token_logps.dtype) - token_logps, zero)
         kl = torch.exp(diff) - diff - 1.0
         if use_bias_correction_kl:  # importance-sampling-corrected KL (DeepSeek-V3.2), with the ratio's gradient
             kl = kl * ratio
