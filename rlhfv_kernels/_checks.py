@@ -112,7 +112,7 @@ def check_labels(labels, inputs: torch.Tensor, *, vocab: int, ignore_index: int,
     check_same_device(labels, "labels", inputs, inputs_name)
     if vocab == 0 and labels.numel() > 0:
         raise ValueError(f"the vocabulary is empty (V = 0) but there are {labels.numel()} labels")
-    return checked_values("labels", labels, "labels", vocab=vocab, ignore_index=ignore_index)
+    return checked_values("labels", labels, "labels", bound=vocab, ignore_index=ignore_index)
 
 
 def check_vocab_stride(logits: torch.Tensor, backend: str) -> None:
@@ -171,6 +171,40 @@ def check_per_token(value, name: str, labels: torch.Tensor, logits: torch.Tensor
     check_same_device(value, name, logits)
 
 
+def check_offsets(host: list, name: str, total: int) -> None:
+    """Sequence offsets (cu_seqlens, read on the host): from 0 to `total`, never decreasing."""
+    host = [int(v) for v in host]  # plain ints (under torch.compile a list's values are specialized, not symbolic)
+    if host[0] != 0 or host[-1] != total:
+        raise ValueError(f"{name} must start at 0 and end at the number of tokens ({total}), got "
+                         f"{host[0]} ... {host[-1]}")
+    step = next((i for i in range(len(host) - 1) if host[i + 1] < host[i]), None)
+    if step is not None:
+        raise ValueError(f"{name} must not decrease, got {name}[{step}] = {host[step]} > "
+                         f"{name}[{step + 1}] = {host[step + 1]}")
+
+
+def check_pairs(pairs: torch.Tensor, name: str, sequences: int) -> None:
+    """[B, 2] sequence indices: each of the pack's `sequences` exactly once."""
+    if not sequences:
+        return
+    used = pairs.reshape(-1).cpu()
+    bad = (used < 0) | (used >= sequences)
+    if bool(bad.any()):
+        raise ValueError(f"{name} holds {int(used[bad][0])}, outside the pack's sequences [0, {sequences})")
+    counts = torch.bincount(used, minlength=sequences)
+    if bool((counts != 1).any()):
+        raise ValueError(f"{name} names sequence {int((counts != 1).nonzero()[0, 0])} "
+                         f"{int(counts[(counts != 1)][0])} times; every sequence must be in exactly one pair")
+
+
+def _offsets_valid(offsets, name, _labels, total, _ignore_index):
+    check_offsets(offsets.tolist(), name, total)
+
+
+def _pairs_valid(pairs, name, _labels, sequences, _ignore_index):
+    check_pairs(pairs, name, sequences)
+
+
 def _labels_in_range(labels, name, _labels, vocab, ignore_index):
     where = _first_true((labels != ignore_index) & ((labels < 0) | (labels >= vocab)))
     if where is not None:
@@ -192,28 +226,31 @@ def _nonnegative(values, name, _labels, _vocab, _ignore_index):
         raise ValueError(f"{name}[{', '.join(map(str, where))}] = {float(values[where])}; values must be >= 0")
 
 
-VALUE_RULES = {"labels": _labels_in_range, "weights": _weights_finite_nonnegative, "nonnegative": _nonnegative}
+# rule(values, name, labels, bound, ignore_index); bound: the vocabulary size (labels), the token count (offsets),
+# the sequence count (pairs)
+VALUE_RULES = {"labels": _labels_in_range, "weights": _weights_finite_nonnegative, "nonnegative": _nonnegative,
+               "offsets": _offsets_valid, "pairs": _pairs_valid}
 
 
-def checked_values(rule: str, values: torch.Tensor, name: str, *, labels: torch.Tensor | None = None, vocab: int = 0,
+def checked_values(rule: str, values: torch.Tensor, name: str, *, labels: torch.Tensor | None = None, bound: int = 0,
                    ignore_index: int = 0) -> torch.Tensor:
     """Checks `values` by VALUE_RULES[rule] and returns the tensor to use: `values` itself in eager mode; under
     torch.compile the output of rlhfv_checks::checked, which checks the real values when the graph runs."""
     if data_checks_enabled():
-        VALUE_RULES[rule](values, name, labels, vocab, ignore_index)
+        VALUE_RULES[rule](values, name, labels, bound, ignore_index)
         return values
-    return _checked(values, labels, rule, name, vocab, ignore_index)
+    return _checked(values, labels, rule, name, bound, ignore_index)
 
 
 @torch.library.custom_op("rlhfv_checks::checked", mutates_args=())
-def _checked(values: torch.Tensor, labels: Optional[torch.Tensor], rule: str, name: str, vocab: int,
+def _checked(values: torch.Tensor, labels: Optional[torch.Tensor], rule: str, name: str, bound: int,
              ignore_index: int) -> torch.Tensor:
-    VALUE_RULES[rule](values, name, labels, vocab, ignore_index)
+    VALUE_RULES[rule](values, name, labels, bound, ignore_index)
     return values.clone()
 
 
 @_checked.register_fake
-def _checked_fake(values, labels, rule, name, vocab, ignore_index):
+def _checked_fake(values, labels, rule, name, bound, ignore_index):
     return torch.empty_like(values)
 
 

@@ -127,23 +127,18 @@ def _as_index_tensor(value, name):
 
 def _offsets_from_cu_seqlens(cu_seqlens, total, check):
     """(offsets [S + 1] int64, their host copy or None when the checks are off: under torch.compile a tensor's
-    values are not read, a list's are, being constants of the trace)."""
+    values are not read while tracing, a list's are, being constants of the trace; the tensor's are checked when the
+    graph runs, by the opaque rlhfv_checks::checked op)."""
     offsets = _as_index_tensor(cu_seqlens, "cu_seqlens")
     if offsets.dim() != 1 or offsets.numel() < 1:
         raise ValueError(f"cu_seqlens must be 1-D with S + 1 >= 1 offsets, got shape {tuple(offsets.shape)}")
     if isinstance(cu_seqlens, (list, tuple)):
         host = list(cu_seqlens)
     elif not check:
-        return offsets, None
+        return _checks.checked_values("offsets", offsets, "cu_seqlens", bound=total), None
     else:
         host = offsets.tolist()  # the one host sync (none for a CPU tensor)
-    if host[0] != 0 or host[-1] != total:
-        raise ValueError(f"cu_seqlens must start at 0 and end at the number of tokens ({total}), got "
-                         f"{host[0]} ... {host[-1]}")
-    step = next((i for i in range(len(host) - 1) if host[i + 1] < host[i]), None)
-    if step is not None:
-        raise ValueError(f"cu_seqlens must not decrease, got cu_seqlens[{step}] = {host[step]} > "
-                         f"cu_seqlens[{step + 1}] = {host[step + 1]}")
+    _checks.check_offsets(host, "cu_seqlens", total)
     return offsets, host
 
 
@@ -169,13 +164,8 @@ def _pair_order(pairs, sequences, device, check):
     if 2 * pairs.shape[0] != sequences:
         raise ValueError(f"pairs names {2 * pairs.shape[0]} sequences but the pack holds {sequences}; every "
                          "sequence must be in exactly one pair")
-    if check and sequences:
-        used = pairs.reshape(-1).cpu()
-        bad = (used < 0) | (used >= sequences)
-        if bool(bad.any()):
-            raise ValueError(f"pairs holds {int(used[bad][0])}, outside the pack's sequences [0, {sequences})")
-        counts = torch.bincount(used, minlength=sequences)
-        if bool((counts != 1).any()):
-            raise ValueError(f"pairs names sequence {int((counts != 1).nonzero()[0, 0])} "
-                             f"{int(counts[(counts != 1)][0])} times; every sequence must be in exactly one pair")
+    if check:
+        _checks.check_pairs(pairs, "pairs", sequences)
+    elif sequences:  # under torch.compile: checked when the graph runs
+        pairs = _checks.checked_values("pairs", pairs, "pairs", bound=sequences)
     return pairs.t().reshape(-1).to(device)

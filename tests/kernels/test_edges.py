@@ -226,3 +226,33 @@ def test_cu_seqlens_given_as_a_list_are_checked_under_torch_compile():
     torch.testing.assert_close(compiled(logits, [0, 3, 8]), rk.sequence_logps(logits, labels, cu_seqlens=[0, 3, 8]))
     with pytest.raises(Exception, match="cu_seqlens must not decrease"):
         compiled(logits, [0, 5, 3, 8])
+
+
+@pytest.mark.parametrize("bad, message", [([0, 5, 3, 8], r"cu_seqlens must not decrease, got cu_seqlens\[1\] = 5"),
+                                          ([0, 3, 7], r"cu_seqlens must start at 0 and end at the number of tokens "
+                                                      r"\(8\), got 0 ... 7"),
+                                          ([1, 3, 8], "must start at 0")])
+def test_cu_seqlens_tensors_are_checked_under_torch_compile(bad, message):
+    """A tensor's values are not read while tracing: the opaque check op reads them when the graph runs (issue 42:
+    compile returned a loss for these)."""
+    logits, labels = torch.randn(1, 8, 11), torch.randint(0, 11, (1, 8))
+    compiled = torch.compile(lambda x, cu: rk.sequence_logps(x, labels, cu_seqlens=cu, max_seqlen=8,
+                                                             backend="cpp"), fullgraph=True)
+    good = torch.tensor([0, 3, 8])
+    torch.testing.assert_close(compiled(logits, good), rk.sequence_logps(logits, labels, cu_seqlens=[0, 3, 8]))
+    with pytest.raises(ValueError, match=message):
+        rk.sequence_logps(logits, labels, cu_seqlens=torch.tensor(bad), max_seqlen=8)  # eager: the same error
+    with pytest.raises(Exception, match=message):
+        compiled(logits, torch.tensor(bad))
+
+
+def test_pairs_are_checked_under_torch_compile():
+    logits, labels = torch.randn(1, 8, 11), torch.randint(0, 11, (1, 8))
+    ref = torch.zeros(4)
+    compiled = torch.compile(lambda x, pairs: rk.ddpo_loss(x, labels, ref, cu_seqlens=[0, 2, 4, 6, 8], max_seqlen=2,
+                                                           pairs=pairs, backend="cpp").loss, fullgraph=True)
+    good = torch.tensor([[0, 1], [2, 3]])
+    torch.testing.assert_close(compiled(logits, good), rk.ddpo_loss(logits, labels, ref, cu_seqlens=[0, 2, 4, 6, 8],
+                                                                    pairs=good).loss)
+    with pytest.raises(Exception, match="pairs names sequence 1 2 times"):
+        compiled(logits, torch.tensor([[0, 1], [1, 3]]))
