@@ -190,8 +190,10 @@ def _one_kind(records: list[PreferenceRecord], report: LoadReport, skip_bad: boo
 
 
 def open_image(record: PreferenceRecord, check_only: bool = False):
-    """The record's image as an RGB PIL image (None for text-only records); check_only: only check that it decodes
-    (the header and the data's integrity, without building the pixels; nothing to check without Pillow)."""
+    """The record's image as an RGB PIL image (None for text-only records); check_only: only check that it decodes,
+    every pixel (verify() alone reads no JPEG data: a truncated JPEG would pass the load and stop the run at its first
+    batch; nothing to check without Pillow). An image over Pillow's decompression-bomb limit (Image.MAX_IMAGE_PIXELS,
+    ~179 megapixels for the error) is a bad record too."""
     if record.image is None:
         return None
     try:
@@ -203,9 +205,16 @@ def open_image(record: PreferenceRecord, check_only: bool = False):
     try:
         source = io.BytesIO(record.image) if isinstance(record.image, bytes) else record.image
         with Image.open(source) as image:
-            if check_only:
-                image.verify()
-                return None
-            return image.convert("RGB")
+            if not check_only:
+                return image.convert("RGB")
+            image.verify()  # the container's own checks (PNG chunk checksums), then a new handle to decode it all
+        if not isinstance(source, str):
+            source.seek(0)
+        with Image.open(source) as image:
+            image.load()
+            return None
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"{record.source}: the image is too large to decode safely ({exc}); raise PIL.Image."
+                        "MAX_IMAGE_PIXELS if it is meant to be", kind="oversized image") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:  # verify() raises SyntaxError too
         raise DataError(f"{record.source}: cannot decode the image ({exc})", kind="undecodable image") from None

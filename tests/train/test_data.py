@@ -89,6 +89,58 @@ def test_an_undecodable_image_is_found_on_load_and_skipped_with_skip_bad(folder,
     assert [r.question for r in records] == ["q0", "q2"] and report.kinds == {"undecodable image": 1}
 
 
+def jpeg_bytes(size=64):
+    buf = io.BytesIO()
+    PIL.effect_noise((size, size), 64).convert("RGB").save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def header_only_png(width, height):
+    """A PNG whose header claims width x height pixels (chunks with valid CRCs; no pixel data worth the name)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("inline", [False, True])
+def test_a_truncated_jpeg_is_found_on_load(folder, inline):
+    """verify() reads no JPEG data: a JPEG cut short passed the load check and stopped the run at its first batch,
+    past --skip-bad (issue 42). Every image is decoded whole at load now, file or inline bytes."""
+    whole = jpeg_bytes()
+    cut = whole[:len(whole) * 2 // 3]
+    (folder / "whole.jpg").write_bytes(whole)
+    (folder / "cut.jpg").write_bytes(cut)
+
+    def record(i, data, name):
+        if not inline:
+            return good(i, image=name)
+        return {"image": {"bytes": base64.b64encode(data).decode(), "path": None},
+                "text": json.dumps({"question": f"q{i}", "chosen": "c", "rejected": "r"})}
+
+    path = write_jsonl(folder / "d.jsonl", [record(0, whole, "whole.jpg"), record(1, cut, "cut.jpg"),
+                                            record(2, whole, "whole.jpg")])
+    with pytest.raises(DataError, match=r"d.jsonl:2: cannot decode the image \(image file is truncated"):
+        load_records(path)
+    records, report = load_records(path, skip_bad=True)
+    assert [r.question for r in records] == ["q0", "q2"] and report.kinds == {"undecodable image": 1}
+    assert open_image(records[0]).size == (64, 64)
+
+
+def test_an_image_over_the_decompression_bomb_limit_is_a_bad_record(folder):
+    """A 200-megapixel PNG: Pillow refuses to open it (DecompressionBombError, not an OSError): a bad record named by
+    line, skipped with --skip-bad, never a raw traceback."""
+    (folder / "huge.png").write_bytes(header_only_png(20000, 10000))
+    path = write_jsonl(folder / "d.jsonl", [good(0), good(1, image="huge.png"), good(2)])
+    with pytest.raises(DataError, match=r"d.jsonl:2: the image is too large to decode safely .*MAX_IMAGE_PIXELS"):
+        load_records(path)
+    records, report = load_records(path, skip_bad=True)
+    assert [r.question for r in records] == ["q0", "q2"] and report.kinds == {"oversized image": 1}
+
+
 def test_invalid_utf8_names_file_and_line(folder):
     path = folder / "d.jsonl"
     path.write_bytes(b"\n".join([json.dumps(good(0)).encode(), b'{"question": "caf\xe9", "chosen": "c"}',
