@@ -10,6 +10,7 @@ from . import reference
 from ._backend import BACKENDS, BackendUnavailableError, cpu_kernel_variant, extension_available
 from ._backend import RENAMED as RENAMED_BACKENDS
 from ._backend import describe as describe_backends
+from ._backend import resolve_backend
 from .api import GRPO_LOSS_TYPES, ddpo_loss, dpo_loss, grpo_loss, sequence_logps, token_logprobs
 from .linear import (linear_ddpo_loss, linear_dpo_loss, linear_grpo_loss, linear_sequence_logps,
                      linear_token_logprobs)
@@ -36,6 +37,7 @@ __all__ = [
     "linear_sequence_logps",
     "linear_token_logprobs",
     "reference",
+    "resolve_backend",
     "sequence_logps",
     "token_logprobs",
 ]

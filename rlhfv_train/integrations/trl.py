@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import types
 from dataclasses import dataclass
 from typing import Callable
@@ -347,6 +348,36 @@ def _config_of(args, kwargs):
     return config
 
 
+def _check_options(options: FusedHeadOptions, gamma: float = 1.0, min_match: int = 3) -> None:
+    """Every drop-in option's type and range, before TRL's constructor runs (each would otherwise fail, or train to
+    NaN, at the first step)."""
+    for name in ("use_fused_linear", "inplace_backward"):
+        if not isinstance(getattr(options, name), bool):
+            raise TypeError(f"{name} must be True or False, got {getattr(options, name)!r}")
+    if options.backend is not None and options.backend not in (*rk.BACKENDS, *rk.RENAMED_BACKENDS):
+        raise ValueError(f"backend must be one of {rk.BACKENDS} or None, got {options.backend!r}")
+    for name, value in (("chunk_size", options.chunk_size), ("min_match", min_match)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"{name} must be a positive int{' or None' if name == 'chunk_size' else ''}, got "
+                             f"{value!r}")
+    if options.chunk_size is not None and not options.use_fused_linear:
+        raise ValueError("chunk_size applies to the fused-linear route only (use_fused_linear=True)")
+    if not (isinstance(gamma, (int, float)) and not isinstance(gamma, bool) and math.isfinite(gamma) and gamma >= 0):
+        raise ValueError(f"gamma must be a finite number >= 0, got {gamma!r}")
+
+
+def _check_on_model(trainer) -> None:
+    """What needs the model TRL built: the backend runs on the training device, and the fused-linear route finds a
+    plain nn.Linear lm_head without an adapter (models/adapter.py)."""
+    options = trainer.rlhfv_options
+    path = "linear" if options.use_fused_linear else "logits"
+    if options.backend is not None:
+        rk.resolve_backend(options.backend, trainer.args.device, path)
+    if options.use_fused_linear:
+        from ..models import adapter
+        adapter.body_and_head(trainer.model)
+
+
 def _refuse_on_fused_linear(options: FusedHeadOptions, model, config) -> None:
     if not options.use_fused_linear:
         return
@@ -377,15 +408,15 @@ class DPOTrainer(trl.DPOTrainer):
         check_max_tokens_per_row(max_tokens_per_row, padding_free)
         if ddpo_mode not in DDPO_MODES:
             raise ValueError(f"ddpo_mode must be one of {DDPO_MODES}, got {ddpo_mode!r}")
-        if not gamma >= 0:
-            raise ValueError(f"gamma must be >= 0, got {gamma!r}")
         weights = None if gamma == 1.0 and ddpo_mode == "sum" else DDPOWeights(gamma, ddpo_mode, min_match)
         self.rlhfv_options = FusedHeadOptions(use_fused_linear, inplace_backward, backend, chunk_size, weights,
                                               padding_free, max_tokens_per_row)
+        _check_options(self.rlhfv_options, gamma, min_match)
         _refuse_on_fused_linear(self.rlhfv_options, kwargs.get("model", args[0] if args else None), config)
         # padding_free=True is honoured by the fused head (TRL 1.16 would warn and pad): TRL's constructor sees False
         with _fused_heads_from_rlhfv(_trl_dpo, self.rlhfv_options), _attribute(config, "padding_free", False):
             super().__init__(*args, **kwargs)
+        _check_on_model(self)
 
 
 class DDPOTrainer(DPOTrainer):
@@ -409,6 +440,8 @@ class GRPOTrainer(trl.GRPOTrainer):
             raise ValueError("cast_lm_head_to_fp32=True is not supported by rlhfv's fused head (the kernels "
                              "accumulate in fp32 from the head's dtype); set it to False")
         self.rlhfv_options = FusedHeadOptions(use_fused_linear, inplace_backward, backend, chunk_size)
+        _check_options(self.rlhfv_options)
         _refuse_on_fused_linear(self.rlhfv_options, kwargs.get("model", args[0] if args else None), config)
         with _fused_heads_from_rlhfv(_trl_grpo, self.rlhfv_options):
             super().__init__(*args, **kwargs)
+        _check_on_model(self)

@@ -53,7 +53,8 @@ def dpo_config(tmp_path, **options):
 def make_dpo(cls, tmp_path, *, model_fn=tiny_llama, with_ref=True, peft_config=None, **options):
     trainer_kwargs = {k: options.pop(k) for k in list(options) if k in ("use_fused_linear", "gamma", "ddpo_mode",
                                                                          "inplace_backward", "chunk_size",
-                                                                         "max_tokens_per_row")}
+                                                                         "max_tokens_per_row", "backend",
+                                                                         "min_match")}
     model = model_fn()
     return cls(model=model, ref_model=copy.deepcopy(model) if with_ref else None, args=dpo_config(tmp_path, **options),
                train_dataset=datasets.Dataset.from_list(ROWS), processing_class=TOKENIZER, peft_config=peft_config,
@@ -202,6 +203,41 @@ def test_refusals_name_the_option(tmp_path):
         trl_dropin.add_fused_lm_head(tiny_llama(), outputs=("log_probs", "logits"))
 
 
+@pytest.mark.parametrize("options, error, message", [
+    (dict(gamma=float("inf")), ValueError, r"gamma must be a finite number >= 0, got inf"),  # trained to NaN weights
+    (dict(gamma=float("nan")), ValueError, r"gamma must be a finite number >= 0, got nan"),
+    (dict(gamma="5"), ValueError, r"gamma must be a finite number"),
+    (dict(backend="bogus"), ValueError, r"backend must be one of .* got 'bogus'"),
+    (dict(chunk_size=0, use_fused_linear=True), ValueError, r"chunk_size must be a positive int or None, got 0"),
+    (dict(chunk_size=2.5, use_fused_linear=True), ValueError, r"chunk_size must be a positive int or None, got 2.5"),
+    (dict(chunk_size=64), ValueError, r"chunk_size applies to the fused-linear route only"),
+    (dict(min_match=0, gamma=5.0), ValueError, r"min_match must be a positive int, got 0"),
+    (dict(min_match=1.5, gamma=5.0), ValueError, r"min_match must be a positive int, got 1.5"),
+    (dict(use_fused_linear="yes"), TypeError, r"use_fused_linear must be True or False, got 'yes'"),
+    (dict(inplace_backward=None), TypeError, r"inplace_backward must be True or False, got None"),
+])
+def test_every_drop_in_option_is_checked_at_construction(tmp_path, options, error, message):
+    """Each of these passed construction and failed (or trained to NaN) at the first step (issue 42)."""
+    with pytest.raises(error, match=message):
+        make_dpo(DPOTrainer, tmp_path, **options)
+
+
+def test_what_needs_the_model_is_checked_at_construction(tmp_path):
+    """The backend on the training device, and the fused-linear route's plain nn.Linear head, after TRL built the
+    trainer and before any step."""
+    if torch.cuda.is_available():
+        pytest.skip("checks a backend that cannot run on this machine's training device (CPU only)")
+    with pytest.raises(rk.BackendUnavailableError, match="backend 'cuda' cannot run on cpu"):
+        make_dpo(DPOTrainer, tmp_path, backend="cuda")
+
+    def projected_head():
+        model = tiny_llama()
+        model.lm_head = torch.nn.Sequential(model.lm_head)  # a head the fused-linear route cannot read as [V, H]
+        return model
+    with pytest.raises(ValueError, match="the lm_head is a Sequential, not an nn.Linear"):
+        make_dpo(DPOTrainer, tmp_path, model_fn=projected_head, use_fused_linear=True)
+
+
 @pytest.mark.parametrize("fused_linear", [False, True], ids=["logits", "fused-linear"])
 def test_fused_head_of_a_batch_without_labels(fused_linear):
     """All labels ignored (a microbatch of prompts only): zeros in every field, and a backward that runs."""
@@ -255,7 +291,8 @@ def reward_length(completions, **kwargs):
 
 
 def make_grpo(cls, model_dir, tmp_path, **options):
-    trainer_kwargs = {k: options.pop(k) for k in list(options) if k in ("use_fused_linear", "inplace_backward")}
+    trainer_kwargs = {k: options.pop(k) for k in list(options) if k in ("use_fused_linear", "inplace_backward",
+                                                                         "backend", "chunk_size")}
     defaults = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=2,
                     max_completion_length=6, use_cpu=True, bf16=False, report_to=[], save_strategy="no", max_steps=1,
                     seed=0, logging_steps=1, beta=0.1)
@@ -344,6 +381,10 @@ def test_grpo_training_runs_and_refuses_fp32_head_cast(model_dir, tmp_path):
     assert [e for e in trainer.state.log_history if "loss" in e]
     with pytest.raises(ValueError, match="cast_lm_head_to_fp32"):
         make_grpo(trl_dropin.GRPOTrainer, model_dir, tmp_path, cast_lm_head_to_fp32=True)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        make_grpo(trl_dropin.GRPOTrainer, model_dir, tmp_path, backend="fast")
+    with pytest.raises(ValueError, match="chunk_size must be a positive int or None, got -1"):
+        make_grpo(trl_dropin.GRPOTrainer, model_dir, tmp_path, use_fused_linear=True, chunk_size=-1)
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
