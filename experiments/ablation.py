@@ -220,7 +220,8 @@ def run(args) -> dict:
                                   init_weights=sft_path, sft_weight=weight, lr=args.lr, max_steps=args.steps,
                                   batch_size=args.batch_size, eval_fraction=args.eval_fraction,
                                   eval_every=args.steps, save_every=args.steps, seed=seed, device="cpu",
-                                  progress=args.progress, **METHODS[method])
+                                  progress=args.progress, overwrite=True,  # a rerun of the driver redoes its runs
+                                  **METHODS[method])
                 summary = train(cfg)
                 start = start or summary["start_metrics"]
                 runs.append({"method": method, "sft_weight": weight, "seed": seed, **_pick(summary["metrics"]),

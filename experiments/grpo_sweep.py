@@ -63,7 +63,7 @@ def run(args) -> dict:
                              max_steps=args.steps, lr=args.lr, beta_kl=args.beta_kl, eval_every=args.eval_every,
                              save_every=args.steps, synthetic_examples=args.examples, seed=seed, device="cpu",
                              sft_steps=args.sft_steps if warm is None else 0, init_weights=warm,
-                             progress=args.progress,
+                             progress=args.progress, overwrite=True,  # a rerun of the driver redoes its runs
                              # one data file per seed: the first run generates it, the others read it
                              data=None if warm is None else os.path.join(os.path.dirname(warm), "synthetic",
                                                                          "data.jsonl"),

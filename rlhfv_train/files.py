@@ -8,7 +8,9 @@ SaveFailed, which names the file, the cause and what is still intact.
 Reading (load_verified): a torch.save file is a zip archive in which every entry carries the CRC-32 checksum of its
 bytes, computed when it was written; every entry is checked against it before torch.load, so a flipped byte, a
 truncated or empty file or a damaged header raises DamagedFile (a ValueError: the command-line tools print its one line
-and exit with status 2) naming the file, what is wrong and what to do — never a resume on garbage.
+and exit with status 2) naming the file, what is wrong and what to do — never a resume on garbage. A read that the disk
+or the file system fails (EIO, a permission, a stale network mount) raises UnreadableFile instead: that says nothing of
+the file's bytes, and the advice is never to delete it.
 """
 from __future__ import annotations
 
@@ -34,8 +36,33 @@ class SaveFailed(OSError):
     """A file of the run could not be written; what was at its path before is intact."""
 
 
+class UnreadableFile(OSError):
+    """A file of the run could not be read because the disk or the file system failed, not because its bytes are
+    wrong: it may well be intact."""
+
+    def __init__(self, path: str, exc: OSError):
+        super().__init__(exc.errno, f"could not read {path} ({exc.strerror or exc}): the disk or the file system "
+                                    "failed, which says nothing about the file itself; do not delete it. Check the "
+                                    "disk or the mount (dmesg, permissions), then run again")
+        self.path = path
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+# errors of the read itself (the device, the permissions, the mount), as opposed to bytes that are not an archive
+READ_FAILURES = {errno.EIO, errno.EACCES, errno.EPERM, errno.ENXIO, errno.ENODEV, errno.ESTALE, errno.ETIMEDOUT,
+                 errno.EBUSY, errno.ENOMEDIUM, errno.EREMOTEIO}
+
+
+def _raise_if_read_failed(exc: BaseException, path: str) -> None:
+    if isinstance(exc, OSError) and exc.errno in READ_FAILURES:
+        raise UnreadableFile(path, exc) from exc
+
+
 def archive_problem(path: str) -> str | None:
-    """None when `path` is a torch.save archive whose entries all match their recorded checksums, else what is wrong."""
+    """None when `path` is a torch.save archive whose entries all match their recorded checksums, else what is wrong
+    (UnreadableFile when the read itself fails)."""
     size = os.path.getsize(path)
     if size == 0:
         return "the file is empty"
@@ -43,6 +70,7 @@ def archive_problem(path: str) -> str | None:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()  # reads every entry and compares its CRC-32 with the one recorded at write
     except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
+        _raise_if_read_failed(exc, path)
         return f"not a readable torch.save archive of {size} bytes: {exc}"
     if bad is not None:
         return f"the checksum of its entry {bad!r} does not match its bytes"
@@ -76,8 +104,12 @@ def verify(path: str, *, advice: str, legacy_ok: bool = False) -> None:
     identity = _identity(path)
     if _VERIFIED.get(key) == identity:
         return
-    with open(path, "rb") as f:
-        archive = f.read(2) in (b"", b"PK")  # a zip archive (or an empty file) from its first bytes, even truncated
+    try:
+        with open(path, "rb") as f:
+            archive = f.read(2) in (b"", b"PK")  # a zip archive (or an empty file) from its first bytes, even truncated
+    except OSError as exc:
+        _raise_if_read_failed(exc, path)
+        raise
     problem = archive_problem(path) if archive or not legacy_ok else None
     if problem is not None:
         _VERIFIED.pop(key, None)
@@ -86,13 +118,14 @@ def verify(path: str, *, advice: str, legacy_ok: bool = False) -> None:
         _VERIFIED[key] = identity
 
 
-def load_verified(path: str, *, advice: str, legacy_ok: bool = False, map_location="cpu"):
+def load_verified(path: str, *, advice: str, legacy_ok: bool = False, map_location="cpu", mmap: bool = False):
     """torch.load of a file written by save_verified (or any torch.save archive), after verify(); raises
-    DamagedFile(path, what is wrong, `advice`)."""
+    DamagedFile(path, what is wrong, `advice`). mmap: tensors are mapped, not read (to look at the small entries)."""
     verify(path, advice=advice, legacy_ok=legacy_ok)
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
+        return torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
     except LOAD_ERRORS as exc:
+        _raise_if_read_failed(exc, path)
         first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DamagedFile(path, f"torch.load failed: {first_line}", advice) from None
 
@@ -110,13 +143,40 @@ def save_verified(path: str, state, *, what: str) -> None:
         if problem is not None:
             raise OSError(errno.EIO, f"it reads back wrong ({problem})")
     except (OSError, RuntimeError) as exc:  # a full disk surfaces from torch.save as a RuntimeError
-        _remove_quietly(tmp)
-        kept = f"the previous {what} at {path} is intact" if os.path.exists(path) else f"nothing was at {path} before"
-        raise SaveFailed(f"could not write the {what} {path} ({_cause(exc, path)}); {kept}") from exc
-    os.replace(tmp, path)
+        _failed(exc, tmp, path, what)
+    _rename(tmp, path, what)
 
 
-def _cause(exc: BaseException, path: str) -> str:
+def write_text_whole(path: str, text: str, *, what: str) -> None:
+    """Replaces the text file at `path` by `text`, whole or not at all (a new file, flushed, then renamed over the
+    old one): a kill or a full disk at any moment leaves the old file as it was."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        _failed(exc, tmp, path, what)
+    _rename(tmp, path, what)
+
+
+def _rename(tmp: str, path: str, what: str) -> None:
+    try:
+        os.replace(tmp, path)
+    except OSError as exc:
+        _failed(exc, tmp, path, what)
+
+
+def _failed(exc: BaseException, tmp: str, path: str, what: str):
+    """Raises SaveFailed for a write of `path` through `tmp` that failed with `exc`, after removing `tmp`."""
+    _remove_quietly(tmp)
+    kept = f"the previous {what} at {path} is intact" if os.path.exists(path) else f"nothing was at {path} before"
+    raise SaveFailed(f"could not write the {what} {path} ({cause_of(exc, path)}); {kept}") from exc
+
+
+def cause_of(exc: BaseException, path: str) -> str:
+    """What made a write of `path` fail, in a few words (with the free space when the disk is full)."""
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC or "unexpected pos" in str(exc):
         free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
         return f"the disk is full: {free / 2**20:.1f} MiB free"

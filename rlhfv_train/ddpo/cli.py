@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 from ..run import flags
-from ..run.cli import USER_ERRORS, fail, print_start_to_end
+from ..run.cli import USER_ERRORS, fail, print_skipped, print_start_to_end
 from .config import PRESETS, TINY_SFT_STEPS, TrainConfig
 from .trainer import train
 
@@ -43,5 +43,6 @@ def main(argv=None) -> int:
     print(f"done: step {summary['step']}, loss {m.get('loss', float('nan')):.4f}, train accuracy "
           f"{m.get('accuracy', float('nan')):.2f}, held-out accuracy {m.get('eval_accuracy', float('nan')):.2f}; "
           f"metrics {summary.get('metrics_path')}, plot {summary.get('plot')}")
+    print_skipped(m)
     print_start_to_end("held-out hallucination", start, m, ("chair_s", "chair_i", "recall"))
     return 0

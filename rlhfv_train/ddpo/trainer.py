@@ -115,8 +115,10 @@ def train(cfg: TrainConfig) -> dict:
             totals["accuracy"] += out.accuracy.item() / cfg.grad_accum
             totals["chosen_reward"] += out.chosen_rewards.mean().item() / cfg.grad_accum
             totals["rejected_reward"] += out.rejected_rewards.mean().item() / cfg.grad_accum
-        grad_norm = optimizer_step(model, optimizer, scheduler, cfg.max_grad_norm)
-        return {**dist.mean(totals), "grad_norm": grad_norm}
+        totals = dist.mean(totals)  # before the update: every process's guard sees the same loss
+        grad_norm = optimizer_step(model, optimizer, scheduler, cfg.max_grad_norm, guard=run.guard,
+                                   loss=totals["loss"], where=f"step {step + 1}")
+        return {**totals, "grad_norm": grad_norm}
 
     def evaluate() -> dict:
         return held_out_metrics(cfg, model, run.processor, collate, records, run.eval_idx, refs, device,

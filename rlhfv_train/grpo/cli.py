@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 
 from ..run import flags
-from ..run.cli import USER_ERRORS, fail, print_start_to_end
+from ..run.cli import USER_ERRORS, fail, print_skipped, print_start_to_end
 from .config import TINY_SFT_STEPS, GRPOConfig
 from .trainer import train_grpo
 
@@ -38,6 +38,7 @@ def main(argv=None) -> int:
         return fail("python -m rlhfv_train.grpo", exc)
     m, start = summary["metrics"], summary.get("start_metrics") or {}
     print(f"done: step {summary['step']}; metrics {summary.get('metrics_path')}, plot {summary.get('plot')}")
+    print_skipped(m)
     print_start_to_end("held-out", start, m, ("eval_scene_reward", "eval_win_rate", "eval_reward", "chair_s",
                                               "chair_i", "recall"))
     return 0

@@ -28,13 +28,15 @@ class GRPOConfig(RunConfig):
     sft_steps: int = option(0, f"supervised fine-tuning steps on the chosen answers first, saved as "
                             f"output-dir/sft.pt (default: {TINY_SFT_STEPS} for the embedded tiny model unless "
                             "--init-weights, else 0)", unset=True)
-    sft_batch_size: int = option(8, "pairs per SFT step")
+    sft_batch_size: int = option(8, "pairs per SFT step", interval="[1, inf)")
     num_generations: int = option(4, "k: answers sampled per prompt, compared within their group (>= 2)",
                                   short="-k")
-    prompts_per_step: int = option(8, "prompts (groups) per batch of rollouts, over all processes")
-    temperature: float = option(1.0, "sampling temperature; the log-probs are taken at the same temperature")
-    top_p: float = option(1.0, "nucleus sampling (1: off)")
-    max_new_tokens: int = option(32, "answer length limit of rollouts")
+    prompts_per_step: int = option(8, "prompts (groups) per batch of rollouts, over all processes",
+                                   interval="[1, inf)")
+    temperature: float = option(1.0, "sampling temperature; the log-probs are taken at the same temperature",
+                                 interval="(0, inf)")
+    top_p: float = option(1.0, "nucleus sampling (1: off)", interval="(0, 1]")
+    max_new_tokens: int = option(32, "answer length limit of rollouts", interval="[1, inf)")
     judge: str | None = option(None, "pairwise judge for the grouped comparison: 'scene' (exact, needs the records' "
                                "objects: more correct-minus-hallucinated objects wins, then fewer hallucinated), "
                                "'scene-strict' (fewer hallucinated wins, then more correct: rewards naming nothing) "
@@ -48,17 +50,21 @@ class GRPOConfig(RunConfig):
     judge_template: str = option(JUDGE_TEMPLATE, "the generative judge's prompt, with {question}, {first} and "
                                  "{second}")
     loss_type: str = option("dapo", "how token losses are averaged (DESIGN.md §2)", choices=LOSS_TYPES)
-    epsilon: float = option(0.2, "ratio clip range")
-    epsilon_high: float | None = option(None, "upper clip (DAPO's clip-higher; default: --epsilon)")
-    beta_kl: float = option(0.04, "weight of the k3 KL to the frozen starting model (0: no reference model is kept)")
+    epsilon: float = option(0.2, "ratio clip range", interval="(0, inf)")
+    epsilon_high: float | None = option(None, "upper clip (DAPO's clip-higher; default: --epsilon)",
+                                        interval="(0, inf)")
+    beta_kl: float = option(0.04, "weight of the k3 KL to the frozen starting model (0: no reference model is kept)",
+                            interval="[0, inf)")
     scale_rewards: bool = option(True, "do not divide advantages by the group std (Dr. GRPO)")
-    updates_per_rollout: int = option(2, "optimizer steps on each batch of rollouts (mu)")
-    micro_batch: int = option(16, "sequences per forward/backward")
-    lr: float = option(1e-4, "AdamW peak learning rate")
-    warmup_ratio: float = option(0.05, "share of the optimizer steps with a linear learning-rate warm-up")
-    max_steps: int = option(60, "batches of rollouts")
-    eval_every: int = option(10, "steps between evaluations")
-    save_every: int = option(10, "steps between checkpoints")
+    updates_per_rollout: int = option(2, "optimizer steps on each batch of rollouts (mu)",
+                                      interval="[1, inf)")
+    micro_batch: int = option(16, "sequences per forward/backward", interval="[1, inf)")
+    lr: float = option(1e-4, "AdamW peak learning rate", interval="(0, inf)")
+    warmup_ratio: float = option(0.05, "share of the optimizer steps with a linear learning-rate warm-up",
+                                 interval="[0, 1]")
+    max_steps: int = option(60, "batches of rollouts", interval="[1, inf)")
+    eval_every: int = option(10, "steps between evaluations", interval="[1, inf)")
+    save_every: int = option(10, "steps between checkpoints", interval="[1, inf)")
 
     def check(self, world: int = 1) -> None:
         if self.num_generations < 2:
@@ -66,19 +72,9 @@ class GRPOConfig(RunConfig):
                              f"got {self.num_generations}")
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}")
-        for name in ("prompts_per_step", "updates_per_rollout", "micro_batch", "max_new_tokens", "sft_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         super().check(world)
         if self.prompts_per_step % world:
             raise ValueError(f"prompts_per_step ({self.prompts_per_step}) must divide evenly over {world} processes")
-        if not self.epsilon > 0 or (self.epsilon_high is not None and not self.epsilon_high > 0):
-            raise ValueError(f"epsilon and epsilon_high must be > 0, got {self.epsilon}, {self.epsilon_high}")
-        if self.beta_kl < 0:
-            raise ValueError(f"beta_kl must be >= 0, got {self.beta_kl}")
-        if not (self.temperature > 0 and 0 < self.top_p <= 1):
-            raise ValueError(f"sampling needs temperature > 0 and 0 < top_p <= 1, got {self.temperature}, "
-                             f"{self.top_p}")
         given = [name for name in ("reward", "judge", "judge_model") if getattr(self, name)]
         if len(given) > 1:
             raise ValueError(f"give one of --reward, --judge and --judge-model, got {' and '.join(given)}")

@@ -172,7 +172,8 @@ def train_grpo(cfg: GRPOConfig) -> dict:
         tokens_per_process = dist.mean({"tokens": float(local_tokens)})["tokens"]
         starts = list(range(0, rollouts.input_ids.shape[0], cfg.micro_batch))
         totals = {"loss": 0.0, "kl": 0.0, "clip_ratio": 0.0, "tokens": 0}
-        for _ in range(cfg.updates_per_rollout):
+        for update in range(cfg.updates_per_rollout):
+            update_loss = 0.0
             for n, first_row in enumerate(starts):
                 rows = slice(first_row, first_row + cfg.micro_batch)
                 sync = n == len(starts) - 1  # gradients averaged across processes once per optimizer step
@@ -183,10 +184,13 @@ def train_grpo(cfg: GRPOConfig) -> dict:
                     (out.loss * loss_weight).backward()
                 totals["tokens"] += labels.numel() / cfg.updates_per_rollout  # run by the model, padding included
                 share = int((rollouts.labels[rows] != IGNORE_INDEX).sum()) / local_tokens
-                totals["loss"] += out.loss.item() * loss_weight / cfg.updates_per_rollout
+                update_loss += out.loss.item() * loss_weight
                 totals["kl"] += out.mean_kl.item() * share / cfg.updates_per_rollout
                 totals["clip_ratio"] += out.clip_ratio.item() * share / cfg.updates_per_rollout
-            grad_norm = optimizer_step(model, optimizer, scheduler, cfg.max_grad_norm)
+            totals["loss"] += update_loss / cfg.updates_per_rollout
+            where = f"step {step + 1}, update {update + 1} of {cfg.updates_per_rollout}"
+            grad_norm = optimizer_step(model, optimizer, scheduler, cfg.max_grad_norm, guard=run.guard,
+                                       loss=dist.mean({"loss": update_loss})["loss"], where=where)
         totals.update(rollout_metrics(records, rollouts, rewards, scene_truth))
         return {**dist.mean(totals), "grad_norm": grad_norm}
 

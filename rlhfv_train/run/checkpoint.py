@@ -8,7 +8,7 @@ import random
 
 import torch
 
-from ..files import DamagedFile, SaveFailed, load_verified, save_verified
+from ..files import DamagedFile, SaveFailed, cause_of, load_verified, save_verified, write_text_whole
 
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "rng", "step")
 
@@ -62,10 +62,27 @@ def append_row(metrics_file, row: dict) -> None:
     """One metrics.jsonl row in one write() of the whole line (an O_APPEND file): a kill leaves it whole or absent;
     only a full disk can cut it short, and --resume drops such a torn last line."""
     line = (json.dumps(row) + "\n").encode()
-    written = os.write(metrics_file.fileno(), line)
+    try:
+        written = os.write(metrics_file.fileno(), line)
+    except OSError as exc:  # a full or read-only disk: the row is lost, the checkpoints are not
+        raise SaveFailed(f"could not append step {row.get('step')}'s row to {metrics_file.name} "
+                         f"({cause_of(exc, metrics_file.name)}); the last checkpoint is intact: fix the disk, then "
+                         "run again with --resume") from exc
     if written != len(line):
         raise SaveFailed(f"could not write a whole metrics row to {metrics_file.name} ({written} of {len(line)} "
                          "bytes: is the disk full?); --resume drops the torn line")
+
+
+def open_metrics(path: str, main: bool):
+    """metrics.jsonl opened for appending rows (the main process; the others write nowhere); SaveFailed names the
+    file when it cannot be opened."""
+    if not main:
+        return open(os.devnull, "w")
+    try:
+        return open(path, "a")
+    except OSError as exc:
+        raise SaveFailed(f"could not open {path} to append metrics ({cause_of(exc, path)}); fix the disk or the "
+                         "file's permissions, then run again with --resume") from exc
 
 
 def metrics_lines_upto(path: str, step: int) -> list[str]:
@@ -104,10 +121,11 @@ def read_checkpoint(path: str) -> dict:
 
 
 def start_or_resume(ckpt_path: str, metrics_path: str, model, optimizer, scheduler, *, resume: bool,
-                    max_steps: int, fsdp: bool, dist) -> tuple[int, dict, dict]:
-    """The trainers' start: with `resume` and a checkpoint, loads save_training_state's file and drops the metrics
-    lines written after it; otherwise starts a fresh metrics file (and says when --resume found nothing). Returns
-    (step, first metrics row kept, last row kept): what a summary reports when there is nothing left to run."""
+                    max_steps: int, fsdp: bool, dist, guard=None) -> tuple[int, dict, dict]:
+    """The trainers' start: with `resume` and a checkpoint, loads save_training_state's file (and the NaN guard's
+    count of skipped updates) and drops the metrics lines written after it; otherwise starts a fresh metrics file
+    (and says when --resume found nothing). Returns (step, first metrics row kept, last row kept): what a summary
+    reports when there is nothing left to run."""
     step, first, last = 0, {}, {}
     if resume and os.path.isfile(ckpt_path):
         state = read_checkpoint(ckpt_path)
@@ -115,12 +133,13 @@ def start_or_resume(ckpt_path: str, metrics_path: str, model, optimizer, schedul
         scheduler.load_state_dict(state["scheduler"])
         restore_rng(state["rng"])
         step = state["step"]
+        if guard is not None:  # every process reads it from the checkpoint: they decide alike
+            guard.skipped, guard.last_saved = state.get("nonfinite_skipped", 0), (step, ckpt_path)
         if dist.is_main:
             print(f"resumed from {ckpt_path} at step {step}")
             if os.path.isfile(metrics_path):
                 kept = metrics_lines_upto(metrics_path, step)
-                with open(metrics_path, "w") as f:
-                    f.writelines(kept)
+                write_text_whole(metrics_path, "".join(kept), what="metrics")  # never truncated in place
                 if kept:
                     first, last = json.loads(kept[0]), json.loads(kept[-1])
             if step >= max_steps:

@@ -10,9 +10,11 @@ import platform
 import sys
 from collections.abc import Callable
 
-from ..files import SaveFailed
+from ..files import SaveFailed, UnreadableFile
+from .guard import NonFiniteStep
 
-USER_ERRORS = (ValueError, FileNotFoundError, SaveFailed)  # bad data, flags, paths or files; a full disk
+# bad data, flags, paths or files; a full disk or a failing one; a run that diverged
+USER_ERRORS = (ValueError, FileNotFoundError, SaveFailed, UnreadableFile, NonFiniteStep)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -39,6 +41,14 @@ def print_start_to_end(label: str, start: dict, end: dict, names) -> None:
     shown = [name for name in names if name in start and name in end]
     if shown:
         print(f"{label}, start -> end: " + ", ".join(f"{n} {start[n]:.3f} -> {end[n]:.3f}" for n in shown))
+
+
+def print_skipped(metrics: dict) -> None:
+    """The NaN guard's count (--skip-nonfinite), when updates were skipped."""
+    skipped = metrics.get("nonfinite_skipped", 0)
+    if skipped:
+        print(f"{skipped} optimizer update{'s' if skipped > 1 else ''} skipped: non-finite loss or gradient norm "
+              "(--skip-nonfinite; each is named above and counted in metrics.jsonl)")
 
 
 def machine() -> dict:

@@ -11,7 +11,7 @@ import rlhfv_kernels as rk
 
 from ..data.packing import check_max_tokens_per_row
 from ..models.lora import check_trainer_config as check_lora_config
-from .flags import option
+from .flags import check_values, option
 
 
 @dataclass
@@ -26,25 +26,36 @@ class RunConfig:
                                       "or a state dict for the model")
     sft_steps: int = option(0, "supervised fine-tuning steps on the chosen answers before training, saved as "
                             "output-dir/sft.pt (default: the embedded tiny model needs them, a --model does not)",
-                            unset=True)
-    sft_lr: float = option(5e-4, "constant learning rate of the SFT stage")
-    lr: float = option(2e-3, "AdamW peak learning rate")
-    weight_decay: float = option(0.0, "AdamW weight decay")
+                            unset=True, interval="[0, inf)")
+    sft_lr: float = option(5e-4, "constant learning rate of the SFT stage", interval="(0, inf)")
+    lr: float = option(2e-3, "AdamW peak learning rate", interval="(0, inf)")
+    weight_decay: float = option(0.0, "AdamW weight decay", interval="[0, inf)")
     warmup_ratio: float = option(0.1, "share of the optimizer steps with a linear learning-rate warm-up before the "
-                                 "cosine decay")
-    max_steps: int = option(300, "training steps")
-    max_grad_norm: float = option(1.0, "gradient clipping norm")
+                                 "cosine decay", interval="[0, 1]")
+    max_steps: int = option(300, "training steps", interval="[1, inf)")
+    max_grad_norm: float = option(1.0, "gradient clipping norm (inf: no clipping)",
+                                  interval="(0, inf]")
     grad_checkpointing: bool = option(False, "recompute activations in backward (less memory)")
-    eval_fraction: float = option(0.1, "share of the records held out for evaluation")
+    eval_fraction: float = option(0.1, "share of the records held out for evaluation",
+                                  interval="[0, 1)")
     eval_data: str | None = option(None, "held-out records in a file of their own (then --eval-fraction is unused)")
-    eval_every: int = option(25, "steps between evaluations")
+    eval_every: int = option(25, "steps between evaluations", interval="[1, inf)")
     hallucination_eval: bool = option(True, "skip the CHAIR rates of generated held-out answers (computed when the "
                                       "records carry ground-truth 'objects'; rlhfv_train.eval)")
-    eval_max_new_tokens: int = option(48, "answer length limit of the held-out generation")
-    save_every: int = option(50, "steps between checkpoints")
+    eval_max_new_tokens: int = option(48, "answer length limit of the held-out generation",
+                                     interval="[1, inf)")
+    save_every: int = option(50, "steps between checkpoints", interval="[1, inf)")
     seed: int = option(0, "model init, data order, split (and sampling)")
     skip_bad: bool = option(False, "skip (and count) malformed records instead of failing")
-    resume: bool = option(False, "continue from output-dir/checkpoint.pt")
+    resume: bool = option(False, "continue from output-dir/checkpoint.pt (with the flags of the run it holds: one "
+                          "that changes what the run computes is refused; --max-steps, --save-every, --eval-every "
+                          "and the like may change)")
+    overwrite: bool = option(False, "start a new run in an output-dir that holds one (its checkpoint, SFT weights and "
+                             "metrics are deleted first; without it such a folder is refused unless --resume)")
+    skip_nonfinite: int = option(0, "skip up to this many optimizer updates whose loss or gradient norm is NaN or "
+                                 "infinite (each is dropped and counted in metrics.jsonl as nonfinite_skipped); "
+                                 "default 0: the first one stops the run, before it changes any weight or "
+                                 "checkpoint (the SFT stage always stops)", interval="[0, inf)")
     backend: str | None = option(None, "rlhfv_kernels backend (default: the best for the device). "
                                  + rk.describe_backends(), choices=(*rk.BACKENDS, *rk.RENAMED_BACKENDS))
     fused_linear: bool = option(False, "compute losses and log-probs from the last hidden states and the lm_head "
@@ -64,20 +75,17 @@ class RunConfig:
     lora_target: str = option("all-linear", "modules that get adapters: 'all-linear' (every linear layer but "
                               "lm_head) or comma-separated module names, e.g. q_proj,v_proj")
     fsdp: bool = option(False, "under torchrun, shard the model with FSDP2 (default: DDP)")
-    synthetic_examples: int = option(1024, "size of the generated dataset when --data is not given")
+    synthetic_examples: int = option(1024, "size of the generated dataset when --data is not given",
+                                     interval="[1, inf)")
     device: str = option("auto", "cpu, cuda, cuda:1, ...")
     progress: bool = option(True, "no progress bars")
     stop_after: int | None = None      # test hook: stop (as if killed) after this many steps, without the final save
 
     def check(self, world: int = 1) -> None:
         """Refuses what cannot run, before any work (`world`: the number of processes)."""
-        for name in ("max_steps", "eval_every", "save_every", "eval_max_new_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.sft_steps < 0:
-            raise ValueError(f"sft_steps must be >= 0, got {self.sft_steps}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        check_values(self)
+        if self.resume and self.overwrite:
+            raise ValueError("--resume continues the run in --output-dir and --overwrite deletes it: give one")
         check_max_tokens_per_row(self.max_tokens_per_row, self.packing)
         check_lora_config(self)
         if self.fused_linear and world > 1:

@@ -9,11 +9,14 @@ and default; a bool that defaults to False becomes a switch `--field-name`, one 
   unset     the flag's default is None, and the config's value is decided from the other flags (e.g. a preset or
             the embedded tiny model); the field's own default applies when nothing decides it
   exclusive the name of a group of flags of which at most one may be given
+  interval  the values allowed, as a mathematician writes them: "(0, inf)", "[0, 1]", "(0, inf]" (check_values; a
+            float option without one must be finite, NaN is never allowed)
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from typing import Any
 
 from .cli import HelpFormatter
@@ -92,3 +95,24 @@ def given_values(config_class, args: argparse.Namespace) -> dict:
         if not (field.metadata.get("unset") and value is None):
             values[field.name] = value
     return values
+
+
+def _within(value, interval: str) -> bool:
+    low, high = (float(bound) for bound in interval[1:-1].split(","))
+    above = value >= low if interval[0] == "[" else value > low
+    below = value <= high if interval[-1] == "]" else value < high
+    return above and below  # NaN compares false: never within
+
+
+def check_values(config) -> None:
+    """Refuses an option value outside its field's `interval`, or a float option that is NaN or infinite where its
+    interval does not admit it (a diverging learning rate, a NaN clipping norm): ValueError naming the flag."""
+    for field in flag_fields(type(config)):
+        value = getattr(config, field.name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        interval = field.metadata.get("interval")
+        if interval is not None and not _within(value, interval):
+            raise ValueError(f"{flag_name(field)} must be in {interval}, got {value!r}")
+        if interval is None and isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{flag_name(field)} must be a finite number, got {value!r}")

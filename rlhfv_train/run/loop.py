@@ -20,15 +20,18 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..files import verify
+import rlhfv_kernels as rk
+
 from ..models import check_fused_linear, load_processor_and_model, load_run_records, load_weights
 from ..models.packing import check_packing
 from . import output
-from .checkpoint import CHECKPOINT_ADVICE, append_row, save_training_state, start_or_resume
+from .checkpoint import append_row, open_metrics, save_training_state, start_or_resume
 from .config import RunConfig
 from .distributed import Distributed, process_device
+from .guard import StepGuard
 from .schedule import cosine_with_warmup
-from .sft import REDO_SFT, sft_stage
+from .resume import check_folder
+from .sft import sft_stage
 
 
 @dataclass
@@ -47,6 +50,7 @@ class Run:
     model: torch.nn.Module
     collate: Callable                    # sft_collate(processor): [(index, record)] -> PairBatch
     sft_losses: list[float]
+    guard: StepGuard                     # the NaN guard of every optimizer update (guard.py)
 
     @property
     def fsdp(self) -> bool:
@@ -76,9 +80,14 @@ def start(cfg: RunConfig, *, sft_collate: Callable, sft_batch_size: int,
     device = process_device(cfg.device)
     dist = Distributed(device)
     cfg.check(dist.world)
+    if cfg.backend is not None:  # on this device, for this route: refused now rather than at the first step
+        try:
+            rk.resolve_backend(cfg.backend, device, "linear" if cfg.fused_linear else "logits")
+        except rk.BackendUnavailableError as exc:
+            raise ValueError(f"--backend {cfg.backend}: {exc}") from None
     os.makedirs(cfg.output_dir, exist_ok=True)
-    if cfg.resume and dist.is_main:
-        _check_resumable(cfg.output_dir)
+    if dist.is_main:
+        check_folder(cfg)  # --resume: the files it reads and the flags; else no run in the folder, or --overwrite
     autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -110,15 +119,7 @@ def start(cfg: RunConfig, *, sft_collate: Callable, sft_batch_size: int,
                            backend=cfg.backend, progress=cfg.progress,
                            extra={"config": asdict(cfg), "data_path": data_path})
     return Run(cfg, device, dist, autocast_dtype, records, train_idx, eval_idx, data_path, processor, model, collate,
-               sft_losses)
-
-
-def _check_resumable(folder: str) -> None:
-    """The files --resume will read, checked before any work (a damaged one would otherwise fail after the data, the
-    model and the SFT stage, or worse, train on)."""
-    for name, advice in (("checkpoint.pt", CHECKPOINT_ADVICE), ("sft.pt", REDO_SFT)):
-        if os.path.isfile(os.path.join(folder, name)):
-            verify(os.path.join(folder, name), advice=advice)
+               sft_losses, StepGuard(cfg.skip_nonfinite))
 
 
 def _check_room(cfg: RunConfig, model) -> None:
@@ -139,13 +140,16 @@ def optimizer_and_schedule(cfg: RunConfig, model, total_updates: int):
     return optimizer, scheduler
 
 
-def optimizer_step(model, optimizer, scheduler, max_grad_norm: float) -> float:
-    """Clip, step, advance the schedule, clear the gradients; returns the norm before clipping."""
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-    optimizer.step()
+def optimizer_step(model, optimizer, scheduler, max_grad_norm: float, *, guard: StepGuard, loss: float,
+                   where: str) -> float:
+    """Clip, step (unless the guard refuses the update: see guard.py), advance the schedule, clear the gradients;
+    returns the norm before clipping. `loss` must be the same on every process (averaged over them), as the norm is."""
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm))
+    if guard.allows(where, loss, grad_norm):
+        optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(grad_norm)
+    return grad_norm
 
 
 def run_steps(run: Run, model, optimizer, scheduler, *, train_step: Callable[[int], dict],
@@ -158,15 +162,17 @@ def run_steps(run: Run, model, optimizer, scheduler, *, train_step: Callable[[in
     ckpt_path = os.path.join(cfg.output_dir, "checkpoint.pt")
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
     step, first, last = start_or_resume(ckpt_path, metrics_path, model, optimizer, scheduler, resume=cfg.resume,
-                                        max_steps=cfg.max_steps, fsdp=run.fsdp, dist=dist)
+                                        max_steps=cfg.max_steps, fsdp=run.fsdp, dist=dist, guard=run.guard)
 
     def checkpoint():
         save_training_state(ckpt_path, model, optimizer, scheduler, step, fsdp=run.fsdp, dist=dist,
-                            config=asdict(cfg), data_path=run.data_path, **checkpoint_extra)
+                            config=asdict(cfg), data_path=run.data_path, nonfinite_skipped=run.guard.skipped,
+                            **checkpoint_extra)
+        run.guard.last_saved = (step, ckpt_path)
 
     from tqdm import tqdm
     bar = tqdm(total=cfg.max_steps, initial=step, desc=desc, unit="step", disable=not cfg.progress or not dist.is_main)
-    with open(metrics_path, "a") if dist.is_main else open(os.devnull, "w") as metrics_file:
+    with open_metrics(metrics_path, dist.is_main) as metrics_file:
         if step == 0:  # the starting point (after the SFT stage): what training is measured against
             first = {"step": 0, **evaluate()}
             if run.sft_losses:
@@ -175,7 +181,7 @@ def run_steps(run: Run, model, optimizer, scheduler, *, train_step: Callable[[in
         while step < cfg.max_steps:
             metrics = train_step(step)
             step += 1
-            last = {"step": step, **metrics, "lr": scheduler.get_last_lr()[0]}
+            last = {"step": step, **metrics, "lr": scheduler.get_last_lr()[0], **run.guard.row()}
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
                 last.update(evaluate())
             append_row(metrics_file, last)

@@ -16,6 +16,7 @@ from .._moved import old_names
 from ..data import BatchStream
 from ..models import load_weights, model_loss
 from ..files import save_verified
+from .guard import StepGuard
 
 
 REDO_SFT = "delete it and run again with --resume: the SFT stage runs again first"
@@ -39,11 +40,12 @@ def fine_tune(model, batches, *, steps: int, lr: float, max_grad_norm: float = 1
         raise ValueError(f"SFT needs steps >= 0 and lr > 0, got {steps} and {lr}")
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    losses = []
+    losses, guard = [], StepGuard()  # a diverging SFT stage always stops: its weights would be the reference
     for step in range(steps):
         loss = chosen_nll(model, batches(step), autocast_dtype=autocast_dtype, backend=backend)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm))
+        guard.allows(f"SFT step {step + 1} of {steps}", loss.item(), grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())

@@ -256,8 +256,8 @@ def test_all_empty_answers_fail_clearly(tmp_path, dataset, monkeypatch):
     (["-k", "1"], "num_generations (k) must be >= 2"),
     (["--judge", ""], "no judge"),
     (["--loss-type", "ppo"], None),  # argparse's own error, exit 2
-    (["--prompts-per-step", "0"], "prompts_per_step must be >= 1"),
-    (["--temperature", "0"], "temperature > 0"),
+    (["--prompts-per-step", "0"], "--prompts-per-step must be in [1, inf), got 0"),
+    (["--temperature", "0"], "--temperature must be in (0, inf), got 0.0"),
     (["--judge-model", "/nonexistent/judge"], "no such folder"),
     (["--judge", "nosuchmodule:fn"], "cannot load it"),
     (["--reward", "scene", "--judge", "scene"], None),  # mutually exclusive options

@@ -90,13 +90,13 @@ def test_reference_scores_are_cached(tmp_path, dataset, monkeypatch):
         raise AssertionError("reference scores recomputed despite the cache")
 
     monkeypatch.setattr(refcache, "score_pairs", fail)
-    train(small_config(tmp_path, dataset, max_steps=1))
+    train(small_config(tmp_path, dataset, max_steps=1, overwrite=True))  # --overwrite keeps the reference cache
     # A different gamma changes the token weights, hence the key.
     monkeypatch.undo()
-    train(small_config(tmp_path, dataset, max_steps=1, gamma=2.0))
+    train(small_config(tmp_path, dataset, max_steps=1, gamma=2.0, overwrite=True))
     assert len(os.listdir(tmp_path / "ref_cache")) == 2
     # So does the prompt format (--no-chat-template changes the scored sequences of a model with a template).
-    train(small_config(tmp_path, dataset, max_steps=1, gamma=2.0, chat_template=False))
+    train(small_config(tmp_path, dataset, max_steps=1, gamma=2.0, chat_template=False, overwrite=True))
     assert len(os.listdir(tmp_path / "ref_cache")) == 3
 
 
