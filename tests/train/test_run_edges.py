@@ -306,3 +306,10 @@ def test_an_io_error_reading_a_checkpoint_is_not_called_damage(copy_of, dataset,
     assert "do not delete it" in line and "damaged" not in line and "remove it" not in line
     with pytest.raises(files.UnreadableFile, match="do not delete it"):
         files.load_verified(str(copy_of / "sft.pt"), advice="remove it")
+
+
+def test_a_metrics_file_that_cannot_be_opened_is_named(tmp_path):
+    """(Root ignores file permissions, so a read-only file cannot be staged here: a folder that is gone stands in.)"""
+    from rlhfv_train.run.checkpoint import open_metrics
+    with pytest.raises(files.SaveFailed, match=r"could not open .*metrics.jsonl to append metrics \(No such file"):
+        open_metrics(str(tmp_path / "gone" / "metrics.jsonl"), True)
