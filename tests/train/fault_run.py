@@ -5,7 +5,9 @@
 FAULT: "none"; "sft:N" (the N-th SFT step, inside its loss); "step:N" (just after the N-th optimizer step, before its
 metrics row and checkpoint); "save:N" (halfway through writing the N-th file torch.save writes: checkpoint, SFT
 weights, reference scores); "row:N" (halfway through the N-th metrics row); "time:S" (after S seconds, wherever the run
-is); "full:N" (the N-th torch.save writes half its bytes, then fails as a full disk does: ENOSPC, no kill).
+is); "full:N" (the N-th torch.save writes half its bytes, then fails as a full disk does: ENOSPC, no kill);
+"rewrite:N" (halfway through the N-th whole-file text rewrite, e.g. --resume's metrics.jsonl); "nan:N@R" (the N-th
+training loss of process R, counted where gradients are on, is NaN, no kill: the NaN guard's test under torchrun).
 The kill is a real SIGKILL: no Python cleanup, no flushing, exactly what `kill -9` or the OOM killer does.
 """
 import errno
@@ -45,7 +47,7 @@ def install(trainer: str, fault: str) -> None:
     if kind == "time":
         threading.Timer(float(value), die).start()
         return
-    n = int(value)
+    n = int(value.partition("@")[0])
     if kind == "sft":
         sft.chosen_nll = counting(n, sft.chosen_nll, before=lambda *a, **k: None)
     elif kind == "step":
@@ -71,6 +73,28 @@ def install(trainer: str, fault: str) -> None:
             f.write(b"PK\x03\x04" + bytes(1000))
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         torch.save = disk_fills
+    elif kind == "rewrite":
+        from rlhfv_train import files
+        from rlhfv_train.run import checkpoint as checkpoint_module
+
+        def half_text(path, text, *, what):
+            with open(path + ".tmp", "w") as f:
+                f.write(text[:len(text) // 2])
+                f.flush()
+        checkpoint_module.write_text_whole = counting(n, files.write_text_whole, before=half_text)
+    elif kind == "nan":
+        module = __import__(f"rlhfv_train.{trainer}.trainer", fromlist=["batch_loss"])
+        name = "batch_loss" if trainer == "ddpo" else "micro_batch_loss"
+        real, calls, rank = getattr(module, name), [0], int(value.partition("@")[2] or 0)
+
+        def poisoned(*args, **kwargs):
+            result = real(*args, **kwargs)
+            if torch.is_grad_enabled() and int(os.environ.get("RANK", "0")) == rank:
+                calls[0] += 1
+                if calls[0] == n:
+                    result[0].loss = result[0].loss * float("nan")
+            return result
+        setattr(module, name, poisoned)
     elif kind == "row":
         def half_row(metrics_file, row):
             import json

@@ -179,6 +179,24 @@ def test_resume_with_a_damaged_file_stops_with_one_line_and_status_2(finished, t
     assert "data:" not in done.stdout  # refused before any work
 
 
+def test_a_kill_while_resume_rewrites_the_metrics_leaves_every_row(finished, tmp_path, dataset):
+    """--resume keeps the rows up to the checkpoint through a new file renamed over the old one: SIGKILL halfway
+    through writing it leaves metrics.jsonl as it was (it was truncated in place: a kill there emptied it, and the next
+    --resume went on without the step-0 baseline), and the next --resume ends with every row."""
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    state["step"] = 4  # rows 5 and 6 are past it: --resume must drop them
+    save_verified(str(out / "checkpoint.pt"), state, what="checkpoint")
+    before = (out / "metrics.jsonl").read_text()
+    killed = run("ddpo", "rewrite:1", out, dataset)
+    assert killed.returncode == KILLED, killed.stderr[-2000:]
+    assert (out / "metrics.jsonl").read_text() == before
+    done = run("ddpo", "none", out, dataset)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == list(range(7))
+
+
 def test_a_damaged_reference_cache_is_rebuilt(finished, tmp_path, dataset):
     out = tmp_path / "run"
     shutil.copytree(finished, out)

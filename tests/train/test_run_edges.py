@@ -151,6 +151,28 @@ def test_flags_that_can_only_diverge_are_refused_before_any_work(tmp_path, datas
     assert message in line and "data:" not in stdout
 
 
+@pytest.mark.slow
+def test_under_torchrun_a_nan_in_one_process_stops_every_process_at_the_same_step(tmp_path, dataset):
+    """Process 1's third loss is NaN (tests/train/fault_run.py nan:3@1): the guard decides on values every process
+    shares (the averaged loss, the synchronized gradients' norm), so both stop at step 3 (a process that went on
+    alone would wait on its peer forever), and process 0 wrote nothing after step 2's checkpoint."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           "29531", os.path.join(root, "tests", "train", "fault_run.py"), "ddpo", "nan:3@1",
+                           "--data", dataset, "--output-dir", str(out), *DDPO, "--batch-size", "2"],
+                          capture_output=True, text=True, env=env, timeout=600, cwd=root)
+    assert done.returncode != 0
+    assert done.stderr.count("error: step 3: the loss is nan") == 2, done.stderr[-3000:]
+    state = checkpoint(out)
+    assert state["step"] == 2 and all(torch.isfinite(t).all() for t in state["model"].values()
+                                      if t.is_floating_point())
+    assert [r["step"] for r in rows(out)] == [0, 1, 2]
+
+
 def test_max_grad_norm_inf_means_no_clipping_and_is_allowed():
     cfg = ddpo.TrainConfig(max_grad_norm=float("inf"))
     cfg.check()
