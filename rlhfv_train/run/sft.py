@@ -45,10 +45,10 @@ def fine_tune(model, batches, *, steps: int, lr: float, max_grad_norm: float = 1
         loss = chosen_nll(model, batches(step), autocast_dtype=autocast_dtype, backend=backend)
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm))
-        guard.allows(f"SFT step {step + 1} of {steps}", loss.item(), grad_norm)
+        losses.append(loss.item())
+        guard.allows(f"SFT step {step + 1} of {steps}", losses[-1], grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
         if progress is not None:
             progress.update()
             progress.set_postfix(nll=f"{losses[-1]:.3f}")
