@@ -15,6 +15,7 @@ from .api import GRPO_LOSS_TYPES, ddpo_loss, dpo_loss, grpo_loss, sequence_logps
 from .linear import (linear_ddpo_loss, linear_dpo_loss, linear_grpo_loss, linear_sequence_logps,
                      linear_token_logprobs)
 from .losses import DDPOOutput, GRPOOutput
+from .module import head_forward, run_as_forward
 
 __version__ = "0.1.0"
 
@@ -31,6 +32,7 @@ __all__ = [
     "dpo_loss",
     "extension_available",
     "grpo_loss",
+    "head_forward",
     "linear_ddpo_loss",
     "linear_dpo_loss",
     "linear_grpo_loss",
@@ -38,6 +40,7 @@ __all__ = [
     "linear_token_logprobs",
     "reference",
     "resolve_backend",
+    "run_as_forward",
     "sequence_logps",
     "token_logprobs",
 ]

@@ -45,7 +45,43 @@ def _first_true(mask: torch.Tensor) -> tuple[int, ...] | None:
 def require_tensor(value, name: str) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    check_not_sharded(value, name)
     return value
+
+
+def _dtensor_class():
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without torch.distributed has no DTensor
+        return None
+    return DTensor
+
+
+_DTENSOR = _dtensor_class()
+
+
+def sharded_kind(value: torch.Tensor) -> str | None:
+    """What kind of shard `value` is — a DTensor (FSDP2's shard, a tensor-parallel slice) or a DeepSpeed ZeRO-3
+    partition not gathered — or None for a whole local tensor."""
+    if _DTENSOR is not None and isinstance(value, _DTENSOR):
+        return f"a DTensor (placements {tuple(value.placements)}, sharded by FSDP2 or tensor parallelism)"
+    status = getattr(value, "ds_status", None)
+    if status is not None and getattr(status, "name", str(status)) != "AVAILABLE":
+        return (f"a DeepSpeed ZeRO-3 partition (shape {tuple(value.shape)}, whole "
+                f"{tuple(getattr(value, 'ds_shape', ()))}), not gathered here")
+    return None
+
+
+def check_not_sharded(value: torch.Tensor, name: str) -> None:
+    """A shard is refused by name: computing from a gathered copy (`full_tensor()`) would write a gradient that FSDP
+    or DeepSpeed never reduce, silently wrong. DESIGN.md §3, "Sharded heads"."""
+    kind = sharded_kind(value)
+    if kind is not None:
+        raise ValueError(
+            f"{name} is {kind}; rlhfv's kernels take whole local tensors, and computing from a gathered copy (a "
+            "plain full_tensor()) would give a wrong gradient. For the lm_head weight, call the function as the "
+            "head's forward, inside the model's forward: rlhfv_kernels.head_forward(lm_head, "
+            "rlhfv_kernels.linear_..., hidden, ...) (docs/distributed.md); vocab-parallel inputs are not supported")
 
 
 def check_same_device(tensor: torch.Tensor, name: str, inputs: torch.Tensor, inputs_name: str = "logits") -> None:

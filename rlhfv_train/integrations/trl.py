@@ -194,9 +194,9 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
         packed, padded_shape = None, aligned.shape
         if options.padding_free:  # padding-free: the sequences back to back, no padding run
             kwargs, aligned, packed = _packed(self, args, kwargs, aligned, options.max_tokens_per_row)
-        score = _score_hidden if options.use_fused_linear else _score_logits
-        fields, aux_loss = score(self if options.use_fused_linear else original_forward, args, kwargs, aligned,
-                                 temperature, wants_entropy, outputs, options)
+        route = (functools.partial(_score_hidden, self, original_forward) if options.use_fused_linear
+                 else functools.partial(_score_logits, original_forward))
+        fields, aux_loss = route(args, kwargs, aligned, temperature, wants_entropy, outputs, options)
         if packed is not None:
             fields = {name: packed.unpack(value, padded_shape, fill=0) for name, value in fields.items()}
         if shift_labels is None:
@@ -268,9 +268,11 @@ def _score_logits(forward, args, kwargs, padded, temperature, wants_entropy, out
     return fields, getattr(model_out, "aux_loss", None)
 
 
-def _score_hidden(model, args, kwargs, targets, temperature, wants_entropy, outputs, options):
+def _score_hidden(model, original_forward, args, kwargs, targets, temperature, wants_entropy, outputs, options):
     """The fused-linear route: the body's hidden states and the lm_head, only the positions with a label (targets
-    aligned with the hidden states)."""
+    aligned with the hidden states). This runs inside the model's forward (TRL calls it through accelerate's
+    wrappers), and the head's part as the head's forward (adapter.head_call): under FSDP2 or ZeRO-3 the weight it
+    sees is the gathered one, and its gradient goes back through the wrapper's reduction."""
     from ..models import adapter
 
     if kwargs.get("output_router_logits"):
@@ -279,10 +281,10 @@ def _score_hidden(model, args, kwargs, targets, temperature, wants_entropy, outp
     if args:
         raise ValueError("rlhfv fused head: pass the model inputs as keyword arguments")
     if not getattr(model, "_rlhfv_route_checked", False):
-        adapter.check_fused_linear(model, {k: v for k, v in kwargs.items() if k != "use_cache"})
+        adapter.check_fused_linear(model, {k: v for k, v in kwargs.items() if k != "use_cache"},
+                                   inside_forward=original_forward)
         model._rlhfv_route_checked = True
-    hidden, head = adapter.hidden_and_head(model, kwargs)
-    _refuse_sharded_head(head.weight)
+    hidden = adapter.body_hidden(model, kwargs)
     if hidden.shape[:-1] != targets.shape:
         raise ValueError(f"rlhfv fused head: hidden states cover {tuple(hidden.shape[:-1])} positions but the labels "
                          f"{tuple(targets.shape)}")
@@ -290,29 +292,22 @@ def _score_hidden(model, args, kwargs, targets, temperature, wants_entropy, outp
     index = mask.reshape(-1).nonzero().squeeze(1)
     picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
     picked_targets = targets.reshape(-1).index_select(0, index)
-    scored = rk.linear_token_logprobs(picked, head.weight, picked_targets, temperature=temperature,
-                                      chunk_size=options.chunk_size, backend=options.backend,
-                                      return_entropy=wants_entropy, **head.options())
-    per_token = dict(zip(("log_probs", "entropy"), scored if wants_entropy else (scored,)))
 
-    def logits_of(rows):
-        return head.transform.apply(F.linear(picked[rows].detach(), head.weight.detach(),
-                                             None if head.bias is None else head.bias.detach()))
+    def fields(picked, weight, bias=None, **transform):
+        scored = rk.linear_token_logprobs(picked, weight, picked_targets, bias=bias, temperature=temperature,
+                                          chunk_size=options.chunk_size, backend=options.backend,
+                                          return_entropy=wants_entropy, **transform)
+        per_token = dict(zip(("log_probs", "entropy"), scored if wants_entropy else (scored,)))
+        apply = adapter.LogitTransform(**transform).apply
 
-    per_token.update(_metric_fields(logits_of, picked.shape[0], head.weight.shape[0], picked_targets, temperature,
-                                    outputs))
-    return _scattered(per_token, mask), None
+        def logits_of(rows):
+            return apply(F.linear(picked[rows].detach(), weight.detach(), None if bias is None else bias.detach()))
 
+        per_token.update(_metric_fields(logits_of, picked.shape[0], weight.shape[0], picked_targets, temperature,
+                                        outputs))
+        return per_token
 
-def _refuse_sharded_head(weight) -> None:
-    """The fused-linear route needs the whole lm_head weight on this process (FSDP2 shards it as a DTensor, ZeRO-3
-    partitions it away): refused with a clear error rather than a shape error inside a kernel."""
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(weight, DTensor) or hasattr(weight, "ds_id"):
-        raise ValueError("use_fused_linear=True: the lm_head weight is sharded (FSDP2 DTensor or DeepSpeed ZeRO-3), "
-                         "which the fused-linear route does not gather yet; use the logits route "
-                         "(use_fused_linear=False)")
+    return _scattered(adapter.head_call(model, fields, picked), mask), None
 
 
 @contextlib.contextmanager

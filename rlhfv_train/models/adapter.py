@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+import rlhfv_kernels as rk
+
 from .forward import autocast_to, forward_logits
 
 
@@ -126,33 +128,81 @@ def body_and_head(model):
     return body, head
 
 
-def hidden_and_head(model, inputs: dict, autocast_dtype=None):
-    """(last hidden states, LmHead) of a Hugging Face model, without computing the logits: the inputs of the
-    fused-linear functions, rk.linear_*(hidden, head.weight, labels, ..., **head.options()). Under autocast the head
-    comes in the body's dtype."""
-    body, head = body_and_head(model)
-    transform = logit_transform(model)
+def body_hidden(model, inputs: dict, autocast_dtype=None) -> torch.Tensor:
+    """The last hidden states of the model's body on `inputs` (under autocast to `autocast_dtype` when given)."""
+    body, _ = body_and_head(model)
     with autocast_to(inputs, autocast_dtype):
         outputs = body(**inputs)
-    hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
+    return outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
+
+
+def head_call(model, function, hidden: torch.Tensor, *args, **options):
+    """function(hidden, lm_head.weight, *args, bias=, softcap=, logit_scale=, **options) — an rk.linear_* function,
+    or any function of those arguments — computed as the lm_head's forward (rk.head_forward: the weight a wrapper
+    gathers there, never a shard). Under autocast the head comes in the hidden states' dtype. Call it where the head's
+    parent has gathered its parameters: inside the model's forward (fused_linear_forward)."""
+    _, head = body_and_head(model)
+    transform = logit_transform(model)
+
+    def in_hidden_dtype(h, weight, *rest, bias=None, **kwargs):
+        if h.dtype != weight.dtype:  # autocast: the body ran in bf16, the head weight is fp32
+            weight, bias = weight.to(h.dtype), None if bias is None else bias.to(h.dtype)
+        return function(h, weight, *rest, bias=bias, **kwargs)
+
+    return rk.head_forward(head, in_hidden_dtype, hidden, *args, **transform.options(), **options)
+
+
+def fused_linear_forward(model, inputs: dict, function, *args, autocast_dtype=None, **options):
+    """head_call(model, function, body_hidden(model, inputs), *args, **options) computed inside the model's own
+    forward, called through `model` — whatever wraps it (DDP, FSDP2, PEFT) sees an ordinary forward, gathers the
+    parameters, hooks the backward and reduces the gradients as it would for model(**inputs). This is how the
+    trainers run the fused-linear route (DESIGN.md §3, "Sharded heads")."""
+    def forward(**received):
+        # the inputs as the wrappers handed them on (FSDP2's MixedPrecisionPolicy casts them), without the defaults
+        # a wrapper adds for its own forward's signature (PEFT's labels=None, ...)
+        hidden = body_hidden(model, {name: received[name] for name in inputs if name in received}, autocast_dtype)
+        return head_call(model, function, hidden, *args, **options)
+
+    return rk.run_as_forward(unwrap(model), forward, caller=model, **inputs)
+
+
+def hidden_and_head(model, inputs: dict, autocast_dtype=None):
+    """(last hidden states, LmHead) of a Hugging Face model in one process, without computing the logits: the inputs
+    of rk.linear_*(hidden, head.weight, labels, ..., **head.options()). Under FSDP2 or ZeRO-3 the weight read here
+    is a shard (which the kernels refuse): use fused_linear_forward there. Under autocast the head comes in the body's
+    dtype."""
+    hidden = body_hidden(model, inputs, autocast_dtype)
+    _, head = body_and_head(model)
     weight, bias = head.weight, head.bias
     if hidden.dtype != weight.dtype:  # autocast: the body ran in bf16, the head weight is fp32
         weight, bias = weight.to(hidden.dtype), None if bias is None else bias.to(hidden.dtype)
-    return hidden, LmHead(weight, bias, transform)
+    return hidden, LmHead(weight, bias, logit_transform(model))
+
+
+def _route_logits(hidden, weight, bias=None, *, softcap=None, logit_scale=1.0):
+    """(the fused-linear route's logits in fp32: the transform of hidden @ W.T + b, whether the head computes in a
+    16-bit dtype) — check_fused_linear's side of the comparison, as a head_call function."""
+    logits = F.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
+    return LogitTransform(softcap, logit_scale).apply(logits), torch.tensor(hidden.dtype != torch.float32)
 
 
 @torch.no_grad()
-def check_fused_linear(model, inputs: dict, autocast_dtype=None) -> float:
+def check_fused_linear(model, inputs: dict, autocast_dtype=None, *, inside_forward=None) -> float:
     """Compares the fused-linear route's logits (the transform of hidden @ W.T + b) with the model's own `.logits`
     on one batch, where attention_mask is 1; returns the largest difference, or raises UnsupportedModelError when it
-    exceeds what the dtype's rounding explains (the model applies something after its head that we do not know)."""
+    exceeds what the dtype's rounding explains (the model applies something after its head that we do not know).
+    Both sides go through the model's wrappers as the training steps will. inside_forward: for a caller already
+    inside the model's forward (the TRL drop-in's fused head), the model's own forward without the wrappers' hooks;
+    both sides are then computed there."""
     was_training = unwrap(model).training
     model.eval()  # dropout off: both forwards must see the same network
     try:
-        own = forward_logits(model, inputs, autocast_dtype).float()
-        hidden, head = hidden_and_head(model, inputs, autocast_dtype)
-        ours = head.transform.apply(F.linear(hidden.float(), head.weight.float(),
-                                             None if head.bias is None else head.bias.float()))
+        if inside_forward is None:
+            own = forward_logits(model, inputs, autocast_dtype).float()
+            ours, low_precision = fused_linear_forward(model, inputs, _route_logits, autocast_dtype=autocast_dtype)
+        else:
+            own = forward_logits(inside_forward, inputs, autocast_dtype).float()
+            ours, low_precision = head_call(model, _route_logits, body_hidden(model, inputs, autocast_dtype))
     finally:
         model.train(was_training)
     mask = inputs.get("attention_mask")
@@ -166,9 +216,9 @@ def check_fused_linear(model, inputs: dict, autocast_dtype=None) -> float:
     magnitude = float(own.abs().max()) if own.numel() else 0.0
     # fp32: summation order only; 16-bit: the model's own logits are rounded to the head's dtype (2**-8 in bf16).
     autocast = autocast_dtype is not None or torch.is_autocast_enabled(own.device.type)
-    rounding = 2.0 ** -7 if autocast or hidden.dtype != torch.float32 else 1e-5
+    rounding = 2.0 ** -7 if autocast or bool(low_precision) else 1e-5
     if not diff <= 1e-4 + rounding * max(magnitude, 1.0):
-        transform = head.transform
+        transform = logit_transform(model)
         raise UnsupportedModelError(
             f"{type(unwrap(model)).__name__}: its logits differ by {diff:.3g} (largest |logit| {magnitude:.3g}) from "
             f"its lm_head's output under the transform read from its config (softcap={transform.softcap}, "

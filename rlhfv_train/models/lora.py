@@ -51,11 +51,8 @@ def lora_settings(cfg) -> LoraSettings:
 
 
 def check_trainer_config(cfg) -> None:
-    """A trainer config's LoRA options, at construction: valid values, and no --fsdp with adapters (not yet)."""
-    settings = lora_settings(cfg)
-    settings.check()
-    if settings.enabled and getattr(cfg, "fsdp", False):
-        raise ValueError("--lora-r with --fsdp is not supported yet; use DDP (leave out --fsdp)")
+    """A trainer config's LoRA options, at construction."""
+    lora_settings(cfg).check()
 
 
 def add_lora(model, settings: LoraSettings, *, fused_linear: bool = False):

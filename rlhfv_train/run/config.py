@@ -88,9 +88,6 @@ class RunConfig:
             raise ValueError("--resume continues the run in --output-dir and --overwrite deletes it: give one")
         check_max_tokens_per_row(self.max_tokens_per_row, self.packing)
         check_lora_config(self)
-        if self.fused_linear and world > 1:
-            raise ValueError("--fused-linear calls the model's body and lm_head separately, which bypasses the "
-                             "DDP/FSDP wrappers; use it with a single process for now")
         if self.init_weights is not None and not os.path.isfile(self.init_weights):
             raise FileNotFoundError(f"--init-weights {self.init_weights}: no such file")
         if self.model is not None and not os.path.isdir(self.model):  # before any data work, and transformers

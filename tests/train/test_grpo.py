@@ -297,8 +297,9 @@ def test_help_shows_defaults():
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_gloo_processes(tmp_path, dataset, warm, parallel):
     """torchrun with 2 CPU processes: each samples its share of the prompts, generation under FSDP2 runs on gathered
-    parameters; the run ends with its metrics and held-out evaluation."""
-    flags = ["--fsdp"] if parallel == "fsdp" else []
+    parameters; the run ends with its metrics and held-out evaluation. DDP runs the fused-linear route (the old and
+    reference log-probs and the loss inside DDP's forward)."""
+    flags = ["--fsdp"] if parallel == "fsdp" else ["--fused-linear"]
     run = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
          "29527" if parallel == "ddp" else "29528", "-m", "rlhfv_train.grpo", "--data", dataset, "--judge", "scene",

@@ -252,12 +252,20 @@ def test_fused_head_of_a_batch_without_labels(fused_linear):
     (out.log_probs.sum() + out.entropy.sum()).backward()
 
 
-def test_fused_linear_refuses_a_sharded_head(tmp_path):
-    """A ZeRO-3-partitioned lm_head (DeepSpeed marks its parameters with ds_id) is refused by name, not fed to a
-    kernel as an empty weight."""
+def test_fused_linear_refuses_a_head_left_sharded(tmp_path):
+    """A ZeRO-3 partition of the lm_head that no hook gathered (DeepSpeed marks it NOT_AVAILABLE) is refused by
+    name, not fed to a kernel as an empty weight."""
+    import enum
+
+    class Status(enum.Enum):
+        NOT_AVAILABLE = 2
+
     trainer = make_dpo(DPOTrainer, tmp_path, use_fused_linear=True)
-    trainer.model.lm_head.weight.ds_id = 0
-    with pytest.raises(ValueError, match="sharded"):
+    trainer.model._rlhfv_route_checked = True  # (its comparison runs the model's own head, gathered by real hooks)
+    head = trainer.model.lm_head
+    head.weight = torch.nn.Parameter(torch.empty(0))
+    head.weight.ds_status, head.weight.ds_shape = Status.NOT_AVAILABLE, torch.Size([head.out_features, head.in_features])
+    with pytest.raises(ValueError, match="lm_head's weight is still a DeepSpeed ZeRO-3 partition"):
         loss_grads_metrics(trainer)
 
 

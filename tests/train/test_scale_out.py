@@ -1,0 +1,104 @@
+"""The fused-linear route under DDP, FSDP2 and PEFT (rlhfv_kernels.head_forward, models.fused_linear_forward):
+every parameter's gradient on 2 gloo processes equals one process's on the same global batch, and what cannot be
+computed exactly is refused by name. One torchrun launch runs every layout (tests/train/wrappers_run.py)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import rlhfv_kernels as rk
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+EXACT = ["ddp", "fsdp2 head in root reshard=True", "fsdp2 head in root reshard=False",
+         "fsdp2 head own unit reshard=True", "fsdp2 head own unit reshard=False",
+         "fsdp2 head own unit, log-probs (backward recomputes)", "fsdp2 root resharded, log-probs",
+         "fsdp2 head own unit, accumulation", "fsdp2 root resharded, accumulation", "fsdp2 + peft lora",
+         "ddp + peft lora"]
+
+
+@pytest.fixture(scope="module")
+def wrapped(tmp_path_factory):
+    out = tmp_path_factory.mktemp("wrappers") / "results.json"
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29531", os.path.join(HERE, "wrappers_run.py"), str(out)],
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", EXACT)
+def test_every_gradient_matches_one_process(wrapped, case):
+    result = wrapped[case]
+    assert result["error"] < 1e-5, result
+    assert result["head_dtype"] in (None, "torch.float32")
+
+
+@pytest.mark.slow
+def test_bf16_mixed_precision_computes_with_the_bf16_weight(wrapped):
+    """MixedPrecisionPolicy(param_dtype=bf16): the head's forward sees the bf16 weight (a full_tensor() would give the
+    fp32 one), and the gradients are those of one fp32 process up to bf16 rounding."""
+    result = wrapped["fsdp2 head own unit, bf16 mixed precision"]
+    assert result["head_dtype"] == "torch.bfloat16"
+    assert result["error"] < 0.05, result
+
+
+@pytest.mark.slow
+def test_the_control_fails_and_a_shard_is_refused(wrapped):
+    """A plain full_tensor() of the head outside its hooks gives a wrong gradient (the comparison can fail), and the
+    functional API handed the shard refuses it, naming the way out."""
+    assert wrapped["naive full_tensor"]["error"] > 0.1, wrapped["naive full_tensor"]
+    message = wrapped["dtensor refused"]
+    assert message and message.startswith("weight is a DTensor") and "head_forward" in message
+    # head_forward called after the model's forward, the head in the root unit resharded: no hook of its own
+    message = wrapped["outside the forward refused"]
+    assert message and message.startswith("the lm_head's weight is still a DTensor")
+    assert "inside the model's forward" in message
+
+
+def test_head_forward_fires_the_heads_hooks_and_rebuilds_the_output():
+    """One process: head_forward runs the loss as the head's forward (a forward pre-hook sees the hidden states, a
+    hook the output as a tuple of tensors), returns the loss's own output type, and equals the direct call."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 37, bias=True)
+    hidden = torch.randn(4, 5, 16, requires_grad=True)
+    labels = torch.randint(0, 37, (4, 5))
+    labels[:, :2] = -100
+    ref = torch.randn(4)
+    seen = []
+    head.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape))
+    head.register_forward_hook(lambda module, args, out: seen.append(type(out)))
+    out = rk.head_forward(head, rk.linear_ddpo_loss, hidden, labels, ref, beta=0.3)
+    assert isinstance(out, rk.DDPOOutput) and seen == [hidden.shape, tuple]
+    direct = rk.linear_ddpo_loss(hidden, head.weight, labels, ref, bias=head.bias, beta=0.3)
+    torch.testing.assert_close(out.loss, direct.loss)
+    assert "forward" not in head.__dict__  # the module's own forward is back
+    assert torch.equal(head(hidden), F.linear(hidden, head.weight, head.bias))
+
+
+def test_head_forward_refuses_what_it_cannot_use():
+    hidden = torch.randn(3, 8)
+    with pytest.raises(TypeError, match="head must be an nn.Linear"):
+        rk.head_forward(torch.nn.Sequential(torch.nn.Linear(8, 5)), rk.linear_token_logprobs, hidden,
+                        torch.zeros(3, dtype=torch.long))
+    with pytest.raises(TypeError, match="passes the head's own bias"):
+        rk.head_forward(torch.nn.Linear(8, 5), rk.linear_token_logprobs, hidden, torch.zeros(3, dtype=torch.long),
+                        bias=None)
+
+
+def test_a_zero3_partition_is_refused_by_name():
+    """What DeepSpeed ZeRO-3 leaves of a parameter outside its module's forward (an empty partition marked
+    NOT_AVAILABLE) is refused, not read as a [0, H] weight."""
+    import enum
+
+    class Status(enum.Enum):
+        NOT_AVAILABLE = 2
+
+    weight = torch.nn.Parameter(torch.empty(0))
+    weight.ds_status, weight.ds_shape = Status.NOT_AVAILABLE, torch.Size([37, 8])
+    with pytest.raises(ValueError, match=r"weight is a DeepSpeed ZeRO-3 partition \(shape \(0,\), whole \(37, 8\)\)"):
+        rk.linear_token_logprobs(torch.randn(3, 8), weight, torch.zeros(3, dtype=torch.long))
