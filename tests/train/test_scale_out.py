@@ -102,3 +102,39 @@ def test_a_zero3_partition_is_refused_by_name():
     weight.ds_status, weight.ds_shape = Status.NOT_AVAILABLE, torch.Size([37, 8])
     with pytest.raises(ValueError, match=r"weight is a DeepSpeed ZeRO-3 partition \(shape \(0,\), whole \(37, 8\)\)"):
         rk.linear_token_logprobs(torch.randn(3, 8), weight, torch.zeros(3, dtype=torch.long))
+
+
+@pytest.fixture(scope="module")
+def trl_fsdp(tmp_path_factory):
+    pytest.importorskip("trl")
+    out = tmp_path_factory.mktemp("trl-fsdp") / "results.json"
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29532", os.path.join(HERE, "trl_fsdp_run.py"), str(out)],
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    results = json.loads(out.read_text())
+    assert all(r["fsdp"] for r in results.values())  # accelerate really sharded them (it downgrades silently)
+    return results
+
+
+def assert_same_run(results, ours, theirs):
+    assert results[ours]["losses"] == pytest.approx(results[theirs]["losses"], rel=1e-5, abs=1e-7)
+    a, b = results[ours]["weights"], results[theirs]["weights"]
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(torch.tensor(a[name]), torch.tensor(b[name]), rtol=1e-4, atol=1e-4, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ours,theirs", [
+    ("ours fused-linear", "trl"), ("ours logits", "trl"), ("grpo ours fused-linear", "grpo trl"),
+    ("ddpo fused-linear", "ddpo logits"),
+    ("ours fused-linear, head own unit", "ours logits, head own unit")])
+def test_trl_drop_ins_under_accelerates_fsdp2_train_as_trl(trl_fsdp, ours, theirs):
+    """TRL's DPOTrainer / GRPOTrainer under accelerate's FSDP2 path (2 gloo processes; its tail unit holds the final
+    norm and the lm_head): the drop-ins' two steps give TRL's losses and weights; DDPO's fused-linear route gives
+    its logits route's (TRL has no DDPO); with every nn.Linear its own unit resharded after forward, the fused-linear
+    route gives the logits route's, the model's own forward. (TRL's own fused head there reads the head with a plain
+    full_tensor(): its step-2 loss is off, recorded in docs/distributed.md, not asserted.)"""
+    assert len(trl_fsdp[ours]["losses"]) == 2
+    assert_same_run(trl_fsdp, ours, theirs)

@@ -264,7 +264,8 @@ def test_fused_linear_refuses_a_head_left_sharded(tmp_path):
     trainer.model._rlhfv_route_checked = True  # (its comparison runs the model's own head, gathered by real hooks)
     head = trainer.model.lm_head
     head.weight = torch.nn.Parameter(torch.empty(0))
-    head.weight.ds_status, head.weight.ds_shape = Status.NOT_AVAILABLE, torch.Size([head.out_features, head.in_features])
+    head.weight.ds_status = Status.NOT_AVAILABLE
+    head.weight.ds_shape = torch.Size([head.out_features, head.in_features])
     with pytest.raises(ValueError, match="lm_head's weight is still a DeepSpeed ZeRO-3 partition"):
         loss_grads_metrics(trainer)
 
