@@ -58,10 +58,11 @@ class LmHead:
 
 
 def unwrap(model):
-    """The transformers model inside DDP (.module), torch.compile (._orig_mod) and PEFT (.get_base_model()) wrappers.
-    PEFT's adapters live inside the base model's layers, so calling the unwrapped model still applies them."""
+    """The transformers model inside DDP and DeepSpeed's engine (.module), torch.compile (._orig_mod) and PEFT
+    (.get_base_model()) wrappers. PEFT's adapters live inside the base model's layers, so calling the unwrapped model
+    still applies them. (FSDP2 shards the model in place: no wrapper.)"""
     while True:
-        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel) or type(model).__name__ == "DeepSpeedEngine":
             model = model.module
         elif hasattr(model, "_orig_mod"):
             model = model._orig_mod

@@ -1,6 +1,7 @@
 """The fused-linear route under DDP, FSDP2 and PEFT (rlhfv_kernels.head_forward, models.fused_linear_forward):
 every parameter's gradient on 2 gloo processes equals one process's on the same global batch, and what cannot be
 computed exactly is refused by name. One torchrun launch runs every layout (tests/train/wrappers_run.py)."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -18,6 +19,7 @@ EXACT = ["ddp", "fsdp2 head in root reshard=True", "fsdp2 head in root reshard=F
          "fsdp2 head own unit, log-probs (backward recomputes)", "fsdp2 root resharded, log-probs",
          "fsdp2 head own unit, accumulation", "fsdp2 root resharded, accumulation", "fsdp2 + peft lora",
          "ddp + peft lora"]
+ZERO3 = ["zero3 ddpo", "zero3 logps"]  # where DeepSpeed is installed (requirements.txt)
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +33,11 @@ def wrapped(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", EXACT)
+@pytest.mark.parametrize("case", EXACT + ZERO3)
 def test_every_gradient_matches_one_process(wrapped, case):
+    if case in ZERO3:
+        pytest.importorskip("deepspeed")
+        assert wrapped[case]["partitioned"]  # the head really was a ZeRO-3 partition outside its forward
     result = wrapped[case]
     assert result["error"] < 1e-5, result
     assert result["head_dtype"] in (None, "torch.float32")
@@ -105,15 +110,24 @@ def test_a_zero3_partition_is_refused_by_name():
 
 
 @pytest.fixture(scope="module")
-def trl_fsdp(tmp_path_factory):
+def trl_sharded(tmp_path_factory):
     pytest.importorskip("trl")
     out = tmp_path_factory.mktemp("trl-fsdp") / "results.json"
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          "29532", os.path.join(HERE, "trl_fsdp_run.py"), str(out)],
+                          "29532", os.path.join(HERE, "trl_sharded_run.py"), str(out)],
                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
     results = json.loads(out.read_text())
     assert all(r["fsdp"] for r in results.values())  # accelerate really sharded them (it downgrades silently)
+    if importlib.util.find_spec("deepspeed") is not None:
+        out = out.with_name("zero3.json")
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                              "--master_port", "29533", os.path.join(HERE, "trl_sharded_run.py"), str(out), "zero3"],
+                             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+        assert run.returncode == 0, run.stderr[-4000:]
+        zero3 = json.loads(out.read_text())
+        assert all(r["partitioned"] for r in zero3.values())
+        results.update(zero3)
     return results
 
 
@@ -129,12 +143,15 @@ def assert_same_run(results, ours, theirs):
 @pytest.mark.parametrize("ours,theirs", [
     ("ours fused-linear", "trl"), ("ours logits", "trl"), ("grpo ours fused-linear", "grpo trl"),
     ("ddpo fused-linear", "ddpo logits"),
-    ("ours fused-linear, head own unit", "ours logits, head own unit")])
-def test_trl_drop_ins_under_accelerates_fsdp2_train_as_trl(trl_fsdp, ours, theirs):
+    ("ours fused-linear, head own unit", "ours logits, head own unit"), ("zero3 ours fused-linear", "zero3 trl")])
+def test_trl_drop_ins_under_accelerates_fsdp2_train_as_trl(trl_sharded, ours, theirs):
     """TRL's DPOTrainer / GRPOTrainer under accelerate's FSDP2 path (2 gloo processes; its tail unit holds the final
     norm and the lm_head): the drop-ins' two steps give TRL's losses and weights; DDPO's fused-linear route gives
     its logits route's (TRL has no DDPO); with every nn.Linear its own unit resharded after forward, the fused-linear
     route gives the logits route's, the model's own forward. (TRL's own fused head there reads the head with a plain
-    full_tensor(): its step-2 loss is off, recorded in docs/distributed.md, not asserted.)"""
-    assert len(trl_fsdp[ours]["losses"]) == 2
-    assert_same_run(trl_fsdp, ours, theirs)
+    full_tensor(): its step-2 loss is off, recorded in docs/distributed.md, not asserted.) And under accelerate's
+    DeepSpeed ZeRO-3 path, where DeepSpeed is installed, the drop-in gives TRL's own numbers."""
+    if ours.startswith("zero3"):
+        pytest.importorskip("deepspeed")
+    assert len(trl_sharded[ours]["losses"]) == 2
+    assert_same_run(trl_sharded, ours, theirs)

@@ -107,6 +107,32 @@ def lora(model):
                                                       init_lora_weights=False))
 
 
+def zero3(results, truth_of, mine):
+    """DeepSpeed ZeRO-3 (its CPU accelerator, gloo): the engine's forward and the head's own gathers, for the loss
+    (gradients in the forward) and the log-probs (the backward gathers the head again to recompute)."""
+    try:
+        import deepspeed
+        import deepspeed.comm.torch
+    except ImportError:
+        return
+    deepspeed.comm.torch.build_shm_op = lambda: None  # a CPU all-reduce fast path, JIT-compiled (~30 s): not needed
+    from deepspeed.utils import safe_get_full_grad
+    config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+              "zero_allow_untested_optimizer": True}
+    for function in ("ddpo", "logps"):
+        truth, truth_loss = truth_of(lambda m: m, function)
+        model = build_model()
+        engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+                                          config=config)
+        engine.backward(loss_of(engine, mine, function=function))
+        partitioned = model.lm_head.weight.numel() == 0  # (a small parameter stays whole by default: threshold 0)
+        grads = {name: safe_get_full_grad(p).float().clone() for name, p in model.named_parameters()}
+        error, worst = compare(grads, truth)
+        results[f"zero3 {function}"] = {"error": error, "worst": worst, "loss": truth_loss, "head_dtype": None,
+                                        "partitioned": partitioned}
+
+
 def main(out_path):
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -183,6 +209,7 @@ def main(out_path):
         results["outside the forward refused"] = None
     except ValueError as exc:
         results["outside the forward refused"] = str(exc)
+    zero3(results, truth_of, mine)
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(results, f, indent=1)

@@ -1,7 +1,7 @@
 """TRL's DPOTrainer and the drop-ins under accelerate's own FSDP2 path on CPU (tests/train/test_scale_out.py launches
 it with torchrun, 2 gloo processes).
 
-    torchrun --nproc_per_node 2 tests/train/trl_fsdp_run.py OUT.json
+    torchrun --nproc_per_node 2 tests/train/trl_sharded_run.py OUT.json [zero3]
 
 accelerate runs FSDP only on GPU-like devices: on CPU it turns an FSDP plugin into plain DDP without a word
 (../shared/notes/cpu-distributed.md). `force_fsdp_on_cpu` makes its state take the FSDP path on CPU, so
@@ -9,6 +9,8 @@ accelerate runs FSDP only on GPU-like devices: on CPU it turns an FSDP plugin in
 exactly as accelerate's fsdp2_prepare_model does on GPUs (the decoder layers resharded after forward, a tail unit of
 the final norm and the lm_head, the root). Each trainer trains 2 steps on the same 4 pairs (one pair per process per step); process 0
 writes {trainer: {"losses": [...], "weights": {name: flat list}, "fsdp": was the model FSDP2-sharded}} to OUT.json.
+With `zero3`: DPOTrainer and the drop-in under accelerate's DeepSpeed ZeRO-3 path instead (DPOConfig(deepspeed=...),
+which runs on CPU as it is).
 """
 import copy
 import json
@@ -33,6 +35,41 @@ def force_fsdp_on_cpu():
             state.PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
     state.AcceleratorState.__init__ = init
+
+
+def zero3(out_path):
+    import deepspeed.comm.torch
+    deepspeed.comm.torch.build_shm_op = lambda: None  # a CPU all-reduce fast path, JIT-compiled (~30 s): not needed
+    import datasets
+    import trl
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from test_trl_dropin import ROWS, TOKENIZER, tiny_llama
+
+    from rlhfv_train.integrations.trl import DPOTrainer
+
+    config = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+              "train_batch_size": "auto", "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+              "zero_allow_untested_optimizer": True}
+    results = {}
+    for name, cls, options in (("zero3 trl", trl.DPOTrainer, {}),
+                               ("zero3 ours fused-linear", DPOTrainer, {"use_fused_linear": True})):
+        model = tiny_llama()
+        args = trl.DPOConfig(output_dir=os.path.join(os.path.dirname(out_path), name.replace(" ", "-")), max_steps=2,
+                             per_device_train_batch_size=1, learning_rate=1e-2, report_to=[], logging_steps=1,
+                             save_strategy="no", use_cpu=True, bf16=False, beta=0.5, seed=0, deepspeed=config)
+        trainer = cls(model=model, ref_model=copy.deepcopy(model), args=args, processing_class=TOKENIZER,
+                      train_dataset=datasets.Dataset.from_list(ROWS), **options)
+        trainer.train()
+        head = trainer.model.lm_head.weight  # partitioned between the steps (persistence threshold 0)
+        partitioned = type(trainer.model_wrapped).__name__ == "DeepSpeedEngine" and head.numel() == 0
+        weights = {n: safe_get_full_fp32_param(p).flatten().tolist() for n, p in trainer.model.named_parameters()}
+        results[name] = {"losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
+                         "weights": weights, "partitioned": partitioned}
+    if int(os.environ["RANK"]) == 0:
+        with open(out_path, "w") as f:
+            json.dump(results, f)
 
 
 def main(out_path):
@@ -108,4 +145,4 @@ def main(out_path):
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    main(sys.argv[1])
+    (zero3 if sys.argv[2:] == ["zero3"] else main)(sys.argv[1])
