@@ -15,6 +15,7 @@ from .api import GRPO_LOSS_TYPES, ddpo_loss, dpo_loss, grpo_loss, sequence_logps
 from .linear import (linear_ddpo_loss, linear_dpo_loss, linear_grpo_loss, linear_sequence_logps,
                      linear_token_logprobs)
 from .losses import DDPOOutput, GRPOOutput
+from ._checks import check_not_sharded
 from .module import head_forward, run_as_forward
 
 __version__ = "0.1.0"
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
+    "check_not_sharded",
     "DDPOOutput",
     "GRPO_LOSS_TYPES",
     "GRPOOutput",

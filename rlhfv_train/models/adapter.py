@@ -110,7 +110,7 @@ def logit_transform(model) -> LogitTransform:
 
 def body_and_head(model):
     """(body, lm_head module) of a Hugging Face model: the body returns the last hidden states, the head is a plain
-    nn.Linear. Anything else (no split, an adapter on the head) is refused."""
+    nn.Linear or a PEFT LoRA layer over one (lora_adapters). Anything else is refused."""
     base = unwrap(model)
     family = type(base).__name__
     body = getattr(base, "model", None)
@@ -118,15 +118,38 @@ def body_and_head(model):
     if body is None or head is None:
         raise UnsupportedModelError(f"--fused-linear needs a model with .model (the body) and an output embedding "
                                     f"(lm_head); {family} has no such split")
-    if hasattr(head, "base_layer") or hasattr(head, "lora_A"):
-        raise UnsupportedModelError(
-            f"{family}: the lm_head carries a PEFT adapter ({type(head).__name__}); the fused-linear route would use "
-            "its base weight without the adapter's update. Leave lm_head out of the adapter's target modules, or "
-            "train without --fused-linear")
-    if not isinstance(head, torch.nn.Linear):
+    lora_adapters(head, family)  # refuses the PEFT layers the route cannot reproduce
+    if not isinstance(getattr(head, "base_layer", head), torch.nn.Linear):
         raise UnsupportedModelError(f"{family}: the lm_head is a {type(head).__name__}, not an nn.Linear; the "
                                     "fused-linear route needs its weight [V, H] and bias")
     return body, head
+
+
+def lora_adapters(head, family: str = "the model") -> list | None:
+    """None for a head without adapters; for a PEFT LoRA layer on the head, its active adapters as (lora_A, lora_B
+    weight, dropout, scaling), empty when the adapters are disabled (the reference) or merged into the base weight.
+    The fused-linear route computes base(x) + scaling * B(A(dropout(x))) as one product, hidden and weight widened by
+    the rank: [x, scaling * A(dropout(x))] @ [W, B].T (head_call). A LoRA variant (DoRA, ...), a bias on B and any
+    other PEFT layer are refused: the widened product would not be the model's logits."""
+    if not hasattr(head, "base_layer") and not hasattr(head, "lora_A"):
+        return None
+    if not (hasattr(head, "lora_A") and hasattr(head, "lora_B") and isinstance(head.base_layer, torch.nn.Linear)):
+        raise UnsupportedModelError(
+            f"{family}: the lm_head carries a PEFT adapter ({type(head).__name__}) other than LoRA on an nn.Linear; "
+            "the fused-linear route cannot apply it. Leave lm_head out of the adapter's target modules, or train "
+            "without --fused-linear")
+    if head.disable_adapters or head.merged:
+        return []
+    adapters = []
+    for name in head.active_adapters:
+        if name not in head.lora_A:
+            continue
+        if name in getattr(head, "lora_variant", {}) or head.lora_B[name].bias is not None:
+            raise UnsupportedModelError(
+                f"{family}: the lm_head's LoRA adapter {name!r} is a variant (DoRA, ...) or has a bias on lora_B; the "
+                "fused-linear route computes plain LoRA only. Train without --fused-linear")
+        adapters.append((head.lora_A[name], head.lora_B[name].weight, head.lora_dropout[name], head.scaling[name]))
+    return adapters
 
 
 def body_hidden(model, inputs: dict, autocast_dtype=None) -> torch.Tensor:
@@ -140,17 +163,35 @@ def body_hidden(model, inputs: dict, autocast_dtype=None) -> torch.Tensor:
 def head_call(model, function, hidden: torch.Tensor, *args, **options):
     """function(hidden, lm_head.weight, *args, bias=, softcap=, logit_scale=, **options) — an rk.linear_* function,
     or any function of those arguments — computed as the lm_head's forward (rk.head_forward: the weight a wrapper
-    gathers there, never a shard). Under autocast the head comes in the hidden states' dtype. Call it where the head's
+    gathers there, never a shard). Under autocast the head comes in the hidden states' dtype. A LoRA adapter on the
+    head enters the same fused pass, hidden and weight widened by its rank (lora_adapters). Call it where the head's
     parent has gathered its parameters: inside the model's forward (fused_linear_forward)."""
     _, head = body_and_head(model)
-    transform = logit_transform(model)
+    options = {**logit_transform(model).options(), **options}
 
     def in_hidden_dtype(h, weight, *rest, bias=None, **kwargs):
         if h.dtype != weight.dtype:  # autocast: the body ran in bf16, the head weight is fp32
             weight, bias = weight.to(h.dtype), None if bias is None else bias.to(h.dtype)
         return function(h, weight, *rest, bias=bias, **kwargs)
 
-    return rk.head_forward(head, in_hidden_dtype, hidden, *args, **transform.options(), **options)
+    adapters = lora_adapters(head)
+    if adapters is None:
+        return rk.head_forward(head, in_hidden_dtype, hidden, *args, **options)
+    base = head.base_layer
+
+    def widened(h):
+        rk.check_not_sharded(base.weight, "the lm_head's base weight")
+        hs, ws = [h], [base.weight.to(h.dtype)]
+        for lora_a, lora_b, dropout, scaling in adapters:
+            hs.append((lora_a(dropout(h.to(lora_a.weight.dtype))) * scaling).to(h.dtype))
+            ws.append(lora_b.to(h.dtype))
+        if len(hs) > 1:  # a [V, H + r] copy of the weight per call (benchmarks/lora_head.py)
+            h, weight = torch.cat(hs, -1), torch.cat(ws, 1)
+        else:
+            weight = ws[0]
+        return in_hidden_dtype(h, weight, *args, bias=base.bias, **options)
+
+    return rk.run_as_forward(head, widened, hidden)
 
 
 def fused_linear_forward(model, inputs: dict, function, *args, autocast_dtype=None, **options):
@@ -172,8 +213,11 @@ def hidden_and_head(model, inputs: dict, autocast_dtype=None):
     of rk.linear_*(hidden, head.weight, labels, ..., **head.options()). Under FSDP2 or ZeRO-3 the weight read here
     is a shard (which the kernels refuse): use fused_linear_forward there. Under autocast the head comes in the body's
     dtype."""
-    hidden = body_hidden(model, inputs, autocast_dtype)
     _, head = body_and_head(model)
+    if lora_adapters(head) is not None:
+        raise UnsupportedModelError("the lm_head carries a PEFT adapter (LoRA), which no single weight holds; use "
+                                    "fused_linear_forward, which widens the fused product by the adapter's rank")
+    hidden = body_hidden(model, inputs, autocast_dtype)
     weight, bias = head.weight, head.bias
     if hidden.dtype != weight.dtype:  # autocast: the body ran in bf16, the head weight is fp32
         weight, bias = weight.to(hidden.dtype), None if bias is None else bias.to(hidden.dtype)

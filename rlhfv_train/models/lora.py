@@ -7,8 +7,9 @@ trainer scores its references before training anyway, and GRPO's KL reference is
 Only the adapters train; checkpoints hold the wrapped model's whole state dict, which a run or
 `python -m rlhfv_train.evaluate --checkpoint` re-wraps the same way before loading.
 
-target "all-linear" is peft's: every linear layer but the output head. A LoRA on lm_head is refused by the
-fused-linear route (models/adapter.py), whose kernels take the head's base weight.
+target "all-linear" is peft's: every linear layer but the output head. A LoRA on lm_head (--lora-target
+"q_proj,lm_head") trains on both routes: the fused-linear route widens its product by the adapter's rank
+(models/adapter.py lora_adapters).
 """
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ def check_trainer_config(cfg) -> None:
 
 def add_lora(model, settings: LoraSettings, *, fused_linear: bool = False):
     """`model` wrapped with LoRA adapters (a peft PeftModel whose base weights are frozen); `model` itself when
-    settings.r == 0. fused_linear: refuse, now, adapters the fused-linear route cannot apply (one on lm_head)."""
+    settings.r == 0. fused_linear: refuse, now, adapters the fused-linear route cannot apply (a variant on lm_head)."""
     settings.check()
     if not settings.enabled:
         return model
@@ -73,7 +74,7 @@ def add_lora(model, settings: LoraSettings, *, fused_linear: bool = False):
         raise ValueError(f"--lora-target {settings.target!r}: {exc}") from exc
     if fused_linear:
         from .adapter import body_and_head
-        body_and_head(wrapped)  # raises UnsupportedModelError for an adapter on the head
+        body_and_head(wrapped)  # raises UnsupportedModelError for an adapter on the head it cannot apply
     return wrapped
 
 

@@ -1,14 +1,17 @@
 """rlhfv_train/models/adapter.py on real transformers model classes (tiny, random weights, built in code): the
 fused-linear route (hidden states + lm_head + the final logit transform read from the config) gives the log-probs of
 the model's own `.logits` for plain, soft-capped (Gemma 2/3), scaled (Cohere, Cohere2) and divided (Granite) families,
-under PEFT wrappers; a transform nobody announced, or an adapter on lm_head, is refused with a clear error."""
+under PEFT wrappers (a LoRA adapter on lm_head included); a transform nobody announced is refused with a clear
+error."""
+import contextlib
+
 import pytest
 import torch
 
 import rlhfv_kernels as rk
 from rlhfv_kernels import reference
-from rlhfv_train.models import (LogitTransform, UnsupportedModelError, check_fused_linear, hidden_and_head,
-                                logit_transform)
+from rlhfv_train.models import (LogitTransform, UnsupportedModelError, check_fused_linear, fused_linear_forward,
+                                hidden_and_head, logit_transform)
 
 VOCAB, HIDDEN = 512, 64
 COMMON = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2,
@@ -142,8 +145,43 @@ def test_peft_wrapped_model_gives_hidden_states_not_logits():
     assert logit_transform(wrapped) == LogitTransform(softcap=30.0)
 
 
-def test_lora_on_lm_head_is_refused():
+def test_lora_on_lm_head_enters_the_fused_product():
+    """A LoRA adapter on lm_head (dropout 0.3 included): fused_linear_forward's log-probs and gradients (base frozen;
+    A, B and the body's) equal the model's own logits path, widened by the rank; disabled (the reference), the
+    adapter is left out; hidden_and_head, which returns one weight, refuses the head."""
     peft = pytest.importorskip("peft")
-    wrapped = peft.get_peft_model(build("llama"), peft.LoraConfig(r=4, target_modules=["lm_head"]))
-    with pytest.raises(UnsupportedModelError, match="lm_head carries a PEFT adapter"):
-        hidden_and_head(wrapped, batch()[0])
+    inputs, labels = batch()
+
+    def run(fused, dropout_seed=0, disabled=False):
+        torch.manual_seed(0)
+        wrapped = peft.get_peft_model(build("gemma2"), peft.LoraConfig(r=4, target_modules=["lm_head", "q_proj"],
+                                                                        lora_dropout=0.3, init_lora_weights=False))
+        wrapped.train()
+        torch.manual_seed(dropout_seed)
+        context = wrapped.disable_adapter() if disabled else contextlib.nullcontext()
+        with context:
+            if fused:
+                logps = fused_linear_forward(wrapped, inputs, rk.linear_token_logprobs, labels)
+            else:
+                logps = rk.token_logprobs(wrapped(**inputs).logits, labels)
+        if not disabled:  # (disabled, nothing trainable is used)
+            (logps * torch.linspace(0.5, 1.5, logps.numel()).view(logps.shape)).sum().backward()
+        grads = {n: p.grad for n, p in wrapped.named_parameters() if p.grad is not None}
+        return logps.detach(), grads, wrapped
+
+    own, own_grads, _ = run(False)
+    ours, our_grads, wrapped = run(True)
+    torch.testing.assert_close(ours, own, rtol=0, atol=2e-4)
+    assert own_grads.keys() == our_grads.keys() and any("lm_head.lora_B" in n for n in own_grads)
+    for name, grad in own_grads.items():
+        torch.testing.assert_close(our_grads[name], grad, rtol=1e-3, atol=1e-5, msg=name)
+    other_dropout, _, _ = run(True, dropout_seed=1)
+    assert not torch.allclose(other_dropout, ours)  # the dropout is the adapter's own, drawn per call
+    reference, _, _ = run(True, disabled=True)
+    torch.testing.assert_close(reference, run(False, disabled=True)[0], rtol=0, atol=2e-4)
+    assert not torch.allclose(reference, ours, atol=1e-3)
+    with pytest.raises(UnsupportedModelError, match="lm_head carries a PEFT adapter \\(LoRA\\)"):
+        hidden_and_head(wrapped, inputs)
+    dora = peft.get_peft_model(build("llama"), peft.LoraConfig(r=4, target_modules=["lm_head"], use_dora=True))
+    with pytest.raises(UnsupportedModelError, match="LoRA adapter 'default' is a variant"):
+        fused_linear_forward(dora, inputs, rk.linear_token_logprobs, labels)

@@ -5,8 +5,9 @@
 
 Each case builds the same tiny Llama (untied 613-token head), wraps it (DDP; FSDP2 with the head in the root unit or
 its own unit, resharded after forward or not; gradient accumulation with the sync deferred; bf16
-MixedPrecisionPolicy; PEFT LoRA under FSDP2), computes a fused-linear loss of this process's half of the batch through
-rlhfv_train.models.fused_linear_forward, and compares every parameter's gradient (gathered for the comparison only)
+MixedPrecisionPolicy; PEFT LoRA, on the lm_head too, under DDP and FSDP2; DeepSpeed ZeRO-3 where installed),
+computes a fused-linear loss of this process's half of the batch through rlhfv_train.models.fused_linear_forward,
+and compares every parameter's gradient (gathered for the comparison only)
 with the gradient of the mean loss over the whole batch in one process. Process 0 writes
 {case: {"error": largest relative error over the parameters, "worst": its parameter, "loss": ...}} to OUT.json.
 "naive full_tensor" is the control: the head weight read with a plain full_tensor() outside the wrappers' hooks, which
@@ -103,8 +104,9 @@ def fsdp(model, *, head_unit, reshard, mp=None):
 def lora(model):
     import peft
     torch.manual_seed(2)
-    return peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
-                                                      init_lora_weights=False))
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+    return peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                      init_lora_weights=False))  # the head's widened by the rank
 
 
 def zero3(results, truth_of, mine):
