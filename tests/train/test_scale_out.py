@@ -155,3 +155,27 @@ def test_trl_drop_ins_under_accelerates_fsdp2_train_as_trl(trl_sharded, ours, th
         pytest.importorskip("deepspeed")
     assert len(trl_sharded[ours]["losses"]) == 2
     assert_same_run(trl_sharded, ours, theirs)
+
+
+@pytest.mark.slow
+def test_the_scale_out_benchmark_runs(tmp_path):
+    """benchmarks/scale_out.py (2 gloo processes, FSDP2, both routes) on a small head: one row per route, each with
+    every process's times and peak memory (the recorded runs: benchmarks/results/scale-out-*)."""
+    from benchmarks import scale_out
+    path = tmp_path / "s.json"
+    assert scale_out.main(["--vocab", "500", "--pairs", "2", "--repeats", "1", "--port", "29534",
+                           "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())["results"]
+    assert [r["route"] for r in rows] == list(scale_out.ROUTES)
+    assert all(len(r["per_rank"]) == 2 and r["step_median_ms"] > 0 and r["peak_extra_bytes"] > 0 for r in rows)
+
+
+def test_the_lora_head_benchmark_runs(tmp_path):
+    """benchmarks/lora_head.py: the widened product, the merged weight and the logits route give the same loss."""
+    from benchmarks import lora_head
+    path = tmp_path / "l.json"
+    assert lora_head.main(["--vocab", "300", "--hidden", "16", "--rank", "4", "--pairs", "2", "--tokens", "8",
+                           "--repeats", "1", "--device", "cpu", "--json", str(path)]) == 0
+    rows = {r["impl"]: r for r in json.loads(path.read_text())["results"]}
+    for name in ("merged weight", "logits route"):
+        assert rows[name]["loss"] == pytest.approx(rows["widened (ours)"]["loss"], rel=1e-5)
