@@ -1,8 +1,10 @@
-"""A LoRA adapter on the lm_head, on the fused-linear route: the product widened by the rank (what
-rlhfv_train.models.adapter.head_call does: [x, s*A(dropout(x))] @ [W, B].T, one fused pass) vs the adapter merged
-into a fresh weight each step (W + s*B@A, exact only without dropout), beside the same pass without an adapter
-(the head frozen) and the logits route (the model's own logits, base + adapter, scored in place). One DDPO loss
-forward + backward, side by side in one run (time and peak extra memory).
+"""A LoRA adapter on the lm_head, on the fused-linear route: the kernels' low-rank term (what
+rlhfv_train.models.adapter.head_call does: x @ W.T + u @ B.T with u = s*A(dropout(x)), rank-r products inside the
+fused pass, the frozen W's gradient never formed) vs the product widened by the rank ([x, u] @ [W, B].T: a [V, H + r]
+copy and its fp32 gradient) vs the adapter merged into a fresh weight each step (W + s*B@A, exact only without
+dropout), beside the same pass without an adapter (the head frozen) and the logits route (the model's own logits,
+base + adapter, scored in place). One DDPO loss forward + backward, side by side in one run (time and peak extra
+memory).
 
     python benchmarks/lora_head.py                          # V = 32000, H = 256, r = 16, 8 pairs of 64 tokens
     python benchmarks/lora_head.py --vocab 151936 --hidden 512 --json out.json
@@ -48,6 +50,10 @@ def main(argv=None) -> int:
     labels[:, :T // 2] = -100
     ref = torch.full((rows,), -20.0, device=device)
 
+    def low_rank_term():
+        u = F.linear(x, A) * scaling
+        return rk.linear_ddpo_loss(x, W, labels, ref, mode="mean", low_rank=(u, B)).loss
+
     def widened():
         u = F.linear(x, A) * scaling
         return rk.linear_ddpo_loss(torch.cat([x, u], -1), torch.cat([W, B], 1), labels, ref, mode="mean").loss
@@ -62,7 +68,7 @@ def main(argv=None) -> int:
         logits = F.linear(x, W) + F.linear(F.linear(x, A), B) * scaling
         return rk.ddpo_loss(logits, labels, ref, mode="mean", inplace_backward=True).loss
 
-    impls = {"widened (ours)": widened, "merged weight": merged, "no adapter (frozen head)": frozen_head,
+    impls = {"low-rank term (ours)": low_rank_term, "widened weight": widened, "merged weight": merged, "no adapter (frozen head)": frozen_head,
              "logits route": logits_route}
     losses = {}
     print(f"LoRA on the lm_head, {device_name(device)}: {rows} x {T} tokens ({rows * T // 2} scored), V={V}, H={H}, "

@@ -10,6 +10,10 @@ chunk's logits can be turned into their gradient right away instead of being rec
     logits <- c (onehot - softmax(z)) dz/dx         (the backend's logprob_bwd_, in place; z: the logit transform)
     dhidden[chunk] = dlogits @ W;  dW += dlogits.T @ hidden[chunk]   GEMMs 2 and 3
 
+A low-rank term (u [.., r], B [V, r]: a LoRA adapter on the head) adds u @ B.T to the logits of GEMM 1 and gives
+du = dlogits @ B and dB += dlogits.T @ u beside GEMMs 2 and 3: rank-r products, no [V, H + r] copy; with the base
+weight frozen (LoRA) GEMM 3 is skipped, so the adapter's gradient costs [V, r], not [V, H].
+
 The backward then only multiplies the stored gradients by grad_output. A group with more non-ignored tokens than the
 chunk budget is taken whole in one pass by default (like Liger's one-pair chunks); under an explicit, strict budget
 it takes two passes over pieces of at most the budget (logps of every piece, then c, then each piece recomputed):
@@ -82,11 +86,15 @@ class _Engine:
         self.family = _backend.operators(backend)
         self.output = None  # spec.whole's result on the final log-probs (metrics), set by run()
 
-    def run(self, hidden, weight, bias, needs):
+    def run(self, hidden, weight, bias, needs, low_rank=(None, None)):
+        """needs: which of (hidden, weight, bias, u, B) want a gradient; low_rank: (u, B) or (None, None)."""
         rows, seq = self.labels.shape
         self.flat_hidden = hidden.reshape(-1, hidden.shape[-1])
         self.flat_labels = self.labels.reshape(-1)
         self.weight, self.bias = weight, bias
+        u, self.low_weight = low_rank
+        self.flat_low = None if u is None else u.reshape(-1, u.shape[-1])
+        needs = tuple(needs) + (False,) * (5 - len(needs))
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         self.logps = torch.zeros(rows, seq, dtype=acc, device=hidden.device)
         active = self.labels != self.ignore_index
@@ -95,6 +103,8 @@ class _Engine:
         self.dweight, self.dweight_written = (torch.empty(weight.shape, dtype=acc, device=weight.device)
                                               if needs[1] else None), False
         self.dbias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if needs[2] else None
+        self.dlow = torch.zeros_like(self.flat_low) if needs[3] else None
+        self.dlow_weight = torch.zeros(self.low_weight.shape, dtype=acc, device=weight.device) if needs[4] else None
         positions = torch.arange(seq, device=hidden.device)
         counts = active.sum(-1).tolist()
         self.scoring_only = not any(needs)  # no gradient wanted: log-probs only, every group may be cut
@@ -109,9 +119,9 @@ class _Engine:
             self._chunk(chunk, chunk_rows, mask, slots)
         if self.dweight is not None and not self.dweight_written:
             self.dweight.zero_()
-        self.buffer = self.flat_hidden = None  # the chunk buffer must not outlive the forward
+        self.buffer = self.flat_hidden = self.flat_low = None  # the chunk buffer must not outlive the forward
         self.output = self.spec.whole(self.logps)
-        return self.output.loss.detach(), self.dhidden, self.dweight, self.dbias
+        return self.output.loss.detach(), (self.dhidden, self.dweight, self.dbias, self.dlow, self.dlow_weight)
 
     def _chunk(self, chunk, chunk_rows, mask, slots):
         starts = range(0, slots.numel(), chunk.piece_tokens)
@@ -133,18 +143,29 @@ class _Engine:
             self._gradients(logits, piece, h, labels, coef[start:start + piece[0].numel()], lse)
 
     def _gather(self, slots):
-        """((slots, their tokens in the hidden stream), their hidden rows, their labels)."""
+        """((slots, their tokens in the hidden stream), their hidden rows (with the low-rank term's: a pair),
+        their labels)."""
         tokens = slots if self.token_of_slot is None else self.token_of_slot.index_select(0, slots)
-        return (slots, tokens), self.flat_hidden.index_select(0, tokens), self.flat_labels.index_select(0, slots)
+        h = self.flat_hidden.index_select(0, tokens)
+        low = None if self.flat_low is None else self.flat_low.index_select(0, tokens)
+        return (slots, tokens), (h, low), self.flat_labels.index_select(0, slots)
 
-    def _logits(self, h):
-        """h @ W.T (+ b), written into one buffer reused by every piece: a fresh chunk-sized allocation per piece
-        would cost its page faults again each time (CPU) or fragment the cache (CUDA)."""
+    def _logits(self, hs):
+        """h @ W.T (+ b) (+ u @ B.T), written into one buffer reused by every piece: a fresh chunk-sized allocation
+        per piece would cost its page faults again each time (CPU) or fragment the cache (CUDA)."""
+        h, low = hs
         vocab = self.weight.shape[0]
         out = self.buffer[:h.shape[0] * vocab].view(h.shape[0], vocab)
-        if self.bias is None:
-            return torch.mm(h, self.weight.t(), out=out)
-        return torch.addmm(self.bias, h, self.weight.t(), out=out)
+        if low is None:
+            if self.bias is None:
+                return torch.mm(h, self.weight.t(), out=out)
+            return torch.addmm(self.bias, h, self.weight.t(), out=out)
+        # the small terms first: in a 16-bit buffer the large product is then rounded once, with them, as the
+        # widened GEMM [h, u] @ [W, B].T would round it
+        torch.mm(low, self.low_weight.t(), out=out)
+        if self.bias is not None:
+            out += self.bias
+        return out.addmm_(h, self.weight.t())
 
     def _forward(self, piece, h, labels):
         """Logits of the piece's tokens and their (logp, lse); logp is written into self.logps at their slots."""
@@ -160,8 +181,10 @@ class _Engine:
             (grad,) = torch.autograd.grad(self.spec.share(chunk_rows, x), x)
         return grad[mask]
 
-    def _gradients(self, logits, piece, h, labels, coef, lse):
-        """Turns `logits` into dlogits in place and adds their products into dhidden, dweight, dbias."""
+    def _gradients(self, logits, piece, hs, labels, coef, lse):
+        """Turns `logits` into dlogits in place and adds their products into dhidden, dweight, dbias (and the
+        low-rank term's du, dB)."""
+        h, low = hs
         self.family.logprob_bwd_(logits, coef.contiguous(), labels, lse, self.ignore_index, *self.transform)
         if self.dhidden is not None:
             self.dhidden.index_copy_(0, piece[1], logits @ self.weight)
@@ -170,6 +193,10 @@ class _Engine:
             self.dweight_written = True
         if self.dbias is not None:
             self.dbias += logits.sum(0, dtype=self.dbias.dtype)
+        if self.dlow is not None:
+            self.dlow.index_copy_(0, piece[1], logits @ self.low_weight)
+        if self.dlow_weight is not None:
+            _accumulate_product(self.dlow_weight, logits.t(), low, overwrite=False)
 
 
 def _accumulate_product(acc, a, b, overwrite):
@@ -185,46 +212,47 @@ def _accumulate_product(acc, a, b, overwrite):
 
 
 class _FusedLinearLoss(torch.autograd.Function):
-    """loss(hidden, weight, bias) whose gradients were computed by the forward; backward scales them."""
+    """loss(hidden, weight, bias, u, B) whose gradients were computed by the forward; backward scales them."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, engine):
-        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+    def forward(ctx, hidden, weight, bias, low, low_weight, engine):
+        inputs = (hidden, weight, bias, low, low_weight)
+        needs = tuple(t is not None and wanted for t, wanted in zip(inputs, ctx.needs_input_grad))
         with torch.autocast(hidden.device.type, enabled=False):  # the GEMMs run in the inputs' own dtype
-            loss, dhidden, dweight, dbias = engine.run(hidden, weight, bias, needs)
-        ctx.grads = (dhidden, dweight, dbias)
-        ctx.shapes_dtypes = (hidden.shape, weight.dtype)
+            loss, grads = engine.run(hidden, weight, bias, needs, (low, low_weight))
+        ctx.grads = grads
+        ctx.shapes_dtypes = [(None, None) if t is None else (t.shape, t.dtype) for t in inputs]
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         _ops.refuse_double_backward("the fused-linear loss")
-        dhidden, dweight, dbias = ctx.grads
-        hidden_shape, dtype = ctx.shapes_dtypes
         # A plain loss.backward() passes 1: skip the scaling pass over the V x H gradient (free to test on CPU only).
         unit = grad_loss.device.type == "cpu" and float(grad_loss) == 1.0
 
-        def scaled(g):
+        def scaled(g, shape_dtype):
             if g is None:
                 return None
-            return (g if unit else g * grad_loss.to(g.dtype)).to(dtype)
+            shape, dtype = shape_dtype
+            return (g if unit else g * grad_loss.to(g.dtype)).to(dtype).view(shape)
 
-        dh = scaled(dhidden)
-        return (dh.view(hidden_shape) if dh is not None else None), scaled(dweight), scaled(dbias), None
+        return (*(scaled(g, sd) for g, sd in zip(ctx.grads, ctx.shapes_dtypes)), None)
 
 
 @torch.compiler.disable  # data-dependent chunking: a graph break, not a trace
 def fused_linear_loss(hidden, weight, bias, labels, ignore_index, temperature, softcap, budget, strict, backend,
-                      spec: LossSpec, layout=None):
+                      spec: LossSpec, layout=None, low_rank=(None, None)):
     """spec.whole's output with its `loss` differentiable w.r.t. hidden, weight, bias through gradients computed in
     the forward. Inputs are validated; labels [R, T], hidden [R, T, H] (or, under a packed `layout`, both the token
     stream's: the loss's rows come from the layout); temperature and softcap are the operators' own; `budget`
-    non-ignored tokens per chunk, a hard bound when `strict` (else a group bigger than it goes whole, in one pass)."""
+    non-ignored tokens per chunk, a hard bound when `strict` (else a group bigger than it goes whole, in one pass);
+    low_rank: (u, B), a term u @ B.T added to the logits, or (None, None)."""
     engine = _Engine(labels, ignore_index, temperature, softcap, budget, strict, backend, spec, layout)
-    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))):
-        engine.run(hidden, weight, bias, (False, False, False))  # scoring: one GEMM per chunk of answer tokens
+    inputs = (hidden, weight, bias, *low_rank)
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)):
+        engine.run(hidden, weight, bias, (False,) * 5, low_rank)  # scoring: one GEMM per chunk of answer tokens
         return engine.output
-    loss = _FusedLinearLoss.apply(hidden, weight, bias, engine)
+    loss = _FusedLinearLoss.apply(*inputs, engine)
     output = engine.output
     output.loss = loss
     return output

@@ -104,17 +104,27 @@ class LinearSource:
     name, last_dim = "hidden", "H"
 
     def __init__(self, hidden, weight, bias=None, chunk_size: int | None = None, backend: str | None = None, *,
-                 softcap: float | None = None, logit_scale: float = 1.0):
+                 softcap: float | None = None, logit_scale: float = 1.0, low_rank=None):
         _checks.check_logit_transform(softcap, logit_scale)
-        hidden, weight, bias = _under_autocast(hidden, weight, bias)
+        low, low_weight = _check_low_rank(low_rank)
+        hidden, weight, bias, low, low_weight = _under_autocast(hidden, weight, bias, low, low_weight)
         self.tensor, self.weight, self.bias, self.chunk_size, self.backend = hidden, weight, bias, chunk_size, backend
+        self.low_rank = (low, low_weight)
         self.softcap, self.logit_scale = softcap, logit_scale
 
     def _checked_backend(self, labels, ignore_index, temperature, min_dim):
         """(the backend, the labels to use: _checks.checked_values)"""
         labels = _check_linear(self.tensor, self.weight, self.bias, labels, ignore_index, temperature,
-                               self.chunk_size, min_dim)
+                               self.chunk_size, min_dim, self.low_rank)
         return resolved(self.backend, self.tensor.device, path="linear"), labels
+
+    def _widened(self):
+        """(hidden, weight) with the low-rank term folded in, [hidden, u] and [W, B] (a [V, H + r] copy): for the
+        paths whose operators take one weight (the log-probs, the eager reference)."""
+        low, low_weight = self.low_rank
+        if low is None:
+            return self.tensor, self.weight
+        return torch.cat([self.tensor, low], -1), torch.cat([self.weight, low_weight], 1)
 
     def logps(self, labels, ignore_index, temperature, min_dim=1):
         which, labels = self._checked_backend(labels, ignore_index, temperature, min_dim)
@@ -125,7 +135,7 @@ class LinearSource:
         return self._token_logps(labels, ignore_index, temperature, which, with_entropy=True)
 
     def _token_logps(self, labels, ignore_index, temperature, which, with_entropy=False):
-        hidden, weight, bias = self.tensor, self.weight, self.bias
+        (hidden, weight), bias = self._widened(), self.bias
         if which == "eager":
             return reference.token_logprobs(F.linear(hidden, weight, bias), labels, ignore_index=ignore_index,
                                             temperature=temperature, softcap=self.softcap,
@@ -156,27 +166,38 @@ class LinearSource:
         budget = self.chunk_size or default_chunk_rows(weight.shape[0], DEFAULT_LOSS_CHUNK_BYTES)
         kernel_temperature, kernel_softcap = kernel_transform(temperature, self.softcap, self.logit_scale)
         return fused_linear_loss(hidden, weight, self.bias, labels, ignore_index, kernel_temperature, kernel_softcap,
-                                 budget, self.chunk_size is not None, which, spec, layout)
+                                 budget, self.chunk_size is not None, which, spec, layout, self.low_rank)
 
 
-def _under_autocast(hidden, weight, bias):
+def _check_low_rank(low_rank):
+    """(u, B) of a low_rank argument, or (None, None)."""
+    if low_rank is None:
+        return None, None
+    if not isinstance(low_rank, (tuple, list)) or len(low_rank) != 2:
+        raise TypeError(f"low_rank must be a pair (u, B) of tensors or None, got {type(low_rank).__name__}")
+    return tuple(low_rank)
+
+
+def _under_autocast(hidden, weight, bias, *others):
     """Under torch.autocast the head's matmul runs in the autocast dtype, as F.linear(hidden, weight, bias) would:
     the inputs are cast to it here (differentiably), so every backend computes the same thing (a compiled kernel's
     internal GEMMs would otherwise be autocast unannounced)."""
+    inputs = (hidden, weight, bias, *others)
     if not isinstance(hidden, torch.Tensor) or not isinstance(weight, torch.Tensor):
-        return hidden, weight, bias
+        return inputs
     device = hidden.device.type
     if not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):
-        return hidden, weight, bias
+        return inputs
     dtype = torch.get_autocast_dtype(device)
     if not (hidden.is_floating_point() and weight.is_floating_point()) or torch.float64 in (hidden.dtype,
                                                                                              weight.dtype):
-        return hidden, weight, bias
-    cast = [t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype != dtype else t for t in (hidden, weight, bias)]
-    return tuple(cast)
+        return inputs
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != dtype else t
+                 for t in inputs)
 
 
-def _check_linear(hidden, weight, bias, labels, ignore_index, temperature, chunk_size, min_dim):
+def _check_linear(hidden, weight, bias, labels, ignore_index, temperature, chunk_size, min_dim,
+                  low_rank=(None, None)):
     _checks.require_tensor(hidden, "hidden")
     _checks.require_tensor(weight, "weight")
     _checks.require_tensor(labels, "labels")
@@ -199,6 +220,20 @@ def _check_linear(hidden, weight, bias, labels, ignore_index, temperature, chunk
         if tuple(bias.shape) != (weight.shape[0],):
             raise ValueError(f"bias must have shape [{weight.shape[0]}], got {tuple(bias.shape)}")
         _checks.check_same_device(bias, "bias", hidden, "hidden")
+    low, low_weight = low_rank
+    if low is not None:
+        _checks.require_tensor(low, "low_rank[0] (u)")
+        _checks.require_tensor(low_weight, "low_rank[1] (B)")
+        for t, name in ((low, "low_rank[0] (u)"), (low_weight, "low_rank[1] (B)")):
+            if t.dtype != hidden.dtype:
+                raise TypeError(f"{name} dtype {t.dtype} must equal hidden dtype {hidden.dtype}")
+            _checks.check_same_device(t, name, hidden, "hidden")
+        if low.dim() != hidden.dim() or low.shape[:-1] != hidden.shape[:-1]:
+            raise ValueError(f"low_rank[0] (u) must have shape [..., r] with the leading dimensions of hidden "
+                             f"{tuple(hidden.shape[:-1])}, got {tuple(low.shape)}")
+        if low_weight.dim() != 2 or tuple(low_weight.shape) != (weight.shape[0], low.shape[-1]):
+            raise ValueError(f"low_rank[1] (B) must have shape [V, r] = [{weight.shape[0]}, {low.shape[-1]}], got "
+                             f"{tuple(low_weight.shape)}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     _checks.check_ignore_and_temperature(ignore_index, temperature)

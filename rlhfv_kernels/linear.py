@@ -21,6 +21,10 @@ tensors under the interpreter; log-probs: tiles of hidden @ W.T built with tenso
 atomics for dhidden/dweight in fp32, chunk_size does not apply; losses: cuBLAS GEMMs + the Triton row kernels),
 "eager" (hidden @ W.T, then the eager reference). On CUDA tensors None picks "triton".
 
+low_rank=(u, B), u [..., r] and B [V, r]: the logits are hidden @ W.T + u @ B.T (+ bias) — a LoRA adapter on the
+head, u = scaling * lora_A(dropout(hidden)). The losses' engine adds the rank-r products to its GEMMs (no [V, H + r]
+copy; with W frozen no [V, H] gradient either); the log-probs and the eager backend widen hidden and weight instead.
+
 Packed sequences (cu_seqlens / position_ids / max_seqlen / pairs) as in api.py, with hidden [1, total, H]: the losses'
 chunks still hold whole sequences (pairs), wherever they sit in the stream.
 """
@@ -36,39 +40,42 @@ from .losses.grpo import GRPOOutput
 
 
 def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
-                          bias: torch.Tensor | None = None, ignore_index: int = -100, temperature: float = 1.0,
-                          softcap: float | None = None, logit_scale: float = 1.0, chunk_size: int | None = None,
-                          backend: str | None = None, return_entropy: bool = False):
+                          bias: torch.Tensor | None = None, low_rank=None, ignore_index: int = -100,
+                          temperature: float = 1.0, softcap: float | None = None, logit_scale: float = 1.0,
+                          chunk_size: int | None = None, backend: str | None = None, return_entropy: bool = False):
     """log softmax(z / temperature)[labels] per token, 0.0 where ignored; z = hidden @ weight.T + bias after the
     logit transform (softcap, logit_scale: see api.py). return_entropy=True: (log-probs, entropies), as
     api.token_logprobs."""
-    source = LinearSource(hidden, weight, bias, chunk_size, backend, softcap=softcap, logit_scale=logit_scale)
+    source = LinearSource(hidden, weight, bias, chunk_size, backend, softcap=softcap, logit_scale=logit_scale,
+                          low_rank=low_rank)
     if return_entropy:
         return source.logps_and_entropy(labels, ignore_index, temperature)
     return source.logps(labels, ignore_index, temperature)
 
 
 def linear_sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                          token_weights: torch.Tensor | None = None, *, bias: torch.Tensor | None = None,
+                          token_weights: torch.Tensor | None = None, *, bias: torch.Tensor | None = None, low_rank=None,
                           mode: str = "sum", ignore_index: int = -100, temperature: float = 1.0,
                           softcap: float | None = None, logit_scale: float = 1.0, chunk_size: int | None = None,
                           backend: str | None = None,
                           cu_seqlens=None, position_ids=None, max_seqlen: int | None = None) -> torch.Tensor:
     """sequence_logps from hidden states [..., T, H] and the lm_head weight."""
-    source = LinearSource(hidden, weight, bias, chunk_size, backend, softcap=softcap, logit_scale=logit_scale)
+    source = LinearSource(hidden, weight, bias, chunk_size, backend, softcap=softcap, logit_scale=logit_scale,
+                          low_rank=low_rank)
     return sequence.compute(source, labels, token_weights, mode=mode, ignore_index=ignore_index,
                             temperature=temperature, packing=packing_of(cu_seqlens, position_ids, max_seqlen))
 
 
 def linear_ddpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ref_logps: torch.Tensor, *,
-                     bias: torch.Tensor | None = None, token_weights: torch.Tensor | None = None, beta: float = 0.1,
-                     mode: str = "mean", reward_margin: torch.Tensor | None = None, drs_weight: float = 0.0,
-                     drs_k: float = 1.0, sft_weight: float = 0.0, ignore_index: int = -100,
+                     bias: torch.Tensor | None = None, low_rank=None, token_weights: torch.Tensor | None = None,
+                     beta: float = 0.1, mode: str = "mean", reward_margin: torch.Tensor | None = None,
+                     drs_weight: float = 0.0, drs_k: float = 1.0, sft_weight: float = 0.0, ignore_index: int = -100,
                      temperature: float = 1.0, softcap: float | None = None, logit_scale: float = 1.0,
                      chunk_size: int | None = None, backend: str | None = None,
                      cu_seqlens=None, position_ids=None, max_seqlen: int | None = None, pairs=None) -> DDPOOutput:
     """ddpo_loss from hidden states [2B, T, H] (chosen rows first) and the lm_head weight."""
-    source = LinearSource(hidden, weight, bias, chunk_size, backend, softcap=softcap, logit_scale=logit_scale)
+    source = LinearSource(hidden, weight, bias, chunk_size, backend, softcap=softcap, logit_scale=logit_scale,
+                          low_rank=low_rank)
     return ddpo.compute(source, labels, ref_logps,
                         token_weights=token_weights, beta=beta, mode=mode, reward_margin=reward_margin,
                         drs_weight=drs_weight, drs_k=drs_k, sft_weight=sft_weight, ignore_index=ignore_index,
@@ -77,13 +84,15 @@ def linear_ddpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.T
 
 
 def linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ref_logps: torch.Tensor, *,
-                    bias: torch.Tensor | None = None, beta: float = 0.1, reward_margin: torch.Tensor | None = None,
-                    drs_weight: float = 0.0, drs_k: float = 1.0, sft_weight: float = 0.0, ignore_index: int = -100,
+                    bias: torch.Tensor | None = None, low_rank=None, beta: float = 0.1,
+                    reward_margin: torch.Tensor | None = None, drs_weight: float = 0.0, drs_k: float = 1.0,
+                    sft_weight: float = 0.0, ignore_index: int = -100,
                     temperature: float = 1.0, softcap: float | None = None, logit_scale: float = 1.0,
                     chunk_size: int | None = None, backend: str | None = None,
                     cu_seqlens=None, position_ids=None, max_seqlen: int | None = None, pairs=None) -> DDPOOutput:
     """linear_ddpo_loss with every token weight 1 and sequence scores summed (vanilla DPO)."""
-    return linear_ddpo_loss(hidden, weight, labels, ref_logps, bias=bias, token_weights=None, beta=beta, mode="sum",
+    return linear_ddpo_loss(hidden, weight, labels, ref_logps, bias=bias, low_rank=low_rank, token_weights=None,
+                            beta=beta, mode="sum",
                             reward_margin=reward_margin, drs_weight=drs_weight, drs_k=drs_k, sft_weight=sft_weight,
                             ignore_index=ignore_index, temperature=temperature, softcap=softcap,
                             logit_scale=logit_scale, chunk_size=chunk_size, backend=backend,
@@ -91,7 +100,7 @@ def linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
 
 
 def linear_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, advantages: torch.Tensor, *,
-                     bias: torch.Tensor | None = None, old_logps: torch.Tensor | None = None,
+                     bias: torch.Tensor | None = None, low_rank=None, old_logps: torch.Tensor | None = None,
                      ref_logps: torch.Tensor | None = None, epsilon: float = 0.2, epsilon_high: float | None = None,
                      beta_kl: float = 0.0, loss_type: str = "dapo", num_items_in_batch: float | None = None,
                      ignore_index: int = -100, temperature: float = 1.0, softcap: float | None = None,
@@ -101,7 +110,8 @@ def linear_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.T
                      world_size: int | None = None,
                      cu_seqlens=None, position_ids=None, max_seqlen: int | None = None) -> GRPOOutput:
     """grpo_loss from hidden states [B, T, H] and the lm_head weight (options as api.grpo_loss)."""
-    source = LinearSource(hidden, weight, bias, chunk_size, backend, softcap=softcap, logit_scale=logit_scale)
+    source = LinearSource(hidden, weight, bias, chunk_size, backend, softcap=softcap, logit_scale=logit_scale,
+                          low_rank=low_rank)
     return grpo.compute(source, labels, advantages,
                         old_logps=old_logps, ref_logps=ref_logps, epsilon=epsilon, epsilon_high=epsilon_high,
                         beta_kl=beta_kl, loss_type=loss_type, num_items_in_batch=num_items_in_batch,

@@ -293,15 +293,18 @@ def _score_hidden(model, original_forward, args, kwargs, targets, temperature, w
     picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
     picked_targets = targets.reshape(-1).index_select(0, index)
 
-    def fields(picked, weight, bias=None, **transform):
-        scored = rk.linear_token_logprobs(picked, weight, picked_targets, bias=bias, temperature=temperature,
-                                          chunk_size=options.chunk_size, backend=options.backend,
-                                          return_entropy=wants_entropy, **transform)
+    def fields(picked, weight, bias=None, low_rank=None, **transform):
+        scored = rk.linear_token_logprobs(picked, weight, picked_targets, bias=bias, low_rank=low_rank,
+                                          temperature=temperature, chunk_size=options.chunk_size,
+                                          backend=options.backend, return_entropy=wants_entropy, **transform)
         per_token = dict(zip(("log_probs", "entropy"), scored if wants_entropy else (scored,)))
         apply = adapter.LogitTransform(**transform).apply
 
         def logits_of(rows):
-            return apply(F.linear(picked[rows].detach(), weight.detach(), None if bias is None else bias.detach()))
+            logits = F.linear(picked[rows].detach(), weight.detach(), None if bias is None else bias.detach())
+            if low_rank is not None:  # a LoRA adapter on the head (models/adapter.head_call)
+                logits = logits + low_rank[0][rows].detach() @ low_rank[1].detach().t()
+            return apply(logits)
 
         per_token.update(_metric_fields(logits_of, picked.shape[0], weight.shape[0], picked_targets, temperature,
                                         outputs))

@@ -128,8 +128,8 @@ def body_and_head(model):
 def lora_adapters(head, family: str = "the model") -> list | None:
     """None for a head without adapters; for a PEFT LoRA layer on the head, its active adapters as (lora_A, lora_B
     weight, dropout, scaling), empty when the adapters are disabled (the reference) or merged into the base weight.
-    The fused-linear route computes base(x) + scaling * B(A(dropout(x))) as one product, hidden and weight widened by
-    the rank: [x, scaling * A(dropout(x))] @ [W, B].T (head_call). A LoRA variant (DoRA, ...), a bias on B and any
+    The fused-linear route computes base(x) + scaling * B(A(dropout(x))) in the same fused pass, as the kernels'
+    low-rank term (head_call): x @ W.T + u @ B.T, u = scaling * A(dropout(x)). A LoRA variant (DoRA, ...), a bias on B and any
     other PEFT layer are refused: the widened product would not be the model's logits."""
     if not hasattr(head, "base_layer") and not hasattr(head, "lora_A"):
         return None
@@ -164,8 +164,9 @@ def head_call(model, function, hidden: torch.Tensor, *args, **options):
     """function(hidden, lm_head.weight, *args, bias=, softcap=, logit_scale=, **options) — an rk.linear_* function,
     or any function of those arguments — computed as the lm_head's forward (rk.head_forward: the weight a wrapper
     gathers there, never a shard). Under autocast the head comes in the hidden states' dtype. A LoRA adapter on the
-    head enters the same fused pass, hidden and weight widened by its rank (lora_adapters). Call it where the head's
-    parent has gathered its parameters: inside the model's forward (fused_linear_forward)."""
+    head enters the same fused pass as function(..., low_rank=(u, B)), u = scaling * lora_A(dropout(hidden)) (the
+    active adapters' side by side): rk.linear_*'s low-rank term. Call it where the head's parent has gathered its
+    parameters: inside the model's forward (fused_linear_forward)."""
     _, head = body_and_head(model)
     options = {**logit_transform(model).options(), **options}
 
@@ -179,19 +180,16 @@ def head_call(model, function, hidden: torch.Tensor, *args, **options):
         return rk.head_forward(head, in_hidden_dtype, hidden, *args, **options)
     base = head.base_layer
 
-    def widened(h):
+    def with_adapters(h):
         rk.check_not_sharded(base.weight, "the lm_head's base weight")
-        hs, ws = [h], [base.weight.to(h.dtype)]
-        for lora_a, lora_b, dropout, scaling in adapters:
-            hs.append((lora_a(dropout(h.to(lora_a.weight.dtype))) * scaling).to(h.dtype))
-            ws.append(lora_b.to(h.dtype))
-        if len(hs) > 1:  # a [V, H + r] copy of the weight per call (benchmarks/lora_head.py)
-            h, weight = torch.cat(hs, -1), torch.cat(ws, 1)
-        else:
-            weight = ws[0]
-        return in_hidden_dtype(h, weight, *args, bias=base.bias, **options)
+        if not adapters:  # disabled (the reference) or merged
+            return in_hidden_dtype(h, base.weight, *args, bias=base.bias, **options)
+        low = torch.cat([(lora_a(dropout(h.to(lora_a.weight.dtype))) * scaling).to(h.dtype)
+                         for lora_a, _, dropout, scaling in adapters], -1)
+        low_weight = torch.cat([lora_b.to(h.dtype) for _, lora_b, _, _ in adapters], 1)
+        return in_hidden_dtype(h, base.weight, *args, bias=base.bias, low_rank=(low, low_weight), **options)
 
-    return rk.run_as_forward(head, widened, hidden)
+    return rk.run_as_forward(head, with_adapters, hidden)
 
 
 def fused_linear_forward(model, inputs: dict, function, *args, autocast_dtype=None, **options):
@@ -216,7 +214,7 @@ def hidden_and_head(model, inputs: dict, autocast_dtype=None):
     _, head = body_and_head(model)
     if lora_adapters(head) is not None:
         raise UnsupportedModelError("the lm_head carries a PEFT adapter (LoRA), which no single weight holds; use "
-                                    "fused_linear_forward, which widens the fused product by the adapter's rank")
+                                    "fused_linear_forward, which adds it to the fused product as a low-rank term")
     hidden = body_hidden(model, inputs, autocast_dtype)
     weight, bias = head.weight, head.bias
     if hidden.dtype != weight.dtype:  # autocast: the body ran in bf16, the head weight is fp32
@@ -224,10 +222,12 @@ def hidden_and_head(model, inputs: dict, autocast_dtype=None):
     return hidden, LmHead(weight, bias, logit_transform(model))
 
 
-def _route_logits(hidden, weight, bias=None, *, softcap=None, logit_scale=1.0):
-    """(the fused-linear route's logits in fp32: the transform of hidden @ W.T + b, whether the head computes in a
-    16-bit dtype) — check_fused_linear's side of the comparison, as a head_call function."""
+def _route_logits(hidden, weight, bias=None, *, softcap=None, logit_scale=1.0, low_rank=None):
+    """(the fused-linear route's logits in fp32: the transform of hidden @ W.T + b (+ the low-rank term), whether the
+    head computes in a 16-bit dtype) — check_fused_linear's side of the comparison, as a head_call function."""
     logits = F.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
+    if low_rank is not None:
+        logits = logits + low_rank[0].float() @ low_rank[1].float().t()
     return LogitTransform(softcap, logit_scale).apply(logits), torch.tensor(hidden.dtype != torch.float32)
 
 

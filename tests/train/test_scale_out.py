@@ -171,11 +171,12 @@ def test_the_scale_out_benchmark_runs(tmp_path):
 
 
 def test_the_lora_head_benchmark_runs(tmp_path):
-    """benchmarks/lora_head.py: the widened product, the merged weight and the logits route give the same loss."""
+    """benchmarks/lora_head.py: the low-rank term, the widened product, the merged weight and the logits route give the
+    same loss."""
     from benchmarks import lora_head
     path = tmp_path / "l.json"
     assert lora_head.main(["--vocab", "300", "--hidden", "16", "--rank", "4", "--pairs", "2", "--tokens", "8",
                            "--repeats", "1", "--device", "cpu", "--json", str(path)]) == 0
     rows = {r["impl"]: r for r in json.loads(path.read_text())["results"]}
-    for name in ("merged weight", "logits route"):
-        assert rows[name]["loss"] == pytest.approx(rows["widened (ours)"]["loss"], rel=1e-5)
+    for name in ("widened weight", "merged weight", "logits route"):
+        assert rows[name]["loss"] == pytest.approx(rows["low-rank term (ours)"]["loss"], rel=1e-5)
