@@ -162,7 +162,7 @@ def test_under_torchrun_a_nan_in_one_process_stops_every_process_at_the_same_ste
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           "29531", os.path.join(root, "tests", "train", "fault_run.py"), "ddpo", "nan:3@1",
+                           "29535", os.path.join(root, "tests", "train", "fault_run.py"), "ddpo", "nan:3@1",
                            "--data", dataset, "--output-dir", str(out), *DDPO, "--batch-size", "2"],
                           capture_output=True, text=True, env=env, timeout=600, cwd=root)
     assert done.returncode != 0

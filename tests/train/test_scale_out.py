@@ -26,7 +26,7 @@ ZERO3 = ["zero3 ddpo", "zero3 logps"]  # where DeepSpeed is installed (requireme
 def wrapped(tmp_path_factory):
     out = tmp_path_factory.mktemp("wrappers") / "results.json"
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          "29531", os.path.join(HERE, "wrappers_run.py"), str(out)],
+                          "29551", os.path.join(HERE, "wrappers_run.py"), str(out)],
                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
     return json.loads(out.read_text())
@@ -114,7 +114,7 @@ def trl_sharded(tmp_path_factory):
     pytest.importorskip("trl")
     out = tmp_path_factory.mktemp("trl-fsdp") / "results.json"
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          "29532", os.path.join(HERE, "trl_sharded_run.py"), str(out)],
+                          "29552", os.path.join(HERE, "trl_sharded_run.py"), str(out)],
                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
     results = json.loads(out.read_text())
@@ -122,7 +122,7 @@ def trl_sharded(tmp_path_factory):
     if importlib.util.find_spec("deepspeed") is not None:
         out = out.with_name("zero3.json")
         run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                              "--master_port", "29533", os.path.join(HERE, "trl_sharded_run.py"), str(out), "zero3"],
+                              "--master_port", "29553", os.path.join(HERE, "trl_sharded_run.py"), str(out), "zero3"],
                              capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
         assert run.returncode == 0, run.stderr[-4000:]
         zero3 = json.loads(out.read_text())
@@ -163,7 +163,7 @@ def test_the_scale_out_benchmark_runs(tmp_path):
     every process's times and peak memory (the recorded runs: benchmarks/results/scale-out-*)."""
     from benchmarks import scale_out
     path = tmp_path / "s.json"
-    assert scale_out.main(["--vocab", "500", "--pairs", "2", "--repeats", "1", "--port", "29534",
+    assert scale_out.main(["--vocab", "500", "--pairs", "2", "--repeats", "1", "--port", "29554",
                            "--json", str(path)]) == 0
     rows = json.loads(path.read_text())["results"]
     assert [r["route"] for r in rows] == list(scale_out.ROUTES)
