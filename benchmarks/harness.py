@@ -111,6 +111,15 @@ class PeakMemory:
         return False
 
 
+def time_and_peak(step, device, repeats: int) -> tuple[list[float], int]:
+    """(the times of `repeats` calls of step() after one warm-up call (the allocator, an optimizer's state), the peak
+    extra bytes of one more call): what the step benchmarks record per implementation."""
+    times = time_call(step, device, 1, repeats)
+    with PeakMemory(device) as mem:
+        step()
+    return times, mem.peak
+
+
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor, rows_per_chunk: int = 1024) -> float:
     """max |a - b| over two [..., V] tensors, a few rows at a time (no N x V fp32 temporary)."""
     a2, b2 = a.detach().reshape(-1, a.shape[-1]), b.detach().reshape(-1, b.shape[-1])

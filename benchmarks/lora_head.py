@@ -22,8 +22,8 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import rlhfv_kernels as rk  # noqa: E402
-from benchmarks.harness import (PeakMemory, device_name, machine_load, pick_device, print_load, spread,  # noqa: E402
-                                time_call, versions, warn_if_busy, write_json)
+from benchmarks.harness import (device_name, machine_load, pick_device, print_load, spread,  # noqa: E402
+                                time_and_peak, versions, warn_if_busy, write_json)
 
 
 def main(argv=None) -> int:
@@ -68,8 +68,8 @@ def main(argv=None) -> int:
         logits = F.linear(x, W) + F.linear(F.linear(x, A), B) * scaling
         return rk.ddpo_loss(logits, labels, ref, mode="mean", inplace_backward=True).loss
 
-    impls = {"low-rank term (ours)": low_rank_term, "widened weight": widened, "merged weight": merged, "no adapter (frozen head)": frozen_head,
-             "logits route": logits_route}
+    impls = {"low-rank term (ours)": low_rank_term, "widened weight": widened, "merged weight": merged,
+             "no adapter (frozen head)": frozen_head, "logits route": logits_route}
     losses = {}
     print(f"LoRA on the lm_head, {device_name(device)}: {rows} x {T} tokens ({rows * T // 2} scored), V={V}, H={H}, "
           f"r={r}, {dtype}")
@@ -84,11 +84,9 @@ def main(argv=None) -> int:
             for t in (x, A, B):
                 t.grad = None
 
-        times = time_call(step, device, 1, args.repeats)
-        with PeakMemory(device) as mem:
-            step()
+        times, peak = time_and_peak(step, device, args.repeats)
         results.append({"impl": name, "median_ms": statistics.median(times), "times_ms": times,
-                        "peak_extra_bytes": mem.peak, "loss": losses[name]})
+                        "peak_extra_bytes": peak, "loss": losses[name]})
     base = results[0]
     print(f"{'impl':<26}{'fwd+bwd ms':>11}{'spread':>8}{'peak MiB':>10}{'time':>8}{'memory':>8}  loss")
     for row in results:

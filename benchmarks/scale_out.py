@@ -26,7 +26,7 @@ os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.harness import (PeakMemory, device_name, machine_load, print_load, spread, time_call,  # noqa: E402
+from benchmarks.harness import (device_name, machine_load, print_load, spread, time_and_peak,  # noqa: E402
                                 versions, warn_if_busy, write_json)
 
 ROUTES = {"logits (in place)": {"inplace_backward": True}, "fused-linear": {"fused_linear": True}}
@@ -65,10 +65,8 @@ def worker(args) -> None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-        times = time_call(step, device, 1, args.repeats)
-        with PeakMemory(device) as mem:
-            step()
-        results.append({"route": name, "times_ms": times, "peak_extra_bytes": mem.peak})
+        times, peak = time_and_peak(step, device, args.repeats)
+        results.append({"route": name, "times_ms": times, "peak_extra_bytes": peak})
         del model, trained, optimizer
     gathered = [None] * world
     dist.all_gather_object(gathered, {"rank": rank, "shape": list(batch.input_ids.shape), "results": results})

@@ -23,8 +23,8 @@ os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.harness import (PeakMemory, add_check_arguments, compare_ratios, device_name,  # noqa: E402
-                                machine_load, print_load, read_recorded, row_suspicions, spread, time_call,
+from benchmarks.harness import (add_check_arguments, compare_ratios, device_name, machine_load,  # noqa: E402
+                                print_load, read_recorded, row_suspicions, spread, time_and_peak,
                                 training_step_setup, versions, warn_if_busy, write_json)
 from rlhfv_train.data import synthetic  # noqa: E402
 from rlhfv_train.models.families import FAMILIES, build_family  # noqa: E402
@@ -73,11 +73,9 @@ def main(argv=None) -> int:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-        times = time_call(step, device, 1, args.repeats)  # (the warm-up: allocator, optimizer state)
-        with PeakMemory(device) as mem:
-            step()
+        times, peak = time_and_peak(step, device, args.repeats)
         results.append({"impl": name, "step_median_ms": statistics.median(times), "step_times_ms": times,
-                        "peak_extra_bytes": mem.peak,
+                        "peak_extra_bytes": peak,
                         "suspect": [why.replace("fwd+bwd", "step") for why in row_suspicions([], times)]})
         del model, optimizer
     base = results[0]

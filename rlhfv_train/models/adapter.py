@@ -129,8 +129,8 @@ def lora_adapters(head, family: str = "the model") -> list | None:
     """None for a head without adapters; for a PEFT LoRA layer on the head, its active adapters as (lora_A, lora_B
     weight, dropout, scaling), empty when the adapters are disabled (the reference) or merged into the base weight.
     The fused-linear route computes base(x) + scaling * B(A(dropout(x))) in the same fused pass, as the kernels'
-    low-rank term (head_call): x @ W.T + u @ B.T, u = scaling * A(dropout(x)). A LoRA variant (DoRA, ...), a bias on B and any
-    other PEFT layer are refused: the widened product would not be the model's logits."""
+    low-rank term (head_call): x @ W.T + u @ B.T, u = scaling * A(dropout(x)). A LoRA variant (DoRA, ...), a bias
+    on B and any other PEFT layer are refused: that term would not give the model's logits."""
     if not hasattr(head, "base_layer") and not hasattr(head, "lora_A"):
         return None
     if not (hasattr(head, "lora_A") and hasattr(head, "lora_B") and isinstance(head.base_layer, torch.nn.Linear)):

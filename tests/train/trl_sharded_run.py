@@ -8,7 +8,8 @@ accelerate runs FSDP only on GPU-like devices: on CPU it turns an FSDP plugin in
 `DPOConfig(fsdp=..., fsdp_config={"version": 2, "reshard_after_forward": True})` shards the policy and the reference
 exactly as accelerate's fsdp2_prepare_model does on GPUs (the decoder layers resharded after forward, a tail unit of
 the final norm and the lm_head, the root). Each trainer trains 2 steps on the same 4 pairs (one pair per process per
-step); process 0 writes {trainer: {"losses": [...], "weights": {name: flat list}, "fsdp": was the model FSDP2-sharded}} to OUT.json.
+step); process 0 writes {trainer: {"losses": [...], "weights": {name: flat list}, "fsdp": was the model
+FSDP2-sharded}} to OUT.json.
 With `zero3`: DPOTrainer and the drop-in under accelerate's DeepSpeed ZeRO-3 path instead (DPOConfig(deepspeed=...),
 which runs on CPU as it is).
 """
