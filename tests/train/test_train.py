@@ -169,17 +169,20 @@ def test_fused_linear_trains_the_same_model_on_families_that_transform_their_log
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("parallel,route", [("ddp", []), ("fsdp", ["--fused-linear", "--lora-r", "4"])])
+@pytest.mark.parametrize("parallel,route", [
+    ("ddp", []), ("ddp", ["--fused-linear"]),
+    ("fsdp", ["--fused-linear", "--lora-r", "4", "--lora-target", "q_proj,v_proj,lm_head"])],
+    ids=["ddp-logits", "ddp-fused-linear", "fsdp-fused-linear-lora-with-head"])
 def test_two_gloo_processes_match_one_process(tmp_path, dataset, parallel, route):
-    """torchrun with 2 CPU processes (gloo; DDP on the logits route, or FSDP2 with the fused-linear route and LoRA
-    adapters), 2 pairs each, ends where one process with 4 pairs per batch does; two micro-batches per step also
-    exercise the skipped gradient sync. (GRPO's two-process test runs the fused-linear route under DDP, and
-    tests/train/test_scale_out.py every wrapper layout.)"""
+    """torchrun with 2 CPU processes (gloo; DDP on the logits route and on the fused-linear route, FSDP2 with the
+    fused-linear route and LoRA adapters, one on lm_head), 2 pairs each, ends where one process with 4 pairs per batch
+    does; two micro-batches per step also exercise the skipped gradient sync. (tests/train/test_scale_out.py checks
+    every wrapper layout's gradients.)"""
     import subprocess
     import sys
     common = ["--data", dataset, "--max-steps", "3", "--sft-weight", "0", "--sft-steps", "2", "--eval-fraction", "0.25",
               "--save-every", "3", "--no-progress", "--lr", "5e-4", "--grad-accum", "2", "--device", "cpu", *route]
-    port = "29517" if parallel == "ddp" else "29518"
+    port = "29517"  # one per test file: a file's tests run one after another (--dist loadfile)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     flags = ["--fsdp"] if parallel == "fsdp" else []
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
