@@ -145,6 +145,7 @@ def test_peft_wrapped_model_gives_hidden_states_not_logits():
     assert logit_transform(wrapped) == LogitTransform(softcap=30.0)
 
 
+@pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`:UserWarning")  # Gemma 2 ties its head
 def test_lora_on_lm_head_enters_the_fused_product():
     """A LoRA adapter on lm_head (dropout 0.3 included): fused_linear_forward's log-probs and gradients (base frozen;
     A, B and the body's) equal the model's own logits path, widened by the rank; disabled (the reference), the
