@@ -94,7 +94,6 @@ class _Engine:
         self.weight, self.bias = weight, bias
         u, self.low_weight = low_rank
         self.flat_low = None if u is None else u.reshape(-1, u.shape[-1])
-        needs = tuple(needs) + (False,) * (5 - len(needs))
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         self.logps = torch.zeros(rows, seq, dtype=acc, device=hidden.device)
         active = self.labels != self.ignore_index

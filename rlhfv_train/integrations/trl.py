@@ -298,13 +298,10 @@ def _score_hidden(model, original_forward, args, kwargs, targets, temperature, w
                                           temperature=temperature, chunk_size=options.chunk_size,
                                           backend=options.backend, return_entropy=wants_entropy, **transform)
         per_token = dict(zip(("log_probs", "entropy"), scored if wants_entropy else (scored,)))
-        apply = adapter.LogitTransform(**transform).apply
 
-        def logits_of(rows):
-            logits = F.linear(picked[rows].detach(), weight.detach(), None if bias is None else bias.detach())
-            if low_rank is not None:  # a LoRA adapter on the head (models/adapter.head_call)
-                logits = logits + low_rank[0][rows].detach() @ low_rank[1].detach().t()
-            return apply(logits)
+        def logits_of(rows):  # (no gradient: TRL logs these fields)
+            low = None if low_rank is None else (low_rank[0][rows], low_rank[1])
+            return adapter.head_logits(picked[rows], weight, bias, low_rank=low, **transform)
 
         per_token.update(_metric_fields(logits_of, picked.shape[0], weight.shape[0], picked_targets, temperature,
                                         outputs))

@@ -222,13 +222,21 @@ def hidden_and_head(model, inputs: dict, autocast_dtype=None):
     return hidden, LmHead(weight, bias, logit_transform(model))
 
 
-def _route_logits(hidden, weight, bias=None, *, softcap=None, logit_scale=1.0, low_rank=None):
-    """(the fused-linear route's logits in fp32: the transform of hidden @ W.T + b (+ the low-rank term), whether the
-    head computes in a 16-bit dtype) — check_fused_linear's side of the comparison, as a head_call function."""
-    logits = F.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
+def head_logits(hidden, weight, bias=None, *, softcap=None, logit_scale=1.0, low_rank=None):
+    """The logits the fused-linear route stands for, in eager PyTorch, in the inputs' dtype: the final transform of
+    hidden @ W.T + b (+ u @ B.T, a LoRA adapter on the head) — for checks and metrics; a head_call function."""
+    logits = F.linear(hidden, weight, bias)
     if low_rank is not None:
-        logits = logits + low_rank[0].float() @ low_rank[1].float().t()
-    return LogitTransform(softcap, logit_scale).apply(logits), torch.tensor(hidden.dtype != torch.float32)
+        logits = logits + low_rank[0] @ low_rank[1].t()
+    return LogitTransform(softcap, logit_scale).apply(logits)
+
+
+def _route_logits(hidden, weight, bias=None, low_rank=None, **transform):
+    """(head_logits in fp32, whether the head computes in a 16-bit dtype): check_fused_linear's side of the
+    comparison, as a head_call function."""
+    up = [None if t is None else t.float() for t in (bias, *(low_rank or ()))]
+    logits = head_logits(hidden.float(), weight.float(), up[0], low_rank=tuple(up[1:]) or None, **transform)
+    return logits, torch.tensor(hidden.dtype != torch.float32)
 
 
 @torch.no_grad()

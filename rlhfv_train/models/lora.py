@@ -8,8 +8,8 @@ Only the adapters train; checkpoints hold the wrapped model's whole state dict, 
 `python -m rlhfv_train.evaluate --checkpoint` re-wraps the same way before loading.
 
 target "all-linear" is peft's: every linear layer but the output head. A LoRA on lm_head (--lora-target
-"q_proj,lm_head") trains on both routes: the fused-linear route widens its product by the adapter's rank
-(models/adapter.py lora_adapters).
+"q_proj,lm_head") trains on both routes: the fused-linear route adds it to its fused pass as the kernels' low-rank
+term (models/adapter.py lora_adapters).
 """
 from __future__ import annotations
 

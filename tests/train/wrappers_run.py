@@ -72,8 +72,7 @@ def full_grads(model):
         if p.grad is None:
             continue
         g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
-        grads[name.replace("_fsdp_wrapped_module.", "").replace("module.", "", 1) if name.startswith("module.")
-              else name] = g.detach().float().clone()
+        grads[name.removeprefix("module.")] = g.detach().float().clone()  # (DDP's prefix)
     return grads
 
 
@@ -147,7 +146,7 @@ def main(out_path):
         model = make(build_model())
         loss = loss_of(model, everything, function=function)
         loss.backward()
-        return {n.replace("base_model.model.", "", 0): g for n, g in full_grads(model).items()}, float(loss)
+        return full_grads(model), float(loss)
 
     def run(case, wrap, *, make=lambda m: m, function="ddpo", accumulate=False, tolerance=None):
         truth, truth_loss = truth_of(make, function)
