@@ -78,10 +78,11 @@ def check_not_sharded(value: torch.Tensor, name: str) -> None:
     kind = sharded_kind(value)
     if kind is not None:
         raise ValueError(
-            f"{name} is {kind}; rlhfv's kernels take whole local tensors, and computing from a gathered copy (a "
-            "plain full_tensor()) would give a wrong gradient. For the lm_head weight, call the function as the "
-            "head's forward, inside the model's forward: rlhfv_kernels.head_forward(lm_head, "
-            "rlhfv_kernels.linear_..., hidden, ...) (docs/distributed.md); vocab-parallel inputs are not supported")
+            f"{name} is {kind}; rlhfv's kernels take whole local tensors here (sharded over the vocabulary they "
+            "take only the logits and the lm_head weight and bias), and computing from a gathered copy (a plain "
+            "full_tensor()) would give a wrong gradient. For the lm_head weight of a data-parallel model, call the "
+            "function as the head's forward, inside the model's forward: rlhfv_kernels.head_forward(lm_head, "
+            "rlhfv_kernels.linear_..., hidden, ...) (docs/distributed.md)")
 
 
 def check_same_device(tensor: torch.Tensor, name: str, inputs: torch.Tensor, inputs_name: str = "logits") -> None:
@@ -113,9 +114,10 @@ def check_choice(value, name: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
-def check_logits_labels(logits, labels, ignore_index: int, temperature: float, *, min_dim: int = 1) -> torch.Tensor:
+def check_logits_labels(logits, labels, ignore_index: int, temperature: float, *, min_dim: int = 1,
+                        vocab: int | None = None) -> torch.Tensor:
     """Shapes, dtypes, devices, temperature and label range of a (logits [..., V], labels [...]) pair; returns the
-    labels to use (see checked_values)."""
+    labels to use (see checked_values). vocab: the whole vocabulary when logits are one rank's slice of it."""
     require_tensor(logits, "logits")
     require_tensor(labels, "labels")
     if logits.dtype not in LOGIT_DTYPES:
@@ -125,7 +127,8 @@ def check_logits_labels(logits, labels, ignore_index: int, temperature: float, *
     if logits.dim() < min_dim:
         raise ValueError(f"logits must have at least {min_dim} dimensions, got shape {tuple(logits.shape)}")
     check_ignore_and_temperature(ignore_index, temperature)
-    return check_labels(labels, logits, vocab=logits.shape[-1], ignore_index=ignore_index, inputs_name="logits")
+    return check_labels(labels, logits, vocab=logits.shape[-1] if vocab is None else vocab,
+                        ignore_index=ignore_index, inputs_name="logits")
 
 
 def check_ignore_and_temperature(ignore_index, temperature) -> None:

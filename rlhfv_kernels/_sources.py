@@ -21,7 +21,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from . import _backend, _checks, _ops, reference
+from . import _backend, _checks, _ops, _vocab_parallel, reference
 from ._packing import as_rows
 from ._linear_engine import fused_linear_loss
 
@@ -48,6 +48,10 @@ DEFAULT_CHUNK_BYTES = 256 << 20  # log-probs / sequence scores: one chunk of fp3
 DEFAULT_LOSS_CHUNK_BYTES = 128 << 20
 
 
+_EAGER_SHARDED = ("backend='eager' computes on whole tensors, and {} sharded over the vocabulary would be gathered "
+                  "whole (N x V on every rank); use a fused backend (None picks one)")
+
+
 def default_chunk_rows(vocab: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
     return max(1, chunk_bytes // (4 * max(vocab, 1)))
 
@@ -60,7 +64,9 @@ class LogitsSource:
     def __init__(self, logits, inplace_backward: bool = False, backend: str | None = None, *,
                  softcap: float | None = None, logit_scale: float = 1.0):
         _checks.check_logit_transform(softcap, logit_scale)
-        self.tensor, self.inplace_backward, self.backend = logits, inplace_backward, backend
+        # A DTensor sharded over the vocabulary: its local slice, and the slice's place (_vocab_parallel.py)
+        self.tensor, self.shard = _vocab_parallel.split_logits(logits)
+        self.inplace_backward, self.backend = inplace_backward, backend
         self.softcap, self.logit_scale = softcap, logit_scale
 
     def logps(self, labels, ignore_index, temperature, min_dim=1):
@@ -70,9 +76,12 @@ class LogitsSource:
         return self._token_logps(labels, ignore_index, temperature, 1, with_entropy=True)
 
     def _token_logps(self, labels, ignore_index, temperature, min_dim, with_entropy):
-        logits = self.tensor
-        labels = _checks.check_logits_labels(logits, labels, ignore_index, temperature, min_dim=min_dim)
+        logits, shard = self.tensor, self.shard
+        labels = _checks.check_logits_labels(logits, labels, ignore_index, temperature, min_dim=min_dim,
+                                             vocab=shard.vocab if shard else None)
         which = resolved(self.backend, logits.device)
+        if shard is not None and which == "eager":
+            raise ValueError(_EAGER_SHARDED.format("logits"))
         if which == "eager":
             return reference.token_logprobs(logits, labels, ignore_index=ignore_index, temperature=temperature,
                                             softcap=self.softcap, logit_scale=self.logit_scale,
@@ -85,6 +94,11 @@ class LogitsSource:
                           "and autograd then copies that into .grad (an N x V copy); pass the model's output logits, "
                           "or use torch.autograd.grad", RuntimeWarning, stacklevel=3)
         kernel_temperature, kernel_softcap = kernel_transform(temperature, self.softcap, self.logit_scale)
+        if shard is not None:
+            logp, entropy = _vocab_parallel.ShardedLogps.apply(logits, labels, shard, ignore_index,
+                                                               kernel_temperature, kernel_softcap,
+                                                               bool(self.inplace_backward), which, with_entropy)
+            return (logp, entropy) if with_entropy else logp
         return _ops.fused_token_logprobs(logits, labels, ignore_index, kernel_temperature, kernel_softcap,
                                          bool(self.inplace_backward), which, with_entropy)
 
@@ -108,6 +122,11 @@ class LinearSource:
         _checks.check_logit_transform(softcap, logit_scale)
         low, low_weight = _check_low_rank(low_rank)
         hidden, weight, bias, low, low_weight = _under_autocast(hidden, weight, bias, low, low_weight)
+        # A weight sharded over the vocabulary: the local tensors and the slice's place (_vocab_parallel.py)
+        hidden, weight, bias, self.shard, self.plain_hidden = _vocab_parallel.split_linear(hidden, weight, bias)
+        if self.shard is not None and low is not None:
+            raise ValueError("low_rank (a LoRA adapter on the head) is not supported with the weight sharded over "
+                             "the vocabulary; merge the adapter, or keep the head whole on every rank")
         self.tensor, self.weight, self.bias, self.chunk_size, self.backend = hidden, weight, bias, chunk_size, backend
         self.low_rank = (low, low_weight)
         self.softcap, self.logit_scale = softcap, logit_scale
@@ -115,8 +134,14 @@ class LinearSource:
     def _checked_backend(self, labels, ignore_index, temperature, min_dim):
         """(the backend, the labels to use: _checks.checked_values)"""
         labels = _check_linear(self.tensor, self.weight, self.bias, labels, ignore_index, temperature,
-                               self.chunk_size, min_dim, self.low_rank)
-        return resolved(self.backend, self.tensor.device, path="linear"), labels
+                               self.chunk_size, min_dim, self.low_rank, vocab=self.shard.vocab if self.shard else None)
+        which = resolved(self.backend, self.tensor.device, path="linear")
+        if self.shard is not None:
+            if which == "eager":
+                raise ValueError(_EAGER_SHARDED.format("the lm_head weight"))
+            if self.plain_hidden:
+                _vocab_parallel.check_same_tokens(labels, self.shard)
+        return which, labels
 
     def _widened(self):
         """(hidden, weight) with the low-rank term folded in, [hidden, u] and [W, B] (a [V, H + r] copy): for the
@@ -143,6 +168,13 @@ class LinearSource:
         chunk = self.chunk_size or default_chunk_rows(weight.shape[0])
         kernel_temperature, kernel_softcap = kernel_transform(temperature, self.softcap, self.logit_scale)
         run = _ops.fused_linear_token_logprobs_entropy if with_entropy else _ops.fused_linear_token_logprobs
+        if self.shard is not None:
+            def run(hidden, weight, bias, labels, *args):
+                logp, entropy = _vocab_parallel.ShardedLinearLogps.apply(
+                    hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels.reshape(-1), self.shard, *args,
+                    with_entropy)
+                return (logp.view(labels.shape), entropy.view(labels.shape)) if with_entropy else logp.view(
+                    labels.shape)
         active = labels != ignore_index
         if bool(active.all()):
             return run(hidden, weight, bias, labels, ignore_index, kernel_temperature, kernel_softcap, chunk, which)
@@ -160,8 +192,10 @@ class LinearSource:
         which, labels = self._checked_backend(labels, ignore_index, temperature, 1)
         hidden, weight = self.tensor, self.weight
         spec = build(torch.float64 if hidden.dtype == torch.float64 else torch.float32)
-        if which == "eager" or (torch.is_grad_enabled()
-                                    and any(isinstance(t, torch.Tensor) and t.requires_grad for t in constants)):
+        # The engine's gradients-in-forward scheme is single-process; a sharded weight takes the log-probs scheme
+        # (4 GEMMs, one collective in the forward: _vocab_parallel.py).
+        if which == "eager" or self.shard is not None or (
+                torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in constants)):
             return spec.whole(as_rows(layout, self._token_logps(labels, ignore_index, temperature, which), 0))
         budget = self.chunk_size or default_chunk_rows(weight.shape[0], DEFAULT_LOSS_CHUNK_BYTES)
         kernel_temperature, kernel_softcap = kernel_transform(temperature, self.softcap, self.logit_scale)
@@ -197,7 +231,7 @@ def _under_autocast(hidden, weight, bias, *others):
 
 
 def _check_linear(hidden, weight, bias, labels, ignore_index, temperature, chunk_size, min_dim,
-                  low_rank=(None, None)):
+                  low_rank=(None, None), vocab=None):
     _checks.require_tensor(hidden, "hidden")
     _checks.require_tensor(weight, "weight")
     _checks.require_tensor(labels, "labels")
@@ -237,5 +271,5 @@ def _check_linear(hidden, weight, bias, labels, ignore_index, temperature, chunk
     if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     _checks.check_ignore_and_temperature(ignore_index, temperature)
-    return _checks.check_labels(labels, hidden, vocab=weight.shape[0], ignore_index=ignore_index,
-                                inputs_name="hidden")
+    return _checks.check_labels(labels, hidden, vocab=weight.shape[0] if vocab is None else vocab,
+                                ignore_index=ignore_index, inputs_name="hidden")

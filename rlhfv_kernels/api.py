@@ -20,6 +20,12 @@ positions). Results are those of the same sequences padded into rows: per-sequen
 per-token ones in the stream's shape. DPO losses pair the sequences by `pairs` [B, 2] (chosen, rejected sequence
 indices; default: the first S/2 sequences are the chosen ones). `max_seqlen` (>= the longest sequence) is the width
 of those rows (dr_grpo's default constant); None: the longest sequence. Details: rlhfv_kernels/_packing.py.
+
+Tensor parallel: logits may be a DTensor sharded over the vocabulary (Shard on the last dimension, as
+ColwiseParallel(use_local_output=False) returns them; Replicate on other mesh dimensions), labels and every other
+input plain tensors, the same on each rank. Each rank computes on its slice and one all-gather of three floats per
+token combines them; results are plain tensors (the same on each rank), the logits' gradient is sharded as they are
+(written into them with inplace_backward). docs/distributed.md, "Tensor parallel".
 """
 from __future__ import annotations
 

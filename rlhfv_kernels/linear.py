@@ -27,6 +27,12 @@ copy; with W frozen no [V, H] gradient either); the log-probs and the eager back
 
 Packed sequences (cu_seqlens / position_ids / max_seqlen / pairs) as in api.py, with hidden [1, total, H]: the losses'
 chunks still hold whole sequences (pairs), wherever they sit in the stream.
+
+Tensor parallel: weight (and bias) may be DTensors sharded over the vocabulary (Shard(0): ColwiseParallel's and
+transformers' tp_plan "colwise" layout), with hidden the same on every rank (a plain tensor, checked by one small
+all-reduce, or a Replicate DTensor). Each rank scores its rows; one all-gather of three floats per token combines
+them, and the backward all-reduces d hidden once. The losses then take the log-probs scheme (4 GEMMs); low_rank and
+backend="eager" are refused with a sharded weight. docs/distributed.md, "Tensor parallel".
 """
 from __future__ import annotations
 
