@@ -138,6 +138,12 @@ def kernel_labels(labels: torch.Tensor, shard: VocabShard, ignore_index: int):
 FAKE_COLUMN = 0
 
 
+def _all_gather(output, tensor, group):
+    """torch.distributed.all_gather_single (torch >= 2.13; all_gather_into_tensor, its older name, warns there)."""
+    gather = getattr(torch.distributed, "all_gather_single", None) or torch.distributed.all_gather_into_tensor
+    gather(output, tensor, group=group)
+
+
 def combine(logp_r, lse_r, entropy_r, owned, active, shard: VocabShard):
     """(logp, lse float64, entropy or None) of every token from each slice's (logp, lse, entropy): one all-gather."""
     columns = [torch.where(active, lse_r, 0.0), torch.where(owned, logp_r.double() + lse_r, 0.0)]
@@ -145,7 +151,7 @@ def combine(logp_r, lse_r, entropy_r, owned, active, shard: VocabShard):
         columns.append(entropy_r.double())
     local = torch.stack([c.reshape(-1) for c in columns], -1)
     gathered = local.new_empty((shard.world * local.shape[0], local.shape[1]))
-    torch.distributed.all_gather_into_tensor(gathered, local, group=shard.group)
+    _all_gather(gathered, local, group=shard.group)
     per_rank = gathered.view(shard.world, *local.shape)
     lse = torch.where(active.reshape(-1), torch.logsumexp(per_rank[..., 0], 0), 0.0)
     logp = torch.where(active.reshape(-1), per_rank[..., 1].sum(0) - lse, 0.0).to(logp_r.dtype).view(logp_r.shape)

@@ -94,9 +94,9 @@ def train(cfg: TrainConfig) -> dict:
     model.train()
     # DDP wraps the model (`model` stays the plain module for eval and checkpoints); FSDP2 shards `model` itself,
     # before the optimizer is built over its sharded parameters.
-    trained = dist.wrap(model, device, run.fsdp)
+    trained = dist.wrap(model, device, run.fsdp, tensor_parallel=cfg.tensor_parallel)
     optimizer, scheduler = optimizer_and_schedule(cfg, model, cfg.max_steps)
-    stream = BatchStream(run.train_idx, cfg.batch_size, cfg.seed, dist.rank, dist.world)
+    stream = BatchStream(run.train_idx, cfg.batch_size, cfg.seed, dist.data_rank, dist.data_world)
 
     def train_step(step: int) -> dict:
         totals = {"loss": 0.0, "margin": 0.0, "accuracy": 0.0, "chosen_reward": 0.0, "rejected_reward": 0.0,

@@ -160,6 +160,23 @@ def body_hidden(model, inputs: dict, autocast_dtype=None) -> torch.Tensor:
     return outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
 
 
+def tensor_parallel_head(head) -> bool:
+    """Whether `head` is sharded over the vocabulary by tensor parallelism: its weight a DTensor that no FSDP2 unit of
+    its own gathers (inside the model's forward, FSDP2's root unit has gathered the weight of a head it holds)."""
+    if not is_dtensor(head.weight):
+        return False
+    from torch.distributed.fsdp import FSDPModule
+    return not isinstance(head, FSDPModule)
+
+
+def is_dtensor(value) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return False
+    return isinstance(value, DTensor)
+
+
 def head_call(model, function, hidden: torch.Tensor, *args, **options):
     """function(hidden, lm_head.weight, *args, bias=, softcap=, logit_scale=, **options) — an rk.linear_* function,
     or any function of those arguments — computed as the lm_head's forward (rk.head_forward: the weight a wrapper
@@ -176,6 +193,10 @@ def head_call(model, function, hidden: torch.Tensor, *args, **options):
         return function(h, weight, *rest, bias=bias, **kwargs)
 
     adapters = lora_adapters(head)
+    if adapters is None and tensor_parallel_head(head):
+        # the weight stays sharded over the vocabulary (no hook gathers it) and the kernels take it as it is; the
+        # head's own forward would all-gather the logits (transformers' colwise_gather_output), so it is not called
+        return in_hidden_dtype(hidden, head.weight, *args, bias=head.bias, **options)
     if adapters is None:
         return rk.head_forward(head, in_hidden_dtype, hidden, *args, **options)
     base = head.base_layer

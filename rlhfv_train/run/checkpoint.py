@@ -12,9 +12,10 @@ from ..files import DamagedFile, SaveFailed, cause_of, load_verified, save_verif
 
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "rng", "step")
 
-def full_state(model, optimizer, fsdp: bool) -> tuple[dict, dict]:
-    """Unsharded model and optimizer state (a collective under FSDP: every process calls it)."""
-    if not fsdp:
+def full_state(model, optimizer, sharded: bool) -> tuple[dict, dict]:
+    """Unsharded model and optimizer state (a collective when the parameters are DTensors, FSDP2's or tensor
+    parallelism's: every process calls it)."""
+    if not sharded:
         return model.state_dict(), optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
@@ -22,16 +23,18 @@ def full_state(model, optimizer, fsdp: bool) -> tuple[dict, dict]:
     return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
 
 
-def load_full_state(model, optimizer, model_state: dict, optimizer_state: dict, fsdp: bool) -> None:
-    if not fsdp:
+def load_full_state(model, optimizer, model_state: dict, optimizer_state: dict, sharded: bool) -> None:
+    if not sharded:
         model.load_state_dict(model_state)
         optimizer.load_state_dict(optimizer_state)
         return
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
-    options = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, model_state, options=options)
-    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+    set_model_state_dict(model, model_state, options=StateDictOptions(full_state_dict=True))
+    # A parameter that never had a gradient (a vision tower's unused post-layernorm) has no AdamW state in the
+    # checkpoint, as in the run that wrote it; strict loading would refuse that.
+    set_optimizer_state_dict(model, optimizer, optimizer_state,
+                             options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def rng_state() -> dict:
@@ -48,10 +51,10 @@ def restore_rng(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_training_state(path: str, model, optimizer, scheduler, step: int, *, fsdp: bool, dist, **extra) -> None:
+def save_training_state(path: str, model, optimizer, scheduler, step: int, *, sharded: bool, dist, **extra) -> None:
     """The trainers' checkpoint: unsharded model and optimizer, scheduler, RNG, step, and `extra` (config, data
     path, ...). A collective under FSDP; the main process writes."""
-    model_state, optimizer_state = full_state(model, optimizer, fsdp)
+    model_state, optimizer_state = full_state(model, optimizer, sharded)
     if dist.is_main:
         save_verified(path, {"model": model_state, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                              "rng": rng_state(), "step": step, **extra}, what="checkpoint")
@@ -121,7 +124,7 @@ def read_checkpoint(path: str) -> dict:
 
 
 def start_or_resume(ckpt_path: str, metrics_path: str, model, optimizer, scheduler, *, resume: bool,
-                    max_steps: int, fsdp: bool, dist, guard=None) -> tuple[int, dict, dict]:
+                    max_steps: int, sharded: bool, dist, guard=None) -> tuple[int, dict, dict]:
     """The trainers' start: with `resume` and a checkpoint, loads save_training_state's file (and the NaN guard's
     count of skipped updates) and drops the metrics lines written after it; otherwise starts a fresh metrics file
     (and says when --resume found nothing). Returns (step, first metrics row kept, last row kept): what a summary
@@ -129,7 +132,7 @@ def start_or_resume(ckpt_path: str, metrics_path: str, model, optimizer, schedul
     step, first, last = 0, {}, {}
     if resume and os.path.isfile(ckpt_path):
         state = read_checkpoint(ckpt_path)
-        load_full_state(model, optimizer, state["model"], state["optimizer"], fsdp)
+        load_full_state(model, optimizer, state["model"], state["optimizer"], sharded)
         scheduler.load_state_dict(state["scheduler"])
         restore_rng(state["rng"])
         step = state["step"]

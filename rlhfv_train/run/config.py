@@ -75,6 +75,10 @@ class RunConfig:
     lora_target: str = option("all-linear", "modules that get adapters: 'all-linear' (every linear layer but "
                               "lm_head) or comma-separated module names, e.g. q_proj,v_proj")
     fsdp: bool = option(False, "under torchrun, shard the model with FSDP2 (default: DDP)")
+    tensor_parallel: bool = option(False, "under torchrun, shard the model over the processes with transformers' own "
+                                   "tensor-parallel plan (every process sees the whole batch; the lm_head stays "
+                                   "sharded over the vocabulary: --fused-linear scores it vocab-parallel, the logits "
+                                   "route gets transformers' gathered logits); DDPO trainer")
     synthetic_examples: int = option(1024, "size of the generated dataset when --data is not given",
                                      interval="[1, inf)")
     device: str = option("auto", "cpu, cuda, cuda:1, ...")
@@ -88,6 +92,13 @@ class RunConfig:
             raise ValueError("--resume continues the run in --output-dir and --overwrite deletes it: give one")
         check_max_tokens_per_row(self.max_tokens_per_row, self.packing)
         check_lora_config(self)
+        if self.tensor_parallel:
+            if world < 2:
+                raise ValueError("--tensor-parallel shards the model over torchrun's processes: launch 2 or more "
+                                 "(torchrun --nproc_per_node N -m rlhfv_train ...)")
+            for flag, used in (("--fsdp", self.fsdp), ("--lora-r", self.lora_r > 0), ("--packing", self.packing)):
+                if used:
+                    raise ValueError(f"--tensor-parallel with {flag} is not supported yet; drop one of them")
         if self.init_weights is not None and not os.path.isfile(self.init_weights):
             raise FileNotFoundError(f"--init-weights {self.init_weights}: no such file")
         if self.model is not None and not os.path.isdir(self.model):  # before any data work, and transformers

@@ -75,9 +75,10 @@ def wait_for_idle_threads(name: str, *, quiet_s: float = 0.05, limit_s: float = 
 
 
 class Distributed:
-    """Rank and world size under torchrun (WORLD_SIZE > 1): gloo on CPU, NCCL on GPU; a no-op otherwise."""
+    """Rank and world size under torchrun (WORLD_SIZE > 1): gloo on CPU, NCCL on GPU; a no-op otherwise.
+    tensor_parallel: the processes share one model and so read the same data (data_rank 0 of data_world 1)."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, tensor_parallel: bool = False):
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = 0
         if self.world > 1:
@@ -89,6 +90,8 @@ class Distributed:
                 atexit.register(_destroy_process_group)
             self.rank = dist.get_rank()
         self.is_main = self.rank == 0
+        # Who reads which data: every process its own share, except under tensor parallelism (one batch for all).
+        self.data_rank, self.data_world = (0, 1) if tensor_parallel else (self.rank, self.world)
 
     def barrier(self) -> None:
         if self.world > 1:
@@ -103,10 +106,14 @@ class Distributed:
         torch.distributed.all_reduce(t)
         return {k: float(v) / self.world for k, v in zip(keys, t)}
 
-    def wrap(self, model, device, fsdp: bool):
-        """DDP (a wrapper; `model` stays the plain module) or FSDP2 (shards `model` in place and returns it)."""
+    def wrap(self, model, device, fsdp: bool, tensor_parallel: bool = False):
+        """DDP (a wrapper; `model` stays the plain module), FSDP2 (shards `model` in place and returns it) or tensor
+        parallelism (transformers' own plan over every process, in place; from then on every process reads the same
+        data)."""
         if self.world == 1:
             return model
+        if tensor_parallel:
+            return self._tensor_parallel(model)
         if fsdp:
             from torch.distributed.fsdp import fully_shard
             # One shard group per transformer block (the classes HF marks as not to be split), then the rest.
@@ -120,6 +127,18 @@ class Distributed:
         # Vision towers often leave parameters unused (e.g. CLIP's post-layernorm when LLaVA reads a hidden layer).
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                        find_unused_parameters=True)
+
+    def _tensor_parallel(self, model):
+        """Shards `model` with the tensor-parallel plan its transformers class declares (q/k/v and MLP up columnwise,
+        o/down rowwise, the embedding and lm_head over the vocabulary), through transformers' own entry points, on a
+        1-D mesh of all processes. Every process must hold the same weights (the same seed or checkpoint)."""
+        from transformers.distributed import DistributedConfig
+        cls = type(model)
+        if not getattr(model, "tp_plan", None):
+            raise ValueError(f"--tensor-parallel: {cls.__name__} declares no tensor-parallel plan in transformers "
+                             "(tp_plan); train it with DDP or --fsdp")
+        config, _, mesh = cls.prepare_distribute_model(DistributedConfig(tp_size=self.world))
+        return cls.maybe_distribute_model(model, config, mesh)
 
     @contextlib.contextmanager
     def unsharded(self, model, fsdp: bool):
@@ -146,7 +165,7 @@ class Distributed:
 
     def skip_grad_sync(self, trained):
         """A context in which backward accumulates gradients locally (all micro-batches but the last)."""
-        if self.world == 1:
+        if self.world == 1 or self.data_world == 1:  # one process, or tensor parallel: no gradient is averaged
             return contextlib.nullcontext()
         if hasattr(trained, "no_sync"):  # DDP
             return trained.no_sync()

@@ -22,7 +22,7 @@ import torch
 
 import rlhfv_kernels as rk
 
-from ..models import check_fused_linear, load_processor_and_model, load_run_records, load_weights
+from ..models import check_fused_linear, is_dtensor, load_processor_and_model, load_run_records, load_weights
 from ..models.packing import check_packing
 from . import output
 from .checkpoint import append_row, open_metrics, save_training_state, start_or_resume
@@ -56,6 +56,12 @@ class Run:
     def fsdp(self) -> bool:
         return self.cfg.fsdp and self.dist.world > 1
 
+    @property
+    def sharded(self) -> bool:
+        """Whether the trained parameters are shards (FSDP2's or tensor parallelism's DTensors): checkpoints gather
+        them."""
+        return self.fsdp or (self.cfg.tensor_parallel and self.dist.world > 1)
+
 
 def one_run_per_folder(train: Callable) -> Callable:
     """Decorates a trainer's train(cfg): its main process holds cfg.output_dir's lock (output.py) from before any work
@@ -78,7 +84,7 @@ def start(cfg: RunConfig, *, sft_collate: Callable, sft_batch_size: int,
     the SFT stage (and of the checks of the fused-linear route and of packing, refused before any work when the model
     cannot honour them); check_records(records, train_idx) may refuse the data."""
     device = process_device(cfg.device)
-    dist = Distributed(device)
+    dist = Distributed(device, tensor_parallel=cfg.tensor_parallel)
     cfg.check(dist.world)
     if cfg.backend is not None:  # on this device, for this route: refused now rather than at the first step
         try:
@@ -144,12 +150,27 @@ def optimizer_step(model, optimizer, scheduler, max_grad_norm: float, *, guard: 
                    where: str) -> float:
     """Clip, step (unless the guard refuses the update: see guard.py), advance the schedule, clear the gradients;
     returns the norm before clipping. `loss` must be the same on every process (averaged over them), as the norm is."""
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm))
+    grad_norm = _clip_grad_norm(model, max_grad_norm)
     if guard.allows(where, loss, grad_norm):
         optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm
+
+
+def _clip_grad_norm(model, max_grad_norm: float) -> float:
+    """torch's clip_grad_norm_ over every parameter; under tensor parallelism some gradients are DTensors (the
+    sharded weights: their norm is a collective over the shards) and some plain tensors (replicated norms, a vision
+    tower), which torch does not mix in one call: the two groups' norms are combined here, then both clipped."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    groups = [[p for p in params if is_dtensor(p.grad)], [p for p in params if not is_dtensor(p.grad)]]
+    if not groups[0] or not groups[1]:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+    norms = [torch.nn.utils.get_total_norm([p.grad for p in group]) for group in groups]
+    total = torch.sqrt(norms[0].full_tensor() ** 2 + norms[1] ** 2)
+    for group in groups:
+        torch.nn.utils.clip_grads_with_norm_(group, max_grad_norm, total.to(group[0].grad.device))
+    return float(total)
 
 
 def run_steps(run: Run, model, optimizer, scheduler, *, train_step: Callable[[int], dict],
@@ -162,10 +183,10 @@ def run_steps(run: Run, model, optimizer, scheduler, *, train_step: Callable[[in
     ckpt_path = os.path.join(cfg.output_dir, "checkpoint.pt")
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
     step, first, last = start_or_resume(ckpt_path, metrics_path, model, optimizer, scheduler, resume=cfg.resume,
-                                        max_steps=cfg.max_steps, fsdp=run.fsdp, dist=dist, guard=run.guard)
+                                        max_steps=cfg.max_steps, sharded=run.sharded, dist=dist, guard=run.guard)
 
     def checkpoint():
-        save_training_state(ckpt_path, model, optimizer, scheduler, step, fsdp=run.fsdp, dist=dist,
+        save_training_state(ckpt_path, model, optimizer, scheduler, step, sharded=run.sharded, dist=dist,
                             config=asdict(cfg), data_path=run.data_path, nonfinite_skipped=run.guard.skipped,
                             **checkpoint_extra)
         run.guard.last_saved = (step, ckpt_path)

@@ -70,7 +70,7 @@ def sft_stage(model, collate, records, train_idx, *, dist, output_dir: str, step
     losses = []
     if dist.is_main:
         from tqdm import tqdm
-        stream = BatchStream(train_idx, batch_size * dist.world, seed + 7919)  # an order of its own
+        stream = BatchStream(train_idx, batch_size * dist.data_world, seed + 7919)  # an order of its own
         with tqdm(total=steps, desc="sft", unit="step", disable=not progress) as bar:
             losses = fine_tune(model, lambda k: collate([(i, records[i]) for i in stream.batch(k)]).to(
                 next(model.parameters()).device), steps=steps, lr=lr, max_grad_norm=max_grad_norm,

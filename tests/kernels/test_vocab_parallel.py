@@ -101,3 +101,21 @@ REFUSALS = {
 def test_what_cannot_be_exact_is_refused_by_name(two, name):
     message = two["results"][f"refused: {name}"]
     assert message.startswith("ValueError: " + REFUSALS[name]), message
+
+
+@pytest.mark.slow
+def test_the_benchmark_measures_what_the_theory_says(tmp_path):
+    """benchmarks/vocab_parallel.py (2 gloo processes, a small head): one row per route, each process's collectives
+    exactly the theory's (the gathered logits: N x V / world floats each; vocab-parallel: 16 bytes per token, plus
+    d hidden on the fused-linear route), and the gathered route's memory the largest."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
+    from benchmarks import vocab_parallel
+    out = tmp_path / "vp.json"
+    assert vocab_parallel.main(["--vocab", "3001", "--hidden", "64", "--tokens", "64", "--pairs", "2", "--repeats",
+                                "1", "--port", "29563", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [r["route"] for r in rows] == list(vocab_parallel.ROUTES)
+    for row in rows:
+        seen = {name: c["bytes"] for name, c in row["collectives"].items() if name not in ("broadcast", "scatter")}
+        assert seen == row["theory"], row
+    assert rows[0]["peak_extra_bytes"] > max(r["peak_extra_bytes"] for r in rows[1:])
