@@ -73,9 +73,8 @@ class GRPOConfig(RunConfig):
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}")
         super().check(world)
-        if self.tensor_parallel:
-            raise ValueError("--tensor-parallel is not supported by the GRPO trainer yet (the DDPO trainer has it)")
-        if self.prompts_per_step % world:
+        readers = 1 if self.tensor_parallel else world  # under tensor parallelism every process takes every prompt
+        if self.prompts_per_step % readers:
             raise ValueError(f"prompts_per_step ({self.prompts_per_step}) must divide evenly over {world} processes")
         given = [name for name in ("reward", "judge", "judge_model") if getattr(self, name)]
         if len(given) > 1:

@@ -132,12 +132,13 @@ def train_grpo(cfg: GRPOConfig) -> dict:
     reference = None
     if cfg.beta_kl > 0 and not cfg.lora_r:
         reference = copy.deepcopy(model).requires_grad_(False)
-        if run.fsdp:
-            dist.wrap(reference, device, True)
+        if run.sharded:  # sharded as the policy (FSDP2 or tensor parallel); DDP's reference stays a plain module
+            reference = dist.wrap(reference, device, run.fsdp, tensor_parallel=cfg.tensor_parallel)
     model.train()
-    trained = dist.wrap(model, device, run.fsdp)
+    trained = dist.wrap(model, device, run.fsdp, tensor_parallel=cfg.tensor_parallel)
     optimizer, scheduler = optimizer_and_schedule(cfg, model, cfg.max_steps * cfg.updates_per_rollout)
-    stream = BatchStream(run.train_idx, cfg.prompts_per_step // dist.world, cfg.seed, dist.rank, dist.world)
+    stream = BatchStream(run.train_idx, cfg.prompts_per_step // dist.data_world, cfg.seed, dist.data_rank,
+                         dist.data_world)
     sampling = dict(do_sample=True, num_samples=cfg.num_generations, temperature=cfg.temperature, top_p=cfg.top_p,
                     max_new_tokens=cfg.max_new_tokens, batch_size=cfg.prompts_per_step, chat_template=cfg.chat_template)
     held_out = [records[i] for i in run.eval_idx]
@@ -148,7 +149,7 @@ def train_grpo(cfg: GRPOConfig) -> dict:
 
     def train_step(step: int) -> dict:
         # Rollouts: seeded by (seed, step, rank), so a resumed run samples exactly what it would have.
-        settings = GenerationSettings(**sampling, seed=cfg.seed * 1_000_003 + step * 101 + dist.rank)
+        settings = GenerationSettings(**sampling, seed=cfg.seed * 1_000_003 + step * 101 + dist.data_rank)
         with dist.unsharded(model, run.fsdp):
             rollouts = rollout_ops.sample(model, run.processor, records, stream.batch(step), k=cfg.num_generations,
                                           settings=settings, device=device, autocast_dtype=autocast_dtype)

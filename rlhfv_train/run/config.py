@@ -78,7 +78,7 @@ class RunConfig:
     tensor_parallel: bool = option(False, "under torchrun, shard the model over the processes with transformers' own "
                                    "tensor-parallel plan (every process sees the whole batch; the lm_head stays "
                                    "sharded over the vocabulary: --fused-linear scores it vocab-parallel, the logits "
-                                   "route gets transformers' gathered logits); DDPO trainer")
+                                   "route gets transformers' gathered logits)")
     synthetic_examples: int = option(1024, "size of the generated dataset when --data is not given",
                                      interval="[1, inf)")
     device: str = option("auto", "cpu, cuda, cuda:1, ...")

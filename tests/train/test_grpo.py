@@ -294,22 +294,35 @@ def test_help_shows_defaults():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp", "tp"])
 def test_two_gloo_processes(tmp_path, dataset, warm, parallel):
     """torchrun with 2 CPU processes: each samples its share of the prompts, generation under FSDP2 runs on gathered
     parameters; the run ends with its metrics and held-out evaluation. DDP runs the fused-linear route (the old and
-    reference log-probs and the loss inside DDP's forward)."""
-    flags = ["--fsdp"] if parallel == "fsdp" else ["--fused-linear"]
+    reference log-probs and the loss inside DDP's forward). Under --tensor-parallel (the policy and the reference
+    sharded by transformers' own plan, the head scored vocab-parallel) both processes sample every prompt alike, and
+    the run equals one process's: the same rollouts, losses and KL at every step."""
+    flags = {"fsdp": ["--fsdp"], "ddp": ["--fused-linear"], "tp": ["--tensor-parallel", "--fused-linear"]}[parallel]
+    common = ["-m", "rlhfv_train.grpo", "--data", dataset, "--judge", "scene", "--init-weights", warm, "--max-steps",
+              "2", "-k", "2", "--prompts-per-step", "4", "--max-new-tokens", "14", "--eval-max-new-tokens", "14",
+              "--eval-every", "2", "--save-every", "2", "--micro-batch", "3", "--no-progress", "--device", "cpu",
+              *flags]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-         "29527" if parallel == "ddp" else "29528", "-m", "rlhfv_train.grpo", "--data", dataset, "--judge", "scene",
-         "--output-dir", str(tmp_path), "--init-weights", warm, "--max-steps", "2", "-k", "2", "--prompts-per-step",
-         "4", "--max-new-tokens", "14", "--eval-max-new-tokens", "14", "--eval-every", "2", "--save-every", "2",
-         "--micro-batch", "3", "--no-progress", "--device", "cpu", *flags],
-        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+         {"ddp": "29527", "fsdp": "29528", "tp": "29529"}[parallel], *common, "--output-dir", str(tmp_path / "two")],
+        capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    rows = [json.loads(line) for line in open(tmp_path / "two" / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [0, 1, 2] and "chair_s" in rows[2] and rows[2]["kl"] > 0
+    if parallel == "tp":
+        one = subprocess.run([sys.executable, *[a for a in common if a != "--tensor-parallel"], "--output-dir",
+                              str(tmp_path / "one")], capture_output=True, text=True, env=env, timeout=600)
+        assert one.returncode == 0, one.stderr[-3000:]
+        alone = [json.loads(line) for line in open(tmp_path / "one" / "metrics.jsonl")]
+        for mine, theirs in zip(rows[1:], alone[1:]):
+            assert mine["answer_tokens"] == theirs["answer_tokens"] and mine["reward"] == theirs["reward"]
+            for key in ("loss", "kl", "grad_norm"):
+                assert mine[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-7), (mine["step"], key)
 
 
 def test_k_sweep_pipeline(tmp_path):

@@ -300,12 +300,13 @@ def test_resuming_a_finished_run_reports_its_last_metrics(tmp_path, dataset, cap
 
 def test_tensor_parallel_refuses_what_it_cannot_run():
     """--tensor-parallel needs torchrun's processes, and is refused beside the options it has not been checked with
-    (FSDP2, LoRA, packing) and by the GRPO trainer, before any work."""
+    (FSDP2, LoRA, packing), before any work; GRPO's prompts need not divide over the processes then (each takes all)."""
     from rlhfv_train.grpo import GRPOConfig
     with pytest.raises(ValueError, match="--tensor-parallel shards the model over torchrun's processes"):
         TrainConfig(tensor_parallel=True).check(1)
     for extra, flag in (({"fsdp": True}, "--fsdp"), ({"lora_r": 4}, "--lora-r"), ({"packing": True}, "--packing")):
         with pytest.raises(ValueError, match=f"--tensor-parallel with {flag} is not supported yet"):
             TrainConfig(tensor_parallel=True, **extra).check(2)
-    with pytest.raises(ValueError, match="--tensor-parallel is not supported by the GRPO trainer"):
-        GRPOConfig(tensor_parallel=True, judge="scene").check(2)
+    GRPOConfig(tensor_parallel=True, judge="scene", prompts_per_step=3).check(2)
+    with pytest.raises(ValueError, match="must divide evenly over 2 processes"):
+        GRPOConfig(judge="scene", prompts_per_step=3).check(2)
