@@ -1,5 +1,5 @@
-"""The measuring kit shared by every benchmark script (run.py, linear.py, trainer.py) and the tests that use it:
-device and version info, timing, peak extra memory, table formatting and --plot."""
+"""The measuring kit shared by every benchmark script (run.py, linear.py, trainer.py, ...) and the tests that use it:
+device and version info, timing, peak extra memory, table formatting and --plot, launching under torchrun."""
 from __future__ import annotations
 
 import os
@@ -118,6 +118,67 @@ def time_and_peak(step, device, repeats: int) -> tuple[list[float], int]:
     with PeakMemory(device) as mem:
         step()
     return times, mem.peak
+
+
+def add_torchrun_arguments(parser, port: str, nproc_help: str, device_help: str) -> None:
+    """The options of a benchmark that launches itself under torchrun (launch_under_torchrun): processes, repeats,
+    device, --json, the rendezvous port, and the workers' hidden --worker / --work."""
+    import argparse
+    parser.add_argument("--nproc", type=int, default=2, help=nproc_help)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help=device_help)
+    parser.add_argument("--json", metavar="PATH")
+    parser.add_argument("--port", default=port)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+
+
+def launch_under_torchrun(script: str, argv: list[str], nproc: int, port: str) -> tuple[list, dict] | int:
+    """Runs `script --worker --work DIR argv...` under torch.distributed.run with `nproc` processes (the benchmarks
+    that launch themselves: scale_out.py, vocab_parallel.py); returns (what the workers wrote with write_from_rank0,
+    one entry per process; the machine load before and after), or the launch's failing exit code (its stderr
+    printed). Warns first when the machine is busy."""
+    import json
+    import tempfile
+    load = {"before": machine_load()}
+    warn_if_busy(load["before"])
+    work = tempfile.mkdtemp(prefix="rlhfv-" + os.path.basename(script).removesuffix(".py") + "-")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", port,
+               os.path.abspath(script), "--worker", "--work", work, *[a for a in argv if a != "--worker"]]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    launch = subprocess.run(command, env=env, capture_output=True, text=True)
+    if launch.returncode != 0:
+        print(launch.stderr[-4000:], file=sys.stderr)
+        return launch.returncode
+    with open(os.path.join(work, "ranks.json")) as f:
+        ranks = json.load(f)
+    load["after"] = machine_load()
+    return ranks, load
+
+
+def write_from_rank0(work: str, mine: dict) -> None:
+    """A worker's side of launch_under_torchrun: every process's `mine`, gathered, written by process 0."""
+    import json
+
+    import torch.distributed as dist
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    if dist.get_rank() == 0:
+        with open(os.path.join(work, "ranks.json"), "w") as f:
+            json.dump(gathered, f)
+
+
+def rows_per_route(ranks: list, names, **first_rank_fields) -> list[dict]:
+    """One row per route from every process's results (ranks[p]["results"][k]): the slowest process's median step,
+    its spread, the largest peak, and `first_rank_fields` (row key -> result key) from process 0."""
+    rows = []
+    for k, name in enumerate(names):
+        per_rank = [r["results"][k] for r in ranks]
+        rows.append({"route": name, "step_median_ms": max(statistics.median(r["times_ms"]) for r in per_rank),
+                     "spread": max(spread(r["times_ms"]) for r in per_rank),
+                     "peak_extra_bytes": max(r["peak_extra_bytes"] for r in per_rank),
+                     **{key: per_rank[0][field] for key, field in first_rank_fields.items()}, "per_rank": per_rank})
+    return rows
 
 
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor, rows_per_chunk: int = 1024) -> float:

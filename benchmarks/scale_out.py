@@ -15,27 +15,21 @@ processes; time: the median step over --repeats, the slowest process's.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
-import subprocess
 import sys
-import tempfile
 
 os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.harness import (device_name, machine_load, print_load, spread, time_and_peak,  # noqa: E402
-                                versions, warn_if_busy, write_json)
+from benchmarks.harness import (add_torchrun_arguments, device_name, launch_under_torchrun,  # noqa: E402
+                                print_load, rows_per_route, time_and_peak, versions, write_from_rank0, write_json)
 
 ROUTES = {"logits (in place)": {"inplace_backward": True}, "fused-linear": {"fused_linear": True}}
 
 
 def worker(args) -> None:
     """One process of the launch: every route's step on this process's pairs; rank 0 writes what all measured."""
-    import torch.distributed as dist
-
     from rlhfv_train.data import PairCollator, load_records, synthetic
     from rlhfv_train.ddpo import TrainConfig, batch_loss
     from rlhfv_train.models.families import build_family
@@ -68,53 +62,27 @@ def worker(args) -> None:
         times, peak = time_and_peak(step, device, args.repeats)
         results.append({"route": name, "times_ms": times, "peak_extra_bytes": peak})
         del model, trained, optimizer
-    gathered = [None] * world
-    dist.all_gather_object(gathered, {"rank": rank, "shape": list(batch.input_ids.shape), "results": results})
-    if rank == 0:
-        with open(os.path.join(args.work, "ranks.json"), "w") as f:
-            json.dump(gathered, f)
+    write_from_rank0(args.work, {"rank": rank, "shape": list(batch.input_ids.shape), "results": results})
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parallel", choices=("fsdp", "ddp"), default="fsdp")
-    parser.add_argument("--nproc", type=int, default=2, help="processes (default 2)")
     parser.add_argument("--family", default="qwen2-vl", help="the tiny body's family (rlhfv_train/models/families.py)")
     parser.add_argument("--vocab", type=int, default=151936, help="lm_head size (default 151936, Qwen2-VL's)")
     parser.add_argument("--pairs", type=int, default=4, help="preference pairs per step, over all processes")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (NCCL, one GPU per process)")
-    parser.add_argument("--json", metavar="PATH")
-    parser.add_argument("--port", default="29541")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--work", help=argparse.SUPPRESS)
+    add_torchrun_arguments(parser, "29541", "processes (default 2)", "cpu (gloo) or cuda (NCCL, one GPU per process)")
     args = parser.parse_args(argv)
     if args.worker:
         worker(args)
         return 0
     if args.pairs % args.nproc:
         parser.error(f"--pairs ({args.pairs}) must divide evenly over --nproc ({args.nproc}) processes")
-    work = tempfile.mkdtemp(prefix="rlhfv-scale-out-")
-    load_before = machine_load()
-    warn_if_busy(load_before)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), "--master_port",
-               args.port, os.path.abspath(__file__), "--worker", "--work", work,
-               *[a for a in (argv if argv is not None else sys.argv[1:]) if a != "--worker"]]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    launch = subprocess.run(command, env=env, capture_output=True, text=True)
-    if launch.returncode != 0:
-        print(launch.stderr[-4000:], file=sys.stderr)
-        return launch.returncode
-    with open(os.path.join(work, "ranks.json")) as f:
-        ranks = json.load(f)
-    load_after = machine_load()
-    rows = []
-    for k, name in enumerate(ROUTES):
-        per_rank = [r["results"][k] for r in ranks]
-        rows.append({"route": name, "step_median_ms": max(statistics.median(r["times_ms"]) for r in per_rank),
-                     "spread": max(spread(r["times_ms"]) for r in per_rank),
-                     "peak_extra_bytes": max(r["peak_extra_bytes"] for r in per_rank),
-                     "per_rank": per_rank})
+    launched = launch_under_torchrun(__file__, argv if argv is not None else sys.argv[1:], args.nproc, args.port)
+    if isinstance(launched, int):
+        return launched
+    ranks, load = launched
+    rows = rows_per_route(ranks, ROUTES)
     device = torch.device(args.device if args.device != "cuda" else "cuda")
     print(f"one DDPO step per process, {args.nproc} processes ({args.parallel}, {device_name(device)}), "
           f"{args.family} body, V={args.vocab}, {args.pairs} pairs in all, per process {ranks[0]['shape']} tokens")
@@ -123,11 +91,11 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"{r['route']:<20}{r['step_median_ms']:>10.1f}{r['spread']:>7.0%} {r['peak_extra_bytes'] / 2**20:>17.1f}"
               f"{r['peak_extra_bytes'] / max(base['peak_extra_bytes'], 1):>8.2f}x")
-    print_load(load_before, load_after, 0)
+    print_load(load["before"], load["after"], 0)
     if args.json:
         write_json(args.json, {"versions": versions(), "device_name": device_name(device), "parallel": args.parallel,
                                "nproc": args.nproc, "family": args.family, "vocab": args.vocab, "pairs": args.pairs,
-                               "load": {"before": load_before, "after": load_after}, "results": rows})
+                               "load": load, "results": rows})
     return 0
 
 

@@ -21,20 +21,16 @@ runs (a TorchDispatchMode), bytes of the tensor each process contributes.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
-import subprocess
 import sys
-import tempfile
 
 os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.harness import (device_name, machine_load, print_load, spread, time_and_peak,  # noqa: E402
-                                versions, warn_if_busy, write_json)
+from benchmarks.harness import (add_torchrun_arguments, device_name, launch_under_torchrun,  # noqa: E402
+                                print_load, rows_per_route, time_and_peak, versions, write_from_rank0, write_json)
 
 ROUTES = ("gathered logits", "vocab-parallel logits", "vocab-parallel fused-linear")
 
@@ -72,7 +68,6 @@ def theory(route: str, tokens: int, scored: int, hidden: int, vocab: int, world:
 
 
 def worker(args) -> None:
-    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, distribute_tensor
     from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
@@ -115,54 +110,28 @@ def worker(args) -> None:
         results.append({"route": route, "times_ms": times, "peak_extra_bytes": peak, "collectives": seen.calls,
                         "theory": theory(route, rows * seq, int((labels != -100).sum()), args.hidden, args.vocab,
                                          group.world, torch.finfo(dtype).bits // 8)})
-    gathered = [None] * group.world
-    dist.all_gather_object(gathered, {"rank": group.rank, "results": results})
-    if group.rank == 0:
-        with open(os.path.join(args.work, "ranks.json"), "w") as f:
-            json.dump(gathered, f)
+    write_from_rank0(args.work, {"rank": group.rank, "results": results})
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--nproc", type=int, default=2, help="processes, the tensor-parallel degree (default 2)")
     parser.add_argument("--vocab", type=int, default=151936, help="lm_head rows (default 151936, Qwen2's)")
     parser.add_argument("--hidden", type=int, default=896, help="lm_head columns (default 896, Qwen2-0.5B's)")
     parser.add_argument("--tokens", type=int, default=512, help="tokens per step, the same on every process")
     parser.add_argument("--pairs", type=int, default=4, help="preference pairs the tokens make")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default="cpu", help="cpu (gloo, fp32) or cuda (NCCL, bf16)")
-    parser.add_argument("--json", metavar="PATH")
-    parser.add_argument("--port", default="29543")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--work", help=argparse.SUPPRESS)
+    add_torchrun_arguments(parser, "29543", "processes, the tensor-parallel degree (default 2)",
+                           "cpu (gloo, fp32) or cuda (NCCL, bf16)")
     args = parser.parse_args(argv)
     if args.worker:
         worker(args)
         return 0
     if args.tokens % (2 * args.pairs):
         parser.error(f"--tokens ({args.tokens}) must be a multiple of 2 * --pairs ({2 * args.pairs})")
-    work = tempfile.mkdtemp(prefix="rlhfv-vocab-parallel-")
-    load_before = machine_load()
-    warn_if_busy(load_before)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), "--master_port",
-               args.port, os.path.abspath(__file__), "--worker", "--work", work,
-               *[a for a in (argv if argv is not None else sys.argv[1:]) if a != "--worker"]]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    launch = subprocess.run(command, env=env, capture_output=True, text=True)
-    if launch.returncode != 0:
-        print(launch.stderr[-4000:], file=sys.stderr)
-        return launch.returncode
-    with open(os.path.join(work, "ranks.json")) as f:
-        ranks = json.load(f)
-    load_after = machine_load()
-    rows = []
-    for k, route in enumerate(ROUTES):
-        per_rank = [r["results"][k] for r in ranks]
-        rows.append({"route": route, "step_median_ms": max(statistics.median(r["times_ms"]) for r in per_rank),
-                     "spread": max(spread(r["times_ms"]) for r in per_rank),
-                     "peak_extra_bytes": max(r["peak_extra_bytes"] for r in per_rank),
-                     "collectives": per_rank[0]["collectives"], "theory": per_rank[0]["theory"],
-                     "per_rank": per_rank})
+    launched = launch_under_torchrun(__file__, argv if argv is not None else sys.argv[1:], args.nproc, args.port)
+    if isinstance(launched, int):
+        return launched
+    ranks, load = launched
+    rows = rows_per_route(ranks, ROUTES, collectives="collectives", theory="theory")
     device = torch.device(args.device if args.device != "cuda" else "cuda")
     print(f"one DDPO loss forward + backward per process, {args.nproc} processes ({device_name(device)}), "
           f"head {args.vocab} x {args.hidden} tensor-parallel, {args.tokens} tokens on every process")
@@ -176,11 +145,11 @@ def main(argv=None) -> int:
         print(f"{r['route']:<30}{r['step_median_ms']:>10.1f}{r['spread']:>7.0%} "
               f"{r['peak_extra_bytes'] / 2**20:>17.1f}{r['peak_extra_bytes'] / max(base['peak_extra_bytes'], 1):>8.2f}x"
               f"   {seen}; theory {want}")
-    print_load(load_before, load_after, 0)
+    print_load(load["before"], load["after"], 0)
     if args.json:
         write_json(args.json, {"versions": versions(), "device_name": device_name(device), "nproc": args.nproc,
                                "vocab": args.vocab, "hidden": args.hidden, "tokens": args.tokens,
-                               "pairs": args.pairs, "load": {"before": load_before, "after": load_after},
+                               "pairs": args.pairs, "load": load,
                                "results": rows})
     return 0
 

@@ -2,9 +2,9 @@
 ColwiseParallel(use_local_output=False) returns) or the lm_head weight sharded over its rows (a DTensor Shard(0), with
 its bias), the tokens the same on every rank of that mesh dimension. DESIGN.md §3, "Vocab-parallel inputs".
 
-Forward: each rank runs its backend's own forward kernels on its slice of the vocabulary, then one all-gather of three
-floats per token (the slice's LSE, the label's logit where the slice holds the label, the slice's entropy) lets every
-rank combine them: lse = logsumexp_r lse_r, logp = z_y - lse and H = sum_r w_r (H_r + lse - lse_r) with
+Forward: each rank runs its backend's own forward kernels on its slice of the vocabulary, then one all-gather of two
+float64 per token (the slice's LSE, the label's logit where the slice holds the label; a third, the slice's entropy,
+when asked for) lets every rank combine them: lse = logsumexp_r lse_r, logp = z_y - lse and H = sum_r w_r (H_r + lse - lse_r) with
 w_r = exp(lse_r - lse) (two non-negative terms, as the single-process entropy). Nothing N x V crosses a rank.
 Backward: the backend's own backward kernels, given the *global* LSE and entropy, write the slice's gradient
 (d logits Shard(-1), d weight / d bias Shard(0)); no collective on the logits path, and on the fused-linear path one
@@ -27,6 +27,8 @@ from ._ops import refuse_double_backward
 
 # The kernels' ignore_index here: never a column, so no local label collides with it.
 KERNEL_IGNORE = -1
+# The column a token labelled on another rank is handed (its log-prob discarded, its gradient there rewritten).
+FAKE_COLUMN = 0
 
 
 @dataclass(frozen=True)
@@ -135,8 +137,6 @@ def kernel_labels(labels: torch.Tensor, shard: VocabShard, ignore_index: int):
     return torch.where(owned, local, torch.where(active, FAKE_COLUMN, KERNEL_IGNORE)), owned, active
 
 
-FAKE_COLUMN = 0
-
 
 def _all_gather(output, tensor, group):
     """torch.distributed.all_gather_single (torch >= 2.13; all_gather_into_tensor, its older name, warns there)."""
@@ -200,12 +200,10 @@ class ShardedLogps(torch.autograd.Function):
                                                          False), None
         logp, lse, entropy = combine(logp_r, lse_r, entropy_r, owned, active, shard)
         foreign = active & ~owned
-        ctx.save_for_backward(logits, local_labels, lse, entropy if with_entropy else lse, foreign)
+        ctx.save_for_backward(logits, local_labels, lse, lse if entropy is None else entropy, foreign)
         ctx.args = (temperature, softcap)
         ctx.inplace_backward, ctx.ops, ctx.with_entropy = inplace_backward, ops, with_entropy
-        if not with_entropy:
-            return logp, logp.new_zeros(0)
-        return logp, entropy
+        return _outputs(logp, entropy)
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
@@ -215,6 +213,11 @@ class ShardedLogps(torch.autograd.Function):
         out = slice_gradient(ctx.ops, logits, grad_logp, grad_entropy if ctx.with_entropy else None, local_labels,
                              lse, entropy, foreign, *ctx.args, inplace=ctx.inplace_backward)
         return out, None, None, None, None, None, None, None, None
+
+
+def _outputs(logp, entropy):
+    """A Function's two outputs: the log-probs and the entropies, or an empty tensor where none were asked for."""
+    return logp, logp.new_zeros(0) if entropy is None else entropy
 
 
 def _zeros_if_none(grad_logp, like, dtype):
@@ -263,12 +266,10 @@ class ShardedLinearLogps(torch.autograd.Function):
         else:
             (logp_r, lse_r), entropy_r = ops.linear_logprob_fwd(hidden, weight, bias, local_labels, *args), None
         logp, lse, entropy = combine(logp_r, lse_r, entropy_r, owned, active, shard)
-        ctx.save_for_backward(hidden, weight, bias, local_labels, lse, entropy if with_entropy else lse,
+        ctx.save_for_backward(hidden, weight, bias, local_labels, lse, lse if entropy is None else entropy,
                               active & ~owned)
         ctx.args, ctx.shard, ctx.ops, ctx.with_entropy = args, shard, ops, with_entropy
-        if not with_entropy:
-            return logp, logp.new_zeros(0)
-        return logp, entropy
+        return _outputs(logp, entropy)
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
