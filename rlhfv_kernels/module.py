@@ -12,8 +12,10 @@ MixedPrecisionPolicy all apply as they would to `head(hidden)`. Where the head b
 root, DDP), call this inside the model's forward so that the parent's hooks have gathered it
 (rlhfv_train.models.adapter.fused_linear_forward does both for a Hugging Face model).
 
-The linear_* functions themselves refuse a sharded weight by name (_checks.check_not_sharded): never a gradient that
-FSDP or DeepSpeed would not reduce.
+The linear_* functions themselves refuse a ZeRO-3 partition by name (_checks.check_not_sharded), and take a DTensor
+weight only as a tensor-parallel head, the same tokens on every rank (checked: _vocab_parallel.check_same_tokens):
+never a gradient that FSDP or DeepSpeed would not reduce. A tensor-parallel head needs no head_forward: its weight is
+sharded for good, and the kernels compute on it vocab-parallel.
 """
 from __future__ import annotations
 
