@@ -94,7 +94,7 @@ def train(cfg: TrainConfig) -> dict:
     model.train()
     # DDP wraps the model (`model` stays the plain module for eval and checkpoints); FSDP2 shards `model` itself,
     # before the optimizer is built over its sharded parameters.
-    trained = dist.wrap(model, device, run.fsdp, tensor_parallel=cfg.tensor_parallel)
+    trained = dist.wrap(model, device, run.fsdp)
     optimizer, scheduler = optimizer_and_schedule(cfg, model, cfg.max_steps)
     stream = BatchStream(run.train_idx, cfg.batch_size, cfg.seed, dist.data_rank, dist.data_world)
 

@@ -133,9 +133,9 @@ def train_grpo(cfg: GRPOConfig) -> dict:
     if cfg.beta_kl > 0 and not cfg.lora_r:
         reference = copy.deepcopy(model).requires_grad_(False)
         if run.sharded:  # sharded as the policy (FSDP2 or tensor parallel); DDP's reference stays a plain module
-            reference = dist.wrap(reference, device, run.fsdp, tensor_parallel=cfg.tensor_parallel)
+            reference = dist.wrap(reference, device, run.fsdp)
     model.train()
-    trained = dist.wrap(model, device, run.fsdp, tensor_parallel=cfg.tensor_parallel)
+    trained = dist.wrap(model, device, run.fsdp)
     optimizer, scheduler = optimizer_and_schedule(cfg, model, cfg.max_steps * cfg.updates_per_rollout)
     stream = BatchStream(run.train_idx, cfg.prompts_per_step // dist.data_world, cfg.seed, dist.data_rank,
                          dist.data_world)

@@ -90,8 +90,9 @@ class Distributed:
                 atexit.register(_destroy_process_group)
             self.rank = dist.get_rank()
         self.is_main = self.rank == 0
+        self.tensor_parallel = tensor_parallel and self.world > 1
         # Who reads which data: every process its own share, except under tensor parallelism (one batch for all).
-        self.data_rank, self.data_world = (0, 1) if tensor_parallel else (self.rank, self.world)
+        self.data_rank, self.data_world = (0, 1) if self.tensor_parallel else (self.rank, self.world)
 
     def barrier(self) -> None:
         if self.world > 1:
@@ -106,13 +107,12 @@ class Distributed:
         torch.distributed.all_reduce(t)
         return {k: float(v) / self.world for k, v in zip(keys, t)}
 
-    def wrap(self, model, device, fsdp: bool, tensor_parallel: bool = False):
-        """DDP (a wrapper; `model` stays the plain module), FSDP2 (shards `model` in place and returns it) or tensor
-        parallelism (transformers' own plan over every process, in place; from then on every process reads the same
-        data)."""
+    def wrap(self, model, device, fsdp: bool):
+        """DDP (a wrapper; `model` stays the plain module), FSDP2 (shards `model` in place and returns it) or, for
+        processes started with tensor_parallel, transformers' own tensor-parallel plan (in place)."""
         if self.world == 1:
             return model
-        if tensor_parallel:
+        if self.tensor_parallel:
             return self._tensor_parallel(model)
         if fsdp:
             from torch.distributed.fsdp import fully_shard
@@ -165,7 +165,7 @@ class Distributed:
 
     def skip_grad_sync(self, trained):
         """A context in which backward accumulates gradients locally (all micro-batches but the last)."""
-        if self.world == 1 or self.data_world == 1:  # one process, or tensor parallel: no gradient is averaged
+        if self.data_world == 1:  # one process, or tensor parallel: no gradient is averaged
             return contextlib.nullcontext()
         if hasattr(trained, "no_sync"):  # DDP
             return trained.no_sync()

@@ -60,7 +60,7 @@ class Run:
     def sharded(self) -> bool:
         """Whether the trained parameters are shards (FSDP2's or tensor parallelism's DTensors): checkpoints gather
         them."""
-        return self.fsdp or (self.cfg.tensor_parallel and self.dist.world > 1)
+        return self.fsdp or self.dist.tensor_parallel
 
 
 def one_run_per_folder(train: Callable) -> Callable:
