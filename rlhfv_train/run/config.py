@@ -99,6 +99,9 @@ class RunConfig:
             for flag, used in (("--fsdp", self.fsdp), ("--lora-r", self.lora_r > 0), ("--packing", self.packing)):
                 if used:
                     raise ValueError(f"--tensor-parallel with {flag} is not supported yet; drop one of them")
+            if self.fused_linear and self.backend in ("eager", "reference"):
+                raise ValueError("--tensor-parallel --fused-linear scores the sharded head with the fused kernels; "
+                                 f"--backend {self.backend} would gather the whole logits: pick a fused backend")
         if self.init_weights is not None and not os.path.isfile(self.init_weights):
             raise FileNotFoundError(f"--init-weights {self.init_weights}: no such file")
         if self.model is not None and not os.path.isdir(self.model):  # before any data work, and transformers

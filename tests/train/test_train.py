@@ -307,6 +307,8 @@ def test_tensor_parallel_refuses_what_it_cannot_run():
     for extra, flag in (({"fsdp": True}, "--fsdp"), ({"lora_r": 4}, "--lora-r"), ({"packing": True}, "--packing")):
         with pytest.raises(ValueError, match=f"--tensor-parallel with {flag} is not supported yet"):
             TrainConfig(tensor_parallel=True, **extra).check(2)
+    with pytest.raises(ValueError, match="--backend eager would gather the whole logits"):
+        TrainConfig(tensor_parallel=True, fused_linear=True, backend="eager").check(2)
     GRPOConfig(tensor_parallel=True, judge="scene", prompts_per_step=3).check(2)
     with pytest.raises(ValueError, match="must divide evenly over 2 processes"):
         GRPOConfig(judge="scene", prompts_per_step=3).check(2)
