@@ -144,9 +144,10 @@ def _all_gather(output, tensor, group):
     gather(output, tensor, group=group)
 
 
-def combine(logp_r, lse_r, entropy_r, owned, active, shard: VocabShard):
-    """(logp, lse float64, entropy or None) of every token from each slice's (logp, lse, entropy): one all-gather."""
-    columns = [torch.where(active, lse_r, 0.0), torch.where(owned, logp_r.double() + lse_r, 0.0)]
+def combine(label_logit, lse_r, entropy_r, owned, active, shard: VocabShard, dtype):
+    """(logp in `dtype`, lse float64, entropy or None) of every token from each slice's LSE (and entropy) and the
+    label's logit (float64, from label_logit_of_logits / label_logit_of_linear): one all-gather."""
+    columns = [torch.where(active, lse_r, 0.0), torch.where(owned, label_logit, 0.0)]
     if entropy_r is not None:
         columns.append(entropy_r.double())
     local = torch.stack([c.reshape(-1) for c in columns], -1)
@@ -154,13 +155,43 @@ def combine(logp_r, lse_r, entropy_r, owned, active, shard: VocabShard):
     _all_gather(gathered, local, group=shard.group)
     per_rank = gathered.view(shard.world, *local.shape)
     lse = torch.where(active.reshape(-1), torch.logsumexp(per_rank[..., 0], 0), 0.0)
-    logp = torch.where(active.reshape(-1), per_rank[..., 1].sum(0) - lse, 0.0).to(logp_r.dtype).view(logp_r.shape)
+    logp = torch.where(active.reshape(-1), per_rank[..., 1].sum(0) - lse, 0.0).to(dtype).view(lse_r.shape)
     entropy = None
     if entropy_r is not None:
         share = torch.exp(per_rank[..., 0] - lse)  # w_r; 0 for a slice whose logits are all -inf
         terms = torch.where(share > 0, share * (per_rank[..., 2] + (lse - per_rank[..., 0])), 0.0)
         entropy = torch.where(active.reshape(-1), terms.sum(0), 0.0).to(entropy_r.dtype).view(entropy_r.shape)
     return logp, lse.view(lse_r.shape), entropy
+
+
+# Why the label's logit is formed again here rather than taken back from the kernel's log-prob (logp_r + lse_r):
+# logp_r is already rounded to fp32, and rounding logp_r + lse_r - lse once more is off by up to an ulp of |logp|
+# (2e-3 at |logits| ~ 1e4), where one process rounds once. From the logit itself logp is rounded once, as there.
+def label_logit_of_logits(logits, local_labels, temperature: float, softcap: float):
+    """z_y in float64 of each token from its own slice's logits (N values), transformed as the kernels do: x / t
+    rounded to the working precision (fp32 below float64; csrc and tl.div_rn divide correctly rounded), the cap in
+    float64."""
+    x = logits.gather(-1, local_labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    if softcap > 0:
+        return _transformed(x, temperature, softcap)[0]
+    if temperature == 1.0:
+        return x.double()
+    return (x.to(torch.promote_types(x.dtype, torch.float32)) / temperature).double()
+
+
+def label_logit_of_linear(hidden, weight, bias, local_labels, owned, temperature: float, softcap: float,
+                          chunk_rows: int):
+    """z_y in float64 of each token this slice labels: hidden . W[y] (+ b[y]) in float64, chunk_rows tokens at a
+    time (never more than chunk_rows x H float64 at once), then the transform."""
+    x = torch.zeros(local_labels.shape, dtype=torch.float64, device=hidden.device)
+    rows = owned.nonzero().squeeze(1)
+    for start in range(0, rows.numel(), chunk_rows):
+        these = rows[start:start + chunk_rows]
+        columns = local_labels[these]
+        x[these] = torch.linalg.vecdot(hidden[these].double(), weight[columns].double())
+        if bias is not None:
+            x[these] += bias[columns].double()
+    return _transformed(x, temperature, softcap)[0]
 
 
 def _transformed(x: torch.Tensor, temperature: float, softcap: float):
@@ -198,7 +229,8 @@ class ShardedLogps(torch.autograd.Function):
         else:
             (logp_r, lse_r), entropy_r = ops.logprob_fwd(logits, local_labels, KERNEL_IGNORE, temperature, softcap,
                                                          False), None
-        logp, lse, entropy = combine(logp_r, lse_r, entropy_r, owned, active, shard)
+        z_y = label_logit_of_logits(logits, local_labels, temperature, softcap)
+        logp, lse, entropy = combine(z_y, lse_r, entropy_r, owned, active, shard, logp_r.dtype)
         foreign = active & ~owned
         ctx.save_for_backward(logits, local_labels, lse, lse if entropy is None else entropy, foreign)
         ctx.args = (temperature, softcap)
@@ -265,7 +297,8 @@ class ShardedLinearLogps(torch.autograd.Function):
             logp_r, entropy_r, lse_r = ops.linear_logprob_entropy_fwd(hidden, weight, bias, local_labels, *args)
         else:
             (logp_r, lse_r), entropy_r = ops.linear_logprob_fwd(hidden, weight, bias, local_labels, *args), None
-        logp, lse, entropy = combine(logp_r, lse_r, entropy_r, owned, active, shard)
+        z_y = label_logit_of_linear(hidden, weight, bias, local_labels, owned, temperature, softcap, chunk_rows)
+        logp, lse, entropy = combine(z_y, lse_r, entropy_r, owned, active, shard, logp_r.dtype)
         ctx.save_for_backward(hidden, weight, bias, local_labels, lse, lse if entropy is None else entropy,
                               active & ~owned)
         ctx.args, ctx.shard, ctx.ops, ctx.with_entropy = args, shard, ops, with_entropy
