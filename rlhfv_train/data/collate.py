@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .inputs import check_row_layout, select_rows
+from .inputs import check_row_layout, select_rows, with_row_counts
 from .prompts import PromptFormat
 from .records import PreferenceRecord, open_image
 from .token_weights import correction_weights
@@ -78,7 +78,9 @@ def takes_suffix(processor) -> bool:
 def encode(processor, texts: list[str], images, *, padding_side: str, suffix: list[str] | None = None) -> dict:
     """The processor's (or, without images, the tokenizer's) output for `texts`, padded on `padding_side` by the call
     itself; images one list per sequence; suffix: the answers of a prefix-LM processor (takes_suffix). Labels the
-    processor may build are dropped: given labels, a model computes its own N x V cross-entropy."""
+    processor may build are dropped: given labels, a model computes its own N x V cross-entropy. Flat image tensors
+    (InternVL's tiles, Qwen-VL's patches) come with their rows per sequence (inputs.with_row_counts); pass the batch
+    to a model through inputs.model_kwargs."""
     tokenizer = getattr(processor, "tokenizer", processor)
     side = tokenizer.padding_side
     tokenizer.padding_side = padding_side  # processors that ignore the call's padding_side still follow the tokenizer
@@ -91,7 +93,8 @@ def encode(processor, texts: list[str], images, *, padding_side: str, suffix: li
             out = tokenizer(texts, return_tensors="pt", padding=True, padding_side=padding_side)
     finally:
         tokenizer.padding_side = side
-    return {k: v for k, v in out.items() if isinstance(v, torch.Tensor) and k != "labels"}
+    out = {k: v for k, v in out.items() if isinstance(v, torch.Tensor) and k != "labels"}
+    return with_row_counts(out, processor) if images is not None else out
 
 
 class PairCollator:

@@ -3,16 +3,25 @@ chosen half, a micro-batch of rollouts), repeating each k times (GRPO's group), 
 
 Most tensors a processor returns have one row per sequence (input_ids, attention_mask, token_type_ids,
 mm_token_type_ids, image_sizes, aspect_ratio_ids / mask, cross_attention_mask, pixel_attention_mask, and pixel_values
-of LLaVA, Idefics3, Mllama, ...). Qwen-VL's pixel_values are packed instead: [sum of patches, D], with image_grid_thw
-[images, 3] giving each image's patch grid (one image per sequence here). Anything else is refused with the tensor's
-name, at the first batch of a run, never silently mis-sliced.
+of LLaVA, Idefics3, Mllama, ...). Some image tensors are flat instead: InternVL's pixel_values hold every image's tiles
+[sum of tiles, C, H, W] (its dynamic tiling: several tiles and a thumbnail per image), Qwen-VL's every image's patches
+[sum of patches, D] with image_grid_thw [images, 3]. Each row of such a tensor stands for the same number of the
+image's placeholder tokens in input_ids (a tile for image_seq_length, a patch for 1 / merge_size**2), so a sequence's
+rows are its share of those tokens: with_row_counts records them, at encoding, as a per-sequence tensor beside the flat
+one (ROW_COUNTS), which every row operation then carries like any per-sequence tensor; model_kwargs drops it before
+the model's call. Anything else is refused with the tensor's name, at the first batch of a run, never silently
+mis-sliced.
 """
 from __future__ import annotations
 
 import torch
 
-# packed tensor -> the per-image grid that says how many of its rows each image owns
+# flat tensor -> the per-image grid that says how many of its rows each image owns
 PACKED = {"pixel_values": "image_grid_thw", "pixel_values_videos": "video_grid_thw"}
+# flat tensor -> the processor attribute naming the placeholder token its rows stand for
+PLACEHOLDER = {"pixel_values": "image_token_id", "pixel_values_videos": "video_token_id"}
+# the per-sequence row counts of a flat tensor travel under this name (not a keyword any model takes)
+ROW_COUNTS = "{}:rows per sequence"
 
 
 def batch_rows(inputs: dict) -> int:
@@ -20,17 +29,73 @@ def batch_rows(inputs: dict) -> int:
     return int(inputs["input_ids"].shape[0])
 
 
-def _packed_spans(inputs: dict, name: str, rows: int) -> list[tuple[int, int]] | None:
-    """[start, stop) of each sequence's rows in a packed tensor, or None when `name` has one row per sequence."""
-    grid_name = PACKED.get(name)
-    if grid_name is None or grid_name not in inputs:
+def with_row_counts(inputs: dict, placeholders) -> dict:
+    """inputs plus the per-sequence row counts (ROW_COUNTS) of each flat image tensor (the module's docstring): a
+    sequence's rows are its share of the placeholder tokens, and its grid rows the images whose rows make them up.
+    placeholders: what names the placeholder tokens (image_token_id, video_token_id): the processor, or the model's
+    config. A tensor with one row per sequence and no grid gets none. Raises ValueError naming the tensor where the
+    rows do not divide that way."""
+    out = dict(inputs)
+    sequences = batch_rows(inputs)
+    for name, attribute in PLACEHOLDER.items():
+        token_id, value, grid_name = getattr(placeholders, attribute, None), inputs.get(name), PACKED[name]
+        if token_id is None or value is None or (value.shape[0] == sequences and grid_name not in inputs):
+            continue
+        tokens = (inputs["input_ids"] == token_id).sum(-1)
+        total = int(tokens.sum())
+        rows = value.shape[0]
+        if total == 0 or bool(((tokens * rows) % total != 0).any()):
+            raise ValueError(f"the processor's {name} has {rows} rows for {total} placeholder tokens "
+                             f"({tokens.tolist()} per sequence), which do not split evenly by sequence; this model "
+                             "family's image layout is not supported yet")
+        counts = tokens * rows // total
+        out[ROW_COUNTS.format(name)] = counts
+        if grid_name in inputs:
+            out[ROW_COUNTS.format(grid_name)] = _images_making_up(inputs[grid_name], counts.tolist(), name)
+    return out
+
+
+def _images_making_up(grid: torch.Tensor, counts: list[int], name: str) -> torch.Tensor:
+    """How many consecutive images of `grid` ([images, 3], rows t * h * w each) make up each sequence's `counts` rows
+    of the flat tensor `name`."""
+    per_image = grid.prod(-1).tolist()
+    images, image = [], 0
+    for count in counts:
+        first, taken = image, 0
+        while taken < count and image < len(per_image):
+            taken, image = taken + per_image[image], image + 1
+        if taken != count:
+            raise ValueError(f"{name}: a sequence's {count} rows are not a whole number of its images' grids "
+                             f"({per_image})")
+        images.append(image - first)
+    if image != len(per_image):
+        raise ValueError(f"{name}: {len(per_image)} image grids but the sequences' rows account for {image}")
+    return torch.tensor(images, dtype=torch.long, device=grid.device)
+
+
+def model_kwargs(inputs: dict) -> dict:
+    """The model's keyword arguments of a batch: every tensor but the row counts with_row_counts added."""
+    return {name: value for name, value in inputs.items() if not _is_row_counts(name)}
+
+
+def _is_row_counts(name: str) -> bool:
+    return name.endswith(ROW_COUNTS.format(""))
+
+
+def _row_spans(inputs: dict, name: str, rows: int) -> list[tuple[int, int]] | None:
+    """[start, stop) of each sequence's rows in a flat tensor (from its row counts, with_row_counts), or None when
+    `name` has one row per sequence; anything else raises ValueError naming the tensor."""
+    value, counts = inputs[name], inputs.get(ROW_COUNTS.format(name))
+    if counts is None:
+        if value.dim() == 0 or value.shape[0] != rows:
+            raise ValueError(f"the processor's {name} has shape {tuple(value.shape)}, which is neither one row per "
+                             f"sequence ({rows}) nor a flat image tensor with its row counts "
+                             "(rlhfv_train.data.inputs.with_row_counts); this model family's layout is not supported "
+                             "yet")
         return None
-    value, grid = inputs[name], inputs[grid_name]
-    if grid.shape[0] != rows:
-        raise ValueError(f"{name}: {grid.shape[0]} images for {rows} sequences; one image per sequence is supported")
-    counts = grid.prod(-1).tolist()
-    if sum(counts) != value.shape[0]:
-        raise ValueError(f"{name}: {value.shape[0]} rows but {grid_name} accounts for {sum(counts)}")
+    counts = counts.tolist()
+    if len(counts) != rows or sum(counts) != value.shape[0]:
+        raise ValueError(f"{name}: {value.shape[0]} rows but its row counts {counts} say otherwise")
     starts = [0]
     for c in counts:
         starts.append(starts[-1] + c)
@@ -43,10 +108,7 @@ def check_row_layout(inputs: dict) -> None:
     for name, value in inputs.items():
         if not isinstance(value, torch.Tensor):
             raise ValueError(f"the processor returned {name} = {type(value).__name__}; only tensors are supported")
-        if _packed_spans(inputs, name, rows) is None and (value.dim() == 0 or value.shape[0] != rows):
-            raise ValueError(f"the processor's {name} has shape {tuple(value.shape)}, which is neither one row per "
-                             f"sequence ({rows}) nor a packed layout this trainer knows; this model family is not "
-                             "supported yet")
+        _row_spans(inputs, name, rows)
 
 
 def select_rows(inputs: dict, rows, total: int | None = None) -> dict:
@@ -56,7 +118,7 @@ def select_rows(inputs: dict, rows, total: int | None = None) -> dict:
     index = list(range(total))[rows] if isinstance(rows, slice) else [int(r) for r in rows]
     out = {}
     for name, value in inputs.items():
-        spans = _packed_spans(inputs, name, total)
+        spans = _row_spans(inputs, name, total)
         if spans is None:
             out[name] = value[torch.tensor(index, dtype=torch.long, device=value.device)]
         else:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from ..data import PreferenceRecord, PromptFormat, encode, open_image
+from ..data.inputs import model_kwargs
 from ..models.forward import autocast_to
 
 
@@ -100,7 +101,7 @@ def generate_tokens(model, processor, records: Sequence[PreferenceRecord], setti
                 inputs = encode(processor, texts, images if with_image else None, padding_side="left")
                 inputs = {k: v.to(device) for k, v in inputs.items()}
                 with autocast_to(inputs, autocast_dtype):
-                    out = model.generate(**inputs, **options)
+                    out = model.generate(**model_kwargs(inputs), **options)
                 batches.append(GeneratedBatch(chunk, inputs, out[:, inputs["input_ids"].shape[1]:]))
                 if progress is not None:
                     progress.update(len(chunk))

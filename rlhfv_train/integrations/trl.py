@@ -225,6 +225,7 @@ def _scattered(values: dict, mask: torch.Tensor) -> dict:
 def _packed(model, args, kwargs, aligned, max_tokens_per_row):
     """(the model inputs with the batch's sequences packed into rows, the targets packed alike, the PackedRows), the
     packed forward checked against the padded one on the first batch (models/packing.check_packing)."""
+    from ..data.inputs import model_kwargs, with_row_counts
     from ..data.packing import pack_for_loss
     from ..models.packing import check_packing, mrope_index
 
@@ -232,13 +233,14 @@ def _packed(model, args, kwargs, aligned, max_tokens_per_row):
         raise ValueError("rlhfv fused head, padding_free=True: pass the model inputs as keyword arguments")
     if "attention_mask" not in kwargs:
         raise ValueError("rlhfv fused head, padding_free=True: the batch has no attention_mask to find its sequences")
-    tensors = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
+    # flat image tensors (InternVL's tiles, Qwen-VL's patches) split by sequence through their placeholder tokens
+    tensors = with_row_counts({k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}, model.config)
     if not getattr(model, "_rlhfv_packing_checked", False):
         check_packing(model, tensors)
         model._rlhfv_packing_checked = True
     inputs, (aligned,), _, rows = pack_for_loss(tensors, [aligned], max_tokens_per_row, mrope_index(model))
     others = {k: v for k, v in kwargs.items() if k not in tensors}
-    return {**others, **inputs}, aligned, rows
+    return {**others, **model_kwargs(inputs)}, aligned, rows
 
 
 def _score_logits(forward, args, kwargs, padded, temperature, wants_entropy, outputs, options):

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 import rlhfv_kernels as rk
 
+from ..data.inputs import model_kwargs
 from .forward import autocast_to, forward_logits
 
 
@@ -156,7 +157,7 @@ def body_hidden(model, inputs: dict, autocast_dtype=None) -> torch.Tensor:
     """The last hidden states of the model's body on `inputs` (under autocast to `autocast_dtype` when given)."""
     body, _ = body_and_head(model)
     with autocast_to(inputs, autocast_dtype):
-        outputs = body(**inputs)
+        outputs = body(**model_kwargs(inputs))
     return outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
 
 
@@ -224,7 +225,7 @@ def fused_linear_forward(model, inputs: dict, function, *args, autocast_dtype=No
         hidden = body_hidden(model, {name: received[name] for name in inputs if name in received}, autocast_dtype)
         return head_call(model, function, hidden, *args, **options)
 
-    return rk.run_as_forward(unwrap(model), forward, caller=model, **inputs)
+    return rk.run_as_forward(unwrap(model), forward, caller=model, **model_kwargs(inputs))
 
 
 def hidden_and_head(model, inputs: dict, autocast_dtype=None):

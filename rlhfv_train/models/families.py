@@ -303,17 +303,20 @@ def _mllama(vocab_size=None, seed=0):
 
 
 def _internvl(vocab_size=None, seed=0):
-    """InternVL: InternViT + Qwen2, one 28-pixel tile per image (no cropping at this size), ChatML."""
+    """InternVL: InternViT + Qwen2, ChatML, the checkpoints' dynamic tiling (crop_to_patches, 1-12 tiles and a
+    thumbnail per image; 16-pixel tiles here: a 32-pixel scene is 4 tiles + the thumbnail), pixel_values
+    [sum of tiles, C, H, W]."""
     import transformers as tf
     tokenizer = _tokenizer(QWEN_SPECIAL + ("<img>", "</img>", "<IMG_CONTEXT>"), "<|im_end|>",
                            {"start_image_token": "<img>", "end_image_token": "</img>",
                             "context_image_token": "<IMG_CONTEXT>", "video_token": "<|video_pad|>"})
-    images = tf.GotOcr2ImageProcessorPil(size={"height": 28, "width": 28}, crop_to_patches=False)
+    images = tf.GotOcr2ImageProcessorPil(size={"height": 16, "width": 16}, crop_to_patches=True, min_patches=1,
+                                         max_patches=12)
     processor = without_video(tf.InternVLProcessor)(
         image_processor=images, tokenizer=tokenizer, image_seq_length=1,
         chat_template=CHATML.replace("<|vision_start|> <|image_pad|> <|vision_end|> ", "<IMG_CONTEXT> "))
     vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                  image_size=[28, 28], patch_size=[14, 14])
+                  image_size=[16, 16], patch_size=[8, 8])
     config = tf.InternVLConfig(text_config=dict(TEXT, **_ids(tokenizer, vocab_size), model_type="qwen2"),
                                vision_config=vision, image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
                                image_seq_length=1, downsample_ratio=0.5)
@@ -373,6 +376,7 @@ def supported_models_markdown() -> str:
 
     from ..data import synthetic
     from ..data import PairCollator, PreferenceRecord
+    from ..data.inputs import model_kwargs
     from .adapter import UnsupportedModelError
     from .packing import check_packing
 
@@ -396,7 +400,7 @@ def supported_models_markdown() -> str:
     for family in FAMILIES.values():
         processor, model = family.build()
         batch = PairCollator(processor, gamma=5.0)([(0, record)])
-        inputs = ", ".join(f"`{name}`" for name in batch.inputs)
+        inputs = ", ".join(f"`{name}`" for name in model_kwargs(batch.inputs))
         try:
             check_packing(model, PairCollator(processor, gamma=5.0)(scenes).model_inputs())
             packing = "✓"

@@ -6,6 +6,8 @@ import contextlib
 
 import torch
 
+from ..data.inputs import model_kwargs
+
 
 def autocast_to(inputs: dict, autocast_dtype):
     """Autocast to `autocast_dtype` (bf16 on GPU) on the inputs' device; None leaves the caller's autocast state as
@@ -18,4 +20,4 @@ def autocast_to(inputs: dict, autocast_dtype):
 def forward_logits(model, inputs: dict, autocast_dtype=None) -> torch.Tensor:
     """model(**inputs).logits, under autocast to `autocast_dtype` when one is given."""
     with autocast_to(inputs, autocast_dtype):
-        return model(**inputs).logits
+        return model(**model_kwargs(inputs)).logits

@@ -91,7 +91,7 @@ def test_three_ddpo_steps_on_both_paths(family, tmp_path):
     assert losses[True] == pytest.approx(losses[False], abs=1e-5)
 
 
-# models/packing.check_packing refuses these on the installed transformers (docs/models.md's table gives 5.24's):
+# models/packing.check_packing refuses these on the installed transformers (docs/models.md's table gives 5.25's):
 # mllama, gemma3 from 5.23 (KNOWN_UNSUPPORTED), paligemma before 5.24 (its prefix mask lets packed sequences see each
 # other there: the comparison finds it)
 PACKING_REFUSED = ({"mllama"} | ({"gemma3"} if known_unsupported("gemma3") else set())

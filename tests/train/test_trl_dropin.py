@@ -420,7 +420,7 @@ def test_grpo_loss_conventions_equal_trls(loss_type, model_dir, tmp_path):
 
 # Vision-language models: TRL's vision collators and model inputs (pixel_values, image_grid_thw, ...) pass through the
 # fused head unchanged. Families whose tiny processors carry a chat template (TRL needs one for these datasets).
-VLM_FAMILIES = ["qwen2-vl", "gemma3", "idefics3"]
+VLM_FAMILIES = ["qwen2-vl", "gemma3", "idefics3", "internvl"]
 
 
 def vlm_rows():
@@ -464,9 +464,10 @@ def test_padding_free_dpo_equals_trls_padded(fused_linear, max_tokens_per_row, t
     assert trainer.model._rlhfv_packing_checked
 
 
-@pytest.mark.parametrize("family", ["qwen2-vl", "gemma3"])
+@pytest.mark.parametrize("family", ["qwen2-vl", "gemma3", "internvl"])
 def test_padding_free_vision_language_dpo(family, tmp_path):
-    """Qwen2-VL (left-padded prompts, mRoPE) packed gives TRL's numbers; Gemma 3 is refused by name."""
+    """Qwen2-VL (left-padded prompts, mRoPE) and InternVL (5 tiles per image) packed give TRL's numbers; Gemma 3 is
+    refused by name."""
     from rlhfv_train.models import UnsupportedModelError
     from rlhfv_train.models.families import build_family
 
@@ -484,12 +485,14 @@ def test_padding_free_vision_language_dpo(family, tmp_path):
                                                                                    rows=(0, 1, 2)))
 
 
+@pytest.mark.parametrize("family", ["qwen2-vl", "internvl"])
 @pytest.mark.parametrize("fused_linear", [False, True], ids=["logits", "fused-linear"])
-def test_vision_language_grpo_equals_trl(fused_linear, tmp_path):
-    """Qwen2-VL: TRL generates from image prompts once; pixel_values and image_grid_thw reach both heads."""
+def test_vision_language_grpo_equals_trl(family, fused_linear, tmp_path):
+    """Qwen2-VL and InternVL (5 tiles per image): TRL generates from image prompts once; pixel_values (and
+    image_grid_thw) reach both heads."""
     from PIL import Image
     from rlhfv_train.models.families import build_family
-    processor, model = build_family("qwen2-vl", seed=0)
+    processor, model = build_family(family, seed=0)
     model.save_pretrained(tmp_path / "model")
     processor.save_pretrained(tmp_path / "model")
     user = [{"type": "image"}, {"type": "text", "text": "what do you see ?"}]
@@ -511,7 +514,9 @@ def test_vision_language_grpo_equals_trl(fused_linear, tmp_path):
 
     theirs = make(trl.GRPOTrainer)
     inputs = grpo_inputs(theirs)
-    assert "pixel_values" in inputs and "image_grid_thw" in inputs
+    assert "pixel_values" in inputs and ("image_grid_thw" in inputs) == (family == "qwen2-vl")
+    if family == "internvl":  # the tiles of every sequence's image, flat
+        assert inputs["pixel_values"].shape[0] == 5 * inputs["prompt_ids"].shape[0]
     expected = grpo_loss_grads_metrics(theirs, inputs)
     assert_same_as_trl(grpo_loss_grads_metrics(make(trl_dropin.GRPOTrainer, use_fused_linear=fused_linear), inputs),
                        expected)

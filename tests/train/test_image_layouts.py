@@ -1,0 +1,167 @@
+"""Image layouts whose rows per sequence differ within a batch (rlhfv_train/data/inputs.py): InternVL's dynamic tiling
+at several image sizes, Qwen2-VL's patches at two sizes, LLaVA-OneVision's anyres at one and two crops. Each
+sequence's image rows go with it through every row operation: checked against the model's own forward (a selection's
+logits are the full batch's rows) and against packing (check_packing: packed logits are the padded ones); the row
+counts against the image processor's own tile counts; flat tensors that do not split are refused by name."""
+import io
+import random
+
+import pytest
+import torch
+
+from rlhfv_train.data import (PairCollator, PreferenceRecord, concat_rows, open_image, repeat_rows, select_rows,
+                              synthetic)
+from rlhfv_train.data.inputs import ROW_COUNTS, model_kwargs, with_row_counts
+from rlhfv_train.models.families import build_family
+from rlhfv_train.models.packing import check_packing
+
+pytest.importorskip("PIL")
+
+SIZES = [(32, 32), (64, 32), (16, 16), (48, 48)]  # InternVL at 16-pixel tiles: 5, 9, 1 and 10 tiles
+
+
+def records_at(sizes):
+    """Synthetic scenes drawn at 32 pixels and resized to `sizes` (width, height), one per record."""
+    out = []
+    for i, size in enumerate(sizes):
+        rng = random.Random(i)
+        example = synthetic.make_example(rng)
+        image = synthetic.draw(example["objects"], rng=rng).resize(size)
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        out.append((i, PreferenceRecord(question=example["question"], chosen=example["chosen"],
+                                        rejected=example["rejected"], image=buffer.getvalue(), source=f"scene {i}")))
+    return out
+
+
+def qwen2_vl_at_two_sizes():
+    """The tiny Qwen2-VL with a pixel budget that keeps two image sizes apart (the family's own fixes one)."""
+    import transformers as tf
+    processor, model = build_family("qwen2-vl")
+    processor.image_processor = tf.Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14,
+                                                            merge_size=2, temporal_patch_size=2)
+    return processor, model
+
+
+def batch_of(name):
+    processor, model = qwen2_vl_at_two_sizes() if name == "qwen2-vl" else build_family(name)
+    sizes = SIZES if name != "qwen2-vl" else [(128, 64), (32, 32), (32, 32)]
+    return processor, model, PairCollator(processor, gamma=5.0)(records_at(sizes)).model_inputs()
+
+
+def assert_rows_are_the_models(model, inputs, rows):
+    """The model's logits of select_rows(inputs, rows) equal the full batch's rows at every real token."""
+    with torch.no_grad():
+        full = model(**model_kwargs(inputs)).logits
+        picked = model(**model_kwargs(select_rows(inputs, rows))).logits
+    mask = inputs["attention_mask"][rows].bool()
+    torch.testing.assert_close(picked[mask], full[rows][mask], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["internvl", "qwen2-vl", "llava-onevision"])
+def test_each_sequence_keeps_its_own_image_rows(name):
+    processor, model, inputs = batch_of(name)
+    sequences = inputs["input_ids"].shape[0]
+    if name == "internvl":  # chosen then rejected: 5, 9, 1 and 10 tiles (test_row_counts_match_the_tilers_own)
+        counts = inputs[ROW_COUNTS.format("pixel_values")].tolist()
+        assert counts == [5, 9, 1, 10] * 2 and inputs["pixel_values"].shape[0] == sum(counts)
+    if name == "qwen2-vl":
+        assert inputs[ROW_COUNTS.format("image_grid_thw")].tolist() == [1] * sequences
+        patches = inputs["image_grid_thw"].prod(-1).tolist()
+        assert len(set(patches)) == 2 and inputs[ROW_COUNTS.format("pixel_values")].tolist() == patches
+    if name == "llava-onevision":  # one row per sequence: no counts needed
+        assert ROW_COUNTS.format("pixel_values") not in inputs
+        assert inputs["pixel_values"].shape[0] == sequences
+    for rows in ([2, 0, 2], [sequences - 1, 1]):
+        assert_rows_are_the_models(model, inputs, rows)
+    again = repeat_rows(inputs, 2)
+    assert torch.equal(select_rows(again, [3])["pixel_values"], select_rows(inputs, [1])["pixel_values"])
+    joined = concat_rows([select_rows(inputs, [1]), select_rows(inputs, [0, 3])])
+    for key, value in select_rows(inputs, [1, 0, 3]).items():
+        assert torch.equal(joined[key], value), key
+    assert check_packing(model, inputs) < 1e-3
+
+
+def test_row_counts_match_the_tilers_own():
+    """InternVL: every image's tiles (the image processor's num_patches, which the processor does not return)."""
+    processor, _ = build_family("internvl")
+    opened = [open_image(r) for _, r in records_at(SIZES)]
+    own = processor.image_processor(images=opened, return_tensors="pt")["num_patches"].tolist()
+    inputs = PairCollator(processor, gamma=5.0)(records_at(SIZES)).model_inputs()
+    assert inputs[ROW_COUNTS.format("pixel_values")].tolist() == own + own
+
+
+class Placeholder:
+    image_token_id = 7
+
+
+def test_flat_tensors_that_do_not_split_are_refused_by_name():
+    ids = torch.tensor([[7, 7, 1], [7, 1, 1]])
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": torch.zeros(4, 3)}
+    with pytest.raises(ValueError, match="pixel_values has 4 rows for 3 placeholder tokens"):
+        with_row_counts(inputs, Placeholder())
+    grid = {**inputs, "pixel_values": torch.zeros(6, 3), "image_grid_thw": torch.tensor([[1, 1, 3], [1, 1, 3]])}
+    with pytest.raises(ValueError, match="not a whole number of its images' grids"):
+        with_row_counts(grid, Placeholder())  # 4 rows for the first sequence, images of 3
+    counted = with_row_counts({**inputs, "pixel_values": torch.zeros(6, 3)}, Placeholder())
+    assert counted[ROW_COUNTS.format("pixel_values")].tolist() == [4, 2]
+    assert set(model_kwargs(counted)) == {"input_ids", "attention_mask", "pixel_values"}
+    broken = {**counted, ROW_COUNTS.format("pixel_values"): torch.tensor([5, 2])}
+    with pytest.raises(ValueError, match="pixel_values: 6 rows but its row counts"):
+        select_rows(broken, [0])
+
+
+@pytest.fixture(scope="module")
+def internvl_uneven(tmp_path_factory):
+    """(saved tiny InternVL, a data file of scenes at four sizes: 5, 9, 1 and 10 tiles, in turn)."""
+    import json
+    folder = tmp_path_factory.mktemp("internvl-uneven")
+    processor, model = build_family("internvl", seed=1)
+    model.save_pretrained(folder / "model")
+    processor.save_pretrained(folder / "model")
+    data = synthetic.generate(str(folder / "scenes"), 12, seed=2)
+    from PIL import Image
+    with open(data) as f:
+        rows = [json.loads(line) for line in f]
+    for i, row in enumerate(rows):
+        path = folder / "scenes" / row["image"]
+        Image.open(path).resize(SIZES[i % len(SIZES)]).save(path)
+    return str(folder / "model"), data
+
+
+def _step_rows(output_dir):
+    import json
+    with open(f"{output_dir}/metrics.jsonl") as f:
+        return [row for row in map(json.loads, f) if row["step"] > 0]
+
+
+def test_ddpo_and_grpo_train_on_uneven_tiles(internvl_uneven, tmp_path):
+    """Batches whose sequences have 1 to 10 tiles: the logits route, --fused-linear and --packing give the same
+    losses and gradient norms (each sequence scored with its own tiles: a mis-split changes them); GRPO's groups
+    carry their prompt's tiles k times, padded and packed alike."""
+    from rlhfv_train.ddpo import TrainConfig, train
+    from rlhfv_train.grpo import GRPOConfig, train_grpo
+    model, data = internvl_uneven
+    runs = {}
+    for route in ("logits", "fused-linear", "packing"):
+        out = tmp_path / route
+        train(TrainConfig(data=data, model=model, output_dir=str(out), max_steps=3, batch_size=3, eval_fraction=0.25,
+                          eval_every=3, save_every=3, sft_steps=1, fused_linear=route == "fused-linear",
+                          packing=route == "packing", max_tokens_per_row=64 if route == "packing" else None,
+                          hallucination_eval=False, progress=False, device="cpu", lr=1e-3))
+        runs[route] = _step_rows(out)
+    for route in ("fused-linear", "packing"):
+        for expected, got in zip(runs["logits"], runs[route]):
+            assert got["loss"] == pytest.approx(expected["loss"], abs=1e-5), route
+            assert got["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-4), route
+    grpo = {}
+    for packing in (False, True):
+        out = tmp_path / f"grpo-{packing}"
+        train_grpo(GRPOConfig(data=data, model=model, judge="scene", output_dir=str(out), max_steps=2,
+                              num_generations=2, prompts_per_step=3, max_new_tokens=5, micro_batch=4,
+                              packing=packing, eval_fraction=0.25, eval_every=2, save_every=2, eval_max_new_tokens=3,
+                              sft_steps=0, progress=False, device="cpu", lr=1e-3))
+        grpo[packing] = _step_rows(out)
+    for padded, packed in zip(grpo[False], grpo[True]):
+        assert packed["loss"] == pytest.approx(padded["loss"], abs=1e-5)
+        assert packed["grad_norm"] == pytest.approx(padded["grad_norm"], rel=1e-4)
