@@ -50,7 +50,7 @@ def spread_records(pairs: int, low: int, high: int, seed: int) -> list[Preferenc
         for k in rng.sample(range(len(chosen)), min(3, len(chosen))):
             rejected[k] = rng.choice(WORDS)
         records.append(PreferenceRecord(question=example["question"], chosen=" ".join(chosen),
-                                        rejected=" ".join(rejected), image=buffer.getvalue()))
+                                        rejected=" ".join(rejected), images=(buffer.getvalue(),)))
     return records
 
 

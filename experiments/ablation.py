@@ -139,7 +139,7 @@ def on_policy_pairs(records, answers) -> list[dict]:
                 continue
             fixed = correct(mentioned, record.objects)
             if fixed and fixed != mentioned:
-                pairs.append({"image": record.image, "question": record.question, "chosen": describe(fixed),
+                pairs.append({"image": list(record.images), "question": record.question, "chosen": describe(fixed),
                               "rejected": answer, "reward_margin": len(set(mentioned) - set(record.objects)),
                               "objects": record.objects})
     return pairs
@@ -165,7 +165,7 @@ def _on_policy_data(data_path, seed, args, sft_path, seed_dir) -> tuple[str, str
     if not pairs:
         raise ValueError(f"seed {seed}: none of the SFT model's answers could be corrected into a pair (does it "
                          "describe scenes yet? raise --sft-steps)")
-    held_rows = [{"image": r.image, "question": r.question, "chosen": r.chosen, "rejected": r.rejected,
+    held_rows = [{"image": list(r.images), "question": r.question, "chosen": r.chosen, "rejected": r.rejected,
                   "objects": r.objects} for r in held]
     return (_write_jsonl(os.path.join(seed_dir, "pairs.jsonl"), pairs),
             _write_jsonl(os.path.join(seed_dir, "heldout.jsonl"), held_rows))

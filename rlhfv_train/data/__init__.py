@@ -4,10 +4,10 @@ every tensor the processor returns (collate.py, inputs.py) and the seeded visiti
 from .collate import IGNORE_INDEX, PairBatch, PairCollator, encode, takes_suffix
 from .inputs import concat_rows, repeat_rows, select_rows, token_aligned
 from .prompts import PromptFormat
-from .records import DataError, LoadReport, PreferenceRecord, as_hashable, load_records, open_image, parse_record
+from .records import DataError, LoadReport, PreferenceRecord, as_hashable, load_records, open_images, parse_record
 from .stream import BatchStream
 from .token_weights import correction_weights
 
 __all__ = ["BatchStream", "DataError", "IGNORE_INDEX", "LoadReport", "PairBatch", "PairCollator", "PreferenceRecord",
-           "PromptFormat", "as_hashable", "concat_rows", "correction_weights", "encode", "load_records", "open_image",
+           "PromptFormat", "as_hashable", "concat_rows", "correction_weights", "encode", "load_records", "open_images",
            "parse_record", "repeat_rows", "select_rows", "takes_suffix", "token_aligned"]

@@ -11,7 +11,7 @@ import torch
 
 from .inputs import check_row_layout, select_rows, with_row_counts
 from .prompts import PromptFormat
-from .records import PreferenceRecord, open_image
+from .records import PreferenceRecord, open_images
 from .token_weights import correction_weights
 
 IGNORE_INDEX = -100
@@ -77,7 +77,7 @@ def takes_suffix(processor) -> bool:
 
 def encode(processor, texts: list[str], images, *, padding_side: str, suffix: list[str] | None = None) -> dict:
     """The processor's (or, without images, the tokenizer's) output for `texts`, padded on `padding_side` by the call
-    itself; images one list per sequence; suffix: the answers of a prefix-LM processor (takes_suffix). Labels the
+    itself; images: one list per sequence (in the prompt's order); suffix: the answers of a prefix-LM processor (takes_suffix). Labels the
     processor may build are dropped: given labels, a model computes its own N x V cross-entropy. Flat image tensors
     (InternVL's tiles, Qwen-VL's patches) come with their rows per sequence (inputs.with_row_counts); pass the batch
     to a model through inputs.model_kwargs."""
@@ -87,14 +87,14 @@ def encode(processor, texts: list[str], images, *, padding_side: str, suffix: li
     try:
         if images is not None:
             extra = {} if suffix is None else {"suffix": suffix}
-            out = processor(images=[[image] for image in images], text=texts, return_tensors="pt", padding=True,
-                            padding_side=padding_side, **extra)
+            out = processor(images=images, text=texts, return_tensors="pt", padding=True, padding_side=padding_side,
+                            **extra)
         else:
             out = tokenizer(texts, return_tensors="pt", padding=True, padding_side=padding_side)
     finally:
         tokenizer.padding_side = side
     out = {k: v for k, v in out.items() if isinstance(v, torch.Tensor) and k != "labels"}
-    return with_row_counts(out, processor) if images is not None else out
+    return with_row_counts(out, processor, [len(i) for i in images]) if images is not None else out
 
 
 class PairCollator:
@@ -113,19 +113,20 @@ class PairCollator:
 
     def __call__(self, items: list[tuple[int, PreferenceRecord]]) -> PairBatch:
         records = [r for _, r in items]
-        images = [open_image(r) for r in records] if self.has_images else [None] * len(records)
-        with_image = [img is not None for img in images]
+        images = [open_images(r) for r in records] if self.has_images else [[] for _ in records]
+        with_image = [bool(i) for i in images]
         if any(with_image) and not all(with_image):
             raise ValueError("a batch mixes records with and without images; keep one kind per dataset")
         use_images = all(with_image) and self.has_images
-        prompts = [self.format.prompt(r.question, use_images) for r in records]
+        shown = [len(i) if use_images else 0 for i in images]  # images each prompt shows
+        prompts = [self.format.prompt(r.question, n) for r, n in zip(records, shown)]
         image_list = images + images if use_images else None
         if self.suffix and use_images:
             full = encode(self.processor, prompts + prompts, image_list, padding_side="right",
                           suffix=[r.chosen for r in records] + [r.rejected for r in records])
         else:
-            texts = [self.format.sequence(r.question, r.chosen, use_images) for r in records]
-            texts += [self.format.sequence(r.question, r.rejected, use_images) for r in records]
+            texts = [self.format.sequence(r.question, r.chosen, n) for r, n in zip(records, shown)]
+            texts += [self.format.sequence(r.question, r.rejected, n) for r, n in zip(records, shown)]
             full = encode(self.processor, texts, image_list, padding_side="right")
         prompt = encode(self.processor, prompts + prompts, image_list, padding_side="right")
         check_row_layout(full)

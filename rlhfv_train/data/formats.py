@@ -1,5 +1,5 @@
 """Where records come from and in which layout: files and folders (rows), and each row's fields mapped onto ours
-(canonical: question, chosen, rejected, image, reward_margin, objects).
+(canonical: question, chosen, rejected, image or images, reward_margin, objects).
 
 Sources: a .jsonl file (our reader: relative image paths, errors by line), a .parquet file (a shard of the published
 RLHF-V dataset, or any table) and a folder saved with the `datasets` library (Dataset.save_to_disk; a DatasetDict
@@ -8,10 +8,10 @@ gives its "train" split) — both read with `datasets`, images kept encoded (nev
 Layouts, per row:
   ours       {"image", "question", "chosen", "rejected", "reward_margin"?, "objects"?}
   RLHF-V     {"image": {"bytes", "path"}, "text": "{\"question\": ..., \"chosen\": ..., \"rejected\": ...}"}
-  TRL        {"prompt", "chosen", "rejected", "images": [one image]} (or "image"), the texts either plain strings
+  TRL        {"prompt", "chosen", "rejected", "images": [images]} (or "image"), the texts either plain strings
              or conversational message lists ([{"role": "user", "content": [{"type": "image"}, {"type": "text",
              "text": ...}]}] for the prompt, one assistant message for each answer), as TRL's DPOTrainer takes them
-One image per record; a row with more is refused by name.
+A record may hold several images (a list under "image" or "images"); records.py reads them.
 """
 from __future__ import annotations
 
@@ -72,12 +72,8 @@ def canonical(obj: dict) -> dict:
         fields["chosen"] = _trl_text(obj.get("chosen"), "assistant", "chosen")
         fields["rejected"] = _trl_text(obj.get("rejected"), "assistant", "rejected")
         images = obj.get("images")
-        if images is not None:
-            if not isinstance(images, (list, tuple)):
-                raise LayoutError("field 'images' must be a list")
-            if len(images) > 1:
-                raise LayoutError(f"{len(images)} images in one record; one image per record is supported")
-            fields["image"] = images[0] if images else None
+        if images is not None and not isinstance(images, (list, tuple)):
+            raise LayoutError("field 'images' must be a list")
         return fields
     return obj
 

@@ -29,30 +29,45 @@ def batch_rows(inputs: dict) -> int:
     return int(inputs["input_ids"].shape[0])
 
 
-def with_row_counts(inputs: dict, placeholders) -> dict:
-    """inputs plus the per-sequence row counts (ROW_COUNTS) of each flat image tensor (the module's docstring): a
-    sequence's rows are its share of the placeholder tokens, and its grid rows the images whose rows make them up.
-    placeholders: what names the placeholder tokens (image_token_id, video_token_id): the processor, or the model's
-    config. A tensor with one row per sequence and no grid gets none. Raises ValueError naming the tensor where the
-    rows do not divide that way."""
+def with_row_counts(inputs: dict, placeholders, images_per_sequence: list[int] | None = None) -> dict:
+    """inputs plus the per-sequence row counts (ROW_COUNTS) of each tensor whose rows are not one per sequence (the
+    module's docstring): one row per image (LLaVA's pixel_values, image_sizes; a record with several images) takes
+    images_per_sequence when given; a flat tensor (tiles, patches) takes its sequence's share of the placeholder
+    tokens, and its grid the images whose rows make that share up. placeholders: what names the placeholder tokens
+    (image_token_id, video_token_id): the processor, or the model's config. A tensor with one row per sequence gets
+    none; one that fits no rule is left for check_row_layout / select_rows to refuse by name. Raises ValueError naming
+    a flat tensor whose rows do not divide by its placeholder tokens."""
     out = dict(inputs)
     sequences = batch_rows(inputs)
-    for name, attribute in PLACEHOLDER.items():
-        token_id, value, grid_name = getattr(placeholders, attribute, None), inputs.get(name), PACKED[name]
-        if token_id is None or value is None or (value.shape[0] == sequences and grid_name not in inputs):
+    grids = set(PACKED.values())
+    for name, value in inputs.items():
+        grid_name = PACKED.get(name)
+        has_grid = grid_name in inputs
+        if name in grids or _is_row_counts(name) or value.dim() == 0 or (value.shape[0] == sequences
+                                                                          and not has_grid):
             continue
-        tokens = (inputs["input_ids"] == token_id).sum(-1)
-        total = int(tokens.sum())
-        rows = value.shape[0]
-        if total == 0 or bool(((tokens * rows) % total != 0).any()):
-            raise ValueError(f"the processor's {name} has {rows} rows for {total} placeholder tokens "
-                             f"({tokens.tolist()} per sequence), which do not split evenly by sequence; this model "
-                             "family's image layout is not supported yet")
-        counts = tokens * rows // total
+        if images_per_sequence is not None and not has_grid and value.shape[0] == sum(images_per_sequence):
+            out[ROW_COUNTS.format(name)] = torch.tensor(images_per_sequence, dtype=torch.long)
+            continue
+        token_id = getattr(placeholders, PLACEHOLDER.get(name, ""), None)
+        if token_id is None:
+            continue
+        counts = _share_of_placeholders(inputs["input_ids"], token_id, value.shape[0], name)
         out[ROW_COUNTS.format(name)] = counts
-        if grid_name in inputs:
+        if has_grid:
             out[ROW_COUNTS.format(grid_name)] = _images_making_up(inputs[grid_name], counts.tolist(), name)
     return out
+
+
+def _share_of_placeholders(input_ids: torch.Tensor, token_id: int, rows: int, name: str) -> torch.Tensor:
+    """Each sequence's rows of a flat tensor of `rows` rows: its share of the placeholder tokens."""
+    tokens = (input_ids == token_id).sum(-1)
+    total = int(tokens.sum())
+    if total == 0 or bool(((tokens * rows) % total != 0).any()):
+        raise ValueError(f"the processor's {name} has {rows} rows for {total} placeholder tokens "
+                         f"({tokens.tolist()} per sequence), which do not split evenly by sequence; this model "
+                         "family's image layout is not supported yet")
+    return (tokens * rows // total).cpu()
 
 
 def _images_making_up(grid: torch.Tensor, counts: list[int], name: str) -> torch.Tensor:

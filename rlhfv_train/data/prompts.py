@@ -1,8 +1,8 @@
 """How a record becomes text, the same way in training, reference scoring, generation, evaluation, rollouts and the
 generative judge: the processor's (or tokenizer's) chat template when it has one, else the plain '<image> question'
-prompt and 'prompt answer eos' sequence that the embedded tiny model is trained on.
+prompt (one placeholder per image) and 'prompt answer eos' sequence that the embedded tiny model is trained on.
 
-With a chat template the prompt is the user turn (the image, then the question) plus the assistant header
+With a chat template the prompt is the user turn (the images, then the question) plus the assistant header
 (add_generation_prompt), and the training sequence is the whole conversation with the answer as the assistant turn;
 the prompt must be a prefix of it, which is checked on every record (a template that rewrites earlier turns when a
 reply follows cannot be trained on this way, and is refused by name).
@@ -17,7 +17,8 @@ def chat_template_of(processor) -> str | None:
 
 
 class PromptFormat:
-    """prompt(question, with_image) and sequence(question, answer, with_image) for one processor.
+    """prompt(question, images) and sequence(question, answer, images) for one processor, `images` the number of
+    images the prompt shows (0: text only).
 
     use_chat_template: True (the default) uses the processor's chat template when it has one; False always writes
     the plain prompt. image_token: the placeholder of the plain prompt (the processor's own by default)."""
@@ -38,25 +39,25 @@ class PromptFormat:
         return self.tokenizer.apply_chat_template(messages, chat_template=self.template, tokenize=False,
                                                   add_generation_prompt=add_generation_prompt)
 
-    def _user(self, question: str, with_image: bool) -> dict:
+    def _user(self, question: str, images: int) -> dict:
         if not self.has_images:  # a text-only tokenizer's template: plain string content
             return {"role": "user", "content": question}
-        content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": question}]
+        content = [{"type": "image"}] * images + [{"type": "text", "text": question}]
         return {"role": "user", "content": content}
 
-    def prompt(self, question: str, with_image: bool) -> str:
+    def prompt(self, question: str, images: int) -> str:
         """The text generation continues from (and the prefix whose tokens carry no loss in training)."""
         if self.template is None:
-            return f"{self.image_token} {question}" if with_image and self.image_token else question
-        return self._render([self._user(question, with_image)], add_generation_prompt=True)
+            return " ".join([self.image_token] * images + [question]) if images and self.image_token else question
+        return self._render([self._user(question, images)], add_generation_prompt=True)
 
-    def sequence(self, question: str, answer: str, with_image: bool) -> str:
+    def sequence(self, question: str, answer: str, images: int) -> str:
         """prompt + answer + the end of the turn: what training scores."""
-        prompt = self.prompt(question, with_image)
+        prompt = self.prompt(question, images)
         if self.template is None:
             return f"{prompt} {answer} {self.tokenizer.eos_token or ''}".rstrip()
         reply = [{"type": "text", "text": answer}] if self.has_images else answer
-        text = self._render([self._user(question, with_image), {"role": "assistant", "content": reply}], False)
+        text = self._render([self._user(question, images), {"role": "assistant", "content": reply}], False)
         if not text.startswith(prompt):
             raise ValueError("the chat template does not write the prompt (user turn + assistant header) as a prefix "
                              "of the conversation with the answer; train with --no-chat-template")

@@ -1,10 +1,11 @@
 """Preference records: from JSONL (with image files), Parquet or a `datasets` folder, in our, RLHF-V's or TRL's
 layout (formats.py).
 
-A record is an image, a question, the chosen (corrected) answer, the rejected (original) answer and, optionally, a
-reward-model margin for MM-DPO scaling. Our layout, per line / row:
+A record is its images (one, several or none), a question, the chosen (corrected) answer, the rejected (original)
+answer and, optionally, a reward-model margin for MM-DPO scaling. Our layout, per line / row:
   {"image": "imgs/0001.png", "question": ..., "chosen": ..., "rejected": ..., "reward_margin": 0.7}
-"image" may be omitted or null for text-only data. Relative image paths are resolved against the data file's folder.
+"image" may be a list of images (or "images", TRL's name), and omitted or null for text-only data; the prompt shows
+the images in their order, before the question. Relative image paths are resolved against the data file's folder.
 An optional "objects" list holds what the image really contains (any JSON values; the synthetic data writes
 [colour, shape, side] triples): rlhfv_train.evaluate checks generated answers against it.
 
@@ -37,7 +38,7 @@ class PreferenceRecord:
     question: str
     chosen: str
     rejected: str
-    image: bytes | str | None = None  # encoded image bytes, or an absolute path to an image file
+    images: tuple = ()  # each encoded image bytes or an absolute path to an image file, in the prompt's order
     reward_margin: float | None = None
     source: str = ""  # "file:line" or "file:row N", for messages
     objects: list | None = None  # ground truth for the hallucination metric (inner lists become tuples)
@@ -93,6 +94,21 @@ def _image_field(value, where: str, base_dir: str) -> bytes | str | None:
     raise DataError(f"{where}: field 'image' must be a path, bytes or {{'bytes', 'path'}}, got {type(value).__name__}")
 
 
+def _images_field(fields: dict, where: str, base_dir: str) -> tuple:
+    """The record's images from "image" (one, or a list) or "images" (a list); () for none."""
+    if fields.get("image") is not None and fields.get("images") is not None:
+        raise DataError(f"{where}: both 'image' and 'images' are given; use one")
+    value = fields.get("image") if fields.get("image") is not None else fields.get("images")
+    if value is None:
+        return ()
+    if not isinstance(value, (list, tuple)):
+        return (_image_field(value, where, base_dir),)
+    images = tuple(_image_field(v, where, base_dir) for v in value)
+    if any(image is None for image in images):
+        raise DataError(f"{where}: a null entry in the record's list of images")
+    return images
+
+
 def _decode_base64(text, where: str) -> bytes:
     try:
         return base64.b64decode(text, validate=True)
@@ -128,7 +144,7 @@ def parse_record(obj, where: str, base_dir: str) -> PreferenceRecord:
         question=_text_field(fields, "question", where),
         chosen=_text_field(fields, "chosen", where),
         rejected=_text_field(fields, "rejected", where),
-        image=_image_field(fields.get("image"), where, base_dir),
+        images=_images_field(fields, where, base_dir),
         reward_margin=margin,
         source=where,
         objects=objects,
@@ -153,7 +169,7 @@ def load_records(path: str, *, skip_bad: bool = False) -> tuple[list[PreferenceR
                 if isinstance(obj, LayoutError):
                     raise DataError(f"{where}: {obj}", kind=obj.kind)
                 record = parse_record(obj, where, base_dir)
-                open_image(record, check_only=True)
+                open_images(record, check_only=True)
                 records.append(record)
             except DataError as exc:
                 if not skip_bad:
@@ -169,15 +185,15 @@ def load_records(path: str, *, skip_bad: bool = False) -> tuple[list[PreferenceR
 
 
 def _one_kind(records: list[PreferenceRecord], report: LoadReport, skip_bad: bool) -> list[PreferenceRecord]:
-    """A file's records all have an image or none has (a batch holds one kind); the fewer kind is the odd one out
+    """A file's records all have images or none has (a batch holds one kind); the fewer kind is the odd one out
     (text-only ones on a tie)."""
-    with_image = sum(r.image is not None for r in records)
+    with_image = sum(bool(r.images) for r in records)
     if with_image in (0, len(records)):
         return records
     odd_has_image = with_image < len(records) - with_image
     kept = []
     for r in records:
-        if (r.image is not None) != odd_has_image:
+        if bool(r.images) != odd_has_image:
             kept.append(r)
             continue
         what = "an image record among text-only records" if odd_has_image else "a text-only record among image records"
@@ -189,32 +205,37 @@ def _one_kind(records: list[PreferenceRecord], report: LoadReport, skip_bad: boo
     return kept
 
 
-def open_image(record: PreferenceRecord, check_only: bool = False):
-    """The record's image as an RGB PIL image (None for text-only records); check_only: only check that it decodes,
+def open_images(record: PreferenceRecord, check_only: bool = False) -> list:
+    """The record's images as RGB PIL images ([] for a text-only record); check_only: only check that each decodes,
     every pixel (verify() alone reads no JPEG data: a truncated JPEG would pass the load and stop the run at its first
     batch; nothing to check without Pillow). An image over Pillow's decompression-bomb limit (Image.MAX_IMAGE_PIXELS,
     ~179 megapixels for the error) is a bad record too."""
-    if record.image is None:
-        return None
+    if not record.images:
+        return []
     try:
-        from PIL import Image, UnidentifiedImageError
+        from PIL import Image  # noqa: F401
     except ImportError:
         if check_only:
-            return None
+            return []
         raise
+    return [_open_image(image, record.source, check_only) for image in record.images]
+
+
+def _open_image(encoded, source: str, check_only: bool):
+    from PIL import Image, UnidentifiedImageError
     try:
-        source = io.BytesIO(record.image) if isinstance(record.image, bytes) else record.image
-        with Image.open(source) as image:
+        stream = io.BytesIO(encoded) if isinstance(encoded, bytes) else encoded
+        with Image.open(stream) as image:
             if not check_only:
                 return image.convert("RGB")
             image.verify()  # the container's own checks (PNG chunk checksums), then a new handle to decode it all
-        if not isinstance(source, str):
-            source.seek(0)
-        with Image.open(source) as image:
+        if not isinstance(stream, str):
+            stream.seek(0)
+        with Image.open(stream) as image:
             image.load()
             return None
     except Image.DecompressionBombError as exc:
-        raise DataError(f"{record.source}: the image is too large to decode safely ({exc}); raise PIL.Image."
+        raise DataError(f"{source}: the image is too large to decode safely ({exc}); raise PIL.Image."
                         "MAX_IMAGE_PIXELS if it is meant to be", kind="oversized image") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:  # verify() raises SyntaxError too
-        raise DataError(f"{record.source}: cannot decode the image ({exc})", kind="undecodable image") from None
+        raise DataError(f"{source}: cannot decode the image ({exc})", kind="undecodable image") from None

@@ -20,11 +20,12 @@ from ..models import model_loss
 def _hash_records(records: list[PreferenceRecord], digest) -> None:
     for r in records:
         digest.update(json.dumps([r.question, r.chosen, r.rejected, r.reward_margin]).encode())
-        if isinstance(r.image, bytes):
-            digest.update(hashlib.sha256(r.image).digest())
-        elif isinstance(r.image, str):
-            with open(r.image, "rb") as f:
-                digest.update(hashlib.sha256(f.read()).digest())
+        for image in r.images:
+            if isinstance(image, bytes):
+                digest.update(hashlib.sha256(image).digest())
+            else:
+                with open(image, "rb") as f:
+                    digest.update(hashlib.sha256(f.read()).digest())
 
 
 def cache_key(records, model, settings: dict) -> str:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..data import PreferenceRecord, PromptFormat, encode, open_image
+from ..data import PreferenceRecord, PromptFormat, encode, open_images
 from ..data.inputs import model_kwargs
 from ..models.forward import autocast_to
 
@@ -94,9 +94,9 @@ def generate_tokens(model, processor, records: Sequence[PreferenceRecord], setti
             torch.manual_seed(settings.seed)
             for start in range(0, len(records), settings.batch_size):
                 chunk = records[start:start + settings.batch_size]
-                images = [open_image(r) for r in chunk] if has_images else [None] * len(chunk)
-                with_image = has_images and all(image is not None for image in images)
-                texts = [prompts.prompt(r.question, with_image) for r in chunk]
+                images = [open_images(r) for r in chunk] if has_images else [[] for _ in chunk]
+                with_image = has_images and all(images)
+                texts = [prompts.prompt(r.question, len(i) if with_image else 0) for r, i in zip(chunk, images)]
                 # Left padding: generation continues every row from its last real token.
                 inputs = encode(processor, texts, images if with_image else None, padding_side="left")
                 inputs = {k: v.to(device) for k, v in inputs.items()}

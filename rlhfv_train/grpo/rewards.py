@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ..data import PreferenceRecord, PromptFormat, as_hashable, encode, open_image
+from ..data import PreferenceRecord, PromptFormat, as_hashable, encode, open_images
 from ..models import forward_logits
 
 Judge = Callable[[PreferenceRecord, Sequence[tuple[str, str]]], Sequence[float]]
@@ -98,7 +98,7 @@ JUDGE_TEMPLATE = ("{question} Answer A: {first} Answer B: {second} Which answer 
 class GenerativeJudge:
     """A Hugging Face model as pairwise judge (Generative RLHF-V): it reads the question, answer A (`first`) and
     answer B (`second`), and P(A is better) = softmax over its next-token logits of the two choice tokens. With an
-    image-text-to-text processor the record's image goes in too. grouped_comparison asks for both orders, which
+    image-text-to-text processor the record's images go in too. grouped_comparison asks for both orders, which
     cancels the judge's preference for a position.
 
     The choices must each be one token of the judge's tokenizer right after the prompt (checked here)."""
@@ -115,7 +115,7 @@ class GenerativeJudge:
         self.has_images = hasattr(processor, "image_processor")
         self.prompts = PromptFormat(processor)  # the judge's chat template when it has one
         self.batch_size, self.autocast_dtype = batch_size, autocast_dtype
-        probe = self.prompts.prompt(template.format(question="q", first="x", second="y"), False)
+        probe = self.prompts.prompt(template.format(question="q", first="x", second="y"), 0)
         self.choice_ids = [self._choice_token(probe, choice) for choice in choices]
         if self.choice_ids[0] == self.choice_ids[1]:
             raise ValueError(f"the judge's choices {choices} encode to the same token")
@@ -133,9 +133,9 @@ class GenerativeJudge:
 
     @torch.no_grad()
     def __call__(self, record: PreferenceRecord, pairs: Sequence[tuple[str, str]]) -> list[float]:
-        image = open_image(record) if self.has_images else None
+        images = open_images(record) if self.has_images else []
         prompts = [self.prompts.prompt(self.template.format(question=record.question, first=a, second=b),
-                                       image is not None) for a, b in pairs]
+                                       len(images)) for a, b in pairs]
         device = next(self.model.parameters()).device
         was_training = self.model.training
         self.model.eval()
@@ -144,7 +144,7 @@ class GenerativeJudge:
             for start in range(0, len(prompts), self.batch_size):
                 texts = prompts[start:start + self.batch_size]
                 # Right padding: positions 0.. for every row, as in training; each row's end is read below.
-                inputs = encode(self.processor, texts, None if image is None else [image] * len(texts),
+                inputs = encode(self.processor, texts, [images] * len(texts) if images else None,
                                 padding_side="right")
                 inputs = {k: v.to(device) for k, v in inputs.items()}
                 logits = forward_logits(self.model, inputs, self.autocast_dtype)

@@ -45,9 +45,9 @@ def test_chat_template_prompts_and_labels(records):
     processor, _ = build_family("qwen2-vl")
     fmt = PromptFormat(processor)
     assert fmt.chat
-    prompt = fmt.prompt("what do you see ?", True)
+    prompt = fmt.prompt("what do you see ?", 1)
     assert prompt.startswith("<|im_start|> user <|vision_start|>") and prompt.endswith("<|im_start|> assistant ")
-    sequence = fmt.sequence("what do you see ?", "a red circle", True)
+    sequence = fmt.sequence("what do you see ?", "a red circle", 1)
     assert sequence.startswith(prompt) and sequence.rstrip().endswith("a red circle <|im_end|>")
     batch = PairCollator(processor, gamma=5.0)(list(enumerate(records[:2])))
     tok = processor.tokenizer
@@ -55,7 +55,7 @@ def test_chat_template_prompts_and_labels(records):
     answer = tok.convert_ids_to_tokens(row[row != -100].tolist())
     assert answer == records[0].chosen.split() + ["<|im_end|>"]  # the assistant turn and its end, nothing else
     plain = PromptFormat(processor, use_chat_template=False)
-    assert not plain.chat and plain.prompt("what do you see ?", True) == "<|image_pad|> what do you see ?"
+    assert not plain.chat and plain.prompt("what do you see ?", 1) == "<|image_pad|> what do you see ?"
 
 
 def test_templates_that_rewrite_the_prompt_are_refused():
@@ -64,7 +64,7 @@ def test_templates_that_rewrite_the_prompt_are_refused():
     tokenizer.chat_template = ("turns {{ messages|length }} {% for m in messages %}{{ m['role'] }} {{ m['content'] }} "
                                "{% endfor %}{% if add_generation_prompt %}assistant {% endif %}")
     with pytest.raises(ValueError, match="not write the prompt .* as a prefix.*--no-chat-template"):
-        PromptFormat(tokenizer).sequence("what do you see ?", "a red circle", False)
+        PromptFormat(tokenizer).sequence("what do you see ?", "a red circle", 0)
 
 
 def test_right_padding_is_asked_of_the_call(records):
@@ -92,8 +92,8 @@ def test_paligemma_trains_through_its_suffix_path(records):
     assert "labels" not in batch.inputs and "token_type_ids" in batch.inputs
     scored = batch.labels != -100
     assert torch.equal(batch.inputs["token_type_ids"].bool() & batch.attention_mask.bool(), scored)
-    from rlhfv_train.data import open_image
-    images = [[open_image(r)] for r in records[:2]]
+    from rlhfv_train.data import open_images
+    images = [open_images(r) for r in records[:2]]
     own = processor(images=images + images, text=["<image> " + r.question for r in records[:2]] * 2,
                     suffix=[r.chosen for r in records[:2]] + [r.rejected for r in records[:2]], return_tensors="pt",
                     padding=True, padding_side="right")

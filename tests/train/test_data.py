@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from rlhfv_train.data import DataError, load_records, open_image
+from rlhfv_train.data import DataError, load_records, open_images
 
 PIL = pytest.importorskip("PIL.Image")
 
@@ -35,23 +35,23 @@ def test_jsonl_with_image_files_and_margin(folder):
     path = write_jsonl(folder / "d.jsonl", [good(0), "", good(1, reward_margin=0.5)])
     records, report = load_records(path)
     assert report.loaded == 2 and not report.skipped
-    assert records[0].image == str(folder / "img.png") and records[1].reward_margin == 0.5
+    assert records[0].images == (str(folder / "img.png"),) and records[1].reward_margin == 0.5
     assert records[1].source.endswith("d.jsonl:3")  # blank line 2 is skipped, line numbers stay true
-    assert open_image(records[0]).size == (8, 8)
+    assert open_images(records[0])[0].size == (8, 8)
 
 
 def test_rlhfv_layout_with_inline_base64_image(tmp_path):
     row = {"image": {"bytes": base64.b64encode(png_bytes()).decode(), "path": None},
            "text": json.dumps({"question": "what?", "chosen": "c", "rejected": "r"})}
     records, _ = load_records(write_jsonl(tmp_path / "d.jsonl", [row]))
-    assert isinstance(records[0].image, bytes) and records[0].chosen == "c"
-    assert open_image(records[0]).mode == "RGB"
+    assert isinstance(records[0].images[0], bytes) and records[0].chosen == "c"
+    assert open_images(records[0])[0].mode == "RGB"
 
 
 def test_text_only_records(tmp_path):
     records, _ = load_records(write_jsonl(tmp_path / "d.jsonl", [{"question": "q", "chosen": "c",
                                                                    "rejected": "r"}]))
-    assert records[0].image is None and open_image(records[0]) is None
+    assert records[0].images == () and open_images(records[0]) == []
 
 
 @pytest.mark.parametrize("bad,message", [
@@ -127,7 +127,7 @@ def test_a_truncated_jpeg_is_found_on_load(folder, inline):
         load_records(path)
     records, report = load_records(path, skip_bad=True)
     assert [r.question for r in records] == ["q0", "q2"] and report.kinds == {"undecodable image": 1}
-    assert open_image(records[0]).size == (64, 64)
+    assert open_images(records[0])[0].size == (64, 64)
 
 
 def test_an_image_over_the_decompression_bomb_limit_is_a_bad_record(folder):
@@ -205,7 +205,7 @@ def test_parquet_rows(folder):
         load_records(path)
     records, report = load_records(path, skip_bad=True)
     assert report.loaded == 2
-    assert isinstance(records[0].image, bytes) and records[1].image == str(folder / "img.png")
+    assert isinstance(records[0].images[0], bytes) and records[1].images == (str(folder / "img.png"),)
     assert records[0].reward_margin == pytest.approx(0.1) and records[1].reward_margin is None
 
 

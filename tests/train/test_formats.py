@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from rlhfv_train.data import DataError, load_records, open_image
+from rlhfv_train.data import DataError, load_records, open_images
 
 datasets = pytest.importorskip("datasets")
 PIL = pytest.importorskip("PIL.Image")
@@ -59,9 +59,35 @@ def test_trl_layout_in_a_saved_dataset_folder(tmp_path, conversational):
         assert report.loaded == 3
         assert [r.question for r in records] == [f"what do you see {i} ?" for i in range(3)]
         assert records[0].chosen == "a red circle" and records[0].rejected == "a blue circle"
-        assert isinstance(records[0].image, bytes)  # kept encoded, not decoded and re-encoded
-        assert open_image(records[1]).getpixel((0, 0)) == (0, 0, 255)
+        assert isinstance(records[0].images[0], bytes)  # kept encoded, not decoded and re-encoded
+        assert open_images(records[1])[0].getpixel((0, 0)) == (0, 0, 255)
         assert records[2].source == f"{tmp_path / folder}: row 2"
+
+
+def test_several_images_per_record_in_trls_layout_and_ours(tmp_path):
+    """TRL's "images" list and our "image" list keep every image, in order; a null entry and both fields are
+    refused by name."""
+    colors = [(255, 0, 0), (0, 0, 255), (0, 255, 0)]
+    rows = [{"prompt": "<image> <image> q", "chosen": "a", "rejected": "b", "images": [PIL.new("RGB", (8, 8), c)
+                                                                                        for c in colors[:2]]},
+            {"prompt": "q", "chosen": "a", "rejected": "b", "images": [PIL.new("RGB", (8, 8), c) for c in colors]}]
+    datasets.Dataset.from_list(rows, features=datasets.Features({
+        "prompt": datasets.Value("string"), "chosen": datasets.Value("string"), "rejected": datasets.Value("string"),
+        "images": datasets.List(datasets.Image())})).save_to_disk(str(tmp_path / "trl"))
+    records, _ = load_records(str(tmp_path / "trl"))
+    assert [len(r.images) for r in records] == [2, 3] and records[0].question == "q"
+    assert [image.getpixel((0, 0)) for image in open_images(records[1])] == colors
+    for i, c in enumerate(colors):
+        PIL.new("RGB", (8, 8), c).save(tmp_path / f"{i}.png")
+    ours = {"question": "q", "chosen": "a", "rejected": "b"}
+    (tmp_path / "ours.jsonl").write_text(json.dumps({**ours, "image": ["2.png", "0.png"]}) + "\n")
+    assert [image.getpixel((0, 0)) for image in open_images(load_records(str(tmp_path / "ours.jsonl"))[0][0])] == \
+        [colors[2], colors[0]]
+    for bad, message in (({"image": ["0.png", None]}, "a null entry"), ({"image": "0.png", "images": ["1.png"]},
+                                                                       "both 'image' and 'images'")):
+        (tmp_path / "bad.jsonl").write_text(json.dumps({**ours, **bad}) + "\n")
+        with pytest.raises(DataError, match=f"bad.jsonl:1: {message}"):
+            load_records(str(tmp_path / "bad.jsonl"))
 
 
 def test_rlhfv_parquet_shard(tmp_path):
@@ -72,12 +98,11 @@ def test_rlhfv_parquet_shard(tmp_path):
         "image": datasets.Image(), "idx": datasets.Value("int64"), "text": datasets.Value("string")})).to_parquet(
         str(tmp_path / "rlhf-v-00000-of-00001.parquet"))
     records, _ = load_records(str(tmp_path / "rlhf-v-00000-of-00001.parquet"))
-    assert [r.question for r in records] == ["q0", "q1", "q2", "q3"] and open_image(records[3]).size == (8, 8)
+    assert [r.question for r in records] == ["q0", "q1", "q2", "q3"] and open_images(records[3])[0].size == (8, 8)
 
 
 @pytest.mark.parametrize("row,message", [
-    ({"prompt": "q", "chosen": "a", "rejected": "b", "images": [png((1, 2, 3)), png((1, 2, 3))]},
-     "2 images in one record; one image per record"),
+    ({"prompt": "q", "chosen": "a", "rejected": "b", "images": "x.png"}, "field 'images' must be a list"),
     ({"prompt": [{"role": "system", "content": "x"}], "chosen": "a", "rejected": "b"}, "no 'user' message"),
     ({"prompt": "q", "chosen": [{"role": "assistant", "content": [{"type": "image"}]}], "rejected": "b"},
      "'chosen': the 'assistant' message has no text"),

@@ -74,8 +74,8 @@ def test_rollouts_score_the_tokens_generate_sampled(dataset):
 
 
 def synthetic_image(record):
-    from rlhfv_train.data import open_image
-    return open_image(record)
+    from rlhfv_train.data import open_images
+    return open_images(record)[0]
 
 
 def test_first_update_has_ratio_one(dataset):

@@ -9,11 +9,11 @@ import random
 import pytest
 import torch
 
-from rlhfv_train.data import (PairCollator, PreferenceRecord, concat_rows, open_image, repeat_rows, select_rows,
+from rlhfv_train.data import (PairCollator, PreferenceRecord, concat_rows, open_images, repeat_rows, select_rows,
                               synthetic)
 from rlhfv_train.data.inputs import ROW_COUNTS, model_kwargs, with_row_counts
-from rlhfv_train.models.families import build_family
-from rlhfv_train.models.packing import check_packing
+from rlhfv_train.models.families import FAMILIES, build_family
+from rlhfv_train.models.packing import check_packing, known_unsupported
 
 pytest.importorskip("PIL")
 
@@ -21,16 +21,19 @@ SIZES = [(32, 32), (64, 32), (16, 16), (48, 48)]  # InternVL at 16-pixel tiles: 
 
 
 def records_at(sizes):
-    """Synthetic scenes drawn at 32 pixels and resized to `sizes` (width, height), one per record."""
+    """One record per entry of `sizes`: a synthetic scene drawn at 32 pixels, resized to each (width, height) of the
+    entry (a list of sizes: several images)."""
     out = []
-    for i, size in enumerate(sizes):
+    for i, entry in enumerate(sizes):
         rng = random.Random(i)
         example = synthetic.make_example(rng)
-        image = synthetic.draw(example["objects"], rng=rng).resize(size)
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
+        images = []
+        for size in (entry if isinstance(entry, list) else [entry]):
+            buffer = io.BytesIO()
+            synthetic.draw(example["objects"], rng=rng).resize(size).save(buffer, format="PNG")
+            images.append(buffer.getvalue())
         out.append((i, PreferenceRecord(question=example["question"], chosen=example["chosen"],
-                                        rejected=example["rejected"], image=buffer.getvalue(), source=f"scene {i}")))
+                                        rejected=example["rejected"], images=tuple(images), source=f"scene {i}")))
     return out
 
 
@@ -85,7 +88,7 @@ def test_each_sequence_keeps_its_own_image_rows(name):
 def test_row_counts_match_the_tilers_own():
     """InternVL: every image's tiles (the image processor's num_patches, which the processor does not return)."""
     processor, _ = build_family("internvl")
-    opened = [open_image(r) for _, r in records_at(SIZES)]
+    opened = [image for _, r in records_at(SIZES) for image in open_images(r)]
     own = processor.image_processor(images=opened, return_tensors="pt")["num_patches"].tolist()
     inputs = PairCollator(processor, gamma=5.0)(records_at(SIZES)).model_inputs()
     assert inputs[ROW_COUNTS.format("pixel_values")].tolist() == own + own
@@ -111,22 +114,45 @@ def test_flat_tensors_that_do_not_split_are_refused_by_name():
         select_rows(broken, [0])
 
 
+SEVERAL = [[(32, 32), (64, 32)], [(32, 32)], [(48, 48), (32, 32), (16, 16)]]  # 2, 1 and 3 images per record
+IMAGE_FAMILIES = [name for name, family in FAMILIES.items() if family.kind == "image-text"]
+
+
+@pytest.mark.parametrize("name", IMAGE_FAMILIES)
+def test_several_images_per_record(name):
+    """1 to 3 images of different sizes per record: the prompt shows each (the model's forward checks placeholders
+    against images), every sequence keeps its own images' rows (a selection's logits are the full batch's rows), and
+    packing gives the padded logits where the family packs at all."""
+    for needed in FAMILIES[name].needs:
+        pytest.importorskip(needed)
+    processor, model = build_family(name)
+    inputs = PairCollator(processor, gamma=5.0)(records_at(SEVERAL)).model_inputs()
+    for rows in ([5, 0, 3], [1, 2]):
+        assert_rows_are_the_models(model, inputs, rows)
+    if known_unsupported(model.config.model_type) is None and name != "mllama":
+        assert check_packing(model, inputs) < 1e-3
+
+
 @pytest.fixture(scope="module")
-def internvl_uneven(tmp_path_factory):
-    """(saved tiny InternVL, a data file of scenes at four sizes: 5, 9, 1 and 10 tiles, in turn)."""
+def several_images_data(tmp_path_factory):
+    """A data file of 12 scenes, each record with 1, 2 or 3 images (the scene at several sizes: 1 to 10 InternVL
+    tiles each), in our layout's "image" list."""
     import json
-    folder = tmp_path_factory.mktemp("internvl-uneven")
-    processor, model = build_family("internvl", seed=1)
-    model.save_pretrained(folder / "model")
-    processor.save_pretrained(folder / "model")
-    data = synthetic.generate(str(folder / "scenes"), 12, seed=2)
     from PIL import Image
+    folder = tmp_path_factory.mktemp("several-images")
+    data = synthetic.generate(str(folder), 12, seed=2)
     with open(data) as f:
         rows = [json.loads(line) for line in f]
     for i, row in enumerate(rows):
-        path = folder / "scenes" / row["image"]
-        Image.open(path).resize(SIZES[i % len(SIZES)]).save(path)
-    return str(folder / "model"), data
+        scene = Image.open(folder / row["image"])
+        row["image"] = []
+        for j in range(i % 3 + 1):
+            name = f"{i}-{j}.png"
+            scene.resize(SIZES[(i + j) % len(SIZES)]).save(folder / name)
+            row["image"].append(name)
+    with open(data, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    return data
 
 
 def _step_rows(output_dir):
@@ -135,19 +161,24 @@ def _step_rows(output_dir):
         return [row for row in map(json.loads, f) if row["step"] > 0]
 
 
-def test_ddpo_and_grpo_train_on_uneven_tiles(internvl_uneven, tmp_path):
-    """Batches whose sequences have 1 to 10 tiles: the logits route, --fused-linear and --packing give the same
-    losses and gradient norms (each sequence scored with its own tiles: a mis-split changes them); GRPO's groups
-    carry their prompt's tiles k times, padded and packed alike."""
+@pytest.mark.parametrize("name", ["internvl", "llava-onevision"])
+def test_ddpo_and_grpo_train_on_several_images_per_record(name, several_images_data, tmp_path):
+    """Batches whose records have 1 to 3 images of different sizes (InternVL: 1 to 30 tiles per sequence; LLaVA-
+    OneVision: a row per image with its size): the logits route, --fused-linear and --packing give the same losses and
+    gradient norms (each sequence scored with its own images: a mis-split changes them); GRPO's groups carry their
+    prompt's images k times, padded and packed alike."""
     from rlhfv_train.ddpo import TrainConfig, train
     from rlhfv_train.grpo import GRPOConfig, train_grpo
-    model, data = internvl_uneven
+    processor, model = build_family(name, seed=1)
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    model, data = str(tmp_path / "model"), several_images_data
     runs = {}
     for route in ("logits", "fused-linear", "packing"):
         out = tmp_path / route
         train(TrainConfig(data=data, model=model, output_dir=str(out), max_steps=3, batch_size=3, eval_fraction=0.25,
                           eval_every=3, save_every=3, sft_steps=1, fused_linear=route == "fused-linear",
-                          packing=route == "packing", max_tokens_per_row=64 if route == "packing" else None,
+                          packing=route == "packing", max_tokens_per_row=128 if route == "packing" else None,
                           hallucination_eval=False, progress=False, device="cpu", lr=1e-3))
         runs[route] = _step_rows(out)
     for route in ("fused-linear", "packing"):
