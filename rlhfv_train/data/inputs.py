@@ -2,15 +2,19 @@
 chosen half, a micro-batch of rollouts), repeating each k times (GRPO's group), and joining batches.
 
 Most tensors a processor returns have one row per sequence (input_ids, attention_mask, token_type_ids,
-mm_token_type_ids, image_sizes, aspect_ratio_ids / mask, cross_attention_mask, pixel_attention_mask, and pixel_values
-of LLaVA, Idefics3, Mllama, ...). Some image tensors are flat instead: InternVL's pixel_values hold every image's tiles
-[sum of tiles, C, H, W] (its dynamic tiling: several tiles and a thumbnail per image), Qwen-VL's every image's patches
-[sum of patches, D] with image_grid_thw [images, 3]. Each row of such a tensor stands for the same number of the
-image's placeholder tokens in input_ids (a tile for image_seq_length, a patch for 1 / merge_size**2), so a sequence's
-rows are its share of those tokens: with_row_counts records them, at encoding, as a per-sequence tensor beside the flat
-one (ROW_COUNTS), which every row operation then carries like any per-sequence tensor; model_kwargs drops it before
-the model's call. Anything else is refused with the tensor's name, at the first batch of a run, never silently
-mis-sliced.
+mm_token_type_ids, batch_num_images, aspect_ratio_ids / mask, cross_attention_mask, pixel_attention_mask, and
+pixel_values of Idefics3, Mllama, ...). Some have a row per image (LLaVA's pixel_values, LLaVA-NeXT's image_sizes; a
+record may hold several images): a sequence's rows are its image count. Others are flat: InternVL's pixel_values hold
+every image's tiles [sum of tiles, C, H, W] (its dynamic tiling: several tiles and a thumbnail per image), Qwen-VL's
+every image's patches [sum of patches, D] with image_grid_thw [images, 3]. Each row of such a tensor stands for the
+same number of the image's placeholder tokens in input_ids (a tile for image_seq_length, a patch for 1 /
+merge_size**2), so a sequence's rows are its share of those tokens. with_row_counts records the rows per sequence, at
+encoding, as a per-sequence tensor beside each such tensor (ROW_COUNTS), which every row operation then carries like
+any per-sequence tensor; model_kwargs drops them before the model's call. Anything else is refused with the tensor's
+name, at the first batch of a run, never silently mis-sliced.
+
+Not told apart yet: a batch where some sequences have no image (text-only records beside image records) and a tensor
+with as many rows as sequences; the loaders keep such records out of one batch (records.py).
 """
 from __future__ import annotations
 

@@ -423,12 +423,14 @@ def test_grpo_loss_conventions_equal_trls(loss_type, model_dir, tmp_path):
 VLM_FAMILIES = ["qwen2-vl", "gemma3", "idefics3", "internvl"]
 
 
-def vlm_rows():
+def vlm_rows(images=1):
+    """Four preference rows in TRL's conversational vision layout, `images` images each (of two sizes)."""
     from PIL import Image
     rows = []
     for i, shape in enumerate(["circle", "square", "triangle", "circle"]):
-        user = [{"type": "image"}, {"type": "text", "text": "what do you see ?"}]
-        rows.append({"images": [Image.new("RGB", (32, 32), (40 * i, 100, 200))],
+        user = [{"type": "image"}] * images + [{"type": "text", "text": "what do you see ?"}]
+        rows.append({"images": [Image.new("RGB", (32 * (1 + k % 2), 32), (40 * i, 100, 50 * k))
+                                for k in range(images)],
                      "prompt": [{"role": "user", "content": user}],
                      "chosen": [{"role": "assistant", "content": [{"type": "text", "text": f"a red {shape}"}]}],
                      "rejected": [{"role": "assistant", "content": [{"type": "text", "text": f"a blue {shape}"}]}]})
@@ -450,6 +452,22 @@ def test_vision_language_dpo_equals_trl(family, fused_linear, tmp_path):
     assert "pixel_values" in batch
     assert_same_as_trl(loss_grads_metrics(make(DPOTrainer, use_fused_linear=fused_linear)),
                        loss_grads_metrics(theirs))
+
+
+@pytest.mark.parametrize("family", ["qwen2-vl", "internvl"])
+def test_several_images_per_row_dpo_equals_trl(family, tmp_path):
+    """Two images of different sizes per row, TRL's collator: the drop-in's padded and padding-free (packed) runs
+    give TRL's numbers (packed: each sequence's patches or tiles go with it)."""
+    from rlhfv_train.models.families import build_family
+
+    def make(cls, **kwargs):
+        processor, model = build_family(family, seed=0)
+        return cls(model=model, ref_model=copy.deepcopy(model), args=dpo_config(tmp_path, max_length=None, **kwargs),
+                   train_dataset=datasets.Dataset.from_list(vlm_rows(images=2)), processing_class=processor)
+
+    expected = loss_grads_metrics(make(trl.DPOTrainer), rows=(0, 1, 2))
+    assert_same_as_trl(loss_grads_metrics(make(DPOTrainer), rows=(0, 1, 2)), expected)
+    assert_same_as_trl(loss_grads_metrics(make(DPOTrainer, padding_free=True), rows=(0, 1, 2)), expected)
 
 
 @pytest.mark.parametrize("max_tokens_per_row", [4096, 8], ids=["one-row", "row-per-sequence"])
