@@ -209,13 +209,14 @@ IDEFICS_TEMPLATE = ("{{ bos_token }} {% for m in messages %}{{ m['role'] | capit
 
 def _idefics(smol):
     """Idefics3 and SmolVLM: SigLIP-style tower + Llama, pixel_values [B, images, C, H, W] with
-    pixel_attention_mask; one global image (no splitting) at this size."""
+    pixel_attention_mask; the processors' default image splitting (size / max_image_size 64 / 32 pixels here, the
+    checkpoints' 1456 / 364: a scene is 4 crops and the global image)."""
     def build(vocab_size=None, seed=0):
         import transformers as tf
         tokenizer = _tokenizer(IDEFICS_SPECIAL, "<end_of_utterance>", {"image_token": "<image>"},
                                ("User:", "Assistant:"))
         image_class = tf.SmolVLMImageProcessorPil if smol else tf.Idefics3ImageProcessorPil
-        images = image_class(do_image_splitting=False, size={"longest_edge": 32}, max_image_size={"longest_edge": 32})
+        images = image_class(do_image_splitting=True, size={"longest_edge": 64}, max_image_size={"longest_edge": 32})
         if smol:
             processor = without_video(tf.SmolVLMProcessor)(image_processor=images, tokenizer=tokenizer,
                                                            video_processor=None, image_seq_len=4,
