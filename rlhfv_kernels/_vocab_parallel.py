@@ -4,8 +4,9 @@ its bias), the tokens the same on every rank of that mesh dimension. DESIGN.md Â
 
 Forward: each rank runs its backend's own forward kernels on its slice of the vocabulary, then one all-gather of two
 float64 per token (the slice's LSE, the label's logit where the slice holds the label; a third, the slice's entropy,
-when asked for) lets every rank combine them: lse = logsumexp_r lse_r, logp = z_y - lse and H = sum_r w_r (H_r + lse - lse_r) with
-w_r = exp(lse_r - lse) (two non-negative terms, as the single-process entropy). Nothing N x V crosses a rank.
+when asked for) lets every rank combine them: lse = logsumexp_r lse_r, logp = z_y - lse (rounded once) and
+H = sum_r w_r (H_r + lse - lse_r) with w_r = exp(lse_r - lse) (two non-negative terms, as the single-process entropy).
+Nothing N x V crosses a rank.
 Backward: the backend's own backward kernels, given the *global* LSE and entropy, write the slice's gradient
 (d logits Shard(-1), d weight / d bias Shard(0)); no collective on the logits path, and on the fused-linear path one
 all-reduce of d hidden (each rank holds the part of the sum over its rows of the vocabulary).
