@@ -113,12 +113,13 @@ class PairCollator:
 
     def __call__(self, items: list[tuple[int, PreferenceRecord]]) -> PairBatch:
         records = [r for _, r in items]
+        if not self.has_images and any(r.images for r in records):
+            source = next(r.source for r in records if r.images)
+            raise ValueError(f"{source}: a record with images, for a model without an image processor (a text-only "
+                             "tokenizer); train a vision-language model on it, or leave its images out")
         images = [open_images(r) for r in records] if self.has_images else [[] for _ in records]
-        with_image = [bool(i) for i in images]
-        if any(with_image) and not all(with_image):
-            raise ValueError("a batch mixes records with and without images; keep one kind per dataset")
-        use_images = all(with_image) and self.has_images
-        shown = [len(i) if use_images else 0 for i in images]  # images each prompt shows
+        use_images = any(images)  # text-only records beside image records show none
+        shown = [len(i) for i in images]  # images each prompt shows
         prompts = [self.format.prompt(r.question, n) for r, n in zip(records, shown)]
         image_list = images + images if use_images else None
         if self.suffix and use_images:

@@ -13,8 +13,10 @@ encoding, as a per-sequence tensor beside each such tensor (ROW_COUNTS), which e
 any per-sequence tensor; model_kwargs drops them before the model's call. Anything else is refused with the tensor's
 name, at the first batch of a run, never silently mis-sliced.
 
-Not told apart yet: a batch where some sequences have no image (text-only records beside image records) and a tensor
-with as many rows as sequences; the loaders keep such records out of one batch (records.py).
+Text-only records may share a batch with image records: a row per image and a row per sequence then look alike when
+a batch holds as many images as sequences, so the image counts decide first, and only the layouts that pad images
+per sequence (BATCH_MAJOR: Idefics3, SmolVLM, Mllama) keep a row per sequence. A selection of sequences that show no
+image goes to the model without image tensors, as a text-only batch does.
 """
 from __future__ import annotations
 
@@ -24,8 +26,15 @@ import torch
 PACKED = {"pixel_values": "image_grid_thw", "pixel_values_videos": "video_grid_thw"}
 # flat tensor -> the processor attribute naming the placeholder token its rows stand for
 PLACEHOLDER = {"pixel_values": "image_token_id", "pixel_values_videos": "video_token_id"}
+# Layouts with one row per sequence however many images it holds (padded over images and crops): Idefics3 / SmolVLM
+# (marked by pixel_attention_mask), Mllama (by aspect_ratio_ids); pixel_values first, then the markers.
+BATCH_MAJOR = ("pixel_values", "pixel_attention_mask", "aspect_ratio_ids", "aspect_ratio_mask")
+# a row per sequence that shows images, none for one that does not (LLaVA-OneVision's image count per sequence)
+PER_SEQUENCE_WITH_IMAGES = ("batch_num_images",)
 # the per-sequence row counts of a flat tensor travel under this name (not a keyword any model takes)
 ROW_COUNTS = "{}:rows per sequence"
+# every sequence's image count: a selection that shows no image at all goes to the model without image tensors
+IMAGES = ROW_COUNTS.format("images")
 
 
 def batch_rows(inputs: dict) -> int:
@@ -35,28 +44,38 @@ def batch_rows(inputs: dict) -> int:
 
 def with_row_counts(inputs: dict, placeholders, images_per_sequence: list[int] | None = None) -> dict:
     """inputs plus the per-sequence row counts (ROW_COUNTS) of each tensor whose rows are not one per sequence (the
-    module's docstring): one row per image (LLaVA's pixel_values, image_sizes; a record with several images) takes
-    images_per_sequence when given; a flat tensor (tiles, patches) takes its sequence's share of the placeholder
-    tokens, and its grid the images whose rows make that share up. placeholders: what names the placeholder tokens
-    (image_token_id, video_token_id): the processor, or the model's config. A tensor with one row per sequence gets
-    none; one that fits no rule is left for check_row_layout / select_rows to refuse by name. Raises ValueError naming
-    a flat tensor whose rows do not divide by its placeholder tokens."""
+    module's docstring): a tensor with a row per image (LLaVA's pixel_values, image_sizes) takes images_per_sequence
+    when given (a record may hold several images, or none); LLaVA-OneVision's batch_num_images, a row per sequence
+    that shows images, one or none; a flat tensor (tiles, patches) takes its sequence's share of the placeholder
+    tokens, and its grid the images whose rows make that share up. Token-aligned tensors and the batch-major layouts
+    (BATCH_MAJOR) keep one row per sequence. placeholders: what names the placeholder tokens (image_token_id,
+    video_token_id): the processor, or the model's config. A tensor that fits no rule is left for check_row_layout /
+    select_rows to refuse by name. Raises ValueError naming a flat tensor whose rows do not divide by its placeholder
+    tokens."""
     out = dict(inputs)
+    if images_per_sequence is not None:
+        out[IMAGES] = torch.tensor(images_per_sequence, dtype=torch.long)
     sequences = batch_rows(inputs)
-    grids = set(PACKED.values())
+    aligned = set(token_aligned(inputs))
+    batch_major = set(BATCH_MAJOR) if any(marker in inputs for marker in BATCH_MAJOR[1:]) else set()
     for name, value in inputs.items():
-        grid_name = PACKED.get(name)
-        has_grid = grid_name in inputs
-        if name in grids or _is_row_counts(name) or value.dim() == 0 or (value.shape[0] == sequences
-                                                                          and not has_grid):
+        if name in aligned or name in batch_major or name in PACKED.values() or _is_row_counts(name) or value.dim() == 0:
             continue
-        if images_per_sequence is not None and not has_grid and value.shape[0] == sum(images_per_sequence):
-            out[ROW_COUNTS.format(name)] = torch.tensor(images_per_sequence, dtype=torch.long)
+        rows, grid_name = value.shape[0], PACKED.get(name)
+        has_grid = grid_name in inputs
+        if images_per_sequence is not None and not has_grid:
+            if name in PER_SEQUENCE_WITH_IMAGES and rows == sum(n > 0 for n in images_per_sequence):
+                out[ROW_COUNTS.format(name)] = torch.tensor([int(n > 0) for n in images_per_sequence])
+                continue
+            if rows == sum(images_per_sequence):  # before the next test: with imageless sequences both may hold
+                out[ROW_COUNTS.format(name)] = torch.tensor(images_per_sequence, dtype=torch.long)
+                continue
+        if rows == sequences and not has_grid:
             continue
         token_id = getattr(placeholders, PLACEHOLDER.get(name, ""), None)
         if token_id is None:
             continue
-        counts = _share_of_placeholders(inputs["input_ids"], token_id, value.shape[0], name)
+        counts = _share_of_placeholders(inputs["input_ids"], token_id, rows, name)
         out[ROW_COUNTS.format(name)] = counts
         if has_grid:
             out[ROW_COUNTS.format(grid_name)] = _images_making_up(inputs[grid_name], counts.tolist(), name)
@@ -135,8 +154,11 @@ def select_rows(inputs: dict, rows, total: int | None = None) -> dict:
     total: the number of sequences, when `inputs` holds no input_ids."""
     total = batch_rows(inputs) if total is None else total
     index = list(range(total))[rows] if isinstance(rows, slice) else [int(r) for r in rows]
+    imageless = IMAGES in inputs and int(inputs[IMAGES][index].sum()) == 0
     out = {}
     for name, value in inputs.items():
+        if imageless and _shows_images(inputs, name):
+            continue  # the model takes text alone as it does for a text-only batch (its image tensors would be empty)
         spans = _row_spans(inputs, name, total)
         if spans is None:
             out[name] = value[torch.tensor(index, dtype=torch.long, device=value.device)]
@@ -144,6 +166,15 @@ def select_rows(inputs: dict, rows, total: int | None = None) -> dict:
             parts = [value[spans[i][0]:spans[i][1]] for i in index]
             out[name] = torch.cat(parts) if parts else value[:0]
     return out
+
+
+def _shows_images(inputs: dict, name: str) -> bool:
+    """Whether tensor `name` carries the images of a batch (not the token-aligned ones, nor the image counts)."""
+    if name == IMAGES:
+        return False
+    if _is_row_counts(name) or ROW_COUNTS.format(name) in inputs or name in PACKED.values():
+        return True
+    return name in PER_SEQUENCE_WITH_IMAGES or (name in BATCH_MAJOR and any(m in inputs for m in BATCH_MAJOR[1:]))
 
 
 def repeat_rows(inputs: dict, k: int, total: int | None = None) -> dict:

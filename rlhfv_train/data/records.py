@@ -4,15 +4,15 @@ layout (formats.py).
 A record is its images (one, several or none), a question, the chosen (corrected) answer, the rejected (original)
 answer and, optionally, a reward-model margin for MM-DPO scaling. Our layout, per line / row:
   {"image": "imgs/0001.png", "question": ..., "chosen": ..., "rejected": ..., "reward_margin": 0.7}
-"image" may be a list of images (or "images", TRL's name), and omitted or null for text-only data; the prompt shows
+"image" may be a list of images (or "images", TRL's name), and omitted or null for a text-only record (text-only
+and image records may share a file, and a batch, with a vision-language model); the prompt shows
 the images in their order, before the question. Relative image paths are resolved against the data file's folder.
 An optional "objects" list holds what the image really contains (any JSON values; the synthetic data writes
 [colour, shape, side] triples): rlhfv_train.evaluate checks generated answers against it.
 
 Nothing is silently dropped: a malformed record — bad bytes (not UTF-8), bad JSON, a missing or wrong field, an image
-that is missing or cannot be decoded (every image is checked on load, so a run never fails on one hours in), a
-text-only record among image records or the reverse — raises DataError naming the file and line (JSONL) or row
-(Parquet, dataset folder), unless skip_bad=True, in which case it is skipped and counted by kind in the LoadReport.
+that is missing or cannot be decoded (every image is checked on load, so a run never fails on one hours in) — raises
+DataError naming the file and line (JSONL) or row (Parquet, dataset folder), unless skip_bad=True, in which case it is skipped and counted by kind in the LoadReport.
 """
 from __future__ import annotations
 
@@ -177,32 +177,10 @@ def load_records(path: str, *, skip_bad: bool = False) -> tuple[list[PreferenceR
                 report.skip(exc)
     except LayoutError as exc:
         raise DataError(str(exc), kind=exc.kind) from None
-    records = _one_kind(records, report, skip_bad)
     report.loaded = len(records)
     if not records:
         raise DataError(f"{path}: no usable records ({report.summary()})")
     return records, report
-
-
-def _one_kind(records: list[PreferenceRecord], report: LoadReport, skip_bad: bool) -> list[PreferenceRecord]:
-    """A file's records all have images or none has (a batch holds one kind); the fewer kind is the odd one out
-    (text-only ones on a tie)."""
-    with_image = sum(bool(r.images) for r in records)
-    if with_image in (0, len(records)):
-        return records
-    odd_has_image = with_image < len(records) - with_image
-    kept = []
-    for r in records:
-        if bool(r.images) != odd_has_image:
-            kept.append(r)
-            continue
-        what = "an image record among text-only records" if odd_has_image else "a text-only record among image records"
-        error = DataError(f"{r.source}: {what} ({with_image} of {len(records)} records have an image); every record "
-                          "of a file needs an image, or none does", kind="mixed image / text-only")
-        if not skip_bad:
-            raise error
-        report.skip(error)
-    return kept
 
 
 def open_images(record: PreferenceRecord, check_only: bool = False) -> list:

@@ -95,8 +95,8 @@ def generate_tokens(model, processor, records: Sequence[PreferenceRecord], setti
             for start in range(0, len(records), settings.batch_size):
                 chunk = records[start:start + settings.batch_size]
                 images = [open_images(r) for r in chunk] if has_images else [[] for _ in chunk]
-                with_image = has_images and all(images)
-                texts = [prompts.prompt(r.question, len(i) if with_image else 0) for r, i in zip(chunk, images)]
+                with_image = any(images)  # text-only records beside image records show none
+                texts = [prompts.prompt(r.question, len(i)) for r, i in zip(chunk, images)]
                 # Left padding: generation continues every row from its last real token.
                 inputs = encode(processor, texts, images if with_image else None, padding_side="left")
                 inputs = {k: v.to(device) for k, v in inputs.items()}

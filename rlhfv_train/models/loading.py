@@ -113,10 +113,6 @@ def load_run_records(data: str | None, *, eval_data: str | None, eval_fraction: 
         train_idx, eval_idx = split_indices(len(records), eval_fraction, seed)
     else:
         held, held_report = load_records(eval_data, skip_bad=skip_bad)
-        if bool(held[0].images) != bool(records[0].images):
-            kinds = ("text-only", "image") if not held[0].images else ("image", "text-only")
-            raise ValueError(f"--eval-data {eval_data} holds {kinds[0]} records but {data_path} {kinds[1]} ones; the "
-                             "held-out records must be of the training records' kind")
         if dist.is_main:
             print(f"held-out data: {eval_data}: {held_report.summary()}")
         train_idx, eval_idx = list(range(len(records))), list(range(len(records), len(records) + len(held)))

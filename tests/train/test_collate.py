@@ -75,6 +75,12 @@ def test_right_padding_is_asked_of_the_call(records):
     assert processor.tokenizer.padding_side == "left"  # the processor is left as it was
 
 
+def test_a_text_only_model_refuses_image_records(records):
+    tokenizer, _ = build_family("llama")
+    with pytest.raises(ValueError, match=r"jsonl:1: a record with images, for a model without an image processor"):
+        PairCollator(tokenizer, gamma=5.0)(list(enumerate(records[:2])))
+
+
 def test_unsplittable_layouts_are_refused_by_name():
     inputs = {"input_ids": torch.zeros(4, 7, dtype=torch.long), "attention_mask": torch.ones(4, 7),
               "pixel_values": torch.zeros(9, 3, 8, 8)}

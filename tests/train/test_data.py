@@ -157,16 +157,10 @@ def test_a_utf8_byte_order_mark_is_not_an_error(folder):
     assert load_records(str(path))[0][0].question == "q0"
 
 
-def test_text_only_records_among_image_records_are_named(folder):
+def test_text_only_records_share_a_file_with_image_records(folder):
     text_only = {"question": "q", "chosen": "c", "rejected": "r"}
-    path = write_jsonl(folder / "d.jsonl", [good(0), text_only, good(2)])
-    with pytest.raises(DataError, match=r"d.jsonl:2: a text-only record among image records \(2 of 3"):
-        load_records(path)
-    records, report = load_records(path, skip_bad=True)
-    assert len(records) == 2 and report.kinds == {"mixed image / text-only": 1}
-    path = write_jsonl(folder / "e.jsonl", [text_only, good(1), text_only])
-    with pytest.raises(DataError, match=r"e.jsonl:2: an image record among text-only records \(1 of 3"):
-        load_records(path)
+    records, report = load_records(write_jsonl(folder / "d.jsonl", [good(0), text_only, good(2)]))
+    assert [len(r.images) for r in records] == [1, 0, 1] and report.loaded == 3
 
 
 def test_the_load_report_counts_each_kind(folder):
@@ -209,12 +203,14 @@ def test_parquet_rows(folder):
     assert records[0].reward_margin == pytest.approx(0.1) and records[1].reward_margin is None
 
 
-def test_held_out_records_of_another_kind_are_refused(folder):
+def test_held_out_records_of_another_kind_join_the_run(folder):
+    """Text-only held-out records beside image training records (a batch may mix them)."""
     from types import SimpleNamespace
     from rlhfv_train.models.loading import load_run_records
     train = write_jsonl(folder / "train.jsonl", [good(0), good(1)])
     held = write_jsonl(folder / "held.jsonl", [{"question": "q", "chosen": "c", "rejected": "r"}])
     dist = SimpleNamespace(is_main=True, barrier=lambda: None)
-    with pytest.raises(ValueError, match=r"--eval-data .*held.jsonl holds text-only records but .*train.jsonl image"):
-        load_run_records(train, eval_data=held, eval_fraction=0.0, seed=0, skip_bad=False, output_dir=str(folder),
-                         synthetic_examples=0, dist=dist)
+    records, train_idx, eval_idx, _ = load_run_records(train, eval_data=held, eval_fraction=0.0, seed=0,
+                                                      skip_bad=False, output_dir=str(folder), synthetic_examples=0,
+                                                      dist=dist)
+    assert [len(records[i].images) for i in train_idx + eval_idx] == [1, 1, 0]

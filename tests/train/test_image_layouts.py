@@ -68,9 +68,8 @@ def test_each_sequence_keeps_its_own_image_rows(name):
         assert inputs[ROW_COUNTS.format("image_grid_thw")].tolist() == [1] * sequences
         patches = inputs["image_grid_thw"].prod(-1).tolist()
         assert len(set(patches)) == 2 and inputs[ROW_COUNTS.format("pixel_values")].tolist() == patches
-    if name == "llava-onevision":  # one row per sequence: no counts needed
-        assert ROW_COUNTS.format("pixel_values") not in inputs
-        assert inputs["pixel_values"].shape[0] == sequences
+    if name == "llava-onevision":  # a row per image (its crops padded), one image per sequence here
+        assert inputs[ROW_COUNTS.format("pixel_values")].tolist() == [1] * sequences
     for rows in ([2, 0, 2], [sequences - 1, 1]):
         assert_rows_are_the_models(model, inputs, rows)
     again = repeat_rows(inputs, 2)
@@ -129,10 +128,30 @@ def test_several_images_per_record(name):
         assert check_packing(model, inputs) < 1e-3
 
 
+# image records beside text-only ones, in one batch; the second as many images as sequences (a row per image and a
+# row per sequence look alike there)
+MIXED = ([[(32, 32)], [], [(48, 48), (64, 32)], []], [[(32, 32), (64, 32)], []])
+
+
+@pytest.mark.parametrize("name", IMAGE_FAMILIES)
+def test_text_only_records_beside_image_records(name):
+    """Batches of image records (one and two images) and text-only records: every sequence keeps its own image rows
+    (none for a text-only one) when the batch is cut (to text-only sequences alone too) or packed."""
+    for needed in FAMILIES[name].needs:
+        pytest.importorskip(needed)
+    processor, model = build_family(name)
+    for layout, cuts in zip(MIXED, (([1, 2, 7], [3, 0], [5], [6, 2]), ([2, 0], [1], [3, 1, 0]))):
+        inputs = PairCollator(processor, gamma=5.0)(records_at(layout)).model_inputs()
+        for rows in cuts:
+            assert_rows_are_the_models(model, inputs, rows)
+        if known_unsupported(model.config.model_type) is None and name != "mllama":
+            assert check_packing(model, inputs) < 1e-3
+
+
 @pytest.fixture(scope="module")
 def several_images_data(tmp_path_factory):
     """A data file of 12 scenes, each record with 1, 2 or 3 images (the scene at several sizes: 1 to 10 InternVL
-    tiles each), in our layout's "image" list."""
+    tiles each) in our layout's "image" list, or none (every fourth record: text-only records beside them)."""
     import json
     from PIL import Image
     folder = tmp_path_factory.mktemp("several-images")
@@ -142,7 +161,7 @@ def several_images_data(tmp_path_factory):
     for i, row in enumerate(rows):
         scene = Image.open(folder / row["image"])
         row["image"] = []
-        for j in range(i % 3 + 1):
+        for j in range(i % 3 + 1 if i % 4 != 3 else 0):
             name = f"{i}-{j}.png"
             scene.resize(SIZES[(i + j) % len(SIZES)]).save(folder / name)
             row["image"].append(name)
@@ -160,7 +179,7 @@ def _step_rows(output_dir):
 @pytest.mark.parametrize("name", ["internvl", "llava-onevision"])
 def test_ddpo_and_grpo_train_on_several_images_per_record(name, several_images_data, tmp_path):
     """Batches whose records have 1 to 3 images of different sizes (InternVL: 1 to 30 tiles per sequence; LLaVA-
-    OneVision: a row per image with its size): the logits route, --fused-linear and --packing give the same losses and
+    OneVision: a row per image with its size) or none (text-only records beside them): the logits route, --fused-linear and --packing give the same losses and
     gradient norms (each sequence scored with its own images: a mis-split changes them); GRPO's groups carry their
     prompt's images k times, padded and packed alike."""
     from rlhfv_train.ddpo import TrainConfig, train
