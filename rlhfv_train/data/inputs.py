@@ -70,9 +70,16 @@ def with_row_counts(inputs: dict, placeholders, images_per_sequence: list[int] |
             if rows == sum(images_per_sequence):  # before the next test: with imageless sequences both may hold
                 out[ROW_COUNTS.format(name)] = torch.tensor(images_per_sequence, dtype=torch.long)
                 continue
-        if rows == sequences and not has_grid:
-            continue
         token_id = getattr(placeholders, PLACEHOLDER.get(name, ""), None)
+        if rows == sequences and not has_grid:
+            if images_per_sequence is not None or not _some_without_images(inputs, placeholders):
+                continue
+            # text-only beside image sequences from another collator (TRL's), the image counts unknown: a row per image
+            # and a row per sequence look alike, and only the placeholder tokens can tell them apart
+            if token_id is None:
+                raise ValueError(f"the processor's {name} has a row per sequence or per image, which a batch of "
+                                 "text-only and image sequences cannot tell apart without its image counts "
+                                 "(rlhfv_train.data.inputs.with_row_counts' images_per_sequence)")
         if token_id is None:
             continue
         counts = _share_of_placeholders(inputs["input_ids"], token_id, rows, name)
@@ -80,6 +87,15 @@ def with_row_counts(inputs: dict, placeholders, images_per_sequence: list[int] |
         if has_grid:
             out[ROW_COUNTS.format(grid_name)] = _images_making_up(inputs[grid_name], counts.tolist(), name)
     return out
+
+
+def _some_without_images(inputs: dict, placeholders) -> bool:
+    """Whether some sequences hold image placeholder tokens and others none."""
+    token_id = getattr(placeholders, "image_token_id", None)
+    if token_id is None:
+        return False
+    shown = (inputs["input_ids"] == token_id).any(-1)
+    return bool(shown.any()) and not bool(shown.all())
 
 
 def _share_of_placeholders(input_ids: torch.Tensor, token_id: int, rows: int, name: str) -> torch.Tensor:

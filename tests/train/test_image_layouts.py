@@ -211,3 +211,19 @@ def test_ddpo_and_grpo_train_on_several_images_per_record(name, several_images_d
     for padded, packed in zip(grpo[False], grpo[True]):
         assert packed["loss"] == pytest.approx(padded["loss"], abs=1e-5)
         assert packed["grad_norm"] == pytest.approx(padded["grad_norm"], rel=1e-4)
+
+
+def test_a_mixed_batch_from_another_collator_is_split_by_its_placeholders():
+    """Without image counts (TRL's collator), a batch of text-only and image sequences with as many images as
+    sequences: pixel_values splits by its placeholder tokens; a tensor without a placeholder rule is refused by name."""
+    ids = torch.tensor([[7, 7, 1], [1, 1, 1]])  # two images (one placeholder each), then none
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": torch.zeros(2, 5)}
+    counted = with_row_counts(inputs, Placeholder())
+    assert counted[ROW_COUNTS.format("pixel_values")].tolist() == [2, 0]
+    assert select_rows(counted, [1]).keys() == {"input_ids", "attention_mask", "pixel_values",
+                                                ROW_COUNTS.format("pixel_values")}
+    assert select_rows(counted, [1])["pixel_values"].shape[0] == 0
+    with pytest.raises(ValueError, match="image_sizes has a row per sequence or per image"):
+        with_row_counts({**inputs, "image_sizes": torch.zeros(2, 2)}, Placeholder())
+    one_each = {**inputs, "input_ids": torch.tensor([[7, 1, 1], [7, 1, 1]])}  # not mixed: a row per sequence
+    assert ROW_COUNTS.format("pixel_values") not in with_row_counts(one_each, Placeholder())

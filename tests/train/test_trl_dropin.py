@@ -454,16 +454,27 @@ def test_vision_language_dpo_equals_trl(family, fused_linear, tmp_path):
                        loss_grads_metrics(theirs))
 
 
+def text_only_beside(rows):
+    """Every second row without its images (a text-only prompt)."""
+    for row in rows[1::2]:
+        row["images"] = []
+        row["prompt"] = [{"role": "user", "content": [{"type": "text", "text": "what do you see ?"}]}]
+    return rows
+
+
+@pytest.mark.parametrize("layout", ["two images", "text-only beside"])
 @pytest.mark.parametrize("family", ["qwen2-vl", "internvl"])
-def test_several_images_per_row_dpo_equals_trl(family, tmp_path):
-    """Two images of different sizes per row, TRL's collator: the drop-in's padded and padding-free (packed) runs
-    give TRL's numbers (packed: each sequence's patches or tiles go with it)."""
+def test_several_images_per_row_dpo_equals_trl(family, layout, tmp_path):
+    """Two images of different sizes per row, or rows of one image beside text-only rows, TRL's collator: the
+    drop-in's padded and padding-free (packed) runs give TRL's numbers (packed: each sequence's patches or tiles go
+    with it, none with a text-only one)."""
     from rlhfv_train.models.families import build_family
+    rows = vlm_rows(images=2) if layout == "two images" else text_only_beside(vlm_rows())
 
     def make(cls, **kwargs):
         processor, model = build_family(family, seed=0)
         return cls(model=model, ref_model=copy.deepcopy(model), args=dpo_config(tmp_path, max_length=None, **kwargs),
-                   train_dataset=datasets.Dataset.from_list(vlm_rows(images=2)), processing_class=processor)
+                   train_dataset=datasets.Dataset.from_list(rows), processing_class=processor)
 
     expected = loss_grads_metrics(make(trl.DPOTrainer), rows=(0, 1, 2))
     assert_same_as_trl(loss_grads_metrics(make(DPOTrainer), rows=(0, 1, 2)), expected)
