@@ -25,6 +25,10 @@ from dataclasses import dataclass, field
 from .formats import LayoutError, canonical, encoded_image, rows
 
 
+# fields that hold a video (ours, TRL's, MM-RLHF's video subset): refused by name, never dropped
+VIDEO_FIELDS = ("video", "videos")
+
+
 class DataError(ValueError):
     """A record that cannot be used, with the file and line or row it came from; `kind` sorts it in the load report."""
 
@@ -124,6 +128,12 @@ def parse_record(obj, where: str, base_dir: str) -> PreferenceRecord:
         fields = canonical(obj)  # RLHF-V's and TRL's layouts onto ours (formats.py)
     except LayoutError as exc:
         raise DataError(f"{where}: {exc}") from None
+    video = next((name for name in VIDEO_FIELDS if fields.get(name) not in (None, [], "")), None)
+    if video is not None:  # read as a text-only record it would train without the video, silently
+        raise DataError(f"{where}: field {video!r}: video records are not supported: transformers' video processors "
+                        "need torchvision, whose PyPI build for this torch needs CUDA libraries (it does not import "
+                        "beside the CPU wheel); give the frames as the record's images instead where the model "
+                        "documents that", kind="video record")
     margin = fields.get("reward_margin")
     if margin is not None:
         if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin >= 0:

@@ -214,3 +214,14 @@ def test_held_out_records_of_another_kind_join_the_run(folder):
                                                       skip_bad=False, output_dir=str(folder), synthetic_examples=0,
                                                       dist=dist)
     assert [len(records[i].images) for i in train_idx + eval_idx] == [1, 1, 0]
+
+
+def test_a_video_record_is_refused_by_name_not_read_as_text(folder):
+    """MM-RLHF's video subset ({"video": ...}): without the refusal it would train as a text-only record."""
+    path = write_jsonl(folder / "d.jsonl", [{"video": "clip.mp4", "question": "q", "chosen": "c", "rejected": "r"}])
+    with pytest.raises(DataError, match=r"d.jsonl:1: field 'video': video records are not supported.*torchvision"):
+        load_records(path)
+    records, report = load_records(write_jsonl(folder / "e.jsonl", [good(0), {"videos": ["a.mp4"], "question": "q",
+                                                                             "chosen": "c", "rejected": "r"}]),
+                                   skip_bad=True)
+    assert len(records) == 1 and report.kinds == {"video record": 1}
