@@ -181,7 +181,7 @@ def test_ddpo_and_grpo_train_on_several_images_per_record(name, several_images_d
     """Batches whose records have 1 to 3 images of different sizes (InternVL: 1 to 30 tiles per sequence; LLaVA-
     OneVision: a row per image with its size) or none (text-only records beside them): the logits route, --fused-linear and --packing give the same losses and
     gradient norms (each sequence scored with its own images: a mis-split changes them); GRPO's groups carry their
-    prompt's images k times, padded and packed alike."""
+    prompt's images k times: the same on both routes and packed."""
     from rlhfv_train.ddpo import TrainConfig, train
     from rlhfv_train.grpo import GRPOConfig, train_grpo
     processor, model = build_family(name, seed=1)
@@ -201,16 +201,18 @@ def test_ddpo_and_grpo_train_on_several_images_per_record(name, several_images_d
             assert got["loss"] == pytest.approx(expected["loss"], abs=1e-5), route
             assert got["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-4), route
     grpo = {}
-    for packing in (False, True):
-        out = tmp_path / f"grpo-{packing}"
+    for route in ("logits", "fused-linear", "packing"):
+        out = tmp_path / f"grpo-{route}"
         train_grpo(GRPOConfig(data=data, model=model, judge="scene", output_dir=str(out), max_steps=2,
                               num_generations=2, prompts_per_step=3, max_new_tokens=5, micro_batch=4,
-                              packing=packing, eval_fraction=0.25, eval_every=2, save_every=2, eval_max_new_tokens=3,
-                              sft_steps=0, progress=False, device="cpu", lr=1e-3))
-        grpo[packing] = _step_rows(out)
-    for padded, packed in zip(grpo[False], grpo[True]):
-        assert packed["loss"] == pytest.approx(padded["loss"], abs=1e-5)
-        assert packed["grad_norm"] == pytest.approx(padded["grad_norm"], rel=1e-4)
+                              fused_linear=route == "fused-linear", packing=route == "packing", eval_fraction=0.25,
+                              eval_every=2, save_every=2, eval_max_new_tokens=3, sft_steps=0, progress=False,
+                              device="cpu", lr=1e-3))
+        grpo[route] = _step_rows(out)
+    for route in ("fused-linear", "packing"):
+        for expected, got in zip(grpo["logits"], grpo[route]):
+            assert got["loss"] == pytest.approx(expected["loss"], abs=1e-5), route
+            assert got["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-4), route
 
 
 def test_a_mixed_batch_from_another_collator_is_split_by_its_placeholders():
