@@ -77,9 +77,10 @@ def takes_suffix(processor) -> bool:
 
 def encode(processor, texts: list[str], images, *, padding_side: str, suffix: list[str] | None = None) -> dict:
     """The processor's (or, without images, the tokenizer's) output for `texts`, padded on `padding_side` by the call
-    itself; images: one list per sequence (in the prompt's order); suffix: the answers of a prefix-LM processor (takes_suffix). Labels the
-    processor may build are dropped: given labels, a model computes its own N x V cross-entropy. Flat image tensors
-    (InternVL's tiles, Qwen-VL's patches) come with their rows per sequence (inputs.with_row_counts); pass the batch
+    itself; images: one list per sequence (in the prompt's order, empty for a text-only one); suffix: the answers of a
+    prefix-LM processor (takes_suffix). Labels the processor may build are dropped: given labels, a model computes its
+    own N x V cross-entropy. Image tensors whose rows are not one per sequence (a row per image, InternVL's tiles,
+    Qwen-VL's patches) come with their rows per sequence (inputs.with_row_counts); pass the batch
     to a model through inputs.model_kwargs."""
     tokenizer = getattr(processor, "tokenizer", processor)
     side = tokenizer.padding_side

@@ -59,7 +59,7 @@ def with_row_counts(inputs: dict, placeholders, images_per_sequence: list[int] |
     aligned = set(token_aligned(inputs))
     batch_major = set(BATCH_MAJOR) if any(marker in inputs for marker in BATCH_MAJOR[1:]) else set()
     for name, value in inputs.items():
-        if name in aligned or name in batch_major or name in PACKED.values() or _is_row_counts(name) or value.dim() == 0:
+        if name in aligned or name in batch_major or name in PACKED.values() or _is_row_counts(name) or not value.dim():
             continue
         rows, grid_name = value.shape[0], PACKED.get(name)
         has_grid = grid_name in inputs
@@ -124,7 +124,7 @@ def _images_making_up(grid: torch.Tensor, counts: list[int], name: str) -> torch
         images.append(image - first)
     if image != len(per_image):
         raise ValueError(f"{name}: {len(per_image)} image grids but the sequences' rows account for {image}")
-    return torch.tensor(images, dtype=torch.long, device=grid.device)
+    return torch.tensor(images, dtype=torch.long)
 
 
 def model_kwargs(inputs: dict) -> dict:

@@ -11,8 +11,9 @@ An optional "objects" list holds what the image really contains (any JSON values
 [colour, shape, side] triples): rlhfv_train.evaluate checks generated answers against it.
 
 Nothing is silently dropped: a malformed record — bad bytes (not UTF-8), bad JSON, a missing or wrong field, an image
-that is missing or cannot be decoded (every image is checked on load, so a run never fails on one hours in) — raises
-DataError naming the file and line (JSONL) or row (Parquet, dataset folder), unless skip_bad=True, in which case it is skipped and counted by kind in the LoadReport.
+that is missing or cannot be decoded (every image is checked on load, so a run never fails on one hours in), a video
+record (VIDEO_FIELDS) — raises DataError naming the file and line (JSONL) or row (Parquet, dataset folder), unless
+skip_bad=True, in which case it is skipped and counted by kind in the LoadReport.
 """
 from __future__ import annotations
 

@@ -179,8 +179,8 @@ def _step_rows(output_dir):
 @pytest.mark.parametrize("name", ["internvl", "llava-onevision"])
 def test_ddpo_and_grpo_train_on_several_images_per_record(name, several_images_data, tmp_path):
     """Batches whose records have 1 to 3 images of different sizes (InternVL: 1 to 30 tiles per sequence; LLaVA-
-    OneVision: a row per image with its size) or none (text-only records beside them): the logits route, --fused-linear and --packing give the same losses and
-    gradient norms (each sequence scored with its own images: a mis-split changes them); GRPO's groups carry their
+    OneVision: a row per image with its size) or none (text-only records beside them): the logits route, --fused-linear
+    and --packing give the same losses and gradient norms (each sequence scored with its own images: a mis-split changes them); GRPO's groups carry their
     prompt's images k times: the same on both routes and packed."""
     from rlhfv_train.ddpo import TrainConfig, train
     from rlhfv_train.grpo import GRPOConfig, train_grpo
