@@ -60,6 +60,16 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+def scene_records(folder: str, pairs: int, family: str) -> list:
+    """`pairs` synthetic scene records for the tiny `family`: with their images for a vision-language family, their
+    texts alone for a text one (a text model refuses image records)."""
+    import dataclasses
+    from rlhfv_train.data import load_records, synthetic
+    from rlhfv_train.models.families import FAMILIES
+    records, _ = load_records(synthetic.generate(folder, pairs, seed=0))
+    return records if FAMILIES[family].kind == "image-text" else [dataclasses.replace(r, images=()) for r in records]
+
+
 def training_step_setup(args) -> tuple[torch.device, int, torch.dtype | None]:
     """(device, lm_head size, autocast dtype) of a training-step benchmark (trainer.py, packing.py): --device,
     --vocab (default 32000 on CPU, 128256 on a GPU), and bf16 autocast on a GPU as the trainers use."""

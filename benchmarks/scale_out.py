@@ -23,14 +23,15 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.harness import (add_torchrun_arguments, device_name, launch_under_torchrun,  # noqa: E402
-                                print_load, rows_per_route, time_and_peak, versions, write_from_rank0, write_json)
+                                print_load, rows_per_route, scene_records, time_and_peak, versions, write_from_rank0,
+                                write_json)
 
 ROUTES = {"logits (in place)": {"inplace_backward": True}, "fused-linear": {"fused_linear": True}}
 
 
 def worker(args) -> None:
     """One process of the launch: every route's step on this process's pairs; rank 0 writes what all measured."""
-    from rlhfv_train.data import PairCollator, load_records, synthetic
+    from rlhfv_train.data import PairCollator
     from rlhfv_train.ddpo import TrainConfig, batch_loss
     from rlhfv_train.models.families import build_family
     from rlhfv_train.run.distributed import Distributed, process_device
@@ -41,7 +42,7 @@ def worker(args) -> None:
     group = Distributed(device)
     rank, world = group.rank, group.world
     autocast = torch.bfloat16 if device.type == "cuda" else None
-    records, _ = load_records(synthetic.generate(os.path.join(args.work, f"data-{rank}"), args.pairs, seed=0))
+    records = scene_records(os.path.join(args.work, f"data-{rank}"), args.pairs, args.family)
     mine = list(range(rank * args.pairs // world, (rank + 1) * args.pairs // world))
     processor, _ = build_family(args.family, vocab_size=args.vocab)
     batch = PairCollator(processor, gamma=5.0)([(i, records[i]) for i in mine]).to(device)

@@ -24,12 +24,10 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.harness import (add_check_arguments, compare_ratios, device_name, machine_load,  # noqa: E402
-                                print_load, read_recorded, row_suspicions, spread, time_and_peak,
+                                print_load, read_recorded, row_suspicions, scene_records, spread, time_and_peak,
                                 training_step_setup, versions, warn_if_busy, write_json)
-from rlhfv_train.data import synthetic  # noqa: E402
 from rlhfv_train.models.families import FAMILIES, build_family  # noqa: E402
 from rlhfv_train.data import PairCollator  # noqa: E402
-from rlhfv_train.data import load_records  # noqa: E402
 from rlhfv_train.ddpo import TrainConfig, batch_loss  # noqa: E402
 
 IMPLS = {"reference": {"backend": "eager", "inplace_backward": False},
@@ -52,7 +50,7 @@ def main(argv=None) -> int:
     device, vocab, autocast = training_step_setup(args)
 
     folder = tempfile.mkdtemp(prefix="rlhfv-trainer-bench-")
-    records, _ = load_records(synthetic.generate(folder, args.pairs, seed=0))
+    records = scene_records(folder, args.pairs, args.family)
     processor, _ = build_family(args.family, vocab_size=vocab)
     batch = PairCollator(processor, gamma=5.0)(list(enumerate(records))).to(device)
     refs = {i: (-20.0, -20.0) for i in range(len(records))}
