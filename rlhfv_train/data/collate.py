@@ -118,7 +118,7 @@ class PairCollator:
             source = next(r.source for r in records if r.images)
             raise ValueError(f"{source}: a record with images, for a model without an image processor (a text-only "
                              "tokenizer); train a vision-language model on it, or leave its images out")
-        images = [open_images(r) for r in records] if self.has_images else [[] for _ in records]
+        images = [open_images(r) for r in records]  # none when the model has no image processor (refused above)
         use_images = any(images)  # text-only records beside image records show none
         shown = [len(i) for i in images]  # images each prompt shows
         prompts = [self.format.prompt(r.question, n) for r, n in zip(records, shown)]

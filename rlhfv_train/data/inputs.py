@@ -56,6 +56,9 @@ def with_row_counts(inputs: dict, placeholders, images_per_sequence: list[int] |
     if images_per_sequence is not None:
         out[IMAGES] = torch.tensor(images_per_sequence, dtype=torch.long)
     sequences = batch_rows(inputs)
+    # text-only beside image sequences from another collator (TRL's), the image counts unknown: a row per image and a
+    # row per sequence look alike, and only the placeholder tokens can tell them apart
+    mixed_without_counts = images_per_sequence is None and _some_without_images(inputs, placeholders)
     aligned = set(token_aligned(inputs))
     batch_major = set(BATCH_MAJOR) if any(marker in inputs for marker in BATCH_MAJOR[1:]) else set()
     for name, value in inputs.items():
@@ -72,10 +75,8 @@ def with_row_counts(inputs: dict, placeholders, images_per_sequence: list[int] |
                 continue
         token_id = getattr(placeholders, PLACEHOLDER.get(name, ""), None)
         if rows == sequences and not has_grid:
-            if images_per_sequence is not None or not _some_without_images(inputs, placeholders):
+            if not mixed_without_counts:
                 continue
-            # text-only beside image sequences from another collator (TRL's), the image counts unknown: a row per image
-            # and a row per sequence look alike, and only the placeholder tokens can tell them apart
             if token_id is None:
                 raise ValueError(f"the processor's {name} has a row per sequence or per image, which a batch of "
                                  "text-only and image sequences cannot tell apart without its image counts "
