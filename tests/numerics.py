@@ -151,6 +151,17 @@ def tf32_linear_extra(hidden, weight, bias, labels, coef, temperature, ignore_in
     return _perturbed_logits_extra(2 * TF32_REL, hidden, weight, bias, labels, coef, temperature, ignore_index)
 
 
+def reordered_dots_logp_extra(hidden, weight, bias, labels, temperature, slope=1.0, ignore_index=-100):
+    """Extra error of an fp32 fused-linear log-prob whose logit dots are summed in another order than eager's
+    F.linear (GEMMs of other shapes: chunks of rows). Each logit x = h . w + b may then move by
+    accumulation_extra(sum_k |h_k w_k| + |b|, hdim + 1); the transform multiplies that by at most its slope
+    (logit_scale / t, the soft cap only flattens it), and logp = z_label - lse moves by twice the largest move.
+    The plain tolerance absorbs this at slope ~1; a logit_scale of 8 makes it visible (one seed in ~10^3)."""
+    rel = (hidden.shape[-1] + 1) * FP32_EPS
+    coef = torch.ones(labels.shape, dtype=torch.float64)
+    return _perturbed_logits_extra(rel, hidden, weight, bias, labels, coef, temperature / slope, ignore_index)[0]
+
+
 # One ulp relative to the value (2 * unit roundoff) of the 16-bit formats.
 ULP_REL = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
 
