@@ -11,7 +11,7 @@ import torch
 
 from .inputs import check_row_layout, select_rows, with_row_counts
 from .prompts import PromptFormat
-from .records import PreferenceRecord, open_images
+from .records import PreferenceRecord, open_images, open_video
 from .token_weights import correction_weights
 
 IGNORE_INDEX = -100
@@ -75,27 +75,48 @@ def takes_suffix(processor) -> bool:
     return text_kwargs is not None and "suffix" in typing.get_type_hints(text_kwargs)
 
 
-def encode(processor, texts: list[str], images, *, padding_side: str, suffix: list[str] | None = None) -> dict:
+def encode(processor, texts: list[str], images, *, padding_side: str, suffix: list[str] | None = None,
+           videos: list | None = None) -> dict:
     """The processor's (or, without images, the tokenizer's) output for `texts`, padded on `padding_side` by the call
-    itself; images: one list per sequence (in the prompt's order, empty for a text-only one); suffix: the answers of a
-    prefix-LM processor (takes_suffix). Labels the processor may build are dropped: given labels, a model computes its
-    own N x V cross-entropy. Image tensors whose rows are not one per sequence (a row per image, InternVL's tiles,
-    Qwen-VL's patches) come with their rows per sequence (inputs.with_row_counts); pass the batch
-    to a model through inputs.model_kwargs."""
+    itself; images: one list per sequence (in the prompt's order, empty for a text-only one); videos: one per
+    sequence (its frames, records.open_video, or None); suffix: the answers of a prefix-LM processor
+    (takes_suffix). Labels the processor may build are dropped: given labels, a model computes its own N x V
+    cross-entropy. Image and video tensors whose rows are not one per sequence (a row per image, InternVL's tiles,
+    Qwen-VL's patches) come with their rows per sequence (inputs.with_row_counts); pass the batch to a model through
+    inputs.model_kwargs."""
     tokenizer = getattr(processor, "tokenizer", processor)
     side = tokenizer.padding_side
+    shown_videos = [v for v in videos if v is not None] if videos is not None else []
+    if shown_videos and getattr(processor, "video_processor", None) is None:
+        raise ValueError(f"a video record, for a processor without a video processor ({type(processor).__name__}): "
+                         "the model family takes no video, or transformers could not build its video processor "
+                         "(they need torchvision, which must import beside this torch)")
     tokenizer.padding_side = padding_side  # processors that ignore the call's padding_side still follow the tokenizer
     try:
-        if images is not None:
+        if images is not None or shown_videos:
             extra = {} if suffix is None else {"suffix": suffix}
-            out = processor(images=images, text=texts, return_tensors="pt", padding=True, padding_side=padding_side,
+            if shown_videos:
+                extra["videos"] = shown_videos
+            given = images if images is not None and any(images) else None
+            out = processor(images=given, text=texts, return_tensors="pt", padding=True, padding_side=padding_side,
                             **extra)
         else:
             out = tokenizer(texts, return_tensors="pt", padding=True, padding_side=padding_side)
     finally:
         tokenizer.padding_side = side
     out = {k: v for k, v in out.items() if isinstance(v, torch.Tensor) and k != "labels"}
-    return with_row_counts(out, processor, [len(i) for i in images]) if images is not None else out
+    if images is None and not shown_videos:
+        return out
+    return with_row_counts(out, processor, [len(i) for i in images] if images is not None else [0] * len(texts),
+                           [int(v is not None) for v in videos] if videos is not None else None)
+
+
+def open_media(records, has_images: bool) -> tuple[list[list], list]:
+    """(images, videos) of `records` as encode takes them: each record's images (records.open_images) and video
+    frames (records.open_video, or None); none at all for a model without an image processor."""
+    if not has_images:
+        return [[] for _ in records], [None] * len(records)
+    return [open_images(r) for r in records], [open_video(r) for r in records]
 
 
 class PairCollator:
@@ -114,23 +135,25 @@ class PairCollator:
 
     def __call__(self, items: list[tuple[int, PreferenceRecord]]) -> PairBatch:
         records = [r for _, r in items]
-        if not self.has_images and any(r.images for r in records):
-            source = next(r.source for r in records if r.images)
-            raise ValueError(f"{source}: a record with images, for a model without an image processor (a text-only "
-                             "tokenizer); train a vision-language model on it, or leave its images out")
-        images = [open_images(r) for r in records]  # none when the model has no image processor (refused above)
+        if not self.has_images and any(r.images or r.video for r in records):
+            source = next(r.source for r in records if r.images or r.video)
+            raise ValueError(f"{source}: a record with images or a video, for a model without an image processor (a "
+                             "text-only tokenizer); train a vision-language model on it, or leave them out")
+        images, videos = open_media(records, self.has_images)  # a text-only model's records have none (above)
         use_images = any(images)  # text-only records beside image records show none
         shown = [len(i) for i in images]  # images each prompt shows
-        prompts = [self.format.prompt(r.question, n) for r, n in zip(records, shown)]
+        video = [v is not None for v in videos]
+        prompts = [self.format.prompt(r.question, n, v) for r, n, v in zip(records, shown, video)]
         image_list = images + images if use_images else None
-        if self.suffix and use_images:
-            full = encode(self.processor, prompts + prompts, image_list, padding_side="right",
+        video_list = videos + videos if any(video) else None
+        if self.suffix and (use_images or video_list):
+            full = encode(self.processor, prompts + prompts, image_list, padding_side="right", videos=video_list,
                           suffix=[r.chosen for r in records] + [r.rejected for r in records])
         else:
-            texts = [self.format.sequence(r.question, r.chosen, n) for r, n in zip(records, shown)]
-            texts += [self.format.sequence(r.question, r.rejected, n) for r, n in zip(records, shown)]
-            full = encode(self.processor, texts, image_list, padding_side="right")
-        prompt = encode(self.processor, prompts + prompts, image_list, padding_side="right")
+            texts = [self.format.sequence(r.question, r.chosen, n, v) for r, n, v in zip(records, shown, video)]
+            texts += [self.format.sequence(r.question, r.rejected, n, v) for r, n, v in zip(records, shown, video)]
+            full = encode(self.processor, texts, image_list, padding_side="right", videos=video_list)
+        prompt = encode(self.processor, prompts + prompts, image_list, padding_side="right", videos=video_list)
         check_row_layout(full)
         input_ids, attention = full["input_ids"], full["attention_mask"]
         if bool((attention[:, :1] == 0).any()):

@@ -31,10 +31,13 @@ PLACEHOLDER = {"pixel_values": "image_token_id", "pixel_values_videos": "video_t
 BATCH_MAJOR = ("pixel_values", "pixel_attention_mask", "aspect_ratio_ids", "aspect_ratio_mask")
 # a row per sequence that shows images, none for one that does not (LLaVA-OneVision's image count per sequence)
 PER_SEQUENCE_WITH_IMAGES = ("batch_num_images",)
+# a row per video besides the tensors named for videos (Qwen2.5-VL's seconds per temporal patch)
+PER_VIDEO = ("second_per_grid_ts",)
 # the per-sequence row counts of a flat tensor travel under this name (not a keyword any model takes)
 ROW_COUNTS = "{}:rows per sequence"
-# every sequence's image count: a selection that shows no image at all goes to the model without image tensors
+# every sequence's image (video) count: a selection that shows neither goes to the model without image tensors
 IMAGES = ROW_COUNTS.format("images")
+VIDEOS = ROW_COUNTS.format("videos")
 
 
 def batch_rows(inputs: dict) -> int:
@@ -42,10 +45,12 @@ def batch_rows(inputs: dict) -> int:
     return int(inputs["input_ids"].shape[0])
 
 
-def with_row_counts(inputs: dict, placeholders, images_per_sequence: list[int] | None = None) -> dict:
+def with_row_counts(inputs: dict, placeholders, images_per_sequence: list[int] | None = None,
+                    videos_per_sequence: list[int] | None = None) -> dict:
     """inputs plus the per-sequence row counts (ROW_COUNTS) of each tensor whose rows are not one per sequence (the
     module's docstring): a tensor with a row per image (LLaVA's pixel_values, image_sizes) takes images_per_sequence
-    when given (a record may hold several images, or none); LLaVA-OneVision's batch_num_images, a row per sequence
+    when given (a record may hold several images, or none), one with a row per video (LLaVA-OneVision's
+    pixel_values_videos) videos_per_sequence; LLaVA-OneVision's batch_num_images, a row per sequence
     that shows images, one or none; a flat tensor (tiles, patches) takes its sequence's share of the placeholder
     tokens, and its grid the images whose rows make that share up. Token-aligned tensors and the batch-major layouts
     (BATCH_MAJOR) keep one row per sequence. placeholders: what names the placeholder tokens (image_token_id,
@@ -55,6 +60,8 @@ def with_row_counts(inputs: dict, placeholders, images_per_sequence: list[int] |
     out = dict(inputs)
     if images_per_sequence is not None:
         out[IMAGES] = torch.tensor(images_per_sequence, dtype=torch.long)
+    if videos_per_sequence is not None:
+        out[VIDEOS] = torch.tensor(videos_per_sequence, dtype=torch.long)
     sequences = batch_rows(inputs)
     # text-only beside image sequences from another collator (TRL's), the image counts unknown: a row per image and a
     # row per sequence look alike, and only the placeholder tokens can tell them apart
@@ -66,6 +73,10 @@ def with_row_counts(inputs: dict, placeholders, images_per_sequence: list[int] |
             continue
         rows, grid_name = value.shape[0], PACKED.get(name)
         has_grid = grid_name in inputs
+        if ("video" in name or name in PER_VIDEO) and videos_per_sequence is not None and not has_grid:
+            if rows == sum(videos_per_sequence) and rows != sequences:  # else one row per sequence, as it is
+                out[ROW_COUNTS.format(name)] = torch.tensor(videos_per_sequence, dtype=torch.long)
+            continue
         if images_per_sequence is not None and not has_grid:
             if name in PER_SEQUENCE_WITH_IMAGES and rows == sum(n > 0 for n in images_per_sequence):
                 out[ROW_COUNTS.format(name)] = torch.tensor([int(n > 0) for n in images_per_sequence])
@@ -171,7 +182,8 @@ def select_rows(inputs: dict, rows, total: int | None = None) -> dict:
     total: the number of sequences, when `inputs` holds no input_ids."""
     total = batch_rows(inputs) if total is None else total
     index = list(range(total))[rows] if isinstance(rows, slice) else [int(r) for r in rows]
-    imageless = IMAGES in inputs and int(inputs[IMAGES][index].sum()) == 0
+    imageless = IMAGES in inputs and int(inputs[IMAGES][index].sum()) == 0 \
+        and (VIDEOS not in inputs or int(inputs[VIDEOS][index].sum()) == 0)
     out = {}
     for name, value in inputs.items():
         if imageless and _shows_images(inputs, name):
@@ -179,15 +191,17 @@ def select_rows(inputs: dict, rows, total: int | None = None) -> dict:
         spans = _row_spans(inputs, name, total)
         if spans is None:
             out[name] = value[torch.tensor(index, dtype=torch.long, device=value.device)]
-        else:
-            parts = [value[spans[i][0]:spans[i][1]] for i in index]
-            out[name] = torch.cat(parts) if parts else value[:0]
+            continue
+        parts = [value[spans[i][0]:spans[i][1]] for i in index]
+        if _shows_images(inputs, name) and not _is_row_counts(name) and sum(len(p) for p in parts) == 0:
+            continue  # the selection shows videos but no image, or images but no video: the model takes no such rows
+        out[name] = torch.cat(parts) if parts else value[:0]
     return out
 
 
 def _shows_images(inputs: dict, name: str) -> bool:
     """Whether tensor `name` carries the images of a batch (not the token-aligned ones, nor the image counts)."""
-    if name == IMAGES:
+    if name in (IMAGES, VIDEOS):
         return False
     if _is_row_counts(name) or ROW_COUNTS.format(name) in inputs or name in PACKED.values():
         return True

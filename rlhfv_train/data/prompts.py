@@ -17,8 +17,8 @@ def chat_template_of(processor) -> str | None:
 
 
 class PromptFormat:
-    """prompt(question, images) and sequence(question, answer, images) for one processor, `images` the number of
-    images the prompt shows (0: text only).
+    """prompt(question, images, video) and sequence(question, answer, images, video) for one processor, `images` the
+    number of images the prompt shows (0: text only), `video` whether it shows a video first.
 
     use_chat_template: True (the default) uses the processor's chat template when it has one; False always writes
     the plain prompt. image_token: the placeholder of the plain prompt (the processor's own by default)."""
@@ -30,6 +30,7 @@ class PromptFormat:
         self.template = chat_template_of(processor) if use_chat_template else None
         self.has_images = hasattr(processor, "image_processor")
         self.image_token = getattr(processor, "image_token", None) or getattr(self.tokenizer, "image_token", None)
+        self.video_token = getattr(processor, "video_token", None) or getattr(self.tokenizer, "video_token", None)
 
     @property
     def chat(self) -> bool:
@@ -39,25 +40,29 @@ class PromptFormat:
         return self.tokenizer.apply_chat_template(messages, chat_template=self.template, tokenize=False,
                                                   add_generation_prompt=add_generation_prompt)
 
-    def _user(self, question: str, images: int) -> dict:
+    def _user(self, question: str, images: int, video: bool) -> dict:
         if not self.has_images:  # a text-only tokenizer's template: plain string content
             return {"role": "user", "content": question}
-        content = [{"type": "image"}] * images + [{"type": "text", "text": question}]
+        content = [{"type": "video"}] * video + [{"type": "image"}] * images + [{"type": "text", "text": question}]
         return {"role": "user", "content": content}
 
-    def prompt(self, question: str, images: int) -> str:
+    def prompt(self, question: str, images: int, video: bool = False) -> str:
         """The text generation continues from (and the prefix whose tokens carry no loss in training)."""
         if self.template is None:
-            return " ".join([self.image_token] * images + [question]) if images and self.image_token else question
-        return self._render([self._user(question, images)], add_generation_prompt=True)
+            if video and not self.video_token:
+                raise ValueError("a video record, for a processor with no video token (its plain prompt cannot show "
+                                 "a video)")
+            shown = [self.video_token] * video + ([self.image_token] * images if self.image_token else [])
+            return " ".join(shown + [question])
+        return self._render([self._user(question, images, video)], add_generation_prompt=True)
 
-    def sequence(self, question: str, answer: str, images: int) -> str:
+    def sequence(self, question: str, answer: str, images: int, video: bool = False) -> str:
         """prompt + answer + the end of the turn: what training scores."""
-        prompt = self.prompt(question, images)
+        prompt = self.prompt(question, images, video)
         if self.template is None:
             return f"{prompt} {answer} {self.tokenizer.eos_token or ''}".rstrip()
         reply = [{"type": "text", "text": answer}] if self.has_images else answer
-        text = self._render([self._user(question, images), {"role": "assistant", "content": reply}], False)
+        text = self._render([self._user(question, images, video), {"role": "assistant", "content": reply}], False)
         if not text.startswith(prompt):
             raise ValueError("the chat template does not write the prompt (user turn + assistant header) as a prefix "
                              "of the conversation with the answer; train with --no-chat-template")

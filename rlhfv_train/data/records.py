@@ -7,12 +7,15 @@ answer and, optionally, a reward-model margin for MM-DPO scaling. Our layout, pe
 "image" may be a list of images (or "images", TRL's name), and omitted or null for a text-only record (text-only
 and image records may share a file, and a batch, with a vision-language model); the prompt shows
 the images in their order, before the question. Relative image paths are resolved against the data file's folder.
+"video" (or "videos", a list of one; MM-RLHF's video subset) is the path of a video file: the prompt shows it before
+any images, as `video_frames` frames sampled uniformly over the whole clip (decoded with PyAV through transformers'
+load_video; a clip with fewer frames repeats some), and the model family's own video processor prepares them.
 An optional "objects" list holds what the image really contains (any JSON values; the synthetic data writes
 [colour, shape, side] triples): rlhfv_train.evaluate checks generated answers against it.
 
 Nothing is silently dropped: a malformed record — bad bytes (not UTF-8), bad JSON, a missing or wrong field, an image
-that is missing or cannot be decoded (every image is checked on load, so a run never fails on one hours in), a video
-record (VIDEO_FIELDS) — raises DataError naming the file and line (JSONL) or row (Parquet, dataset folder), unless
+that is missing or cannot be decoded (every image and video is checked on load, so a run never fails on one hours
+in) — raises DataError naming the file and line (JSONL) or row (Parquet, dataset folder), unless
 skip_bad=True, in which case it is skipped and counted by kind in the LoadReport.
 """
 from __future__ import annotations
@@ -26,8 +29,10 @@ from dataclasses import dataclass, field
 from .formats import LayoutError, canonical, encoded_image, rows
 
 
-# fields that hold a video (ours, TRL's, MM-RLHF's video subset): refused by name, never dropped
+# fields that hold a video (ours, TRL's, MM-RLHF's video subset)
 VIDEO_FIELDS = ("video", "videos")
+# frames sampled from each video unless load_records is told otherwise (InternVL's and LLaVA-Video's usual count)
+DEFAULT_VIDEO_FRAMES = 8
 
 
 class DataError(ValueError):
@@ -44,6 +49,8 @@ class PreferenceRecord:
     chosen: str
     rejected: str
     images: tuple = ()  # each encoded image bytes or an absolute path to an image file, in the prompt's order
+    video: str | None = None  # the absolute path of a video file, shown before the images
+    video_frames: int = DEFAULT_VIDEO_FRAMES  # frames sampled from it
     reward_margin: float | None = None
     source: str = ""  # "file:line" or "file:row N", for messages
     objects: list | None = None  # ground truth for the hallucination metric (inner lists become tuples)
@@ -114,6 +121,30 @@ def _images_field(fields: dict, where: str, base_dir: str) -> tuple:
     return images
 
 
+def _video_field(fields: dict, where: str, base_dir: str) -> str | None:
+    """The record's video file from "video" (a path) or "videos" (a list of one path); None for none."""
+    given = [name for name in VIDEO_FIELDS if fields.get(name) not in (None, [], "")]
+    if len(given) > 1:
+        raise DataError(f"{where}: both 'video' and 'videos' are given; use one")
+    if not given:
+        return None
+    name, value = given[0], fields[given[0]]
+    if isinstance(value, (list, tuple)):
+        if len(value) != 1:
+            raise DataError(f"{where}: field {name!r} holds {len(value)} videos; a record shows one video",
+                            kind="video record")
+        value = value[0]
+    if isinstance(value, dict) and value.get("path") and value.get("bytes") is None:
+        value = value["path"]
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {name!r} must be the path of a video file, got {type(value).__name__} "
+                        "(videos are read from files)", kind="video record")
+    path = value if os.path.isabs(value) else os.path.join(base_dir, value)
+    if not os.path.isfile(path):
+        raise DataError(f"{where}: video file not found: {path}", kind="video not found")
+    return path
+
+
 def _decode_base64(text, where: str) -> bytes:
     try:
         return base64.b64decode(text, validate=True)
@@ -129,12 +160,6 @@ def parse_record(obj, where: str, base_dir: str) -> PreferenceRecord:
         fields = canonical(obj)  # RLHF-V's and TRL's layouts onto ours (formats.py)
     except LayoutError as exc:
         raise DataError(f"{where}: {exc}") from None
-    video = next((name for name in VIDEO_FIELDS if fields.get(name) not in (None, [], "")), None)
-    if video is not None:  # read as a text-only record it would train without the video, silently
-        raise DataError(f"{where}: field {video!r}: video records are not supported: transformers' video processors "
-                        "need torchvision, whose PyPI build for this torch needs CUDA libraries (it does not import "
-                        "beside the CPU wheel); give the frames as the record's images instead where the model "
-                        "documents that", kind="video record")
     margin = fields.get("reward_margin")
     if margin is not None:
         if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin >= 0:
@@ -156,6 +181,7 @@ def parse_record(obj, where: str, base_dir: str) -> PreferenceRecord:
         chosen=_text_field(fields, "chosen", where),
         rejected=_text_field(fields, "rejected", where),
         images=_images_field(fields, where, base_dir),
+        video=_video_field(fields, where, base_dir),
         reward_margin=margin,
         source=where,
         objects=objects,
@@ -167,9 +193,12 @@ def as_hashable(value):
     return tuple(as_hashable(v) for v in value) if isinstance(value, list) else value
 
 
-def load_records(path: str, *, skip_bad: bool = False) -> tuple[list[PreferenceRecord], LoadReport]:
+def load_records(path: str, *, skip_bad: bool = False, video_frames: int = DEFAULT_VIDEO_FRAMES
+                 ) -> tuple[list[PreferenceRecord], LoadReport]:
     """All records of a .jsonl or .parquet file or a dataset folder saved with `datasets` (formats.py: the layouts
-    read), and what was loaded or skipped."""
+    read), and what was loaded or skipped; video_frames: the frames sampled from each video record's clip."""
+    if isinstance(video_frames, bool) or not isinstance(video_frames, int) or video_frames < 1:
+        raise ValueError(f"video_frames must be an integer >= 1, got {video_frames!r}")
     if not os.path.exists(path):
         raise DataError(f"data file not found: {path}")
     base_dir = os.path.abspath(path) if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
@@ -180,7 +209,9 @@ def load_records(path: str, *, skip_bad: bool = False) -> tuple[list[PreferenceR
                 if isinstance(obj, LayoutError):
                     raise DataError(f"{where}: {obj}", kind=obj.kind)
                 record = parse_record(obj, where, base_dir)
+                record.video_frames = video_frames
                 open_images(record, check_only=True)
+                open_video(record, check_only=True)
                 records.append(record)
             except DataError as exc:
                 if not skip_bad:
@@ -228,3 +259,42 @@ def _open_image(encoded, source: str, check_only: bool):
                         "MAX_IMAGE_PIXELS if it is meant to be", kind="oversized image") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:  # verify() raises SyntaxError too
         raise DataError(f"{source}: cannot decode the image ({exc})", kind="undecodable image") from None
+
+
+def open_video(record: PreferenceRecord, check_only: bool = False):
+    """The record's video as record.video_frames RGB frames [frames, H, W, 3] (uint8), sampled uniformly over the
+    clip (None for a record without one); check_only: only check that those frames decode (PyAV decodes the clip up
+    to the last of them either way). Decoded with PyAV (the `av` package) through transformers' load_video."""
+    if record.video is None:
+        return None
+    try:
+        import av  # noqa: F401
+    except ImportError:
+        raise DataError(f"{record.source}: a video record needs PyAV to decode its video (pip install av)",
+                        kind="video record") from None
+    import numpy as np
+    from transformers.video_utils import load_video
+    wanted = record.video_frames
+    sampled = {}
+
+    def unique_uniform(metadata, **_):  # PyAV's reader keeps each index once: repeats are restored below
+        total = int(metadata.total_num_frames)
+        if total < 1:
+            raise DataError(f"{record.source}: the video {record.video} has no frames", kind="undecodable video")
+        sampled["at"] = np.linspace(0, total - 1, wanted).round().astype(int)
+        return np.unique(sampled["at"])
+
+    try:
+        frames, _ = load_video(record.video, backend="pyav", sample_indices_fn=unique_uniform)
+    except DataError:
+        raise
+    except Exception as exc:  # PyAV's own errors (av.error.InvalidDataError, ...), an empty decode
+        raise DataError(f"{record.source}: cannot decode the video {record.video} ({type(exc).__name__}: {exc})",
+                        kind="undecodable video") from None
+    if check_only:
+        return None
+    unique = np.unique(sampled["at"])
+    if len(frames) != len(unique):
+        raise DataError(f"{record.source}: the video {record.video} gave {len(frames)} of the {len(unique)} frames "
+                        "its container announces", kind="undecodable video")
+    return frames[np.searchsorted(unique, sampled["at"])]

@@ -148,6 +148,23 @@ def draw(objects: list[Object], size: int = 32, rng: random.Random | None = None
     return Image.frombytes("RGB", image.size, noise)
 
 
+def write_video(path: str, objects: list[Object], frames: int, *, size: int = 32, fps: int = 4, seed: int = 0) -> str:
+    """The scene as a short clip (MPEG-4 part 2, which every PyAV build encodes): `frames` frames, each drawn anew
+    (the jitter of draw() makes them move). Needs PyAV (the `av` package)."""
+    import av
+
+    rng = random.Random(seed)
+    with av.open(path, mode="w") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        for _ in range(frames):
+            frame = av.VideoFrame.from_image(draw(objects, size, rng))
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())  # flush the encoder
+    return path
+
+
 def _random_object(side: str, rng: random.Random) -> Object:
     shape = rng.choice(SHAPES)
     color = TYPICAL_COLOR[shape] if rng.random() < 0.5 else rng.choice(list(COLORS))

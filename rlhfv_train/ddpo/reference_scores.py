@@ -26,6 +26,9 @@ def _hash_records(records: list[PreferenceRecord], digest) -> None:
             else:
                 with open(image, "rb") as f:
                     digest.update(hashlib.sha256(f.read()).digest())
+        if r.video is not None:  # the clip and how many of its frames the prompt shows
+            with open(r.video, "rb") as f:
+                digest.update(hashlib.file_digest(f, "sha256").digest() + str(r.video_frames).encode())
 
 
 def cache_key(records, model, settings: dict) -> str:

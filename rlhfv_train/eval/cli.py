@@ -70,13 +70,14 @@ def _records_and_model(args):
     data = args.data or saved.get("data_path") or config.get("data")  # data_path: the file the run really used
     if data is None:
         raise ValueError("no data: give --data (this checkpoint does not name its data file)")
-    records, _ = load_records(data)
+    frames = config.get("video_frames", 8)  # the clips' frames as the run sampled them
+    records, _ = load_records(data, video_frames=frames)
     split = args.split or ("heldout" if args.checkpoint and not args.data else "all")
     if split == "heldout":
         if not config:
             raise ValueError("--split heldout needs --checkpoint (the split comes from its seed and eval fraction)")
         if config.get("eval_data"):  # the run held out a file of its own
-            records, _ = load_records(config["eval_data"])
+            records, _ = load_records(config["eval_data"], video_frames=frames)
         else:
             records = [records[i] for i in split_indices(len(records), config["eval_fraction"], config["seed"])[1]]
     if args.limit is not None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..data import PreferenceRecord, PromptFormat, encode, open_images
+from ..data import PreferenceRecord, PromptFormat, encode, open_media
 from ..data.inputs import model_kwargs
 from ..models.forward import autocast_to
 
@@ -65,7 +65,7 @@ class GeneratedBatch:
 @torch.no_grad()
 def generate_tokens(model, processor, records: Sequence[PreferenceRecord], settings: GenerationSettings | None = None,
                     *, device=None, autocast_dtype=None, progress=None) -> list[GeneratedBatch]:
-    """settings.num_samples answers per record, generated from its image and question in left-padded batches.
+    """settings.num_samples answers per record, generated from its images, video and question in left-padded batches.
     The model's train/eval mode and the global random state are restored afterwards, so a training run that
     generates mid-way stays exactly reproducible."""
     settings = settings or GenerationSettings()
@@ -94,11 +94,12 @@ def generate_tokens(model, processor, records: Sequence[PreferenceRecord], setti
             torch.manual_seed(settings.seed)
             for start in range(0, len(records), settings.batch_size):
                 chunk = records[start:start + settings.batch_size]
-                images = [open_images(r) for r in chunk] if has_images else [[] for _ in chunk]
+                images, videos = open_media(chunk, has_images)
                 with_image = any(images)  # text-only records beside image records show none
-                texts = [prompts.prompt(r.question, len(i)) for r, i in zip(chunk, images)]
+                texts = [prompts.prompt(r.question, len(i), v is not None) for r, i, v in zip(chunk, images, videos)]
                 # Left padding: generation continues every row from its last real token.
-                inputs = encode(processor, texts, images if with_image else None, padding_side="left")
+                inputs = encode(processor, texts, images if with_image else None, padding_side="left",
+                                videos=videos if any(v is not None for v in videos) else None)
                 inputs = {k: v.to(device) for k, v in inputs.items()}
                 with autocast_to(inputs, autocast_dtype):
                     out = model.generate(**model_kwargs(inputs), **options)

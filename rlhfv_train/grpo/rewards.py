@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ..data import PreferenceRecord, PromptFormat, as_hashable, encode, open_images
+from ..data import PreferenceRecord, PromptFormat, as_hashable, encode, open_media
 from ..models import forward_logits
 
 Judge = Callable[[PreferenceRecord, Sequence[tuple[str, str]]], Sequence[float]]
@@ -98,7 +98,7 @@ JUDGE_TEMPLATE = ("{question} Answer A: {first} Answer B: {second} Which answer 
 class GenerativeJudge:
     """A Hugging Face model as pairwise judge (Generative RLHF-V): it reads the question, answer A (`first`) and
     answer B (`second`), and P(A is better) = softmax over its next-token logits of the two choice tokens. With an
-    image-text-to-text processor the record's images go in too. grouped_comparison asks for both orders, which
+    image-text-to-text processor the record's images (and video) go in too. grouped_comparison asks for both orders, which
     cancels the judge's preference for a position.
 
     The choices must each be one token of the judge's tokenizer right after the prompt (checked here)."""
@@ -133,9 +133,9 @@ class GenerativeJudge:
 
     @torch.no_grad()
     def __call__(self, record: PreferenceRecord, pairs: Sequence[tuple[str, str]]) -> list[float]:
-        images = open_images(record) if self.has_images else []
+        (images,), (video,) = open_media([record], self.has_images)
         prompts = [self.prompts.prompt(self.template.format(question=record.question, first=a, second=b),
-                                       len(images)) for a, b in pairs]
+                                       len(images), video is not None) for a, b in pairs]
         device = next(self.model.parameters()).device
         was_training = self.model.training
         self.model.eval()
@@ -145,7 +145,7 @@ class GenerativeJudge:
                 texts = prompts[start:start + self.batch_size]
                 # Right padding: positions 0.. for every row, as in training; each row's end is read below.
                 inputs = encode(self.processor, texts, [images] * len(texts) if images else None,
-                                padding_side="right")
+                                padding_side="right", videos=[video] * len(texts) if video is not None else None)
                 inputs = {k: v.to(device) for k, v in inputs.items()}
                 logits = forward_logits(self.model, inputs, self.autocast_dtype)
                 last = inputs["attention_mask"].sum(-1) - 1

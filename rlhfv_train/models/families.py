@@ -6,10 +6,11 @@ Each family has a word-level tokenizer over the synthetic scenes' words plus the
 real image processor (the PIL backend) and, where the family has one, a chat template in its own format. Bodies are
 2 layers of width 64; `vocab_size` pads the vocabulary to a real model's (unused rows), for benchmarks.
 
-transformers' video processors need torchvision, which does not import beside a CPU-only torch here; the families
-whose processors carry one (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, ...) are built with an image-only subclass of their
-processor (without_video): same class, same __call__, no video processor (models/loading.py loads saved ones the same
-way when torchvision is missing).
+transformers' video processors need torchvision, which does not import beside PyPI's CPU-only torch wheel; where
+it imports, the families that take video records (Family.video: Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision, InternVL)
+carry their own video processor; elsewhere, and for the other families whose processors carry one (Qwen3-VL,
+SmolVLM), they are built with an image-only subclass of their processor (without_video): same class, same __call__,
+no video processor (models/loading.py loads saved ones the same way when torchvision is missing).
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
 # ChatML, as Qwen writes it (tokens separated by spaces for the word-level tokenizer).
 CHATML = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {% if m['content'] is string %}{{ m['content'] }} "
           "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|> <|image_pad|> "
-          "<|vision_end|> {% else %}{{ c['text'] }} {% endif %}{% endfor %}{% endif %}<|im_end|> {% endfor %}"
+          "<|vision_end|> {% elif c['type'] == 'video' %}<|vision_start|> <|video_pad|> <|vision_end|> "
+          "{% else %}{{ c['text'] }} {% endif %}{% endfor %}{% endif %}<|im_end|> {% endfor %}"
           "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
 QWEN_SPECIAL = ("<pad>", "<unk>", "<s>", "<|im_end|>", "<|im_start|>", "<|vision_start|>", "<|vision_end|>",
                 "<|image_pad|>", "<|video_pad|>")
@@ -41,6 +43,21 @@ class Family:
     kind: str          # "text" (a causal LM and its tokenizer) or "image-text" (a VLM and its processor)
     build: Callable    # (vocab_size, seed) -> (processor or tokenizer, model)
     needs: tuple[str, ...] = ()  # packages its transformers processor imports beyond transformers' own
+    video: bool = False  # built with its video processor where torchvision imports (video records)
+
+
+def can_build_video_processors() -> bool:
+    """Whether transformers' video processors can be built here (they need torchvision)."""
+    from transformers.utils import is_torchvision_available
+    return is_torchvision_available()
+
+
+def with_video(processor_class, video_processor: Callable, **kwargs):
+    """processor_class(**kwargs) with its video processor (video_processor(), built only where torchvision imports),
+    else the image-only processor (without_video)."""
+    if can_build_video_processors():
+        return processor_class(video_processor=video_processor(), **kwargs)
+    return without_video(processor_class)(**kwargs)
 
 
 def without_video(processor_class):
@@ -110,7 +127,10 @@ def _qwen_vl(generation):
         images = tf.Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=56 * 56, patch_size=14, merge_size=2,
                                              temporal_patch_size=2)
         processor_class = {"2": tf.Qwen2VLProcessor, "2.5": tf.Qwen2_5_VLProcessor}[generation]
-        processor = without_video(processor_class)(image_processor=images, tokenizer=tokenizer, chat_template=CHATML)
+        video = lambda: tf.Qwen2VLVideoProcessor(  # noqa: E731  (the image processor's patching, 2 frames a patch)
+            min_pixels=56 * 56, max_pixels=56 * 56, patch_size=14, merge_size=2, temporal_patch_size=2)
+        processor = with_video(processor_class, video, image_processor=images, tokenizer=tokenizer,
+                               chat_template=CHATML)
         text = dict(TEXT, **_ids(tokenizer, vocab_size), rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})
         vision = dict(depth=2, hidden_size=64, num_heads=4, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
                       in_channels=3)
@@ -187,9 +207,11 @@ def _llava_onevision(vocab_size=None, seed=0):
     tokenizer = _tokenizer(QWEN_SPECIAL + ("<image>", "<video>"), "<|im_end|>",
                            {"image_token": "<image>", "video_token": "<video>"})
     images = tf.LlavaOnevisionImageProcessorPil(size={"height": 32, "width": 32}, image_grid_pinpoints=PINPOINTS)
-    processor = without_video(tf.LlavaOnevisionProcessor)(
+    processor = with_video(
+        tf.LlavaOnevisionProcessor, lambda: tf.LlavaOnevisionVideoProcessor(size={"height": 32, "width": 32}),
         image_processor=images, tokenizer=tokenizer, num_image_tokens=16, vision_feature_select_strategy="full",
-        chat_template=CHATML.replace("<|vision_start|> <|image_pad|> <|vision_end|> ", "<image> "),
+        chat_template=CHATML.replace("<|vision_start|> <|image_pad|> <|vision_end|> ", "<image> ").replace(
+            "<|vision_start|> <|video_pad|> <|vision_end|> ", "<video> "),
         image_token="<image>", video_token="<video>", vision_aspect_ratio="anyres_max_9")
     config = tf.LlavaOnevisionConfig(
         text_config=dict(TEXT, **_ids(tokenizer, vocab_size), model_type="qwen2"), vision_config=SIGLIP,
@@ -313,9 +335,12 @@ def _internvl(vocab_size=None, seed=0):
                             "context_image_token": "<IMG_CONTEXT>", "video_token": "<|video_pad|>"})
     images = tf.GotOcr2ImageProcessorPil(size={"height": 16, "width": 16}, crop_to_patches=True, min_patches=1,
                                          max_patches=12)
-    processor = without_video(tf.InternVLProcessor)(
+    # a video: its frames as one tile each, "Frame1: <img> ... </img>" and so on (the processor writes them)
+    processor = with_video(
+        tf.InternVLProcessor, lambda: tf.InternVLVideoProcessor(size={"height": 16, "width": 16}),
         image_processor=images, tokenizer=tokenizer, image_seq_length=1,
-        chat_template=CHATML.replace("<|vision_start|> <|image_pad|> <|vision_end|> ", "<IMG_CONTEXT> "))
+        chat_template=CHATML.replace("<|vision_start|> <|image_pad|> <|vision_end|> ", "<IMG_CONTEXT> ").replace(
+            "<|vision_start|> <|video_pad|> <|vision_end|> ", "<|video_pad|> "))
     vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                   image_size=[16, 16], patch_size=[8, 8])
     config = tf.InternVLConfig(text_config=dict(TEXT, **_ids(tokenizer, vocab_size), model_type="qwen2"),
@@ -336,16 +361,16 @@ FAMILIES = {f.name: f for f in (
     _text_family("granite", "GraniteConfig", "GraniteForCausalLM", logits_scaling=8.0),
     Family("llava", "LlavaForConditionalGeneration", "image-text", _llava),
     Family("llava-next", "LlavaNextForConditionalGeneration", "image-text", _llava_next),
-    Family("llava-onevision", "LlavaOnevisionForConditionalGeneration", "image-text", _llava_onevision),
-    Family("qwen2-vl", "Qwen2VLForConditionalGeneration", "image-text", _qwen_vl("2")),
-    Family("qwen2.5-vl", "Qwen2_5_VLForConditionalGeneration", "image-text", _qwen_vl("2.5")),
+    Family("llava-onevision", "LlavaOnevisionForConditionalGeneration", "image-text", _llava_onevision, video=True),
+    Family("qwen2-vl", "Qwen2VLForConditionalGeneration", "image-text", _qwen_vl("2"), video=True),
+    Family("qwen2.5-vl", "Qwen2_5_VLForConditionalGeneration", "image-text", _qwen_vl("2.5"), video=True),
     Family("qwen3-vl", "Qwen3VLForConditionalGeneration", "image-text", _qwen3_vl),
     Family("idefics3", "Idefics3ForConditionalGeneration", "image-text", _idefics(smol=False)),
     Family("smolvlm", "SmolVLMForConditionalGeneration", "image-text", _idefics(smol=True), needs=("num2words",)),
     Family("paligemma", "PaliGemmaForConditionalGeneration", "image-text", _paligemma),
     Family("gemma3", "Gemma3ForConditionalGeneration", "image-text", _gemma3),
     Family("mllama", "MllamaForConditionalGeneration", "image-text", _mllama),
-    Family("internvl", "InternVLForConditionalGeneration", "image-text", _internvl),
+    Family("internvl", "InternVLForConditionalGeneration", "image-text", _internvl, video=True),
 )}
 
 

@@ -47,6 +47,8 @@ class RunConfig:
     save_every: int = option(50, "steps between checkpoints", interval="[1, inf)")
     seed: int = option(0, "model init, data order, split (and sampling)")
     skip_bad: bool = option(False, "skip (and count) malformed records instead of failing")
+    video_frames: int = option(8, "frames sampled uniformly from each video record's clip (the family's video "
+                               "processor takes them)", interval="[1, inf)")
     resume: bool = option(False, "continue from output-dir/checkpoint.pt (with the flags of the run it holds: one "
                           "that changes what the run computes is refused; --max-steps, --save-every, --eval-every "
                           "and the like may change)")

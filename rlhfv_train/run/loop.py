@@ -100,7 +100,8 @@ def start(cfg: RunConfig, *, sft_collate: Callable, sft_batch_size: int,
 
     records, train_idx, eval_idx, data_path = load_run_records(
         cfg.data, eval_data=cfg.eval_data, eval_fraction=cfg.eval_fraction, seed=cfg.seed, skip_bad=cfg.skip_bad,
-        output_dir=cfg.output_dir, synthetic_examples=cfg.synthetic_examples, dist=dist, progress=cfg.progress)
+        output_dir=cfg.output_dir, synthetic_examples=cfg.synthetic_examples, dist=dist, progress=cfg.progress,
+        video_frames=cfg.video_frames)
     if check_records is not None:
         check_records(records, train_idx)
     processor, model = load_processor_and_model(cfg.model, cfg.seed)

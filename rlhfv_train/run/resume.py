@@ -23,7 +23,8 @@ MAY_CHANGE = ("max_steps", "save_every", "eval_every", "device", "backend", "ski
 NOT_COMPARED = ("resume", "overwrite", "output_dir", "progress")  # how this command runs, not what the run is
 # what shapes the SFT stage (and the data it sees): compared with sft.pt's config when no checkpoint exists yet
 SFT_FIELDS = ("data", "eval_data", "eval_fraction", "seed", "model", "init_weights", "sft_steps", "sft_lr",
-              "max_grad_norm", "skip_bad", "synthetic_examples", "chat_template", "batch_size", "sft_batch_size")
+              "max_grad_norm", "skip_bad", "synthetic_examples", "chat_template", "batch_size", "sft_batch_size",
+              "video_frames")
 
 
 def check_folder(cfg) -> None:

@@ -77,7 +77,7 @@ def test_right_padding_is_asked_of_the_call(records):
 
 def test_a_text_only_model_refuses_image_records(records):
     tokenizer, _ = build_family("llama")
-    with pytest.raises(ValueError, match=r"jsonl:1: a record with images, for a model without an image processor"):
+    with pytest.raises(ValueError, match=r"jsonl:1: a record with images or a video, for a model without an image processor"):
         PairCollator(tokenizer, gamma=5.0)(list(enumerate(records[:2])))
 
 

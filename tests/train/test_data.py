@@ -216,12 +216,56 @@ def test_held_out_records_of_another_kind_join_the_run(folder):
     assert [len(records[i].images) for i in train_idx + eval_idx] == [1, 1, 0]
 
 
-def test_a_video_record_is_refused_by_name_not_read_as_text(folder):
-    """MM-RLHF's video subset ({"video": ...}): without the refusal it would train as a text-only record."""
-    path = write_jsonl(folder / "d.jsonl", [{"video": "clip.mp4", "question": "q", "chosen": "c", "rejected": "r"}])
-    with pytest.raises(DataError, match=r"d.jsonl:1: field 'video': video records are not supported.*torchvision"):
-        load_records(path)
-    records, report = load_records(write_jsonl(folder / "e.jsonl", [good(0), {"videos": ["a.mp4"], "question": "q",
-                                                                             "chosen": "c", "rejected": "r"}]),
+def test_video_records_load_and_bad_ones_are_refused_by_name(folder):
+    """MM-RLHF's video subset ({"video": path}, or "videos": [path]): the clip is checked on load (the frames the
+    prompt will show decode) and sampled to video_frames; a missing, undecodable or second clip, a video given as
+    bytes and a bad frame count are refused by name (a video field read as a text-only record would train without
+    it, silently)."""
+    pytest.importorskip("av")
+    from rlhfv_train.data import open_video, synthetic
+    synthetic.write_video(str(folder / "clip.mp4"), [("red", "circle", "left")], 5)
+    text = {"question": "q", "chosen": "c", "rejected": "r"}
+    path = write_jsonl(folder / "d.jsonl", [{"video": "clip.mp4", **text}, {"videos": ["clip.mp4"], **good(0)}])
+    records, _ = load_records(path, video_frames=3)
+    assert [r.video for r in records] == [str(folder / "clip.mp4")] * 2 and len(records[1].images) == 1
+    assert open_video(records[0]).shape == (3, 32, 32, 3)
+    (folder / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 64)
+    bad = [({"video": "gone.mp4"}, r"d.jsonl:1: video file not found: .*gone.mp4"),
+           ({"video": "broken.mp4"}, r"d.jsonl:1: cannot decode the video .*broken.mp4"),
+           ({"videos": ["clip.mp4", "clip.mp4"]}, r"d.jsonl:1: field 'videos' holds 2 videos; a record shows one"),
+           ({"video": "clip.mp4", "videos": ["clip.mp4"]}, r"both 'video' and 'videos'"),
+           ({"video": {"bytes": "AAAA"}}, r"field 'video' must be the path of a video file, got dict")]
+    for fields, message in bad:
+        with pytest.raises(DataError, match=message):
+            load_records(write_jsonl(folder / "d.jsonl", [{**fields, **text}]))
+    with pytest.raises(ValueError, match="video_frames must be an integer >= 1, got 0"):
+        load_records(path, video_frames=0)
+    records, report = load_records(write_jsonl(folder / "e.jsonl", [good(0), {"video": "broken.mp4", **text}]),
                                    skip_bad=True)
-    assert len(records) == 1 and report.kinds == {"video record": 1}
+    assert len(records) == 1 and report.kinds == {"undecodable video": 1}
+
+
+def test_a_video_record_for_a_processor_without_video_is_refused_by_name(folder):
+    """A family whose processor has no video processor (here: torchvision does not import, or the family takes no
+    video) refuses a video record at its first batch, naming the processor; a text-only model names the record."""
+    pytest.importorskip("av")
+    from rlhfv_train.data import PairCollator, synthetic
+    from rlhfv_train.models.families import build_family
+    synthetic.write_video(str(folder / "clip.mp4"), [("red", "circle", "left")], 5)
+    records, _ = load_records(write_jsonl(folder / "d.jsonl", [{"video": "clip.mp4", "question": "what do you see ?",
+                                                                "chosen": "a red circle", "rejected": "a circle"}]))
+    processor, _ = build_family("paligemma" if _torchvision_imports() else "qwen2-vl")
+    with pytest.raises(ValueError, match=f"a video record, for a processor without a video processor "
+                                         f"\\({type(processor).__name__}\\)"):
+        PairCollator(processor, gamma=5.0)([(0, records[0])])
+    tokenizer, _ = build_family("qwen2")
+    with pytest.raises(ValueError, match=r"d.jsonl:1: a record with images or a video, for a model without an image"):
+        PairCollator(tokenizer, gamma=5.0)([(0, records[0])])
+
+
+def _torchvision_imports() -> bool:
+    try:
+        import torchvision  # noqa: F401
+    except Exception:  # PyPI's torchvision beside the CPU wheel raises RuntimeError
+        return False
+    return True

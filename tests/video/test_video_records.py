@@ -1,0 +1,147 @@
+"""Video records through the families' own video processors (transformers' video processors need torchvision: this
+file runs in the environment scripts/video_env.sh builds, driven by tests/video/test_video_env.py; it skips where
+torchvision does not import). Clips are synthetic scenes written as MPEG-4 files and decoded with PyAV
+(records.open_video). Each sequence keeps its own video rows beside image, video-and-image and text-only records
+(a selection's logits are the full batch's rows; packed logits are the padded ones), and both trainers give the same
+losses and gradient norms on the logits route, --fused-linear and --packing."""
+import json
+import random
+
+import pytest
+import torch
+
+from rlhfv_train.data import PairCollator, PreferenceRecord, load_records, open_video, synthetic
+from rlhfv_train.data.inputs import ROW_COUNTS
+from rlhfv_train.models.families import FAMILIES, build_family, selection_error
+from rlhfv_train.models.packing import check_packing, known_unsupported
+
+pytest.importorskip("torchvision")
+pytest.importorskip("av")
+
+VIDEO_FAMILIES = [name for name, family in FAMILIES.items() if family.video]
+# per record: (frames in the clip or None, images); 11 frames sampled to 8 and 3 frames repeated up to 8
+LAYOUT = [(11, 0), (None, 1), (3, 1), (None, 0), (11, 2)]
+
+
+def clip(folder, name, frames, seed):
+    example = synthetic.make_example(random.Random(seed))
+    return synthetic.write_video(str(folder / name), example["objects"], frames, seed=seed), example
+
+
+def write_records(folder, layout):
+    """A JSONL file in our layout with one record per (frames, images) entry of `layout`."""
+    rows = []
+    for i, (frames, images) in enumerate(layout):
+        rng = random.Random(i)
+        example = synthetic.make_example(rng)
+        row = dict(question=example["question"], chosen=example["chosen"], rejected=example["rejected"],
+                   objects=example["objects"])
+        if frames is not None:
+            row["video"] = clip(folder, f"clip{i}.mp4", frames, i)[0]
+        names = []
+        for j in range(images):
+            names.append(f"{i}-{j}.png")
+            synthetic.draw(example["objects"], rng=rng).resize(((32, 32), (64, 32))[j]).save(folder / names[-1])
+        if names:
+            row["image"] = names
+        rows.append(row)
+    path = folder / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_frames_are_sampled_uniformly_over_the_clip(tmp_path):
+    """8 frames of an 11-frame clip at indices round(linspace(0, 10, 8)); a 3-frame clip repeats its frames."""
+    import av
+    records, _ = load_records(write_records(tmp_path, [(11, 0), (3, 0)]))
+    with av.open(records[0].video) as container:
+        every = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(every) == 11
+    got = open_video(records[0])
+    for k, index in enumerate([0, 1, 3, 4, 6, 7, 9, 10]):
+        assert (got[k] == every[index]).all()
+    short = open_video(records[1])
+    assert short.shape[0] == 8 and (short[0] == short[1]).all() and not (short[0] == short[-1]).all()
+
+
+@pytest.mark.parametrize("name", VIDEO_FAMILIES)
+def test_each_sequence_keeps_its_own_video_rows(name, tmp_path):
+    """Video, image, video-and-image and text-only records in one batch: cutting the batch (to imageless and
+    video-only sequences too) keeps each sequence's logits; packing gives the padded logits."""
+    processor, model = build_family(name)
+    assert processor.video_processor is not None
+    records, _ = load_records(write_records(tmp_path, LAYOUT))
+    batch = PairCollator(processor, gamma=5.0)(list(enumerate(records)))
+    inputs = batch.model_inputs()
+    assert any("video" in k for k in inputs) or name == "internvl"  # InternVL joins the frames to pixel_values
+    for rows in ([0, 7], [3], [8, 2], [5, 4, 1], [9, 0, 6]):
+        assert selection_error(model, inputs, rows) < 1e-4, rows
+    if known_unsupported(model.config.model_type) is None:
+        assert check_packing(model, inputs) < 1e-3
+    if name == "internvl":  # frames are one tile each: 8 of the 16-pixel tiles per clip, beside the images' tiles
+        counts = inputs[ROW_COUNTS.format("pixel_values")].tolist()
+        alone = PairCollator(processor, gamma=5.0)([(0, records[0])]).inputs
+        assert alone["pixel_values"].shape[0] == 16 and counts[0] == 8
+
+
+def test_a_video_changes_the_scores():
+    """The frames reach the model: the same record with another clip scores differently (a dropped video would not)."""
+    processor, model = build_family("qwen2-vl")
+    base = PreferenceRecord(question="what do you see ?", chosen="a red circle", rejected="a blue circle")
+    logits = []
+    for value in (0, 255):
+        frames = torch.full((8, 32, 32, 3), value, dtype=torch.uint8).numpy()
+        batch = PairCollator(processor, gamma=5.0)
+        batch_inputs = None
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr("rlhfv_train.data.collate.open_video", lambda record: frames)
+            record = PreferenceRecord(**{**base.__dict__, "video": "unused.mp4"})
+            batch_inputs = batch([(0, record)]).model_inputs()
+        with torch.no_grad():
+            logits.append(model(**{k: v for k, v in batch_inputs.items() if ":" not in k}).logits)
+    assert (logits[0] - logits[1]).abs().max() > 1e-3
+
+
+def _step_rows(output_dir):
+    with open(f"{output_dir}/metrics.jsonl") as f:
+        return [row for row in map(json.loads, f) if row["step"] > 0]
+
+
+@pytest.mark.parametrize("name", ["internvl", "qwen2-vl"])
+def test_ddpo_and_grpo_train_on_video_records(name, tmp_path):
+    """DDPO and GRPO on video, image and text-only records: the logits route, --fused-linear and --packing give the
+    same losses and gradient norms (each sequence scored with its own frames: a mis-split changes them)."""
+    from rlhfv_train.ddpo import TrainConfig, train
+    from rlhfv_train.grpo import GRPOConfig, train_grpo
+    data = write_records(tmp_path, LAYOUT * 2)
+    processor, model = build_family(name, seed=1)
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    model = str(tmp_path / "model")
+    runs = {}
+    for route in ("logits", "fused-linear", "packing"):
+        out = tmp_path / route
+        train(TrainConfig(data=data, model=model, output_dir=str(out), max_steps=3, batch_size=3, eval_fraction=0.2,
+                          eval_every=3, save_every=3, sft_steps=1, fused_linear=route == "fused-linear",
+                          packing=route == "packing", max_tokens_per_row=256 if route == "packing" else None,
+                          hallucination_eval=False, progress=False, device="cpu", lr=1e-3))
+        runs[route] = _step_rows(out)
+    assert len(runs["logits"]) == 3
+    for route in ("fused-linear", "packing"):
+        for expected, got in zip(runs["logits"], runs[route]):
+            assert got["loss"] == pytest.approx(expected["loss"], abs=1e-5), route
+            assert got["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-4), route
+    grpo = {}
+    for route in ("logits", "fused-linear", "packing"):
+        out = tmp_path / f"grpo-{route}"
+        train_grpo(GRPOConfig(data=data, model=model, judge="scene", output_dir=str(out), max_steps=2,
+                              num_generations=2, prompts_per_step=3, max_new_tokens=5, micro_batch=4,
+                              fused_linear=route == "fused-linear", packing=route == "packing", eval_fraction=0.2,
+                              eval_every=2, save_every=2, eval_max_new_tokens=3, sft_steps=0, progress=False,
+                              device="cpu", lr=1e-3))
+        grpo[route] = _step_rows(out)
+    assert len(grpo["logits"]) == 2
+    for route in ("fused-linear", "packing"):
+        for expected, got in zip(grpo["logits"], grpo[route]):
+            assert got["loss"] == pytest.approx(expected["loss"], abs=1e-5), route
+            assert got["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-4), route
