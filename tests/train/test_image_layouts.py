@@ -14,6 +14,7 @@ from rlhfv_train.data import (PairCollator, PreferenceRecord, concat_rows, open_
 from rlhfv_train.data.inputs import ROW_COUNTS, model_kwargs, with_row_counts
 from rlhfv_train.models.families import FAMILIES, build_family, selection_error
 from rlhfv_train.models.packing import check_packing, known_unsupported
+from routes import assert_routes_agree
 
 pytest.importorskip("PIL")
 
@@ -170,49 +171,17 @@ def several_images_data(tmp_path_factory):
     return data
 
 
-def _step_rows(output_dir):
-    import json
-    with open(f"{output_dir}/metrics.jsonl") as f:
-        return [row for row in map(json.loads, f) if row["step"] > 0]
-
-
 @pytest.mark.parametrize("name", ["internvl", "llava-onevision"])
 def test_ddpo_and_grpo_train_on_several_images_per_record(name, several_images_data, tmp_path):
     """Batches whose records have 1 to 3 images of different sizes (InternVL: 1 to 30 tiles per sequence; LLaVA-
-    OneVision: a row per image with its size) or none (text-only records beside them): the logits route, --fused-linear
-    and --packing give the same losses and gradient norms (each sequence scored with its own images: a mis-split changes them); GRPO's groups carry their
-    prompt's images k times: the same on both routes and packed."""
-    from rlhfv_train.ddpo import TrainConfig, train
-    from rlhfv_train.grpo import GRPOConfig, train_grpo
+    OneVision: a row per image with its size) or none (text-only records beside them): the logits route,
+    --fused-linear and --packing give the same losses and gradient norms; GRPO's groups carry their prompt's images k
+    times: the same on both routes and packed (tests/routes.py)."""
     processor, model = build_family(name, seed=1)
     model.save_pretrained(tmp_path / "model")
     processor.save_pretrained(tmp_path / "model")
-    model, data = str(tmp_path / "model"), several_images_data
-    runs = {}
-    for route in ("logits", "fused-linear", "packing"):
-        out = tmp_path / route
-        train(TrainConfig(data=data, model=model, output_dir=str(out), max_steps=3, batch_size=3, eval_fraction=0.25,
-                          eval_every=3, save_every=3, sft_steps=1, fused_linear=route == "fused-linear",
-                          packing=route == "packing", max_tokens_per_row=128 if route == "packing" else None,
-                          hallucination_eval=False, progress=False, device="cpu", lr=1e-3))
-        runs[route] = _step_rows(out)
-    for route in ("fused-linear", "packing"):
-        for expected, got in zip(runs["logits"], runs[route]):
-            assert got["loss"] == pytest.approx(expected["loss"], abs=1e-5), route
-            assert got["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-4), route
-    grpo = {}
-    for route in ("logits", "fused-linear", "packing"):
-        out = tmp_path / f"grpo-{route}"
-        train_grpo(GRPOConfig(data=data, model=model, judge="scene", output_dir=str(out), max_steps=2,
-                              num_generations=2, prompts_per_step=3, max_new_tokens=5, micro_batch=4,
-                              fused_linear=route == "fused-linear", packing=route == "packing", eval_fraction=0.25,
-                              eval_every=2, save_every=2, eval_max_new_tokens=3, sft_steps=0, progress=False,
-                              device="cpu", lr=1e-3))
-        grpo[route] = _step_rows(out)
-    for route in ("fused-linear", "packing"):
-        for expected, got in zip(grpo["logits"], grpo[route]):
-            assert got["loss"] == pytest.approx(expected["loss"], abs=1e-5), route
-            assert got["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-4), route
+    assert_routes_agree(several_images_data, str(tmp_path / "model"), tmp_path, eval_fraction=0.25,
+                        max_tokens_per_row=128)
 
 
 def test_a_mixed_batch_from_another_collator_is_split_by_its_placeholders():

@@ -14,6 +14,7 @@ from rlhfv_train.data import PairCollator, PreferenceRecord, load_records, open_
 from rlhfv_train.data.inputs import ROW_COUNTS
 from rlhfv_train.models.families import FAMILIES, build_family, selection_error
 from rlhfv_train.models.packing import check_packing, known_unsupported
+from routes import assert_routes_agree
 
 pytest.importorskip("torchvision")
 pytest.importorskip("av")
@@ -102,46 +103,12 @@ def test_a_video_changes_the_scores():
     assert (logits[0] - logits[1]).abs().max() > 1e-3
 
 
-def _step_rows(output_dir):
-    with open(f"{output_dir}/metrics.jsonl") as f:
-        return [row for row in map(json.loads, f) if row["step"] > 0]
-
-
 @pytest.mark.parametrize("name", ["internvl", "qwen2-vl"])
 def test_ddpo_and_grpo_train_on_video_records(name, tmp_path):
-    """DDPO and GRPO on video, image and text-only records: the logits route, --fused-linear and --packing give the
-    same losses and gradient norms (each sequence scored with its own frames: a mis-split changes them)."""
-    from rlhfv_train.ddpo import TrainConfig, train
-    from rlhfv_train.grpo import GRPOConfig, train_grpo
+    """DDPO and GRPO on video, image, video-and-image and text-only records: the logits route, --fused-linear and
+    --packing give the same losses and gradient norms (tests/routes.py)."""
     data = write_records(tmp_path, LAYOUT * 2)
     processor, model = build_family(name, seed=1)
     model.save_pretrained(tmp_path / "model")
     processor.save_pretrained(tmp_path / "model")
-    model = str(tmp_path / "model")
-    runs = {}
-    for route in ("logits", "fused-linear", "packing"):
-        out = tmp_path / route
-        train(TrainConfig(data=data, model=model, output_dir=str(out), max_steps=3, batch_size=3, eval_fraction=0.2,
-                          eval_every=3, save_every=3, sft_steps=1, fused_linear=route == "fused-linear",
-                          packing=route == "packing", max_tokens_per_row=256 if route == "packing" else None,
-                          hallucination_eval=False, progress=False, device="cpu", lr=1e-3))
-        runs[route] = _step_rows(out)
-    assert len(runs["logits"]) == 3
-    for route in ("fused-linear", "packing"):
-        for expected, got in zip(runs["logits"], runs[route]):
-            assert got["loss"] == pytest.approx(expected["loss"], abs=1e-5), route
-            assert got["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-4), route
-    grpo = {}
-    for route in ("logits", "fused-linear", "packing"):
-        out = tmp_path / f"grpo-{route}"
-        train_grpo(GRPOConfig(data=data, model=model, judge="scene", output_dir=str(out), max_steps=2,
-                              num_generations=2, prompts_per_step=3, max_new_tokens=5, micro_batch=4,
-                              fused_linear=route == "fused-linear", packing=route == "packing", eval_fraction=0.2,
-                              eval_every=2, save_every=2, eval_max_new_tokens=3, sft_steps=0, progress=False,
-                              device="cpu", lr=1e-3))
-        grpo[route] = _step_rows(out)
-    assert len(grpo["logits"]) == 2
-    for route in ("fused-linear", "packing"):
-        for expected, got in zip(grpo["logits"], grpo[route]):
-            assert got["loss"] == pytest.approx(expected["loss"], abs=1e-5), route
-            assert got["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-4), route
+    assert_routes_agree(data, str(tmp_path / "model"), tmp_path, eval_fraction=0.2, max_tokens_per_row=256)
