@@ -8,6 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ENV=.venv/video
+exec 9>".venv/video.lock" && flock 9  # one build at a time (test workers, a background prefetch)
 STAMP=$ENV/.complete
 TRANSFORMERS=$(.venv/bin/python -c 'import transformers; print(transformers.__version__)')
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$TRANSFORMERS" ]; then
@@ -22,7 +23,7 @@ rm -rf "$ENV"
 PYTHON=${PYTHON:-python3}
 "$PYTHON" -m venv "$ENV"
 echo "video_env: installing $PAIR, transformers==$TRANSFORMERS and PyAV into $ENV"
-"$ENV/bin/python" -m pip install -q --disable-pip-version-check $PAIR "transformers==$TRANSFORMERS" pillow av numpy \
+"$ENV/bin/python" -m pip install -q --disable-pip-version-check --no-compile $PAIR "transformers==$TRANSFORMERS" pillow av numpy num2words \
   pytest tqdm 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
 "$ENV/bin/python" -c "import torch, torchvision, av, transformers.video_utils" \
   || { echo "video_env: the environment does not import torchvision" >&2; exit 1; }

@@ -75,11 +75,16 @@ def takes_suffix(processor) -> bool:
     return text_kwargs is not None and "suffix" in typing.get_type_hints(text_kwargs)
 
 
+# processors that mishandle a batch showing both videos and images (seen with transformers 5.25): refused by name
+VIDEO_WITH_IMAGES_FAILS = {"SmolVLMProcessor": "drops every image's pixel rows from a batch that shows a video (the "
+                                               "images' tokens stay: the model then fails on the count)"}
+
+
 def encode(processor, texts: list[str], images, *, padding_side: str, suffix: list[str] | None = None,
            videos: list | None = None) -> dict:
     """The processor's (or, without images, the tokenizer's) output for `texts`, padded on `padding_side` by the call
     itself; images: one list per sequence (in the prompt's order, empty for a text-only one); videos: one per
-    sequence (its frames, records.open_video, or None); suffix: the answers of a prefix-LM processor
+    sequence (its records.VideoClip, or None); suffix: the answers of a prefix-LM processor
     (takes_suffix). Labels the processor may build are dropped: given labels, a model computes its own N x V
     cross-entropy. Image and video tensors whose rows are not one per sequence (a row per image, InternVL's tiles,
     Qwen-VL's patches) come with their rows per sequence (inputs.with_row_counts); pass the batch to a model through
@@ -91,12 +96,18 @@ def encode(processor, texts: list[str], images, *, padding_side: str, suffix: li
         raise ValueError(f"a video record, for a processor without a video processor ({type(processor).__name__}): "
                          "the model family takes no video, or transformers could not build its video processor "
                          "(they need torchvision, which must import beside this torch)")
+    limit = next((why for cls, why in VIDEO_WITH_IMAGES_FAILS.items()
+                  if any(c.__name__ == cls for c in type(processor).__mro__)), None)
+    if limit and shown_videos and images is not None and any(images):
+        raise ValueError(f"a batch with videos and images, for {type(processor).__name__}, which {limit}; train this "
+                         "family on video records and image records in separate runs")
     tokenizer.padding_side = padding_side  # processors that ignore the call's padding_side still follow the tokenizer
     try:
         if images is not None or shown_videos:
             extra = {} if suffix is None else {"suffix": suffix}
-            if shown_videos:
-                extra["videos"] = shown_videos
+            if shown_videos:  # already sampled (records.open_video): a processor that samples by fps would again
+                extra.update(videos=[clip.frames for clip in shown_videos], do_sample_frames=False,
+                             video_metadata=[clip.metadata for clip in shown_videos])
             given = images if images is not None and any(images) else None
             out = processor(images=given, text=texts, return_tensors="pt", padding=True, padding_side=padding_side,
                             **extra)
@@ -113,7 +124,7 @@ def encode(processor, texts: list[str], images, *, padding_side: str, suffix: li
 
 def open_media(records, has_images: bool) -> tuple[list[list], list]:
     """(images, videos) of `records` as encode takes them: each record's images (records.open_images) and video
-    frames (records.open_video, or None); none at all for a model without an image processor."""
+    (records.open_video, or None); none at all for a model without an image processor."""
     if not has_images:
         return [[] for _ in records], [None] * len(records)
     return [open_images(r) for r in records], [open_video(r) for r in records]

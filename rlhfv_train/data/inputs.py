@@ -68,7 +68,15 @@ def with_row_counts(inputs: dict, placeholders, images_per_sequence: list[int] |
     mixed_without_counts = images_per_sequence is None and _some_without_images(inputs, placeholders)
     aligned = set(token_aligned(inputs))
     batch_major = set(BATCH_MAJOR) if any(marker in inputs for marker in BATCH_MAJOR[1:]) else set()
+    shows = None  # which sequences show an image or a video, when the counts are known
+    if images_per_sequence is not None or videos_per_sequence is not None:
+        shows = [int(bool(i) or bool(v)) for i, v in zip(images_per_sequence or [0] * sequences,
+                                                          videos_per_sequence or [0] * sequences)]
     for name, value in inputs.items():
+        if name in batch_major and value.dim() and value.shape[0] != sequences and shows is not None \
+                and value.shape[0] == sum(shows):  # SmolVLM with videos: rows only for the sequences that show any
+            out[ROW_COUNTS.format(name)] = torch.tensor(shows, dtype=torch.long)
+            continue
         if name in aligned or name in batch_major or name in PACKED.values() or _is_row_counts(name) or not value.dim():
             continue
         rows, grid_name = value.shape[0], PACKED.get(name)

@@ -25,6 +25,7 @@ import io
 import os
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from .formats import LayoutError, canonical, encoded_image, rows
 
@@ -261,10 +262,17 @@ def _open_image(encoded, source: str, check_only: bool):
         raise DataError(f"{source}: cannot decode the image ({exc})", kind="undecodable image") from None
 
 
-def open_video(record: PreferenceRecord, check_only: bool = False):
-    """The record's video as record.video_frames RGB frames [frames, H, W, 3] (uint8), sampled uniformly over the
-    clip (None for a record without one); check_only: only check that those frames decode (PyAV decodes the clip up
-    to the last of them either way). Decoded with PyAV (the `av` package) through transformers' load_video."""
+class VideoClip(NamedTuple):
+    """A record's video as the processor takes it."""
+    frames: object    # [frames, H, W, 3] uint8 RGB (numpy)
+    metadata: object  # transformers' VideoMetadata: the clip's fps and length, the sampled frame indices
+
+
+def open_video(record: PreferenceRecord, check_only: bool = False) -> VideoClip | None:
+    """The record's video as record.video_frames RGB frames sampled uniformly over the clip, with the clip's metadata
+    (timestamps: Qwen3-VL writes each frame's time into the prompt), or None for a record without one; check_only:
+    only check that those frames decode (PyAV decodes the clip up to the last of them either way). Decoded with PyAV
+    (the `av` package) through transformers' load_video."""
     if record.video is None:
         return None
     try:
@@ -285,7 +293,7 @@ def open_video(record: PreferenceRecord, check_only: bool = False):
         return np.unique(sampled["at"])
 
     try:
-        frames, _ = load_video(record.video, backend="pyav", sample_indices_fn=unique_uniform)
+        frames, metadata = load_video(record.video, backend="pyav", sample_indices_fn=unique_uniform)
     except DataError:
         raise
     except Exception as exc:  # PyAV's own errors (av.error.InvalidDataError, ...), an empty decode
@@ -297,4 +305,5 @@ def open_video(record: PreferenceRecord, check_only: bool = False):
     if len(frames) != len(unique):
         raise DataError(f"{record.source}: the video {record.video} gave {len(frames)} of the {len(unique)} frames "
                         "its container announces", kind="undecodable video")
-    return frames[np.searchsorted(unique, sampled["at"])]
+    metadata.frames_indices = sampled["at"]
+    return VideoClip(frames[np.searchsorted(unique, sampled["at"])], metadata)

@@ -7,10 +7,10 @@ real image processor (the PIL backend) and, where the family has one, a chat tem
 2 layers of width 64; `vocab_size` pads the vocabulary to a real model's (unused rows), for benchmarks.
 
 transformers' video processors need torchvision, which does not import beside PyPI's CPU-only torch wheel; where
-it imports, the families that take video records (Family.video: Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision, InternVL)
-carry their own video processor; elsewhere, and for the other families whose processors carry one (Qwen3-VL,
-SmolVLM), they are built with an image-only subclass of their processor (without_video): same class, same __call__,
-no video processor (models/loading.py loads saved ones the same way when torchvision is missing).
+it imports, the families that take video records (Family.video: Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision,
+SmolVLM, InternVL) carry their own video processor; elsewhere they are built with an image-only subclass of their
+processor (without_video): same class, same __call__, no video processor (models/loading.py loads saved ones the
+same way when torchvision is missing).
 """
 from __future__ import annotations
 
@@ -174,7 +174,10 @@ def _qwen3_vl(vocab_size=None, seed=0):
     tokenizer = _tokenizer(QWEN_SPECIAL, "<|im_end|>", QWEN_NAMED)
     images = tf.Qwen2VLImageProcessorPil(min_pixels=64 * 64, max_pixels=64 * 64, patch_size=16, merge_size=2,
                                          temporal_patch_size=2)
-    processor = without_video(tf.Qwen3VLProcessor)(image_processor=images, tokenizer=tokenizer, chat_template=CHATML)
+    video = lambda: tf.Qwen3VLVideoProcessor(  # noqa: E731  (the image processor's pixel budget and patching)
+        size={"shortest_edge": 64 * 64, "longest_edge": 64 * 64}, patch_size=16, merge_size=2, temporal_patch_size=2)
+    processor = with_video(tf.Qwen3VLProcessor, video, image_processor=images, tokenizer=tokenizer,
+                           chat_template=CHATML)
     text = dict(TEXT, **_ids(tokenizer, vocab_size), head_dim=16,
                 rope_scaling={"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True})
     vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, patch_size=16, spatial_merge_size=2,
@@ -225,7 +228,8 @@ IDEFICS_SPECIAL = ("<pad>", "<unk>", "<s>", "<end_of_utterance>", "<fake_token_a
                    "<global-img>", "</s>")
 IDEFICS_TEMPLATE = ("{{ bos_token }} {% for m in messages %}{{ m['role'] | capitalize }}: {% if m['content'] is string "
                     "%}{{ m['content'] }} {% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image> "
-                    "{% else %}{{ c['text'] }} {% endif %}{% endfor %}{% endif %}<end_of_utterance> {% endfor %}"
+                    "{% elif c['type'] == 'video' %}<video> {% else %}{{ c['text'] }} {% endif %}{% endfor %}{% endif "
+                    "%}<end_of_utterance> {% endfor %}"
                     "{% if add_generation_prompt %}Assistant: {% endif %}")
 
 
@@ -239,10 +243,11 @@ def _idefics(smol):
                                ("User:", "Assistant:"))
         image_class = tf.SmolVLMImageProcessorPil if smol else tf.Idefics3ImageProcessorPil
         images = image_class(do_image_splitting=True, size={"longest_edge": 64}, max_image_size={"longest_edge": 32})
-        if smol:
-            processor = without_video(tf.SmolVLMProcessor)(image_processor=images, tokenizer=tokenizer,
-                                                           video_processor=None, image_seq_len=4,
-                                                           chat_template=IDEFICS_TEMPLATE)
+        if smol:  # a video: each frame one image of max_image_size, after "Frame from 00:0s:" (the processor's)
+            video = lambda: tf.SmolVLMVideoProcessor(  # noqa: E731
+                size={"longest_edge": 32}, max_image_size={"longest_edge": 32})
+            processor = with_video(tf.SmolVLMProcessor, video, image_processor=images, tokenizer=tokenizer,
+                                   image_seq_len=4, chat_template=IDEFICS_TEMPLATE)
         else:
             processor = tf.Idefics3Processor(image_processor=images, tokenizer=tokenizer, image_seq_len=4,
                                              chat_template=IDEFICS_TEMPLATE)
@@ -364,9 +369,10 @@ FAMILIES = {f.name: f for f in (
     Family("llava-onevision", "LlavaOnevisionForConditionalGeneration", "image-text", _llava_onevision, video=True),
     Family("qwen2-vl", "Qwen2VLForConditionalGeneration", "image-text", _qwen_vl("2"), video=True),
     Family("qwen2.5-vl", "Qwen2_5_VLForConditionalGeneration", "image-text", _qwen_vl("2.5"), video=True),
-    Family("qwen3-vl", "Qwen3VLForConditionalGeneration", "image-text", _qwen3_vl),
+    Family("qwen3-vl", "Qwen3VLForConditionalGeneration", "image-text", _qwen3_vl, video=True),
     Family("idefics3", "Idefics3ForConditionalGeneration", "image-text", _idefics(smol=False)),
-    Family("smolvlm", "SmolVLMForConditionalGeneration", "image-text", _idefics(smol=True), needs=("num2words",)),
+    Family("smolvlm", "SmolVLMForConditionalGeneration", "image-text", _idefics(smol=True), needs=("num2words",),
+           video=True),
     Family("paligemma", "PaliGemmaForConditionalGeneration", "image-text", _paligemma),
     Family("gemma3", "Gemma3ForConditionalGeneration", "image-text", _gemma3),
     Family("mllama", "MllamaForConditionalGeneration", "image-text", _mllama),
@@ -400,11 +406,35 @@ def _describe_transform(model) -> str:
     return ", ".join(parts) or "none"
 
 
+def tiles_per_image(processor, sizes=((32, 32), (64, 32))) -> str:
+    """What the family's image processor, at its settings, makes of one image at each of `sizes` (width, height),
+    read from its own output: tiles or crops (InternVL's num_patches with the thumbnail, LLaVA-NeXT / OneVision's
+    anyres crops with the base image, Idefics3 / SmolVLM's splits with the global image, Mllama's tiles), or
+    patches for a dynamic-resolution family (image_grid_thw, Qwen-VL); 1 where the image is resized to one input."""
+    from PIL import Image
+    counts, unit = [], "tiles"
+    for size in sizes:
+        out = processor.image_processor(images=[[Image.new("RGB", size, (200, 30, 30))]], return_tensors="pt")
+        if "num_patches" in out:
+            count = int(out["num_patches"][0])
+        elif "image_grid_thw" in out:
+            count, unit = int(out["image_grid_thw"].prod()), "patches"
+        elif "aspect_ratio_mask" in out:
+            count = int(out["aspect_ratio_mask"].sum())
+        elif out["pixel_values"].dim() == 5:
+            count = int(out["pixel_values"].shape[1])
+        else:
+            count = int(out["pixel_values"].shape[0])
+        counts.append(str(count))
+    return " → ".join(counts) + ("" if unit == "tiles" else f" {unit}")
+
+
 def supported_models_markdown() -> str:
     """docs/models.md's table: every family of FAMILIES with the model inputs its processor gives a collated
     preference batch and the logit transform the fused-linear route applies; tests/train/test_families.py runs each
     family through both trainers and the fused-linear check (the ✓ columns) and --packing (✓, or refused by
-    models/packing.check_packing, which this table runs on the batch); several images: a record with two images
+    models/packing.check_packing, which this table runs on the batch); tiles per image: tiles_per_image at 32 x 32
+    and 64 x 32 pixels (the several-images check shows each family both); several images: a record with two images
     beside one with one, each sequence's logits unchanged when the batch is cut (selection_error); text-only records
     beside: a two-image record and a text-only one in a batch, the same (the trainers on both:
     tests/train/test_image_layouts.py); tests/docs/test_readme.py keeps the docs' copy
@@ -443,8 +473,8 @@ def supported_models_markdown() -> str:
 
     lines = [f"Generated by `python -m rlhfv_train.models.families` with transformers {transformers.__version__}:", "",
              "| family | class | model inputs from the processor | logit transform | DDPO, GRPO | --fused-linear | "
-             "LoRA | --packing | several images | text-only records beside |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "LoRA | --packing | tiles per image, 32×32 → 64×32 | several images | text-only records beside |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for family in FAMILIES.values():
         processor, model = family.build()
         as_data = (lambda items: items) if family.kind == "image-text" else \
@@ -456,8 +486,9 @@ def supported_models_markdown() -> str:
             packing = "✓"
         except UnsupportedModelError:
             packing = "refused"
-        several_images = mixed_records = "—"
+        several_images = mixed_records = tiles = "—"
         if family.kind == "image-text":
+            tiles = tiles_per_image(processor)
             collate = PairCollator(processor, gamma=5.0)
             several_images = "✓" if selection_error(model, collate(several).model_inputs(), [3, 0]) < 1e-4 else "fails"
             inputs_of_mixed = collate(mixed).model_inputs()  # 2 images in 4 sequences; cut to each alone too
@@ -465,9 +496,65 @@ def supported_models_markdown() -> str:
                                        for rows in ([3, 0], [1], [2])) < 1e-4 else "fails"
         transform = _describe_transform(model)
         lines.append(f"| {family.name} | `{family.model_class}` | {inputs} | {transform} | ✓ | ✓ | ✓ | "
-                     f"{packing} | {several_images} | {mixed_records} |")
+                     f"{packing} | {tiles} | {several_images} | {mixed_records} |")
     return "\n".join(lines) + "\n"
 
 
-if __name__ == "__main__":  # python -m rlhfv_train.models.families: the table for README
-    print(supported_models_markdown(), end="")
+def video_support_markdown() -> str:
+    """docs/models.md's video table, where torchvision imports (.venv/video: scripts/video_env.sh): every image
+    family with what its processor returns for a clip and ✓ when a batch of a video record (an 11-frame clip, 8
+    frames shown), a video-and-image record and a text-only one keeps each sequence's logits when it is cut and when
+    it is packed (where the family packs); a family built without a video processor refuses video records (its
+    processor class may take one that the tiny family does not build yet, or none at all)."""
+    import random
+    import tempfile
+
+    import transformers
+
+    from ..data import PairCollator, PreferenceRecord, synthetic
+    from ..data.inputs import model_kwargs
+    from .packing import check_packing, known_unsupported
+
+    if not can_build_video_processors():
+        raise RuntimeError("the video table needs torchvision (run it in .venv/video: scripts/video_env.sh)")
+    with tempfile.TemporaryDirectory() as folder:
+        example = synthetic.make_example(random.Random(3))
+        clip = synthetic.write_video(f"{folder}/clip.mp4", example["objects"], 11)
+        image = f"{folder}/scene.png"
+        synthetic.draw(example["objects"]).save(image)
+        texts = dict(question=example["question"], chosen=example["chosen"], rejected=example["rejected"])
+        records = [(0, PreferenceRecord(**texts, video=clip)), (1, PreferenceRecord(**texts, video=clip,
+                                                                                    images=(image,))),
+                   (2, PreferenceRecord(**texts))]
+        lines = [f"Generated by `python -m rlhfv_train.models.families --video` in .venv/video with transformers "
+                 f"{transformers.__version__}:", "", "| family | video | tensors of a clip |", "|---|---|---|"]
+        for family in FAMILIES.values():
+            if family.kind != "image-text":
+                continue
+            processor, model = family.build()
+            if getattr(processor, "video_processor", None) is None:
+                takes_video = "video_processor" in inspect.signature(type(processor).__init__).parameters
+                reason = "its video processor is not wired in yet" if takes_video else "the family takes no video"
+                lines.append(f"| {family.name} | refused by name ({reason}) | — |")
+                continue
+            collate = PairCollator(processor, gamma=5.0)
+            try:
+                inputs, note, cuts = collate(records).model_inputs(), "", ([0, 5], [2], [4, 1])
+            except ValueError as exc:  # videos beside images refused (collate.VIDEO_WITH_IMAGES_FAILS)
+                if "a batch with videos and images" not in str(exc):
+                    raise
+                inputs, cuts = collate(records[::2]).model_inputs(), ([0, 3], [1], [2, 0])
+                note = " (videos and images in one batch: refused by name, its processor drops the images)"
+            alone = collate(records[:1]).model_inputs()
+            ok = max(selection_error(model, inputs, rows) for rows in cuts) < 1e-4
+            if known_unsupported(model.config.model_type) is None:
+                ok = ok and check_packing(model, inputs) < 1e-3
+            shapes = ", ".join(f"`{name}` {list(value.shape)}" for name, value in model_kwargs(alone).items()
+                               if name not in ("input_ids", "attention_mask", "mm_token_type_ids"))
+            lines.append(f"| {family.name} | {'✓' if ok else 'fails'}{note} | {shapes} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # python -m rlhfv_train.models.families [--video]: the tables of docs/models.md
+    import sys
+    print(video_support_markdown() if sys.argv[1:] == ["--video"] else supported_models_markdown(), end="")

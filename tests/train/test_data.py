@@ -228,7 +228,8 @@ def test_video_records_load_and_bad_ones_are_refused_by_name(folder):
     path = write_jsonl(folder / "d.jsonl", [{"video": "clip.mp4", **text}, {"videos": ["clip.mp4"], **good(0)}])
     records, _ = load_records(path, video_frames=3)
     assert [r.video for r in records] == [str(folder / "clip.mp4")] * 2 and len(records[1].images) == 1
-    assert open_video(records[0]).shape == (3, 32, 32, 3)
+    clip = open_video(records[0])
+    assert clip.frames.shape == (3, 32, 32, 3) and list(clip.metadata.frames_indices) == [0, 2, 4]
     (folder / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 64)
     bad = [({"video": "gone.mp4"}, r"d.jsonl:1: video file not found: .*gone.mp4"),
            ({"video": "broken.mp4"}, r"d.jsonl:1: cannot decode the video .*broken.mp4"),

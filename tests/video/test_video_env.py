@@ -23,7 +23,7 @@ def test_video_records_in_a_torchvision_environment(tmp_path):
                            text=True, timeout=1200)
     assert built.returncode == 0, f"scripts/video_env.sh failed:\n{built.stdout[-3000:]}\n{built.stderr[-3000:]}"
     with tarfile.open(tmp_path / "sources.tar", "w") as tar:  # the sources, without the compiled extension
-        for part in ("rlhfv_kernels", "rlhfv_train", "tests", "pytest.ini"):
+        for part in ("rlhfv_kernels", "rlhfv_train", "tests", "docs", "pytest.ini"):
             tar.add(os.path.join(ROOT, part), part, filter=_without_builds)
     with tarfile.open(tmp_path / "sources.tar") as tar:
         tar.extractall(tmp_path / "repo", filter="data")
