@@ -163,7 +163,7 @@ def run(args) -> dict:
     return result
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m experiments.prior_world", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pair-prob", type=float, default=World.pair_prob)
@@ -176,7 +176,11 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results/prior-world-profile-cpu.json")
     parser.add_argument("--quick", action="store_true", help="64 scenes, 20 steps, 8 probes: a pipeline check")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     if args.quick:
         args.examples, args.sft_steps, args.probes = 64, 20, 8
     result = run(args)

@@ -346,7 +346,9 @@ def test_the_grpo_docs_name_real_options():
     from experiments import grpo_sweep
     docs = pathlib.Path(__file__).resolve().parents[2] / "docs"
     sweep = (docs / "experiments.md").read_text()
-    section = (docs / "grpo.md").read_text() + sweep[sweep.index("## GRPO's group size"):]
+    start = sweep.index("## GRPO's group size")
+    end = sweep.find("\n## ", start + 1)  # the sweep's own section, not the ones after it
+    section = (docs / "grpo.md").read_text() + sweep[start:end if end != -1 else None]
     known = {option for parser in (build_parser(), grpo_sweep.build_parser()) for action in parser._actions
              for option in action.option_strings}
     named = set(re.findall(r"(?<![\w-])--[a-z][a-z-]+", section))

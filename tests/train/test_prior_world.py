@@ -45,3 +45,13 @@ def test_quick_profile_runs(tmp_path):
     out = tmp_path / "profile.json"
     assert pw.main(["--quick", "--out", str(out)]) == 0
     assert "circle named beside a square (prior)" in out.read_text()
+
+
+def test_the_docs_name_real_options():
+    import pathlib
+    import re
+    text = (pathlib.Path(__file__).resolve().parents[2] / "docs" / "experiments.md").read_text()
+    section = text[text.index("## A world with language priors"):]
+    known = {o for action in pw.build_parser()._actions for o in action.option_strings}
+    named = set(re.findall(r"(?<![\w-])--[a-z][a-z-]+", section))
+    assert named and named <= known, named - known
