@@ -290,7 +290,8 @@ def open_video(record: PreferenceRecord, check_only: bool = False) -> VideoClip 
         if total < 1:
             raise DataError(f"{record.source}: the video {record.video} has no frames", kind="undecodable video")
         sampled["at"] = np.linspace(0, total - 1, wanted).round().astype(int)
-        return np.unique(sampled["at"])
+        sampled["unique"] = np.unique(sampled["at"])
+        return sampled["unique"]
 
     try:
         frames, metadata = load_video(record.video, backend="pyav", sample_indices_fn=unique_uniform)
@@ -301,7 +302,7 @@ def open_video(record: PreferenceRecord, check_only: bool = False) -> VideoClip 
                         kind="undecodable video") from None
     if check_only:
         return None
-    unique = np.unique(sampled["at"])
+    unique = sampled["unique"]
     if len(frames) != len(unique):
         raise DataError(f"{record.source}: the video {record.video} gave {len(frames)} of the {len(unique)} frames "
                         "its container announces", kind="undecodable video")
