@@ -65,7 +65,7 @@ def scene_records(folder: str, pairs: int, family: str) -> list:
     texts alone for a text one (a text model refuses image records)."""
     import dataclasses
     from rlhfv_train.data import load_records, synthetic
-    from rlhfv_train.models.families import FAMILIES
+    from rlhfv_train.models.tiny_families import FAMILIES
     records, _ = load_records(synthetic.generate(folder, pairs, seed=0))
     return records if FAMILIES[family].kind == "image-text" else [dataclasses.replace(r, images=()) for r in records]
 
@@ -130,7 +130,7 @@ def time_and_peak(step, device, repeats: int) -> tuple[list[float], int]:
     return times, mem.peak
 
 
-def add_torchrun_arguments(parser, port: str, nproc_help: str, device_help: str) -> None:
+def add_torchrun_arguments(parser, nproc_help: str, device_help: str) -> None:
     """The options of a benchmark that launches itself under torchrun (launch_under_torchrun): processes, repeats,
     device, --json, the rendezvous port, and the workers' hidden --worker / --work."""
     import argparse
@@ -138,12 +138,12 @@ def add_torchrun_arguments(parser, port: str, nproc_help: str, device_help: str)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu", help=device_help)
     parser.add_argument("--json", metavar="PATH")
-    parser.add_argument("--port", default=port)
+    parser.add_argument("--port", help="the rendezvous port (default: a free one, torchrun --standalone)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
 
 
-def launch_under_torchrun(script: str, argv: list[str], nproc: int, port: str) -> tuple[list, dict] | int:
+def launch_under_torchrun(script: str, argv: list[str], nproc: int, port: str | None) -> tuple[list, dict] | int:
     """Runs `script --worker --work DIR argv...` under torch.distributed.run with `nproc` processes (the benchmarks
     that launch themselves: scale_out.py, vocab_parallel.py); returns (what the workers wrote with write_from_rank0,
     one entry per process; the machine load before and after), or the launch's failing exit code (its stderr
@@ -153,7 +153,8 @@ def launch_under_torchrun(script: str, argv: list[str], nproc: int, port: str) -
     load = {"before": machine_load()}
     warn_if_busy(load["before"])
     work = tempfile.mkdtemp(prefix="rlhfv-" + os.path.basename(script).removesuffix(".py") + "-")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", port,
+    rendezvous = ["--master_port", port] if port else ["--standalone"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), *rendezvous,
                os.path.abspath(script), "--worker", "--work", work, *[a for a in argv if a != "--worker"]]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     launch = subprocess.run(command, env=env, capture_output=True, text=True)

@@ -28,7 +28,7 @@ from benchmarks.harness import (PeakMemory, device_name, time_call, training_ste
                                 write_json)
 from rlhfv_train.data import synthetic  # noqa: E402
 from rlhfv_train.data import PairCollator, PreferenceRecord  # noqa: E402
-from rlhfv_train.models.families import FAMILIES, build_family  # noqa: E402
+from rlhfv_train.models.tiny_families import FAMILIES, build_family  # noqa: E402
 from rlhfv_train.models import tiny  # noqa: E402
 from rlhfv_train.models.forward import forward_logits  # noqa: E402
 from rlhfv_train.grpo.rollouts import Rollouts, micro_batch_inputs  # noqa: E402

@@ -369,45 +369,11 @@ def bandwidth_floor(inputs: dict, device, args) -> dict:
             "logits_bytes": nbytes}
 
 
-# The compute floor of a forward+backward on CPU: each logit takes an exp in the forward (the sum) and one in the
-# backward (the softmax), so a CPU that computes exps slower than it streams the logits (bf16 on few cores: 2 bytes a
-# logit) cannot reach the bandwidth floor whatever the kernel. Measured with torch's own vectorized exp over N x V
-# fp32 values held in cache (a block of EXP_BLOCK, repeated, and the remainder; less the same number of calls on one
-# value, the Python and dispatch overhead), fastest of EXP_REPEATS, times two.
-EXP_METHOD = "torch.exp over N x V fp32 values from cache, twice, less the call overhead"
-EXP_BLOCK = 1 << 18  # 1 MiB of fp32: in L2 beside the thread's share on every x86 CPU we have seen, and 500 calls
-EXP_REPEATS = 3
-
-
-def exp_floor(inputs: dict, device) -> dict | None:
-    """{"method", "exp_floor_fwd_bwd_ms"}: the time of two exps per logit at torch's vectorized speed (CPU only: a
-    GPU's exp throughput is far above its memory bandwidth's worth)."""
-    if device.type != "cpu":
-        return None
-    whole, rest = divmod(inputs["logits"].numel(), EXP_BLOCK)
-    block, one = torch.full((EXP_BLOCK,), -1.0), torch.full((1,), -1.0)
-    out, out_one = torch.empty_like(block), torch.empty_like(one)
-    # exactly N x V values: the whole blocks, then the rest (a floor must not count more exps than there are logits)
-    sizes = [EXP_BLOCK] * whole + ([rest] if rest else [])
-
-    def run(ones_only):
-        for size in sizes:
-            if ones_only:
-                torch.exp(one, out=out_one)
-            else:
-                torch.exp(block[:size], out=out[:size])
-    full = min(time_call(lambda: run(False), device, 1, EXP_REPEATS))
-    overhead = min(time_call(lambda: run(True), device, 1, EXP_REPEATS))
-    return {"method": EXP_METHOD, "exp_floor_fwd_bwd_ms": 2 * max(full - overhead, 0.0)}
-
-
 def print_table(case: Case, records: list[Record], floor: dict) -> None:
     ref = {(r.op, IMPL_TABLE[r.impl].softcap): r for r in records if IMPL_TABLE[r.impl].backend == "eager"
            and not IMPL_TABLE[r.impl].compiled}
-    exp = floor.get("exp")
     print(f"\n{case.label}  logits {floor['logits_bytes'] / 2**20:.0f} MiB, in-place bandwidth "
-          f"{floor['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, 3-pass floor {floor['floor_fwd_bwd_ms']:.2f} ms"
-          + ("" if exp is None else f", 2-exp floor {exp['exp_floor_fwd_bwd_ms']:.2f} ms"))
+          f"{floor['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, 3-pass floor {floor['floor_fwd_bwd_ms']:.2f} ms")
     header = (f"{'op':<18}{'impl':<19}{'fwd ms':>10}{'fwd+bwd ms':>12}{'spread':>8}{'peak MiB':>10}"
               f"{'speedup f+b':>13}{'mem ratio':>11}{'x floor':>9}{'grad err':>10}  !")
     print(header)
@@ -430,21 +396,13 @@ def print_table(case: Case, records: list[Record], floor: dict) -> None:
               "of this case (the machine's speed changed under it); its ratios are unreliable", file=sys.stderr)
 
 
-def times_exp_floor(record: dict, floor: dict) -> str:
-    """This row's forward+backward time over its case's 2-exp floor, "-" where there is none (CUDA, older runs)."""
-    exp = floor.get("exp")
-    if not exp or exp["exp_floor_fwd_bwd_ms"] <= 0:
-        return "-"
-    return f"{record['fwd_bwd_median_ms'] / exp['exp_floor_fwd_bwd_ms']:.2f}x"
-
-
 def print_summary(results: dict) -> None:
     """One row per (case, op): ours (the fastest and the leanest of the rlhfv impls) against the eager reference and
     against the fastest peer (torch.compile of the reference, TRL, Liger, flash-attention: whichever ran)."""
     print("\nsummary: ours vs the eager reference and the fastest peer (forward+backward; x floor: ours / the 3-pass "
-          "bandwidth floor; x exp: ours / the 2-exp compute floor, CPU)")
+          "bandwidth floor)")
     header = (f"{'case':<26}{'op':<17}{'eager ms':>9}{'ours ms':>9}{'speedup':>9}{'eager MiB':>10}{'ours MiB':>9}"
-              f"{'mem ratio':>10}  {'fastest peer':<24}{'ours vs peer':>13}{'x floor':>9}{'x exp':>8}")
+              f"{'mem ratio':>10}  {'fastest peer':<24}{'ours vs peer':>13}{'x floor':>9}")
     print(header)
     print("-" * len(header))
     for case in results["cases"]:
@@ -469,8 +427,7 @@ def print_summary(results: dict) -> None:
             print(f"{label:<26}{op:<17}{fmt_ms(eager['fwd_bwd_median_ms']):>9}{fmt_ms(fast['fwd_bwd_median_ms']):>9}"
                   f"{eager['fwd_bwd_median_ms'] / fast['fwd_bwd_median_ms']:>8.2f}x"
                   f"{fmt_mb(eager['peak_extra_bytes']):>10}{fmt_mb(lean_bytes):>9}{mem_ratio(mem, lean_bytes):>10}  "
-                  f"{peer_text:<24}{versus:>13}{fast['fwd_bwd_median_ms'] / case['floor']['floor_fwd_bwd_ms']:>8.2f}x"
-                  f"{times_exp_floor(fast, case['floor']):>8}")
+                  f"{peer_text:<24}{versus:>13}{fast['fwd_bwd_median_ms'] / case['floor']['floor_fwd_bwd_ms']:>8.2f}x")
 
 
 def run_ratios(results: dict) -> dict:
@@ -590,7 +547,6 @@ def main(argv=None) -> int:
     for case in cases:
         inputs = make_inputs(case, device)
         floor = bandwidth_floor(inputs, device, args)
-        floor["exp"] = exp_floor(inputs, device)
         records, reference_grads = [], {}
         for op, impl in runs:
             if bar is not None:

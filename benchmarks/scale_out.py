@@ -33,7 +33,7 @@ def worker(args) -> None:
     """One process of the launch: every route's step on this process's pairs; rank 0 writes what all measured."""
     from rlhfv_train.data import PairCollator
     from rlhfv_train.ddpo import TrainConfig, batch_loss
-    from rlhfv_train.models.families import build_family
+    from rlhfv_train.models.tiny_families import build_family
     from rlhfv_train.run.distributed import Distributed, process_device
 
     device = process_device(args.device)
@@ -69,10 +69,10 @@ def worker(args) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parallel", choices=("fsdp", "ddp"), default="fsdp")
-    parser.add_argument("--family", default="qwen2-vl", help="the tiny body's family (rlhfv_train/models/families.py)")
+    parser.add_argument("--family", default="qwen2-vl", help="the tiny body's family (models/tiny_families.py)")
     parser.add_argument("--vocab", type=int, default=151936, help="lm_head size (default 151936, Qwen2-VL's)")
     parser.add_argument("--pairs", type=int, default=4, help="preference pairs per step, over all processes")
-    add_torchrun_arguments(parser, "29541", "processes (default 2)", "cpu (gloo) or cuda (NCCL, one GPU per process)")
+    add_torchrun_arguments(parser, "processes (default 2)", "cpu (gloo) or cuda (NCCL, one GPU per process)")
     args = parser.parse_args(argv)
     if args.worker:
         worker(args)

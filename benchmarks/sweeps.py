@@ -1,5 +1,5 @@
 """Where the CPU kernels' time goes, without perf counters (VMs rarely expose them): each chunk sweep of
-csrc/cpu/logprob_cpu.cpp timed alone on one thread on a chunk that stays in L1 (pure compute, no memory traffic), at
+csrc/cpu/sweeps.h timed alone on one thread on a chunk that stays in L1 (pure compute, no memory traffic), at
 every x86-64 level this CPU has, then the sweeps of each forward+backward added up per logit.
 
     python benchmarks/sweeps.py                          # build once (cached under runs/sweeps/), time every level
@@ -26,7 +26,7 @@ sys.path.insert(0, ROOT)
 from benchmarks.harness import device_name, versions, write_json  # noqa: E402
 
 SOURCE = os.path.join(ROOT, "benchmarks", "sweeps_bench.cpp")
-KERNELS = os.path.join(ROOT, "csrc", "cpu", "logprob_cpu.cpp")
+KERNELS = [os.path.join(ROOT, "csrc", "cpu", name) for name in ("simd.h", "sweeps.h")]
 CACHE = os.path.join(ROOT, "runs", "sweeps")
 LEVELS = ["", "v4", "v3", "baseline"]  # RLHFV_CPU_LEVEL: "" is the widest this CPU has; a level above it falls back
 # What each in-place forward+backward runs per logit (csrc/cpu/logprob_cpu.cpp: forward_rows, backward_rows)
@@ -50,7 +50,7 @@ def build(compiler: str = "c++") -> str:
     includes = [f"-I{p}" for p in cpp_extension.include_paths()]
     command = [compiler, "-std=c++17", *flags, "-w", SOURCE, *includes]
     digest = hashlib.sha256(" ".join(command).encode())
-    for path in (SOURCE, KERNELS):
+    for path in (SOURCE, *KERNELS):
         with open(path, "rb") as f:
             digest.update(f.read())
     binary = os.path.join(CACHE, f"sweeps_bench-{digest.hexdigest()[:16]}")

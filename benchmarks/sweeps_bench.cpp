@@ -1,10 +1,9 @@
-// Time of each CPU chunk sweep of csrc/cpu/logprob_cpu.cpp (built with RLHFV_SWEEPS_ONLY: no torch) on one thread, on
+// Time of each CPU chunk sweep of csrc/cpu/sweeps.h (no torch) on one thread, on
 // a chunk that stays in L1: pure compute, no memory traffic. benchmarks/sweeps.py builds and runs it at each x86-64
 // level (RLHFV_CPU_LEVEL) and adds the sweeps up into the compute of a forward+backward per logit.
 // Usage: sweeps_bench REPS. Prints one line per sweep: its name and nanoseconds per logit (the fastest of 5 rounds of
 // REPS calls on a kChunk-logit chunk); then the variant that ran and the chunk's length.
-#define RLHFV_SWEEPS_ONLY 1
-#include "../csrc/cpu/logprob_cpu.cpp"
+#include "../csrc/cpu/sweeps.h"
 
 #include <chrono>
 #include <cstdio>
@@ -78,6 +77,6 @@ int main(int argc, char** argv) {
     chunk_softcap_grad(x.data(), out.data(), n, cap, temp, lse_hi, scale, Ahead{});
     return out[n / 2];
   });
-  std::printf("variant %s\nchunk %lld\n", rlhfv_cpu_variant(), static_cast<long long>(n));
+  std::printf("variant %s\nchunk %lld\n", rlhfv::cpu_variant_name(), static_cast<long long>(n));
   return 0;
 }

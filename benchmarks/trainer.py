@@ -7,7 +7,7 @@ extra memory).
     python benchmarks/trainer.py --family gemma2 --vocab 256000 --pairs 4   # Gemma 2: soft-capped logits
     python benchmarks/trainer.py --vocab 128256 --pairs 8 --json out.json   # on a GPU session
 
-The model is a tiny member of --family (rlhfv_train/models/families.py; default the embedded tiny LLaVA) with its
+The model is a tiny member of --family (rlhfv_train/models/tiny_families.py; default the embedded tiny LLaVA) with its
 vocabulary padded to --vocab, so the logits (and the loss) weigh what they weigh in a real model while the rest of the
 step stays small: the ratios show what the loss path costs.
 """
@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.harness import (add_check_arguments, compare_ratios, device_name, machine_load,  # noqa: E402
                                 print_load, read_recorded, row_suspicions, scene_records, spread, time_and_peak,
                                 training_step_setup, versions, warn_if_busy, write_json)
-from rlhfv_train.models.families import FAMILIES, build_family  # noqa: E402
+from rlhfv_train.models.tiny_families import FAMILIES, build_family  # noqa: E402
 from rlhfv_train.data import PairCollator  # noqa: E402
 from rlhfv_train.ddpo import TrainConfig, batch_loss  # noqa: E402
 

@@ -119,7 +119,7 @@ def main(argv=None) -> int:
     parser.add_argument("--hidden", type=int, default=896, help="lm_head columns (default 896, Qwen2-0.5B's)")
     parser.add_argument("--tokens", type=int, default=512, help="tokens per step, the same on every process")
     parser.add_argument("--pairs", type=int, default=4, help="preference pairs the tokens make")
-    add_torchrun_arguments(parser, "29543", "processes, the tensor-parallel degree (default 2)",
+    add_torchrun_arguments(parser, "processes, the tensor-parallel degree (default 2)",
                            "cpu (gloo, fp32) or cuda (NCCL, bf16)")
     args = parser.parse_args(argv)
     if args.worker:

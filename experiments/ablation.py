@@ -1,5 +1,5 @@
 """DPO vs DDPO (paper and authors' presets) vs MM-DPO on the synthetic scenes, judged by hallucination in generated
-answers (evaluate.py): the RLHF-V ablation, in miniature.
+answers (rlhfv_train.eval): the RLHF-V ablation, in miniature.
 
     python -m experiments.ablation                      # 3 seeds, about 10 minutes on 2 CPU cores
     python -m experiments.ablation --quick              # 1 seed, a few steps: checks the pipeline, not the outcome
@@ -13,6 +13,7 @@ supervised training. Writes <out>.json (every run), <out>.md (the table, mean +-
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import statistics
@@ -116,7 +117,7 @@ def _control(train_path, held_path, seed, args, sft_path) -> dict:
 def _records(train_path, held_path, seed, args):
     """(training records, held-out records): the seed's split of one file, or two files (on-policy pairs)."""
     from rlhfv_train.data import load_records
-    from rlhfv_train.models import split_indices
+    from rlhfv_train.data import split_indices
 
     records, _ = load_records(train_path)
     if held_path is not None:
@@ -145,10 +146,24 @@ def on_policy_pairs(records, answers) -> list[dict]:
     return pairs
 
 
-def _write_jsonl(path, rows) -> str:
+def _json_image(value):
+    """JSON for what json cannot write itself: image bytes as the records' {"bytes": base64} form."""
+    if isinstance(value, bytes):
+        return {"bytes": base64.b64encode(value).decode("ascii")}
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def write_rows(path, rows) -> str:
+    """Records as JSONL (images given as bytes written in base64); returns `path`."""
     with open(path, "w") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
+        f.writelines(json.dumps(row, default=_json_image) + "\n" for row in rows)
     return path
+
+
+def record_row(r) -> dict:
+    """A PreferenceRecord as a JSONL row that load_records reads back."""
+    return {"image": list(r.images), "question": r.question, "chosen": r.chosen, "rejected": r.rejected,
+            "objects": r.objects}
 
 
 def _on_policy_data(data_path, seed, args, sft_path, seed_dir) -> tuple[str, str]:
@@ -165,10 +180,8 @@ def _on_policy_data(data_path, seed, args, sft_path, seed_dir) -> tuple[str, str
     if not pairs:
         raise ValueError(f"seed {seed}: none of the SFT model's answers could be corrected into a pair (does it "
                          "describe scenes yet? raise --sft-steps)")
-    held_rows = [{"image": list(r.images), "question": r.question, "chosen": r.chosen, "rejected": r.rejected,
-                  "objects": r.objects} for r in held]
-    return (_write_jsonl(os.path.join(seed_dir, "pairs.jsonl"), pairs),
-            _write_jsonl(os.path.join(seed_dir, "heldout.jsonl"), held_rows))
+    return (write_rows(os.path.join(seed_dir, "pairs.jsonl"), pairs),
+            write_rows(os.path.join(seed_dir, "heldout.jsonl"), [record_row(r) for r in held]))
 
 
 def run(args) -> dict:
@@ -265,11 +278,9 @@ def table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: str, title: str) -> str | None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    from experiments.figures import pyplot, save
+    plt = pyplot()
+    if plt is None:
         return None
     names = [r["method"] + ("" if r["sft_weight"] is None else f"\n(sft {r['sft_weight']:g})") for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.2), sharey=True)
@@ -284,11 +295,7 @@ def plot(rows: list[dict], path: str, title: str) -> str | None:
         ax.set_xticks(range(len(rows)), names, rotation=60, ha="right", fontsize=7)
         ax.set_title(label, fontsize=9)
         ax.set_ylim(0, 1)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save(fig, plt, path, title)
 
 
 def main(argv=None) -> int:

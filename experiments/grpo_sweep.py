@@ -128,8 +128,8 @@ def table(rows: list[dict]) -> str:
 
 
 def plot(result: dict, path: str, title: str) -> str | None:
-    from rlhfv_train.run.plots import _pyplot
-    plt = _pyplot()
+    from experiments.figures import pyplot, save
+    plt = pyplot()
     if plt is None:
         return None
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
@@ -149,11 +149,7 @@ def plot(result: dict, path: str, title: str) -> str | None:
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("GRPO step")
         ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save(fig, plt, path, title)
 
 
 def write(result: dict, out: str) -> str:

@@ -1,7 +1,7 @@
 """Issue 46, step 1: a synthetic world whose captions carry language priors, and the hallucination profile of a model
 warmed up by SFT on it, split into prior-driven and perception errors, before any preference training.
 
-    python -m experiments.prior_world               # 1 seed, the profile, written to benchmarks/results/
+    python -m experiments.prior_world               # 3 seeds' profiles and their mean, to benchmarks/results/
     python -m experiments.prior_world --quick       # a few steps: checks the pipeline, not the outcome
 
 The world: scenes drawn as rlhfv_train.data.synthetic draws them (the same words, tokenizer and tiny model), with two
@@ -13,10 +13,14 @@ priors in the training captions, which describe every scene correctly:
 The probes (fresh held-out scenes, greedy answers) tell the two kinds of error apart:
 - partner: a square and no circle. A prior error names a circle. Its control: the same scenes with the square made a
   triangle or a diamond; a circle named there is a perception error, the rate with no prior pointing at one.
-- colour: one object in a colour that is neither its typical colour nor confusable with it. A prior error names the
-  typical colour; its control is the rate of naming any one other wrong colour (the other wrong colours' rate divided
-  by their number).
+- colour: one object in another shape's typical colour (never one confusable with its own typical colour). A
+  shape-from-colour error names the colour's typical shape (a blue triangle read as a blue square), against the
+  control of naming any one other wrong shape; a colour-from-shape error names the shape's typical colour, against
+  any one other wrong colour.
 - plain: scenes as the training ones, scored with the usual rates (chair_s, chair_i, recall).
+- unbiased: scenes of the world the model meets after its warm-up (EVAL_WORLD: shapes drawn independently, half the
+  objects in their typical colour), scored with the usual rates and each hallucinated mention told apart
+  by error_kinds (ERROR_KINDS).
 A prior drives hallucination when its error rate is several times its control's.
 """
 from __future__ import annotations
@@ -33,6 +37,8 @@ from rlhfv_train.data.synthetic import (COLORS, CONFUSABLE, QUESTIONS, SHAPES, S
                                         describe, draw, hallucinate, parse_description)
 
 PARTNER = ("square", "circle")  # (shape, the shape the captions name beside it)
+ERROR_KINDS = ("co-occurrence prior", "shape from colour", "colour from shape", "perception")
+TYPICAL_SHAPE = {colour: shape for shape, colour in TYPICAL_COLOR.items()}
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,11 @@ class World:
         for name, value in asdict(self).items():
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {value}")
+
+
+# The images the model meets after its warm-up: shapes independent (no circle follows a square) and half the objects
+# in their typical colour, as in the default synthetic scenes (synthetic._random_object); fixed from the SFT profile.
+EVAL_WORLD = World(pair_prob=0.0, color_prob=0.5)
 
 
 def _object(side: str, rng: random.Random, world: World, shapes=SHAPES) -> Object:
@@ -87,8 +98,9 @@ def atypical_colours(shape: str) -> list[str]:
 
 
 def colour_probe(rng: random.Random) -> list[Object]:
+    """One object in the typical colour of another shape (so that both priors point away from the truth)."""
     shape = rng.choice(SHAPES)
-    return [(rng.choice(atypical_colours(shape)), shape, rng.choice(SIDES))]
+    return [(rng.choice([c for c in atypical_colours(shape) if c in TYPICAL_SHAPE]), shape, rng.choice(SIDES))]
 
 
 def record(objects: list[Object], rng: random.Random, image_size: int = 32):
@@ -98,7 +110,7 @@ def record(objects: list[Object], rng: random.Random, image_size: int = 32):
     draw(objects, image_size, rng).save(buffer, format="PNG")
     return PreferenceRecord(question=rng.choice(QUESTIONS), chosen=describe(objects),
                             rejected=describe(hallucinate(objects, rng)), images=(buffer.getvalue(),),
-                            objects=[list(o) for o in objects], source="prior world")
+                            objects=[tuple(o) for o in objects], source="prior world")
 
 
 def partner_errors(answers: list[str]) -> float:
@@ -107,19 +119,59 @@ def partner_errors(answers: list[str]) -> float:
     return sum(any(shape == partner for _, shape, _ in parse_description(a)) for a in answers) / max(len(answers), 1)
 
 
-def colour_errors(answers: list[str], scenes: list[list[Object]]) -> tuple[float, float]:
-    """(share of answers naming the object's typical colour, share naming one given other wrong colour): the colour
-    the answer gives the object's shape at its side, when it names it there."""
-    typical = other = 0
+def colour_errors(answers: list[str], scenes: list[list[Object]]) -> dict[str, float]:
+    """On colour probes: the share of answers that name, at the object's place, the colour's typical shape, one given
+    other wrong shape (the control: the other wrong shapes' rate divided by their number), the shape's typical colour,
+    and one given other wrong colour (its control)."""
+    counts = dict.fromkeys(("typical shape", "other shape", "typical colour", "other colour"), 0.0)
     for answer, ((colour, shape, side),) in zip(answers, scenes):
-        said = [c for c, s, where in parse_description(answer) if s == shape and where == side]
-        if not said or said[0] == colour:
+        said = [(c, s) for c, s, where in parse_description(answer) if where == side]
+        if not said:
             continue
-        if said[0] == TYPICAL_COLOR[shape]:
-            typical += 1
+        c, s = said[0]
+        if s == TYPICAL_SHAPE[colour]:  # (never the object's own shape: the probe's colour is another shape's)
+            counts["typical shape"] += 1
+        elif s != shape:
+            counts["other shape"] += 1 / (len(SHAPES) - 2)  # one of the wrong shapes that are not the typical one
+        elif c == TYPICAL_COLOR[shape]:
+            counts["typical colour"] += 1
+        elif c != colour:
+            counts["other colour"] += 1 / (len(COLORS) - 2)
+    return {name: n / max(len(answers), 1) for name, n in counts.items()}
+
+
+def error_kinds(answer: str, scene: list[Object]) -> dict[str, int]:
+    """The answer's hallucinated mentions (those not in the scene), each counted under one of ERROR_KINDS:
+    - co-occurrence prior: a circle, in a scene with a square and no circle;
+    - shape from colour: at an object's place, the object's colour with that colour's typical shape in place of the
+      object's own shape;
+    - colour from shape: at an object's place, the right shape in its typical colour, where the object has another
+      colour that is not confusable with the typical one;
+    - perception: any other wrong mention."""
+    counts = dict.fromkeys(ERROR_KINDS, 0)
+    shapes = {o[1] for o in scene}
+    at = {o[2]: o for o in scene}
+    for colour, shape, side in set(parse_description(answer)) - set(scene):
+        there = at.get(side)
+        if shape == PARTNER[1] and PARTNER[0] in shapes and PARTNER[1] not in shapes:
+            counts["co-occurrence prior"] += 1
+        elif there is not None and there[0] == colour and TYPICAL_SHAPE.get(colour) == shape:
+            counts["shape from colour"] += 1
+        elif (there is not None and there[1] == shape and colour == TYPICAL_COLOR[shape]
+              and there[0] in atypical_colours(shape)):
+            counts["colour from shape"] += 1
         else:
-            other += 1 / (len(COLORS) - 2)  # one of the wrong colours that are not the typical one
-    return typical / max(len(answers), 1), other / max(len(answers), 1)
+            counts["perception"] += 1
+    return counts
+
+
+def error_split(answers: list[str], scenes: list[list[Object]]) -> dict[str, float]:
+    """Hallucinated mentions per answer, by kind (error_kinds), over all answers."""
+    total = dict.fromkeys(ERROR_KINDS, 0)
+    for answer, scene in zip(answers, scenes):
+        for kind, n in error_kinds(answer, scene).items():
+            total[kind] += n
+    return {kind: n / max(len(answers), 1) for kind, n in total.items()}
 
 
 def profile(model, processor, world: World, probes: int, seed: int) -> dict:
@@ -130,37 +182,58 @@ def profile(model, processor, world: World, probes: int, seed: int) -> dict:
     sets = {"partner": [partner_probe(rng, world, False) for _ in range(probes)],
             "partner-control": [partner_probe(rng, world, True) for _ in range(probes)],
             "colour": [colour_probe(rng) for _ in range(probes)],
-            "plain": [training_scene(rng, world) for _ in range(probes)]}
+            "plain": [training_scene(rng, world) for _ in range(probes)],
+            "unbiased": [training_scene(rng, EVAL_WORLD) for _ in range(probes)]}
     records = {name: [record(scene, rng) for scene in scenes] for name, scenes in sets.items()}
     answers = {name: [a[0] for a in generate_answers(model, processor, recs)] for name, recs in records.items()
-               if name != "plain"}
-    typical, other = colour_errors(answers["colour"], sets["colour"])
+               if name not in ("plain", "unbiased")}
+    colour = colour_errors(answers["colour"], sets["colour"])
     rates, _ = evaluate_hallucination(model, processor, records["plain"])
+    unbiased, unbiased_answers = evaluate_hallucination(model, processor, records["unbiased"])
+    split = error_split([a[0] for a in unbiased_answers], sets["unbiased"])
     return {"circle named beside a square (prior)": partner_errors(answers["partner"]),
             "circle named, no square (control)": partner_errors(answers["partner-control"]),
-            "typical colour named (prior)": typical, "one other wrong colour named (control)": other,
+            "colour's typical shape named (prior)": colour["typical shape"],
+            "one other wrong shape named (control)": colour["other shape"],
+            "shape's typical colour named (prior)": colour["typical colour"],
+            "one other wrong colour named (control)": colour["other colour"],
             **{f"plain {name}": value for name, value in rates.items()},
+            **{f"unbiased {name}": value for name, value in unbiased.items()},
+            **{f"unbiased {kind} errors per answer": value for kind, value in split.items()},
             "examples": {name: values[:3] for name, values in answers.items()}}
 
 
-def run(args) -> dict:
+def warm_up(seed: int, world: World, *, examples: int, sft_steps: int, sft_lr: float, batch_size: int):
+    """(processor, SFT model, the seed's scene generator after the captions, SFT losses): the tiny model trained on
+    `examples` correct captions of `world` (the same model for the profile and the study's seed)."""
     import torch
 
     from rlhfv_train.models import load_processor_and_model
     from experiments.ablation import _supervised
 
-    world = World(args.pair_prob, args.color_prob)
     world.check()
-    torch.manual_seed(args.seed)
-    rng = random.Random(args.seed)
-    train = [record(training_scene(rng, world), rng) for _ in range(args.examples)]
-    processor, model = load_processor_and_model(None, args.seed)
-    losses = _supervised(model, processor, train, steps=args.sft_steps, lr=args.sft_lr, batch_size=args.batch_size,
-                         order_seed=args.seed + 7919)
-    result = {"world": asdict(world), "seed": args.seed, "examples": args.examples, "sft_steps": args.sft_steps,
-              "sft_final_loss": losses[-1], "probes": args.probes,
-              "profile": profile(model, processor, world, args.probes, args.seed)}
-    return result
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    captions = [record(training_scene(rng, world), rng) for _ in range(examples)]
+    processor, model = load_processor_and_model(None, seed)
+    losses = _supervised(model, processor, captions, steps=sft_steps, lr=sft_lr, batch_size=batch_size,
+                         order_seed=seed + 7919)
+    return processor, model, rng, losses
+
+
+def run(args) -> dict:
+    world = World(args.pair_prob, args.color_prob)
+    profiles = []
+    for seed in range(args.seed, args.seed + args.seeds):
+        processor, model, _, losses = warm_up(seed, world, examples=args.examples, sft_steps=args.sft_steps,
+                                              sft_lr=args.sft_lr, batch_size=args.batch_size)
+        profiles.append({"seed": seed, "sft_final_loss": losses[-1] if losses else None,
+                         "profile": profile(model, processor, world, args.probes, seed)})
+    rates = [name for name, value in profiles[0]["profile"].items() if isinstance(value, float)]
+    return {"world": asdict(world), "eval_world": asdict(EVAL_WORLD), "examples": args.examples,
+            "sft_steps": args.sft_steps, "probes": args.probes,
+            "mean": {name: sum(p["profile"][name] for p in profiles) / len(profiles) for name in rates},
+            "seeds": profiles}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sft-lr", type=float, default=5e-4)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--probes", type=int, default=200, help="scenes per probe set")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="the first seed")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds profiled (each its own SFT model)")
     parser.add_argument("--out", default="benchmarks/results/prior-world-profile-cpu.json")
     parser.add_argument("--quick", action="store_true", help="64 scenes, 20 steps, 8 probes: a pipeline check")
     return parser
@@ -182,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.quick:
-        args.examples, args.sft_steps, args.probes = 64, 20, 8
+        args.examples, args.sft_steps, args.probes, args.seeds = 64, 20, 8, 1
     result = run(args)
     text = json.dumps(result, indent=1)
     if args.out:

@@ -72,7 +72,7 @@ def operators(backend: str):
     return getattr(torch.ops, TABLE[backend].namespace)
 
 
-# csrc/cpu/logprob_cpu.cpp reads RLHFV_CPU_LEVEL once, at the first kernel call, and cannot raise from there: a
+# csrc/cpu/simd.h reads RLHFV_CPU_LEVEL once, at the first kernel call, and cannot raise from there: a
 # value it would not understand is refused here, at import, instead of running the widest level without a word
 CPU_LEVELS = ("v4", "v3", "baseline")
 if os.environ.get("RLHFV_CPU_LEVEL", "") not in ("", *CPU_LEVELS):

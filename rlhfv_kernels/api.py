@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 
 from ._packing import packing_of
+from ._param_docs import stamp
 from ._sources import LogitsSource
 from .losses import ddpo, grpo, sequence
 from .losses.ddpo import DDPOOutput
@@ -41,6 +42,7 @@ MODES = sequence.MODES
 GRPO_LOSS_TYPES = grpo.LOSS_TYPES
 
 
+@stamp
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
                    temperature: float = 1.0, softcap: float | None = None, logit_scale: float = 1.0,
                    inplace_backward: bool = False, backend: str | None = None, return_entropy: bool = False):
@@ -57,6 +59,7 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: 
     return source.logps(labels, ignore_index, temperature)
 
 
+@stamp
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, token_weights: torch.Tensor | None = None, *,
                    mode: str = "sum", ignore_index: int = -100, temperature: float = 1.0,
                    softcap: float | None = None, logit_scale: float = 1.0, inplace_backward: bool = False,
@@ -72,6 +75,7 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, token_weights: to
                             temperature=temperature, packing=packing_of(cu_seqlens, position_ids, max_seqlen))
 
 
+@stamp
 def ddpo_loss(logits: torch.Tensor, labels: torch.Tensor, ref_logps: torch.Tensor, *,
               token_weights: torch.Tensor | None = None, beta: float = 0.1, mode: str = "mean",
               reward_margin: torch.Tensor | None = None, drs_weight: float = 0.0, drs_k: float = 1.0,
@@ -94,6 +98,7 @@ def ddpo_loss(logits: torch.Tensor, labels: torch.Tensor, ref_logps: torch.Tenso
                         pairs=pairs)
 
 
+@stamp
 def dpo_loss(logits: torch.Tensor, labels: torch.Tensor, ref_logps: torch.Tensor, *, beta: float = 0.1,
              reward_margin: torch.Tensor | None = None, drs_weight: float = 0.0, drs_k: float = 1.0,
              sft_weight: float = 0.0, ignore_index: int = -100, temperature: float = 1.0,
@@ -108,6 +113,7 @@ def dpo_loss(logits: torch.Tensor, labels: torch.Tensor, ref_logps: torch.Tensor
                      position_ids=position_ids, max_seqlen=max_seqlen, pairs=pairs)
 
 
+@stamp
 def grpo_loss(logits: torch.Tensor, labels: torch.Tensor, advantages: torch.Tensor, *,
               old_logps: torch.Tensor | None = None, ref_logps: torch.Tensor | None = None, epsilon: float = 0.2,
               epsilon_high: float | None = None, beta_kl: float = 0.0, loss_type: str = "dapo",
@@ -115,7 +121,7 @@ def grpo_loss(logits: torch.Tensor, labels: torch.Tensor, advantages: torch.Tens
               softcap: float | None = None, logit_scale: float = 1.0, inplace_backward: bool = False,
               backend: str | None = None,
               max_completion_length: int | None = None, use_bias_correction_kl: bool = False,
-              world_size: int | None = None,
+              world_size: int | None = None, batch_rows: int | None = None, batch_tokens: float | None = None,
               cu_seqlens=None, position_ids=None, max_seqlen: int | None = None) -> GRPOOutput:
     """GRPO-style clipped policy loss over a group of rollouts (DESIGN.md §2).
 
@@ -128,6 +134,10 @@ def grpo_loss(logits: torch.Tensor, labels: torch.Tensor, advantages: torch.Tens
     num_items_in_batch: the loss tokens of the whole batch over all processes (and accumulation steps), as TRL and
     Liger pass it; dapo divides by num_items_in_batch / world_size (None: torch.distributed's size, else 1).
     use_bias_correction_kl: multiply the k3 KL term by the ratio (TRL's GRPOConfig default is True).
+    batch_rows, batch_tokens: the row count and loss-token count of the whole batch (this process's) that this call
+    is a part of, as Liger's chunked loss passes its full batch's: grpo and dr_grpo divide by batch_rows, bnpo (and
+    dapo without num_items_in_batch) by batch_tokens, instead of this call's own; the losses of a batch's
+    micro-batches then sum to the batch's loss (gradient accumulation without weights). None: this call's.
     """
     source = LogitsSource(logits, inplace_backward, backend, softcap=softcap, logit_scale=logit_scale)
     return grpo.compute(source, labels, advantages, old_logps=old_logps,
@@ -135,4 +145,5 @@ def grpo_loss(logits: torch.Tensor, labels: torch.Tensor, advantages: torch.Tens
                         loss_type=loss_type, num_items_in_batch=num_items_in_batch, ignore_index=ignore_index,
                         temperature=temperature, max_completion_length=max_completion_length,
                         use_bias_correction_kl=use_bias_correction_kl, world_size=world_size,
+                        batch_rows=batch_rows, batch_tokens=batch_tokens,
                         packing=packing_of(cu_seqlens, position_ids, max_seqlen))

@@ -39,12 +39,14 @@ from __future__ import annotations
 import torch
 
 from ._packing import packing_of
+from ._param_docs import stamp
 from ._sources import LinearSource
 from .losses import ddpo, grpo, sequence
 from .losses.ddpo import DDPOOutput
 from .losses.grpo import GRPOOutput
 
 
+@stamp
 def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                           bias: torch.Tensor | None = None, low_rank=None, ignore_index: int = -100,
                           temperature: float = 1.0, softcap: float | None = None, logit_scale: float = 1.0,
@@ -59,6 +61,7 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     return source.logps(labels, ignore_index, temperature)
 
 
+@stamp
 def linear_sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                           token_weights: torch.Tensor | None = None, *, bias: torch.Tensor | None = None, low_rank=None,
                           mode: str = "sum", ignore_index: int = -100, temperature: float = 1.0,
@@ -72,6 +75,7 @@ def linear_sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                             temperature=temperature, packing=packing_of(cu_seqlens, position_ids, max_seqlen))
 
 
+@stamp
 def linear_ddpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ref_logps: torch.Tensor, *,
                      bias: torch.Tensor | None = None, low_rank=None, token_weights: torch.Tensor | None = None,
                      beta: float = 0.1, mode: str = "mean", reward_margin: torch.Tensor | None = None,
@@ -89,6 +93,7 @@ def linear_ddpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.T
                         pairs=pairs)
 
 
+@stamp
 def linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ref_logps: torch.Tensor, *,
                     bias: torch.Tensor | None = None, low_rank=None, beta: float = 0.1,
                     reward_margin: torch.Tensor | None = None, drs_weight: float = 0.0, drs_k: float = 1.0,
@@ -105,6 +110,7 @@ def linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
                             cu_seqlens=cu_seqlens, position_ids=position_ids, max_seqlen=max_seqlen, pairs=pairs)
 
 
+@stamp
 def linear_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, advantages: torch.Tensor, *,
                      bias: torch.Tensor | None = None, low_rank=None, old_logps: torch.Tensor | None = None,
                      ref_logps: torch.Tensor | None = None, epsilon: float = 0.2, epsilon_high: float | None = None,
@@ -113,7 +119,8 @@ def linear_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.T
                      logit_scale: float = 1.0, chunk_size: int | None = None,
                      backend: str | None = None,
                      max_completion_length: int | None = None, use_bias_correction_kl: bool = False,
-                     world_size: int | None = None,
+                     world_size: int | None = None, batch_rows: int | None = None,
+                     batch_tokens: float | None = None,
                      cu_seqlens=None, position_ids=None, max_seqlen: int | None = None) -> GRPOOutput:
     """grpo_loss from hidden states [B, T, H] and the lm_head weight (options as api.grpo_loss)."""
     source = LinearSource(hidden, weight, bias, chunk_size, backend, softcap=softcap, logit_scale=logit_scale,
@@ -123,4 +130,5 @@ def linear_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.T
                         beta_kl=beta_kl, loss_type=loss_type, num_items_in_batch=num_items_in_batch,
                         ignore_index=ignore_index, temperature=temperature,
                         max_completion_length=max_completion_length, use_bias_correction_kl=use_bias_correction_kl,
-                        world_size=world_size, packing=packing_of(cu_seqlens, position_ids, max_seqlen))
+                        world_size=world_size, batch_rows=batch_rows, batch_tokens=batch_tokens,
+                        packing=packing_of(cu_seqlens, position_ids, max_seqlen))

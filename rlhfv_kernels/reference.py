@@ -12,18 +12,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ._param_docs import stamp  # documentation only: no computation is shared
 from .losses.ddpo import DDPOOutput
 from .losses.grpo import GRPOOutput
 
 
+@stamp
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
                    temperature: float = 1.0, softcap: float | None = None, logit_scale: float = 1.0,
                    inplace_backward: bool = False, backend: str | None = None, return_entropy: bool = False):
     """log_softmax(z / temperature) gathered at labels, z = softcap * tanh(logit_scale * logits / softcap) (z =
     logit_scale * logits without a cap), as Gemma / Cohere / Granite models finish their logits; 0 where ignored.
     fp32 math (fp64 for fp64 input). return_entropy: (log-probs, -sum_v p_v log p_v per token, 0 where ignored).
-
-    inplace_backward and backend are accepted for signature compatibility and have no effect here.
     """
     _only_reference(backend)
     compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
@@ -51,6 +51,7 @@ def _only_reference(backend) -> None:
         raise ValueError(f"rlhfv_kernels.reference functions always run eagerly, got backend={backend!r}")
 
 
+@stamp
 def sequence_logps(logits, labels, token_weights=None, *, mode: str = "sum", ignore_index: int = -100,
                    temperature: float = 1.0, softcap: float | None = None, logit_scale: float = 1.0,
                    inplace_backward: bool = False, backend: str | None = None):
@@ -70,6 +71,7 @@ def sequence_logps(logits, labels, token_weights=None, *, mode: str = "sum", ign
     return torch.where(has_weight, total / torch.where(has_weight, norm, 1.0), 0.0)
 
 
+@stamp
 def ddpo_loss(logits, labels, ref_logps, *, token_weights=None, beta: float = 0.1, mode: str = "mean",
               reward_margin=None, drs_weight: float = 0.0, drs_k: float = 1.0, sft_weight: float = 0.0,
               ignore_index: int = -100, temperature: float = 1.0, softcap: float | None = None,
@@ -102,18 +104,28 @@ def ddpo_loss(logits, labels, ref_logps, *, token_weights=None, beta: float = 0.
                       sft_loss=sft.detach())
 
 
-def dpo_loss(logits, labels, ref_logps, *, beta: float = 0.1, **kwargs) -> DDPOOutput:
+@stamp
+def dpo_loss(logits, labels, ref_logps, *, beta: float = 0.1, reward_margin=None, drs_weight: float = 0.0,
+             drs_k: float = 1.0, sft_weight: float = 0.0, ignore_index: int = -100, temperature: float = 1.0,
+             softcap: float | None = None, logit_scale: float = 1.0, inplace_backward: bool = False,
+             backend: str | None = None) -> DDPOOutput:
     """Vanilla DPO: ddpo_loss with every token weight 1 and summed sequence scores."""
-    return ddpo_loss(logits, labels, ref_logps, token_weights=None, beta=beta, mode="sum", **kwargs)
+    return ddpo_loss(logits, labels, ref_logps, token_weights=None, beta=beta, mode="sum", reward_margin=reward_margin,
+                     drs_weight=drs_weight, drs_k=drs_k, sft_weight=sft_weight, ignore_index=ignore_index,
+                     temperature=temperature, softcap=softcap, logit_scale=logit_scale,
+                     inplace_backward=inplace_backward, backend=backend)
 
 
+@stamp
 def grpo_loss(logits, labels, advantages, *, old_logps=None, ref_logps=None, epsilon: float = 0.2,
               epsilon_high: float | None = None, beta_kl: float = 0.0, loss_type: str = "dapo",
               num_items_in_batch=None, ignore_index: int = -100, temperature: float = 1.0,
               softcap: float | None = None, logit_scale: float = 1.0, inplace_backward: bool = False,
               backend: str | None = None, max_completion_length: int | None = None,
-              use_bias_correction_kl: bool = False, world_size: int | None = None) -> GRPOOutput:
-    """Clipped-ratio policy loss with the k3 KL penalty, aggregated as loss_type says (DESIGN.md §2)."""
+              use_bias_correction_kl: bool = False, world_size: int | None = None, batch_rows: int | None = None,
+              batch_tokens: float | None = None) -> GRPOOutput:
+    """Clipped-ratio policy loss with the k3 KL penalty, aggregated as loss_type says (DESIGN.md §2); batch_rows /
+    batch_tokens (the whole batch's, when this call is a part of it) replace this call's rows / loss tokens."""
     _only_reference(backend)
     logp = token_logprobs(logits, labels, ignore_index=ignore_index, temperature=temperature, softcap=softcap,
                           logit_scale=logit_scale)
@@ -136,17 +148,20 @@ def grpo_loss(logits, labels, advantages, *, old_logps=None, ref_logps=None, eps
         per_token = per_token + beta_kl * kl
         mean_kl = (kl.detach() * mask).sum() / tokens
     per_token = per_token * mask
+    rows = per_token.shape[0] if batch_rows is None else batch_rows
+    batch = tokens if batch_tokens is None else torch.tensor(float(batch_tokens), dtype=logp.dtype,
+                                                            device=logp.device).clamp_min(1.0)
     if loss_type == "grpo":
-        loss = (per_token.sum(-1) / mask.sum(-1).clamp_min(1.0)).mean()
+        loss = (per_token.sum(-1) / mask.sum(-1).clamp_min(1.0)).sum() / rows
     elif loss_type == "bnpo":
-        loss = per_token.sum() / tokens
+        loss = per_token.sum() / batch
     elif loss_type == "dr_grpo":
-        loss = per_token.sum() / (per_token.shape[0] * (max_completion_length or per_token.shape[1]))
+        loss = per_token.sum() / (rows * (max_completion_length or per_token.shape[1]))
     elif loss_type == "dapo":
         if world_size is None:
             dist = torch.distributed
             world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        loss = per_token.sum() / (tokens if num_items_in_batch is None else num_items_in_batch / world_size)
+        loss = per_token.sum() / (batch if num_items_in_batch is None else num_items_in_batch / world_size)
     else:
         raise ValueError(f"loss_type must be one of grpo, bnpo, dr_grpo, dapo, got {loss_type!r}")
     clip_ratio = ((clipped.detach() < unclipped.detach()).to(mask.dtype) * mask).sum() / tokens

@@ -16,6 +16,3 @@
 
 Imports point one way: data <- models <- run <- eval <- ddpo / grpo; integrations use data and models only.
 """
-from . import _moved
-
-_moved.install()

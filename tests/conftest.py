@@ -14,7 +14,14 @@ import subprocess
 import threading
 
 import pytest
-import torch
+
+# Under pytest-xdist two workers of 2 torch threads each share 2 cores. With OpenMP's default wait policy an idle
+# thread spins, and the tiny models' many small parallel ops then crawl: the quick prior study took 37 s alone,
+# 167 s beside a 2-thread neighbour, 34 s with PASSIVE (threads sleep instead). It must be set before torch loads
+# libgomp; the xdist workers and every subprocess the tests start inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede any @triton.jit (DESIGN.md §5)
@@ -118,6 +125,25 @@ def dataset(tmp_path_factory):
     tests import helpers `from conftest`, which a second conftest module would shadow."""
     from rlhfv_train.data import synthetic
     return synthetic.generate(str(tmp_path_factory.mktemp("scenes")), 40, seed=5)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_torch_extensions(tmp_path_factory):
+    """DeepSpeed JIT-builds its CPU shared-memory op into torch's extension folder under a lock file. A process killed
+    mid-build leaves the lock behind, and every later DeepSpeed start on the machine waits on it for ever (a CI run
+    hung 2 x 600 s on one left by a killed local run). Each test session builds into its own folder, which its xdist
+    workers share (a few seconds' compile)."""
+    session = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        session = session.parent  # the worker's basetemp is <session>/popen-gwN
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(session / "torch_extensions")
+
+
+def pytest_configure(config):
+    # pytest-xdist reorders files by their number of tests unless told not to; that put the longest file (the AOT
+    # check, 3 tests) last, alone for 12 minutes. Keep pytest_collection_modifyitems' order.
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
 
 
 def pytest_collection_modifyitems(items):

@@ -26,15 +26,16 @@ def grpo_from_token_logps(token_logps: torch.Tensor, mask: torch.Tensor, advanta
                           old_logps: torch.Tensor | None, ref_logps: torch.Tensor | None, *, epsilon: float,
                           epsilon_high: float, beta_kl: float, loss_type: str,
                           num_items_in_batch: float | None, max_completion_length: int | None = None,
-                          use_bias_correction_kl: bool = False, world_size: int = 1, num_rows: int | None = None,
-                          loss_tokens: torch.Tensor | None = None) -> GRPOOutput:
+                          use_bias_correction_kl: bool = False, world_size: int = 1, batch_rows: int | None = None,
+                          batch_tokens: torch.Tensor | float | None = None) -> GRPOOutput:
     """Clipped-ratio policy loss with optional k3 KL penalty on [B, T] token log-probs (DESIGN.md §2).
 
     Conventions (TRL's and Liger's): dapo divides by num_items_in_batch / world_size, num_items_in_batch being the
     loss tokens of the whole batch over every process (DDP then averages the gradients); dr_grpo divides by
     B * max_completion_length (None: the width T); use_bias_correction_kl multiplies the k3 term by the ratio.
-    num_rows / loss_tokens override the batch-wide normalisers (row count, unmasked-token count), so that the loss of
-    a sub-batch of rows is its exact share of the whole batch's loss (rlhfv_kernels/_linear_engine.py relies on this).
+    batch_rows / batch_tokens replace this call's row count and loss-token count as normalisers (grpo and dr_grpo
+    divide by rows, bnpo and dapo without num_items_in_batch by tokens), so that the loss of a sub-batch of rows is
+    its exact share of the whole batch's loss (gradient accumulation; rlhfv_kernels/_linear_engine.py's row chunks).
     """
     maskf = mask.to(token_logps.dtype)
     # Nothing at an ignored token is read: old / ref log-probs and the advantage of a row are replaced by 0 there
@@ -57,12 +58,13 @@ def grpo_from_token_logps(token_logps: torch.Tensor, mask: torch.Tensor, advanta
     else:
         mean_kl = torch.zeros((), dtype=token_logps.dtype, device=token_logps.device)
     per_token = per_token * maskf
-    rows = per_token.shape[0] if num_rows is None else num_rows
-    tokens = (maskf.sum() if loss_tokens is None else loss_tokens).clamp_min(1.0)
+    rows = per_token.shape[0] if batch_rows is None else batch_rows
+    tokens = (maskf.sum() if batch_tokens is None
+              else torch.as_tensor(batch_tokens, dtype=maskf.dtype, device=maskf.device)).clamp_min(1.0)
     if loss_type == "grpo":
         per_seq = per_token.sum(-1) / maskf.sum(-1).clamp_min(1.0)
-        if num_rows is not None:
-            loss = per_seq.sum() / max(num_rows, 1)
+        if batch_rows is not None:
+            loss = per_seq.sum() / max(batch_rows, 1)
         else:
             loss = per_seq.mean() if per_seq.numel() else per_seq.sum()
     elif loss_type == "bnpo":
@@ -89,7 +91,7 @@ def resolve_world_size(world_size: int | None) -> int:
 
 def compute(source, labels, advantages, *, old_logps, ref_logps, epsilon, epsilon_high, beta_kl, loss_type,
             num_items_in_batch, ignore_index, temperature, max_completion_length=None, use_bias_correction_kl=False,
-            world_size=None, packing=None) -> GRPOOutput:
+            world_size=None, batch_rows=None, batch_tokens=None, packing=None) -> GRPOOutput:
     """grpo_loss on any source (rlhfv_kernels/_sources.py): checks the arguments, then describes the loss to it.
     Packed (packing): advantages per sequence in pack order; per-token inputs and token_logps in the stream's shape;
     dr_grpo's default width is the padded one (max_seqlen, else the longest sequence)."""
@@ -119,6 +121,12 @@ def compute(source, labels, advantages, *, old_logps, ref_logps, epsilon, epsilo
         raise ValueError(f"max_completion_length must be a positive int or None, got {max_completion_length!r}")
     if not isinstance(use_bias_correction_kl, bool):
         raise TypeError(f"use_bias_correction_kl must be a bool, got {use_bias_correction_kl!r}")
+    if batch_rows is not None and (not isinstance(batch_rows, int) or isinstance(batch_rows, bool)
+                                   or batch_rows < rows):
+        raise ValueError(f"batch_rows must be an int >= this call's {rows} rows (the whole batch's row count) or "
+                         f"None, got {batch_rows!r}")
+    if batch_tokens is not None:
+        _checks.check_positive_finite(float(batch_tokens), "batch_tokens")
     options = dict(epsilon=epsilon, epsilon_high=epsilon_high, beta_kl=beta_kl, loss_type=loss_type,
                    num_items_in_batch=num_items_in_batch, max_completion_length=max_completion_length,
                    use_bias_correction_kl=use_bias_correction_kl, world_size=resolve_world_size(world_size))
@@ -128,10 +136,12 @@ def compute(source, labels, advantages, *, old_logps, ref_logps, epsilon, epsilo
 
     def build(dtype):
         mask = _packing.as_rows(layout, labels, ignore_index) != ignore_index
-        batch = dict(num_rows=mask.shape[0], loss_tokens=mask.to(dtype).sum())
+        given = dict(batch_rows=batch_rows, batch_tokens=batch_tokens)  # the caller's batch, or (None) this call
+        batch = dict(batch_rows=mask.shape[0] if batch_rows is None else batch_rows,
+                     batch_tokens=mask.to(dtype).sum() if batch_tokens is None else batch_tokens)
 
         def whole(logps):
-            return grpo_from_token_logps(logps, mask, advantages, old_rows, ref_rows, **options)
+            return grpo_from_token_logps(logps, mask, advantages, old_rows, ref_rows, **options, **given)
 
         def share(sub, logps):
             pick = lambda t: None if t is None else t[sub]  # noqa: E731

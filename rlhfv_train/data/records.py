@@ -11,7 +11,7 @@ the images in their order, before the question. Relative image paths are resolve
 any images, as `video_frames` frames sampled uniformly over the whole clip (decoded with PyAV through transformers'
 load_video; a clip with fewer frames repeats some), and the model family's own video processor prepares them.
 An optional "objects" list holds what the image really contains (any JSON values; the synthetic data writes
-[colour, shape, side] triples): rlhfv_train.evaluate checks generated answers against it.
+[colour, shape, side] triples): rlhfv_train.eval checks generated answers against it.
 
 Nothing is silently dropped: a malformed record — bad bytes (not UTF-8), bad JSON, a missing or wrong field, an image
 that is missing or cannot be decoded (every image and video is checked on load, so a run never fails on one hours

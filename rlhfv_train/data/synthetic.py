@@ -1,11 +1,11 @@
 """A small synthetic RLHF-V-style dataset: images of coloured shapes, each with a correct (chosen) description, a
 hallucinated (rejected) one that an annotator would correct, and the ground-truth objects.
 
-    python -m rlhfv_train.synthetic --out data/synthetic --n 512
+    python -m rlhfv_train.data.synthetic --out data/synthetic --n 512
 
 writes data/synthetic/images/*.png and data/synthetic/data.jsonl. The words used are fixed (VOCABULARY), so the
 embedded tiny model's tokenizer is built from them in code. Every record carries "objects" ([colour, shape, side]
-triples), which rlhfv_train.evaluate compares generated answers against (parse_description reads them back).
+triples), which rlhfv_train.eval compares generated answers against (parse_description reads them back).
 
 The scenes are meant to be hard for a tiny model, so that a model trained on the correct answers still hallucinates
 and preference training has something to remove (the first version, two big shapes on a clean background, was

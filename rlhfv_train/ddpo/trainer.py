@@ -12,11 +12,11 @@ import contextlib
 import torch
 
 from ..data import BatchStream, PairCollator
-from ..data.packing import pack_for_loss
+from ..data.packed_rows import pack_for_loss
 from ..eval import METRICS, GenerationSettings, evaluate_hallucination
 from ..models import model_loss
 from ..models.lora import add_lora, lora_settings
-from ..models.packing import mrope_index
+from ..models.packed_model import mrope_index
 from ..run.loop import one_run_per_folder, optimizer_and_schedule, optimizer_step, run_steps, start
 from ..run.plots import plot_metrics
 from . import reference_scores

@@ -1,6 +1,5 @@
 """Evaluation of generated answers: generation as the trainers prompt (generation.py), the CHAIR-style
 hallucination metric (hallucination.py) and its command line, `python -m rlhfv_train.eval` (cli.py)."""
-from .._moved import old_names
 from .cli import build_parser, main
 from .generation import GeneratedBatch, GenerationSettings, generate_answers, generate_tokens, image_placeholder_ids
 from .hallucination import METRICS, default_parser, evaluate_hallucination, hallucination_rates, load_parser
@@ -8,4 +7,3 @@ from .hallucination import METRICS, default_parser, evaluate_hallucination, hall
 __all__ = ["GeneratedBatch", "GenerationSettings", "METRICS", "build_parser", "default_parser",
            "evaluate_hallucination", "generate_answers", "generate_tokens", "hallucination_rates",
            "image_placeholder_ids", "load_parser", "main"]
-__getattr__ = old_names(__name__, {"load_callable": "rlhfv_train.run.cli:load_callable"})

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..data import load_records
-from ..models import load_processor_and_model, load_weights, read_weights, split_indices
+from ..data import load_records, split_indices
+from ..models import load_processor_and_model, load_weights, read_weights
 from ..models.lora import add_lora, lora_settings
 from ..run import flags
 from ..run.cli import USER_ERRORS, fail

@@ -15,10 +15,10 @@ import torch
 
 from ..data import (IGNORE_INDEX, PreferenceRecord, concat_rows, repeat_rows, select_rows, takes_suffix,
                    token_aligned)
-from ..data.packing import pack_for_loss
+from ..data.packed_rows import pack_for_loss
 from ..eval import GenerationSettings, generate_tokens
 from ..models import model_loss
-from ..models.packing import mrope_index
+from ..models.packed_model import mrope_index
 
 
 @dataclass

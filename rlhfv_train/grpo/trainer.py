@@ -59,22 +59,12 @@ def held_out_metrics(cfg, model, processor, scorer, held_out, device, autocast_d
     return metrics
 
 
-def _loss_weight(loss_type: str, rows: slice, rollouts, local_tokens: int) -> float:
-    """The share of one micro-batch in the loss over this process's rollouts, for each aggregation (DESIGN.md §2):
-    grpo averages sequences, bnpo tokens, dr_grpo divides by rows x width; dapo is normalised through
-    num_items_in_batch instead."""
-    labels = rollouts.labels[rows]
-    if loss_type in ("grpo", "dr_grpo"):
-        return labels.shape[0] / rollouts.labels.shape[0]
-    if loss_type == "bnpo":
-        return int((labels != IGNORE_INDEX).sum()) / local_tokens
-    return 1.0
-
-
 def micro_batch_loss(cfg: GRPOConfig, trained, model, rollouts, rows: slice, advantages, old, ref,
-                     tokens_per_process: float, autocast_dtype):
+                     tokens_per_process: float, local_tokens: int, autocast_dtype):
     """(GRPOOutput, labels) of the rollouts' rows `rows` under `trained` (the wrapped policy; `model` the plain one),
-    packed when cfg.packing; old / ref: per-token log-probs of all rows, or None."""
+    packed when cfg.packing; old / ref: per-token log-probs of all rows, or None. The loss is the rows' exact share
+    of the loss over this process's rollouts (local_tokens loss tokens; the kernels' batch_rows / batch_tokens), for
+    every loss type, so the micro-batches' gradients simply add up."""
     inputs, labels, (old_rows, ref_rows), (advantage_rows,), packed, _ = rollout_ops.micro_batch_inputs(
         rollouts, rows, [old, ref], [advantages], model, packing=cfg.packing,
         max_tokens_per_row=cfg.max_tokens_per_row)
@@ -85,6 +75,7 @@ def micro_batch_loss(cfg: GRPOConfig, trained, model, rollouts, rows: slice, adv
                      num_items_in_batch=tokens_per_process if cfg.loss_type == "dapo" else None,
                      # dr_grpo's constant: the generation budget (TRL's), whatever the rows' layout
                      max_completion_length=cfg.max_new_tokens,
+                     batch_rows=rollouts.labels.shape[0], batch_tokens=local_tokens,
                      world_size=1, **packed)  # tokens_per_process is already the global count / processes
     return out, labels
 
@@ -180,12 +171,11 @@ def train_grpo(cfg: GRPOConfig) -> dict:
                 sync = n == len(starts) - 1  # gradients averaged across processes once per optimizer step
                 with dist.skip_grad_sync(trained) if not sync else contextlib.nullcontext():
                     out, labels = micro_batch_loss(cfg, trained, model, rollouts, rows, advantages, old, ref,
-                                                   tokens_per_process, autocast_dtype)
-                    loss_weight = _loss_weight(cfg.loss_type, rows, rollouts, local_tokens)
-                    (out.loss * loss_weight).backward()
+                                                   tokens_per_process, local_tokens, autocast_dtype)
+                    out.loss.backward()
                 totals["tokens"] += labels.numel() / cfg.updates_per_rollout  # run by the model, padding included
                 share = int((rollouts.labels[rows] != IGNORE_INDEX).sum()) / local_tokens
-                update_loss += out.loss.item() * loss_weight
+                update_loss += out.loss.item()
                 totals["kl"] += out.mean_kl.item() * share / cfg.updates_per_rollout
                 totals["clip_ratio"] += out.clip_ratio.item() * share / cfg.updates_per_rollout
             totals["loss"] += update_loss / cfg.updates_per_rollout

@@ -1,7 +1,7 @@
 """Drop-ins for TRL's DPOTrainer and GRPOTrainer that compute the per-token log-probs and entropies with rlhfv's fused
 kernels, while TRL's own loss code runs unchanged on them.
 
-    from rlhfv_train.trl_dropin import DPOTrainer, GRPOTrainer, DDPOTrainer
+    from rlhfv_train.integrations.trl import DPOTrainer, GRPOTrainer, DDPOTrainer
     trainer = DPOTrainer(model=model, ref_model=ref, args=DPOConfig(loss_type=["sigmoid", "sft"], ...), ...)
     trainer = DDPOTrainer(..., gamma=5.0, ddpo_mode="mean")   # RLHF-V's Dense DPO on TRL's DPOTrainer
     trainer = GRPOTrainer(model=model, reward_funcs=..., args=GRPOConfig(loss_type="dapo", ...), ...)
@@ -25,14 +25,14 @@ mask and bonus) and every metric stays TRL's code, untouched. What changes is wh
 
 DDPO (DDPOTrainer, or DPOTrainer(gamma=..., ddpo_mode=...)): the fused head multiplies each completion token's
 log-prob by its weight w (gamma on the tokens the annotator replaced, from the token diff of each pair's chosen and
-rejected completions, rlhfv_train.data.weights.correction_weights; 1 elsewhere), and in "mean" mode divides by the
+rejected completions, rlhfv_train.data.token_weights.correction_weights; 1 elsewhere), and in "mean" mode divides by the
 row's sum of w, so TRL's sum over the completion is the DDPO score S (DESIGN.md §2) for the policy, the reference
 and precomputed reference log-probs alike. Every TRL use of the per-token log-probs then sees the weighted ones.
 
 Padding-free (DPOConfig(padding_free=True), which TRL 1.16 itself turns off): the fused head packs each batch's
-sequences back to back (rlhfv_train/data/packing.py, max_tokens_per_row per row), runs the model on the packed rows
+sequences back to back (rlhfv_train/data/packed_rows.py, max_tokens_per_row per row), runs the model on the packed rows
 and hands TRL the padded layout's per-token fields, so TRL's loss code is unchanged; the packed forward is checked
-against the padded one on the first batch and a model where they differ is refused (models/packing.py).
+against the padded one on the first batch and a model where they differ is refused (models/packed_model.py).
 
 Options no route can honour raise at construction, naming the option. Tested against TRL's own trainers on the same
 batches (tests/train/test_trl_dropin.py). Written against TRL's internals; SUPPORTED_TRL is the tested range, and
@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 import rlhfv_kernels as rk
 
-from ..data.packing import check_max_tokens_per_row
+from ..data.packed_rows import check_max_tokens_per_row
 from ..data.token_weights import correction_weights
 
 SUPPORTED_TRL = ("1.16.0", "1.17.0")  # [lowest tested, first untested)
@@ -64,7 +64,7 @@ def _check_trl_version():
 
     low, high = (Version(v) for v in SUPPORTED_TRL)
     if not low <= Version(trl.__version__) < high:
-        raise ImportError(f"rlhfv_train.trl_dropin is written against TRL's internals and tested with trl >= "
+        raise ImportError(f"rlhfv_train.integrations.trl is written against TRL's internals and tested with trl >= "
                           f"{SUPPORTED_TRL[0]}, < {SUPPORTED_TRL[1]}; found trl {trl.__version__}. Install a tested "
                           f"version (pip install 'trl>={SUPPORTED_TRL[0]},<{SUPPORTED_TRL[1]}').")
     return trl
@@ -125,7 +125,7 @@ class FusedHeadOptions:
     backend: str | None = None     # rlhfv_kernels backend; None: the best for the device
     chunk_size: int | None = None  # fused-linear route: tokens per chunk (None: rlhfv's default budget)
     token_weights: Callable[[torch.Tensor], torch.Tensor] | None = None  # shifted labels -> multipliers of logp
-    padding_free: bool = False     # the batch's sequences packed into rows (data/packing.py) for the forward
+    padding_free: bool = False     # the batch's sequences packed into rows (data/packed_rows.py) for the forward
     max_tokens_per_row: int | None = None  # their capacity; None: the batch's longest sequence
 
 
@@ -224,10 +224,10 @@ def _scattered(values: dict, mask: torch.Tensor) -> dict:
 
 def _packed(model, args, kwargs, aligned, max_tokens_per_row):
     """(the model inputs with the batch's sequences packed into rows, the targets packed alike, the PackedRows), the
-    packed forward checked against the padded one on the first batch (models/packing.check_packing)."""
+    packed forward checked against the padded one on the first batch (models/packed_model.check_packing)."""
     from ..data.inputs import model_kwargs, with_row_counts
-    from ..data.packing import pack_for_loss
-    from ..models.packing import check_packing, mrope_index
+    from ..data.packed_rows import pack_for_loss
+    from ..models.packed_model import check_packing, mrope_index
 
     if args:
         raise ValueError("rlhfv fused head, padding_free=True: pass the model inputs as keyword arguments")
@@ -392,7 +392,7 @@ class DPOTrainer(trl.DPOTrainer):
     inplace_backward: logits route only, write dlogits into the logits (default True). backend / chunk_size: of
     rlhfv_kernels. gamma, ddpo_mode ("sum" | "mean"), min_match: DDPO token weights (gamma=1 and "sum": plain TRL).
     DPOConfig(padding_free=True) is honoured (TRL 1.16 itself falls back to padding): each batch's sequences run
-    packed into rows of max_tokens_per_row tokens (None: the longest sequence; rlhfv_train/data/packing.py;
+    packed into rows of max_tokens_per_row tokens (None: the longest sequence; rlhfv_train/data/packed_rows.py;
     checked against the padded forward on the first batch, refused for a model where they differ), and TRL's loss
     sees the padded layout's numbers.
     """

@@ -1,5 +1,5 @@
-"""Which model and processor a run uses, the weights it starts from, and which records it holds out: shared by the
-trainers (train.py, grpo.py) and the evaluation (evaluate.py), so all rebuild the same model and held-out set."""
+"""Which model and processor a run uses and the weights it starts from: shared by the trainers (ddpo/, grpo/) and the
+evaluation (eval/), so all rebuild the same model (the records and held-out split: data/run_records.py)."""
 from __future__ import annotations
 
 import json
@@ -39,7 +39,7 @@ def _processor_config(folder: str) -> dict | None:
 
 def load_processor(folder: str):
     """AutoProcessor.from_pretrained(folder); where that fails on the video processor (transformers' video processors
-    need torchvision, which a CPU-only torch may lack), the same processor class without it (families.without_video),
+    need torchvision, which a CPU-only torch may lack), the same processor class without it (processors.without_video),
     which serves images and text alike. Other failures are raised as they are."""
     import transformers
     try:
@@ -51,7 +51,7 @@ def load_processor(folder: str):
         cls = getattr(transformers, name, None) if name else None
         if cls is None or "video_processor" not in cls.get_attributes():
             raise
-        from .families import without_video
+        from .processors import without_video
         print(f"note: {folder}: {name} loaded without its video processor ({type(exc).__name__}: torchvision is "
               "missing); images and text work as usual")
         return without_video(cls).from_pretrained(folder, local_files_only=True)
@@ -84,38 +84,3 @@ def load_weights(model, path: str, saved=None, damaged_advice: str = USER_FILE):
         raise ValueError(f"{path} does not fit the model: {len(missing)} missing weights (e.g. {missing[:2]}), "
                          f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})")
     return saved
-
-
-def split_indices(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """(training, held-out) record indices from a seeded shuffle: a run's held-out set can always be rebuilt."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    held = int(round(n * fraction)) if n > 1 else 0
-    return sorted(order[held:]), sorted(order[:held])
-
-
-def load_run_records(data: str | None, *, eval_data: str | None, eval_fraction: float, seed: int, skip_bad: bool,
-                     output_dir: str, synthetic_examples: int, dist, progress: bool = True, video_frames: int = 8):
-    """(records, training indices, held-out indices, data path) of a run. data None: the synthetic scenes, generated
-    once into output_dir/synthetic by the main process. eval_data: a held-out file of its own, appended after the
-    training records and indexed like a split; else a seeded eval_fraction of `data` is held out. video_frames: the
-    frames sampled from each video record's clip."""
-    from ..data import load_records
-    data_path = data
-    if data_path is None:
-        from ..data import synthetic
-        data_path = os.path.join(output_dir, "synthetic", "data.jsonl")
-        if dist.is_main and not os.path.isfile(data_path):
-            synthetic.generate(os.path.dirname(data_path), synthetic_examples, seed=seed, progress=progress)
-        dist.barrier()
-    records, report = load_records(data_path, skip_bad=skip_bad, video_frames=video_frames)
-    if dist.is_main:
-        print(f"data: {data_path}: {report.summary()}")
-    if eval_data is None:
-        train_idx, eval_idx = split_indices(len(records), eval_fraction, seed)
-    else:
-        held, held_report = load_records(eval_data, skip_bad=skip_bad, video_frames=video_frames)
-        if dist.is_main:
-            print(f"held-out data: {eval_data}: {held_report.summary()}")
-        train_idx, eval_idx = list(range(len(records))), list(range(len(records), len(records) + len(held)))
-        records = records + held
-    return records, train_idx, eval_idx, data_path

@@ -5,7 +5,7 @@ at that point their update is zero, so the policy is exactly its starting model.
 network with the adapters disabled (peft's disable_adapter), so no second copy of the weights is kept: the DDPO
 trainer scores its references before training anyway, and GRPO's KL reference is computed under reference_mode().
 Only the adapters train; checkpoints hold the wrapped model's whole state dict, which a run or
-`python -m rlhfv_train.evaluate --checkpoint` re-wraps the same way before loading.
+`python -m rlhfv_train.eval --checkpoint` re-wraps the same way before loading.
 
 target "all-linear" is peft's: every linear layer but the output head. A LoRA on lm_head (--lora-target
 "q_proj,lm_head") trains on both routes: the fused-linear route adds it to its fused pass as the kernels' low-rank

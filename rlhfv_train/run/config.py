@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import rlhfv_kernels as rk
 
-from ..data.packing import check_max_tokens_per_row
+from ..data.packed_rows import check_max_tokens_per_row
 from ..models.lora import check_trainer_config as check_lora_config
 from .flags import check_values, option
 

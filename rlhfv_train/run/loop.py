@@ -22,8 +22,9 @@ import torch
 
 import rlhfv_kernels as rk
 
-from ..models import check_fused_linear, is_dtensor, load_processor_and_model, load_run_records, load_weights
-from ..models.packing import check_packing
+from ..data import load_run_records
+from ..models import check_fused_linear, is_dtensor, load_processor_and_model, load_weights
+from ..models.packed_model import check_packing
 from . import output
 from .checkpoint import append_row, open_metrics, save_training_state, start_or_resume
 from .config import RunConfig

@@ -12,7 +12,6 @@ import os
 
 import torch
 
-from .._moved import old_names
 from ..data import BatchStream
 from ..models import load_weights, model_loss
 from ..files import save_verified
@@ -81,6 +80,3 @@ def sft_stage(model, collate, records, train_idx, *, dist, output_dir: str, step
     if not dist.is_main:
         losses = load_weights(model, path, damaged_advice=REDO_SFT)["sft_losses"]
     return losses
-
-
-__getattr__ = old_names(__name__, {"warmup": "fine_tune", "warm_up_once": "sft_stage"})

@@ -1,9 +1,8 @@
-// The CPU kernels' chunk sweeps (csrc/cpu/logprob_cpu.cpp built with RLHFV_SWEEPS_ONLY: no ATen, no torch) against
+// The CPU kernels' chunk sweeps (csrc/cpu/sweeps.h: no ATen, no torch) against
 // float64 on one target, for targets whose torch this machine cannot run: test_cpu_cross_compile.py builds it for
 // aarch64 (NEON: the generic 8-wide body) and runs it under qemu. Odd lengths reach every vector loop's scalar tail;
 // temperatures 1 and 0.7 take both instantiations of each sweep. Prints one line per check; exits 1 if any fails.
-#define RLHFV_SWEEPS_ONLY 1
-#include "../../csrc/cpu/logprob_cpu.cpp"
+#include "../../csrc/cpu/sweeps.h"
 
 #include <cstdio>
 #include <random>
@@ -168,6 +167,6 @@ int main() {
     check_conversions<c10::BFloat16>(gen, n, "bf16 store/load");
     check_conversions<c10::Half>(gen, n, "half store/load");
   }
-  std::printf("%s: %d failed\n", rlhfv_cpu_variant(), failures);
+  std::printf("%s: %d failed\n", rlhfv::cpu_variant_name(), failures);
   return failures == 0 ? 0 : 1;
 }

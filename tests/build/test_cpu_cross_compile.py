@@ -50,7 +50,7 @@ SWEEPS_CHECK = os.path.join(ROOT, "tests", "build", "sweeps_check.cpp")
 
 
 def _sweeps_check_command(compiler: list, output) -> list:
-    """sweeps_check.cpp (csrc/cpu/logprob_cpu.cpp's chunk sweeps without torch) at the build's own flags; c10's
+    """sweeps_check.cpp (csrc/cpu/sweeps.h, the chunk sweeps without torch) at the build's own flags; c10's
     header-only bf16/half types come from the installed torch's headers. -UNDEBUG: zig's clang defines NDEBUG at -O3,
     and c10's declaration of glibc's __assert_fail under NDEBUG clashes with musl's."""
     includes = [f"-I{p}" for p in cpp_extension.include_paths()]

@@ -83,11 +83,13 @@ def test_no_import_cycles(package):
 
 
 def test_reference_is_self_contained():
-    """The oracle imports only torch and the output types: no validation, backend or loss code of ours."""
+    """The oracle imports only torch, the output types and the parameters' docs (_param_docs.stamp, which touches
+    docstrings only): no validation, backend or loss code of ours."""
     path = os.path.join(ROOT, "rlhfv_kernels", "reference.py")
     for node in ast.walk(ast.parse(open(path).read())):
         if isinstance(node, ast.ImportFrom) and node.level:
-            assert all(alias.name.endswith("Output") for alias in node.names), ast.dump(node)
+            assert (all(alias.name.endswith("Output") for alias in node.names)
+                    or (node.module == "_param_docs" and [a.name for a in node.names] == ["stamp"])), ast.dump(node)
         elif isinstance(node, ast.Import):
             assert all(alias.name.split(".")[0] == "torch" for alias in node.names), ast.dump(node)
 
@@ -109,7 +111,7 @@ def test_the_packages_import_one_way():
             if dep_parts[0] != "rlhfv_train" or len(dep_parts) < 2 or dep_parts[1] == parts[1]:
                 continue
             source, target = parts[1], dep_parts[1]
-            if target == "_moved" or source == "__main__":
+            if source == "__main__":
                 continue
             allowed = ({"data", "models"} if source == "integrations"
                        else {p for p, layer in LAYERS.items() if source in LAYERS and layer < LAYERS[source]})

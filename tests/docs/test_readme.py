@@ -99,11 +99,12 @@ def test_supported_models_table_is_the_generated_one():
     """On the transformers release the table names (other releases give other --packing columns: docs/models.md)."""
     pytest.importorskip("PIL")
     import transformers
-    from rlhfv_train.models.families import FAMILIES, supported_models_markdown
+    from rlhfv_train.models.support_table import supported_models_markdown
+    from rlhfv_train.models.tiny_families import FAMILIES
     recorded = re.search(r"with transformers (\S+):", (ROOT / "docs" / "models.md").read_text()).group(1)
     if recorded != transformers.__version__:
         pytest.skip(f"docs/models.md's table is transformers {recorded}'s; this is {transformers.__version__}")
     for needed in {package for family in FAMILIES.values() for package in family.needs}:
         pytest.importorskip(needed)
     assert supported_models_markdown() in (ROOT / "docs" / "models.md").read_text(), \
-        "docs/models.md's table is stale: paste `python -m rlhfv_train.models.families` into it"
+        "docs/models.md's table is stale: paste `python -m rlhfv_train.models.support_table` into it"

@@ -1,6 +1,6 @@
 """The compiled CPU kernels are built once per x86-64 level (16-float vectors under AVX-512, with AVX512-BF16's
 rounding instruction for the bf16 stores where the CPU has it, 8 under AVX2, 4 on the baseline:
-csrc/cpu/logprob_cpu.cpp, RLHFV_LEVELS) and this CPU runs the widest it has. RLHFV_CPU_LEVEL picks a lower one, so
+csrc/cpu/simd.h, RLHFV_LEVELS) and this CPU runs the widest it has. RLHFV_CPU_LEVEL picks a lower one, so
 the kernel suite checks every level's code against the float64 reference here, in a fresh process each (the level is
 read once)."""
 import os

@@ -41,7 +41,8 @@ def losses(b):
     path's function (logits, fused-linear, packed, reference)."""
     y = b["labels"]
     cases = []
-    for loss_type, bias_correction in (("grpo", False), ("dapo", True), ("bnpo", False), ("dr_grpo", False)):
+    for loss_type in rk.GRPO_LOSS_TYPES:
+        bias_correction = loss_type == "dapo"  # TRL's default option beside its default type
         cases.append((f"grpo-{loss_type}", lambda fn, x, lt=loss_type, bc=bias_correction: fn("grpo_loss")(
             x, y, b["advantages"], old_logps=b["old"], ref_logps=b["ref"], beta_kl=0.04, loss_type=lt,
             use_bias_correction_kl=bc).loss))

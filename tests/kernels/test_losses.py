@@ -167,7 +167,7 @@ def explicit_grpo(logps, old, ref, labels, adv, eps_lo, eps_hi, beta_kl, loss_ty
     return total / (B * T)
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+@pytest.mark.parametrize("loss_type", rk.GRPO_LOSS_TYPES)
 def test_grpo_matches_explicit_formula(loss_type):
     B, T, V = 5, 9, 21
     logits = torch.randn(B, T, V)
@@ -202,6 +202,49 @@ def test_grpo_num_items_in_batch_normalizer():
     a = rk.grpo_loss(logits, labels, adv, loss_type="dapo", backend="cpp")
     b = rk.grpo_loss(logits, labels, adv, loss_type="dapo", num_items_in_batch=12, backend="cpp")
     assert b.loss.item() == pytest.approx(a.loss.item() * 6 / 12, abs=1e-6)
+
+
+@pytest.mark.parametrize("route", ["logits", "linear"])
+@pytest.mark.parametrize("loss_type", rk.GRPO_LOSS_TYPES)
+def test_grpo_micro_batches_with_the_batch_normalisers_add_up_to_the_batch(loss_type, route):
+    """batch_rows / batch_tokens: each micro-batch's loss is its exact share, so the parts' losses and gradients sum
+    to the whole batch's (gradient accumulation without weights), and the reference agrees part by part."""
+    B, T, H, V = 5, 7, 6, 19
+    hidden, weight = torch.randn(B, T, H, dtype=torch.float64), torch.randn(V, H, dtype=torch.float64)
+    labels = torch.randint(0, V, (B, T))
+    labels[:, :2] = -100
+    labels[1, 3:] = -100
+    adv, old = torch.randn(B), -torch.rand(B, T) * 3
+    options = dict(loss_type=loss_type, old_logps=old, max_completion_length=9, epsilon_high=0.3)
+    batch = dict(batch_rows=B, batch_tokens=float((labels != -100).sum()))
+
+    def loss(rows, **extra):
+        h = hidden[rows].float().requires_grad_(True)
+        w = weight.float().requires_grad_(True)
+        kw = dict(options, old_logps=old[rows], **extra)
+        if route == "linear":
+            out = rk.linear_grpo_loss(h, w, labels[rows], adv[rows], **kw)
+        else:
+            out = rk.grpo_loss(h @ w.T, labels[rows], adv[rows], backend="cpp", **kw)
+        out.loss.backward()
+        expected = reference.grpo_loss(hidden[rows] @ weight.T, labels[rows], adv[rows],
+                                       **dict(kw, old_logps=old[rows].double()))
+        assert out.loss.item() == pytest.approx(expected.loss.item(), rel=1e-5, abs=1e-6)
+        return out.loss.item(), h.grad, w.grad
+
+    whole, h_grad, w_grad = loss(slice(0, B))
+    parts = [loss(rows, **batch) for rows in (slice(0, 2), slice(2, B))]
+    assert sum(p[0] for p in parts) == pytest.approx(whole, rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(torch.cat([p[1] for p in parts]), h_grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(parts[0][2] + parts[1][2], w_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_grpo_batch_normalisers_are_checked():
+    logits, labels, adv = torch.randn(3, 4, 7), torch.randint(0, 7, (3, 4)), torch.randn(3)
+    with pytest.raises(ValueError, match="batch_rows must be an int >= this call's 3 rows"):
+        rk.grpo_loss(logits, labels, adv, loss_type="grpo", batch_rows=2)
+    with pytest.raises(ValueError, match="batch_tokens"):
+        rk.grpo_loss(logits, labels, adv, loss_type="bnpo", batch_tokens=0.0)
 
 
 # ---- fused vs reference through the whole loss, with the float64 criterion ----

@@ -101,8 +101,7 @@ def test_ddpo_loss(backend, case, paired, inplace):
     close(packed_in.grad, pack(grads, real))
 
 
-@pytest.mark.parametrize("loss_type", rk.GRPO_LOSS_TYPES if hasattr(rk, "GRPO_LOSS_TYPES")
-                         else ("grpo", "bnpo", "dr_grpo", "dapo"))
+@pytest.mark.parametrize("loss_type", rk.GRPO_LOSS_TYPES)
 @pytest.mark.parametrize("case", ["odd", "one"])
 @pytest.mark.parametrize("width", ["longest", "max_seqlen"])
 def test_grpo_loss(backend, loss_type, case, width):

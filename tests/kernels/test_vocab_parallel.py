@@ -7,24 +7,20 @@ interpreted)."""
 import json
 import os
 import random
-import subprocess
 import sys
 
 import pytest
+from torchrun_launch import run_under_torchrun
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PORTS = {2: "29561", 4: "29562"}  # one per launch: other files' torchrun tests may run beside these (xdist)
 
 
 def launch(tmp_path, world):
     out = tmp_path / f"vocab-parallel-{world}.json"
     args = ["--quick"] if world == 4 else []
     seed = os.environ.get("RLHFV_TEST_SEED", str(random.SystemRandom().randrange(2**31)))  # fresh inputs per run
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1" if world == 4 else "0",
-           "RLHFV_TEST_SEED": seed}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
-                          "--master_port", PORTS[world], os.path.join(HERE, "vocab_parallel_run.py"), str(out), *args],
-                         capture_output=True, text=True, env=env, timeout=600)
+    env = {"TRITON_INTERPRET": "1" if world == 4 else "0", "RLHFV_TEST_SEED": seed}
+    run = run_under_torchrun([os.path.join(HERE, "vocab_parallel_run.py"), str(out), *args], nproc=world, env=env)
     assert run.returncode == 0, f"RLHFV_TEST_SEED={seed}: " + run.stderr[-4000:]
     return json.loads(out.read_text())
 
@@ -112,7 +108,7 @@ def test_the_benchmark_measures_what_the_theory_says(tmp_path):
     from benchmarks import vocab_parallel
     out = tmp_path / "vp.json"
     assert vocab_parallel.main(["--vocab", "3001", "--hidden", "64", "--tokens", "64", "--pairs", "2", "--repeats",
-                                "1", "--port", "29563", "--json", str(out)]) == 0
+                                "1", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["results"]
     assert [r["route"] for r in rows] == list(vocab_parallel.ROUTES)
     for row in rows:

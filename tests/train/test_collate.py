@@ -8,7 +8,7 @@ from rlhfv_train.data import synthetic
 from rlhfv_train.data import (PairCollator, PromptFormat, concat_rows, load_records, repeat_rows, select_rows,
                               token_aligned)
 from rlhfv_train.data.inputs import check_row_layout
-from rlhfv_train.models.families import build_family
+from rlhfv_train.models.tiny_families import build_family
 
 pytest.importorskip("PIL")
 

@@ -206,7 +206,7 @@ def test_parquet_rows(folder):
 def test_held_out_records_of_another_kind_join_the_run(folder):
     """Text-only held-out records beside image training records (a batch may mix them)."""
     from types import SimpleNamespace
-    from rlhfv_train.models.loading import load_run_records
+    from rlhfv_train.data import load_run_records
     train = write_jsonl(folder / "train.jsonl", [good(0), good(1)])
     held = write_jsonl(folder / "held.jsonl", [{"question": "q", "chosen": "c", "rejected": "r"}])
     dist = SimpleNamespace(is_main=True, barrier=lambda: None)
@@ -251,7 +251,7 @@ def test_a_video_record_for_a_processor_without_video_is_refused_by_name(folder)
     video) refuses a video record at its first batch, naming the processor; a text-only model names the record."""
     pytest.importorskip("av")
     from rlhfv_train.data import PairCollator, synthetic
-    from rlhfv_train.models.families import build_family
+    from rlhfv_train.models.tiny_families import build_family
     synthetic.write_video(str(folder / "clip.mp4"), [("red", "circle", "left")], 5)
     records, _ = load_records(write_jsonl(folder / "d.jsonl", [{"video": "clip.mp4", "question": "what do you see ?",
                                                                 "chosen": "a red circle", "rejected": "a circle"}]))

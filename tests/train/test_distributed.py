@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+from torchrun_launch import run_under_torchrun
 
 from rlhfv_train.run.distributed import wait_for_idle_threads
 
@@ -89,12 +90,30 @@ def test_processes_that_exit_right_after_collectives_exit_cleanly(tmp_path):
     destroy_process_group() alone at exit they passed here, but the trainer's two-process FSDP runs still aborted
     (3 of ~100 under load; 0 of 80 with the wait).
     Eight clean runs in a row have odds of ~0.4% without a teardown."""
-    import os
-    import subprocess
     script = tmp_path / "exit_right_after.py"
     script.write_text(EXIT_RIGHT_AFTER_COLLECTIVES)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for attempt in range(8):
-        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                              "29531", str(script)], capture_output=True, text=True, env=env, timeout=300)
+        run = run_under_torchrun([str(script)], timeout=300)
         assert run.returncode == 0, (attempt, run.stderr[-2000:])
+
+
+HANGS = """
+import os, sys, time
+open(os.path.join(sys.argv[1], os.environ["RANK"]), "w").write(str(os.getpid()))
+time.sleep(600)  # a process waiting on a peer that never comes
+"""
+
+
+def test_a_launch_that_hangs_is_killed_with_all_its_workers(tmp_path):
+    """The tests' torchrun helper: past its timeout it fails, and stops the workers too, not only the launcher (the
+    workers of a hung launch would otherwise live on for the rest of the suite)."""
+    import os
+    script = tmp_path / "hangs.py"
+    script.write_text(HANGS)
+    with pytest.raises(AssertionError, match="ran past 20 s; stopped"):
+        run_under_torchrun([str(script), str(tmp_path)], timeout=20)
+    pids = [int((tmp_path / rank).read_text()) for rank in ("0", "1")]
+    deadline = time.monotonic() + 10
+    while any(os.path.exists(f"/proc/{pid}") for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in pids)

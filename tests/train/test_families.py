@@ -1,4 +1,4 @@
-"""The family matrix: every tiny family of rlhfv_train/models/families.py (real transformers model and processor
+"""The family matrix: every tiny family of rlhfv_train/models/tiny_families.py (real transformers model and processor
 classes, random weights, built in code, saved to a folder and loaded back as a user's --model) through
 (a) the fused-linear route vs log_softmax of the model's own .logits on a collated preference batch (every processor
     tensor passed), (b) 3 DDPO steps (after one SFT warm-up step on the chosen half) on the logits path and on
@@ -21,8 +21,8 @@ from rlhfv_train.data import load_records, PairCollator, synthetic
 from rlhfv_train.eval import GenerationSettings, evaluate_hallucination
 from rlhfv_train.grpo import GRPOConfig, train_grpo
 from rlhfv_train.models import UnsupportedModelError, check_fused_linear, hidden_and_head, load_processor_and_model
-from rlhfv_train.models.families import FAMILIES, build_family
-from rlhfv_train.models.packing import known_unsupported
+from rlhfv_train.models.tiny_families import FAMILIES, build_family
+from rlhfv_train.models.packed_model import known_unsupported
 from rlhfv_train.ddpo import TrainConfig, train
 
 pytest.importorskip("PIL")
@@ -91,7 +91,7 @@ def test_three_ddpo_steps_on_both_paths(family, tmp_path):
     assert losses[True] == pytest.approx(losses[False], abs=1e-5)
 
 
-# models/packing.check_packing refuses these on the installed transformers (docs/models.md's table gives 5.25's):
+# models/packed_model.check_packing refuses these on the installed transformers (docs/models.md's table gives 5.25's):
 # mllama, gemma3 from 5.23 (KNOWN_UNSUPPORTED), paligemma before 5.24 (its prefix mask lets packed sequences see each
 # other there: the comparison finds it)
 PACKING_REFUSED = ({"mllama"} | ({"gemma3"} if known_unsupported("gemma3") else set())

@@ -1,9 +1,6 @@
 """The trainers' command lines come from their config dataclasses (rlhfv_train/run/flags.py), and the module names
 of before the layout by concern still work, with a FutureWarning."""
 import dataclasses
-import subprocess
-import sys
-import warnings
 
 import pytest
 
@@ -84,47 +81,3 @@ def test_a_new_option_is_one_field():
         class Bad(RunConfig):
             listed: list = flags.option(None, "a list")
         flags.build_parser(Bad, "prog", "")
-
-
-@pytest.mark.parametrize("old, new, name", [("rlhfv_train.train", "rlhfv_train.ddpo", "TrainConfig"),
-                                            ("rlhfv_train.evaluate", "rlhfv_train.eval", "hallucination_rates"),
-                                            ("rlhfv_train.synthetic", "rlhfv_train.data.synthetic", "describe"),
-                                            ("rlhfv_train.rewards", "rlhfv_train.grpo.rewards", "SceneJudge")])
-def test_the_old_module_names_still_import_with_a_warning(old, new, name, monkeypatch):
-    import importlib
-    monkeypatch.delitem(sys.modules, old, raising=False)
-    with pytest.warns(FutureWarning, match=f"{old} moved to {new}"):
-        module = importlib.import_module(old)
-    assert module is importlib.import_module(new) and hasattr(module, name)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        importlib.import_module(new)  # the new name: no warning
-
-
-@pytest.mark.parametrize("module, old, new", [("rlhfv_train.run.sft", "warmup", "fine_tune"),
-                                              ("rlhfv_train.run.sft", "warm_up_once", "sft_stage"),
-                                              ("rlhfv_train.ddpo", "evaluate", "held_out_metrics"),
-                                              ("rlhfv_train.grpo", "evaluate", "held_out_metrics")])
-def test_renamed_functions_still_answer_to_their_old_names(module, old, new):
-    import importlib
-    mod = importlib.import_module(module)
-    with pytest.warns(FutureWarning, match=f"{module}.{old} moved to {module}.{new}"):
-        assert getattr(mod, old) is getattr(mod, new)
-    from rlhfv_train.run.schedule import cosine_with_warmup
-    with pytest.warns(FutureWarning):
-        assert importlib.import_module("rlhfv_train.ddpo").cosine_with_warmup is cosine_with_warmup
-    with pytest.raises(AttributeError, match="has no attribute 'nope'"):
-        getattr(mod, "nope")
-
-
-def test_the_old_command_names_still_run(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "rlhfv_train.synthetic", "--help"], capture_output=True, text=True,
-                         cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
-    assert "moved to rlhfv_train.data.synthetic" in out.stderr and "usage" in out.stdout
-    out = subprocess.run([sys.executable, "-m", "rlhfv_train.evaluate", "--help"], capture_output=True, text=True,
-                         cwd=tmp_path)
-    assert out.returncode == 0 and "python -m rlhfv_train.eval" in out.stdout, out.stderr
-    out = subprocess.run([sys.executable, "-c", "import rlhfv_train.ablation"], capture_output=True, text=True,
-                         cwd=tmp_path)  # outside a clone: the experiments are not installed
-    assert out.returncode != 0 and "python -m experiments.ablation` from a clone" in out.stderr

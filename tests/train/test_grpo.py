@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from torchrun_launch import run_under_torchrun
 
 import rlhfv_kernels as rk
 from rlhfv_train.data import load_records
@@ -94,7 +95,7 @@ def test_first_update_has_ratio_one(dataset):
     assert with_old.clip_ratio.item() == 0.0
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+@pytest.mark.parametrize("loss_type", rk.GRPO_LOSS_TYPES)
 def test_micro_batching_does_not_change_the_step(tmp_path, dataset, warm, loss_type, monkeypatch):
     """One step with 12 sequences in micro-batches of 5 (and old/reference log-probs, clipping, KL) ends where one
     micro-batch of all 12 does: each loss type's normalisation is over the whole batch of rollouts.
@@ -307,10 +308,7 @@ def test_two_gloo_processes(tmp_path, dataset, warm, parallel):
               "--eval-every", "2", "--save-every", "2", "--micro-batch", "3", "--no-progress", "--device", "cpu",
               *flags]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-         {"ddp": "29527", "fsdp": "29528", "tp": "29529"}[parallel], *common, "--output-dir", str(tmp_path / "two")],
-        capture_output=True, text=True, env=env, timeout=600)
+    run = run_under_torchrun([*common, "--output-dir", str(tmp_path / "two")])
     assert run.returncode == 0, run.stderr[-3000:]
     rows = [json.loads(line) for line in open(tmp_path / "two" / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [0, 1, 2] and "chair_s" in rows[2] and rows[2]["kl"] > 0

@@ -29,7 +29,7 @@ def simulate_world(monkeypatch, size):
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda *a, **k: size)
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+@pytest.mark.parametrize("loss_type", rk.GRPO_LOSS_TYPES)
 @pytest.mark.parametrize("beta,bias_correction", [(0.0, False), (0.1, False), (0.1, True)])
 @pytest.mark.parametrize("world", [1, 2])
 def test_equals_liger(loss_type, beta, bias_correction, world, monkeypatch):

@@ -12,8 +12,9 @@ import torch
 from rlhfv_train.data import (PairCollator, PreferenceRecord, concat_rows, open_images, repeat_rows, select_rows,
                               synthetic)
 from rlhfv_train.data.inputs import ROW_COUNTS, model_kwargs, with_row_counts
-from rlhfv_train.models.families import FAMILIES, build_family, selection_error
-from rlhfv_train.models.packing import check_packing, known_unsupported
+from rlhfv_train.models.support_table import selection_error
+from rlhfv_train.models.tiny_families import FAMILIES, build_family
+from rlhfv_train.models.packed_model import check_packing, known_unsupported
 from routes import assert_routes_agree
 
 pytest.importorskip("PIL")

@@ -13,7 +13,7 @@ from rlhfv_train import eval as evaluate
 from rlhfv_train.data import synthetic
 from rlhfv_train.grpo import GRPOConfig, train_grpo
 from rlhfv_train.models import load_processor_and_model
-from rlhfv_train.models.families import build_family
+from rlhfv_train.models.tiny_families import build_family
 from rlhfv_train.ddpo import TrainConfig, train
 
 pytest.importorskip("peft")

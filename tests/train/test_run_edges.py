@@ -10,6 +10,7 @@ import shutil
 
 import pytest
 import torch
+from torchrun_launch import run_under_torchrun
 
 from rlhfv_train import ddpo, files, grpo
 from rlhfv_train.ddpo import trainer as ddpo_trainer
@@ -156,15 +157,11 @@ def test_under_torchrun_a_nan_in_one_process_stops_every_process_at_the_same_ste
     """Process 1's third loss is NaN (tests/train/fault_run.py nan:3@1): the guard decides on values every process
     shares (the averaged loss, the synchronized gradients' norm), so both stop at step 3 (a process that went on
     alone would wait on its peer forever), and process 0 wrote nothing after step 2's checkpoint."""
-    import subprocess
-    import sys
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           "29535", os.path.join(root, "tests", "train", "fault_run.py"), "ddpo", "nan:3@1",
-                           "--data", dataset, "--output-dir", str(out), *DDPO, "--batch-size", "2"],
-                          capture_output=True, text=True, env=env, timeout=600, cwd=root)
+    env = {"PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = run_under_torchrun([os.path.join(root, "tests", "train", "fault_run.py"), "ddpo", "nan:3@1", "--data",
+                               dataset, "--output-dir", str(out), *DDPO, "--batch-size", "2"], env=env, cwd=root)
     assert done.returncode != 0
     assert done.stderr.count("error: step 3: the loss is nan") == 2, done.stderr[-3000:]
     state = checkpoint(out)

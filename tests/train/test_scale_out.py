@@ -4,12 +4,11 @@ computed exactly is refused by name. One torchrun launch runs every layout (test
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torchrun_launch import run_under_torchrun
 
 import rlhfv_kernels as rk
 
@@ -25,9 +24,7 @@ ZERO3 = ["zero3 ddpo", "zero3 logps"]  # where DeepSpeed is installed (requireme
 @pytest.fixture(scope="module")
 def wrapped(tmp_path_factory):
     out = tmp_path_factory.mktemp("wrappers") / "results.json"
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          "29551", os.path.join(HERE, "wrappers_run.py"), str(out)],
-                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    run = run_under_torchrun([os.path.join(HERE, "wrappers_run.py"), str(out)])
     assert run.returncode == 0, run.stderr[-4000:]
     return json.loads(out.read_text())
 
@@ -115,17 +112,13 @@ def test_a_zero3_partition_is_refused_by_name():
 def trl_sharded(tmp_path_factory):
     pytest.importorskip("trl")
     out = tmp_path_factory.mktemp("trl-fsdp") / "results.json"
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          "29552", os.path.join(HERE, "trl_sharded_run.py"), str(out)],
-                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    run = run_under_torchrun([os.path.join(HERE, "trl_sharded_run.py"), str(out)])
     assert run.returncode == 0, run.stderr[-4000:]
     results = json.loads(out.read_text())
     assert all(r["fsdp"] for r in results.values())  # accelerate really sharded them (it downgrades silently)
     if importlib.util.find_spec("deepspeed") is not None:
         out = out.with_name("zero3.json")
-        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                              "--master_port", "29553", os.path.join(HERE, "trl_sharded_run.py"), str(out), "zero3"],
-                             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+        run = run_under_torchrun([os.path.join(HERE, "trl_sharded_run.py"), str(out), "zero3"])
         assert run.returncode == 0, run.stderr[-4000:]
         zero3 = json.loads(out.read_text())
         assert all(r["partitioned"] for r in zero3.values())
@@ -165,7 +158,7 @@ def test_the_scale_out_benchmark_runs(tmp_path):
     every process's times and peak memory (the recorded runs: benchmarks/results/scale-out-*)."""
     from benchmarks import scale_out
     path = tmp_path / "s.json"
-    assert scale_out.main(["--vocab", "500", "--pairs", "2", "--repeats", "1", "--port", "29554",
+    assert scale_out.main(["--vocab", "500", "--pairs", "2", "--repeats", "1",
                            "--json", str(path)]) == 0
     rows = json.loads(path.read_text())["results"]
     assert [r["route"] for r in rows] == list(scale_out.ROUTES)

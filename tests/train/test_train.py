@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+from torchrun_launch import run_under_torchrun
 
 from rlhfv_train.data import IGNORE_INDEX, load_records, PairCollator, synthetic
 from rlhfv_train.ddpo import reference_scores as refcache
@@ -184,15 +185,12 @@ def test_two_gloo_processes_match_one_process(tmp_path, dataset, parallel, route
     import sys
     common = ["--data", dataset, "--max-steps", "3", "--sft-weight", "0", "--sft-steps", "2", "--eval-fraction", "0.25",
               "--save-every", "3", "--no-progress", "--lr", "5e-4", "--grad-accum", "2", "--device", "cpu", *route]
-    port = "29517"  # one per test file: a file's tests run one after another (--dist loadfile)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     flags = {"fsdp": ["--fsdp", "--batch-size", "2"], "tp": ["--tensor-parallel", "--batch-size", "4"]}.get(
         parallel, ["--batch-size", "2"])
 
     def launch(*extra):
-        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                               "--master_port", port, "-m", "rlhfv_train", "--output-dir", str(tmp_path / "ddp"),
-                               *flags, *common, *extra], capture_output=True, text=True, env=env, timeout=600)
+        return run_under_torchrun(["-m", "rlhfv_train", "--output-dir", str(tmp_path / "ddp"), *flags, *common, *extra])
     ddp = launch()
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     single = subprocess.run([sys.executable, "-m", "rlhfv_train", "--output-dir", str(tmp_path / "one"),

@@ -1,6 +1,6 @@
-"""--packing in both trainers (rlhfv_train/data/packing.py, models/packing.py): the row plan, the packed model inputs
-(images kept with their sequences, tails continuing their row's last sequence, mRoPE position ids), the packed
-forward equal to the padded one, and a few training steps of each trainer equal to the padded run's within
+"""--packing in both trainers (rlhfv_train/data/packed_rows.py, models/packed_model.py): the row plan, the packed
+model inputs (images kept with their sequences, tails continuing their row's last sequence, mRoPE position ids), the
+packed forward equal to the padded one, and a few training steps of each trainer equal to the padded run's within
 rounding, on both scoring paths. The family matrix (tests/train/test_families.py) runs every family packed."""
 import json
 import os
@@ -10,14 +10,14 @@ import torch
 
 from rlhfv_train.data import load_records, PairCollator, synthetic
 from rlhfv_train.ddpo import build_parser, config_from_args
-from rlhfv_train.data.packing import pack_batch, pack_for_loss, plan_rows
+from rlhfv_train.data.packed_rows import pack_batch, pack_for_loss, plan_rows
 from rlhfv_train.grpo import GRPOConfig, train_grpo
 from rlhfv_train.grpo import build_parser as grpo_parser
 from rlhfv_train.grpo import config_from_args as grpo_config
 from rlhfv_train.models import UnsupportedModelError, tiny
-from rlhfv_train.models.families import build_family
-from rlhfv_train.models import packing as models_packing
-from rlhfv_train.models.packing import check_packing, mrope_index
+from rlhfv_train.models.tiny_families import build_family
+from rlhfv_train.models import packed_model
+from rlhfv_train.models.packed_model import check_packing, mrope_index
 from rlhfv_train.ddpo import TrainConfig, train
 
 pytest.importorskip("PIL")
@@ -98,19 +98,19 @@ def test_check_packing_passes_and_refuses(dataset):
     assert check_packing(model, inputs) < 1e-5
     processor, gemma = build_family("gemma3", seed=1)
     inputs = PairCollator(processor, gamma=5.0)(list(enumerate(records[:2]))).model_inputs()
-    if models_packing.known_unsupported("gemma3") is None:  # transformers < 5.23: gemma3 packs right
+    if packed_model.known_unsupported("gemma3") is None:  # transformers < 5.23: gemma3 packs right
         assert check_packing(gemma, inputs) < 1e-5
         return
     with pytest.raises(UnsupportedModelError, match="Gemma3ForConditionalGeneration: its bidirectional image-token "
                                                     "mask .* Train without packing"):
         check_packing(gemma, inputs)
     # the comparison itself catches it too: the longest sequence placed after the shortest attends to its future
-    known = models_packing.KNOWN_UNSUPPORTED.pop("gemma3")
+    known = packed_model.KNOWN_UNSUPPORTED.pop("gemma3")
     try:
         with pytest.raises(UnsupportedModelError, match="packed into rows, its sequences' logits differ"):
             check_packing(gemma, inputs)
     finally:
-        models_packing.KNOWN_UNSUPPORTED["gemma3"] = known
+        packed_model.KNOWN_UNSUPPORTED["gemma3"] = known
 
 
 def _losses(output_dir):

@@ -396,7 +396,7 @@ def test_grpo_training_runs_and_refuses_fp32_head_cast(model_dir, tmp_path):
         make_grpo(trl_dropin.GRPOTrainer, model_dir, tmp_path, use_fused_linear=True, chunk_size=-1)
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+@pytest.mark.parametrize("loss_type", rk.GRPO_LOSS_TYPES)
 def test_grpo_loss_conventions_equal_trls(loss_type, model_dir, tmp_path):
     """rk.grpo_loss with TRL's conventions (num_items_in_batch over the generation batch, dr_grpo's
     max_completion_length, use_bias_correction_kl=True, TRL's default) equals TRL's own GRPO loss on its inputs."""
@@ -440,7 +440,7 @@ def vlm_rows(images=1):
 @pytest.mark.parametrize("family", VLM_FAMILIES)
 @pytest.mark.parametrize("fused_linear", [False, True], ids=["logits", "fused-linear"])
 def test_vision_language_dpo_equals_trl(family, fused_linear, tmp_path):
-    from rlhfv_train.models.families import build_family
+    from rlhfv_train.models.tiny_families import build_family
 
     def make(cls, **kwargs):
         processor, model = build_family(family, seed=0)
@@ -468,7 +468,7 @@ def test_several_images_per_row_dpo_equals_trl(family, layout, tmp_path):
     """Two images of different sizes per row, or rows of one image beside text-only rows, TRL's collator: the
     drop-in's padded and padding-free (packed) runs give TRL's numbers (packed: each sequence's patches or tiles go
     with it, none with a text-only one)."""
-    from rlhfv_train.models.families import build_family
+    from rlhfv_train.models.tiny_families import build_family
     rows = vlm_rows(images=2) if layout == "two images" else text_only_beside(vlm_rows())
 
     def make(cls, **kwargs):
@@ -498,7 +498,7 @@ def test_padding_free_vision_language_dpo(family, tmp_path):
     """Qwen2-VL (left-padded prompts, mRoPE) and InternVL (5 tiles per image) packed give TRL's numbers; Gemma 3 is
     refused by name."""
     from rlhfv_train.models import UnsupportedModelError
-    from rlhfv_train.models.families import build_family
+    from rlhfv_train.models.tiny_families import build_family
 
     def make(cls, **kwargs):
         processor, model = build_family(family, seed=0)
@@ -522,7 +522,7 @@ def test_vision_language_grpo_equals_trl(family, fused_linear, images, tmp_path)
     image_grid_thw) reach both heads, one image per row or several of two sizes. (TRL 1.16's own GRPOTrainer fails
     on a text-only row beside image rows, in _prepare_inputs: not tested here.)"""
     from PIL import Image
-    from rlhfv_train.models.families import build_family
+    from rlhfv_train.models.tiny_families import build_family
     processor, model = build_family(family, seed=0)
     model.save_pretrained(tmp_path / "model")
     processor.save_pretrained(tmp_path / "model")

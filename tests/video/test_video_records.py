@@ -13,8 +13,9 @@ import torch
 
 from rlhfv_train.data import PairCollator, PreferenceRecord, load_records, open_video, synthetic
 from rlhfv_train.data.inputs import ROW_COUNTS, model_kwargs
-from rlhfv_train.models.families import FAMILIES, build_family, selection_error, video_support_markdown
-from rlhfv_train.models.packing import check_packing, known_unsupported
+from rlhfv_train.models.support_table import selection_error, video_support_markdown
+from rlhfv_train.models.tiny_families import FAMILIES, build_family
+from rlhfv_train.models.packed_model import check_packing, known_unsupported
 from routes import assert_routes_agree
 
 pytest.importorskip("torchvision")
@@ -58,7 +59,8 @@ def test_the_video_table_is_the_generated_one():
     docs = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "models.md")
     with open(docs) as f:
         assert video_support_markdown() in f.read(), \
-            "docs/models.md's video table is stale: paste `python -m rlhfv_train.models.families --video` (.venv/video)"
+            ("docs/models.md's video table is stale: paste `python -m rlhfv_train.models.support_table --video` "
+             "(.venv/video)")
 
 
 def test_frames_are_sampled_uniformly_over_the_clip(tmp_path):

@@ -1,4 +1,4 @@
-"""The model side of packed training (data/packing.py lays out the batches): a model's own 3-D position ids for
+"""The model side of packed training (data/packed_rows.py lays out the batches): a model's own 3-D position ids for
 mRoPE families, and the check that a model keeps packed sequences apart, run once before training."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import inspect
 import torch
 
 from ..data.inputs import select_rows
-from ..data.packing import pack_batch, padded_lengths
+from ..data.packed_rows import pack_batch, padded_lengths
 from .adapter import UnsupportedModelError, unwrap
 from .forward import forward_logits
 

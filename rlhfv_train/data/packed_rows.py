@@ -14,7 +14,7 @@ last token), so it joins that sequence as ignored tokens.
 mRoPE models (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, ...) get [4, P, L] position ids: the text positions, then each
 sequence's own 3-D positions from the model's get_rope_index on the padded batch, packed the same way.
 
-Whether a model keeps its sequences apart this way is not assumed: models/packing.check_packing compares the packed
+Whether a model keeps its sequences apart this way is not assumed: models/packed_model.check_packing compares the packed
 forward with the padded one on a real batch before training, and refuses a family where they differ.
 """
 from __future__ import annotations

@@ -1,6 +1,8 @@
 """Tiny versions of the model families people align, built in code from transformers' own config, model and processor
-classes (random weights, no download): the family test matrix (tests/train/test_families.py), `benchmarks/trainer.py
---family NAME` and anyone who wants a family-shaped model to try the trainers on.
+classes (random weights, no download): test fixtures (the family matrix, tests/train/test_families.py) that also prove
+docs/models.md's support table (support_table.py), `benchmarks/trainer.py --family NAME`, and anyone who wants a
+family-shaped model to try the trainers on. A real checkpoint needs no entry here: the trainers load any local
+Hugging Face folder (loading.py), and the fused-linear route checks each model against its own logits.
 
 Each family has a word-level tokenizer over the synthetic scenes' words plus the family's own special tokens, its
 real image processor (the PIL backend) and, where the family has one, a chat template in its own format. Bodies are
@@ -9,12 +11,11 @@ real image processor (the PIL backend) and, where the family has one, a chat tem
 transformers' video processors need torchvision, which does not import beside PyPI's CPU-only torch wheel; where
 it imports, the families that take video records (Family.video: Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision,
 SmolVLM, InternVL) carry their own video processor; elsewhere they are built with an image-only subclass of their
-processor (without_video): same class, same __call__, no video processor (models/loading.py loads saved ones the
-same way when torchvision is missing).
+processor (processors.without_video): same class, same __call__, no video processor (loading.py loads saved ones
+the same way when torchvision is missing).
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -22,6 +23,7 @@ import torch
 
 from ..data.synthetic import VOCABULARY
 from . import tiny
+from .processors import with_video
 
 TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             max_position_embeddings=512)
@@ -44,48 +46,6 @@ class Family:
     build: Callable    # (vocab_size, seed) -> (processor or tokenizer, model)
     needs: tuple[str, ...] = ()  # packages its transformers processor imports beyond transformers' own
     video: bool = False  # built with its video processor where torchvision imports (video records)
-
-
-def can_build_video_processors() -> bool:
-    """Whether transformers' video processors can be built here (they need torchvision)."""
-    from transformers.utils import is_torchvision_available
-    return is_torchvision_available()
-
-
-def with_video(processor_class, video_processor: Callable, **kwargs):
-    """processor_class(**kwargs) with its video processor (video_processor(), built only where torchvision imports),
-    else the image-only processor (without_video)."""
-    if can_build_video_processors():
-        return processor_class(video_processor=video_processor(), **kwargs)
-    return without_video(processor_class)(**kwargs)
-
-
-def without_video(processor_class):
-    """An image-only subclass of a transformers processor class: the same processor without its video processor
-    (which needs torchvision). Its from_pretrained and __init__ skip the video processor."""
-    attrs = {
-        "get_attributes": classmethod(lambda cls: [a for a in processor_class.get_attributes()
-                                                   if a != "video_processor"]),
-    }
-    params = inspect.signature(processor_class.__init__).parameters
-    if "video_processor" in params and params["video_processor"].default is inspect.Parameter.empty:
-        attrs["__init__"] = _init_with_default_video(processor_class, params)
-    image_only = type(processor_class.__name__, (processor_class,), attrs)
-    image_only.__qualname__ = processor_class.__qualname__
-    return image_only
-
-
-def _init_with_default_video(processor_class, params):
-    """processor_class.__init__ with video_processor=None as default (SmolVLM's requires the argument), written with
-    the parent's own parameter names: from_pretrained reads the accepted arguments from __init__'s code."""
-    names = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    defaults = {n: params[n].default for n in names if params[n].default is not inspect.Parameter.empty}
-    defaults["video_processor"] = None
-    listed = ", ".join(f"{n}=_defaults[{n!r}]" if n in defaults else n for n in names)
-    call = ", ".join(f"{n}={n}" for n in names[1:])
-    namespace = {"_defaults": defaults, "_parent": processor_class}
-    exec(f"def __init__({listed}, **kwargs):\n    _parent.__init__(self, {call}, **kwargs)\n", namespace)
-    return namespace["__init__"]
 
 
 def _seeded(seed, make):
@@ -385,176 +345,3 @@ def build_family(name: str, *, vocab_size: int | None = None, seed: int = 0):
     if name not in FAMILIES:
         raise ValueError(f"unknown family {name!r}; choose from {', '.join(FAMILIES)}")
     return FAMILIES[name].build(vocab_size=vocab_size, seed=seed)
-
-
-@torch.no_grad()
-def selection_error(model, inputs: dict, rows: list[int]) -> float:
-    """The largest difference between the model's logits of select_rows(inputs, rows) and the full batch's rows, at
-    every real token: 0 when each sequence's image rows go with it (data/inputs.py)."""
-    from ..data.inputs import model_kwargs, select_rows
-    full = model(**model_kwargs(inputs)).logits
-    picked = model(**model_kwargs(select_rows(inputs, rows))).logits
-    mask = inputs["attention_mask"][rows].bool()
-    return float((picked[mask] - full[rows][mask]).abs().max())
-
-
-def _describe_transform(model) -> str:
-    from .adapter import logit_transform
-    t = logit_transform(model)
-    parts = [] if t.logit_scale == 1.0 else [f"scale {t.logit_scale:g}"]
-    parts += [] if t.softcap is None else [f"soft cap {t.softcap:g}"]
-    return ", ".join(parts) or "none"
-
-
-def tiles_per_image(processor, sizes=((32, 32), (64, 32))) -> str:
-    """What the family's image processor, at its settings, makes of one image at each of `sizes` (width, height),
-    read from its own output: tiles or crops (InternVL's num_patches with the thumbnail, LLaVA-NeXT / OneVision's
-    anyres crops with the base image, Idefics3 / SmolVLM's splits with the global image, Mllama's tiles), or
-    patches for a dynamic-resolution family (image_grid_thw, Qwen-VL); 1 where the image is resized to one input."""
-    from PIL import Image
-    counts, unit = [], "tiles"
-    for size in sizes:
-        out = processor.image_processor(images=[[Image.new("RGB", size, (200, 30, 30))]], return_tensors="pt")
-        if "num_patches" in out:
-            count = int(out["num_patches"][0])
-        elif "image_grid_thw" in out:
-            count, unit = int(out["image_grid_thw"].prod()), "patches"
-        elif "aspect_ratio_mask" in out:
-            count = int(out["aspect_ratio_mask"].sum())
-        elif out["pixel_values"].dim() == 5:
-            count = int(out["pixel_values"].shape[1])
-        else:
-            count = int(out["pixel_values"].shape[0])
-        counts.append(str(count))
-    return " → ".join(counts) + ("" if unit == "tiles" else f" {unit}")
-
-
-def supported_models_markdown() -> str:
-    """docs/models.md's table: every family of FAMILIES with the model inputs its processor gives a collated
-    preference batch and the logit transform the fused-linear route applies; tests/train/test_families.py runs each
-    family through both trainers and the fused-linear check (the ✓ columns) and --packing (✓, or refused by
-    models/packing.check_packing, which this table runs on the batch); tiles per image: tiles_per_image at 32 x 32
-    and 64 x 32 pixels (the several-images check shows each family both); several images: a record with two images
-    beside one with one, each sequence's logits unchanged when the batch is cut (selection_error); text-only records
-    beside: a two-image record and a text-only one in a batch, the same (the trainers on both:
-    tests/train/test_image_layouts.py); tests/docs/test_readme.py keeps the docs' copy
-    equal to this."""
-    import dataclasses
-    import io
-    import random
-
-    from PIL import Image
-
-    from ..data import synthetic
-    from ..data import PairCollator, PreferenceRecord
-    from ..data.inputs import model_kwargs
-    from .adapter import UnsupportedModelError
-    from .packing import check_packing
-
-    buffer = io.BytesIO()
-    Image.new("RGB", (32, 32), (200, 30, 30)).save(buffer, format="PNG")
-    record = PreferenceRecord(question="what do you see ?", chosen="a red circle on the left",
-                              rejected="a blue circle on the left", images=(buffer.getvalue(),))
-    scenes = []  # the packing check: two synthetic scenes (packed sequences that see each other's image must show)
-    several = []  # the several-images check: the scenes with one and two images (the second at 64 x 32 pixels)
-    for seed in (1, 2):
-        rng = random.Random(seed)
-        example = synthetic.make_example(rng)
-        images = []
-        for size in ((32, 32), (64, 32))[:seed]:
-            buffer = io.BytesIO()
-            synthetic.draw(example["objects"], rng=rng).resize(size).save(buffer, format="PNG")
-            images.append(buffer.getvalue())
-        texts = dict(question=example["question"], chosen=example["chosen"], rejected=example["rejected"])
-        scenes.append((seed, PreferenceRecord(**texts, images=tuple(images[:1]))))
-        several.append((seed, PreferenceRecord(**texts, images=tuple(images))))
-    mixed = [several[1], (0, PreferenceRecord(**texts))]  # a two-image record beside a text-only one
-    import transformers
-
-    lines = [f"Generated by `python -m rlhfv_train.models.families` with transformers {transformers.__version__}:", "",
-             "| family | class | model inputs from the processor | logit transform | DDPO, GRPO | --fused-linear | "
-             "LoRA | --packing | tiles per image, 32×32 → 64×32 | several images | text-only records beside |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for family in FAMILIES.values():
-        processor, model = family.build()
-        as_data = (lambda items: items) if family.kind == "image-text" else \
-            (lambda items: [(i, dataclasses.replace(r, images=())) for i, r in items])  # a text model's records
-        batch = PairCollator(processor, gamma=5.0)(as_data([(0, record)]))
-        inputs = ", ".join(f"`{name}`" for name in model_kwargs(batch.inputs))
-        try:
-            check_packing(model, PairCollator(processor, gamma=5.0)(as_data(scenes)).model_inputs())
-            packing = "✓"
-        except UnsupportedModelError:
-            packing = "refused"
-        several_images = mixed_records = tiles = "—"
-        if family.kind == "image-text":
-            tiles = tiles_per_image(processor)
-            collate = PairCollator(processor, gamma=5.0)
-            several_images = "✓" if selection_error(model, collate(several).model_inputs(), [3, 0]) < 1e-4 else "fails"
-            inputs_of_mixed = collate(mixed).model_inputs()  # 2 images in 4 sequences; cut to each alone too
-            mixed_records = "✓" if max(selection_error(model, inputs_of_mixed, rows)
-                                       for rows in ([3, 0], [1], [2])) < 1e-4 else "fails"
-        transform = _describe_transform(model)
-        lines.append(f"| {family.name} | `{family.model_class}` | {inputs} | {transform} | ✓ | ✓ | ✓ | "
-                     f"{packing} | {tiles} | {several_images} | {mixed_records} |")
-    return "\n".join(lines) + "\n"
-
-
-def video_support_markdown() -> str:
-    """docs/models.md's video table, where torchvision imports (.venv/video: scripts/video_env.sh): every image
-    family with what its processor returns for a clip and ✓ when a batch of a video record (an 11-frame clip, 8
-    frames shown), a video-and-image record and a text-only one keeps each sequence's logits when it is cut and when
-    it is packed (where the family packs); a family built without a video processor refuses video records (its
-    processor class may take one that the tiny family does not build yet, or none at all)."""
-    import random
-    import tempfile
-
-    import transformers
-
-    from ..data import PairCollator, PreferenceRecord, synthetic
-    from ..data.inputs import model_kwargs
-    from .packing import check_packing, known_unsupported
-
-    if not can_build_video_processors():
-        raise RuntimeError("the video table needs torchvision (run it in .venv/video: scripts/video_env.sh)")
-    with tempfile.TemporaryDirectory() as folder:
-        example = synthetic.make_example(random.Random(3))
-        clip = synthetic.write_video(f"{folder}/clip.mp4", example["objects"], 11)
-        image = f"{folder}/scene.png"
-        synthetic.draw(example["objects"]).save(image)
-        texts = dict(question=example["question"], chosen=example["chosen"], rejected=example["rejected"])
-        records = [(0, PreferenceRecord(**texts, video=clip)), (1, PreferenceRecord(**texts, video=clip,
-                                                                                    images=(image,))),
-                   (2, PreferenceRecord(**texts))]
-        lines = [f"Generated by `python -m rlhfv_train.models.families --video` in .venv/video with transformers "
-                 f"{transformers.__version__}:", "", "| family | video | tensors of a clip |", "|---|---|---|"]
-        for family in FAMILIES.values():
-            if family.kind != "image-text":
-                continue
-            processor, model = family.build()
-            if getattr(processor, "video_processor", None) is None:
-                takes_video = "video_processor" in inspect.signature(type(processor).__init__).parameters
-                reason = "its video processor is not wired in yet" if takes_video else "the family takes no video"
-                lines.append(f"| {family.name} | refused by name ({reason}) | — |")
-                continue
-            collate = PairCollator(processor, gamma=5.0)
-            try:
-                inputs, note, cuts = collate(records).model_inputs(), "", ([0, 5], [2], [4, 1])
-            except ValueError as exc:  # videos beside images refused (collate.VIDEO_WITH_IMAGES_FAILS)
-                if "a batch with videos and images" not in str(exc):
-                    raise
-                inputs, cuts = collate(records[::2]).model_inputs(), ([0, 3], [1], [2, 0])
-                note = " (videos and images in one batch: refused by name, its processor drops the images)"
-            alone = collate(records[:1]).model_inputs()
-            ok = max(selection_error(model, inputs, rows) for rows in cuts) < 1e-4
-            if known_unsupported(model.config.model_type) is None:
-                ok = ok and check_packing(model, inputs) < 1e-3
-            shapes = ", ".join(f"`{name}` {list(value.shape)}" for name, value in model_kwargs(alone).items()
-                               if name not in ("input_ids", "attention_mask", "mm_token_type_ids"))
-            lines.append(f"| {family.name} | {'✓' if ok else 'fails'}{note} | {shapes} |")
-    return "\n".join(lines) + "\n"
-
-
-if __name__ == "__main__":  # python -m rlhfv_train.models.families [--video]: the tables of docs/models.md
-    import sys
-    print(video_support_markdown() if sys.argv[1:] == ["--video"] else supported_models_markdown(), end="")
