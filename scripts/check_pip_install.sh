@@ -25,8 +25,9 @@ out.loss.backward()
 assert torch.isfinite(logits.grad).all()
 print("pip-install check: extension loaded, ddpo_loss ran on", rk._backend.resolve_backend(None, logits.device))
 PY
-"$TMP/venv/bin/python" -m rlhfv_train --max-steps 3 --output-dir "$TMP/run" --no-progress > "$TMP/train.log" 2>&1 \
-  || { tail -20 "$TMP/train.log"; exit 1; }
+# (20 SFT steps, not the tiny model's default 1000: this checks the install path, not the learning; 75 -> ~20 s)
+"$TMP/venv/bin/python" -m rlhfv_train --max-steps 3 --sft-steps 20 --output-dir "$TMP/run" --no-progress \
+  > "$TMP/train.log" 2>&1 || { tail -20 "$TMP/train.log"; exit 1; }
 "$TMP/venv/bin/python" -m rlhfv_train.grpo --max-steps 2 --sft-steps 20 --output-dir "$TMP/grpo" --no-progress \
   > "$TMP/grpo.log" 2>&1 || { tail -20 "$TMP/grpo.log"; exit 1; }
 echo "pip-install check: ok (the DDPO trainer ran 3 steps, the GRPO trainer 2)"

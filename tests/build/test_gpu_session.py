@@ -18,7 +18,7 @@ STEPS = ["env", "peers", "build", "kernels", "bench-logits", "bench-linear", "be
 def rehearse(out, **env):
     environ = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "RLHFV_TEST_SEED")}
     environ.update(OUT=str(out), PYTHON=sys.executable, RLHFV_GPU_REHEARSAL="1", **env)
-    done = subprocess.run(["bash", SCRIPT], capture_output=True, text=True, timeout=600, cwd=ROOT, env=environ)
+    done = subprocess.run(["bash", SCRIPT], capture_output=True, text=True, timeout=960, cwd=ROOT, env=environ)
     rows = [line.split("\t") for line in (out / "steps.tsv").read_text().splitlines()[1:]]
     return done, {name: status for name, status, _ in rows}
 
