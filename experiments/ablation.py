@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from experiments.figures import write_report
 from rlhfv_train.ddpo import PRESETS
 from rlhfv_train.files import save_verified
 from rlhfv_train.eval import METRICS
@@ -305,23 +306,16 @@ def main(argv=None) -> int:
     except USER_ERRORS as exc:
         return fail("python -m experiments.ablation", exc)
     rows = summarize(result)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     result["machine"] = machine()
     result["summary"] = rows
-    with open(args.out + ".json", "w") as f:
-        json.dump(result, f, indent=1)
     s = result["settings"]
     title = (f"tiny LLaVA, {s['seeds']} seed(s): SFT warm-up {s['sft_steps']} steps, then {s['steps']} preference "
              f"steps at lr {s['lr']:g} (batch {s['batch_size']}), greedy answers on held-out images"
              + (f"; {s['partial']:.0%} of two-error pairs partly corrected" if s["partial"] else "")
              + ("; on-policy pairs" if s["pairs"] == "on-policy" else "")
              + (f"; up to {s['per_side']} objects per column" if s["per_side"] > 1 else ""))
-    text = f"{title}\n\n{table(rows)}\n\n({result['minutes']:.1f} minutes, torch {torch.__version__}, " \
-           f"{torch.get_num_threads()} threads)\n"
-    with open(args.out + ".md", "w") as f:
-        f.write(text)
-    picture = plot(rows, args.out + ".png", title)
-    print(text + f"wrote {args.out}.json, {args.out}.md" + (f", {picture}" if picture else ""))
+    footer = f"({result['minutes']:.1f} minutes, torch {torch.__version__}, {torch.get_num_threads()} threads)"
+    print(write_report(args.out, result, title, table(rows), footer, lambda path, title: plot(rows, path, title)))
     return 0
 
 

@@ -16,6 +16,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+from experiments.figures import write_report
 from rlhfv_train.eval import METRICS
 from rlhfv_train.grpo import SCENE_JUDGES, TINY_SFT_STEPS, GRPOConfig, train_grpo
 from rlhfv_train.run import flags
@@ -153,21 +154,15 @@ def plot(result: dict, path: str, title: str) -> str | None:
 
 
 def write(result: dict, out: str) -> str:
-    """<out>.json, .md and .png of a sweep's result; returns the text of the .md."""
+    """<out>.json, .md and .png of a sweep's result; returns the text of the .md and the files written."""
     result["summary"] = rows = summarize(result)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out + ".json", "w") as f:
-        json.dump(result, f, indent=1)
     s, m = result["settings"], result["machine"]
     title = (f"tiny LLaVA, {s['seeds']} seed(s): SFT warm-up {s['sft_steps']} steps, then {s['steps']} GRPO steps of "
              f"{s['prompts_per_step']} prompts x k answers ({s['judge']} judge, grouped comparison), lr {s['lr']:g}, "
              f"beta_kl {s['beta_kl']:g}")
-    text = (f"{title}\n\n{table(rows)}\n\n({result['minutes']:.1f} minutes in all, torch {m['torch']}, "
-            f"{m['threads']} threads)\n")
-    with open(out + ".md", "w") as f:
-        f.write(text)
-    plot(result, out + ".png", title)
-    return text
+    return write_report(out, result, title, table(rows),
+                        f"({result['minutes']:.1f} minutes in all, torch {m['torch']}, {m['threads']} threads)",
+                        lambda path, title: plot(result, path, title))
 
 
 def main(argv=None) -> int:
@@ -177,7 +172,7 @@ def main(argv=None) -> int:
     except USER_ERRORS as exc:
         return fail("python -m experiments.grpo_sweep", exc)
     result["machine"] = machine()
-    print(write(result, args.out) + f"wrote {args.out}.json, .md and .png")
+    print(write(result, args.out))
     return 0
 
 

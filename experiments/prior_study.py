@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import random
@@ -322,6 +321,7 @@ def plot(summary: list[dict], path: str, title: str) -> str | None:
 
 
 def main(argv=None) -> int:
+    from experiments.figures import write_report
     from rlhfv_train.run.cli import USER_ERRORS, fail, machine
 
     args = build_parser().parse_args(argv)
@@ -335,16 +335,11 @@ def main(argv=None) -> int:
     summary = summarize(result["runs"])
     tests = comparisons(result["runs"], cfg.sizes)
     result.update(machine=machine(), summary=summary, tests=tests)
-    os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
-    with open(cfg.out + ".json", "w") as f:
-        json.dump(result, f, indent=1)
     title = (f"prior world (pair_prob {cfg.pair_prob:g}, color_prob {cfg.color_prob:g}), {cfg.pairs} pairs, "
              f"{cfg.seeds} seed(s), {cfg.epochs} epochs at lr {cfg.lr:g}; mean and 95% CI over seeds")
-    text = f"{title}\n\n{tables(summary, tests)}\n\n({result['minutes']:.1f} minutes, {cfg.workers} worker(s))\n"
-    with open(cfg.out + ".md", "w") as f:
-        f.write(text)
-    picture = plot(summary, cfg.out + ".png", title)
-    print(text + f"wrote {cfg.out}.json, {cfg.out}.md" + (f", {picture}" if picture else ""))
+    print(write_report(cfg.out, result, title, tables(summary, tests),
+                       f"({result['minutes']:.1f} minutes, {cfg.workers} worker(s))",
+                       lambda path, title: plot(summary, path, title)))
     return 0
 
 
