@@ -152,17 +152,17 @@ def launch_under_torchrun(script: str, argv: list[str], nproc: int, port: str | 
     import tempfile
     load = {"before": machine_load()}
     warn_if_busy(load["before"])
-    work = tempfile.mkdtemp(prefix="rlhfv-" + os.path.basename(script).removesuffix(".py") + "-")
     rendezvous = ["--master_port", port] if port else ["--standalone"]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), *rendezvous,
-               os.path.abspath(script), "--worker", "--work", work, *[a for a in argv if a != "--worker"]]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    launch = subprocess.run(command, env=env, capture_output=True, text=True)
-    if launch.returncode != 0:
-        print(launch.stderr[-4000:], file=sys.stderr)
-        return launch.returncode
-    with open(os.path.join(work, "ranks.json")) as f:
-        ranks = json.load(f)
+    with tempfile.TemporaryDirectory(prefix="rlhfv-" + os.path.basename(script).removesuffix(".py") + "-") as work:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), *rendezvous,
+                   os.path.abspath(script), "--worker", "--work", work, *[a for a in argv if a != "--worker"]]
+        launch = subprocess.run(command, env=env, capture_output=True, text=True)
+        if launch.returncode != 0:
+            print(launch.stderr[-4000:], file=sys.stderr)
+            return launch.returncode
+        with open(os.path.join(work, "ranks.json")) as f:
+            ranks = json.load(f)
     load["after"] = machine_load()
     return ranks, load
 

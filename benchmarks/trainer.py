@@ -49,10 +49,10 @@ def main(argv=None) -> int:
     recorded = read_recorded(parser, args)
     device, vocab, autocast = training_step_setup(args)
 
-    folder = tempfile.mkdtemp(prefix="rlhfv-trainer-bench-")
-    records = scene_records(folder, args.pairs, args.family)
     processor, _ = build_family(args.family, vocab_size=vocab)
-    batch = PairCollator(processor, gamma=5.0)(list(enumerate(records))).to(device)
+    with tempfile.TemporaryDirectory(prefix="rlhfv-trainer-bench-") as folder:  # the images, read once by the collator
+        records = scene_records(folder, args.pairs, args.family)
+        batch = PairCollator(processor, gamma=5.0)(list(enumerate(records))).to(device)
     refs = {i: (-20.0, -20.0) for i in range(len(records))}
     tokens = int(batch.attention_mask.sum())
     print(f"trainer step on {device_name(device)}, {args.family}: {args.pairs} pairs, {tuple(batch.input_ids.shape)} "

@@ -140,7 +140,6 @@ def main(argv=None) -> int:
     device = pick_device(args.device)
     from rlhfv_train.models import tiny
     tokenizer = tiny.build_tokenizer()
-    folder = tempfile.mkdtemp(prefix="rlhfv-trl-step-")
     print(f"TRL trainer steps on {device_name(device)}: tiny Llama body, V={args.vocab}")
     out = {"versions": versions(), "device_name": device_name(device), "vocab": args.vocab, "pairs": args.pairs}
     import trl
@@ -148,7 +147,8 @@ def main(argv=None) -> int:
     for which in [t for t in args.trainers.split(",") if t]:
         if which not in ("dpo", "grpo"):
             parser.error(f"--trainers: unknown {which!r}; choose from dpo, grpo")
-        results = (dpo_results if which == "dpo" else grpo_results)(args, device, tokenizer, args.vocab, folder)
+        with tempfile.TemporaryDirectory(prefix="rlhfv-trl-step-") as folder:  # the trainers' output_dir, the model
+            results = (dpo_results if which == "dpo" else grpo_results)(args, device, tokenizer, args.vocab, folder)
         print_table(f"{which.upper()} step (loss + backward)", results)
         out[which] = results
     print("\nspeedup / mem ratio: TRL's own path over this one (time of a step; peak extra memory of one step)")
